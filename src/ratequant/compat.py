@@ -1,0 +1,406 @@
+"""Every workaround for transformers versions lives here, and only here.
+
+Sections:
+
+1. Model inspection: :func:`check_supported`, :func:`model_geometry`, :func:`attention_modules`,
+   :func:`sliding_window_layers`.
+2. Attention interception: :func:`intercept_attention` (a context manager routing every attention layer's
+   core attention through a user function) and :func:`original_attention` (the model's own implementation),
+   plus :func:`boolean_attention_mask` to read the mask an attention function receives.
+
+Written against transformers 5.x, whose decoder attention modules compute ``query``, ``key`` and ``value``
+(after RoPE and the cache update, before ``repeat_kv``) and then call
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``. The
+interception registers a private implementation name in that registry and in the attention-mask registry,
+points the model's config(s) at it for the duration of the context, and restores the previous names exactly
+on exit (also when the body raises).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ratequant.errors import UnsupportedModelError
+from ratequant.geometry import Geometry
+
+# ==========================================================================================================
+# Section 1: model inspection
+# ==========================================================================================================
+
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+"""``config.layer_types`` entries whose layers run standard softmax attention over a full K/V cache."""
+
+# Config attributes that mark attention this tool cannot quantize per kv-head.
+_UNSUPPORTED_CONFIG_ATTRS = {
+    "kv_lora_rank": "multi-head latent attention (MLA) caches a compressed latent, not per-head keys/values",
+    "q_lora_rank": "multi-head latent attention (MLA) caches a compressed latent, not per-head keys/values",
+    "linear_num_value_heads": "linear attention layers keep a recurrent state, not a key/value cache",
+    "linear_num_key_heads": "linear attention layers keep a recurrent state, not a key/value cache",
+    "ssm_state_size": "state-space (Mamba-style) layers keep a recurrent state, not a key/value cache",
+    "state_size": "state-space layers keep a recurrent state, not a key/value cache",
+    "layers_block_type": "hybrid models mix attention with recurrent blocks",
+    "attn_layer_indices": "hybrid models mix attention with recurrent blocks",
+}
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no `config`; pass a Hugging Face transformers model "
+            "(e.g. AutoModelForCausalLM.from_pretrained(...))"
+        )
+    get_text = getattr(config, "get_text_config", None)
+    return get_text(decoder=True) if callable(get_text) else config
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@lru_cache(maxsize=None)
+def _uses_attention_interface(cls: type) -> bool:
+    """True when the module class dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of ``model``, ordered by ``layer_idx`` (one per layer).
+
+    A module counts when it has an integer ``layer_idx`` and its class dispatches through transformers'
+    attention interface. Raises :class:`UnsupportedModelError` when there are none.
+    """
+    found = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+        and not isinstance(getattr(m, "layer_idx"), bool)
+        and type(m).__name__.endswith("Attention")
+        and _uses_attention_interface(type(m))
+    ]
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found no attention layers that use transformers' attention interface "
+            "(modules with `layer_idx` calling ALL_ATTENTION_FUNCTIONS); only standard softmax-attention "
+            "decoders (Llama, Qwen2/3, Mistral, Gemma, GPT-2, ...) are supported"
+        )
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless every layer of ``model`` runs standard attention.
+
+    Standard means: one self-attention module per layer, dispatched through transformers' attention
+    interface, caching per-head keys and values of equal head dimension. Rejected: MLA (DeepSeek-V2/V3),
+    linear attention and state-space layers (Qwen3-Next, Mamba, hybrids), encoder-decoder models,
+    cross-attention, and GPT-2's ``reorder_and_upcast_attn`` path.
+    """
+    config = _text_config(model)
+    name = getattr(config, "model_type", type(model).__name__)
+    for attr, why in _UNSUPPORTED_CONFIG_ATTRS.items():
+        if getattr(config, attr, None) is not None:
+            raise UnsupportedModelError(
+                f"model type {name!r} is not supported: {why} (config has `{attr}`); "
+                "use a model with standard multi-head or grouped-query attention"
+            )
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+        if other:
+            raise UnsupportedModelError(
+                f"model type {name!r} is not supported: it has layers of type {', '.join(other)}; only "
+                f"{' and '.join(sorted(SUPPORTED_LAYER_TYPES))} layers can be quantized"
+            )
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedModelError(
+            f"model type {name!r} is not supported: encoder-decoder / cross-attention models are out of "
+            "scope; use a decoder-only causal language model"
+        )
+    if getattr(config, "reorder_and_upcast_attn", False):
+        raise UnsupportedModelError(
+            f"model type {name!r} with reorder_and_upcast_attn=True bypasses the attention interface; "
+            "load it with reorder_and_upcast_attn=False"
+        )
+    modules = attention_modules(model)
+    indices = [m.layer_idx for m in modules]
+    num_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    expected = list(range(num_layers if num_layers is not None else len(modules)))
+    if indices != expected:
+        raise UnsupportedModelError(
+            f"model type {name!r} is not supported: expected one attention layer per decoder layer with "
+            f"layer_idx 0..{len(expected) - 1}, found layer indices {indices[:8]}{'...' if len(indices) > 8 else ''}"
+        )
+    for attr in ("v_head_dim", "qk_rope_head_dim", "qk_nope_head_dim"):
+        if getattr(config, attr, None) is not None:
+            raise UnsupportedModelError(
+                f"model type {name!r} is not supported: keys and values have different head dimensions "
+                f"(config has `{attr}`)"
+            )
+
+
+def model_geometry(model: nn.Module) -> Geometry:
+    """The KV geometry of ``model``: layers, kv heads, head dim and query heads.
+
+    Reads the config with every naming in use (``num_hidden_layers``/``n_layer``, ``num_attention_heads``/
+    ``n_head``, ``num_key_value_heads`` / ``multi_query``, ``head_dim`` / ``hidden_size // heads``) and
+    cross-checks it against the attention modules' own ``head_dim`` when they expose one.
+    """
+    check_supported(model)
+    config = _text_config(model)
+    modules = attention_modules(model)
+    num_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers") or len(modules)
+    num_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
+    if num_heads is None:
+        raise UnsupportedModelError("config names no number of attention heads (num_attention_heads / n_head)")
+    num_kv_heads = _config_int(config, "num_key_value_heads", "n_kv_heads", "num_kv_heads")
+    if num_kv_heads is None:
+        num_kv_heads = 1 if getattr(config, "multi_query", False) else num_heads
+    head_dim = _config_int(config, "head_dim")
+    if head_dim is None:
+        hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
+        if hidden is None or hidden % num_heads:
+            raise UnsupportedModelError(
+                f"cannot infer head_dim: config has no head_dim and hidden_size={hidden} is not a multiple "
+                f"of num_heads={num_heads}"
+            )
+        head_dim = hidden // num_heads
+    module_dims = {m.head_dim for m in modules if isinstance(getattr(m, "head_dim", None), int)}
+    if module_dims and module_dims != {head_dim}:
+        raise UnsupportedModelError(
+            f"head_dim from the config ({head_dim}) disagrees with the attention modules ({sorted(module_dims)})"
+        )
+    groups = {getattr(m, "num_key_value_groups", None) for m in modules} - {None}
+    if groups and groups != {num_heads // num_kv_heads}:
+        raise UnsupportedModelError(
+            f"kv-head grouping from the config ({num_heads}/{num_kv_heads}) disagrees with the attention "
+            f"modules (num_key_value_groups={sorted(groups)})"
+        )
+    return Geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_heads=num_heads)
+
+
+def sliding_window_layers(model: nn.Module) -> list[bool]:
+    """Per layer, whether its attention uses a sliding window (Mistral with ``sliding_window``, Gemma2/3)."""
+    config = _text_config(model)
+    modules = attention_modules(model)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and len(layer_types) == len(modules):
+        return [t == "sliding_attention" for t in layer_types]
+    out = []
+    for m in modules:
+        if hasattr(m, "sliding_window"):
+            out.append(getattr(m, "sliding_window") is not None)
+        else:
+            window = getattr(config, "sliding_window", None)
+            use = getattr(config, "use_sliding_window", True)
+            out.append(bool(window) and bool(use))
+    return out
+
+
+# ==========================================================================================================
+# Section 2: attention interception
+# ==========================================================================================================
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+"""``fn(module, query [B,Hq,T,D], key [B,Hkv,S,D], value [B,Hkv,S,D], attention_mask, *, scaling, dropout,
+**kwargs) -> (attn_output [B,T,Hq,D], attn_weights or None)``."""
+
+_INTERCEPT_PREFIX = "ratequant_intercept_"
+
+
+@dataclass(frozen=True)
+class _Interception:
+    attention_fn: AttentionFn
+    original: str  # the implementation name the model had before the context
+
+
+_ACTIVE: dict[str, _Interception] = {}
+_LOCK = threading.Lock()
+_COUNTER = itertools.count()
+
+
+def _registries():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    return ALL_ATTENTION_FUNCTIONS, AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+
+def _model_configs(model: nn.Module) -> list:
+    """Every distinct config object reachable from the model (shared text configs appear once)."""
+    seen: dict[int, object] = {}
+    stack = [getattr(model, "config", None)]
+    stack += [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            stack.append(getattr(config, key, None))
+    return list(seen.values())
+
+
+def _eager_function(module: nn.Module) -> Callable:
+    """The model file's own ``eager_attention_forward`` (Gemma2's carries soft-capping, GPT-2's its scaling)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: its modeling file defines no eager_attention_forward; load the model with "
+            "attn_implementation='sdpa'"
+        )
+    return fn
+
+
+def _resolve(module: nn.Module, implementation: str | None) -> Callable:
+    all_attention, _, _, _ = _registries()
+    if implementation is None or implementation == "eager":
+        return _eager_function(module)
+    return all_attention.get_interface(implementation, _eager_function(module))
+
+
+def original_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the attention implementation the model was configured with (sdpa, eager, ...).
+
+    Inside :func:`intercept_attention` this is the implementation in force before the context; the mask
+    the attention function received is already in that implementation's format, so calling this with
+    unchanged arguments reproduces the unpatched model bit for bit. Returns ``(attn_output [B, T, Hq, D],
+    attn_weights or None)``.
+    """
+    implementation = module.config._attn_implementation
+    active = _ACTIVE.get(implementation) if isinstance(implementation, str) else None
+    if active is not None:
+        implementation = active.original
+    return _resolve(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _dispatcher(name: str) -> Callable:
+    def dispatch(module, query, key, value, attention_mask, **kwargs):
+        active = _ACTIVE.get(name)
+        if active is None:  # the context has ended but a stale reference survived
+            raise RuntimeError(f"attention interception {name!r} is no longer active")
+        return active.attention_fn(module, query, key, value, attention_mask, **kwargs)
+
+    dispatch.__name__ = f"dispatch_{name}"
+    return dispatch
+
+
+@contextmanager
+def intercept_attention(model: nn.Module, attention_fn: AttentionFn) -> Iterator[nn.Module]:
+    """Route the core attention of every layer of ``model`` through ``attention_fn`` inside the context.
+
+    ``attention_fn(module, query, key, value, attention_mask, *, scaling, dropout, **kwargs)`` receives
+    ``query`` ``[B, Hq, T, D]`` and ``key``/``value`` ``[B, Hkv, S, D]`` exactly as the cache stores them
+    (after RoPE, before ``repeat_kv``; S includes cached tokens), ``module.layer_idx`` names the layer,
+    and ``attention_mask`` is in the format of the model's original implementation (see
+    :func:`boolean_attention_mask`). It returns ``(attn_output [B, T, Hq, D], attn_weights or None)``;
+    :func:`original_attention` computes the unmodified result.
+
+    The model's attention implementation names (on every config it holds) are restored exactly on exit,
+    also when the body raises; the private registry entries are removed. Contexts may nest (the inner one
+    wins) and several models may be intercepted at once.
+    """
+    check_supported(model)
+    all_attention, attention_interface, _, mask_interface = _registries()
+    configs = _model_configs(model)
+    text_config = _text_config(model)
+    original = text_config._attn_implementation
+    if original in _ACTIVE:  # nested interception: masks and "original" refer to the outer model setup
+        original = _ACTIVE[original].original
+    if original not in (None, "eager") and original not in all_attention:
+        raise UnsupportedModelError(
+            f"attention implementation {original!r} is not registered in transformers' AttentionInterface; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    # The mask must be built exactly as for the original implementation: transformers skips mask creation
+    # for names it does not know, which would silently drop padding masks.
+    mask_key = "eager" if original is None else original
+    try:
+        mask_fn = mask_interface._global_mapping[mask_key]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"attention implementation {original!r} has no mask function in transformers' "
+            "AttentionMaskInterface; load the model with attn_implementation='sdpa' or 'eager'"
+        ) from None
+
+    with _LOCK:
+        name = f"{_INTERCEPT_PREFIX}{next(_COUNTER)}"
+        _ACTIVE[name] = _Interception(attention_fn=attention_fn, original=original or "eager")
+        attention_interface.register(name, _dispatcher(name))
+        mask_interface.register(name, mask_fn)
+    saved = [(config, config._attn_implementation_internal) for config in configs]
+    try:
+        for config, _ in saved:
+            config._attn_implementation_internal = name
+        yield model
+    finally:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+        with _LOCK:
+            attention_interface._global_mapping.pop(name, None)
+            mask_interface._global_mapping.pop(name, None)
+            _ACTIVE.pop(name, None)
+
+
+def boolean_attention_mask(
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    *,
+    device: torch.device | str = "cpu",
+    is_causal: bool = True,
+) -> torch.Tensor:
+    """The mask an attention function received, as booleans ``[B or 1, 1, q_len, kv_len]`` (True = attend).
+
+    ``None`` means what transformers' sdpa path means by it: causal attention aligned to the end of the
+    keys (query ``i`` sees keys ``j <= kv_len - q_len + i``), or full attention when ``is_causal`` is
+    False. Boolean masks are returned as they are, additive float masks are thresholded.
+    """
+    if attention_mask is None:
+        if not is_causal:
+            return torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+        q = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        k = torch.arange(kv_len, device=device)[None, :]
+        return (k <= q)[None, None]
+    if attention_mask.dtype == torch.bool:
+        mask = attention_mask
+    else:
+        mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return mask[..., -q_len:, -kv_len:] if mask.dim() == 4 else mask
+
+
+__all__ = [
+    "SUPPORTED_LAYER_TYPES",
+    "AttentionFn",
+    "attention_modules",
+    "boolean_attention_mask",
+    "check_supported",
+    "intercept_attention",
+    "model_geometry",
+    "original_attention",
+    "sliding_window_layers",
+]

@@ -1,0 +1,183 @@
+"""Text corpora split into disjoint calibration and evaluation parts, and fixed-length token windows.
+
+The embedded default corpus is the Python language reference that every CPython ships in
+``pydoc_data.topics`` (about 465 kB of English prose and grammar). Its split is deterministic:
+
+1. topics are taken in sorted order and cut into paragraphs (blank-line separated);
+2. a paragraph that already appeared earlier is dropped (topics quote each other, e.g. ``augassign``
+   repeats ``assignment``), so no paragraph occurs twice;
+3. topic number ``i`` (0-based, in sorted order) goes to calibration when ``i % 4 == 0``, else to
+   evaluation: a quarter of the topics calibrate, three quarters evaluate, and no text is shared.
+
+A user's UTF-8 text file is deduplicated the same way and cut at a paragraph boundary: the first
+``calibration_fraction`` of its characters calibrate, the rest evaluates. A Hugging Face dataset
+(``hf:NAME[:CONFIG]``, needs the ``datasets`` package and network) uses its train split for calibration
+and its test split (or validation) for evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ratequant.errors import RateQuantError
+
+DEFAULT_CORPUS = "pydoc-topics"
+CALIBRATION_EVERY = 4
+MAX_TEXT_BYTES = 2**31
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Calibration and evaluation text of one corpus; ``sha256`` identifies the exact text of both."""
+
+    name: str
+    calibration: str
+    evaluation: str
+
+    @property
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for part in (self.calibration, self.evaluation):
+            digest.update(part.encode("utf-8"))
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    def split(self, which: str) -> str:
+        if which not in ("calibration", "evaluation"):
+            raise RateQuantError(f"corpus split must be 'calibration' or 'evaluation', got {which!r}")
+        return getattr(self, which)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "calibration_chars": len(self.calibration),
+            "evaluation_chars": len(self.evaluation),
+        }
+
+
+def load_corpus(spec: str | None = None, *, calibration_fraction: float = 0.25) -> Corpus:
+    """Load ``spec``: None or ``"default"`` (pydoc topics), a UTF-8 text file path, or ``hf:NAME[:CONFIG]``."""
+    if not 0.0 < calibration_fraction < 1.0:
+        raise RateQuantError(f"calibration_fraction must be between 0 and 1, got {calibration_fraction}")
+    spec = spec or "default"
+    if spec in ("default", DEFAULT_CORPUS):
+        return _pydoc_corpus()
+    if spec.startswith("hf:"):
+        return _hf_corpus(spec[3:])
+    return _file_corpus(Path(spec).expanduser(), calibration_fraction)
+
+
+def paragraphs(text: str) -> list[str]:
+    """Non-empty, stripped, blank-line separated paragraphs of ``text``."""
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def _dedup(parts: list[list[str]]) -> list[list[str]]:
+    """Drop every paragraph already seen in an earlier position (across all parts)."""
+    seen: set[str] = set()
+    kept = []
+    for part in parts:
+        fresh = [p for p in part if not (p in seen or seen.add(p))]
+        kept.append(fresh)
+    return kept
+
+
+def _pydoc_corpus() -> Corpus:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    per_topic = _dedup([paragraphs(topics[name]) for name in names])
+    calibration = [p for i, ps in enumerate(per_topic) if i % CALIBRATION_EVERY == 0 for p in ps]
+    evaluation = [p for i, ps in enumerate(per_topic) if i % CALIBRATION_EVERY != 0 for p in ps]
+    return Corpus(DEFAULT_CORPUS, "\n\n".join(calibration), "\n\n".join(evaluation))
+
+
+def _file_corpus(path: Path, calibration_fraction: float) -> Corpus:
+    if not path.exists():
+        raise RateQuantError(f"corpus file not found: {path}")
+    if not path.is_file():
+        raise RateQuantError(f"corpus path is not a regular file: {path}")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise RateQuantError(f"corpus file {path} is larger than 2 GiB; pass a smaller text file")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise RateQuantError(f"corpus file {path} holds NUL bytes: it looks binary; pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RateQuantError(
+            f"corpus file {path} is not valid UTF-8 (byte {exc.start}); pass a UTF-8 text file"
+        ) from exc
+    (paras,) = _dedup([paragraphs(text)])
+    if not paras:
+        raise RateQuantError(f"corpus file {path} is empty; pass a file with text in it")
+    if len(paras) < 2:
+        raise RateQuantError(
+            f"corpus file {path} has a single paragraph; separate its text into paragraphs with blank "
+            "lines so it can be split into calibration and evaluation parts"
+        )
+    total = sum(len(p) for p in paras)
+    cut, running = 1, len(paras[0])
+    while cut < len(paras) - 1 and running < calibration_fraction * total:
+        running += len(paras[cut])
+        cut += 1
+    return Corpus(str(path), "\n\n".join(paras[:cut]), "\n\n".join(paras[cut:]))
+
+
+def _hf_corpus(ref: str) -> Corpus:
+    name, _, config = ref.partition(":")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise RateQuantError("Hugging Face datasets need the 'datasets' package: pip install 'ratequant[datasets]'") from exc
+    try:
+        data = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # the datasets library raises many types for network and naming problems
+        raise RateQuantError(f"could not load dataset {ref!r} (is the network reachable?): {exc}") from exc
+    evaluation_split = next((s for s in ("test", "validation") if s in data), None)
+    if "train" not in data or evaluation_split is None:
+        raise RateQuantError(f"dataset {ref!r} needs a 'train' and a 'test' or 'validation' split, has {list(data)}")
+    column = next((c for c in ("text", "content") if c in data["train"].column_names), None)
+    if column is None:
+        raise RateQuantError(f"dataset {ref!r} has no 'text' column; columns: {data['train'].column_names}")
+    join = lambda split: "\n\n".join(t for t in data[split][column] if t.strip())  # noqa: E731
+    return Corpus(f"hf:{ref}", join("train"), join(evaluation_split))
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Tokenize ``text`` and cut it into non-overlapping windows: LongTensor ``[windows, seq_len]``.
+
+    Windows are consecutive; the tail shorter than ``seq_len`` is dropped. ``max_windows`` keeps the
+    first ones. Raises :class:`RateQuantError` when not even one window fits.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise RateQuantError(f"window length must be an integer of at least 2 tokens, got {seq_len!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+        raise RateQuantError(f"number of windows must be a positive integer, got {max_windows!r}")
+    needed = None if max_windows is None else seq_len * max_windows
+    ids = _encode(tokenizer, text, needed)
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise RateQuantError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "use a shorter --seq-len or a longer corpus"
+        )
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def _encode(tokenizer, text: str, needed_tokens: int | None) -> torch.Tensor:
+    """Token ids of ``text`` (no special tokens), stopping early once ``needed_tokens`` are reached."""
+    if needed_tokens is not None:
+        # encode a generous prefix; the margin keeps tokens near the cut out of the windows
+        prefix = text[: max(8 * needed_tokens, 4096)]
+        ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        if len(ids) >= needed_tokens + 64 or len(prefix) == len(text):
+            return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

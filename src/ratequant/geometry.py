@@ -1,0 +1,52 @@
+"""The attention geometry that plans, caches and allocators agree on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ratequant.errors import RateQuantError
+
+KINDS = ("key", "value")
+"""Tensor kinds of a component, in the order used by every ``[2, layers, heads]`` array."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """KV-cache geometry of a decoder model.
+
+    A *component* is one (kind, layer, kv-head); a model has ``2 * num_layers * num_kv_heads`` of them,
+    indexed everywhere as arrays of shape ``[2, num_layers, num_kv_heads]`` (kind 0 = key, 1 = value).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_heads: int | None = None  # query heads; None when unknown
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RateQuantError(f"geometry: {name} must be a positive integer, got {value!r}")
+        if self.num_heads is not None and (
+            isinstance(self.num_heads, bool)
+            or not isinstance(self.num_heads, int)
+            or self.num_heads < 1
+            or self.num_heads % self.num_kv_heads
+        ):
+            raise RateQuantError(
+                f"geometry: num_heads={self.num_heads!r} must be a positive multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def num_components(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of a per-component array: ``(2, num_layers, num_kv_heads)``."""
+        return (2, self.num_layers, self.num_kv_heads)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

