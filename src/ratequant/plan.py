@@ -1,0 +1,584 @@
+"""The plan file: a versioned JSON artifact holding a bit allocation and how it was obtained.
+
+A plan records the model geometry it was made for, the quantizer design (name and parameters), the
+budget, the allocator, the integer widths ``bits = {"key": [[b per kv-head] per layer], "value": ...}``,
+the fitted distortion model (betas, alphas, R^2) and the calibration run (corpus identity and hash,
+tokens, seconds). Loading validates every field (types, ranges, shapes, sizes) so a damaged or hostile
+file is refused with a :class:`~ratequant.errors.PlanError` naming the path, and :meth:`Plan.check_matches`
+/ :meth:`Plan.check_quantizer` refuse to apply a plan to another model or quantizer. Plans are JSON only,
+never pickled; writing is atomic and a saved plan re-saves byte-identically.
+
+Example (abridged)::
+
+    {"format_version": 1, "created_by": "ratequant 0.1.0",
+     "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
+               "num_heads": 9},
+     "quantizer": {"name": "kivi", "params": {"group_size": 32, "scale_dtype": "float16"}},
+     "budget": {"kind": "avg_bits", "value": 2.5}, "allocator": "ratequant", "avg_bits": 2.5,
+     "bytes_per_token": 12345.6, "residual_length": 128,
+     "bits": {"key": [[4, 3, 3], ...], "value": [[2, 2, 3], ...]},
+     "fit": {"beta_key": 4.4, "beta_value": 3.8, "alpha": {...}, "r2": {...}, "r2_overall": 0.99,
+             "metric": "fisher", "bitset": [1, 2, 3, 4, 5, 6, 7, 8], ...},
+     "calibration": {"corpus": "pydoc_data.topics[calibration]", "corpus_sha256": "...", "tokens": 8192,
+                     "seconds": 3.2, "phases": {"capture": 1.1, "measure": 2.0, "fit": 0.1}}}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ratequant import __version__
+from ratequant.allocation import Allocation, Budget
+from ratequant.errors import PlanError, RateQuantError
+from ratequant.fitting import DistortionFit, finite_real
+from ratequant.geometry import KINDS, Geometry
+
+FORMAT_VERSION = 1
+"""Version of the plan format this library writes and the newest it reads."""
+
+MAX_PLAN_BYTES = 64 * 2**20
+MAX_LAYERS = 4096
+MAX_KV_HEADS = 4096
+MAX_COMPONENTS_PER_KIND = 2**20
+MAX_HEAD_DIM = 2**16
+MAX_STRING = 4096
+MAX_EXTRA_FIELDS = 64
+MAX_PARAM_DEPTH = 4
+MAX_PARAM_ITEMS = 4096
+
+_TOP_LEVEL = (
+    "format_version",
+    "created_by",
+    "model",
+    "quantizer",
+    "budget",
+    "allocator",
+    "avg_bits",
+    "bytes_per_token",
+    "residual_length",
+    "bits",
+    "fit",
+    "calibration",
+)
+_REQUIRED = ("format_version", "model", "quantizer", "budget", "allocator", "avg_bits", "bits")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation helpers: each returns a canonical value or raises PlanError naming the field
+# ---------------------------------------------------------------------------------------------------------
+def _int(v: object, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise PlanError(f"plan field {name} must be an integer, got {_show(v)}")
+    if not lo <= v <= hi:
+        raise PlanError(f"plan field {name} must be from {lo} to {hi}, got {v}")
+    return int(v)
+
+
+def _float(v: object, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if not finite_real(v):
+        raise PlanError(f"plan field {name} must be a finite number, got {_show(v)}")
+    v = float(v)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise PlanError(f"plan field {name} must be {'>' if lo_open else '>='} {lo:g}, got {v:g}")
+    if hi is not None and v > hi:
+        raise PlanError(f"plan field {name} must be <= {hi:g}, got {v:g}")
+    return v
+
+
+def _str(v: object, name: str, *, empty: bool = False) -> str:
+    if not isinstance(v, str) or (not empty and not v) or len(v) > MAX_STRING:
+        raise PlanError(f"plan field {name} must be a {'' if empty else 'non-empty '}string of at most "
+                        f"{MAX_STRING} characters, got {_show(v)}")
+    return v
+
+
+def _dict(v: object, name: str) -> dict:
+    if not isinstance(v, dict):
+        raise PlanError(f"plan field {name} must be an object, got {_show(v)}")
+    for k in v:
+        if not isinstance(k, str):
+            raise PlanError(f"plan field {name} has a non-string key {_show(k)}")
+    return v
+
+
+def _show(v: object) -> str:
+    text = repr(v) if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _keys(d: dict, name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise PlanError(f"plan field {name} is missing: {', '.join(missing)}")
+    unknown = [k for k in d if k not in required and k not in optional]
+    if unknown:
+        raise PlanError(f"plan field {name} has unknown field(s): {', '.join(_show(k) for k in sorted(unknown))}")
+
+
+def _scalar_extras(d: dict, name: str, known: tuple[str, ...]) -> dict:
+    """Extra descriptive fields (scalars only) allowed in ``model`` and ``calibration``; sorted by key."""
+    extras = {k: d[k] for k in d if k not in known}
+    if len(extras) > MAX_EXTRA_FIELDS:
+        raise PlanError(f"plan field {name} has more than {MAX_EXTRA_FIELDS} extra fields")
+    out = {}
+    for k in sorted(extras):
+        v = extras[k]
+        _str(k, f"{name} key")
+        if isinstance(v, str):
+            _str(v, f"{name}.{k}", empty=True)
+        elif v is not None and not isinstance(v, bool) and not finite_real(v):
+            raise PlanError(f"plan field {name}.{k} must be a string, finite number, boolean or null")
+        out[k] = float(v) if isinstance(v, float) else v
+    return out
+
+
+def _json_value(v: object, name: str, depth: int = 0, budget: list | None = None) -> object:
+    """A bounded JSON value (quantizer parameters): canonical copy with tuples as lists."""
+    budget = budget if budget is not None else [MAX_PARAM_ITEMS]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise PlanError(f"plan field {name} is too large")
+    if depth > MAX_PARAM_DEPTH:
+        raise PlanError(f"plan field {name} is nested more than {MAX_PARAM_DEPTH} levels deep")
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        return _str(v, name, empty=True)
+    if isinstance(v, (int, np.integer)):
+        if not finite_real(v):
+            raise PlanError(f"plan field {name} holds an integer too large to store")
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return _float(v, name)
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x, f"{name}[{i}]", depth + 1, budget) for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        _dict(v, name)
+        return {k: _json_value(x, f"{name}.{k}", depth + 1, budget) for k, x in v.items()}
+    raise PlanError(f"plan field {name} must be JSON data, got {type(v).__name__}")
+
+
+def _model(v: object) -> dict:
+    d = _dict(v, "model")
+    known = ("name", "num_layers", "num_kv_heads", "head_dim", "num_heads")
+    _keys({k: d[k] for k in d if k in known}, "model", known[:4], known[4:])
+    out = {
+        "name": _str(d["name"], "model.name"),
+        "num_layers": _int(d["num_layers"], "model.num_layers", 1, MAX_LAYERS),
+        "num_kv_heads": _int(d["num_kv_heads"], "model.num_kv_heads", 1, MAX_KV_HEADS),
+        "head_dim": _int(d["head_dim"], "model.head_dim", 1, MAX_HEAD_DIM),
+        "num_heads": None,
+    }
+    if d.get("num_heads") is not None:
+        out["num_heads"] = _int(d["num_heads"], "model.num_heads", 1, MAX_KV_HEADS * 1024)
+    if out["num_layers"] * out["num_kv_heads"] > MAX_COMPONENTS_PER_KIND:
+        raise PlanError(f"plan model has more than {MAX_COMPONENTS_PER_KIND} (layer, kv-head) pairs")
+    try:
+        Geometry(out["num_layers"], out["num_kv_heads"], out["head_dim"], out["num_heads"])
+    except RateQuantError as exc:
+        raise PlanError(f"plan field model: {exc}") from None
+    out.update(_scalar_extras(d, "model", known))
+    return out
+
+
+def _quantizer(v: object) -> dict:
+    d = _dict(v, "quantizer")
+    _keys(d, "quantizer", ("name",), ("params",))
+    params = d.get("params", {})
+    _dict(params, "quantizer.params")
+    return {"name": _str(d["name"], "quantizer.name"), "params": _json_value(params, "quantizer.params")}
+
+
+def _budget(v: object) -> dict:
+    d = _dict(v, "budget")
+    try:
+        return Budget.from_dict(d).to_dict()
+    except RateQuantError as exc:
+        raise PlanError(f"plan field budget: {exc}") from None
+
+
+def _bits(v: object, num_layers: int, num_kv_heads: int) -> dict:
+    d = _dict(v, "bits")
+    _keys(d, "bits", KINDS)
+    out = {}
+    for kind in KINDS:
+        rows = d[kind]
+        if not isinstance(rows, list) or len(rows) != num_layers:
+            n = len(rows) if isinstance(rows, list) else _show(rows)
+            raise PlanError(f"plan field bits.{kind} must be a list of {num_layers} layers (one per layer), got {n}")
+        clean = []
+        for layer, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != num_kv_heads:
+                n = len(row) if isinstance(row, list) else _show(row)
+                raise PlanError(
+                    f"plan field bits.{kind}[{layer}] must list {num_kv_heads} widths (one per kv head), got {n}"
+                )
+            clean.append([_int(b, f"bits.{kind}[{layer}]", 1, 8) for b in row])
+        out[kind] = clean
+    return out
+
+
+def _fit(v: object, shape: tuple[int, int, int]) -> dict | None:
+    if v is None:
+        return None
+    d = _dict(v, "fit")
+    extra = {k: d[k] for k in ("metric", "design") if k in d}
+    rest = {k: d[k] for k in d if k not in extra}
+    try:
+        fit = DistortionFit.from_dict(rest)
+    except RateQuantError as exc:
+        raise PlanError(f"plan field fit: {exc}") from None
+    if fit.shape != shape:
+        raise PlanError(f"plan field fit covers components {fit.shape} but the plan's model has {shape}")
+    out = fit.to_dict()
+    out["metric"] = None if extra.get("metric") is None else _str(extra["metric"], "fit.metric")
+    out["design"] = None if extra.get("design") is None else _str(extra["design"], "fit.design")
+    return out
+
+
+def _calibration(v: object) -> dict | None:
+    if v is None:
+        return None
+    d = _dict(v, "calibration")
+    known = ("corpus", "corpus_sha256", "tokens", "seconds", "phases")
+    _keys({k: d[k] for k in d if k in known}, "calibration", known[:4], known[4:])
+    sha = d["corpus_sha256"]
+    if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
+        raise PlanError(
+            f"plan field calibration.corpus_sha256 must be 64 lowercase hex digits or null, got {_show(sha)}"
+        )
+    out = {
+        "corpus": _str(d["corpus"], "calibration.corpus"),
+        "corpus_sha256": sha,
+        "tokens": _int(d["tokens"], "calibration.tokens", 0, 2**62),
+        "seconds": _float(d["seconds"], "calibration.seconds", lo=0.0),
+    }
+    phases = _dict(d.get("phases", {}), "calibration.phases")
+    if len(phases) > MAX_EXTRA_FIELDS:
+        raise PlanError(f"plan field calibration.phases has more than {MAX_EXTRA_FIELDS} entries")
+    out["phases"] = {
+        _str(k, "calibration.phases key"): _float(s, f"calibration.phases.{k}", lo=0.0) for k, s in phases.items()
+    }
+    out.update(_scalar_extras(d, "calibration", known))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """A validated allocation artifact. Construct with :meth:`from_allocation`, :meth:`from_dict` or :meth:`load`.
+
+    Every field is stored in canonical JSON form (plain dicts, lists, ints, floats), so equality,
+    ``to_dict`` and JSON round trips are exact. ``bits`` is ``{"key": [[int]*H]*L, "value": ...}``.
+    """
+
+    model: dict
+    quantizer: dict
+    budget: dict
+    allocator: str
+    avg_bits: float
+    bits: dict
+    bytes_per_token: float | None = None
+    residual_length: int = 0
+    fit: dict | None = None
+    calibration: dict | None = None
+    created_by: str = field(default=f"ratequant {__version__}")
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        version = _int(self.format_version, "format_version", 1, 2**31)
+        if version > FORMAT_VERSION:
+            raise PlanError(
+                f"plan format version {version} is newer than this ratequant reads ({FORMAT_VERSION}); "
+                "upgrade ratequant to use this plan"
+            )
+        model = _model(self.model)
+        shape = (2, model["num_layers"], model["num_kv_heads"])
+        bits = _bits(self.bits, model["num_layers"], model["num_kv_heads"])
+        budget = _budget(self.budget)
+        avg = _float(self.avg_bits, "avg_bits", lo=1.0, hi=8.0)
+        mean = float(np.asarray([bits["key"], bits["value"]], dtype=np.float64).mean())
+        if abs(avg - mean) > 1e-9:
+            raise PlanError(f"plan field avg_bits is {avg:g} but the widths in bits average {mean:.12g}")
+        if budget["kind"] == "avg_bits" and abs(avg - budget["value"]) > 1e-9 * budget["value"]:
+            raise PlanError(f"plan average {avg:g} bits does not meet its own budget of {budget['value']:g} bits")
+        nbytes = self.bytes_per_token
+        if nbytes is not None:
+            nbytes = _float(nbytes, "bytes_per_token", lo=0.0, lo_open=True)
+            if budget["kind"] == "bytes_per_token" and nbytes > budget["value"] * (1 + 1e-9):
+                raise PlanError(
+                    f"plan takes {nbytes:g} bytes per token, over its own budget of {budget['value']:g}"
+                )
+        values = {
+            "format_version": version,
+            "created_by": _str(self.created_by, "created_by"),
+            "model": model,
+            "quantizer": _quantizer(self.quantizer),
+            "budget": budget,
+            "allocator": _str(self.allocator, "allocator"),
+            "avg_bits": avg,
+            "bytes_per_token": nbytes,
+            "residual_length": _int(self.residual_length, "residual_length", 0, 2**40),
+            "bits": bits,
+            "fit": _fit(self.fit, shape),
+            "calibration": _calibration(self.calibration),
+        }
+        if len(values["allocator"]) > 64:
+            raise PlanError("plan field allocator must be at most 64 characters")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_allocation(
+        cls,
+        allocation: Allocation,
+        *,
+        model_name: str,
+        geometry: Geometry,
+        quantizer,
+        budget: Budget,
+        fit: DistortionFit | None = None,
+        metric: str | None = None,
+        fit_design: str | None = None,
+        calibration: dict | None = None,
+        residual_length: int = 0,
+    ) -> Plan:
+        """Build a plan from an :class:`Allocation` and its context.
+
+        ``quantizer`` is a quantizer design (with ``to_config()``) or ``{"name", "params"}``; ``fit_design``
+        names the design whose curves were fitted (default: the allocation's ``source_design`` for
+        mismatched allocations, else the quantizer's name).
+        """
+        if not isinstance(allocation, Allocation):
+            raise PlanError(f"from_allocation needs an Allocation, got {type(allocation).__name__}")
+        if not isinstance(geometry, Geometry):
+            raise PlanError(f"from_allocation needs a Geometry, got {type(geometry).__name__}")
+        if allocation.bits.shape != geometry.shape:
+            raise PlanError(f"allocation bits {allocation.bits.shape} do not match the geometry {geometry.shape}")
+        qconf = quantizer.to_config() if hasattr(quantizer, "to_config") else quantizer
+        fit_dict = None
+        if fit is not None:
+            fit_dict = fit.to_dict()
+            fit_dict["metric"] = metric
+            fit_dict["design"] = fit_design or allocation.details.get("source_design") or qconf.get("name")
+        if calibration is not None and hasattr(calibration, "to_dict"):
+            calibration = calibration.to_dict()
+        return cls(
+            model={"name": model_name, **geometry.to_dict()},
+            quantizer=qconf,
+            budget=budget.to_dict() if isinstance(budget, Budget) else budget,
+            allocator=allocation.method,
+            avg_bits=allocation.avg_bits,
+            bytes_per_token=allocation.bytes_per_token,
+            residual_length=residual_length,
+            bits={kind: allocation.bits[k].tolist() for k, kind in enumerate(KINDS)},
+            fit=fit_dict,
+            calibration=calibration,
+        )
+
+    @classmethod
+    def from_dict(cls, d: object) -> Plan:
+        """Validate and build a plan from parsed JSON; anything malformed raises :class:`PlanError`."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan must be a JSON object, got {_show(d)}")
+        if "format_version" not in d:
+            raise PlanError("this is not a ratequant plan: it has no format_version field")
+        _int(d["format_version"], "format_version", 1, 2**31)
+        if d["format_version"] > FORMAT_VERSION:
+            raise PlanError(
+                f"plan format version {d['format_version']} is newer than this ratequant reads "
+                f"({FORMAT_VERSION}); upgrade ratequant to use this plan"
+            )
+        _keys(d, "(top level)", _REQUIRED, tuple(k for k in _TOP_LEVEL if k not in _REQUIRED))
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        """The plan as JSON data (a deep copy, keys in a fixed order)."""
+        return copy.deepcopy({name: getattr(self, name) for name in _TOP_LEVEL})
+
+    # -- files ----------------------------------------------------------------------------------------
+    def to_json_text(self) -> str:
+        """The file text: indented JSON with each innermost list on one line, UTF-8, newline-terminated."""
+        return _dumps(self.to_dict()) + "\n"
+
+    def to_json(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write atomically (temp file in the same folder, then rename); refuse to replace unless ``overwrite``."""
+        path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"{path} is a directory; pass a file path for the plan")
+        if path.exists() and not overwrite:
+            raise PlanError(f"{path} already exists; pass overwrite=True (--force) to replace it")
+        text = self.to_json_text()
+        folder = path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read and validate a plan file; every failure is a :class:`PlanError` that names ``path``."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise PlanError(f"plan file {path} is {size} bytes, over the {MAX_PLAN_BYTES // 2**20} MiB limit")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"plan file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
+        except RecursionError:
+            raise PlanError(f"plan file {path} is nested too deeply to be a plan") from None
+        except PlanError as exc:
+            raise PlanError(f"plan file {path}: {exc}") from None
+        except ValueError as exc:
+            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"plan file {path}: {exc}") from None
+
+    # -- use ------------------------------------------------------------------------------------------
+    @property
+    def geometry(self) -> Geometry:
+        m = self.model
+        return Geometry(m["num_layers"], m["num_kv_heads"], m["head_dim"], m["num_heads"])
+
+    def bits_array(self) -> np.ndarray:
+        """Widths as an ``int64`` array ``[2, num_layers, num_kv_heads]`` (kind 0 = key)."""
+        return np.array([self.bits["key"], self.bits["value"]], dtype=np.int64)
+
+    def budget_object(self) -> Budget:
+        return Budget.from_dict(self.budget)
+
+    def fit_object(self) -> DistortionFit | None:
+        """The fitted distortion model, or None for baselines without one."""
+        if self.fit is None:
+            return None
+        return DistortionFit.from_dict({k: v for k, v in self.fit.items() if k not in ("metric", "design")})
+
+    def _describe_geometry(self, g: Geometry | dict) -> str:
+        if isinstance(g, Geometry):
+            g = g.to_dict()
+        heads = f", {g['num_heads']} query heads" if g.get("num_heads") else ""
+        return f"{g['num_layers']} layers x {g['num_kv_heads']} kv heads x head_dim {g['head_dim']}{heads}"
+
+    def check_matches(self, geometry: Geometry) -> None:
+        """Raise :class:`PlanError` naming both geometries unless the plan was made for ``geometry``."""
+        if not isinstance(geometry, Geometry):
+            raise PlanError(f"check_matches needs a Geometry, got {type(geometry).__name__}")
+        mine = self.geometry
+        same = (mine.num_layers, mine.num_kv_heads, mine.head_dim) == (
+            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        if same and mine.num_heads is not None and geometry.num_heads is not None:
+            same = mine.num_heads == geometry.num_heads
+        if not same:
+            raise PlanError(
+                f"this plan was made for {self.model['name']} ({self._describe_geometry(mine)}) but the model "
+                f"it is applied to has {self._describe_geometry(geometry)}; calibrate a plan for this model"
+            )
+
+    def check_quantizer(self, quantizer, *, allow_mismatch: bool = False) -> None:
+        """Refuse (PlanError) a quantizer other than the one the plan was made for, unless ``allow_mismatch``.
+
+        With ``allow_mismatch`` a mismatch only warns: the allocation was optimised for another design's
+        distortion curves and may do worse than uniform (the paper's distortion-model mismatch).
+        """
+        conf = quantizer.to_config() if hasattr(quantizer, "to_config") else quantizer
+        try:
+            conf = _quantizer(json.loads(json.dumps(conf)))
+        except (TypeError, ValueError, PlanError) as exc:
+            raise PlanError(f"cannot compare quantizers: {exc}") from None
+        if conf == self.quantizer:
+            return
+        msg = (
+            f"this plan was calibrated for quantizer {self.quantizer['name']} {self.quantizer['params']} but is "
+            f"applied with {conf['name']} {conf['params']}; its widths were chosen for another distortion curve "
+            "and can do worse than uniform. Calibrate a plan for this quantizer"
+        )
+        if not allow_mismatch:
+            raise PlanError(msg + " (or allow the mismatch explicitly)")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+
+    def summary(self) -> str:
+        """Human-readable report: model, quantizer, budget, width histograms, fit and calibration."""
+        bits = self.bits_array()
+        lines = [
+            f"plan (format {self.format_version}, {self.created_by}): allocator {self.allocator}",
+            f"model: {self.model['name']} ({self._describe_geometry(self.model)})",
+            f"quantizer: {self.quantizer['name']} {json.dumps(self.quantizer['params'], sort_keys=True)}",
+            f"budget: {self.budget_object().describe()}; average code bits {self.avg_bits:.4f}"
+            + (f"; {self.bytes_per_token:.1f} bytes per token" if self.bytes_per_token is not None else "")
+            + (f"; residual window {self.residual_length} tokens" if self.residual_length else ""),
+        ]
+        for k, kind in enumerate(KINDS):
+            hist = Counter(bits[k].reshape(-1).tolist())
+            text = "  ".join(f"{b}b:{hist[b]}" for b in sorted(hist))
+            lines.append(f"{kind + 's':7s} mean {bits[k].mean():.3f}  widths {text}")
+        if self.fit is not None:
+            r2 = np.array([self.fit["r2"]["key"], self.fit["r2"]["value"]])
+            lines.append(
+                f"fit: beta key {self.fit['beta_key']:.3f}, value {self.fit['beta_value']:.3f}; R^2 overall "
+                f"{self.fit['r2_overall']:.4f}, worst component {r2.min():.4f}; metric {self.fit['metric']}"
+                + (f"; curves of {self.fit['design']}" if self.fit.get("design") else "")
+            )
+        if self.calibration is not None:
+            c = self.calibration
+            sha = c["corpus_sha256"][:12] if c["corpus_sha256"] else "none"
+            lines.append(f"calibration: {c['corpus']} (sha256 {sha}), {c['tokens']} tokens, {c['seconds']:.2f} s")
+        return "\n".join(lines)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON (plans hold finite numbers only)")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise PlanError(f"duplicate field {_show(k)} (a plan must not repeat a field)")
+        out[k] = v
+    return out
+
+
+def _dumps(obj: object, level: int = 0) -> str:
+    """Indented JSON with innermost lists (of numbers) on one line, so a plan stays readable and diffable."""
+    pad = "  " * (level + 1)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad}{json.dumps(k)}: {_dumps(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(obj, list) and any(isinstance(x, (list, dict)) for x in obj):
+        items = [pad + _dumps(v, level + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
+    return json.dumps(obj, allow_nan=False, ensure_ascii=False)
+
+
+__all__ = ["FORMAT_VERSION", "MAX_PLAN_BYTES", "Plan"]

@@ -1,0 +1,348 @@
+"""Plan files: exact round trips, validation of every field, hostile files, geometry and quantizer checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ratequant.allocation import Budget, CostModel, kv_split, mismatched, rate_quant, uniform
+from ratequant.errors import PlanError
+from ratequant.fitting import fit_distortion
+from ratequant.geometry import Geometry
+from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
+
+G = Geometry(num_layers=4, num_kv_heads=2, head_dim=16, num_heads=8)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+QUANT = {"name": "kivi", "params": {"group_size": 32, "scale_dtype": "float16", "axes": (1, 2)}}
+CALIB = {"corpus": "pydoc_data.topics[calibration]", "corpus_sha256": "0123456789abcdef" * 4, "tokens": 4096,
+         "seconds": 1.25, "phases": {"capture": 0.5, "measure": 0.7, "fit": 0.05}}
+
+
+def make_fit(geometry=G, seed=0):
+    rng = np.random.default_rng(seed)
+    alpha = np.exp(rng.normal(0, 2, geometry.shape))
+    beta = np.empty(geometry.shape)
+    beta[0], beta[1] = 4.4, 3.8
+    table = alpha[..., None] * beta[..., None] ** -np.asarray(BITS, float)
+    return fit_distortion(table * np.exp(rng.normal(0, 0.1, table.shape)), BITS)
+
+
+def make_plan(**kw) -> Plan:
+    fit = make_fit()
+    budget = Budget.avg_bits(2.75)
+    alloc = rate_quant(fit, budget, G)
+    args = dict(model_name="tiny-llama", geometry=G, quantizer=QUANT, budget=budget, fit=fit, metric="fisher",
+                calibration=CALIB, residual_length=32)
+    args.update(kw)
+    return Plan.from_allocation(alloc, **args)
+
+
+def test_dict_round_trip_is_exact():
+    plan = make_plan()
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    assert again.to_dict() == plan.to_dict()
+    assert plan.quantizer["params"]["axes"] == [1, 2]  # canonical JSON form
+    assert plan.fit["design"] == "kivi" and plan.fit["metric"] == "fisher"
+    assert plan.format_version == FORMAT_VERSION
+
+
+def test_file_round_trip_is_byte_identical(tmp_path):
+    plan = make_plan()
+    first = plan.to_json(tmp_path / "a" / "plan.json")
+    loaded = Plan.load(first)
+    assert loaded == plan
+    second = loaded.to_json(tmp_path / "again.json")
+    assert first.read_bytes() == second.read_bytes()
+    text = first.read_text()
+    assert '"key": [\n      [' in text  # one line per layer, not one per width
+    assert sorted(os.listdir(tmp_path / "a")) == ["plan.json"]  # no temporary file left behind
+
+
+def test_plan_contents_match_the_allocation():
+    fit = make_fit()
+    budget = Budget.avg_bits(2.75)
+    alloc = rate_quant(fit, budget, G)
+    plan = make_plan()
+    np.testing.assert_array_equal(plan.bits_array(), alloc.bits)
+    assert plan.bits_array().dtype == np.int64 and plan.bits_array().shape == (2, 4, 2)
+    assert plan.avg_bits == 2.75 and plan.allocator == "ratequant"
+    assert plan.geometry == G
+    assert plan.fit_object() == fit
+    assert plan.budget_object() == budget
+    assert plan.fit["beta_key"] == fit.beta_key and plan.fit["alpha"]["key"][0][0] == fit.alpha[0, 0, 0]
+
+
+def test_baseline_plans_without_fit_or_calibration(tmp_path):
+    budget = Budget.avg_bits(3.0)
+    alloc = kv_split(None, budget, G, key_bits=4, value_bits=2)
+    plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget)
+    assert plan.fit is None and plan.calibration is None and plan.allocator == "kv-split"
+    assert Plan.load(plan.to_json(tmp_path / "p.json")) == plan
+    assert "keys    mean 4.000  widths 4b:8" in plan.summary()
+
+
+def test_mismatched_plan_records_the_source_design():
+    fit = make_fit()
+    budget = Budget.avg_bits(3.0)
+    alloc = mismatched(fit, budget, G, source_design="quarot")
+    plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget, fit=fit)
+    assert plan.allocator == "mismatched" and plan.fit["design"] == "quarot"
+
+
+def test_bytes_per_token_is_kept():
+    class Q:
+        def bits_per_token(self, head_dim, bits, kind):
+            return head_dim * bits + 32.0
+
+    cm = CostModel.from_quantizer(Q(), G, residual_length=32, context_tokens=1024)
+    budget = Budget.avg_bits(2.0)
+    alloc = uniform(None, budget, G, bitset=(2, 4), cost_model=cm)
+    plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget,
+                                residual_length=32)
+    assert plan.bytes_per_token == alloc.bytes_per_token > 0
+    assert "bytes per token" in plan.summary()
+
+
+def test_byte_budget_plan_must_fit_its_budget():
+    class Q:
+        def bits_per_token(self, head_dim, bits, kind):
+            return head_dim * bits + 32.0
+
+    cm = CostModel.from_quantizer(Q(), G, residual_length=0, context_tokens=64)
+    budget = Budget.bytes_per_token(100.0, 64)
+    alloc = rate_quant(make_fit(), budget, G, cost_model=cm)
+    plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget)
+    assert plan.budget == {"kind": "bytes_per_token", "value": 100.0, "context_tokens": 64}
+    assert 96.0 < plan.bytes_per_token <= 100.0
+    d = plan.to_dict()
+    d["budget"]["value"] = 90.0
+    with pytest.raises(PlanError, match="over its own budget"):
+        Plan.from_dict(d)
+
+
+def test_other_geometry_is_refused_naming_both():
+    plan = make_plan()
+    plan.check_matches(G)
+    plan.check_matches(Geometry(4, 2, 16))  # unknown query heads: not compared
+    other = Geometry(num_layers=2, num_kv_heads=2, head_dim=16)
+    with pytest.raises(PlanError) as exc:
+        plan.check_matches(other)
+    msg = str(exc.value)
+    assert "tiny-llama (4 layers x 2 kv heads x head_dim 16, 8 query heads)" in msg
+    assert "2 layers x 2 kv heads x head_dim 16" in msg
+    with pytest.raises(PlanError, match="16 query heads"):
+        plan.check_matches(Geometry(4, 2, 16, 16))
+
+
+def test_quantizer_check():
+    plan = make_plan()
+    plan.check_quantizer({"name": "kivi", "params": {"group_size": 32, "scale_dtype": "float16", "axes": [1, 2]}})
+    other = {"name": "kivi", "params": {"group_size": 64, "scale_dtype": "float16", "axes": [1, 2]}}
+    with pytest.raises(PlanError, match="calibrated for quantizer kivi"):
+        plan.check_quantizer(other)
+    with pytest.raises(PlanError, match="quarot"):
+        plan.check_quantizer({"name": "quarot", "params": {}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan.check_quantizer(other, allow_mismatch=True)
+    assert len(caught) == 1 and "worse than uniform" in str(caught[0].message)
+
+
+def test_summary_shows_histograms_betas_and_r2():
+    plan = make_plan()
+    text = plan.summary()
+    bits = plan.bits_array()
+    for k, kind in enumerate(("keys", "values")):
+        for b in np.unique(bits[k]):
+            assert f"{b}b:{int((bits[k] == b).sum())}" in text
+    assert f"beta key {plan.fit['beta_key']:.3f}" in text and "R^2 overall" in text
+    assert "average code bits 2.7500" in text and "4096 tokens" in text
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files that must be refused
+# --------------------------------------------------------------------------------------------------------
+def test_overwrite_is_refused_unless_asked(tmp_path):
+    plan = make_plan()
+    path = plan.to_json(tmp_path / "p.json")
+    with pytest.raises(PlanError, match="already exists"):
+        plan.to_json(path)
+    other = make_plan(residual_length=0)
+    other.to_json(path, overwrite=True)
+    assert Plan.load(path) == other
+    with pytest.raises(PlanError, match="directory"):
+        plan.to_json(tmp_path)
+
+
+def write(tmp_path, text: str | bytes, name="p.json"):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (b"\xff\xfe{}", "not UTF-8"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{}", "no format_version"),
+        ('{"format_version": 1, "format_version": 1}', "duplicate field"),
+        ("[" * 100000 + "]" * 100000, "nested too deeply|must be a JSON object"),
+    ],
+)
+def test_broken_files_give_plan_error_with_path(tmp_path, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(PlanError, match=match) as exc:
+        Plan.load(path)
+    assert str(path) in str(exc.value)
+
+
+def test_nan_and_infinity_are_refused(tmp_path):
+    good = make_plan().to_json_text()
+    for bad in ("NaN", "Infinity", "-Infinity", "1e999"):
+        path = write(tmp_path, good.replace('"seconds": 1.25', f'"seconds": {bad}'), name=f"{bad}.json")
+        with pytest.raises(PlanError, match="not valid JSON|finite number"):
+            Plan.load(path)
+
+
+def test_huge_file_is_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.json"
+    with open(path, "wb") as handle:
+        handle.truncate(MAX_PLAN_BYTES + 1)  # sparse: nothing is actually written
+    with pytest.raises(PlanError, match="MiB limit"):
+        Plan.load(path)
+    with pytest.raises(PlanError, match="not found"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_newer_format_asks_to_upgrade():
+    d = make_plan().to_dict()
+    d["format_version"] = FORMAT_VERSION + 1
+    d["new_field_from_the_future"] = {}
+    with pytest.raises(PlanError, match="newer.*upgrade ratequant"):
+        Plan.from_dict(d)
+
+
+def mutated(path: tuple, value=None, delete=False) -> dict:
+    d = make_plan().to_dict()
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    if delete:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("format_version",), 0, "format_version"),
+        (("format_version",), "1", "integer"),
+        (("format_version",), True, "integer"),
+        (("surprise",), 1, "unknown field"),
+        (("model", "num_layers"), 5, "list of 5 layers"),
+        (("model", "num_layers"), 10**9, "from 1 to 4096"),
+        (("model", "num_heads"), 7, "multiple"),
+        (("model", "head_dim"), 2.0, "integer"),
+        (("bits", "key", 0), [4, 4, 4], "2 widths"),
+        (("bits", "key", 0, 0), 9, "from 1 to 8"),
+        (("bits", "key", 0, 0), 0, "from 1 to 8"),
+        (("bits", "key", 0, 0), 3.0, "integer"),
+        (("bits", "key", 0, 0), True, "integer"),
+        (("bits", "value"), [[2, 2]] * 3, "list of 4 layers"),
+        (("avg_bits",), 3.0, "average"),
+        (("budget", "value"), 3.0, "does not meet its own budget"),
+        (("budget", "kind"), "bits", "budget"),
+        (("bytes_per_token",), -1.0, "bytes_per_token"),
+        (("residual_length",), -1, "residual_length"),
+        (("allocator",), "", "allocator"),
+        (("quantizer", "name"), 3, "quantizer.name"),
+        (("quantizer", "params"), {"a": [[[[[[1]]]]]]}, "nested"),
+        (("fit", "beta_key"), 1.0, "beta_key"),
+        (("fit", "alpha", "key"), [[1.0, 1.0]], "shape"),
+        (("fit", "r2_overall"), 1.5, "r2_overall"),
+        (("fit", "metric"), 7, "fit.metric"),
+        (("calibration", "corpus_sha256"), "xyz", "64 lowercase hex"),
+        (("calibration", "tokens"), -5, "tokens"),
+        (("calibration", "phases", "fit"), -1.0, "phases"),
+        (("calibration", "extra"), [1], "string, finite number"),
+    ],
+)
+def test_invalid_fields_are_refused(path, value, match):
+    with pytest.raises(PlanError, match=match):
+        Plan.from_dict(mutated(path, value))
+
+
+@pytest.mark.parametrize("path", [("model",), ("bits",), ("budget",), ("bits", "value"), ("model", "head_dim"),
+                                  ("calibration", "corpus"), ("fit", "alpha")])
+def test_missing_fields_are_refused(path):
+    with pytest.raises(PlanError, match="missing|must be|fields"):
+        Plan.from_dict(mutated(path, delete=True))
+
+
+def test_optional_fields_and_extras():
+    d = mutated(("calibration", "device"), "cpu")
+    d["model"]["revision"] = "main"
+    plan = Plan.from_dict(d)
+    assert plan.calibration["device"] == "cpu" and plan.model["revision"] == "main"
+    for key in ("fit", "calibration", "bytes_per_token", "residual_length", "created_by"):
+        d = make_plan().to_dict()
+        del d[key]
+        Plan.from_dict(d)  # optional at the top level; defaults are filled in
+    d = make_plan().to_dict()
+    d["fit"] = None
+    d["calibration"] = None
+    assert Plan.from_dict(d).fit is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fuzz: any mutation of a valid plan is either a valid plan or a PlanError
+# --------------------------------------------------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+VALID = make_plan().to_dict()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_mutations_give_plan_error_or_valid_plan(data):
+    d = copy.deepcopy(VALID)
+    for _ in range(data.draw(st.integers(1, 3))):
+        parent, key = None, None
+        node = d
+        while isinstance(node, (dict, list)) and node and data.draw(st.booleans()):
+            parent = node
+            key = data.draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+            node = node[key]
+        action = data.draw(st.sampled_from(["replace", "delete", "insert"]))
+        if parent is None:
+            parent, key = d, data.draw(st.sampled_from(sorted(d)))
+        if action == "replace":
+            parent[key] = data.draw(json_values)
+        elif action == "delete":
+            del parent[key]
+        elif isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=6))] = data.draw(json_values)
+        else:
+            parent.insert(key, data.draw(json_values))
+    try:
+        plan = Plan.from_dict(d)
+    except PlanError:
+        return
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    assert plan.bits_array().shape == (2, plan.model["num_layers"], plan.model["num_kv_heads"])
