@@ -11,7 +11,17 @@ from ratequant.quantizers.base import (
     register,
 )
 
+# Importing the design modules registers them by name.
+from ratequant.quantizers.kivi import Kivi
+from ratequant.quantizers.quarot import Quarot
+from ratequant.quantizers.turbo import Turbo
+from ratequant.quantizers.uniform import Uniform
+
 __all__ = [
+    "Kivi",
+    "Quarot",
+    "Turbo",
+    "Uniform",
     "MAX_BITS",
     "MIN_BITS",
     "QuantizedTensor",

@@ -1,0 +1,165 @@
+"""Throughput and true storage of every quantizer design, against a plain copy measured in the same run.
+
+For each design, bit width (default 2, 3, 4, 8), input dtype (float32, float16) and tensor kind (key,
+value), on one realistic block (default ``[1, 3, 4096, 64]``: one layer of SmolLM2-135M's KV heads over
+4096 tokens), it times
+
+* ``quantize``      float input -> packed codes + metadata,
+* ``dequantize``    packed -> float output,
+* ``fake_quantize`` float -> float without packing (the path of distortion measurement),
+* ``clone``         a plain copy of the same float tensor (the memory-bandwidth yardstick),
+
+and reports GB/s of the *float* tensor (``x.numel() * x.element_size()`` bytes, read for quantize, written
+for dequantize) so every number is comparable with the copy, plus bits per element from the design's
+formula and from the packed object's real ``nbytes()``. Timings are medians of repeated runs after a
+warm-up; the copy is re-timed beside every row (``clone_gbps``) because a shared machine drifts. On a
+busy 2-core machine ``--threads 1`` gives steadier numbers (two threads spin against each other).
+Results go to a JSON file with ``format_version``.
+
+    python benchmarks/quantizers.py --out results/bench_quantizers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ratequant.quantizers import available, get_quantizer
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def median_seconds(fn, min_time: float, min_reps: int = 3, max_reps: int = 200) -> float:
+    """Median wall time of ``fn()`` over at least ``min_reps`` runs and ``min_time`` seconds (1 warm-up)."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shape = tuple(args.shape)
+    gen = torch.Generator().manual_seed(args.seed)
+    base = torch.randn(*shape, generator=gen)
+    results = []
+    baselines = {}
+    for dtype_name in args.dtypes:
+        x = base.to(device=device, dtype=DTYPES[dtype_name])
+        float_bytes = x.numel() * x.element_size()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def timed(fn):
+            def wrapped():
+                fn()
+                sync()
+
+            return median_seconds(wrapped, args.min_time)
+
+        clone_s = timed(lambda: x.clone())
+        baselines[dtype_name] = {"seconds": clone_s, "gbps": float_bytes / clone_s / 1e9}  # run start
+        for name in args.designs:
+            design = get_quantizer(name)
+            for kind in args.kinds:
+                for bits in args.bits:
+                    q = design.quantize(x, bits, kind)
+                    row = {
+                        "design": name,
+                        "config": design.to_config(),
+                        "dtype": dtype_name,
+                        "kind": kind,
+                        "bits": bits,
+                        "bits_per_element_formula": design.bits_per_element(shape[-1], bits, kind),
+                        "bits_per_element_measured": 8 * q.nbytes() / x.numel(),
+                        "nbytes": q.nbytes(),
+                        "float_bytes": float_bytes,
+                    }
+                    for op, fn in (
+                        ("quantize", lambda: design.quantize(x, bits, kind)),
+                        ("dequantize", lambda: design.dequantize(q)),
+                        ("fake_quantize", lambda: design.fake_quantize(x, bits, kind)),
+                    ):
+                        s = timed(fn)
+                        row[f"{op}_seconds"] = s
+                        row[f"{op}_gbps"] = float_bytes / s / 1e9
+                    # the copy again, right beside this row's timings: on a shared machine the
+                    # bandwidth drifts, and ratios against a contemporaneous copy stay meaningful
+                    row["clone_gbps"] = float_bytes / timed(lambda: x.clone()) / 1e9
+                    results.append(row)
+                    print(
+                        f"{name:8s} {dtype_name:8s} {kind:5s} {bits}b  "
+                        f"bpe {row['bits_per_element_measured']:6.3f}  "
+                        f"q {row['quantize_gbps']:6.2f}  dq {row['dequantize_gbps']:6.2f}  "
+                        f"fake {row['fake_quantize_gbps']:6.2f}  clone {row['clone_gbps']:6.2f} GB/s",
+                        flush=True,
+                    )
+    return {
+        "format_version": FORMAT_VERSION,
+        "benchmark": "quantizers",
+        "machine": machine_info() | {"device": str(device)},
+        "settings": {
+            "shape": list(shape),
+            "dtypes": args.dtypes,
+            "bits": args.bits,
+            "kinds": args.kinds,
+            "designs": args.designs,
+            "min_time_s": args.min_time,
+            "seed": args.seed,
+            "gbps_definition": "bytes of the float tensor (input of quantize, output of dequantize) / median s",
+        },
+        "clone_baseline": baselines,
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("results/bench_quantizers.json"))
+    p.add_argument("--shape", type=int, nargs=4, default=[1, 3, 4096, 64], metavar=("B", "H", "T", "D"))
+    p.add_argument("--designs", nargs="+", default=available())
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=sorted(DTYPES))
+    p.add_argument("--kinds", nargs="+", default=["key", "value"], choices=["key", "value"])
+    p.add_argument("--min-time", type=float, default=0.05, help="seconds of timing per measurement")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    report = run(args)
+    report["wall_seconds"] = time.perf_counter() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out} ({report['wall_seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Shared machinery of the packed designs: the encode/pack/decode skeleton and min-max arithmetic.
+
+Every design here is written as two pure functions on float32 tensors:
+
+* ``_encode(x [B, H, T, D]) -> (codes [B, H, T, D] holding integers 0..2**b-1, metadata)``
+* ``_decode(codes, metadata) -> x_hat float32 [B, H, T, D]``
+
+``quantize`` packs the codes (:mod:`ratequant.packing`) and stores the metadata; ``dequantize`` unpacks
+and decodes; ``fake_quantize`` decodes the codes directly. The code values and metadata seen by
+``_decode`` are identical on both paths (only the integer/float type of the codes may differ, and
+``_decode`` converts it first), so ``fake_quantize(x) == dequantize(quantize(x))`` exactly.
+
+Metadata precision. Scales and zeros are stored in the design's ``scale_dtype`` (float16 by default). The
+codes are computed against the *stored* (rounded) values, with the zero rounded down and the step rounded
+up, so the stored grid ``zero + k * step, k = 0..2**b-1`` always covers the group's ``[min, max]`` and the
+error of every element is at most half a stored step (plus float32 rounding). A block whose metadata does
+not fit ``scale_dtype`` (e.g. float16 values beyond 65504) is stored with float32 metadata instead;
+``nbytes()`` reports the real size, and such blocks cost more than ``metadata_bits_per_token`` says.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ratequant.errors import RateQuantError
+from ratequant.packing import pack, unpack
+from ratequant.quantizers.base import QuantizedTensor, Quantizer
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``scale_dtype`` name."""
+    return _DTYPES[name]
+
+
+def dtype_bits(name: str) -> int:
+    """Bits of one stored metadata value of ``scale_dtype`` ``name``."""
+    return torch.finfo(_DTYPES[name]).bits
+
+
+def own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor that owns exactly its storage (no view into a bigger buffer)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
+
+
+def round_directed(v: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """Round float32 ``v`` to ``dtype`` towards +inf (``up``) or -inf; values must be in range."""
+    if dtype == torch.float32:
+        return v.clone()
+    y = v.to(dtype)
+    back = y.to(torch.float32)
+    wrong = back < v if up else back > v
+    target = torch.full_like(y, float("inf") if up else float("-inf"))
+    return torch.where(wrong, torch.nextafter(y, target), y)
+
+
+def minmax_meta(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored ``(scale, zero)`` for groups with range ``[lo, hi]`` (float32, same shape).
+
+    ``zero = round_down(lo)``, ``scale = round_up((hi - zero) / (2**bits - 1))`` in ``dtype``, so the stored
+    grid covers ``[lo, hi]``. Falls back to float32 for the whole block when a value would overflow ``dtype``.
+    """
+    levels = (1 << bits) - 1
+    span = hi - lo
+    if not torch.isfinite(span).all():
+        raise RateQuantError(
+            "input range too large: max - min of a group overflows float32; scale the tensor down"
+        )
+    zero, step = lo.clone(), span / levels
+    if dtype != torch.float32:
+        fmax = torch.finfo(dtype).max
+        if bool(torch.maximum(lo.abs(), hi.abs()).amax() <= fmax):
+            low = round_directed(lo, dtype, up=False)
+            wide = (hi - low.to(torch.float32)) / levels
+            if bool(wide.amax() <= fmax):
+                zero, step = low, round_directed(wide, dtype, up=True)
+    # float32 rounding (or underflow of a tiny span / levels) may leave the top of the grid a hair below
+    # hi: widen those steps by one ulp of their dtype until the grid covers the group.
+    for _ in range(4):
+        short = zero.to(torch.float32) + step.to(torch.float32) * levels < hi
+        if not bool(short.any()):
+            break
+        step = torch.where(short, torch.nextafter(step, torch.full_like(step, float("inf"))), step)
+    return step, zero
+
+
+def minmax_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float32) ``clamp(round((x - zero) / scale), 0, 2**bits - 1)``; broadcasting.
+
+    A zero ``scale`` (constant group equal to its stored zero) gives code 0.
+    """
+    s = scale.to(torch.float32)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = (x - zero.to(torch.float32)).div_(s).round_()
+    return codes.clamp_(0, (1 << bits) - 1)
+
+
+def minmax_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``codes * scale + zero`` in float32 (two separately rounded operations on every path)."""
+    return (codes.to(torch.float32) * scale.to(torch.float32)).add_(zero.to(torch.float32))
+
+
+def check_group_size(owner: str, value, allow_none: bool) -> None:
+    """Validate a group-size parameter: a positive integer (or None where allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = "a positive integer or None" if allow_none else "a positive integer"
+        raise RateQuantError(f"{owner}: group_size must be {what}, got {value!r}")
+
+
+def group_along_dim(owner: str, group_size: int | None, head_dim: int) -> int:
+    """Effective group size along head_dim: ``group_size`` (None = head_dim) that must divide it."""
+    g = head_dim if group_size is None else group_size
+    if head_dim % g:
+        raise RateQuantError(
+            f"{owner}: head_dim {head_dim} is not divisible by group_size {g}; "
+            f"choose a group_size that divides {head_dim} (or None for one group per token)"
+        )
+    return g
+
+
+@dataclass(frozen=True)
+class PackedDesign(Quantizer):
+    """A design expressed as ``_encode``/``_decode`` on float32; see the module docstring."""
+
+    def _meta_dtype(self) -> torch.dtype:
+        return storage_dtype(self.scale_dtype)
+
+    def _meta_bits(self) -> int:
+        return dtype_bits(self.scale_dtype)
+
+    @abstractmethod
+    def _encode(
+        self, x: torch.Tensor, bits: int, kind: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``x`` float32 ``[B, H, T, D]`` -> (integer-valued codes ``[B, H, T, D]`` contiguous, metadata).
+
+        Codes may be float32 or an integer dtype; ``quantize`` casts them to uint8 for packing."""
+
+    @abstractmethod
+    def _decode(
+        self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int, kind: str
+    ) -> torch.Tensor:
+        """codes ``[B, H, T, D]`` (uint8 from ``dequantize``, or what ``_encode`` returned) + metadata ->
+        reconstruction float32 ``[B, H, T, D]``; must convert the codes' dtype before any arithmetic."""
+
+    def _check_shape(self, shape: tuple[int, int, int, int], kind: str) -> None:
+        """Design-specific shape validation (e.g. group sizes that must divide head_dim)."""
+
+    def _prepare(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        self.check_bits(bits)
+        self.check_kind(kind)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            self.check_input(x)  # raises the interface's message
+        if x.numel() == 0:
+            raise RateQuantError(f"{self.name}: cannot quantize an empty tensor of shape {tuple(x.shape)}")
+        self._check_shape(tuple(x.shape), kind)
+        x32 = x.to(torch.float32)
+        # A finite sum proves every element finite (NaN and Inf propagate) in one cheap reduction; only
+        # when it is not (a NaN/Inf, or an overflowing sum) run the elementwise check.
+        if not bool(torch.isfinite(x32.sum())):
+            self.check_input(x)
+        return x32
+
+    def quantize(self, x: torch.Tensor, bits: int, kind: str) -> QuantizedTensor:
+        x32 = self._prepare(x, bits, kind)
+        codes, meta = self._encode(x32, bits, kind)
+        tensors = {"codes": pack(codes.to(torch.uint8), bits, check=False)}
+        tensors.update({k: own(v) for k, v in meta.items()})
+        return QuantizedTensor(tensors=tensors, shape=tuple(x.shape), bits=bits, kind=kind, dtype=x.dtype)
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        if not isinstance(q, QuantizedTensor) or "codes" not in q.tensors:
+            raise RateQuantError(f"{self.name}: dequantize expects a QuantizedTensor made by quantize()")
+        self.check_bits(q.bits)
+        self.check_kind(q.kind)
+        b, h, t, d = q.shape
+        codes = unpack(q.tensors["codes"], q.bits, d).reshape(b, h, t, d)
+        meta = {k: v for k, v in q.tensors.items() if k != "codes"}
+        return self._decode(codes, meta, q.bits, q.kind).to(q.dtype)
+
+    def fake_quantize(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        x32 = self._prepare(x, bits, kind)
+        codes, meta = self._encode(x32, bits, kind)
+        return self._decode(codes, meta, bits, kind).to(x.dtype)

@@ -1,0 +1,94 @@
+"""``kivi``: keys per channel over groups of tokens, values per token (KIVI).
+
+Liu et al., "KIVI: A tuning-free asymmetric 2bit quantization for KV cache", ICML 2024. Keys have a few
+outlier *channels*, so each key channel gets its own (scale, zero) over ``group_size`` consecutive tokens;
+values are quantized per token in groups of ``group_size`` along head_dim. KIVI's full-precision residual
+window of recent tokens is the cache's business, not the quantizer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ratequant.quantizers._common import (
+    PackedDesign,
+    check_group_size,
+    group_along_dim,
+    minmax_codes,
+    minmax_meta,
+    minmax_values,
+)
+from ratequant.quantizers.base import register
+from ratequant.quantizers.uniform import decode_token_groups, encode_token_groups
+
+
+@register
+@dataclass(frozen=True)
+class Kivi(PackedDesign):
+    """KIVI min-max quantization with groups of ``group_size`` (G).
+
+    * keys: per channel, over G consecutive tokens; ``scale`` and ``zero`` are ``[B, H, ceil(T / G), D]``.
+      ``token_group("key") == G``. When T is not a multiple of G, the last ``T mod G`` tokens form a
+      partial group quantized on their own (the cache normally quantizes whole groups only).
+    * values: per token, groups of ``min(G, head_dim)`` along head_dim (must divide head_dim);
+      ``scale`` and ``zero`` are ``[B, H, T, head_dim / g]``.
+
+    Storage per token per head: ``head_dim * bits`` code bits + ``2 * head_dim / G`` (keys) or
+    ``2 * head_dim / g`` (values) metadata values of ``scale_dtype``. Bound: ``|x - x_hat| <= step / 2``
+    elementwise, with ``step`` the stored scale of the element's group, up to float32 rounding.
+    """
+
+    name = "kivi"
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_group_size(self.name, self.group_size, allow_none=False)
+
+    def token_group(self, kind: str) -> int:
+        return self.group_size if self.check_kind(kind) == "key" else 1
+
+    def _value_group(self, head_dim: int) -> int:
+        return group_along_dim(self.name, min(self.group_size, head_dim), head_dim)
+
+    def _check_shape(self, shape, kind) -> None:
+        if kind == "value":
+            self._value_group(shape[-1])
+
+    def metadata_bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:
+        self.check_bits(bits)
+        if self.check_kind(kind) == "key":
+            return 2 * head_dim * self._meta_bits() / self.group_size
+        return 2 * (head_dim // self._value_group(head_dim)) * self._meta_bits()
+
+    def _encode(self, x, bits, kind):
+        if kind == "value":
+            return encode_token_groups(x, bits, self._value_group(x.shape[-1]), self._meta_dtype())
+        b, h, t, d = x.shape
+        g = self.group_size
+        ng = -(-t // g)
+        pad = ng * g - t
+        if pad:  # repeat the last token: leaves the partial group's min and max unchanged
+            x = torch.cat([x, x[:, :, -1:].expand(b, h, pad, d)], dim=2)
+        xg = x.reshape(b, h, ng, g, d)
+        lo, hi = xg.amin(dim=3), xg.amax(dim=3)
+        scale, zero = minmax_meta(lo, hi, bits, self._meta_dtype())
+        codes = minmax_codes(xg, scale.unsqueeze(3), zero.unsqueeze(3), bits).reshape(b, h, ng * g, d)
+        if pad:
+            codes = codes[:, :, :t].contiguous()
+        return codes, {"scale": scale, "zero": zero}
+
+    def _decode(self, codes, meta, bits, kind):
+        if kind == "value":
+            return decode_token_groups(codes, meta)
+        b, h, t, d = codes.shape
+        scale, zero = meta["scale"], meta["zero"]
+        ng = scale.shape[2]
+        pad = ng * self.group_size - t
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+        out = minmax_values(codes.reshape(b, h, ng, -1, d), scale.unsqueeze(3), zero.unsqueeze(3))
+        out = out.reshape(b, h, -1, d)
+        return out[:, :, :t].contiguous() if pad else out
