@@ -76,6 +76,19 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny matmuls are far faster on one thread (two threads spin against each other on a busy machine);
+    tests marked ``slow`` run the real model and keep every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

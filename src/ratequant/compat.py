@@ -404,3 +404,34 @@ __all__ = [
     "original_attention",
     "sliding_window_layers",
 ]
+
+
+# ==========================================================================================================
+# Section 3 (cache): the layered Cache API that ratequant.cache builds on
+# ==========================================================================================================
+
+
+def cache_base_classes() -> tuple[type, type]:
+    """``(Cache, CacheLayerMixin)`` from ``transformers.cache_utils``.
+
+    transformers 5.x builds every cache from per-layer objects (``Cache(layers=[CacheLayerMixin, ...])``);
+    :class:`ratequant.cache.RateQuantLayer` is such a layer. Releases without the layered API are refused.
+    """
+    try:
+        from transformers.cache_utils import Cache, CacheLayerMixin
+    except ImportError:
+        from ratequant.errors import RateQuantError
+
+        raise RateQuantError(
+            "this transformers release has no layered cache API (transformers.cache_utils.CacheLayerMixin); "
+            "install transformers>=5.0"
+        ) from None
+    return Cache, CacheLayerMixin
+
+
+__all__ += ["cache_base_classes"]
+
+
+# ==========================================================================================================
+# Section 3: cache helpers (appended by the cache module's owner; extend __all__ above)
+# ==========================================================================================================

@@ -1,0 +1,392 @@
+"""RateQuantCache: exact storage round trips, the residual policy, byte accounting, and generate() modes.
+
+Generation tests compare the cache with a reference that must agree with it: 8-bit everywhere against the
+full-precision DynamicCache (same greedy tokens), and mixed widths against a DynamicCache run inside
+:func:`simulated_quantization` (same tokens for greedy, sampling with a fixed seed, beam search and a
+left-padded batch; the prompt is shorter than the residual window, so prefill follows the policy exactly).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from ratequant.cache import (
+    CacheBytes,
+    RateQuantCache,
+    RateQuantLayer,
+    bit_groups,
+    chunk_sizes,
+    expected_nbytes,
+    quantized_length,
+)
+from ratequant.compat import model_geometry
+from ratequant.errors import PlanError, RateQuantError
+from ratequant.quantizers import get_quantizer
+from ratequant.simulate import simulated_quantization
+
+KIVI = get_quantizer("kivi", group_size=4)
+UNIFORM = get_quantizer("uniform")
+
+
+def random_bits(shape, low=1, high=5, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=shape)
+
+
+def reference_read(x: torch.Tensor, widths, kind: str, chunk: int, quantizer) -> torch.Tensor:
+    """What a layer must return after holding ``x`` [B, H, S, D]: whole chunks quantized chunk by chunk."""
+    s = x.shape[2]
+    out = x.clone()
+    for c in range(quantized_length(s, chunk) // chunk):
+        for bits, heads in bit_groups(widths):
+            part = x[:, list(heads), c * chunk : (c + 1) * chunk]
+            back = quantizer.dequantize(quantizer.quantize(part, bits, kind))
+            out[:, list(heads), c * chunk : (c + 1) * chunk] = back
+    return out
+
+
+def held_tensors(obj, seen=None) -> list[torch.Tensor]:
+    """Every tensor reachable through the attributes of ``obj`` (dicts, lists, tuples, objects)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("ratequant"):
+        items = vars(obj).values()
+    else:
+        return []
+    return [t for item in items for t in held_tensors(item, seen)]
+
+
+def storage_sum(tensors) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# storage and policy, on plain tensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantizer,residual", [(KIVI, 8), (KIVI, 0), (UNIFORM, 0), (UNIFORM, 12)])
+def test_read_equals_chunkwise_quantization(quantizer, residual):
+    """Streaming in uneven pieces stores every whole chunk once; reads are exact (stored + residual)."""
+    torch.manual_seed(0)
+    widths_k, widths_v = [2, 3, 2], [4, 1, 4]  # non-contiguous head groups
+    layer = RateQuantLayer(widths_k, widths_v, quantizer, residual)
+    keys = torch.randn(2, 3, 61, 16) * 3
+    values = torch.randn(2, 3, 61, 16)
+    pos = 0
+    for piece in (1, 5, 17, 1, 1, 9, 27):
+        k_out, v_out = layer.update(keys[:, :, pos : pos + piece], values[:, :, pos : pos + piece])
+        # the new tokens come back at full precision; older ones as the cache holds them
+        held_k = reference_read(keys[:, :, :pos], widths_k, "key", layer.chunks[0], quantizer)
+        held_v = reference_read(values[:, :, :pos], widths_v, "value", layer.chunks[1], quantizer)
+        assert torch.equal(k_out, torch.cat([held_k, keys[:, :, pos : pos + piece]], 2))
+        assert torch.equal(v_out, torch.cat([held_v, values[:, :, pos : pos + piece]], 2))
+        pos += piece
+    assert layer.get_seq_length() == 61
+    k_now, v_now = layer.read()
+    assert torch.equal(k_now, reference_read(keys, widths_k, "key", layer.chunks[0], quantizer))
+    assert torch.equal(v_now, reference_read(values, widths_v, "value", layer.chunks[1], quantizer))
+    assert layer.stored_lengths() == tuple(quantized_length(61, f) for f in layer.chunks)
+    # the stored part really is quantized (differs from the input), the residual is exact
+    p = layer.stored_lengths()[0]
+    assert (k_now[:, :, :p] - keys[:, :, :p]).abs().max() > 1e-3
+    assert torch.equal(k_now[:, :, p:], keys[:, :, p:])
+
+
+def test_chunk_sizes_follow_residual_and_token_group():
+    assert chunk_sizes(KIVI, 0) == (4, 1)
+    assert chunk_sizes(KIVI, 128) == (128, 128)
+    assert chunk_sizes(UNIFORM, 0) == (1, 1)
+    with pytest.raises(RateQuantError, match="multiple"):
+        chunk_sizes(KIVI, 6)
+    with pytest.raises(RateQuantError, match="non-negative"):
+        chunk_sizes(KIVI, -1)
+
+
+def test_stored_codes_are_never_requantized():
+    """The packed bytes of a chunk stay bit-identical while later tokens arrive."""
+    torch.manual_seed(1)
+    layer = RateQuantLayer([3, 3], [2, 2], KIVI, 8)
+    layer.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+    before = {k: v[:1].clone() for k, v in layer._stores[0].groups[0].tensors.items()}
+    for _ in range(20):
+        layer.update(torch.randn(1, 2, 1, 16) * 10, torch.randn(1, 2, 1, 16))
+    after = layer._stores[0].groups[0].tensors
+    assert layer.stored_lengths() == (24, 24)
+    assert all(torch.equal(before[k], after[k][:1]) for k in before)
+
+
+def test_dtype_and_device_follow_the_model():
+    layer = RateQuantLayer([4, 2], [4, 2], UNIFORM, 4)
+    k, v = layer.update(torch.randn(1, 2, 9, 8, dtype=torch.bfloat16), torch.randn(1, 2, 9, 8, dtype=torch.bfloat16))
+    assert k.dtype == v.dtype == torch.bfloat16
+    assert all(t.device == k.device for t in layer.tensors())
+    assert layer._stores[0].residual.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# beam reorder, batch selection, crop, reset
+# ---------------------------------------------------------------------------------------------------------
+
+
+def filled_layer(batch=3, tokens=23, residual=8, seed=2):
+    torch.manual_seed(seed)
+    layer = RateQuantLayer([2, 4, 2], [3, 3, 1], KIVI, residual)
+    layer.update(torch.randn(batch, 3, tokens, 16), torch.randn(batch, 3, tokens, 16))
+    return layer
+
+
+def test_reorder_select_repeat_move_rows_exactly():
+    layer = filled_layer()
+    k0, v0 = layer.read()
+    idx = torch.tensor([2, 0, 0])
+    layer.reorder_cache(idx)
+    k1, v1 = layer.read()
+    assert torch.equal(k1, k0[idx]) and torch.equal(v1, v0[idx])
+    layer.batch_select_indices(torch.tensor([1, 2]))
+    assert torch.equal(layer.read()[0], k0[[0, 0]])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.read()[1], v0[[0, 0, 0, 0]])
+    # later updates go on with the new batch layout
+    k, _ = layer.update(torch.zeros(4, 3, 1, 16), torch.zeros(4, 3, 1, 16))
+    assert k.shape == (4, 3, 24, 16) and layer.stored_lengths() == (24, 24)
+
+
+def test_crop_inside_residual_is_exact():
+    layer = filled_layer(tokens=23)  # 16 stored, 7 in the residual
+    k0, v0 = layer.read()
+    layer.crop(-4)
+    k1, v1 = layer.read()
+    assert layer.get_seq_length() == 19 and not layer.lossy_crop
+    assert torch.equal(k1, k0[:, :, :19]) and torch.equal(v1, v0[:, :, :19])
+
+
+def test_crop_into_stored_chunk_keeps_what_attention_saw():
+    layer = filled_layer(tokens=23)
+    k0, v0 = layer.read()
+    layer.crop(-12)  # 11 tokens left: chunk 0 stored, 3 dequantized tokens of chunk 1 back in the residual
+    k1, v1 = layer.read()
+    assert layer.get_seq_length() == 11 and layer.stored_lengths() == (8, 8) and layer.lossy_crop
+    assert torch.equal(k1, k0[:, :, :11]) and torch.equal(v1, v0[:, :, :11])
+    k2, _ = layer.update(torch.randn(3, 3, 6, 16), torch.randn(3, 3, 6, 16))
+    assert k2.shape[2] == 17 and layer.stored_lengths() == (16, 16)
+    with pytest.raises(RateQuantError, match="negative"):
+        layer.crop(3)
+
+
+def test_reset_releases_memory_and_allows_a_new_batch():
+    cache = RateQuantCache(random_bits((2, 2, 3)), KIVI, 8)
+    for layer in cache.layers:
+        layer.update(torch.randn(2, 3, 30, 16), torch.randn(2, 3, 30, 16))
+    assert cache.nbytes().total > 0 and cache.get_seq_length() == 30
+    cache.reset()
+    assert cache.nbytes() == CacheBytes() and cache.get_seq_length() == 0 and cache.tensors() == []
+    k, _ = cache.layers[0].update(torch.randn(5, 3, 2, 16), torch.randn(5, 3, 2, 16))
+    assert k.shape == (5, 3, 2, 16)
+    with pytest.raises(RateQuantError, match="reset"):
+        cache.layers[0].update(torch.randn(4, 3, 2, 16), torch.randn(4, 3, 2, 16))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bytes
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("growth", [0.0, 0.25])
+def test_nbytes_is_the_storage_of_every_tensor_held(growth):
+    cache = RateQuantCache(random_bits((2, 3, 3), 1, 9), KIVI, 8, growth=growth)
+    for step in range(6):
+        for layer in cache.layers:
+            layer.update(torch.randn(2, 3, 7 if step == 0 else 5, 16), torch.randn(2, 3, 7 if step == 0 else 5, 16))
+    nb = cache.nbytes()
+    everything = held_tensors(cache.layers)
+    assert len(everything) == len(cache.tensors())
+    assert nb.total == storage_sum(everything) == storage_sum(cache.tensors())
+    codes = sum(t.untyped_storage().nbytes() for t in cache.tensors() if t.dtype == torch.uint8)
+    assert nb.codes == codes and nb.residual == 3 * 2 * (2 * 3 * 8 * 16 * 4)  # 3 layers, K+V, [B,H,F,D] fp32
+    if growth == 0:  # exact size: no reserved chunk
+        assert all(g.capacity() == g.num_chunks for layer in cache.layers for s in layer._stores for g in s.groups)
+
+
+@pytest.mark.parametrize(
+    "quantizer,residual", [(get_quantizer("kivi"), 128), (get_quantizer("uniform", group_size=32), 0)]
+)
+def test_nbytes_matches_plan_formula(quantizer, residual):
+    """Real bytes = plan formula (quantizer.bits_per_token per stored token) within 1%, plus the residual."""
+    bits = random_bits((2, 2, 3), 1, 9, seed=3)
+    cache = RateQuantCache(bits, quantizer, residual)
+    for layer in cache.layers:
+        layer.update(torch.randn(2, 3, 600, 64, dtype=torch.float16), torch.randn(2, 3, 600, 64, dtype=torch.float16))
+    nb = cache.nbytes()
+    want = expected_nbytes(bits, quantizer, 64, 600, batch_size=2, residual_length=residual, dtype=torch.float16)
+    assert nb.residual == want.residual
+    assert abs(nb.codes - want.codes) <= 0.01 * want.codes
+    assert abs(nb.codes + nb.metadata - want.codes - want.metadata) <= 0.01 * (want.codes + want.metadata)
+
+
+def test_default_geometry_at_4096_tokens_fits_a_quarter_of_float16():
+    """SmolLM2-135M geometry, 2.5-bit mixed plan, default KIVI and 128-token window: <= 25% of a float16 cache."""
+    layers, heads, dim, tokens = 30, 3, 64, 4096
+    bits = 2 + (np.arange(2 * layers * heads) % 2).reshape(2, layers, heads)
+    quantizer = get_quantizer("kivi")
+    cache = RateQuantCache(bits, quantizer)
+    gen = torch.Generator().manual_seed(0)
+    for layer in cache.layers:
+        kv = torch.randn(2, 1, heads, tokens, dim, generator=gen).half()
+        layer.update(kv[0], kv[1])
+    got = cache.nbytes()
+    fp16 = 2 * layers * heads * dim * 2 * tokens
+    assert got == expected_nbytes(bits, quantizer, dim, tokens)  # codes 2.5, metadata 1, residual 0.5 bits
+    assert got.total <= 0.25 * fp16 and got.total == storage_sum(cache.tensors())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate()
+# ---------------------------------------------------------------------------------------------------------
+
+
+def full_bits(model, value):
+    g = model_geometry(model)
+    return np.full(g.shape, value)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2"])
+def test_eight_bit_greedy_matches_full_precision(family):
+    model = tiny_model(family)
+    prompt = torch.randint(2, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=14, do_sample=False, min_new_tokens=14)
+    with torch.no_grad():
+        ref = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kw)
+        cache = RateQuantCache(full_bits(model, 8), get_quantizer("kivi", group_size=4), residual_length=4)
+        out = model.generate(prompt, past_key_values=cache, **kw)
+    assert cache.layers[0].stored_lengths() == (20, 20)  # most of the sequence was really quantized
+    assert torch.equal(out, ref)
+
+
+def test_sliding_window_layers_keep_history_and_match():
+    """Mistral with a 6-token window: the mask applies the window to the full history the cache keeps."""
+    model = tiny_model("mistral", sliding_window=6)
+    prompt = torch.randint(2, 300, (1, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=15, do_sample=False, min_new_tokens=15)
+    with torch.no_grad():
+        ref = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kw)
+        out = model.generate(prompt, past_key_values=RateQuantCache(full_bits(model, 8), KIVI, 4), **kw)
+    assert torch.equal(out, ref)
+
+
+GEN_MODES = {
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, top_k=0, temperature=1.0),
+    "beam": dict(do_sample=False, num_beams=2),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(GEN_MODES))
+def test_mixed_generation_matches_simulated_reference(mode):
+    """Cache generation = DynamicCache generation under simulated quantization (same policy, same widths)."""
+    model = tiny_model("llama", seed=3)
+    bits = random_bits(model_geometry(model).shape, 1, 4, seed=4)
+    quantizer, residual = get_quantizer("kivi", group_size=4), 8
+    prompt = torch.randint(2, 300, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=18, min_new_tokens=18, **GEN_MODES[mode])
+    with torch.no_grad():
+        cache = RateQuantCache(bits, quantizer, residual)
+        torch.manual_seed(5)
+        out = model.generate(prompt, past_key_values=cache, **kw)
+        with simulated_quantization(model, bits, quantizer, residual):
+            torch.manual_seed(5)
+            ref = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kw)
+        if mode == "greedy":
+            full = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kw)
+    assert torch.equal(out, ref)
+    if mode == "greedy":
+        assert not torch.equal(out, full)  # 1-3 bits do change this tiny model's output
+    rows = 2 if mode == "beam" else 1
+    want = expected_nbytes(
+        bits, quantizer, 16, cache.get_seq_length(), batch_size=rows, residual_length=residual, dtype=torch.float32
+    )
+    got, stored = cache.nbytes(), want.codes + want.metadata
+    assert got.residual == want.residual and abs(got.codes + got.metadata - stored) <= 0.01 * stored
+
+
+def test_batch_of_two_with_left_padding():
+    model = tiny_model("qwen2", seed=4)
+    bits = random_bits(model_geometry(model).shape, 2, 5, seed=6)
+    quantizer, residual = get_quantizer("uniform"), 8
+    ids = torch.randint(2, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 1, 0  # left padding in row 0
+    kw = dict(attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=1)
+    with torch.no_grad():
+        cache = RateQuantCache(bits, quantizer, residual)
+        out = model.generate(ids, past_key_values=cache, **kw)
+        with simulated_quantization(model, bits, quantizer, residual):
+            ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+        solo = RateQuantCache(bits, quantizer, residual)
+        alone = model.generate(ids[1:], past_key_values=solo, **{**kw, "attention_mask": None})
+    assert torch.equal(out, ref)
+    assert torch.equal(out[1], alone[0])  # the unpadded row is unaffected by its neighbour (per-token design)
+    want = expected_nbytes(bits, quantizer, 16, 21, batch_size=2, residual_length=residual, dtype=torch.float32)
+    assert cache.nbytes().total <= want.total * 1.01
+
+
+# ---------------------------------------------------------------------------------------------------------
+# construction and plans
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_bits_are_refused():
+    with pytest.raises(RateQuantError, match="shape"):
+        RateQuantCache(np.full((3, 2), 4), KIVI)
+    with pytest.raises(RateQuantError, match="from 1 to 8"):
+        RateQuantCache(np.full((2, 2, 2), 9), KIVI)
+    with pytest.raises(RateQuantError, match="integer"):
+        RateQuantCache(np.full((2, 2, 2), 2.5), KIVI)
+    with pytest.raises(RateQuantError, match="multiple"):
+        RateQuantCache(np.full((2, 2, 2), 4), KIVI, residual_length=6)
+    layer = RateQuantLayer([4, 4, 4], [4, 4, 4], KIVI, 8)
+    with pytest.raises(PlanError, match="kv-heads"):
+        layer.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+
+
+def make_plan(model, bits, quantizer, residual_length=8):
+    from ratequant.plan import Plan
+
+    g = model_geometry(model)
+    return Plan(
+        model={"name": "tiny", **g.to_dict()},
+        quantizer=quantizer.to_config(),
+        budget={"kind": "avg_bits", "value": float(bits.mean())},
+        allocator="test",
+        avg_bits=float(bits.mean()),
+        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
+        residual_length=residual_length,
+    )
+
+
+def test_from_plan_checks_model_and_quantizer():
+    model = tiny_model("llama")
+    bits = random_bits(model_geometry(model).shape, 2, 5)
+    plan = make_plan(model, bits, KIVI)
+    cache = RateQuantCache.from_plan(plan, model)
+    assert np.array_equal(cache.bits, bits) and cache.quantizer == KIVI and cache.residual_length == 8
+    assert RateQuantCache.from_plan(plan, model, residual_length=16).layers[0].chunks == (16, 16)
+    with pytest.raises(PlanError, match="calibrated for quantizer"):
+        RateQuantCache.from_plan(plan, model, UNIFORM)
+    with pytest.warns(UserWarning):
+        assert RateQuantCache.from_plan(plan, model, UNIFORM, allow_mismatch=True).quantizer == UNIFORM
+    other = AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=2))
+    with pytest.raises(PlanError, match="made for"):
+        RateQuantCache.from_plan(plan, other)
