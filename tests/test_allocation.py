@@ -388,8 +388,11 @@ def test_cost_model_counts_codes_metadata_and_residual():
     bits = np.full(G.shape, 4)
     per_token = 36 * (32 * 4 + 32) / 8  # codes + scale/zero, all components
     fp = 36 * 32 * 2
-    assert cm.bytes_per_token(bits) == pytest.approx(0.9 * per_token + 0.1 * fp)
+    # 1000 tokens = 10 full chunks of 100 quantized, plus a 100-token buffer per kind (half of fp each)
+    assert cm.bytes_per_token(bits) == pytest.approx(per_token + 0.1 * fp)
     assert cm.residual_bytes_per_token == pytest.approx(0.1 * fp)
+    partial = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=300, context_tokens=1000)
+    assert partial.bytes_per_token(bits) == pytest.approx(0.9 * per_token + 0.3 * fp)
     assert not CostModel.from_quantizer(FakeQuantizer(codebook=True), G, 0, 1).is_affine
 
 
@@ -401,7 +404,7 @@ def test_byte_budget_uses_the_most_code_bits_that_fit(budget_bytes):
     assert alloc.bytes_per_token <= budget_bytes
     # one more code bit anywhere costs 4 bytes: the allocation leaves less than that unused
     assert budget_bytes - alloc.bytes_per_token < 4.0
-    assert alloc.bytes_per_token == pytest.approx(36 * 4.0 + 4.0 * alloc.bits.sum())
+    assert alloc.bytes_per_token == pytest.approx(36 * 4.0 + 4.0 * alloc.bits.sum() + cm.residual_bytes_per_token)
     assert alloc.details["byte_model"] == "affine"
     # and it is the avg-bits optimum at that many code bits
     same = rate_quant(fit, Budget.avg_bits(alloc.avg_bits), G)
@@ -432,10 +435,11 @@ def test_byte_budget_with_width_dependent_metadata_is_optimal():
     assert not cm.is_affine
     curves = table.reshape(4, 4)
     bytes_table = cm.bytes_table  # [4, nb]
-    for budget in (21.0, 24.0, 29.5, 33.3, 40.0):  # reachable: [21, 40]
-        alloc = rate_quant(table, Budget.bytes_per_token(budget, 1), g, table_bitset=bitset, use="measured",
-                           cost_model=cm)
-        assert alloc.bytes_per_token <= budget and alloc.details["byte_model"] == "table"
+    residual = cm.residual_bytes_per_token  # the one-token full-precision buffer per kind
+    for budget in (21.0, 24.0, 29.5, 33.3, 40.0):  # reachable for the codes and metadata: [21, 40]
+        alloc = rate_quant(table, Budget.bytes_per_token(budget + residual, 1), g, table_bitset=bitset,
+                           use="measured", cost_model=cm)
+        assert alloc.bytes_per_token <= budget + residual and alloc.details["byte_model"] == "table"
         best = math.inf
         for choice in itertools.product(range(4), repeat=4):
             if sum(bytes_table[i, j] for i, j in enumerate(choice)) <= budget:
@@ -446,7 +450,8 @@ def test_byte_budget_with_width_dependent_metadata_is_optimal():
 def test_baselines_take_byte_budgets():
     fit = fit_distortion(table_for(G), ALL)
     cm = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=0, context_tokens=100)
-    budget = Budget.bytes_per_token(36 * 4.0 + 4.0 * 36 * 3.5, 100)  # exactly 3.5 average code bits
+    # exactly 3.5 average code bits, plus the one-token buffer per kind that residual_length=0 keeps
+    budget = Budget.bytes_per_token(36 * 4.0 + 4.0 * 36 * 3.5 + cm.residual_bytes_per_token, 100)
     assert uniform(fit, budget, G, cost_model=cm).avg_bits == 3.0
     assert best_kv_split(fit, budget, G, cost_model=cm).avg_bits == 3.5
     assert layerwise(fit, budget, G, cost_model=cm).avg_bits == 3.5
@@ -487,3 +492,17 @@ def test_property_budget_met_or_refused(layers, heads, bitset, seed, offset, mea
     assert total in reachable
     assert int(alloc.bits.sum()) == total and alloc.avg_bits == total / n
     assert set(np.unique(alloc.bits)) <= set(bitset)
+
+
+@pytest.mark.parametrize("design, residual, tokens", [("kivi", 128, 4096), ("kivi", 0, 1000), ("kivi", 64, 700),
+                                                      ("uniform", 0, 333), ("turbo", 128, 2000)])
+def test_cost_model_agrees_with_the_cache_formula(design, residual, tokens):
+    from ratequant.cache import expected_nbytes
+    from ratequant.quantizers import get_quantizer
+
+    g = Geometry(4, 3, 64)
+    quantizer = get_quantizer(design)
+    bits = np.random.default_rng(0).integers(1, 9, size=g.shape)
+    cm = CostModel.from_quantizer(quantizer, g, residual_length=residual, context_tokens=tokens)
+    expected = expected_nbytes(bits, quantizer, g.head_dim, tokens, residual_length=residual)
+    assert cm.bytes_per_token(bits) * tokens == pytest.approx(expected.total, abs=2)

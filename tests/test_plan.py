@@ -102,6 +102,9 @@ def test_bytes_per_token_is_kept():
         def bits_per_token(self, head_dim, bits, kind):
             return head_dim * bits + 32.0
 
+        def token_group(self, kind):
+            return 1
+
     cm = CostModel.from_quantizer(Q(), G, residual_length=32, context_tokens=1024)
     budget = Budget.avg_bits(2.0)
     alloc = uniform(None, budget, G, bitset=(2, 4), cost_model=cm)
@@ -116,14 +119,17 @@ def test_byte_budget_plan_must_fit_its_budget():
         def bits_per_token(self, head_dim, bits, kind):
             return head_dim * bits + 32.0
 
+        def token_group(self, kind):
+            return 1
+
     cm = CostModel.from_quantizer(Q(), G, residual_length=0, context_tokens=64)
-    budget = Budget.bytes_per_token(100.0, 64)
+    budget = Budget.bytes_per_token(150.0, 64)
     alloc = rate_quant(make_fit(), budget, G, cost_model=cm)
     plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget)
-    assert plan.budget == {"kind": "bytes_per_token", "value": 100.0, "context_tokens": 64}
-    assert 96.0 < plan.bytes_per_token <= 100.0
+    assert plan.budget == {"kind": "bytes_per_token", "value": 150.0, "context_tokens": 64}
+    assert 146.0 < plan.bytes_per_token <= 150.0
     d = plan.to_dict()
-    d["budget"]["value"] = 90.0
+    d["budget"]["value"] = 140.0
     with pytest.raises(PlanError, match="over its own budget"):
         Plan.from_dict(d)
 

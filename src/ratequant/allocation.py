@@ -110,11 +110,13 @@ class CostModel:
 
     ``bytes_table[i, j]`` is the bytes per *quantized* token of component ``i`` (flattened ``[2, L, H]``
     order) at width ``bitset[j]``: ``head_dim * b / 8`` code bytes plus metadata (scales, zeros, norms,
-    amortised over their groups). The newest ``residual_length`` tokens are kept in full precision
-    (``fp_bytes_per_token`` for all components); at ``context_tokens`` of context the cache holds
-    ``quantized_fraction = max(T - R, 0) / T`` quantized tokens per token of context, so
+    amortised over their groups). The cache's residual policy (``ratequant.cache``) quantizes aligned
+    chunks of ``F`` tokens (``chunk_tokens``, per kind: the residual length, or the quantizer's token group
+    when it is 0) and keeps an ``F``-token full-precision buffer per layer and kind. At ``T =
+    context_tokens`` a kind stores ``floor(T / F) * F / T`` quantized tokens per token of context, so
 
-        bytes_per_token(bits) = quantized_fraction * sum_i bytes_table[i, bits_i] + residual_bytes_per_token.
+        bytes_per_token(bits) = sum_i stored_fraction_i * bytes_table[i, bits_i] + residual_bytes_per_token
+        residual_bytes_per_token = sum_kind F_kind * (fp_bytes_per_token / 2) / T
     """
 
     bitset: tuple[int, ...]
@@ -122,6 +124,7 @@ class CostModel:
     fp_bytes_per_token: float
     residual_length: int = 0
     context_tokens: int = 1
+    chunk_tokens: tuple[int, int] | None = None  # F for (keys, values); None: both residual_length
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bitset", check_bitset(self.bitset, name="cost model bitset"))
@@ -143,6 +146,12 @@ class CostModel:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
                 raise RateQuantError(f"cost model: {name} must be an integer >= {low}, got {v!r}")
             object.__setattr__(self, name, int(v))
+        chunks = self.chunk_tokens if self.chunk_tokens is not None else (self.residual_length,) * 2
+        if len(chunks) != 2 or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in chunks):
+            raise RateQuantError(f"cost model: chunk_tokens must be two integers >= 0, got {chunks!r}")
+        object.__setattr__(self, "chunk_tokens", (int(chunks[0]), int(chunks[1])))
+        if t.shape[0] % 2:
+            raise RateQuantError("cost model: bytes_table rows must cover keys then values (an even count)")
 
     @classmethod
     def from_quantizer(
@@ -163,12 +172,14 @@ class CostModel:
             [[quantizer.bits_per_token(geometry.head_dim, b, kind) / 8.0 for b in bitset] for kind in KINDS]
         )
         table = np.repeat(per_kind[:, None, :], geometry.num_layers * geometry.num_kv_heads, axis=1)
+        chunks = tuple(residual_length or int(quantizer.token_group(kind)) for kind in KINDS)
         return cls(
             bitset=bitset,
             bytes_table=table.reshape(geometry.num_components, len(bitset)),
             fp_bytes_per_token=float(geometry.num_components * geometry.head_dim * kv_dtype_bytes),
             residual_length=residual_length,
             context_tokens=context_tokens,
+            chunk_tokens=chunks,
         )
 
     @classmethod
@@ -183,15 +194,16 @@ class CostModel:
         return self.bytes_table.shape[0]
 
     @property
-    def quantized_fraction(self) -> float:
-        t, r = self.context_tokens, self.residual_length
-        return max(t - r, 0) / t
+    def stored_fractions(self) -> np.ndarray:
+        """``[N]`` quantized tokens per token of context, per component (``floor(T / F) * F / T``)."""
+        t = self.context_tokens
+        per_kind = [(t // f) * f / t if f else 1.0 for f in self.chunk_tokens]
+        return np.repeat(per_kind, self.num_components // 2)
 
     @property
     def residual_bytes_per_token(self) -> float:
-        """Full-precision residual-window bytes per token of context, amortised at ``context_tokens``."""
-        t, r = self.context_tokens, self.residual_length
-        return min(r, t) / t * self.fp_bytes_per_token
+        """Full-precision residual-buffer bytes (``F`` tokens per kind) per token of context at ``context_tokens``."""
+        return sum(self.chunk_tokens) * self.fp_bytes_per_token / 2 / self.context_tokens
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray] | None:
         b = np.asarray(self.bitset, dtype=np.float64)
@@ -227,11 +239,11 @@ class CostModel:
         return aff[1]
 
     def columns(self, bitset: Sequence[int]) -> np.ndarray:
-        """``bytes_table`` restricted to ``bitset`` (which must be a subset of this model's)."""
+        """``[N, len(bitset)]`` bytes per token of *context* (``bytes_table`` times the stored fraction)."""
         missing = [b for b in bitset if b not in self.bitset]
         if missing:
             raise RateQuantError(f"cost model has no byte counts for width(s) {missing}; it covers {self.bitset}")
-        return self.bytes_table[:, [self.bitset.index(b) for b in bitset]]
+        return self.bytes_table[:, [self.bitset.index(b) for b in bitset]] * self.stored_fractions[:, None]
 
     def bytes_per_token(self, bits: np.ndarray) -> float:
         """True bytes per token of context for integer ``bits`` (``[2, L, H]`` or flat ``[N]``)."""
@@ -242,8 +254,8 @@ class CostModel:
         lookup[list(self.bitset)] = np.arange(len(self.bitset))
         if not np.issubdtype(flat.dtype, np.integer) or flat.min() < 1 or flat.max() > 8 or (lookup[flat] < 0).any():
             raise RateQuantError(f"bits must be integers from the cost model's bitset {self.bitset}")
-        q = float(self.bytes_table[np.arange(flat.size), lookup[flat]].sum())
-        return self.quantized_fraction * q + self.residual_bytes_per_token
+        q = float((self.bytes_table[np.arange(flat.size), lookup[flat]] * self.stored_fractions).sum())
+        return q + self.residual_bytes_per_token
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -634,14 +646,14 @@ def _solve_units(
             f"{what}: the budget is stated at {budget.context_tokens} tokens of context but the cost model "
             f"amortises the residual window over {cost_model.context_tokens}; build both with the same length"
         )
-    qf, res = cost_model.quantized_fraction, cost_model.residual_bytes_per_token
-    if qf == 0:
+    res = cost_model.residual_bytes_per_token
+    if not cost_model.stored_fractions.any():
         raise BudgetError(
             f"{what}: at {cost_model.context_tokens} tokens of context every token sits in the full-precision "
             f"residual window ({cost_model.residual_length} tokens), so bytes do not depend on bits"
         )
-    min_bytes = qf * float(bytes_u[:, 0].sum()) + res
-    max_bytes = qf * float(bytes_u[:, -1].sum()) + res
+    min_bytes = float(bytes_u[:, 0].sum()) + res
+    max_bytes = float(bytes_u[:, -1].sum()) + res
     tol = _EXACT_TOL * max_bytes
     if not (min_bytes - tol <= budget.value <= max_bytes + tol):
         raise BudgetError(
@@ -662,7 +674,7 @@ def _solve_units(
             s_target = lo_bits
         else:
             fixed = float((bytes_u[:, 0] - per_bit * weight * b0).sum())
-            cap = math.floor(((budget.value + tol - res) / qf - fixed) / per_bit + 1e-9)
+            cap = math.floor(((budget.value + tol - res) - fixed) / per_bit + 1e-9)
             s_target, _ = _nearest(mask, min(cap, hi_bits))
             if s_target is None:
                 raise BudgetError(f"{what}: {budget.value:g} bytes per token is below the cheapest allocation "
@@ -671,15 +683,15 @@ def _solve_units(
         details.update(solver=solver, total_code_bits=int(s_target), byte_model="affine")
         return bits_u, details
     # General (metadata depends on the width): DP over bytes rounded up to a unit, so the budget holds.
-    unit = qf / 8.0  # one bit per token of context
-    oc = np.ceil(bytes_u * qf / unit - 1e-9).astype(np.int64)
+    unit = 1 / 8.0  # one bit per token of context
+    oc = np.ceil(bytes_u / unit - 1e-9).astype(np.int64)
     cap = math.floor((budget.value + tol - res) / unit + 1e-9)
     span_units = int((oc.max(axis=1) - oc.min(axis=1)).sum()) + 1
     work = span_units * oc.size
     if work > _DP_MAX_WORK:
         factor = math.ceil(work / _DP_MAX_WORK)
         unit *= factor
-        oc = np.ceil(bytes_u * qf / unit - 1e-9).astype(np.int64)
+        oc = np.ceil(bytes_u / unit - 1e-9).astype(np.int64)
         cap = math.floor((budget.value + tol - res) / unit + 1e-9)
     if cap < int(oc[:, 0].sum()):
         cap = int(oc[:, 0].sum())  # rounding up pushed the cheapest allocation over: take it (it fits)
@@ -951,7 +963,7 @@ def best_kv_split(
             if bytes_c is not None:
                 half = geometry.num_components // 2
                 q = float(bytes_c[:half, i].sum() + bytes_c[half:, j].sum())
-                nbytes = cost_model.quantized_fraction * q + cost_model.residual_bytes_per_token
+                nbytes = q + cost_model.residual_bytes_per_token
             cands.append({"split": f"K{kb}V{vb}", "key_bits": kb, "value_bits": vb, "avg_bits": avg,
                           "bytes_per_token": nbytes,
                           "predicted_distortion": float(kind_curves[0, i] + kind_curves[1, j])})
