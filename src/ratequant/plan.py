@@ -233,7 +233,7 @@ def _fit(v: object, shape: tuple[int, int, int]) -> dict | None:
     if v is None:
         return None
     d = _dict(v, "fit")
-    extra = {k: d[k] for k in ("metric", "design") if k in d}
+    extra = {k: d[k] for k in ("metric", "design", "measured") if k in d}
     rest = {k: d[k] for k in d if k not in extra}
     try:
         fit = DistortionFit.from_dict(rest)
@@ -244,7 +244,25 @@ def _fit(v: object, shape: tuple[int, int, int]) -> dict | None:
     out = fit.to_dict()
     out["metric"] = None if extra.get("metric") is None else _str(extra["metric"], "fit.metric")
     out["design"] = None if extra.get("design") is None else _str(extra["design"], "fit.design")
+    if extra.get("measured") is not None:
+        out["measured"] = _measured(extra["measured"], shape, len(fit.bitset))
     return out
+
+
+def _measured(v: object, shape: tuple[int, int, int], num_bits: int) -> dict:
+    """The measured distortion table behind a fit: ``{"key": [L][H][nb], "value": ...}``, finite and >= 0."""
+    d = _dict(v, "fit.measured")
+    _keys(d, "fit.measured", KINDS)
+    try:
+        table = np.array([d["key"], d["value"]], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlanError("plan field fit.measured must hold lists of numbers for key and value") from None
+    expected = (*shape, num_bits)
+    if table.shape != expected:
+        raise PlanError(f"plan field fit.measured must have shape {list(expected)}, got {list(table.shape)}")
+    if not np.isfinite(table).all() or (table < 0).any():
+        raise PlanError("plan field fit.measured must hold finite, non-negative distortions")
+    return {"key": table[0].tolist(), "value": table[1].tolist()}
 
 
 def _calibration(v: object) -> dict | None:
@@ -356,6 +374,7 @@ class Plan:
         fit: DistortionFit | None = None,
         metric: str | None = None,
         fit_design: str | None = None,
+        measured: np.ndarray | None = None,
         calibration: dict | None = None,
         residual_length: int = 0,
     ) -> Plan:
@@ -377,6 +396,8 @@ class Plan:
             fit_dict = fit.to_dict()
             fit_dict["metric"] = metric
             fit_dict["design"] = fit_design or allocation.details.get("source_design") or qconf.get("name")
+            if measured is not None:
+                fit_dict["measured"] = {"key": np.asarray(measured[0]).tolist(), "value": np.asarray(measured[1]).tolist()}
         if calibration is not None and hasattr(calibration, "to_dict"):
             calibration = calibration.to_dict()
         return cls(
@@ -480,7 +501,7 @@ class Plan:
         """The fitted distortion model, or None for baselines without one."""
         if self.fit is None:
             return None
-        return DistortionFit.from_dict({k: v for k, v in self.fit.items() if k not in ("metric", "design")})
+        return DistortionFit.from_dict({k: v for k, v in self.fit.items() if k not in ("metric", "design", "measured")})
 
     def _describe_geometry(self, g: Geometry | dict) -> str:
         if isinstance(g, Geometry):

@@ -1,0 +1,157 @@
+"""The RateQuant pipeline as library calls: statistics -> distortion table -> fit -> allocation -> plan.
+
+``calibrate`` is what ``ratequant calibrate`` runs. Its pieces are separate so that ``compare`` can capture
+the statistics once and fit every quantizer design from them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ratequant.allocation import ALLOCATORS, Allocation, Budget, CostModel
+from ratequant.calibration import CalibrationStats, capture
+from ratequant.data import Corpus, token_windows
+from ratequant.distortion import DEFAULT_METRIC, METRICS, DistortionTable, measure_distortion
+from ratequant.errors import RateQuantError
+from ratequant.fitting import DistortionFit, fit_distortion
+from ratequant.models import LoadedModel
+from ratequant.plan import Plan
+from ratequant.quantizers import Quantizer, get_quantizer
+
+DEFAULT_RESIDUAL = 128
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Everything that decides a plan besides the model and corpus (validated on construction)."""
+
+    quantizer: str = "kivi"
+    quantizer_params: dict = field(default_factory=dict)
+    budget: Budget = field(default_factory=lambda: Budget.avg_bits(4.0))
+    metric: str = DEFAULT_METRIC
+    allocator: str = "ratequant"
+    curves_from: str | None = None  # design whose curves a "mismatched" allocation uses
+    bitset: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    b_min: int | None = None
+    b_max: int | None = None
+    use: str = "fit"
+    seq_len: int = 512
+    sequences: int = 4
+    residual_length: int = DEFAULT_RESIDUAL
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise RateQuantError(f"unknown metric {self.metric!r}; choose one of: {', '.join(METRICS)}")
+        if self.allocator not in ALLOCATORS:
+            raise RateQuantError(f"unknown allocator {self.allocator!r}; choose one of: {', '.join(ALLOCATORS)}")
+        if self.allocator == "mismatched" and not self.curves_from:
+            raise RateQuantError("the mismatched allocator needs the design whose curves it uses (--curves-from)")
+        if self.curves_from and self.allocator != "mismatched":
+            raise RateQuantError("--curves-from only applies to the mismatched allocator")
+        for name in ("seq_len", "sequences"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "seq_len" else 1):
+                raise RateQuantError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int) or self.residual_length < 0:
+            raise RateQuantError(f"residual length must be a non-negative integer, got {self.residual_length!r}")
+        self.design()  # validates the quantizer name and parameters
+
+    def design(self) -> Quantizer:
+        return get_quantizer(self.quantizer, **self.quantizer_params)
+
+
+@dataclass
+class CalibrationRun:
+    """A finished calibration: the plan plus the evidence behind it."""
+
+    plan: Plan
+    table: DistortionTable
+    fit: DistortionFit
+    allocation: Allocation
+    phases: dict[str, float]
+
+
+def collect_statistics(
+    loaded: LoadedModel, corpus: Corpus, *, seq_len: int = 512, sequences: int = 4, gradients: bool = True, queries: bool = False
+) -> CalibrationStats:
+    """Capture keys, values (and gradients, queries) on ``sequences`` windows of the calibration split."""
+    windows = token_windows(loaded.tokenizer, corpus.calibration, seq_len, sequences)
+    return capture(loaded.model, windows.to(loaded.device), gradients=gradients, queries=queries)
+
+
+def fit_design(
+    stats: CalibrationStats, quantizer: Quantizer, *, metric: str = DEFAULT_METRIC, bitset=(1, 2, 3, 4, 5, 6, 7, 8)
+) -> tuple[DistortionTable, DistortionFit, dict[str, float]]:
+    """Measure ``quantizer``'s distortion table on ``stats`` and fit D(b) = alpha * beta^-b to it."""
+    start = time.perf_counter()
+    table = measure_distortion(stats, quantizer, bitset, metric)
+    measured = time.perf_counter()
+    fit = fit_distortion(table.values, table.bitset)
+    return table, fit, {"distortion": measured - start, "fit": time.perf_counter() - measured}
+
+
+def cost_model_for(quantizer: Quantizer, loaded_geometry, settings: CalibrationSettings) -> CostModel:
+    context = settings.budget.context_tokens or DEFAULT_CONTEXT
+    return CostModel.from_quantizer(
+        quantizer, loaded_geometry, residual_length=settings.residual_length, context_tokens=context, bitset=settings.bitset
+    )
+
+
+def allocate(
+    settings: CalibrationSettings, fit: DistortionFit, geometry, cost_model: CostModel, *, source_design: str | None = None
+) -> Allocation:
+    """Run the settings' allocator on ``fit`` (the curves of ``source_design`` for mismatched plans)."""
+    options = dict(bitset=settings.bitset, b_min=settings.b_min, b_max=settings.b_max, cost_model=cost_model, use="fit")
+    if settings.allocator == "mismatched":
+        options["source_design"] = source_design
+    return ALLOCATORS[settings.allocator](fit, settings.budget, geometry, **options)
+
+
+def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
+    """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split."""
+    phases: dict[str, float] = {}
+    start = time.perf_counter()
+    stats = collect_statistics(
+        loaded, corpus, seq_len=settings.seq_len, sequences=settings.sequences,
+        gradients=settings.metric == "fisher", queries=settings.metric == "attention",
+    )
+    phases["capture"] = time.perf_counter() - start
+    quantizer = settings.design()
+    curves_design = get_quantizer(settings.curves_from) if settings.curves_from else quantizer
+    table, fit, fit_phases = fit_design(stats, curves_design, metric=settings.metric, bitset=settings.bitset)
+    phases.update(fit_phases)
+    start = time.perf_counter()
+    cost_model = cost_model_for(quantizer, loaded.geometry, settings)
+    allocation = allocate(settings, fit, loaded.geometry, cost_model, source_design=curves_design.name)
+    phases["allocation"] = time.perf_counter() - start
+    total = sum(phases.values())
+    plan = Plan.from_allocation(
+        allocation,
+        model_name=loaded.name,
+        geometry=loaded.geometry,
+        quantizer=quantizer,
+        budget=settings.budget,
+        fit=fit,
+        metric=settings.metric,
+        fit_design=curves_design.name,
+        measured=table.values,
+        residual_length=settings.residual_length,
+        calibration={
+            "corpus": corpus.name,
+            "corpus_sha256": corpus.sha256,
+            "tokens": stats.token_count,
+            "seconds": total,
+            "phases": dict(phases),
+        },
+    )
+    return CalibrationRun(plan=plan, table=table, fit=fit, allocation=allocation, phases=phases)
+
+
+def bits_histogram(bits: np.ndarray) -> dict[int, int]:
+    """``{width: count}`` of an integer bit array."""
+    widths, counts = np.unique(np.asarray(bits), return_counts=True)
+    return {int(w): int(c) for w, c in zip(widths, counts)}

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+
+from ratequant.allocation import Budget
+from ratequant.cli import main
+from ratequant.data import load_corpus
+from ratequant.errors import RateQuantError
+from ratequant.models import load_model
+from ratequant.pipeline import CalibrationSettings, calibrate
+from ratequant.plan import Plan
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60)))
+    return path
+
+
+def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model_dir, corpus_file):
+    loaded = load_model(str(tiny_model_dir))
+    corpus = load_corpus(str(corpus_file))
+    settings = CalibrationSettings(quantizer="uniform", budget=Budget.avg_bits(3.5), seq_len=32, sequences=2, residual_length=0)
+    run = calibrate(loaded, corpus, settings)
+    bits = run.plan.bits_array()
+    assert bits.shape == (2, 3, 2) and bits.mean() == 3.5 and run.plan.avg_bits == 3.5
+    assert run.table.values.shape == (2, 3, 2, 8) and (np.diff(run.table.values, axis=-1) < 0).mean() > 0.9
+    assert 2.0 < run.fit.beta_key < 8.0 and 2.0 < run.fit.beta_value < 8.0
+    assert run.plan.calibration["tokens"] == 64 and run.plan.calibration["corpus_sha256"] == corpus.sha256
+    assert set(run.phases) == {"capture", "distortion", "fit", "allocation"}
+    # the plan carries the measured table behind the fit
+    assert np.allclose(np.array([run.plan.fit["measured"]["key"], run.plan.fit["measured"]["value"]]), run.table.values)
+
+
+def test_mismatched_settings_need_a_source_design():
+    with pytest.raises(RateQuantError, match="--curves-from"):
+        CalibrationSettings(allocator="mismatched")
+    with pytest.raises(RateQuantError, match="unknown quantizer"):
+        CalibrationSettings(quantizer="nope")
+
+
+def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus_file):
+    plan_path = tmp_path / "plan.json"
+    args = ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--quantizer", "kivi",
+            "--avg-bits", "2.5", "--seq-len", "32", "--sequences", "2", "--out", str(plan_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "beta  key" in out and "R^2" in out and "average code bits 2.5000" in out and "time capture" in out
+    plan = Plan.load(plan_path)
+    assert plan.avg_bits == 2.5 and plan.quantizer["name"] == "kivi" and plan.allocator == "ratequant"
+    assert json.loads(plan_path.read_text())["format_version"] == 1
+    # refusing to overwrite, then overwriting with --force
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    heatmap, curves = tmp_path / "bits.png", tmp_path / "curves.png"
+    assert main(["inspect", str(plan_path), "--heatmap", str(heatmap), "--curves", str(curves)]) == 0
+    out = capsys.readouterr().out
+    assert "keys" in out and "values" in out and "beta key" in out
+    for png in (heatmap, curves):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_calibrate_rejects_unreachable_budgets(tmp_path, capsys, tiny_model_dir, corpus_file):
+    code = main(["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--avg-bits", "9",
+                 "--seq-len", "32", "--sequences", "1", "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ratequant: error:" in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.slow
+def test_default_model_kivi_at_2_5_bits(tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    assert main(["calibrate", "--quantizer", "kivi", "--avg-bits", "2.5", "--sequences", "2", "--out", str(plan_path)]) == 0
+    plan = Plan.load(plan_path)
+    assert plan.avg_bits == 2.5 and plan.bits_array().shape == (2, 30, 3)
+    assert 3.0 < plan.fit["beta_key"] < 6.5 and 3.0 < plan.fit["beta_value"] < 6.5
+    assert plan.fit["r2_overall"] > 0.9
