@@ -71,27 +71,68 @@ def emit_json(args: argparse.Namespace, payload: dict) -> None:
 
 
 # -- eval ------------------------------------------------------------------------------------------------
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    from ratequant.quantizers import available
+
+    parser.add_argument("--plan", metavar="PLAN", help="plan file (JSON) from ratequant calibrate")
+    parser.add_argument("--quantizer", choices=available(), help="store with this design instead of the plan's (needs --allow-mismatch)")
+    parser.add_argument("--param", type=param_arg, action="append", default=[], metavar="KEY=VALUE", help="parameter of --quantizer (repeatable)")
+    parser.add_argument("--allow-mismatch", action="store_true", help="accept a quantizer other than the one the plan was calibrated for")
+    parser.add_argument("--residual", type=int, metavar="N", help="full-precision residual window (default: the plan's)")
+
+
+def plan_quantizer_from(args: argparse.Namespace):
+    """The plan and the quantizer the user asked for (None: the plan's own)."""
+    from ratequant.plan import Plan
+    from ratequant.quantizers import get_quantizer
+
+    if args.plan is None:
+        if args.quantizer or args.param or args.allow_mismatch or args.residual is not None:
+            raise RateQuantError("--quantizer, --param, --allow-mismatch and --residual need --plan")
+        return None, None
+    if args.param and not args.quantizer:
+        raise RateQuantError("--param sets parameters of --quantizer; pass --quantizer too")
+    plan = Plan.load(args.plan)
+    quantizer = get_quantizer(args.quantizer, **dict(args.param)) if args.quantizer else None
+    return plan, quantizer
+
+
 def configure_eval(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_corpus_options(parser)
+    add_plan_options(parser)
+    parser.add_argument("--mode", choices=("simulated", "streaming"), default="simulated",
+                        help="with --plan: simulated quantization on whole windows (fast, default) or token by token through the real cache")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--windows", type=positive_int, default=20, help="number of windows to evaluate (default 20)")
-    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (full precision and simulated)")
     add_output_options(parser)
 
 
-@command("eval", "perplexity of a model on the evaluation split", configure_eval)
+@command("eval", "perplexity on the evaluation split, at full precision or under a plan", configure_eval)
 def run_eval(args: argparse.Namespace) -> int:
     from ratequant.data import load_corpus, token_windows
     from ratequant.evaluation import perplexity
+    from ratequant.evaluation.plans import evaluate_plan
 
+    plan, quantizer = plan_quantizer_from(args)
     corpus = load_corpus(args.corpus)
     loaded = load_model_from(args)
     windows = token_windows(loaded.tokenizer, corpus.evaluation, args.seq_len, args.windows)
-    result = perplexity(loaded.model, windows, batch_size=args.batch_size)
+    if plan is None:
+        result = perplexity(loaded.model, windows, batch_size=args.batch_size)
+        extra, mode = {"mode": "full-precision"}, "full precision"
+    else:
+        evaluation = evaluate_plan(
+            loaded.model, windows, plan, mode=args.mode, quantizer=quantizer,
+            allow_mismatch=args.allow_mismatch, residual_length=args.residual,
+        )
+        result, extra = evaluation.result, {**evaluation.to_dict(), "plan": str(args.plan)}
+        mode = (f"{args.mode}, {evaluation.quantizer['name']} at {evaluation.avg_bits:.3f} average bits, "
+                f"{evaluation.kv_bytes_per_token:,.0f} KV bytes/token at {evaluation.kv_bytes_context} tokens")
     print(
         f"perplexity {result.ppl:.3f} on {result.tokens} tokens ({result.windows} windows of {result.seq_len}) "
-        f"in {result.seconds:.1f} s; model {loaded.name}, corpus {corpus.name} (evaluation split)"
+        f"in {result.seconds:.1f} s; model {loaded.name}, corpus {corpus.name} (evaluation split); {mode}"
     )
     emit_json(
         args,
@@ -103,11 +144,44 @@ def run_eval(args: argparse.Namespace) -> int:
             "corpus": corpus.name,
             "corpus_sha256": corpus.sha256,
             "split": "evaluation",
-            "mode": "full-precision",
+            **extra,
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "ratequant_version": __version__,
         },
     )
+    return 0
+
+
+# -- generate --------------------------------------------------------------------------------------------
+def configure_generate(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    add_plan_options(parser)
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=positive_float, default=0.8)
+    parser.add_argument("--top-p", type=positive_float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    add_output_options(parser)
+
+
+@command("generate", "continue a prompt with the plan's mixed-precision KV cache", configure_generate)
+def run_generate(args: argparse.Namespace) -> int:
+    from ratequant.generation import generate
+
+    plan, quantizer = plan_quantizer_from(args)
+    loaded = load_model_from(args)
+    out = generate(
+        loaded, args.prompt, plan, quantizer=quantizer, allow_mismatch=args.allow_mismatch,
+        residual_length=args.residual, chat=args.chat, max_new_tokens=args.max_new_tokens,
+        sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )
+    print(out.text)
+    print("---", file=sys.stderr)
+    print(out.describe(), file=sys.stderr)
+    emit_json(args, {"format_version": 1, "kind": "generate", **out.to_dict(), "model": loaded.name,
+                     "plan": args.plan, "ratequant_version": __version__})
     return 0
 
 

@@ -94,10 +94,12 @@ def fit_design(
     return table, fit, {"distortion": measured - start, "fit": time.perf_counter() - measured}
 
 
-def cost_model_for(quantizer: Quantizer, loaded_geometry, settings: CalibrationSettings) -> CostModel:
-    context = settings.budget.context_tokens or DEFAULT_CONTEXT
+def cost_model_for(quantizer: Quantizer, loaded: LoadedModel, settings: CalibrationSettings) -> CostModel:
+    """True bytes per token under ``settings`` (the residual window is kept in the model's dtype)."""
     return CostModel.from_quantizer(
-        quantizer, loaded_geometry, residual_length=settings.residual_length, context_tokens=context, bitset=settings.bitset
+        quantizer, loaded.geometry, residual_length=settings.residual_length,
+        context_tokens=settings.budget.context_tokens or DEFAULT_CONTEXT, kv_dtype_bytes=loaded.dtype.itemsize,
+        bitset=settings.bitset,
     )
 
 
@@ -125,7 +127,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     table, fit, fit_phases = fit_design(stats, curves_design, metric=settings.metric, bitset=settings.bitset)
     phases.update(fit_phases)
     start = time.perf_counter()
-    cost_model = cost_model_for(quantizer, loaded.geometry, settings)
+    cost_model = cost_model_for(quantizer, loaded, settings)
     allocation = allocate(settings, fit, loaded.geometry, cost_model, source_design=curves_design.name)
     phases["allocation"] = time.perf_counter() - start
     total = sum(phases.values())

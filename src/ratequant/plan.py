@@ -543,7 +543,7 @@ class Plan:
             "and can do worse than uniform. Calibrate a plan for this quantizer"
         )
         if not allow_mismatch:
-            raise PlanError(msg + " (or allow the mismatch explicitly)")
+            raise PlanError(msg + ", or allow the mismatch explicitly (allow_mismatch=True; --allow-mismatch on the command line)")
         warnings.warn(msg, UserWarning, stacklevel=2)
 
     def summary(self) -> str:

@@ -1,0 +1,115 @@
+"""Text generation with a plan's mixed-precision KV cache, reporting the cache's real bytes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ratequant.errors import RateQuantError
+from ratequant.models import LoadedModel
+from ratequant.plan import Plan
+from ratequant.quantizers import Quantizer
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A continuation and the KV cache it needed: ``cache_bytes`` (real, split) against a float16 cache."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    cache_bytes: dict | None  # {"codes", "metadata", "residual", "total"}; None without a plan
+    fp16_cache_bytes: int
+    model_dtype_cache_bytes: int  # a full-precision cache in the model's own dtype
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def describe(self) -> str:
+        head = f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.1f} s ({self.tokens_per_second:.1f} tokens/s)"
+        if self.cache_bytes is None:
+            return f"{head}; full-precision cache (a float16 cache would hold {self.fp16_cache_bytes:,} bytes)"
+        b = self.cache_bytes
+        return (
+            f"{head}\nKV cache {b['total']:,} bytes (codes {b['codes']:,}, metadata {b['metadata']:,}, "
+            f"residual {b['residual']:,}); a full-precision cache would hold {self.model_dtype_cache_bytes:,} "
+            f"in the model's dtype, {self.fp16_cache_bytes:,} in float16 ({b['total'] / self.fp16_cache_bytes:.1%} of it)"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "cache_bytes": self.cache_bytes,
+            "fp16_cache_bytes": self.fp16_cache_bytes,
+            "model_dtype_cache_bytes": self.model_dtype_cache_bytes,
+        }
+
+
+@torch.inference_mode()
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    plan: Plan | None = None,
+    *,
+    quantizer: Quantizer | None = None,
+    allow_mismatch: bool = False,
+    residual_length: int | None = None,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    sample: bool = False,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> GenerationResult:
+    """Continue ``prompt`` with ``model.generate`` and a :class:`RateQuantCache` built from ``plan``
+    (a full-precision ``DynamicCache`` when ``plan`` is None)."""
+    from transformers import DynamicCache
+
+    from ratequant.cache import RateQuantCache
+
+    if not prompt:
+        raise RateQuantError("the prompt is empty; pass some text to continue")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RateQuantError(f"{loaded.name} has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(loaded.device)
+    if plan is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = RateQuantCache.from_plan(
+            plan, model, quantizer, residual_length=residual_length, allow_mismatch=allow_mismatch
+        )
+    torch.manual_seed(seed)
+    options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    output = model.generate(
+        **encoded, past_key_values=cache, max_new_tokens=max_new_tokens, pad_token_id=pad, **options
+    )
+    seconds = time.perf_counter() - start
+    prompt_tokens = encoded["input_ids"].shape[1]
+    new = output[0, prompt_tokens:]
+    g = loaded.geometry
+    stored = cache.get_seq_length()
+    per_token = 2 * g.num_layers * g.num_kv_heads * g.head_dim
+    return GenerationResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=prompt_tokens,
+        new_tokens=int(new.numel()),
+        seconds=seconds,
+        cache_bytes=None if plan is None else cache.nbytes().to_dict(),
+        fp16_cache_bytes=per_token * 2 * stored,
+        model_dtype_cache_bytes=per_token * loaded.dtype.itemsize * stored,
+    )
