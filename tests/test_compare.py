@@ -1,0 +1,313 @@
+"""ratequant compare and its report, end to end on a tiny model (and once, marked slow, on the default model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ratequant.cli import main
+from ratequant.compare import (
+    QUICK_SIZES,
+    CompareConfig,
+    CompareResults,
+    hybrid_rank,
+    pick_mismatch_sources,
+    run_compare,
+)
+from ratequant.errors import RateQuantError
+from ratequant.quantizers import get_quantizer
+from ratequant.report import check_output, report_markdown, repeat_command, write_report
+
+BUDGETS = (2.5, 3.0)
+DESIGNS = ("kivi", "quarot", "turbo", "uniform")
+SPLITS = {2.5: {"K3V2", "K2V3"}, 3.0: {"K4V2", "K2V4"}}
+TEXT = "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class one_thread:
+    """Tiny models run far faster on one thread (module fixtures start before the per-test autouse one)."""
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from conftest import tiny_model, tiny_tokenizer
+
+    from ratequant.compat import model_geometry
+    from ratequant.data import Corpus
+    from ratequant.models import LoadedModel
+
+    model = tiny_model("llama", num_hidden_layers=2)  # 2 layers x 2 kv heads: N = 8 components, head_dim 16
+    corpus = Corpus("tiny", TEXT[: len(TEXT) // 3], TEXT[len(TEXT) // 3:])
+    return LoadedModel(model, tiny_tokenizer(), "tiny-llama", "memory", model_geometry(model)), corpus
+
+
+@pytest.fixture(scope="module")
+def config():
+    return CompareConfig(model="tiny", corpus="tiny", budgets=BUDGETS, designs=DESIGNS, seq_len=48, windows=3,
+                         calibration_seq_len=48, calibration_sequences=2)
+
+
+@pytest.fixture(scope="module")
+def results(setup, config):
+    with one_thread():
+        return run_compare(*setup, config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def report_dir(results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    write_report(results, out, command="ratequant compare (test)", summary_image_prefix="docs/results/")
+    return out
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+def test_config_round_trips_through_json_and_is_validated(tmp_path, config):
+    assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    path = config.to_json(tmp_path / "config.json")
+    assert CompareConfig.load(path) == config
+    data = json.loads(path.read_text())
+    assert data["format_version"] == 1 and data["budgets"] == [2.5, 3.0] and data["designs"] == list(DESIGNS)
+    quick = CompareConfig.quick()
+    assert (quick.budgets, quick.seq_len, quick.windows, quick.calibration_sequences) == (
+        QUICK_SIZES["budgets"], QUICK_SIZES["seq_len"], QUICK_SIZES["windows"], QUICK_SIZES["calibration_sequences"])
+    assert quick.command("results/demo") == "ratequant compare --quick --out results/demo"
+    assert CompareConfig(budgets=(3, 2, 3)).budgets == (2.0, 3.0)  # sorted, unique, floats
+    bad = [
+        {**data, "format_version": 2},
+        {k: v for k, v in data.items() if k != "format_version"},
+        {**data, "surprise": 1},
+        {**data, "budgets": [9]},
+        {**data, "budgets": []},
+        {**data, "designs": ["kivi", "nope"]},
+        {**data, "designs": ["kivi", "kivi"]},
+        {**data, "windows": 0},
+        {**data, "residual": -1},
+        {**data, "metric": "psnr"},
+        {**data, "hybrid_bits": 9},
+        {**data, "budgets": "3"},
+    ]
+    for d in bad:
+        with pytest.raises(RateQuantError):
+            CompareConfig.from_dict(d)
+
+
+def test_kv_splits_meet_the_budget_with_a_bounded_gap():
+    c = CompareConfig()
+    assert c.kv_splits(3) == [(4, 2), (2, 4)]
+    assert c.kv_splits(2.5) == [(3, 2), (2, 3)]
+    assert c.kv_splits(2) == [(3, 1), (1, 3)]
+    assert c.kv_splits(2.25) == []
+    assert CompareConfig(split_max_gap=4).kv_splits(3) == [(4, 2), (5, 1), (2, 4), (1, 5)]
+
+
+def test_hybrid_rank_counts_coefficients_and_metadata():
+    uniform = get_quantizer("uniform")  # per-token scale + zero in float16: 32 bits of metadata per token
+    assert hybrid_rank(2.5 * 64, uniform, 4, 64) == (160 - 32) // 4
+    assert hybrid_rank(3 * 16, uniform, 4, 16) == 4
+    assert hybrid_rank(8 * 16, uniform, 4, 16) == 16  # capped at head_dim
+    assert hybrid_rank(16, uniform, 4, 16) == 0  # not even the metadata fits
+
+
+# -- the experiment ---------------------------------------------------------------------------------------
+def test_every_method_is_run_for_every_design_and_budget(results, setup):
+    loaded, _ = setup
+    g = loaded.geometry
+    fp = results.full_precision
+    assert fp.kl == 0.0 and fp.kv_bytes_per_token == g.num_components * g.head_dim * 4 and fp.avg_bits == 32
+    for design in DESIGNS:
+        source = results.designs[design].mismatch_source
+        assert source in DESIGNS and source != design
+        for budget in BUDGETS:
+            records = results.select(design=design, budget=budget)
+            expected = {"layerwise", "RateQuant", f"mismatched ({source} curves)"} | SPLITS[budget]
+            if budget == 3.0:
+                expected.add("uniform 3")
+            assert {m.label for m in records} == expected
+            for m in records:
+                assert math.isfinite(m.ppl) and m.ppl > 1 and math.isfinite(m.kl) and m.kl > 0
+                assert m.avg_bits == budget and len(m.window_nll) == 3
+                assert math.exp(np.mean(m.window_nll)) == pytest.approx(m.ppl, rel=1e-12)
+    for budget in BUDGETS:
+        rank = results.select(method="rank", design=None, budget=budget)
+        hybrid = results.select(method="rank+quant", design=None, budget=budget)
+        assert len(rank) == len(hybrid) == 1
+        r, r_h = math.floor(budget * 16 / 16), hybrid_rank(budget * 16, get_quantizer("uniform"), 4, 16)
+        assert rank[0].details["rank"] == r and rank[0].kv_bytes_per_token == g.num_components * r * 2
+        assert hybrid[0].details["rank"] == r_h and hybrid[0].kv_bytes_per_token == g.num_components * (r_h * 4 + 32) / 8
+        assert all(math.isfinite(m.ppl) and m.kl > 0 for m in rank + hybrid)
+    # uniform at 2.5 bits is not a width: reported as skipped, with the reason, for every design
+    skipped = {(s["design"], s["method"], s["budget"]) for s in results.skipped}
+    assert skipped == {(d, "uniform", 2.5) for d in DESIGNS}
+
+
+def test_true_bytes_count_codes_and_metadata(results):
+    # uniform design, residual 0: every component (8 of them, head_dim 16) stores 16 * b code bits + 32 bits of
+    # scale and zero per token; the cache's one-token float32 buffer per kind adds 2 * 4 * 16 * 4 bytes over 4096
+    for budget in BUDGETS:
+        for m in results.select(design="uniform", budget=budget):
+            expected = 8 * (16 * budget + 32) / 8 + 2 * 4 * 16 * 4 / 4096
+            assert m.kv_bytes_per_token == pytest.approx(expected, rel=1e-12)
+
+
+def test_full_precision_matches_plain_perplexity(results, setup, config):
+    from ratequant.data import token_windows
+    from ratequant.evaluation import perplexity
+
+    loaded, corpus = setup
+    windows = token_windows(loaded.tokenizer, corpus.evaluation, config.seq_len, config.windows)
+    with one_thread():
+        assert results.full_precision.ppl == pytest.approx(perplexity(loaded.model, windows, progress=False).ppl, rel=1e-9)
+
+
+def test_ratequant_is_optimal_under_its_own_curves_and_mismatch_reuses_the_other_curves(results):
+    for design in DESIGNS:
+        fits = {name: d.fit for name, d in results.designs.items()}
+        distance = {o: math.hypot(fits[design].beta_key - fits[o].beta_key, fits[design].beta_value - fits[o].beta_value)
+                    for o in DESIGNS if o != design}
+        assert results.designs[design].mismatch_source == max(distance, key=distance.get)
+        assert pick_mismatch_sources(fits)[design] == results.designs[design].mismatch_source
+        for budget in BUDGETS:
+            (rq,) = results.select(method="ratequant", design=design, budget=budget)
+            others = [m for m in results.select(design=design, budget=budget) if m.method in ("uniform", "kv-split", "layerwise")]
+            assert all(rq.details["predicted_distortion"] <= m.details["predicted_distortion"] * (1 + 1e-12) for m in others)
+            (mm,) = results.select(method="mismatched", design=design, budget=budget)
+            source = mm.details["source_design"]
+            (own,) = results.select(method="ratequant", design=source, budget=budget)
+            np.testing.assert_array_equal(mm.bits, own.bits)  # the source design's allocation, stored with this one
+            assert mm.bits.mean() == budget
+
+
+def test_recovered_damage_follows_its_definition(results):
+    fp = results.full_precision.ppl
+    rows = results.recovered()
+    assert {(r["design"], r["budget"], r["method"]) for r in rows} == {
+        (d, b, m) for d in DESIGNS for b in BUDGETS for m in ("layerwise", "ratequant", "mismatched")}
+    for r in rows:
+        fixed = [m for m in results.select(design=r["design"], budget=r["budget"]) if m.method in ("uniform", "kv-split")]
+        best = min(fixed, key=lambda m: m.ppl)
+        assert r["best_fixed"] == best.label
+        expected = (best.ppl - r["ppl"]) / (best.ppl - fp) if best.ppl > fp else None
+        assert r["share"] == (pytest.approx(expected, rel=1e-12) if expected is not None else None)
+        assert r["delta_log_ppl"] == pytest.approx(math.log(best.ppl) - math.log(r["ppl"]), abs=1e-12)
+
+
+def test_saved_config_reruns_to_the_same_numbers(results, setup, report_dir):
+    config = CompareConfig.load(report_dir / "config.json")
+    assert config == results.config
+    with one_thread():
+        again = run_compare(*setup, config, progress=False)
+    assert [(m.label, m.design, m.budget, m.ppl, m.kl, m.kv_bytes_per_token) for m in again.methods] == [
+        (m.label, m.design, m.budget, m.ppl, m.kl, m.kv_bytes_per_token) for m in results.methods]
+
+
+# -- the report -------------------------------------------------------------------------------------------
+def test_results_json_holds_every_number(results, report_dir):
+    data = json.loads((report_dir / "results.json").read_text())
+    assert data["kind"] == "compare" and data["format_version"] == 1
+    seen = set()
+    for record in data["results"]:
+        for key in ("ppl", "kl", "kv_bytes_per_token", "avg_bits"):
+            assert isinstance(record[key], float) and math.isfinite(record[key])
+        seen.add((record["method"], record["design"], record["budget"]))
+    assert seen == {(m.method, m.design, m.budget) for m in results.methods}
+    assert len(seen) == len(data["results"]) - sum(m.method == "kv-split" for m in results.methods) // 2
+    for design in DESIGNS:
+        d = data["designs"][design]
+        assert (d["beta_key"], d["beta_value"], d["r2"]) == (
+            results.designs[design].beta_key, results.designs[design].beta_value, results.designs[design].r2)
+        assert d["beta_key"] > 1 and d["beta_value"] > 1 and d["r2"] <= 1
+    # the JSON is the results: reading it back gives the same document (the report adds only its file list)
+    assert CompareResults.from_dict(data).to_dict() == {k: v for k, v in data.items() if k != "report"}
+    assert data["report"]["repeat"] == repeat_command(report_dir)
+    assert sorted(data["report"]["files"]) == sorted(p.name for p in report_dir.iterdir())
+
+
+def test_markdown_and_plots_are_written_and_rebuilt_from_json(results, report_dir):
+    report = (report_dir / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    expected = {"ppl_vs_bits.png", "quant_vs_rank.png", "bits_2.5.png", "bits_3.png", *(f"curves_{d}.png" for d in DESIGNS)}
+    assert set(images) == expected
+    for name in expected:
+        assert (report_dir / name).read_bytes()[:8] == PNG_MAGIC and (report_dir / name).stat().st_size > 5000
+    assert "| design | method | 2.5 bits | 3 bits |" in report
+    for design in DESIGNS:
+        assert f"| {design} | RateQuant |" in report
+    # every (design, budget) where RateQuant loses to the best fixed scheme is said so in the text
+    for r in results.recovered():
+        if r["method"] == "ratequant":
+            phrase = f"RateQuant does not beat the best fixed scheme for {r['design']} at {r['budget']:g} bits"
+            assert (phrase in report) == (r["ppl"] >= r["best_fixed_ppl"])
+    summary = (report_dir / "summary.md").read_text()
+    assert summary.startswith("## Results") and "ratequant compare (test)" in summary
+    assert all(link.startswith("docs/results/") for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary))
+    data = json.loads((report_dir / "results.json").read_text())
+    rebuilt = report_markdown(CompareResults.load(report_dir / "results.json"), command=data["report"]["command"],
+                              repeat=data["report"]["repeat"], files=data["report"]["files"])
+    assert rebuilt == report
+
+
+def test_an_existing_report_is_kept_without_force(report_dir, results):
+    with pytest.raises(RateQuantError, match="--force"):
+        check_output(report_dir, overwrite=False)
+    with pytest.raises(RateQuantError, match="--force"):
+        write_report(results, report_dir)
+    check_output(report_dir, overwrite=True)
+
+
+# -- the command line -------------------------------------------------------------------------------------
+def test_cli_compare_then_rerun_from_the_saved_config(tmp_path, tiny_model_dir, capsys):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(TEXT)
+    out, again = tmp_path / "first", tmp_path / "again"
+    args = ["compare", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--budgets", "3", "--designs", "uniform",
+            "--seq-len", "32", "--windows", "2", "--calibration-sequences", "1", "--calibration-seq-len", "32"]
+    assert main([*args, "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert "report written to" in capsys.readouterr().out
+    labels = {r["label"] for r in first["results"]}
+    assert {"full precision", "uniform 3", "K4V2", "K2V4", "layerwise", "RateQuant"} <= labels
+    assert any(s["method"] == "mismatched" and "second design" in s["reason"] for s in first["skipped"])
+    # an existing report is refused before any work; --config refuses other experiment options
+    assert main([*args, "--out", str(out)]) == 2
+    assert main(["compare", "--config", str(out / "config.json"), "--budgets", "2", "--out", str(again)]) == 2
+    assert "--budgets" in capsys.readouterr().err
+    assert main(["compare", "--config", str(out / "config.json"), "--out", str(again)]) == 0
+    second = json.loads((again / "results.json").read_text())
+    assert second["config"] == first["config"]
+    assert [(r["label"], r["ppl"], r["kl"]) for r in second["results"]] == [(r["label"], r["ppl"], r["kl"]) for r in first["results"]]
+
+
+# -- the default model ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compare_on_the_default_model(default_model, tmp_path):
+    from ratequant.data import load_corpus
+
+    config = CompareConfig(budgets=(3.0,), designs=("kivi", "turbo"), seq_len=128, windows=1, calibration_seq_len=128,
+                           calibration_sequences=1)
+    with one_thread():  # two threads on a loaded 2-core machine spin against each other (170 s against 30 s)
+        results = run_compare(default_model, load_corpus(), config, progress=False)
+    fp = results.full_precision
+    assert 5 < fp.ppl < 60
+    for design in config.designs:
+        d = results.designs[design]
+        assert 3.0 < d.beta_key < 6.5 and 3.0 < d.beta_value < 6.5 and d.r2 > 0.9  # paper: beta 3.6 to 5.3
+        records = results.select(design=design, budget=3.0)
+        assert len(records) == 6
+        for m in records:
+            assert m.kl > 0 and m.ppl > 0.99 * fp.ppl
+            assert m.kv_bytes_per_token < fp.details["fp16_kv_bytes_per_token"] * 4.5 / 16  # 3 code bits + metadata
+    files = write_report(results, tmp_path / "report")
+    assert (tmp_path / "report" / "bits_3.png").read_bytes()[:8] == PNG_MAGIC and "report.md" in files.files
