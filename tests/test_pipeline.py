@@ -31,7 +31,25 @@ def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model
     assert run.plan.calibration["tokens"] == 64 and run.plan.calibration["corpus_sha256"] == corpus.sha256
     assert set(run.phases) == {"capture", "distortion", "fit", "allocation"}
     # the plan carries the measured table behind the fit
-    assert np.allclose(np.array([run.plan.fit["measured"]["key"], run.plan.fit["measured"]["value"]]), run.table.values)
+    columns = [run.table.bitset.index(b) for b in run.fit.bitset]
+    assert np.allclose(np.array([run.plan.fit["measured"]["key"], run.plan.fit["measured"]["value"]]),
+                       run.table.values[..., columns])
+
+
+def test_uninformative_widths_are_left_out_of_the_allocation(tiny_model_dir, corpus_file):
+    """1-bit min-max keeps only each group's extremes: worse than the mean, so not allocatable by default."""
+    from ratequant.pipeline import collect_statistics, informative_widths
+    from ratequant.quantizers import get_quantizer
+
+    loaded = load_model(str(tiny_model_dir))
+    stats = collect_statistics(loaded, load_corpus(str(corpus_file)), seq_len=32, sequences=2, gradients=False)
+    assert informative_widths(stats, get_quantizer("uniform"), range(1, 9)) == (2, 3, 4, 5, 6, 7, 8)
+    assert informative_widths(stats, get_quantizer("turbo"), range(1, 9)) == (1, 2, 3, 4, 5, 6, 7, 8)
+    corpus = load_corpus(str(corpus_file))
+    base = dict(quantizer="uniform", budget=Budget.avg_bits(2.5), seq_len=32, sequences=2, residual_length=0)
+    assert calibrate(loaded, corpus, CalibrationSettings(**base)).plan.bits_array().min() >= 2
+    kept = calibrate(loaded, corpus, CalibrationSettings(**base, informative_only=False))
+    assert kept.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def test_mismatched_settings_need_a_source_design():

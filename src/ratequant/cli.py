@@ -283,6 +283,8 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=bitset_arg, default=tuple(range(1, 9)), help="allowed widths, e.g. 1-8 (default) or 2,3,4,8")
     parser.add_argument("--b-min", type=positive_int, help="lowest width any component may get")
     parser.add_argument("--b-max", type=positive_int, help="highest width any component may get")
+    parser.add_argument("--keep-all-widths", action="store_true",
+                        help="also allow widths whose reconstruction is worse than storing the mean (e.g. 1-bit min-max)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)")
     parser.add_argument("--sequences", type=positive_int, default=4, help="calibration sequences (default 4)")
     parser.add_argument("--residual", type=int, default=128, help="full-precision residual window the cache will keep (default 128)")
@@ -308,6 +310,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         quantizer=args.quantizer, quantizer_params=dict(args.param), budget=budget, metric=args.metric,
         allocator=args.allocator, curves_from=args.curves_from, bitset=args.bits, b_min=args.b_min,
         b_max=args.b_max, seq_len=args.seq_len, sequences=args.sequences, residual_length=args.residual,
+        informative_only=not args.keep_all_widths,
     )
     corpus = load_corpus(args.corpus)
     loaded = load_model_from(args)
@@ -316,6 +319,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"plan for {loaded.name} with {plan.quantizer['name']}, allocator {plan.allocator}, budget {budget.describe()}")
     print(f"  fitted on {plan.calibration['tokens']} calibration tokens, metric {settings.metric}"
           + (f", curves of {settings.curves_from}" if settings.curves_from else ""))
+    dropped = [b for b in settings.bitset if b not in fit.bitset]
+    if dropped:
+        print(f"  widths {', '.join(map(str, dropped))} left out: on the calibration data they reconstruct keys or "
+              "values worse than their mean (--keep-all-widths to allow them)")
     print(f"  beta  key {fit.beta_key:.3f}   value {fit.beta_value:.3f}")
     print(f"  R^2   overall {fit.r2_overall:.4f}   worst component {float(np.min(fit.r2)):.4f}")
     bits = plan.bits_array()

@@ -501,6 +501,9 @@ def _quantized_conditions(config: CompareConfig, loaded: LoadedModel, design: st
                                     context_tokens=config.context_tokens, kv_dtype_bytes=loaded.dtype.itemsize,
                                     bitset=config.bitset)
     options = dict(bitset=config.bitset, cost_model=cost)
+    # allocators choose among the informative widths of the design whose curves they use
+    # (ratequant.pipeline.informative_widths); fixed schemes are evaluated at the widths they name
+    allocated = dict(options, bitset=tuple(b for b in config.bitset if b in fit.bitset))
     conditions = []
 
     def add(method: str, label: str, budget: float, make) -> None:
@@ -537,14 +540,15 @@ def _quantized_conditions(config: CompareConfig, loaded: LoadedModel, design: st
         for k, v in config.kv_splits(budget_value):
             add("kv-split", f"K{k}V{v}", budget_value,
                 lambda k=k, v=v: ALLOCATORS["kv-split"](fit, budget, geometry, key_bits=k, value_bits=v, **options))
-        add("layerwise", "layerwise", budget_value, lambda: ALLOCATORS["layerwise"](fit, budget, geometry, **options))
-        add("ratequant", "RateQuant", budget_value, lambda: ALLOCATORS["ratequant"](fit, budget, geometry, **options))
+        add("layerwise", "layerwise", budget_value, lambda: ALLOCATORS["layerwise"](fit, budget, geometry, **allocated))
+        add("ratequant", "RateQuant", budget_value, lambda: ALLOCATORS["ratequant"](fit, budget, geometry, **allocated))
         if source is None:
             skipped.append({"method": "mismatched", "label": "mismatched", "design": design, "budget": budget_value,
                             "reason": "needs a second design whose curves to use"})
         else:
             add("mismatched", f"mismatched ({source} curves)", budget_value,
-                lambda: ALLOCATORS["mismatched"](fits[source], budget, geometry, source_design=source, **options))
+                lambda: ALLOCATORS["mismatched"](fits[source], budget, geometry, source_design=source,
+                                                 **dict(options, bitset=fits[source].bitset)))
     return conditions
 
 
@@ -684,7 +688,8 @@ def run_compare(loaded: LoadedModel, corpus: Corpus, config: CompareConfig, prog
 
     designs = {
         name: DesignResult(name=name, quantizer=get_quantizer(name).to_config(), fit=fits[name],
-                           measured=np.asarray(tables[name].values, dtype=np.float64),
+                           measured=np.asarray(tables[name].values[..., [tables[name].bitset.index(b) for b in fits[name].bitset]],
+                                               dtype=np.float64),
                            mismatch_source=sources[name], seconds=seconds[name])
         for name in config.designs
     }

@@ -39,6 +39,7 @@ class CalibrationSettings:
     b_min: int | None = None
     b_max: int | None = None
     use: str = "fit"
+    informative_only: bool = True  # drop widths worse than storing the mean (see informative_widths)
     seq_len: int = 512
     sequences: int = 4
     residual_length: int = DEFAULT_RESIDUAL
@@ -83,14 +84,52 @@ def collect_statistics(
     return capture(loaded.model, windows.to(loaded.device), gradients=gradients, queries=queries)
 
 
+def informative_widths(stats: CalibrationStats, quantizer: Quantizer, bitset) -> tuple[int, ...]:
+    """The widths of ``bitset`` at which ``quantizer`` reconstructs the calibration keys and values better than
+    storing each channel's mean would: pooled per kind, ``sum (X - Q_b(X))^2 < sum (X - mean_tokens(X))^2``.
+
+    A width that fails carries no information about the tensor (1-bit min-max keeps only each group's
+    extremes and does worse than the mean); its damage also departs from the exponential model, so the
+    allocator must not trade bits down to it. Error falls with the width, so the lowest passing width
+    and everything above it are kept.
+    """
+    bitset = tuple(sorted(bitset))
+    keep = stats.attention_mask[None, :, None, :, None].to(stats.keys.dtype)  # [1, B, 1, T, 1]
+    tokens = keep.sum(dim=3, keepdim=True)
+    for i, bits in enumerate(bitset):
+        informative = True
+        for kind in ("key", "value"):
+            x = stats.tensor(kind)  # [L, B, H, T, D]
+            mean = (x * keep).sum(dim=3, keepdim=True) / tokens
+            spread = ((x - mean).square() * keep).sum()
+            x_hat = quantizer.fake_quantize(x.flatten(0, 1), bits, kind).view_as(x)
+            informative &= bool(((x - x_hat).square() * keep).sum() < spread)
+        if informative:
+            return bitset[i:]
+    return bitset[-1:]
+
+
 def fit_design(
-    stats: CalibrationStats, quantizer: Quantizer, *, metric: str = DEFAULT_METRIC, bitset=(1, 2, 3, 4, 5, 6, 7, 8)
+    stats: CalibrationStats,
+    quantizer: Quantizer,
+    *,
+    metric: str = DEFAULT_METRIC,
+    bitset=(1, 2, 3, 4, 5, 6, 7, 8),
+    informative_only: bool = True,
 ) -> tuple[DistortionTable, DistortionFit, dict[str, float]]:
-    """Measure ``quantizer``'s distortion table on ``stats`` and fit D(b) = alpha * beta^-b to it."""
+    """Measure ``quantizer``'s distortion table on ``stats`` over ``bitset`` and fit D(b) = alpha * beta^-b.
+
+    With ``informative_only`` the fit, and so the widths an allocation may use (``fit.bitset``), leave out
+    the widths :func:`informative_widths` rejects; the returned table still covers all of ``bitset``.
+    """
     start = time.perf_counter()
     table = measure_distortion(stats, quantizer, bitset, metric)
     measured = time.perf_counter()
-    fit = fit_distortion(table.values, table.bitset)
+    widths = informative_widths(stats, quantizer, table.bitset) if informative_only else table.bitset
+    if len(widths) < 2:
+        widths = table.bitset[-2:]
+    columns = [table.bitset.index(b) for b in widths]
+    fit = fit_distortion(table.values[..., columns], widths)
     return table, fit, {"distortion": measured - start, "fit": time.perf_counter() - measured}
 
 
@@ -107,7 +146,8 @@ def allocate(
     settings: CalibrationSettings, fit: DistortionFit, geometry, cost_model: CostModel, *, source_design: str | None = None
 ) -> Allocation:
     """Run the settings' allocator on ``fit`` (the curves of ``source_design`` for mismatched plans)."""
-    options = dict(bitset=settings.bitset, b_min=settings.b_min, b_max=settings.b_max, cost_model=cost_model, use="fit")
+    widths = tuple(b for b in settings.bitset if b in fit.bitset)
+    options = dict(bitset=widths, b_min=settings.b_min, b_max=settings.b_max, cost_model=cost_model, use="fit")
     if settings.allocator == "mismatched":
         options["source_design"] = source_design
     return ALLOCATORS[settings.allocator](fit, settings.budget, geometry, **options)
@@ -124,7 +164,9 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     phases["capture"] = time.perf_counter() - start
     quantizer = settings.design()
     curves_design = get_quantizer(settings.curves_from) if settings.curves_from else quantizer
-    table, fit, fit_phases = fit_design(stats, curves_design, metric=settings.metric, bitset=settings.bitset)
+    table, fit, fit_phases = fit_design(
+        stats, curves_design, metric=settings.metric, bitset=settings.bitset, informative_only=settings.informative_only
+    )
     phases.update(fit_phases)
     start = time.perf_counter()
     cost_model = cost_model_for(quantizer, loaded, settings)
@@ -140,7 +182,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         fit=fit,
         metric=settings.metric,
         fit_design=curves_design.name,
-        measured=table.values,
+        measured=table.values[..., [table.bitset.index(b) for b in fit.bitset]],
         residual_length=settings.residual_length,
         calibration={
             "corpus": corpus.name,

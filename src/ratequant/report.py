@@ -272,6 +272,10 @@ def rank_table(results: CompareResults) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _informative(results) -> str:
+    return "; ".join(f"{name} {d.fit.bitset[0]}..{d.fit.bitset[-1]}" for name, d in results.designs.items())
+
+
 # Findings, stated as measured
 # ---------------------------------------------------------------------------------------------------------
 def findings(results: CompareResults) -> list[str]:
@@ -457,7 +461,9 @@ def _setup_lines(results: CompareResults) -> list[str]:
         f"- Model: `{m['name']}` ({m['num_layers']} layers, {m['num_kv_heads']} KV heads, head dim {m['head_dim']}, "
         f"{m['dtype']}); corpus `{results.corpus['name']}` (sha256 `{results.corpus['sha256'][:12]}…`).",
         f"- Calibration: {cfg.calibration_sequences} sequence(s) of {cfg.calibration_seq_len} tokens of the calibration "
-        f"split, metric `{cfg.metric}`, widths {cfg.bitset[0]}..{cfg.bitset[-1]}. Evaluation: {ev['windows']} "
+        f"split, metric `{cfg.metric}`, widths {cfg.bitset[0]}..{cfg.bitset[-1]}; the allocators use each design's "
+        f"informative widths ({_informative(results)}: a width whose reconstruction of the calibration keys or values "
+        f"is worse than their mean is left out). Evaluation: {ev['windows']} "
         f"non-overlapping windows of {ev['seq_len']} tokens ({ev['tokens']} predicted tokens) of the evaluation split.",
         f"- Full precision: PPL {_fmt_ppl(fp.ppl)}. KL is the mean per-token KL(full || method) in nats on the same tokens.",
         f"- Simulated quantization with a full-precision residual window of {cfg.residual} tokens "
