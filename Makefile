@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ratequant eval
+	$(BIN)/ratequant compare --quick --out results/demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
