@@ -177,9 +177,11 @@ def fit_ratios(results: CompareResults, design: str) -> np.ndarray:
 
 def fit_ratio_table(results: CompareResults) -> str:
     """Per design and width: how far the fitted curve is from the measured calibration distortion."""
-    first = next(iter(results.designs.values()))
-    bitset = first.fit.bitset
-    rows = [[name, *[f"{x:.2f}" for x in fit_ratios(results, name)]] for name in results.designs]
+    bitset = sorted({b for d in results.designs.values() for b in d.fit.bitset})  # designs may fit different widths
+    rows = []
+    for name, d in results.designs.items():
+        ratio = dict(zip(d.fit.bitset, fit_ratios(results, name)))
+        rows.append([name, *[f"{ratio[b]:.2f}" if b in ratio else "—" for b in bitset]])
     return _md_table(["design", *[f"{b} bit{'s' if b > 1 else ''}" for b in bitset]], rows, "l" + "r" * len(bitset))
 
 
