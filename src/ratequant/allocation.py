@@ -598,6 +598,34 @@ def _resolve(
     return curves, restricted, fit
 
 
+def check_reachable(
+    budget: Budget, bitset: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8), b_min: int | None = None, b_max: int | None = None
+) -> tuple[int, ...]:
+    """Refuse, before any measurement, a budget that no allocation with these widths can reach.
+
+    Returns the usable widths (``bitset`` within ``[b_min, b_max]``). An average-bits budget must lie in
+    ``[min width, max width]``; whether the exact average is reachable with the model's number of
+    components, and byte budgets (which need the quantizer's cost model), are decided by the allocators.
+    Raises :class:`BudgetError` naming the reachable range.
+    """
+    if not isinstance(budget, Budget):
+        raise BudgetError(f"budget must be a Budget, got {type(budget).__name__}")
+    allowed = check_bitset(bitset)
+    lo = 1 if b_min is None else b_min
+    hi = 8 if b_max is None else b_max
+    usable = tuple(b for b in allowed if lo <= b <= hi)
+    if not usable:
+        raise BudgetError(f"no allowed width in {allowed} lies within [b_min={lo}, b_max={hi}]")
+    if budget.kind == "avg_bits":
+        low, high = usable[0], usable[-1]
+        if not low * (1 - _EXACT_TOL) <= budget.value <= high * (1 + _EXACT_TOL):
+            raise BudgetError(
+                f"an average of {budget.value:g} bits cannot be met with widths {usable}: reachable averages lie "
+                f"in [{low}, {high}]"
+            )
+    return usable
+
+
 def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
@@ -768,7 +796,7 @@ def _allocate_grouped(
         bytes_u = np.zeros((m, nb))
         np.add.at(bytes_u, g, bytes_c)
     bits_u, details = _solve_units(curves_u, weight, allowed, budget, geometry.num_components, bytes_u,
-                                   cost_model, method)
+                                   cost_model, f"{method} allocation")
     details["use"] = "none" if source is None else ("fit" if fit is not None else "measured")
     if fit is not None:
         details["beta_key"], details["beta_value"] = fit.beta_key, fit.beta_value
@@ -1073,6 +1101,7 @@ __all__ = [
     "allocate_closed_form",
     "allocate_integer",
     "best_kv_split",
+    "check_reachable",
     "is_convex",
     "kv_split",
     "layerwise",

@@ -62,6 +62,14 @@ def load_model_from(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse an existing ``--json PATH`` before any work (the write itself is atomic)."""
+    from pathlib import Path
+
+    if getattr(args, "json", None) and Path(args.json).exists() and not args.force:
+        raise RateQuantError(f"{args.json} already exists; pass --force to overwrite it")
+
+
 def emit_json(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
         from ratequant.jsonio import write_json
@@ -111,6 +119,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", "perplexity on the evaluation split, at full precision or under a plan", configure_eval)
 def run_eval(args: argparse.Namespace) -> int:
+    check_output(args)
     from ratequant.data import load_corpus, token_windows
     from ratequant.evaluation import perplexity
     from ratequant.evaluation.plans import evaluate_plan
@@ -168,6 +177,7 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
 
 @command("generate", "continue a prompt with the plan's mixed-precision KV cache", configure_generate)
 def run_generate(args: argparse.Namespace) -> int:
+    check_output(args)
     from ratequant.generation import generate
 
     plan, quantizer = plan_quantizer_from(args)
@@ -195,6 +205,7 @@ def configure_info(parser: argparse.ArgumentParser) -> None:
 
 @command("info", "attention geometry of a model and sizes of the corpus splits", configure_info)
 def run_info(args: argparse.Namespace) -> int:
+    check_output(args)
     from ratequant.data import load_corpus
 
     corpus = load_corpus(args.corpus)
@@ -354,6 +365,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ratequant.plan import Plan
 
     plan = Plan.load(args.plan)
+    plan.design()  # refuses a quantizer design that cannot be built or does not fit the plan
     print(plan.summary())
     for target in (args.heatmap, args.curves):
         if target and Path(target).exists() and not args.force:

@@ -169,6 +169,15 @@ def _load_pretrained(ref: str, trust_remote_code: bool, local_only: bool):
         raise RateQuantError(f"could not load model from {where} {ref!r}: {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:  # unknown architecture, remote code refused, ...
         raise RateQuantError(f"could not load model {ref!r}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:
+        # A pickle checkpoint (pytorch_model.bin) holding more than tensors: transformers reads pickles with
+        # torch.load(weights_only=True), which refuses to build arbitrary objects (pickle.UnpicklingError).
+        if type(exc).__name__ != "UnpicklingError":
+            raise
+        raise RateQuantError(
+            f"could not load model {ref!r}: its pickle checkpoint holds objects other than tensors and was "
+            "refused (loading it could run code); use a safetensors checkpoint"
+        ) from exc
     return model, tokenizer
 
 

@@ -60,6 +60,11 @@ class CalibrationSettings:
         if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int) or self.residual_length < 0:
             raise RateQuantError(f"residual length must be a non-negative integer, got {self.residual_length!r}")
         self.design()  # validates the quantizer name and parameters
+        from ratequant.allocation import check_reachable
+        from ratequant.cache import chunk_sizes
+
+        chunk_sizes(self.design(), self.residual_length)  # a residual window the design can use
+        check_reachable(self.budget, self.bitset, self.b_min, self.b_max)  # before any measurement
 
     def design(self) -> Quantizer:
         return get_quantizer(self.quantizer, **self.quantizer_params)

@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from ratequant.allocation import Allocation, Budget
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.fitting import DistortionFit, finite_real
 from ratequant.geometry import KINDS, Geometry
+from ratequant.jsonio import write_text_atomic
 
 FORMAT_VERSION = 1
 """Version of the plan format this library writes and the newest it reads."""
@@ -81,7 +81,7 @@ def _int(v: object, name: str, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise PlanError(f"plan field {name} must be an integer, got {_show(v)}")
     if not lo <= v <= hi:
-        raise PlanError(f"plan field {name} must be from {lo} to {hi}, got {v}")
+        raise PlanError(f"plan field {name} must be from {lo} to {hi}, got {_show(v)}")
     return int(v)
 
 
@@ -198,6 +198,18 @@ def _quantizer(v: object) -> dict:
     params = d.get("params", {})
     _dict(params, "quantizer.params")
     return {"name": _str(d["name"], "quantizer.name"), "params": _json_value(params, "quantizer.params")}
+
+
+def _known_design(name: str) -> str:
+    """``name`` when it is a registered quantizer design, else a PlanError naming the known ones."""
+    from ratequant.quantizers import available
+
+    if name not in available():
+        raise PlanError(
+            f"plan field quantizer.name is {_show(name)}, which is not a quantizer design this ratequant knows "
+            f"({', '.join(available())}); the plan was made by another tool or a newer ratequant"
+        )
+    return name
 
 
 def _budget(v: object) -> dict:
@@ -340,11 +352,13 @@ class Plan:
                 raise PlanError(
                     f"plan takes {nbytes:g} bytes per token, over its own budget of {budget['value']:g}"
                 )
+        quantizer = _quantizer(self.quantizer)
+        _known_design(quantizer["name"])
         values = {
             "format_version": version,
             "created_by": _str(self.created_by, "created_by"),
             "model": model,
-            "quantizer": _quantizer(self.quantizer),
+            "quantizer": quantizer,
             "budget": budget,
             "allocator": _str(self.allocator, "allocator"),
             "avg_bits": avg,
@@ -440,23 +454,7 @@ class Plan:
 
     def to_json(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically (temp file in the same folder, then rename); refuse to replace unless ``overwrite``."""
-        path = Path(path)
-        if path.is_dir():
-            raise PlanError(f"{path} is a directory; pass a file path for the plan")
-        if path.exists() and not overwrite:
-            raise PlanError(f"{path} already exists; pass overwrite=True (--force) to replace it")
-        text = self.to_json_text()
-        folder = path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.to_json_text(), overwrite=overwrite, what="plan", error=PlanError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -489,6 +487,31 @@ class Plan:
     def geometry(self) -> Geometry:
         m = self.model
         return Geometry(m["num_layers"], m["num_kv_heads"], m["head_dim"], m["num_heads"])
+
+    def design(self):
+        """The plan's quantizer design, checked against the plan: a :class:`~ratequant.quantizers.Quantizer`.
+
+        Raises :class:`PlanError` when the parameters do not build the design (unknown or out-of-range
+        parameters), when the design cannot store the plan's ``head_dim`` (e.g. a group size that does not
+        divide it), or when ``residual_length`` is not a multiple of the design's token group.
+        """
+        from ratequant.cache import chunk_sizes
+        from ratequant.quantizers import from_config
+
+        name = self.quantizer["name"]
+        try:
+            quantizer = from_config(self.quantizer)
+        except (RateQuantError, TypeError) as exc:
+            raise PlanError(f"plan quantizer {name}: {exc}") from None
+        bits = self.bits_array()
+        try:
+            for k, kind in enumerate(KINDS):
+                for width in np.unique(bits[k]).tolist():
+                    quantizer.metadata_bits_per_token(self.model["head_dim"], int(width), kind)
+            chunk_sizes(quantizer, self.residual_length)
+        except RateQuantError as exc:
+            raise PlanError(f"plan quantizer {name} does not fit the plan: {exc}") from None
+        return quantizer
 
     def bits_array(self) -> np.ndarray:
         """Widths as an ``int64`` array ``[2, num_layers, num_kv_heads]`` (kind 0 = key)."""
@@ -530,12 +553,21 @@ class Plan:
         With ``allow_mismatch`` a mismatch only warns: the allocation was optimised for another design's
         distortion curves and may do worse than uniform (the paper's distortion-model mismatch).
         """
+        from ratequant.quantizers import from_config
+
         conf = quantizer.to_config() if hasattr(quantizer, "to_config") else quantizer
         try:
             conf = _quantizer(json.loads(json.dumps(conf)))
         except (TypeError, ValueError, PlanError) as exc:
             raise PlanError(f"cannot compare quantizers: {exc}") from None
         if conf == self.quantizer:
+            return
+        try:  # compare with defaults filled in: a plan that omits a parameter at its default is the same design
+            mine = _quantizer(json.loads(json.dumps(self.design().to_config())))
+            other = _quantizer(json.loads(json.dumps(from_config(conf).to_config())))
+        except (RateQuantError, TypeError, ValueError):
+            mine, other = self.quantizer, conf
+        if mine == other:
             return
         msg = (
             f"this plan was calibrated for quantizer {self.quantizer['name']} {self.quantizer['params']} but is "

@@ -73,10 +73,25 @@ def distortion_curves(
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` atomically (temporary file beside ``path``, then rename); the figure is always closed."""
+    import os
+    import tempfile
+
+    from ratequant.jsonio import publish
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or "png")
+            publish(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        _pyplot().close(fig)
     return path
 
 

@@ -1,0 +1,371 @@
+"""Long runs: process memory over many generations, and a 16k-token context through the packed cache.
+
+Two measurements, one JSON file (``--output``, default ``results/long_runs.json``):
+
+1. **Repeated generations.** ``--generations`` (default 200) consecutive greedy generations with
+   :func:`ratequant.generation.generate` on the embedded default model (SmolLM2-135M), each with a fresh
+   :class:`~ratequant.cache.RateQuantCache` built from the same plan (KIVI, widths alternating 2 and 3 bits,
+   2.5 on average, ``--residual`` 32 so that chunks are quantized during prefill *and* decoding). Prompts
+   are different slices of the evaluation corpus. After every generation the resident set size (RSS,
+   ``/proc/self/statm``) is sampled after ``gc.collect()``. Reported: RSS after the warm-up
+   (``--warmup`` generations), at the end, the growth between them, the least-squares slope in bytes per
+   generation after the warm-up, and the number of live tensors (which must not grow). Criterion: growth
+   after warm-up below ``--max-growth-mib`` (default 16 MiB: allocator noise, not a per-generation leak).
+
+2. **A 16k-token context.** ``--context`` tokens (default 16384) of the evaluation corpus go through the
+   *real default model* and the cache in aligned prefill chunks of ``--chunk`` tokens (512), then
+   ``--decode`` single-token steps. The default model was trained with 8192 positions; its rotary
+   embedding is computed for any position, so ``max_position_embeddings`` is raised to the context
+   length: positions beyond 8192 are outside its trained range, which changes what it predicts but not
+   what the cache stores (this measures memory, not quality). The cache's real bytes (``nbytes()``) are
+   compared with the plan's two formulas: :func:`ratequant.cache.expected_nbytes` (exact tokens) and
+   :class:`ratequant.allocation.CostModel` ``bytes_per_token * tokens`` (what ``calibrate`` budgets). A
+   sampler thread records peak RSS during the run; the RSS still held after the run (cache alive)
+   is compared with the cache's bytes, and a float32 and float16 ``DynamicCache`` of the same tokens are
+   given for scale. Criterion: ``nbytes() <= 1.01 * expected_nbytes`` and the run completes.
+
+``--model random`` uses a randomly initialised model of the default geometry instead (no package needed).
+
+    python benchmarks/long_runs.py                         # both parts, about 10 minutes on 2 CPU cores
+    python benchmarks/long_runs.py --generations 20 --context 2048 --output results/long_runs_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ratequant.allocation import CostModel
+from ratequant.cache import RateQuantCache, expected_nbytes
+from ratequant.geometry import Geometry
+from ratequant.plan import Plan
+from ratequant.quantizers import get_quantizer
+
+FORMAT_VERSION = 1
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 2**20
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (``/proc/self/statm``; ``ru_maxrss`` where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * PAGE
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def live_tensors() -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+class PeakSampler:
+    """Samples RSS every ``interval`` seconds in a thread; ``peak`` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def alternating_bits(geometry: Geometry, low: int = 2) -> np.ndarray:
+    """Components alternate ``low`` and ``low + 1`` bits (flattened ``[2, L, H]`` order)."""
+    return low + (np.arange(geometry.num_components) % 2).reshape(geometry.shape)
+
+
+def make_plan(name: str, geometry: Geometry, bits: np.ndarray, quantizer, residual: int) -> Plan:
+    avg = float(bits.mean())
+    return Plan(
+        model={"name": name, **geometry.to_dict()},
+        quantizer=quantizer.to_config(),
+        budget={"kind": "avg_bits", "value": avg},
+        allocator="alternating",
+        avg_bits=avg,
+        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
+        residual_length=residual,
+    )
+
+
+def load(args):
+    """``LoadedModel`` of the default model, or of a random model with its geometry (``--model random``)."""
+    from ratequant.models import LoadedModel, load_model
+
+    if args.model == "default":
+        return load_model()
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ratequant.compat import model_geometry
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=8192, max_position_embeddings=args.context + args.decode,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(model=model, tokenizer=_corpus_tokenizer(config.vocab_size), name="random-smollm2-geometry",
+                       source="random", geometry=model_geometry(model))
+
+
+def _corpus_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained in memory on the calibration split (no files, no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ratequant.data import load_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([load_corpus().calibration], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def corpus_ids(loaded, tokens: int) -> torch.Tensor:
+    from ratequant.data import load_corpus, token_windows
+
+    return token_windows(loaded.tokenizer, load_corpus().evaluation, tokens, max_windows=1)
+
+
+# -- part 1 ------------------------------------------------------------------------------------------------
+def repeated_generations(loaded, args) -> dict:
+    from ratequant.generation import generate
+
+    quantizer = get_quantizer("kivi")
+    bits = alternating_bits(loaded.geometry)
+    plan = make_plan(loaded.name, loaded.geometry, bits, quantizer, args.residual)
+    ids = corpus_ids(loaded, args.generations * args.prompt_tokens + args.prompt_tokens)[0]
+    prompts = [
+        loaded.tokenizer.decode(ids[i * args.prompt_tokens : (i + 1) * args.prompt_tokens])
+        for i in range(args.generations)
+    ]
+    rss, tensors, seconds, cache_bytes = [], [], [], []
+    for i, prompt in enumerate(prompts):
+        out = generate(loaded, prompt, plan, max_new_tokens=args.new_tokens)
+        seconds.append(out.seconds)
+        cache_bytes.append(out.cache_bytes["total"])
+        del out
+        gc.collect()
+        rss.append(rss_bytes())
+        if i % args.tensor_every == 0 or i == len(prompts) - 1:
+            tensors.append((i, live_tensors()))
+        if (i + 1) % 20 == 0:
+            print(f"  generation {i + 1}/{len(prompts)}: RSS {rss[-1] / MIB:.1f} MiB, {seconds[-1]:.2f} s", flush=True)
+    warm = min(args.warmup, len(rss) - 1)
+    after = np.array(rss[warm:], dtype=np.float64)
+    slope = float(np.polyfit(np.arange(after.size), after, 1)[0]) if after.size > 1 else 0.0
+    growth = rss[-1] - rss[warm - 1 if warm else 0]
+    return {
+        "generations": len(prompts),
+        "prompt_tokens_approx": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "residual_length": args.residual,
+        "quantizer": quantizer.to_config(),
+        "avg_bits": float(bits.mean()),
+        "warmup": warm,
+        "rss_first_mib": rss[0] / MIB,
+        "rss_after_warmup_mib": rss[warm - 1 if warm else 0] / MIB,
+        "rss_last_mib": rss[-1] / MIB,
+        "rss_max_after_warmup_mib": float(after.max()) / MIB,
+        "rss_min_after_warmup_mib": float(after.min()) / MIB,
+        "growth_after_warmup_mib": growth / MIB,
+        "slope_bytes_per_generation": slope,
+        "live_tensors": tensors,
+        "cache_bytes_per_generation": {"min": min(cache_bytes), "max": max(cache_bytes)},
+        "seconds_per_generation": {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))},
+        "rss_mib": [round(r / MIB, 2) for r in rss],
+        "criterion": {"max_growth_mib": args.max_growth_mib, "passed": growth / MIB <= args.max_growth_mib},
+    }
+
+
+# -- part 2 ------------------------------------------------------------------------------------------------
+def realistic_kv(geometry: Geometry, tokens: int, dtype: torch.dtype, seed: int = 0):
+    """Per layer, keys and values ``[1, H, tokens, D]``: keys with lognormal per-channel scales and two
+    outlier channels (as observed in real models), values Gaussian."""
+    gen = torch.Generator().manual_seed(seed)
+    h, d = geometry.num_kv_heads, geometry.head_dim
+    out = []
+    for _ in range(geometry.num_layers):
+        channel = torch.exp(torch.randn(1, h, 1, d, generator=gen) * 0.5)
+        channel[..., :2] *= 8.0
+        out.append((channel, torch.full((1, h, 1, d), 0.5)))
+    return out
+
+
+@torch.inference_mode()
+def long_context(loaded, args) -> dict:
+    """``--context`` tokens through a plan's cache, then ``--decode`` single-token steps; bytes and RSS."""
+    g = loaded.geometry
+    dtype = loaded.dtype
+    quantizer = get_quantizer("kivi")
+    bits = alternating_bits(g)
+    plan = make_plan(loaded.name, g, bits, quantizer, 128)
+    gc.collect()
+    rss_before = rss_bytes()
+    if args.context_source == "model":
+        model = loaded.model
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, args.context + args.decode)
+        ids = corpus_ids(loaded, args.context)
+        cache = RateQuantCache.from_plan(plan, model)
+    else:
+        scales = realistic_kv(g, args.context, dtype)
+        gen = torch.Generator().manual_seed(1)
+        cache = RateQuantCache(plan.bits_array(), quantizer, plan.residual_length)
+    start = time.perf_counter()
+    with PeakSampler() as sampler:
+        if args.context_source == "model":
+            for i in range(0, args.context, args.chunk):
+                logits = loaded.model(ids[:, i : i + args.chunk], past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            for _ in range(args.decode):
+                token = loaded.model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            del logits
+        else:  # what a forward pass does to the cache: every layer appends the chunk and reads everything back
+            steps = [args.chunk] * (args.context // args.chunk) + [args.context % args.chunk] * bool(args.context % args.chunk)
+            steps += [1] * args.decode
+            for n in steps:
+                for layer, (k_scale, v_scale) in zip(cache.layers, scales):
+                    shape = (1, g.num_kv_heads, n, g.head_dim)
+                    keys = (torch.randn(shape, generator=gen) * k_scale).to(dtype)
+                    values = (torch.randn(shape, generator=gen) * v_scale).to(dtype)
+                    k_all, v_all = layer.update(keys, values)
+                    del k_all, v_all
+    seconds = time.perf_counter() - start
+    gc.collect()
+    rss_held = rss_bytes()
+    tokens = cache.get_seq_length()
+    got = cache.nbytes()
+    formula = expected_nbytes(bits, quantizer, g.head_dim, tokens, residual_length=128, dtype=dtype)
+    cost = CostModel.from_quantizer(quantizer, g, residual_length=128, context_tokens=tokens,
+                                    kv_dtype_bytes=dtype.itemsize)
+    per_token = cost.bytes_per_token(bits)
+    fp_elems = 2 * g.num_layers * g.num_kv_heads * g.head_dim * tokens
+    del cache
+    gc.collect()
+    rss_released = rss_bytes()
+    return {
+        "source": args.context_source,
+        "model": loaded.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": tokens,
+        "prefill_chunk": args.chunk,
+        "decode_steps": args.decode,
+        "quantizer": quantizer.to_config(),
+        "residual_length": 128,
+        "avg_bits": float(bits.mean()),
+        "seconds": seconds,
+        "cache_bytes": got.to_dict(),
+        "expected_nbytes": formula.to_dict(),
+        "cache_over_expected": got.total / formula.total,
+        "cost_model_bytes_per_token": per_token,
+        "cost_model_total_bytes": per_token * tokens,
+        "cache_over_cost_model": got.total / (per_token * tokens),
+        "float32_dynamic_cache_bytes": fp_elems * 4,
+        "float16_dynamic_cache_bytes": fp_elems * 2,
+        "ratio_to_float16": got.total / (fp_elems * 2),
+        "cache_mib": got.total / MIB,
+        "rss_before_mib": rss_before / MIB,
+        "rss_peak_mib": sampler.peak / MIB,
+        "rss_peak_growth_mib": (sampler.peak - rss_before) / MIB,
+        "rss_held_growth_mib": (rss_held - rss_before) / MIB,
+        "rss_after_release_growth_mib": (rss_released - rss_before) / MIB,
+        "criterion": {"max_cache_over_expected": 1.01, "passed": got.total <= 1.01 * formula.total},
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("default", "random"), default="default")
+    parser.add_argument("--generations", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--residual", type=int, default=32)
+    parser.add_argument("--max-growth-mib", type=float, default=16.0)
+    parser.add_argument("--tensor-every", type=int, default=20, help="count live tensors every N generations")
+    parser.add_argument("--context", type=int, default=16384)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=8)
+    parser.add_argument("--context-source", choices=("kv", "model"), default="kv",
+                        help="kv (default): feed realistic keys/values into the cache layers as a forward pass "
+                             "would; model: run the model itself (hours on a 2-core CPU at 16k tokens)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a small shared CPU more threads spin against each other)")
+    parser.add_argument("--skip", choices=("generations", "context"), action="append", default=[])
+    parser.add_argument("--output", type=Path, default=Path("results/long_runs.json"))
+    args = parser.parse_args(argv)
+    if args.chunk % 128:
+        parser.error("--chunk must be a multiple of 128 (the residual window) so prefill follows the decoding policy")
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    loaded = load(args)
+    result = {
+        "format_version": FORMAT_VERSION,
+        "benchmark": "long_runs",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "model": {"name": loaded.name, **loaded.geometry.to_dict(), "dtype": str(loaded.dtype).removeprefix("torch.")},
+    }
+    if "generations" not in args.skip:
+        print(f"{args.generations} generations ...", flush=True)
+        result["repeated_generations"] = repeated_generations(loaded, args)
+        r = result["repeated_generations"]
+        print(f"  RSS growth after warm-up {r['growth_after_warmup_mib']:+.2f} MiB "
+              f"(slope {r['slope_bytes_per_generation'] / 1024:+.2f} KiB/generation); live tensors {r['live_tensors'][0][1]} -> {r['live_tensors'][-1][1]}")
+    if "context" not in args.skip:
+        print(f"{args.context}-token context ...", flush=True)
+        result["long_context"] = long_context(loaded, args)
+        r = result["long_context"]
+        print(f"  {r['tokens']} tokens in {r['seconds']:.0f} s; cache {r['cache_mib']:.1f} MiB = "
+              f"{r['cache_over_expected']:.4f} x expected_nbytes; RSS peak +{r['rss_peak_growth_mib']:.0f} MiB, "
+              f"held +{r['rss_held_growth_mib']:.0f} MiB")
+    result["seconds"] = time.perf_counter() - start
+    from ratequant.jsonio import write_json
+
+    print(f"written to {write_json(args.output, result, overwrite=True)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
