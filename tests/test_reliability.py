@@ -4,9 +4,8 @@ Tensors (quantizers, the cache and the simulation):
 
 * NaN or Inf in keys or values: never quantized into finite numbers. The quantizers refuse them
   (``tests/quantizers/test_designs.py::test_errors_are_clear``); the cache raises in the update that
-  quantizes a chunk holding them; the simulation raises in the forward pass whose quantized prefix holds
-  them, and restores the model. (Refusing them in the very update that delivers them, leaving the cache
-  unchanged, is the target: xfail below.)
+  delivers them and stays unchanged; the simulation raises in the forward pass whose quantized prefix
+  holds them, and restores the model.
 * All-equal groups (constant tokens, constant channels, all zeros): no division by zero, finite output.
   ``uniform`` and ``kivi`` (min-max in the original basis) reconstruct float16-representable constants
   exactly; ``quarot`` within 1% (float16 metadata rounding of the rotated token); ``turbo`` within its
@@ -91,18 +90,15 @@ def generate(model, ids, cache, n=10, **kw):
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("kind", ["key", "value"])
-def test_cache_refuses_non_finite_values_no_later_than_their_chunk_is_quantized(special, kind):
+def test_cache_refuses_non_finite_values_in_the_update_that_delivers_them(special, kind):
     layer = RateQuantLayer([3, 3], [2, 2], KIVI4, residual_length=8)
     k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     (k if kind == "key" else v)[0, 1, 2, 7] = special
     with pytest.raises(RateQuantError, match="NaN or Inf"):
-        layer.update(k, v)  # in the residual window (refusing here is the target, see the xfail below)
-        layer.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))  # completes the chunk: refused
-    assert layer.get_seq_length() in (0, 5)  # the refused tokens are not counted
+        layer.update(k, v)  # refused at once, although these tokens would only wait in the residual window
+    assert layer.get_seq_length() == 0  # the refused tokens are not counted
 
 
-@pytest.mark.xfail(strict=True, reason="RateQuantLayer.update checks finiteness only when it quantizes, and a "
-                                       "refused update leaves the layer half-updated (read() then fails)")
 def test_cache_refuses_non_finite_values_at_once_and_stays_usable():
     layer = RateQuantLayer([2, 3], [2, 3], UNIFORM, residual_length=4)
     layer.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))

@@ -154,27 +154,48 @@ def resolve_plan(plan, model, quantizer: Quantizer | None, residual_length: int 
 
 @dataclass(frozen=True)
 class CacheBytes:
-    """Allocated bytes of a cache: packed ``codes``, ``metadata`` (scales, zeros, norms), ``residual`` window."""
+    """Allocated bytes of a cache: packed ``codes``, ``metadata`` (scales, zeros, norms), ``residual`` window,
+    and the optional dequantized working ``buffer`` (0 unless the cache was given ``buffer_bytes``)."""
 
     codes: int = 0
     metadata: int = 0
     residual: int = 0
+    buffer: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("codes", "metadata", "residual"):
+        for name in ("codes", "metadata", "residual", "buffer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise RateQuantError(f"CacheBytes.{name} must be a non-negative integer, got {value!r}")
 
     @property
     def total(self) -> int:
-        return int(self.codes + self.metadata + self.residual)
+        return int(self.codes + self.metadata + self.residual + self.buffer)
 
     def __add__(self, other: CacheBytes) -> CacheBytes:
-        return CacheBytes(self.codes + other.codes, self.metadata + other.metadata, self.residual + other.residual)
+        return CacheBytes(
+            self.codes + other.codes,
+            self.metadata + other.metadata,
+            self.residual + other.residual,
+            self.buffer + other.buffer,
+        )
 
     def to_dict(self) -> dict:
         return {**{k: int(v) for k, v in asdict(self).items()}, "total": self.total}
+
+
+def _progression(heads: tuple[int, ...]) -> slice | None:
+    """``heads`` as a slice when they are evenly spaced (a strided view reaches them), else None."""
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    if step > 0 and heads == tuple(range(heads[0], heads[-1] + 1, step)):
+        return slice(heads[0], heads[-1] + 1, step)
+    return None
+
+
+def _check_buffer_bytes(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise RateQuantError(f"buffer_bytes must be a non-negative integer (0 = no working buffer), got {value!r}")
+    return int(value)
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
@@ -233,8 +254,7 @@ class _GroupStore:
 
     def __init__(self, bits: int, heads: tuple[int, ...], kind: str, chunk: int, growth: float):
         self.bits, self.heads, self.kind, self.chunk, self.growth = bits, heads, kind, chunk, growth
-        lo = heads[0]
-        self.head_slice = slice(lo, lo + len(heads)) if heads == tuple(range(lo, lo + len(heads))) else None
+        self.head_slice = _progression(heads)
         self.tensors: dict[str, torch.Tensor] = {}
         self.num_chunks = 0
         self.head_dim = 0  # set when the layer initialises
@@ -302,6 +322,23 @@ class _GroupStore:
         q = QuantizedTensor(tensors=tensors, shape=shape, bits=self.bits, kind=self.kind, dtype=dtype)
         return quantizer.dequantize(q).reshape(n, b, len(self.heads), self.chunk, d)
 
+    def dequantize_into(self, quantizer: Quantizer, out: torch.Tensor, first: int, last: int) -> None:
+        """Write chunks ``first..last-1`` into ``out`` ``[B, Hg, (last - first) * F, D]`` (may be strided).
+
+        Designs with a fused decode (:meth:`PackedDesign.dequantize_into`) write straight into ``out``;
+        others dequantize and copy. Both give exactly :meth:`dequantize`'s values.
+        """
+        n = last - first
+        view = out.unflatten(2, (n, self.chunk)).permute(2, 0, 1, 3, 4)  # [n, B, Hg, F, D]
+        fused = getattr(quantizer, "dequantize_into", None)
+        if fused is None:
+            view.copy_(self.dequantize(quantizer, out.dtype, first, last))
+            return
+        b = self.tensors[next(iter(self.tensors))].shape[1]
+        tensors = {k: v[first:last].reshape(n * b, *v.shape[2:]) for k, v in self.tensors.items()}
+        shape = (n * b, len(self.heads), self.chunk, self.head_dim)
+        fused(QuantizedTensor(tensors=tensors, shape=shape, bits=self.bits, kind=self.kind, dtype=out.dtype), view)
+
     def map_batch(self, fn) -> None:
         """Apply ``fn`` to the batch axis (dim 1) of every stored tensor (beam reorder, selection, repeat)."""
         self.tensors = {k: fn(v[: self.num_chunks], 1) for k, v in self.tensors.items()}
@@ -323,12 +360,17 @@ class _GroupStore:
 class _KindStore:
     """Keys or values of one layer: bit groups of packed chunks + a full-precision residual window."""
 
-    def __init__(self, widths: Sequence[int], kind: str, chunk: int, growth: float):
-        self.kind, self.chunk = kind, chunk
+    def __init__(self, widths: Sequence[int], kind: str, chunk: int, growth: float, buffer_bytes: int = 0):
+        self.kind, self.chunk, self.growth = kind, chunk, growth
         self.groups = [_GroupStore(b, heads, kind, chunk, growth) for b, heads in bit_groups(widths)]
         self.num_heads = len(widths)
         self.residual: torch.Tensor | None = None  # [B, H, F, D]
         self.residual_len = 0
+        # optional working buffer: the dequantized values of the first `buffered` stored chunks
+        self.buffer_bytes = buffer_bytes
+        self.buffer_limit = 0  # chunks the byte limit allows; set by initialise
+        self.buffer: torch.Tensor | None = None  # [B, H, capacity * F, D] in the model's dtype
+        self.buffered = 0
 
     @property
     def num_chunks(self) -> int:
@@ -342,6 +384,11 @@ class _KindStore:
         self.residual = torch.zeros(batch, self.num_heads, self.chunk, head_dim, dtype=dtype, device=device)
         for g in self.groups:
             g.head_dim = head_dim
+        self._set_buffer_limit()
+
+    def _set_buffer_limit(self) -> None:
+        b, h, f, d = self.residual.shape
+        self.buffer_limit = self.buffer_bytes // (b * h * f * d * self.residual.element_size())
 
     def update(self, x: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
         """Append ``x`` ``[B, H, T, D]``; return all ``[B, H, S, D]``: stored (dequantized), residual, ``x``.
@@ -359,24 +406,51 @@ class _KindStore:
             fresh = out[:, :, p : p + m * self.chunk]
             for g in self.groups:
                 g.append(g.select_heads(fresh), quantizer)
+            self._fill_buffer(quantizer)
         rest = out[:, :, p + m * self.chunk :]
         self.residual[:, :, : rest.shape[2]] = rest
         self.residual_len = rest.shape[2]
         return out
 
+    def _fill_buffer(self, quantizer: Quantizer) -> None:
+        """Dequantize newly stored chunks once into the working buffer, as far as its byte limit allows."""
+        want = min(self.num_chunks, self.buffer_limit)
+        if want <= self.buffered:
+            return
+        b, h, f, d = self.residual.shape
+        have = 0 if self.buffer is None else self.buffer.shape[2] // f
+        if want > have:
+            cap = want if self.growth <= 0 else min(self.buffer_limit, max(want, math.ceil(have * (1 + self.growth))))
+            grown = torch.empty(b, h, cap * f, d, dtype=self.residual.dtype, device=self.residual.device)
+            if self.buffered:
+                grown[:, :, : self.buffered * f] = self.buffer[:, :, : self.buffered * f]
+            self.buffer = grown
+        self._dequantize_chunks(self.buffer[:, :, self.buffered * f : want * f], quantizer, self.buffered, want)
+        self.buffered = want
+
+    def _dequantize_chunks(self, out: torch.Tensor, quantizer: Quantizer, first: int, last: int) -> None:
+        """Write stored chunks ``first..last-1`` (all heads) into ``out`` ``[B, H, (last - first) * F, D]``."""
+        for g in self.groups:
+            if g.head_slice is not None:
+                g.dequantize_into(quantizer, out[:, g.head_slice], first, last)
+            else:  # heads not evenly spaced: decode the group, then scatter its heads
+                part = out.new_empty(out.shape[0], len(g.heads), *out.shape[2:])
+                g.dequantize_into(quantizer, part, first, last)
+                out[:, list(g.heads)] = part
+
     def read_stored(self, out: torch.Tensor, quantizer: Quantizer) -> None:
-        """Write the dequantized stored chunks into ``out[:, :, :stored_len]`` in head order."""
+        """Write the dequantized stored chunks into ``out[:, :, :stored_len]`` in head order.
+
+        Chunks held in the working buffer are copied from it; the others are decoded from their codes.
+        """
         n = self.num_chunks
         if n == 0:
             return
-        p = n * self.chunk
-        for g in self.groups:
-            deq = g.dequantize(quantizer, out.dtype)  # [n, B, Hg, F, D]
-            if g.head_slice is not None:
-                out[:, g.head_slice, :p].unflatten(2, (n, self.chunk)).copy_(deq.permute(1, 2, 0, 3, 4))
-            else:
-                for i, head in enumerate(g.heads):
-                    out[:, head, :p].unflatten(1, (n, self.chunk)).copy_(deq[:, :, i].permute(1, 0, 2, 3))
+        f, k = self.chunk, min(self.buffered, n)
+        if k:
+            out[:, :, : k * f] = self.buffer[:, :, : k * f]
+        if n > k:
+            self._dequantize_chunks(out[:, :, k * f : n * f], quantizer, k, n)
 
     def read(self, quantizer: Quantizer) -> torch.Tensor:
         b, h, _, d = self.residual.shape
@@ -390,6 +464,9 @@ class _KindStore:
         for g in self.groups:
             g.map_batch(fn)
         self.residual = fn(self.residual, 0)
+        if self.buffer is not None:
+            self.buffer = fn(self.buffer[:, :, : self.buffered * self.chunk], 0)
+        self._set_buffer_limit()  # the batch size may have changed
 
     def crop(self, length: int, quantizer: Quantizer) -> bool:
         """Keep the first ``length`` tokens; returns True when stored codes had to be cut (lossy)."""
@@ -402,26 +479,30 @@ class _KindStore:
         if partial:  # the surviving head of a stored chunk returns to the residual as its dequantized values
             b, h, _, d = self.residual.shape
             part = torch.empty(b, h, self.chunk, d, dtype=self.residual.dtype, device=self.residual.device)
-            for g in self.groups:
-                deq = g.dequantize(quantizer, part.dtype, keep, keep + 1)[0]  # [B, Hg, F, D]
-                if g.head_slice is not None:
-                    part[:, g.head_slice] = deq
-                else:
-                    part[:, list(g.heads)] = deq
+            self._dequantize_chunks(part, quantizer, keep, keep + 1)
             self.residual[:, :, :partial] = part[:, :, :partial]
         self.residual_len = partial
         for g in self.groups:
             g.truncate(keep)
+        if self.buffered > keep:
+            self.buffered = keep
+            if self.growth <= 0:  # exact size: release the dropped chunks
+                self.buffer = self.buffer[:, :, : keep * self.chunk].clone() if keep else None
         return partial > 0
 
     def tensors(self) -> Iterator[torch.Tensor]:
         if self.residual is not None:
             yield self.residual
+        if self.buffer is not None:
+            yield self.buffer
         for g in self.groups:
             yield from g.tensors.values()
 
     def nbytes(self) -> CacheBytes:
-        total = CacheBytes(residual=_storage_bytes(self.residual) if self.residual is not None else 0)
+        total = CacheBytes(
+            residual=_storage_bytes(self.residual) if self.residual is not None else 0,
+            buffer=_storage_bytes(self.buffer) if self.buffer is not None else 0,
+        )
         for g in self.groups:
             total = total + g.nbytes()
         return total
@@ -429,6 +510,8 @@ class _KindStore:
     def to(self, device) -> None:
         if self.residual is not None:
             self.residual = self.residual.to(device, non_blocking=True)
+        if self.buffer is not None:
+            self.buffer = self.buffer.to(device, non_blocking=True)
         for g in self.groups:
             g.tensors = {k: v.to(device, non_blocking=True) for k, v in g.tensors.items()}
 
@@ -447,6 +530,10 @@ class RateQuantLayer(CacheLayerMixin):
         residual_length: full-precision residual window ``F`` in tokens (0: quantize each token group as soon
             as it is complete); see the module docstring for the exact policy.
         growth: extra capacity reserved when a packed store grows (0 = exact size).
+        buffer_bytes: byte limit of this layer's optional working buffer of dequantized stored chunks
+            (default 0: none). Half goes to keys, half to values; each holds the dequantized values of its
+            first stored chunks, as many as fit, so those are copied instead of decoded on every step. It is
+            full-precision memory, reported as :attr:`CacheBytes.buffer`.
 
     ``update`` returns keys/values ``[batch, kv_heads, seq, head_dim]`` in head order and the model's dtype.
     All tensors live on the device of the first ``update`` (so models spread with ``device_map`` work).
@@ -464,6 +551,7 @@ class RateQuantLayer(CacheLayerMixin):
         residual_length: int = DEFAULT_RESIDUAL_LENGTH,
         *,
         growth: float = 0.0,
+        buffer_bytes: int = 0,
     ):
         super().__init__()
         if not isinstance(quantizer, Quantizer):
@@ -474,6 +562,7 @@ class RateQuantLayer(CacheLayerMixin):
             )
         if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not 0 <= growth <= 4:
             raise RateQuantError(f"growth must be a number in [0, 4], got {growth!r}")
+        self.buffer_bytes = _check_buffer_bytes(buffer_bytes)
         check_bits_array([[list(key_bits)], [list(value_bits)]])
         self.quantizer = quantizer
         self.residual_length = int(residual_length)
@@ -487,8 +576,8 @@ class RateQuantLayer(CacheLayerMixin):
 
     def _make_stores(self) -> None:
         self._stores = (
-            _KindStore(self.key_bits, "key", self.chunks[0], self.growth),
-            _KindStore(self.value_bits, "value", self.chunks[1], self.growth),
+            _KindStore(self.key_bits, "key", self.chunks[0], self.growth, self.buffer_bytes // 2),
+            _KindStore(self.value_bits, "value", self.chunks[1], self.growth, self.buffer_bytes // 2),
         )
 
     def __repr__(self) -> str:
@@ -530,6 +619,11 @@ class RateQuantLayer(CacheLayerMixin):
                 f"update of shape {tuple(key_states.shape)} / {tuple(value_states.shape)} does not fit this cache "
                 f"layer (batch {self.batch_size}, {len(self.key_bits)} kv-heads, head_dim {self.head_dim}); "
                 "call reset() before reusing the cache for another batch"
+            )
+        if not (bool(torch.isfinite(key_states).all()) and bool(torch.isfinite(value_states).all())):
+            raise RateQuantError(
+                "keys or values hold NaN or Inf; KV tensors must be finite to quantize (this update was refused "
+                "and the cache is unchanged; a float16 model may overflow: try bfloat16 or float32)"
             )
         keys = self._stores[0].update(key_states.to(self.dtype), self.quantizer)
         values = self._stores[1].update(value_states.to(self.dtype), self.quantizer)
@@ -631,6 +725,9 @@ class RateQuantCache(Cache):
         quantizer: the design that stores every head (e.g. ``get_quantizer("kivi")``).
         residual_length: full-precision window in tokens (default 128, as KIVI); see the module docstring.
         growth: extra capacity reserved when a packed store grows (default 0: exact size).
+        buffer_bytes: byte limit of an optional working buffer of dequantized chunks, split evenly over the
+            layers (default 0: none, the packed store is decoded on every step). A buffer trades memory for
+            decode speed and is counted in :meth:`nbytes` as ``buffer``.
 
     Use ``model.generate(..., past_key_values=RateQuantCache(...))`` or :meth:`from_plan`. Works with
     greedy and sampled decoding, beam search, batches with padding, ``crop`` and ``reset``.
@@ -643,10 +740,12 @@ class RateQuantCache(Cache):
         residual_length: int = DEFAULT_RESIDUAL_LENGTH,
         *,
         growth: float = 0.0,
+        buffer_bytes: int = 0,
     ):
         arr = check_bits_array(bits)
+        per_layer = _check_buffer_bytes(buffer_bytes) // arr.shape[1]
         layers = [
-            RateQuantLayer(arr[0, i], arr[1, i], quantizer, residual_length, growth=growth)
+            RateQuantLayer(arr[0, i], arr[1, i], quantizer, residual_length, growth=growth, buffer_bytes=per_layer)
             for i in range(arr.shape[1])
         ]
         super().__init__(layers=layers)
@@ -664,6 +763,7 @@ class RateQuantCache(Cache):
         residual_length: int | None = None,
         allow_mismatch: bool = False,
         growth: float = 0.0,
+        buffer_bytes: int = 0,
     ) -> RateQuantCache:
         """A cache for ``model`` following ``plan`` (a :class:`ratequant.plan.Plan`).
 
@@ -672,7 +772,7 @@ class RateQuantCache(Cache):
         ``residual_length`` defaults to the plan's.
         """
         bits, quantizer, residual = resolve_plan(plan, model, quantizer, residual_length, allow_mismatch)
-        return cls(bits, quantizer, residual, growth=growth)
+        return cls(bits, quantizer, residual, growth=growth, buffer_bytes=buffer_bytes)
 
     def __repr__(self) -> str:
         return (

@@ -138,23 +138,34 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         packed = torch.nn.functional.pad(packed, (0, pad))
     mask = (1 << bits) - 1
     grouped = packed.reshape(*lead, words, bpw)
-    out = torch.empty(*lead, words, cpw, dtype=torch.uint8, device=packed.device)
     if bpw == 1:
+        out = torch.empty(*lead, words, cpw, dtype=torch.uint8, device=packed.device)
         word = grouped[..., 0]
         for j in range(cpw):
             out[..., j] = (word >> (bits * j)) & mask
     else:
+        # Assemble each little-endian word, then extract all its codes with one broadcast shift: the
+        # result [..., words, cpw] is already in code order (fewer, larger passes than one per code).
         wdt = _word_dtype(lay)
-        g = grouped.to(wdt)
-        word = g[..., 0].clone()
+        word = grouped[..., 0].to(wdt)
         for k in range(1, bpw):
-            word |= g[..., k] << (8 * k)
-        for j in range(cpw):
-            out[..., j] = ((word >> (bits * j)) & mask).to(torch.uint8)
+            word |= grouped[..., k].to(wdt) << (8 * k)
+        out = (word.unsqueeze(-1) >> _shifts(bits, cpw, wdt, packed.device)).bitwise_and_(mask).to(torch.uint8)
     out = out.reshape(*lead, words * cpw)
     if out.shape[-1] != n:
         out = out[..., :n].clone(memory_format=torch.contiguous_format)
     return out
+
+
+_SHIFTS: dict[tuple, torch.Tensor] = {}
+
+
+def _shifts(bits: int, cpw: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[0, bits, 2 * bits, ...]`` (``cpw`` values) in ``dtype`` on ``device``, cached."""
+    key = (bits, cpw, dtype, str(device))
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(0, bits * cpw, bits, dtype=dtype, device=device)
+    return _SHIFTS[key]
 
 
 __all__ = ["LAYOUTS", "PackLayout", "layout", "pack", "packed_size", "unpack"]

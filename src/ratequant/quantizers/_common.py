@@ -109,6 +109,23 @@ def minmax_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return (codes.to(torch.float32) * scale.to(torch.float32)).add_(zero.to(torch.float32))
 
 
+def minmax_values_into(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Write :func:`minmax_values` (``codes * scale + zero``, broadcasting) into ``out``, bit-identically.
+
+    ``out`` may be a strided view (e.g. a head slice of the cache's output). In float32 it is computed in
+    place (two passes, the product and the sum rounded separately as in :func:`minmax_values`); in another
+    dtype the float32 result is rounded into ``out``, as ``minmax_values(...).to(out.dtype)`` would be.
+    """
+    s32, z32 = scale.to(torch.float32), zero.to(torch.float32)
+    if out.dtype == torch.float32:
+        torch.mul(codes, s32, out=out)  # uint8 codes promote to float32 exactly
+        out.add_(z32)
+    else:
+        out.copy_(torch.mul(codes, s32).add_(z32))
+
+
 def check_group_size(owner: str, value, allow_none: bool) -> None:
     """Validate a group-size parameter: a positive integer (or None where allowed)."""
     if value is None and allow_none:
@@ -188,6 +205,38 @@ class PackedDesign(Quantizer):
         codes = unpack(q.tensors["codes"], q.bits, d).reshape(b, h, t, d)
         meta = {k: v for k, v in q.tensors.items() if k != "codes"}
         return self._decode(codes, meta, q.bits, q.kind).to(q.dtype)
+
+    def dequantize_into(self, q: QuantizedTensor, out: torch.Tensor) -> None:
+        """Write ``dequantize(q)`` into ``out``, bit-identically, without the intermediate copy.
+
+        ``out`` has ``q``'s elements as ``[*lead, heads, tokens, head_dim]`` where the leading dims multiply
+        to ``q``'s batch (e.g. the cache's ``[chunks, batch, ...]`` view of its output); it may be strided.
+        Designs with a fused decode override :meth:`_decode_into`; the others decode then copy.
+        """
+        if not isinstance(q, QuantizedTensor) or "codes" not in q.tensors:
+            raise RateQuantError(f"{self.name}: dequantize expects a QuantizedTensor made by quantize()")
+        b, h, t, d = q.shape
+        if out.shape[-3:] != (h, t, d) or out.numel() != b * h * t * d:
+            raise RateQuantError(
+                f"{self.name}: dequantize_into needs an output of {b * h * t * d} elements ending in "
+                f"({h}, {t}, {d}), got {tuple(out.shape)}"
+            )
+        self.check_bits(q.bits)
+        self.check_kind(q.kind)
+        codes = unpack(q.tensors["codes"], q.bits, d).view(*out.shape)
+        lead = out.shape[:-3]
+        meta = {k: v.view(*lead, *v.shape[1:]) for k, v in q.tensors.items() if k != "codes"}
+        self._decode_into(codes, meta, q.bits, q.kind, out)
+
+    def _decode_into(
+        self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int, kind: str, out: torch.Tensor
+    ) -> None:
+        """``out.copy_(_decode(codes, meta).to(out.dtype))`` for codes/metadata/out with leading dims
+        ``[*lead]`` in place of the batch; fused designs override it with a bit-identical direct write."""
+        lead = out.shape[:-3]
+        flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in meta.items()}
+        dec = self._decode(codes.reshape(-1, *codes.shape[len(lead):]), flat, bits, kind)
+        out.copy_(dec.to(out.dtype).view(out.shape))
 
     def fake_quantize(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
         x32 = self._prepare(x, bits, kind)

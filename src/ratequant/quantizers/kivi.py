@@ -19,9 +19,10 @@ from ratequant.quantizers._common import (
     minmax_codes,
     minmax_meta,
     minmax_values,
+    minmax_values_into,
 )
 from ratequant.quantizers.base import register
-from ratequant.quantizers.uniform import decode_token_groups, encode_token_groups
+from ratequant.quantizers.uniform import decode_token_groups, decode_token_groups_into, encode_token_groups
 
 
 @register
@@ -92,3 +93,15 @@ class Kivi(PackedDesign):
         out = minmax_values(codes.reshape(b, h, ng, -1, d), scale.unsqueeze(3), zero.unsqueeze(3))
         out = out.reshape(b, h, -1, d)
         return out[:, :, :t].contiguous() if pad else out
+
+    def _decode_into(self, codes, meta, bits, kind, out):
+        if kind == "value":
+            return decode_token_groups_into(codes, meta, out)
+        scale, zero = meta["scale"], meta["zero"]  # [..., ng, D]
+        t, ng = codes.shape[-2], scale.shape[-2]
+        if ng * self.group_size != t:  # a partial trailing group: the general path
+            return super()._decode_into(codes, meta, bits, kind, out)
+        split = (ng, self.group_size)
+        minmax_values_into(
+            codes.unflatten(-2, split), scale.unsqueeze(-2), zero.unsqueeze(-2), out.unflatten(-2, split)
+        )

@@ -18,6 +18,7 @@ from ratequant.quantizers._common import (
     minmax_codes,
     minmax_meta,
     minmax_values,
+    minmax_values_into,
 )
 from ratequant.quantizers.base import register
 
@@ -39,6 +40,16 @@ def encode_token_groups(
     scale, zero = minmax_meta(lo, hi, bits, dtype)
     codes = minmax_codes(xg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return codes.reshape(b, h, t, d), {"scale": scale, "zero": zero}
+
+
+def decode_token_groups_into(codes: torch.Tensor, meta: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """:func:`decode_token_groups` written into ``out`` ``[..., T, D]`` (bit-identical; leading dims free)."""
+    scale, zero = meta["scale"], meta["zero"]
+    ng, d = scale.shape[-1], codes.shape[-1]
+    split = (ng, d // ng)
+    minmax_values_into(
+        codes.unflatten(-1, split), scale.unsqueeze(-1), zero.unsqueeze(-1), out.unflatten(-1, split)
+    )
 
 
 def decode_token_groups(codes: torch.Tensor, meta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,3 +95,6 @@ class Uniform(PackedDesign):
 
     def _decode(self, codes, meta, bits, kind):
         return decode_token_groups(codes, meta)
+
+    def _decode_into(self, codes, meta, bits, kind, out):
+        decode_token_groups_into(codes, meta, out)

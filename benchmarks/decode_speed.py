@@ -1,0 +1,396 @@
+"""Decode speed and memory of KV caches on the embedded default model, all in one process, same prompts.
+
+For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation corpus) and each cache:
+
+* ``dynamic``: transformers' full-precision ``DynamicCache`` (the model's dtype);
+* ``hqq-2``: transformers' ``QuantizedCache`` with the HQQ backend at 2 bits (group 64, residual 128);
+* ``quanto-2``: the same with the quanto backend at 2 bits, where optimum-quanto is installed;
+* ``rq-uniform-2``: ``RateQuantCache``, KIVI, every component at 2 bits (residual 128);
+* ``rq-mixed-2.5``: ``RateQuantCache``, KIVI, a mixed plan at exactly 2.5 average code bits: the exact
+  integer RateQuant allocation (``ratequant.allocation.rate_quant``) on seeded synthetic distortion curves
+  ``alpha * 4^-b`` (keys weighted 3x), so widths differ across heads of one layer as a real plan's do;
+* ``rq-mixed-2.5+buffer``: the same plan with a working buffer of dequantized chunks large enough for the
+  whole history (``buffer_bytes``); the buffer is full-precision memory and is counted.
+
+it measures time to first token (the prefill forward over the prompt), decode tokens per second (a greedy
+loop of ``--new-tokens`` single-token forwards; the median step time, after ``--warmup`` untimed steps),
+the cache's real bytes after decoding (every tensor it holds: packed codes, metadata, residual windows,
+buffers) against a float16 ``DynamicCache`` of the same length, and the process's peak resident memory
+during the run above its level before it (sampled from ``/proc/self/statm``; Linux only, else null). The
+conditions run interleaved per context, in a rotating order, so slow periods of a shared machine hit all
+of them alike; ratios to ``dynamic`` and to ``hqq-2`` are reported beside the absolute numbers.
+
+    python benchmarks/decode_speed.py --output results/decode_speed.json --plot results/decode_speed.png
+
+Use ``--threads 1`` (the default) on a small shared machine: with more threads than idle cores every
+parallel kernel waits for a descheduled thread and timings measure the scheduler, not the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+HQQ_GROUP = 64
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+    for pkg in ("hqq", "optimum.quanto"):
+        try:
+            mod = __import__(pkg, fromlist=["__version__"])
+            info[pkg] = getattr(mod, "__version__", "installed")
+        except Exception as exc:  # noqa: BLE001 - record why a peer is missing
+            info[pkg] = f"unavailable: {type(exc).__name__}: {exc}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _trim() -> None:
+    """Return freed heap memory to the OS (glibc), so the next run's peak starts from a clean level."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory while the block runs, above the level when it started (sampled every 2 ms)."""
+
+    def __enter__(self):
+        _trim()
+        self.start = _rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            now = _rss_bytes()
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        now = _rss_bytes()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+    @property
+    def extra(self) -> int | None:
+        return None if self.start is None else int(self.peak - self.start)
+
+
+def held_bytes(obj) -> int:
+    """Bytes of every distinct tensor storage reachable from ``obj`` (tensor subclasses, dicts, objects)."""
+    seen_obj, storages = set(), {}
+
+    def visit(o, depth):
+        if id(o) in seen_obj or depth > 8:
+            return
+        seen_obj.add(id(o))
+        if isinstance(o, torch.Tensor):
+            if hasattr(o, "__tensor_flatten__") and type(o) is not torch.Tensor:  # e.g. quanto's packed tensors
+                names, _ = o.__tensor_flatten__()
+                for name in names:
+                    visit(getattr(o, name), depth + 1)
+                return
+            storage = o.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return
+        if isinstance(o, dict):
+            items = o.values()
+        elif isinstance(o, (list, tuple)):
+            items = o
+        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.nn.Module)):
+            items = vars(o).values()
+        else:
+            return
+        for item in items:
+            visit(item, depth + 1)
+
+    visit(obj, 0)
+    return int(sum(storages.values()))
+
+
+def cache_bytes(name: str, cache) -> dict:
+    if name.startswith("rq-"):
+        return cache.nbytes().to_dict()
+    return {"total": held_bytes(cache.layers)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conditions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mixed_bits(num_layers: int, num_heads: int, avg_bits: float, seed: int = 0) -> np.ndarray:
+    """An exact integer RateQuant allocation at ``avg_bits`` on seeded synthetic curves (see module doc)."""
+    from ratequant.allocation import Budget, rate_quant
+    from ratequant.geometry import Geometry
+
+    geometry = Geometry(num_layers=num_layers, num_kv_heads=num_heads, head_dim=64, num_heads=num_heads)
+    rng = np.random.default_rng(seed)
+    bitset = np.arange(1, 9)
+    alpha = np.exp(rng.normal(0.0, 1.0, size=geometry.shape))
+    alpha[0] *= 3.0
+    table = alpha[..., None] * 4.0 ** (-bitset)
+    alloc = rate_quant(
+        table, Budget.avg_bits(avg_bits), geometry, table_bitset=tuple(bitset), use="measured", b_min=2, b_max=3
+    )
+    bits = np.asarray(alloc.bits)
+    if abs(bits.mean() - avg_bits) > 1e-9:
+        raise SystemExit(f"allocation gave {bits.mean()} average bits, wanted {avg_bits}")
+    return bits
+
+
+def make_conditions(model, args) -> dict:
+    from transformers import DynamicCache, QuantizedCache
+
+    from ratequant.cache import RateQuantCache
+    from ratequant.quantizers import get_quantizer
+
+    cfg = model.config
+    layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kivi = get_quantizer("kivi")
+    mixed = mixed_bits(layers, heads, 2.5)
+    uniform2 = np.full((2, layers, heads), 2)
+    elem = next(model.parameters()).element_size()
+    full_history = 2 * layers * heads * head_dim * elem * (max(args.contexts) + args.new_tokens + args.warmup)
+    conditions = {
+        "dynamic": lambda: DynamicCache(config=cfg),
+        "hqq-2": lambda: QuantizedCache(
+            "hqq", cfg, nbits=2, axis_key=1, axis_value=1, q_group_size=HQQ_GROUP, residual_length=128
+        ),
+        "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=128),
+        "rq-uniform-2": lambda: RateQuantCache(uniform2, kivi, 128),
+        "rq-mixed-2.5": lambda: RateQuantCache(mixed, kivi, 128),
+        "rq-mixed-2.5+buffer": lambda: RateQuantCache(mixed, kivi, 128, buffer_bytes=full_history),
+    }
+    chosen, skipped = {}, {}
+    for name in args.conditions:
+        try:
+            cache = conditions[name]()
+            with torch.inference_mode():  # a tiny smoke run: a backend that cannot run here is skipped
+                ids = torch.arange(3, 3 + 140).unsqueeze(0)
+                out = model(ids, past_key_values=cache, use_cache=True)
+                model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            chosen[name] = conditions[name]
+        except Exception as exc:  # noqa: BLE001 - report exactly why a peer cannot run
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+            print(f"skipping {name}: {skipped[name]}", file=sys.stderr)
+    plan_info = {
+        "rq-mixed-2.5": {
+            "mean_bits": float(mixed.mean()),
+            "key_mean_bits": float(mixed[0].mean()),
+            "value_mean_bits": float(mixed[1].mean()),
+            "width_counts": {str(b): int((mixed == b).sum()) for b in np.unique(mixed)},
+            "layers_with_mixed_heads": int(sum(len(set(mixed[k, i])) > 1 for k in range(2) for i in range(layers))),
+        },
+        "rq-mixed-2.5+buffer": {"buffer_bytes_limit": int(full_history)},
+    }
+    return chosen, skipped, plan_info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def run_one(name: str, model, make_cache, ids: torch.Tensor, new_tokens: int, warmup: int) -> dict:
+    cache = make_cache()
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        ttft = time.perf_counter() - start
+        steps, generated = [], []
+        for i in range(warmup + new_tokens):
+            start = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            elapsed = time.perf_counter() - start
+            generated.append(int(token))
+            if i >= warmup:
+                steps.append(elapsed)
+    steps = np.asarray(steps)
+    return {
+        "ttft_s": ttft,
+        "step_s_median": float(np.median(steps)),
+        "step_s_q25": float(np.quantile(steps, 0.25)),
+        "step_s_q75": float(np.quantile(steps, 0.75)),
+        "tokens_per_s": float(1.0 / np.median(steps)),
+        "seq_len": int(cache.get_seq_length()),
+        "cache_bytes": cache_bytes(name, cache),
+        "peak_rss_extra_bytes": mem.extra,
+        "tokens": generated,
+    }
+
+
+def add_ratios(rows: list[dict], fp16_bytes_per_token: int) -> None:
+    by = {(r["context"], r["condition"]): r for r in rows}
+    for r in rows:
+        r["fp16_dynamic_bytes"] = fp16_bytes_per_token * r["seq_len"]
+        r["bytes_vs_fp16_dynamic"] = r["cache_bytes"]["total"] / r["fp16_dynamic_bytes"]
+        for ref in ("dynamic", "hqq-2"):
+            base = by.get((r["context"], ref))
+            if base is None:
+                continue
+            r[f"speed_vs_{ref}"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r[f"ttft_vs_{ref}"] = r["ttft_s"] / base["ttft_s"]
+            r[f"bytes_vs_{ref}"] = r["cache_bytes"]["total"] / base["cache_bytes"]["total"]
+
+
+def plot(rows: list[dict], path: Path, info: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["condition"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for name in names:
+        sub = sorted((r for r in rows if r["condition"] == name), key=lambda r: r["context"])
+        ctx = [r["context"] for r in sub]
+        style = {"linestyle": "--"} if not name.startswith("rq-") else {"linewidth": 2.2}
+        axes[0].plot(ctx, [r["tokens_per_s"] for r in sub], marker="o", label=name, **style)
+        axes[1].plot(ctx, [r["cache_bytes"]["total"] / 2**20 for r in sub], marker="o", label=name, **style)
+    sub = sorted((r for r in rows if r["condition"] == names[0]), key=lambda r: r["context"])
+    axes[1].plot([r["context"] for r in sub], [r["fp16_dynamic_bytes"] / 2**20 for r in sub], color="grey",
+                 linestyle=":", label="float16 DynamicCache (computed)")
+    axes[0].set(xlabel="context tokens", ylabel="decode tokens / s (median step)", title="Decode speed")
+    axes[1].set(xlabel="context tokens", ylabel="KV cache MiB (all tensors held)", title="Cache memory")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_ylim(bottom=0)
+    fig.suptitle(
+        f"SmolLM2-135M, {info.get('cpu_model', info['processor'])}, {info['torch_threads']} thread(s), "
+        f"torch {info['torch']}, transformers {info['transformers']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps before the timed ones")
+    parser.add_argument(
+        "--conditions", nargs="+",
+        default=["dynamic", "hqq-2", "quanto-2", "rq-uniform-2", "rq-mixed-2.5", "rq-mixed-2.5+buffer"],
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=Path("results/decode_speed.json"))
+    parser.add_argument("--plot", type=Path, default=Path("results/decode_speed.png"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from ratequant.data import load_corpus, token_windows
+    from ratequant.models import load_model
+
+    loaded = load_model()
+    model = loaded.model.eval()
+    info = machine_info(args.threads)
+    info["model"] = loaded.describe()
+    conditions, skipped, plan_info = make_conditions(model, args)
+    text = load_corpus().evaluation
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    fp16_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+
+    rows = []
+    names = list(conditions)
+    started = time.perf_counter()
+    for ci, context in enumerate(sorted(args.contexts)):
+        ids = token_windows(loaded.tokenizer, text, context, max_windows=1)[:1]
+        order = names[ci % len(names):] + names[: ci % len(names)]  # rotate who runs first
+        for name in order:
+            result = run_one(name, model, conditions[name], ids, args.new_tokens, args.warmup)
+            rows.append({"context": context, "condition": name, **result})
+            print(
+                f"ctx {context:5d} {name:22s} ttft {result['ttft_s']:7.2f} s  decode {result['tokens_per_s']:6.2f} tok/s"
+                f"  cache {result['cache_bytes']['total'] / 2**20:8.2f} MiB  peak+ "
+                f"{(result['peak_rss_extra_bytes'] or 0) / 2**20:8.1f} MiB",
+                flush=True,
+            )
+    add_ratios(rows, fp16_per_token)
+    for r in rows:  # greedy decoding: how many generated tokens equal full precision's (a sanity check)
+        base = next((b for b in rows if b["context"] == r["context"] and b["condition"] == "dynamic"), None)
+        r["tokens_match_dynamic"] = None if base is None else sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
+    for r in rows:
+        r.pop("tokens")
+    result = {
+        "format_version": FORMAT_VERSION,
+        "benchmark": "decode_speed",
+        "machine": info,
+        "settings": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+        "conditions": names,
+        "skipped": skipped,
+        "plans": plan_info,
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot, info)
+    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
