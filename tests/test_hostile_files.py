@@ -459,9 +459,9 @@ def test_results_json_refuses_nan_and_directories_and_existing_files(tmp_path):
     [
         (b'{"a": 1, "a": 2}', "duplicate field 'a'"),
         (b'{"a": NaN}', "not valid JSON"),
-        (b"[" * 100000 + b"]" * 100000, "nested too deeply|must hold a JSON object"),
+        (b"[" * 100000 + b"]" * 100000, "nested too deeply|must be a JSON object"),
         (b'{"a": "\xff"}', "not UTF-8"),
-        (b"[1, 2]", "must hold a JSON object"),
+        (b"[1, 2]", "must be a JSON object"),
         (pickle.dumps({"a": 1}), "not UTF-8"),
     ],
 )

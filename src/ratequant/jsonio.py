@@ -68,37 +68,41 @@ def publish(tmp: str | os.PathLike, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str | os.PathLike, *, what: str = "file") -> dict:
-    """Read a JSON object from ``path``; every failure is a :class:`RateQuantError` naming the path."""
+def read_json(path: str | os.PathLike, *, what: str = "file", error=RateQuantError) -> dict:
+    """Read a JSON object from ``path``: UTF-8, at most 64 MiB, no NaN/Infinity, no duplicate keys.
+
+    Every failure is ``error`` (a :class:`RateQuantError` subclass) naming ``what`` and the path.
+    """
     path = Path(path)
     if not path.is_file():
-        raise RateQuantError(f"{what} not found: {path}")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise RateQuantError(f"{what} {path} is larger than {MAX_JSON_BYTES // 2**20} MiB; refusing to read it")
+        raise error(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise error(f"{what} {path} is {size} bytes, over the {MAX_JSON_BYTES // 2**20} MiB limit")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RateQuantError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
+        raise error(f"{what} {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
     def refuse_constant(name: str) -> float:
-        raise ValueError(f"{name} is not valid JSON")
+        raise ValueError(f"{name} is not valid JSON (finite numbers only)")
 
     def refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
         out: dict = {}
         for key, value in pairs:
             if key in out:
-                raise ValueError(f"duplicate field {key[:60]!r}")
+                raise ValueError(f"duplicate field {key[:60]!r} (a field must not repeat)")
             out[key] = value
         return out
 
     try:
         data = json.loads(text, parse_constant=refuse_constant, object_pairs_hook=refuse_duplicates)
-    except RecursionError as exc:
-        raise RateQuantError(f"{what} {path} is nested too deeply to be a valid {what}") from exc
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to be a valid {what}") from None
     except ValueError as exc:
-        raise RateQuantError(f"{what} {path} is not valid JSON: {exc}") from exc
+        raise error(f"{what} {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise RateQuantError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
+        raise error(f"{what} {path} must be a JSON object, found {type(data).__name__}")
     return data
 
 

@@ -41,7 +41,7 @@ from ratequant.allocation import Allocation, Budget
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.fitting import DistortionFit, finite_real
 from ratequant.geometry import KINDS, Geometry
-from ratequant.jsonio import write_text_atomic
+from ratequant.jsonio import read_json, write_text_atomic
 
 FORMAT_VERSION = 1
 """Version of the plan format this library writes and the newest it reads."""
@@ -459,24 +459,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         """Read and validate a plan file; every failure is a :class:`PlanError` that names ``path``."""
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
-        size = path.stat().st_size
-        if size > MAX_PLAN_BYTES:
-            raise PlanError(f"plan file {path} is {size} bytes, over the {MAX_PLAN_BYTES // 2**20} MiB limit")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PlanError(f"plan file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
-        try:
-            data = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
-        except RecursionError:
-            raise PlanError(f"plan file {path} is nested too deeply to be a plan") from None
-        except PlanError as exc:
-            raise PlanError(f"plan file {path}: {exc}") from None
-        except ValueError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from None
+        data = read_json(path, what="plan file", error=PlanError)
         try:
             return cls.from_dict(data)
         except PlanError as exc:
@@ -605,19 +588,6 @@ class Plan:
             sha = c["corpus_sha256"][:12] if c["corpus_sha256"] else "none"
             lines.append(f"calibration: {c['corpus']} (sha256 {sha}), {c['tokens']} tokens, {c['seconds']:.2f} s")
         return "\n".join(lines)
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON (plans hold finite numbers only)")
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise PlanError(f"duplicate field {_show(k)} (a plan must not repeat a field)")
-        out[k] = v
-    return out
 
 
 def _dumps(obj: object, level: int = 0) -> str:
