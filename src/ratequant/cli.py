@@ -40,6 +40,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bitset_arg(text: str) -> tuple[int, ...]:
+    """'1-8' or '2,3,4' -> sorted widths in 1..8."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            widths = tuple(range(lo, hi + 1))
+        else:
+            widths = tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 1-8 or 2,3,4, got {text!r}") from None
+    if not widths or widths[0] < 1 or widths[-1] > 8:
+        raise argparse.ArgumentTypeError(f"widths must lie in 1..8, got {text!r}")
+    return widths
+
+
+def param_arg(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE parsed as JSON when it can be (numbers, null, true), else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M), a model directory, a .gguf file or a hub id")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="convert weights (default: the checkpoint's)")
@@ -199,8 +236,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def configure_info(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_corpus_options(parser)
-    parser.add_argument("--json", metavar="PATH", help="also write the information as JSON to PATH")
-    parser.add_argument("--force", action="store_true", help="overwrite output files that exist")
+    add_output_options(parser)
 
 
 @command("info", "attention geometry of a model and sizes of the corpus splits", configure_info)
@@ -238,43 +274,6 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # -- calibrate -------------------------------------------------------------------------------------------
-def bitset_arg(text: str) -> tuple[int, ...]:
-    """'1-8' or '2,3,4' -> sorted widths in 1..8."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-", 1))
-            widths = tuple(range(lo, hi + 1))
-        else:
-            widths = tuple(sorted({int(x) for x in text.split(",")}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected widths like 1-8 or 2,3,4, got {text!r}") from None
-    if not widths or widths[0] < 1 or widths[-1] > 8:
-        raise argparse.ArgumentTypeError(f"widths must lie in 1..8, got {text!r}")
-    return widths
-
-
-def param_arg(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE parsed as JSON when it can be (numbers, null, true), else kept as a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
-    return key, value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     from ratequant.allocation import ALLOCATORS
     from ratequant.distortion import DEFAULT_METRIC, METRICS
