@@ -453,6 +453,8 @@ def run_compare(args: argparse.Namespace) -> int:
     say(f"loaded model {loaded.name} and corpus {corpus.name}")
     results = compare(loaded, corpus, config, progress=say)
     files = write_report(results, args.out, overwrite=args.force, command=config.command(args.out))
+    fp = results.full_precision
+    print(f"full precision: perplexity {fp.ppl:.3f} on {len(fp.window_nll)} windows of the evaluation split")
     for line in findings(results):
         print(f"- {line}")
     print(f"report written to {files.report} (numbers in {files.results}, {len(files.files)} files)")
