@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/ratequant eval --seq-len 512 --windows 8
 	$(BIN)/ratequant compare --quick --out results/demo --force
 
 test: $(STAMP)

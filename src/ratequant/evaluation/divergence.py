@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ratequant.errors import RateQuantError
+from ratequant.evaluation.perplexity import check_windows
 
 Condition = Callable[[], contextlib.AbstractContextManager]
 
@@ -49,8 +49,7 @@ def evaluate_conditions(
     ``conditions`` maps a name to a zero-argument callable returning a context manager (e.g. a simulated
     quantization); the result holds ``"full-precision"`` (KL 0) plus one entry per condition.
     """
-    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise RateQuantError(f"windows must have shape [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
+    check_windows(windows)
     names = ["full-precision", *conditions]
     nll = dict.fromkeys(names, 0.0)
     kl = dict.fromkeys(names, 0.0)

@@ -28,6 +28,13 @@ class PerplexityResult:
         return asdict(self)
 
 
+def check_windows(windows: torch.Tensor) -> None:
+    """Token windows must be a LongTensor ``[n >= 1, seq_len >= 2]``."""
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise RateQuantError(f"windows must have shape [n >= 1, seq_len >= 2], got {shape}")
+
+
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows`` (LongTensor ``[n, seq_len]``), each window evaluated on its own.
@@ -35,8 +42,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
     The loss is summed in float64 over all predicted tokens, so the result does not depend on ``batch_size``
     beyond floating-point noise.
     """
-    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise RateQuantError(f"windows must have shape [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
+    check_windows(windows)
     if batch_size < 1:
         raise RateQuantError(f"batch size must be positive, got {batch_size}")
     device = next(model.parameters()).device

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ratequant.errors import RateQuantError
-from ratequant.evaluation.perplexity import PerplexityResult
+from ratequant.evaluation.perplexity import PerplexityResult, check_windows
 
 
 @torch.inference_mode()
@@ -24,8 +23,7 @@ def streaming_perplexity(
     Returns the result and, per window, the cache after the window's last token (holding all ``seq_len``
     tokens, to read its bytes).
     """
-    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
-        raise RateQuantError(f"windows must have shape [n >= 1, seq_len >= 2], got {tuple(windows.shape)}")
+    check_windows(windows)
     device = next(model.parameters()).device
     steps = windows.shape[0] * (windows.shape[1] - 1)
     bar = tqdm(total=steps, desc="streaming", unit="tok", disable=not progress or None, leave=False)

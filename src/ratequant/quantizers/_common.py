@@ -242,3 +242,20 @@ class PackedDesign(Quantizer):
         x32 = self._prepare(x, bits, kind)
         codes, meta = self._encode(x32, bits, kind)
         return self._decode(codes, meta, bits, kind).to(x.dtype)
+
+
+class PerTokenGroups(PackedDesign):
+    """A design storing, per token, a scale and a zero for each group of ``group_size`` elements along
+    head_dim (``None``: one group for the whole head); subclasses declare the ``group_size`` field."""
+
+    group_size: int | None
+
+    def _check_shape(self, shape, kind) -> None:
+        group_along_dim(self.name, self.group_size, shape[-1])
+
+    def metadata_bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:
+        self.check_bits(bits)
+        self.check_kind(kind)
+        g = group_along_dim(self.name, self.group_size, head_dim)
+        return 2 * (head_dim // g) * self._meta_bits()
+

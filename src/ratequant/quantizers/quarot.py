@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 
 from ratequant.errors import RateQuantError
-from ratequant.quantizers._common import PackedDesign, check_group_size, group_along_dim
+from ratequant.quantizers._common import PerTokenGroups, check_group_size, group_along_dim
 from ratequant.quantizers.base import register
 from ratequant.quantizers.uniform import decode_token_groups, encode_token_groups
 
@@ -54,7 +54,7 @@ def hadamard(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 @register
 @dataclass(frozen=True)
-class Quarot(PackedDesign):
+class Quarot(PerTokenGroups):
     """Hadamard rotation ``x @ H`` then per-token min-max in groups of ``group_size`` along head_dim.
 
     ``clip_ratio`` in (0, 1] shrinks each group's range around its midpoint before quantizing (QuaRot's
@@ -76,15 +76,6 @@ class Quarot(PackedDesign):
         if not ok or not 0.0 < float(self.clip_ratio) <= 1.0:
             raise RateQuantError(f"quarot: clip_ratio must be a number in (0, 1], got {self.clip_ratio!r}")
         check_group_size(self.name, self.group_size, allow_none=True)
-
-    def _check_shape(self, shape, kind) -> None:
-        group_along_dim(self.name, self.group_size, shape[-1])
-
-    def metadata_bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:
-        self.check_bits(bits)
-        self.check_kind(kind)
-        g = group_along_dim(self.name, self.group_size, head_dim)
-        return 2 * (head_dim // g) * self._meta_bits()
 
     def _encode(self, x, bits, kind):
         d = x.shape[-1]

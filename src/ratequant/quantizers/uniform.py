@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ratequant.quantizers._common import (
-    PackedDesign,
+    PerTokenGroups,
     check_group_size,
     group_along_dim,
     minmax_codes,
@@ -63,7 +63,7 @@ def decode_token_groups(codes: torch.Tensor, meta: dict[str, torch.Tensor]) -> t
 
 @register
 @dataclass(frozen=True)
-class Uniform(PackedDesign):
+class Uniform(PerTokenGroups):
     """Per-token asymmetric min-max, ``group_size`` elements along head_dim per (scale, zero) pair.
 
     ``group_size=None`` uses one group per token (the whole head_dim). Keys and values are treated alike.
@@ -79,15 +79,6 @@ class Uniform(PackedDesign):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_group_size(self.name, self.group_size, allow_none=True)
-
-    def _check_shape(self, shape, kind) -> None:
-        group_along_dim(self.name, self.group_size, shape[-1])
-
-    def metadata_bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:
-        self.check_bits(bits)
-        self.check_kind(kind)
-        g = group_along_dim(self.name, self.group_size, head_dim)
-        return 2 * (head_dim // g) * self._meta_bits()
 
     def _encode(self, x, bits, kind):
         g = group_along_dim(self.name, self.group_size, x.shape[-1])
