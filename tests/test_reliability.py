@@ -131,8 +131,9 @@ def test_simulation_refuses_non_finite_keys_and_restores_the_model():
     with pytest.raises(RateQuantError, match="NaN or Inf"), torch.no_grad():
         with simulated_quantization(model, bits, UNIFORM, 4):
             model(ids)
-    with torch.no_grad():
-        assert model(ids).logits.isnan().all()  # the model's own result, attention restored
+    with torch.no_grad():  # the model's own result (whatever its attention makes of the NaN): attention restored
+        untouched = poisoned(tiny_model("llama"))(ids).logits
+        torch.testing.assert_close(model(ids).logits, untouched, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(simulated(clean, ids[:, :3], bits, UNIFORM, 4), clean(ids[:, :3]).logits)
 
 
@@ -250,7 +251,11 @@ def test_models_in_every_dtype_stream_as_they_simulate(dtype, float32_logits):
     stream = streamed(model, ids, cache).float()
     sim = simulated(model, ids, bits, KIVI4, 8).float()
     gap = float((stream - sim).abs().max())
-    assert stream.dtype == torch.float32 and gap <= 2 * noise + 1e-5, (gap, noise)
+    # In float32 the two paths agree to rounding. In 16-bit dtypes the keys a token-by-token forward computes
+    # differ from the whole-sequence ones by the dtype's rounding, which can move a value across a code
+    # boundary; the gap then stays within a few times that noise (and far below the quantization effect).
+    allowed = 2 * noise + 1e-5 if dtype == torch.float32 else 10 * noise
+    assert stream.dtype == torch.float32 and gap <= allowed, (gap, noise)
     assert float((sim - full).abs().max()) > 10 * gap  # the quantization effect is far above the disagreement
     k, v = cache.layers[0].read()
     assert k.dtype == v.dtype == dtype and cache.layers[0]._stores[0].residual.dtype == dtype

@@ -49,7 +49,7 @@ plan's byte formula counts every token, so it still matches).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -255,9 +255,19 @@ class _GroupStore:
     def __init__(self, bits: int, heads: tuple[int, ...], kind: str, chunk: int, growth: float):
         self.bits, self.heads, self.kind, self.chunk, self.growth = bits, heads, kind, chunk, growth
         self.head_slice = _progression(heads)
-        self.tensors: dict[str, torch.Tensor] = {}
+        self._decoders: dict[tuple[int, int], tuple[Quantizer, Callable]] = {}
+        self.tensors = {}
         self.num_chunks = 0
         self.head_dim = 0  # set when the layer initialises
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, value: dict[str, torch.Tensor]) -> None:
+        self._tensors = value
+        self._decoders.clear()  # prepared decoders point into the old tensors
 
     def capacity(self) -> int:
         return next(iter(self.tensors.values())).shape[0] if self.tensors else 0
@@ -296,6 +306,7 @@ class _GroupStore:
                 buf = self.tensors[name] = buf.to(torch.promote_types(buf.dtype, tensor.dtype))
             buf[self.num_chunks : needed].copy_(tensor)
         self.num_chunks = needed
+        self._decoders.clear()
 
     def _reallocate(self, capacity: int, like: dict[str, torch.Tensor]) -> None:
         out = {}
@@ -308,36 +319,26 @@ class _GroupStore:
             out[name] = buf
         self.tensors = out
 
-    def dequantize(
-        self, quantizer: Quantizer, dtype: torch.dtype, first: int = 0, last: int | None = None
-    ) -> torch.Tensor:
-        """Chunks ``first..last-1`` as ``[chunks, B, Hg, F, D]`` in ``dtype`` (one quantizer call)."""
-        last = self.num_chunks if last is None else last
+    def block(self, first: int, last: int, dtype: torch.dtype) -> QuantizedTensor:
+        """Chunks ``first..last-1`` as one quantized block of batch ``(last - first) * B`` (views, no copy)."""
         n = last - first
-        sample = next(iter(self.tensors.values()))
-        b = sample.shape[1]
+        b = next(iter(self.tensors.values())).shape[1]
         tensors = {k: v[first:last].reshape(n * b, *v.shape[2:]) for k, v in self.tensors.items()}
-        d = self.head_dim
-        shape = (n * b, len(self.heads), self.chunk, d)
-        q = QuantizedTensor(tensors=tensors, shape=shape, bits=self.bits, kind=self.kind, dtype=dtype)
-        return quantizer.dequantize(q).reshape(n, b, len(self.heads), self.chunk, d)
+        shape = (n * b, len(self.heads), self.chunk, self.head_dim)
+        return QuantizedTensor(tensors=tensors, shape=shape, bits=self.bits, kind=self.kind, dtype=dtype)
 
     def dequantize_into(self, quantizer: Quantizer, out: torch.Tensor, first: int, last: int) -> None:
         """Write chunks ``first..last-1`` into ``out`` ``[B, Hg, (last - first) * F, D]`` (may be strided).
 
-        Designs with a fused decode (:meth:`PackedDesign.dequantize_into`) write straight into ``out``;
-        others dequantize and copy. Both give exactly :meth:`dequantize`'s values.
+        The decoder of each range is prepared once (:meth:`Quantizer.prepare_decode`) and reused until the
+        store changes, so a decode step costs one kernel call per bit group.
         """
-        n = last - first
-        view = out.unflatten(2, (n, self.chunk)).permute(2, 0, 1, 3, 4)  # [n, B, Hg, F, D]
-        fused = getattr(quantizer, "dequantize_into", None)
-        if fused is None:
-            view.copy_(self.dequantize(quantizer, out.dtype, first, last))
-            return
-        b = self.tensors[next(iter(self.tensors))].shape[1]
-        tensors = {k: v[first:last].reshape(n * b, *v.shape[2:]) for k, v in self.tensors.items()}
-        shape = (n * b, len(self.heads), self.chunk, self.head_dim)
-        fused(QuantizedTensor(tensors=tensors, shape=shape, bits=self.bits, kind=self.kind, dtype=out.dtype), view)
+        view = out.unflatten(2, (last - first, self.chunk)).permute(2, 0, 1, 3, 4)  # [n, B, Hg, F, D]
+        prepared = self._decoders.get((first, last))
+        if prepared is None or prepared[0] is not quantizer:
+            prepared = (quantizer, quantizer.prepare_decode(self.block(first, last, out.dtype)))
+            self._decoders[(first, last)] = prepared
+        prepared[1](view)
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` to the batch axis (dim 1) of every stored tensor (beam reorder, selection, repeat)."""

@@ -242,6 +242,7 @@ def configure_info(parser: argparse.ArgumentParser) -> None:
 @command("info", "attention geometry of a model and sizes of the corpus splits", configure_info)
 def run_info(args: argparse.Namespace) -> int:
     check_output(args)
+    from ratequant import native
     from ratequant.data import load_corpus
 
     corpus = load_corpus(args.corpus)
@@ -254,6 +255,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  {g.num_components} components (key and value of each kv head of each layer)")
     print(f"  dtype {model_info['dtype']}, device {model_info['device']}, {model_info['parameters']:,} parameters")
     print(f"  float16 KV cache: {fp16_bytes:,} bytes per token")
+    print(f"decode     {native.describe()}")
     splits = {}
     print(f"corpus     {corpus.name}  (sha256 {corpus.sha256[:16]}...)")
     for split in ("calibration", "evaluation"):
@@ -268,6 +270,7 @@ def run_info(args: argparse.Namespace) -> int:
             "kind": "info",
             "model": {**model_info, "kv_bytes_per_token_fp16": fp16_bytes},
             "corpus": {"name": corpus.name, "sha256": corpus.sha256, "splits": splits},
+            "decode": {"native": native.available(), "path": native.describe()},
         },
     )
     return 0

@@ -21,10 +21,13 @@ not fit ``scale_dtype`` (e.g. float16 values beyond 65504) is stored with float3
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from ratequant import native
 from ratequant.errors import RateQuantError
 from ratequant.packing import pack, unpack
 from ratequant.quantizers.base import QuantizedTensor, Quantizer
@@ -202,6 +205,10 @@ class PackedDesign(Quantizer):
         self.check_bits(q.bits)
         self.check_kind(q.kind)
         b, h, t, d = q.shape
+        if self._minmax_layout(q) is not None:  # one fused pass into the output (native kernel when built)
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.tensors["codes"].device)
+            self.prepare_decode(q)(out)
+            return out
         codes = unpack(q.tensors["codes"], q.bits, d).reshape(b, h, t, d)
         meta = {k: v for k, v in q.tensors.items() if k != "codes"}
         return self._decode(codes, meta, q.bits, q.kind).to(q.dtype)
@@ -211,7 +218,8 @@ class PackedDesign(Quantizer):
 
         ``out`` has ``q``'s elements as ``[*lead, heads, tokens, head_dim]`` where the leading dims multiply
         to ``q``'s batch (e.g. the cache's ``[chunks, batch, ...]`` view of its output); it may be strided.
-        Designs with a fused decode override :meth:`_decode_into`; the others decode then copy.
+        Min-max designs decode with the native kernel when it is built (:mod:`ratequant.native`); designs
+        with a fused PyTorch decode override :meth:`_decode_into`; the others decode then copy.
         """
         if not isinstance(q, QuantizedTensor) or "codes" not in q.tensors:
             raise RateQuantError(f"{self.name}: dequantize expects a QuantizedTensor made by quantize()")
@@ -221,12 +229,33 @@ class PackedDesign(Quantizer):
                 f"{self.name}: dequantize_into needs an output of {b * h * t * d} elements ending in "
                 f"({h}, {t}, {d}), got {tuple(out.shape)}"
             )
-        self.check_bits(q.bits)
-        self.check_kind(q.kind)
+        self.prepare_decode(q)(out)
+
+    def _dequantize_into_torch(self, q: QuantizedTensor, out: torch.Tensor) -> None:
+        b, h, t, d = q.shape
         codes = unpack(q.tensors["codes"], q.bits, d).view(*out.shape)
         lead = out.shape[:-3]
         meta = {k: v.view(*lead, *v.shape[1:]) for k, v in q.tensors.items() if k != "codes"}
         self._decode_into(codes, meta, q.bits, q.kind, out)
+
+    def _minmax_layout(self, q: QuantizedTensor) -> tuple[int, int] | None:
+        """``(meta_rows, meta_group)`` when ``q`` decodes as plain ``codes * scale + zero`` (see
+        :func:`ratequant.native.prepare_minmax_decode`), else None (the default: a decode that does more)."""
+        return None
+
+    def prepare_decode(self, q: QuantizedTensor) -> Callable[[torch.Tensor], None]:
+        """:meth:`dequantize_into` bound to ``q``, with ``q``'s checks done once (the cache decodes the same
+        stored block on every step): the native kernel where it applies, else the PyTorch path."""
+        self.check_bits(q.bits)
+        self.check_kind(q.kind)
+        layout = self._minmax_layout(q)
+        if layout is not None and {"scale", "zero"} <= q.tensors.keys():
+            b, h, t, d = q.shape
+            codes = q.tensors["codes"].view(b, h, t, -1)
+            fast = native.prepare_minmax_decode(codes, q.bits, d, q.tensors["scale"], q.tensors["zero"], *layout)
+            if fast is not None:
+                return lambda out: fast.decode(out) or self._dequantize_into_torch(q, out)
+        return partial(self._dequantize_into_torch, q)
 
     def _decode_into(
         self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int, kind: str, out: torch.Tensor

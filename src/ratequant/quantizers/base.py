@@ -11,7 +11,9 @@ Keys and values may be treated differently (KIVI quantizes keys per channel and 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -84,6 +86,16 @@ class Quantizer(ABC):
     def fake_quantize(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
         """``dequantize(quantize(x, bits, kind))``: what attention sees under this design."""
         return self.dequantize(self.quantize(x, bits, kind))
+
+    def dequantize_into(self, q: QuantizedTensor, out: torch.Tensor) -> None:
+        """Write ``dequantize(q)`` into ``out`` ``[*lead, heads, tokens, head_dim]`` (leading dims multiplying
+        to ``q``'s batch, any strides). This default decodes then copies; designs override it."""
+        out.copy_(self.dequantize(q).to(out.dtype).view(out.shape))
+
+    def prepare_decode(self, q: QuantizedTensor) -> Callable[[torch.Tensor], None]:
+        """A function ``out -> None`` doing :meth:`dequantize_into` for ``q``, for repeated decodes of one
+        block (the cache's stored chunks, on every step); designs may do ``q``'s checks once here."""
+        return partial(self.dequantize_into, q)
 
     # -- derived ---------------------------------------------------------------------------------------
     def bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:

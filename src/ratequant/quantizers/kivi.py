@@ -94,6 +94,11 @@ class Kivi(PackedDesign):
         out = out.reshape(b, h, -1, d)
         return out[:, :, :t].contiguous() if pad else out
 
+    def _minmax_layout(self, q):
+        if q.kind == "value":
+            return 1, self._value_group(q.shape[-1])
+        return (self.group_size, 1) if q.shape[2] % self.group_size == 0 else None
+
     def _decode_into(self, codes, meta, bits, kind, out):
         if kind == "value":
             return decode_token_groups_into(codes, meta, out)

@@ -89,3 +89,6 @@ class Uniform(PerTokenGroups):
 
     def _decode_into(self, codes, meta, bits, kind, out):
         decode_token_groups_into(codes, meta, out)
+
+    def _minmax_layout(self, q):
+        return 1, group_along_dim(self.name, self.group_size, q.shape[-1])

@@ -1,0 +1,263 @@
+/* Fused unpack + min-max decode of bit-packed KV blocks, in one pass over the packed bytes.
+ *
+ * One function, decode_minmax, computes for every stored element
+ *
+ *     out = (float)code * (float)scale + (float)zero        (two separately rounded float32 operations)
+ *
+ * and rounds the float32 result to the output dtype (float32, float16 or bfloat16, round to nearest even),
+ * exactly as the PyTorch reference path (ratequant.quantizers._common.minmax_values_into) does, so both
+ * paths are bit-identical. Build with -ffp-contract=off: a fused multiply-add would change the rounding.
+ *
+ * Layout (see ratequant/native.py for the Python side, which checks every assumption before calling):
+ *   codes  uint8, contiguous rows of ceil(D * bits / 8) bytes; row r = ((i * H + h) * T + t) for block row
+ *          i in 0..N-1 (N = n * B, i = c * B + b), head h in 0..H-1, token t in 0..T-1. Code j of a row is
+ *          bits [j * bits, (j + 1) * bits) of the row read as a little-endian, LSB-first bit stream
+ *          (ratequant.packing).
+ *   scale, zero  contiguous, dtype meta_dtype; the pair for element (r, d) is at index
+ *          (r / meta_rows) * meta_cols + d / meta_group. Per-token groups of g along D: meta_rows = 1,
+ *          meta_cols = D / g, meta_group = g. Per channel over G tokens (KIVI keys): meta_rows = G,
+ *          meta_cols = D, meta_group = 1.
+ *   out    element (c, b, h, t, d) at out + c*s_n + b*s_b + h*s_h + t*s_t + d (element strides; d contiguous).
+ *
+ * No Python objects are touched while decoding, so the GIL is released. The module has no dependency on
+ * PyTorch: tensors arrive as addresses and integers.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_FLOAT32 = 0, DT_FLOAT16 = 1, DT_BFLOAT16 = 2 };
+
+static inline float bits_to_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t f32_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) { /* zero or subnormal: m * 2^-24, exact in float32 */
+        float v = (float)m * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    if (e == 31) return bits_to_f32(sign | 0x7F800000u | (m << 13));
+    return bits_to_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even, overflow to inf */
+    uint32_t x = f32_to_bits(f), sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);            /* NaN */
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);           /* >= 65520 rounds to inf */
+    if (a < 0x38800000u) {                                              /* below 2^-14: subnormal */
+        float v = bits_to_f32(a) * 16777216.0f;                         /* exact: a power-of-two scaling */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v));              /* default rounding: to even */
+    }
+    uint32_t m = a - (112u << 23);                                      /* rebias the exponent */
+    return (uint16_t)(sign | ((m + 0xFFFu + ((m >> 13) & 1u)) >> 13));
+}
+
+static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float meta_value(const void *p, Py_ssize_t i, int dtype) {
+    switch (dtype) {
+    case DT_FLOAT16: return f16_to_f32(((const uint16_t *)p)[i]);
+    case DT_BFLOAT16: return bf16_to_f32(((const uint16_t *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
+}
+
+/* Packed rows (ratequant.packing): code j of a row is bits [j * bits, (j + 1) * bits) of the row read as a
+ * little-endian, LSB-first bit stream. The 8 codes 8m..8m+7 occupy exactly bytes [m * bits, (m + 1) * bits):
+ * read as a little-endian word w, codes 0-3 lie in its low 4 * bits <= 32 bits and codes 4-7 in the next
+ * 4 * bits, so two 32-bit halves shifted by 0, b, 2b, 3b give all eight (the AVX2 path). */
+
+/* Code j of a row, reading only the row's own bytes. */
+static inline uint32_t code_at(const uint8_t *row, Py_ssize_t j, int bits) {
+    const Py_ssize_t bit = j * bits, byte = bit >> 3;
+    const int shift = (int)(bit & 7);
+    uint32_t v = (uint32_t)row[byte] >> shift;
+    if (shift + bits > 8) v |= (uint32_t)row[byte + 1] << (8 - shift);
+    return v & ((1u << bits) - 1u);
+}
+
+typedef struct {
+    const uint8_t *codes;
+    int bits;
+    Py_ssize_t D, n, B, H, T;
+    const void *scale, *zero;
+    int meta_dtype;
+    Py_ssize_t meta_rows, meta_cols, meta_group;
+    void *out;
+    int out_dtype;
+    Py_ssize_t s_n, s_b, s_h, s_t;
+} DecodeArgs;
+
+/* Metadata row m as float32 into scale[0..meta_cols), zero[0..meta_cols). */
+static inline void load_meta(const DecodeArgs *a, Py_ssize_t m, float *scale, float *zero) {
+    for (Py_ssize_t k = 0; k < a->meta_cols; ++k) {
+        scale[k] = meta_value(a->scale, m * a->meta_cols + k, a->meta_dtype);
+        zero[k] = meta_value(a->zero, m * a->meta_cols + k, a->meta_dtype);
+    }
+}
+
+/* Element offset in out of the first token of (block i, head h); token t adds t * s_t. */
+static inline Py_ssize_t row_offset(const DecodeArgs *a, Py_ssize_t i, Py_ssize_t h) {
+    return (i / a->B) * a->s_n + (i % a->B) * a->s_b + h * a->s_h;
+}
+
+/* Round a decoded float32 row into the output dtype (float32 rows are decoded in place). */
+static inline void store_row(const DecodeArgs *a, Py_ssize_t offset, const float *vals) {
+    uint16_t *o = (uint16_t *)a->out + offset;
+    if (a->out_dtype == DT_FLOAT16)
+        for (Py_ssize_t d = 0; d < a->D; ++d) o[d] = f32_to_f16(vals[d]);
+    else
+        for (Py_ssize_t d = 0; d < a->D; ++d) o[d] = f32_to_bf16(vals[d]);
+}
+
+/* dst[d] = (float)code_d * scale[d / g] + zero[d / g], the product and the sum rounded separately. */
+static void decode_row_scalar(const uint8_t *row, int bits, Py_ssize_t D, Py_ssize_t g, const float *scale,
+                              const float *zero, float *restrict dst) {
+    for (Py_ssize_t k = 0; k < D / g; ++k) {
+        const float s = scale[k], z = zero[k];
+        for (Py_ssize_t d = k * g; d < (k + 1) * g; ++d) {
+            float v = (float)code_at(row, d, bits) * s;
+            dst[d] = v + z;
+        }
+    }
+}
+
+static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, float *vals) {
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8;
+    const uint8_t *row = a->codes;
+    Py_ssize_t m = 0, left = 0; /* metadata row m - 1 serves `left` more code rows */
+    for (Py_ssize_t i = 0; i < a->n * a->B; ++i)
+        for (Py_ssize_t h = 0; h < a->H; ++h)
+            for (Py_ssize_t t = 0, offset = row_offset(a, i, h); t < a->T;
+                 ++t, row += row_bytes, offset += a->s_t, --left) {
+                if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
+                float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
+                decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, dst);
+                if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
+            }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+/* decode_rows_scalar with AVX2, 8 codes per step (see the packed-row note above), for D a multiple of
+ * 8 and g == 1 or a multiple of 8 (decode_rows checks). The last rows, where an 8-byte load could pass the
+ * end of the packed buffer, take the scalar row decode. */
+__attribute__((target("avx2"))) static void decode_rows_avx2(const DecodeArgs *a, float *scale, float *zero,
+                                                             float *vals) {
+    const int bits = a->bits;
+    const Py_ssize_t D = a->D, g = a->meta_group, row_bytes = (D * bits + 7) / 8;
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
+    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
+    Py_ssize_t m = 0, left = 0;
+#define CODES8(P)                                                                                            \
+    ({                                                                                                      \
+        uint64_t w_;                                                                                        \
+        memcpy(&w_, (P), 8);                                                                                \
+        __m256i v_ = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w_ >> (4 * bits))),                    \
+                                      _mm_set1_epi32((int)(uint32_t)w_));                                   \
+        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v_, shifts), mask));                          \
+    })
+    for (Py_ssize_t i = 0; i < a->n * a->B; ++i)
+        for (Py_ssize_t h = 0; h < a->H; ++h)
+            for (Py_ssize_t t = 0, offset = row_offset(a, i, h); t < a->T;
+                 ++t, row += row_bytes, offset += a->s_t, --left) {
+                if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
+                float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
+                if (row + (D / 8 - 1) * bits + 8 > end) {
+                    decode_row_scalar(row, bits, D, g, scale, zero, dst);
+                } else if (g == 1) {
+                    const uint8_t *p = row;
+                    for (Py_ssize_t d = 0; d < D; d += 8, p += bits) {
+                        const __m256 prod = _mm256_mul_ps(CODES8(p), _mm256_loadu_ps(scale + d));
+                        _mm256_storeu_ps(dst + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
+                    }
+                } else {
+                    const uint8_t *p = row;
+                    for (Py_ssize_t k = 0; k < D / g; ++k) {
+                        const __m256 s = _mm256_set1_ps(scale[k]), z = _mm256_set1_ps(zero[k]);
+                        for (Py_ssize_t d = k * g; d < (k + 1) * g; d += 8, p += bits)
+                            _mm256_storeu_ps(dst + d, _mm256_add_ps(_mm256_mul_ps(CODES8(p), s), z));
+                    }
+                }
+                if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
+            }
+#undef CODES8
+}
+#endif
+
+static void decode_rows(const DecodeArgs *a, float *scale, float *zero, float *vals) {
+#ifdef HAVE_AVX2_PATH
+    if (a->D % 8 == 0 && (a->meta_group == 1 || a->meta_group % 8 == 0) && __builtin_cpu_supports("avx2")) {
+        decode_rows_avx2(a, scale, zero, vals);
+        return;
+    }
+#endif
+    decode_rows_scalar(a, scale, zero, vals);
+}
+
+static PyObject *decode_minmax(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t codes, scale, zero, out;
+    DecodeArgs a;
+    if (!PyArg_ParseTuple(args, "nin(nnnn)nninnnni(nnnn)", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T,
+                          &scale, &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &out,
+                          &a.out_dtype, &a.s_n, &a.s_b, &a.s_h, &a.s_t))
+        return NULL;
+    if (a.bits < 1 || a.bits > 8 || a.D < 1 || a.n < 0 || a.B < 0 || a.H < 0 ||
+        a.T < 0 || a.meta_rows < 1 || a.meta_group < 1 || a.meta_cols < 1 || a.meta_cols * a.meta_group != a.D ||
+        a.meta_dtype < 0 || a.meta_dtype > 2 || a.out_dtype < 0 || a.out_dtype > 2) {
+        PyErr_SetString(PyExc_ValueError, "decode_minmax: invalid layout arguments");
+        return NULL;
+    }
+    a.codes = (const uint8_t *)codes;
+    a.scale = (const void *)scale;
+    a.zero = (const void *)zero;
+    a.out = (void *)out;
+    float *work = (float *)malloc((2 * (size_t)a.meta_cols + (size_t)a.D) * sizeof(float));
+    if (work == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS decode_rows(&a, work, work + a.meta_cols, work + 2 * a.meta_cols);
+    Py_END_ALLOW_THREADS free(work);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef METHODS[] = {
+    {"decode_minmax", decode_minmax, METH_VARARGS,
+     "decode_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
+     "out, out_dtype, (s_n, s_b, s_h, s_t)): fused unpack + min-max decode; see ratequant.native."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_native",
+    .m_doc = "Fused decode kernels of ratequant.",
+    .m_size = -1,
+    .m_methods = METHODS,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    return PyModule_Create(&MODULE);
+}
