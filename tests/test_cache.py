@@ -22,6 +22,7 @@ from ratequant.cache import (
     chunk_sizes,
     expected_nbytes,
     quantized_length,
+    residual_capacity,
 )
 from ratequant.compat import model_geometry
 from ratequant.errors import PlanError, RateQuantError
@@ -215,9 +216,26 @@ def test_nbytes_is_the_storage_of_every_tensor_held(growth):
     assert len(everything) == len(cache.tensors())
     assert nb.total == storage_sum(everything) == storage_sum(cache.tensors())
     codes = sum(t.untyped_storage().nbytes() for t in cache.tensors() if t.dtype == torch.uint8)
-    assert nb.codes == codes and nb.residual == 3 * 2 * (2 * 3 * 8 * 16 * 4)  # 3 layers, K+V, [B,H,F,D] fp32
+    # 32 tokens = 4 chunks of 8: every residual buffer is empty again (none of them was released early)
+    assert nb.codes == codes and nb.residual == 0
+    assert all(s.residual.shape == (2, 3, 0, 16) for layer in cache.layers for s in layer._stores)
     if growth == 0:  # exact size: no reserved chunk
         assert all(g.capacity() == g.num_chunks for layer in cache.layers for s in layer._stores for g in s.groups)
+
+
+def test_residual_buffer_grows_by_granules_and_empties_when_chunks_are_stored():
+    bits = random_bits((2, 1, 3), 1, 9, seed=5)
+    cache = RateQuantCache(bits, KIVI, 40)  # F = 40 tokens: buffers of 16, 32, 40 tokens, then empty
+    layer = cache.layers[0]
+    layer.update(torch.randn(1, 3, 45, 16), torch.randn(1, 3, 45, 16))  # 40 stored, 5 in the residual
+    seen = set()
+    for tokens in range(46, 130):
+        layer.update(torch.randn(1, 3, 1, 16), torch.randn(1, 3, 1, 16))
+        held = tokens % 40
+        assert layer._stores[0].residual.shape[2] == residual_capacity(held, 40) == (0 if held == 0 else min(40, -(-held // 16) * 16))
+        assert cache.nbytes() == expected_nbytes(bits, KIVI, 16, tokens, residual_length=40, dtype=torch.float32)
+        seen.add(layer._stores[0].residual.shape[2])
+    assert seen == {0, 16, 32, 40}
 
 
 @pytest.mark.parametrize(

@@ -428,7 +428,7 @@ def test_every_allocator_names_the_reachable_range(allocator):
         (Budget.avg_bits(1.5), {"b_min": 2}, r"\[2, 8\]" if allocator != "kv-split" else "reachable averages: 2, 2.5"),
         (Budget.avg_bits(3.5), {"b_max": 3}, r"\[1, 3\]" if allocator != "kv-split" else "reachable averages: 1, 1.5, 2, 2.5, 3$"),
         (Budget.avg_bits(2.9), {"bitset": (2, 4)}, r"\[2, 4\]" if allocator != "kv-split" else "reachable averages: 2, 3, 4"),
-        (Budget.bytes_per_token(10.0, 64), {}, r"outside the reachable range \[264, 432\]"),
+        (Budget.bytes_per_token(10.0, 64), {}, r"outside the reachable range \[216, 384\]"),
     ]
     for budget, options, match in cases:
         with pytest.raises(BudgetError, match=match):

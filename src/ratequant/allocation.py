@@ -112,11 +112,12 @@ class CostModel:
     order) at width ``bitset[j]``: ``head_dim * b / 8`` code bytes plus metadata (scales, zeros, norms,
     amortised over their groups). The cache's residual policy (``ratequant.cache``) quantizes aligned
     chunks of ``F`` tokens (``chunk_tokens``, per kind: the residual length, or the quantizer's token group
-    when it is 0) and keeps an ``F``-token full-precision buffer per layer and kind. At ``T =
+    when it is 0) and keeps the rest at full precision in a buffer per layer and kind with room for
+    ``R_kind = residual_capacity(T mod F, F)`` tokens (:func:`ratequant.cache.residual_capacity`). At ``T =
     context_tokens`` a kind stores ``floor(T / F) * F / T`` quantized tokens per token of context, so
 
         bytes_per_token(bits) = sum_i stored_fraction_i * bytes_table[i, bits_i] + residual_bytes_per_token
-        residual_bytes_per_token = sum_kind F_kind * (fp_bytes_per_token / 2) / T
+        residual_bytes_per_token = sum_kind R_kind * (fp_bytes_per_token / 2) / T
     """
 
     bitset: tuple[int, ...]
@@ -202,8 +203,12 @@ class CostModel:
 
     @property
     def residual_bytes_per_token(self) -> float:
-        """Full-precision residual-buffer bytes (``F`` tokens per kind) per token of context at ``context_tokens``."""
-        return sum(self.chunk_tokens) * self.fp_bytes_per_token / 2 / self.context_tokens
+        """Full-precision residual-buffer bytes per token of context at ``context_tokens``."""
+        from ratequant.cache import residual_capacity
+
+        t = self.context_tokens
+        held = sum(residual_capacity(t - (t // f) * f, f) for f in self.chunk_tokens if f)
+        return held * self.fp_bytes_per_token / 2 / t
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray] | None:
         b = np.asarray(self.bitset, dtype=np.float64)
