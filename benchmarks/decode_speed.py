@@ -5,20 +5,27 @@ For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation 
 * ``dynamic``: transformers' full-precision ``DynamicCache`` (the model's dtype);
 * ``hqq-2``: transformers' ``QuantizedCache`` with the HQQ backend at 2 bits (group 64, residual 128);
 * ``quanto-2``: the same with the quanto backend at 2 bits, where optimum-quanto is installed;
-* ``rq-uniform-2``: ``RateQuantCache``, KIVI, every component at 2 bits (residual 128);
-* ``rq-mixed-2.5``: ``RateQuantCache``, KIVI, a mixed plan at exactly 2.5 average code bits: the exact
-  integer RateQuant allocation (``ratequant.allocation.rate_quant``) on seeded synthetic distortion curves
-  ``alpha * 4^-b`` (keys weighted 3x), so widths differ across heads of one layer as a real plan's do;
+* ``rq-uniform-2``: ``RateQuantCache``, KIVI (groups of 32), every component at 2 bits (residual 128);
+* ``rq-uniform-2-g64``: the same with KIVI groups of 64, the grouping of the HQQ and quanto runs (half the
+  metadata of groups of 32);
+* ``rq-mixed-2.5``: ``RateQuantCache`` with a RateQuant plan at 2.5 average code bits, calibrated on the
+  default model before the run (KIVI, Fisher metric, 4 x 512 calibration tokens; ``--plan`` loads one
+  instead), decoded by the native kernel where it is built;
+* ``rq-mixed-2.5-torch``: the same plan decoded by the PyTorch path (the kernel switched off), to show
+  what the kernel buys;
 * ``rq-mixed-2.5+buffer``: the same plan with a working buffer of dequantized chunks large enough for the
   whole history (``buffer_bytes``); the buffer is full-precision memory and is counted.
 
-it measures time to first token (the prefill forward over the prompt), decode tokens per second (a greedy
-loop of ``--new-tokens`` single-token forwards; the median step time, after ``--warmup`` untimed steps),
-the cache's real bytes after decoding (every tensor it holds: packed codes, metadata, residual windows,
-buffers) against a float16 ``DynamicCache`` of the same length, and the process's peak resident memory
-during the run above its level before it (sampled from ``/proc/self/statm``; Linux only, else null). The
-conditions run interleaved per context, in a rotating order, so slow periods of a shared machine hit all
-of them alike; ratios to ``dynamic`` and to ``hqq-2`` are reported beside the absolute numbers.
+It measures time to first token (the prefill forward over the prompt), decode tokens per second (the
+median step time of ``--new-tokens`` greedy single-token forwards, after ``--warmup`` untimed ones), the
+cache's real bytes after decoding (every tensor it holds: packed codes, metadata, residual windows, buffers)
+against a float16 ``DynamicCache`` of the same length, and the process's peak resident memory during the
+prefill and warm-up above its level before them (sampled from ``/proc/self/statm``; Linux only, else null).
+
+Fairness on a shared machine: every cache is prefilled first (in a rotating order per context); then the
+timed decode steps are interleaved, one step of each cache in turn (the order rotating every step), so a
+slow spell of the machine hits every cache alike. Ratios to ``dynamic`` and to ``hqq-2`` are reported beside
+the absolute numbers.
 
     python benchmarks/decode_speed.py --output results/decode_speed.json --plot results/decode_speed.png
 
@@ -170,38 +177,37 @@ def cache_bytes(name: str, cache) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def mixed_bits(num_layers: int, num_heads: int, avg_bits: float, seed: int = 0) -> np.ndarray:
-    """An exact integer RateQuant allocation at ``avg_bits`` on seeded synthetic curves (see module doc)."""
-    from ratequant.allocation import Budget, rate_quant
-    from ratequant.geometry import Geometry
+def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int):
+    """The RateQuant plan of the mixed conditions: loaded from ``path``, or calibrated now (default settings)."""
+    from ratequant.allocation import Budget
+    from ratequant.data import load_corpus
+    from ratequant.pipeline import CalibrationSettings, calibrate
+    from ratequant.plan import Plan
 
-    geometry = Geometry(num_layers=num_layers, num_kv_heads=num_heads, head_dim=64, num_heads=num_heads)
-    rng = np.random.default_rng(seed)
-    bitset = np.arange(1, 9)
-    alpha = np.exp(rng.normal(0.0, 1.0, size=geometry.shape))
-    alpha[0] *= 3.0
-    table = alpha[..., None] * 4.0 ** (-bitset)
-    alloc = rate_quant(
-        table, Budget.avg_bits(avg_bits), geometry, table_bitset=tuple(bitset), use="measured", b_min=2, b_max=3
-    )
-    bits = np.asarray(alloc.bits)
-    if abs(bits.mean() - avg_bits) > 1e-9:
-        raise SystemExit(f"allocation gave {bits.mean()} average bits, wanted {avg_bits}")
-    return bits
+    if path is not None:
+        return Plan.load(path), 0.0
+    start = time.perf_counter()
+    settings = CalibrationSettings(budget=Budget.avg_bits(avg_bits), sequences=sequences)
+    run = calibrate(loaded, load_corpus(), settings)
+    return run.plan, time.perf_counter() - start
 
 
-def make_conditions(model, args) -> dict:
+def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
+    """``{name: (make_cache, decode_context)}`` for the chosen conditions that pass a smoke run."""
+    from contextlib import nullcontext
+
     from transformers import DynamicCache, QuantizedCache
 
+    from ratequant import native
     from ratequant.cache import RateQuantCache
     from ratequant.quantizers import get_quantizer
 
-    cfg = model.config
+    model, cfg = loaded.model, loaded.model.config
     layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kivi = get_quantizer("kivi")
-    mixed = mixed_bits(layers, heads, 2.5)
     uniform2 = np.full((2, layers, heads), 2)
+    plan, plan_seconds = calibrated_plan(loaded, 2.5, args.plan, args.calib_sequences)
     elem = next(model.parameters()).element_size()
     full_history = 2 * layers * heads * head_dim * elem * (max(args.contexts) + args.new_tokens + args.warmup)
     conditions = {
@@ -211,30 +217,40 @@ def make_conditions(model, args) -> dict:
         ),
         "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=128),
         "rq-uniform-2": lambda: RateQuantCache(uniform2, kivi, 128),
-        "rq-mixed-2.5": lambda: RateQuantCache(mixed, kivi, 128),
-        "rq-mixed-2.5+buffer": lambda: RateQuantCache(mixed, kivi, 128, buffer_bytes=full_history),
+        "rq-uniform-2-g64": lambda: RateQuantCache(uniform2, get_quantizer("kivi", group_size=HQQ_GROUP), 128),
+        "rq-mixed-2.5": lambda: RateQuantCache.from_plan(plan, model),
+        "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model),
+        "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(plan, model, buffer_bytes=full_history),
     }
+    contexts = {"rq-mixed-2.5-torch": native.disabled}
     chosen, skipped = {}, {}
     for name in args.conditions:
+        around = contexts.get(name, nullcontext)
         try:
             cache = conditions[name]()
-            with torch.inference_mode():  # a tiny smoke run: a backend that cannot run here is skipped
+            with torch.inference_mode(), around():  # a tiny smoke run: a backend that cannot run here is skipped
                 ids = torch.arange(3, 3 + 140).unsqueeze(0)
                 out = model(ids, past_key_values=cache, use_cache=True)
                 model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-            chosen[name] = conditions[name]
+            chosen[name] = (conditions[name], around)
         except Exception as exc:  # noqa: BLE001 - report exactly why a peer cannot run
             skipped[name] = f"{type(exc).__name__}: {exc}"
             print(f"skipping {name}: {skipped[name]}", file=sys.stderr)
+    bits = plan.bits_array()
     plan_info = {
         "rq-mixed-2.5": {
-            "mean_bits": float(mixed.mean()),
-            "key_mean_bits": float(mixed[0].mean()),
-            "value_mean_bits": float(mixed[1].mean()),
-            "width_counts": {str(b): int((mixed == b).sum()) for b in np.unique(mixed)},
-            "layers_with_mixed_heads": int(sum(len(set(mixed[k, i])) > 1 for k in range(2) for i in range(layers))),
+            "source": str(args.plan) if args.plan else
+            f"calibrated in this run (default settings, 2.5 bits, {args.calib_sequences} x 512 tokens)",
+            "calibration_seconds": plan_seconds,
+            "mean_bits": float(bits.mean()),
+            "key_mean_bits": float(bits[0].mean()),
+            "value_mean_bits": float(bits[1].mean()),
+            "width_counts": {str(b): int((bits == b).sum()) for b in np.unique(bits)},
+            "layers_with_mixed_heads": int(sum(len(set(bits[k, i])) > 1 for k in range(2) for i in range(layers))),
+            "bit_groups_per_layer_kind": float(np.mean([len(set(bits[k, i])) for k in range(2) for i in range(layers)])),
         },
         "rq-mixed-2.5+buffer": {"buffer_bytes_limit": int(full_history)},
+        "decode_path": native.describe(),
     }
     return chosen, skipped, plan_info
 
@@ -245,34 +261,62 @@ def make_conditions(model, args) -> dict:
 
 
 @torch.inference_mode()
-def run_one(name: str, model, make_cache, ids: torch.Tensor, new_tokens: int, warmup: int) -> dict:
+def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int) -> dict:
+    """A new cache, the prompt's forward (timed: time to first token) and ``warmup`` untimed steps."""
     cache = make_cache()
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, around():
         start = time.perf_counter()
         out = model(ids, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         ttft = time.perf_counter() - start
-        steps, generated = [], []
-        for i in range(warmup + new_tokens):
-            start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            elapsed = time.perf_counter() - start
+        generated = []
+        for _ in range(warmup):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             generated.append(int(token))
-            if i >= warmup:
-                steps.append(elapsed)
-    steps = np.asarray(steps)
-    return {
-        "ttft_s": ttft,
-        "step_s_median": float(np.median(steps)),
-        "step_s_q25": float(np.quantile(steps, 0.25)),
-        "step_s_q75": float(np.quantile(steps, 0.75)),
-        "tokens_per_s": float(1.0 / np.median(steps)),
-        "seq_len": int(cache.get_seq_length()),
-        "cache_bytes": cache_bytes(name, cache),
-        "peak_rss_extra_bytes": mem.extra,
-        "tokens": generated,
-    }
+    return {"cache": cache, "token": token, "around": around, "ttft_s": ttft, "peak": mem.extra,
+            "steps": [], "tokens": generated}
+
+
+@torch.inference_mode()
+def decode_step(model, state: dict) -> None:
+    """One timed greedy step of one cache."""
+    with state["around"]():
+        start = time.perf_counter()
+        out = model(state["token"], past_key_values=state["cache"], use_cache=True)
+        state["token"] = out.logits[:, -1:].argmax(-1)
+        state["steps"].append(time.perf_counter() - start)
+    state["tokens"].append(int(state["token"]))
+
+
+def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int) -> list[dict]:
+    """Every condition at one context: prefills in a rotating order, then interleaved timed steps."""
+    names = list(conditions)
+    states = {}
+    for name in names[rotation % len(names):] + names[: rotation % len(names)]:
+        make_cache, around = conditions[name]
+        states[name] = prefill(model, make_cache, around, ids, args.warmup)
+    for step in range(args.new_tokens):
+        for name in names[step % len(names):] + names[: step % len(names)]:
+            decode_step(model, states[name])
+    rows = []
+    for name in names:
+        st = states.pop(name)
+        steps = np.asarray(st["steps"])
+        rows.append({
+            "condition": name,
+            "ttft_s": st["ttft_s"],
+            "step_s_median": float(np.median(steps)),
+            "step_s_q25": float(np.quantile(steps, 0.25)),
+            "step_s_q75": float(np.quantile(steps, 0.75)),
+            "tokens_per_s": float(1.0 / np.median(steps)),
+            "seq_len": int(st["cache"].get_seq_length()),
+            "cache_bytes": cache_bytes(name, st["cache"]),
+            "peak_rss_extra_bytes": st["peak"],
+            "tokens": st["tokens"],
+        })
+        del st
+        _trim()
+    return rows
 
 
 def add_ratios(rows: list[dict], fp16_bytes_per_token: int) -> None:
@@ -331,8 +375,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps before the timed ones")
     parser.add_argument(
         "--conditions", nargs="+",
-        default=["dynamic", "hqq-2", "quanto-2", "rq-uniform-2", "rq-mixed-2.5", "rq-mixed-2.5+buffer"],
+        default=["dynamic", "hqq-2", "quanto-2", "rq-uniform-2", "rq-uniform-2-g64", "rq-mixed-2.5",
+                 "rq-mixed-2.5-torch", "rq-mixed-2.5+buffer"],
     )
+    parser.add_argument("--plan", type=Path, help="plan JSON for the mixed conditions (default: calibrate one now)")
+    parser.add_argument("--calib-sequences", type=int, default=4, help="512-token calibration windows (default 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("results/decode_speed.json"))
     parser.add_argument("--plot", type=Path, default=Path("results/decode_speed.png"))
@@ -346,7 +393,7 @@ def main(argv=None) -> int:
     model = loaded.model.eval()
     info = machine_info(args.threads)
     info["model"] = loaded.describe()
-    conditions, skipped, plan_info = make_conditions(model, args)
+    conditions, skipped, plan_info = make_conditions(loaded, args)
     text = load_corpus().evaluation
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -357,14 +404,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for ci, context in enumerate(sorted(args.contexts)):
         ids = token_windows(loaded.tokenizer, text, context, max_windows=1)[:1]
-        order = names[ci % len(names):] + names[: ci % len(names)]  # rotate who runs first
-        for name in order:
-            result = run_one(name, model, conditions[name], ids, args.new_tokens, args.warmup)
-            rows.append({"context": context, "condition": name, **result})
+        for result in run_context(model, conditions, ids, args, rotation=ci):
+            rows.append({"context": context, **result})
             print(
-                f"ctx {context:5d} {name:22s} ttft {result['ttft_s']:7.2f} s  decode {result['tokens_per_s']:6.2f} tok/s"
-                f"  cache {result['cache_bytes']['total'] / 2**20:8.2f} MiB  peak+ "
-                f"{(result['peak_rss_extra_bytes'] or 0) / 2**20:8.1f} MiB",
+                f"ctx {context:5d} {result['condition']:22s} ttft {result['ttft_s']:7.2f} s  decode "
+                f"{result['tokens_per_s']:6.2f} tok/s  cache {result['cache_bytes']['total'] / 2**20:8.2f} MiB  "
+                f"peak+ {(result['peak_rss_extra_bytes'] or 0) / 2**20:8.1f} MiB",
                 flush=True,
             )
     add_ratios(rows, fp16_per_token)

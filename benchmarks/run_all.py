@@ -32,7 +32,7 @@ def commands(results: Path, threads: int, quick: bool) -> dict[str, list[str]]:
             "decode_speed.py", "--threads", t, "--output", str(results / "decode_speed.json"),
             "--plot", str(results / "decode_speed.png"),
         ]
-        + (["--contexts", "256", "512", "--new-tokens", "4", "--warmup", "1"] if quick else []),
+        + (["--contexts", "256", "512", "--new-tokens", "4", "--warmup", "1", "--calib-sequences", "1"] if quick else []),
         "calibration_time": ["calibration_time.py", "--threads", t, "--output", str(results / "calibration_time.json")]
         + (["--repeats", "1", "--sequences", "1", "--seq-len", "128"] if quick else []),
         "metric_validation": ["metric_validation.py", "--out", str(results / "metric_validation.json"), "--force"]

@@ -391,9 +391,9 @@ def test_cost_model_counts_codes_metadata_and_residual():
     # 1000 tokens = 10 full chunks of 100 quantized; the residual buffers are empty
     assert cm.bytes_per_token(bits) == pytest.approx(per_token)
     assert cm.residual_bytes_per_token == 0
-    # 3 chunks of 300 quantized; 100 tokens per kind at full precision, in buffers of 112 (granule 16)
+    # 3 chunks of 300 quantized; 100 tokens per kind wait at full precision
     partial = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=300, context_tokens=1000)
-    assert partial.bytes_per_token(bits) == pytest.approx(0.9 * per_token + 0.112 * fp)
+    assert partial.bytes_per_token(bits) == pytest.approx(0.9 * per_token + 0.1 * fp)
     assert not CostModel.from_quantizer(FakeQuantizer(codebook=True), G, 0, 1).is_affine
 
 

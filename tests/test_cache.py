@@ -22,7 +22,6 @@ from ratequant.cache import (
     chunk_sizes,
     expected_nbytes,
     quantized_length,
-    residual_capacity,
 )
 from ratequant.compat import model_geometry
 from ratequant.errors import PlanError, RateQuantError
@@ -223,19 +222,19 @@ def test_nbytes_is_the_storage_of_every_tensor_held(growth):
         assert all(g.capacity() == g.num_chunks for layer in cache.layers for s in layer._stores for g in s.groups)
 
 
-def test_residual_buffer_grows_by_granules_and_empties_when_chunks_are_stored():
+def test_residual_window_holds_exactly_the_waiting_tokens():
     bits = random_bits((2, 1, 3), 1, 9, seed=5)
-    cache = RateQuantCache(bits, KIVI, 40)  # F = 40 tokens: buffers of 16, 32, 40 tokens, then empty
+    cache = RateQuantCache(bits, KIVI, 40)
     layer = cache.layers[0]
     layer.update(torch.randn(1, 3, 45, 16), torch.randn(1, 3, 45, 16))  # 40 stored, 5 in the residual
-    seen = set()
     for tokens in range(46, 130):
         layer.update(torch.randn(1, 3, 1, 16), torch.randn(1, 3, 1, 16))
-        held = tokens % 40
-        assert layer._stores[0].residual.shape[2] == residual_capacity(held, 40) == (0 if held == 0 else min(40, -(-held // 16) * 16))
+        for store in layer._stores:
+            assert store.residual.shape == (1, 3, tokens % 40, 16)
+            assert store.residual.untyped_storage().nbytes() == store.residual.numel() * 4
         assert cache.nbytes() == expected_nbytes(bits, KIVI, 16, tokens, residual_length=40, dtype=torch.float32)
-        seen.add(layer._stores[0].residual.shape[2])
-    assert seen == {0, 16, 32, 40}
+    layer.crop(-15)  # 114 tokens: 2 chunks stay stored, 34 tokens of the third return to the residual
+    assert layer._stores[0].residual.shape == (1, 3, 34, 16) and layer.lossy_crop
 
 
 @pytest.mark.parametrize(

@@ -112,12 +112,11 @@ class CostModel:
     order) at width ``bitset[j]``: ``head_dim * b / 8`` code bytes plus metadata (scales, zeros, norms,
     amortised over their groups). The cache's residual policy (``ratequant.cache``) quantizes aligned
     chunks of ``F`` tokens (``chunk_tokens``, per kind: the residual length, or the quantizer's token group
-    when it is 0) and keeps the rest at full precision in a buffer per layer and kind with room for
-    ``R_kind = residual_capacity(T mod F, F)`` tokens (:func:`ratequant.cache.residual_capacity`). At ``T =
+    when it is 0) and keeps the other ``T mod F`` tokens at full precision in its residual window. At ``T =
     context_tokens`` a kind stores ``floor(T / F) * F / T`` quantized tokens per token of context, so
 
         bytes_per_token(bits) = sum_i stored_fraction_i * bytes_table[i, bits_i] + residual_bytes_per_token
-        residual_bytes_per_token = sum_kind R_kind * (fp_bytes_per_token / 2) / T
+        residual_bytes_per_token = sum_kind (T mod F_kind) * (fp_bytes_per_token / 2) / T
     """
 
     bitset: tuple[int, ...]
@@ -204,10 +203,8 @@ class CostModel:
     @property
     def residual_bytes_per_token(self) -> float:
         """Full-precision residual-buffer bytes per token of context at ``context_tokens``."""
-        from ratequant.cache import residual_capacity
-
         t = self.context_tokens
-        held = sum(residual_capacity(t - (t // f) * f, f) for f in self.chunk_tokens if f)
+        held = sum(t % f for f in self.chunk_tokens if f)
         return held * self.fp_bytes_per_token / 2 / t
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray] | None:

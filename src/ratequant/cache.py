@@ -34,10 +34,10 @@ by default (``growth=0``): storing new chunks reallocates the group's tensors at
 the packed store once every ``F`` tokens (amortised ``O(S / F)`` bytes per token, below the ``O(S)`` read of
 every decode step), and :meth:`RateQuantCache.nbytes` equals the data with no slack. ``growth > 0`` reserves
 that fraction of extra chunks when growing (amortised ``O(1)`` appends, e.g. for ``residual_length=0``); the
-reserved capacity is real memory and is counted. The residual window is a buffer per kind and layer in the
-model's dtype that holds ``residual_capacity(n, F)`` tokens for ``n`` tokens in it: it grows in steps of
-:data:`RESIDUAL_GRANULE` tokens up to ``F`` and shrinks to what is left when chunks are stored (empty at a
-multiple of ``F``), so a long cache does not carry ``F`` idle full-precision tokens per layer.
+reserved capacity is real memory and is counted. The residual window is a tensor per kind and layer in the
+model's dtype holding exactly the tokens that wait for their chunk (``num_tokens mod F``; none at a multiple
+of ``F``): each update writes it anew from the output it returns anyway, a copy of at most ``F`` tokens, so
+a long cache carries no idle full-precision buffer.
 
 Reads. Each update returns keys and values ``[batch, kv_heads, seq, head_dim]`` in head order and in the
 model's dtype: all stored chunks dequantized in one quantizer call per bit group, then the residual. No
@@ -66,9 +66,6 @@ Cache, CacheLayerMixin = cache_base_classes()
 
 DEFAULT_RESIDUAL_LENGTH = 128
 """KIVI's full-precision residual window (Liu et al., ICML 2024), in tokens."""
-
-RESIDUAL_GRANULE = 16
-"""The residual buffer grows in steps of this many tokens (up to the chunk ``F``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,11 +96,6 @@ def chunk_sizes(quantizer: Quantizer, residual_length: int) -> tuple[int, int]:
         else:
             out.append(residual_length)
     return out[0], out[1]
-
-
-def residual_capacity(tokens: int, chunk: int) -> int:
-    """Tokens the residual buffer holds room for when ``tokens`` (< ``chunk``) sit in it; 0 when empty."""
-    return 0 if tokens <= 0 else min(chunk, -(-tokens // RESIDUAL_GRANULE) * RESIDUAL_GRANULE)
 
 
 def quantized_length(query_positions: torch.Tensor | int, chunk: int) -> torch.Tensor | int:
@@ -230,9 +222,8 @@ def expected_nbytes(
     """Bytes a :class:`RateQuantCache` should hold after ``num_tokens`` tokens, from the plan formula.
 
     Stored tokens per kind: ``floor(num_tokens / F) * F``, each costing ``quantizer.bits_per_token`` / 8
-    bytes per head (codes ``head_dim * bits``, the rest metadata); plus a residual buffer per (layer, kind) in
-    ``dtype`` of :func:`residual_capacity` tokens for the ``num_tokens mod F`` tokens it holds (exact for a
-    cache filled by appends; a ``crop`` may leave it larger). Row padding of packed codes and metadata rounding make the real cache
+    bytes per head (codes ``head_dim * bits``, the rest metadata); plus the ``num_tokens mod F`` tokens of
+    each (layer, kind)'s residual window in ``dtype``. Row padding of packed codes and metadata rounding make the real cache
     differ slightly (tested to stay within 1% of the stored part).
     """
     arr = check_bits_array(bits)
@@ -246,8 +237,7 @@ def expected_nbytes(
         for b in arr[k].ravel():
             codes += stored * head_dim * int(b) / 8
             metadata += stored * quantizer.metadata_bits_per_token(head_dim, int(b), kind) / 8
-        held = residual_capacity(int(num_tokens) - quantized, chunks[k])
-        residual += num_layers * batch_size * num_heads * held * head_dim * elem
+        residual += num_layers * batch_size * num_heads * (int(num_tokens) - quantized) * head_dim * elem
     return CacheBytes(int(round(codes)), int(round(metadata)), int(residual))
 
 
@@ -378,7 +368,7 @@ class _KindStore:
         self.kind, self.chunk, self.growth = kind, chunk, growth
         self.groups = [_GroupStore(b, heads, kind, chunk, growth) for b, heads in bit_groups(widths)]
         self.num_heads = len(widths)
-        self.residual: torch.Tensor | None = None  # [B, H, residual_capacity(residual_len, F), D]
+        self.residual: torch.Tensor | None = None  # [B, H, residual_len, D]
         self.residual_len = 0
         # optional working buffer: the dequantized values of the first `buffered` stored chunks
         self.buffer_bytes = buffer_bytes
@@ -421,18 +411,9 @@ class _KindStore:
             for g in self.groups:
                 g.append(g.select_heads(fresh), quantizer)
             self._fill_buffer(quantizer)
-        rest = out[:, :, p + m * self.chunk :]
-        self._hold_residual(rest.shape[2])
-        self.residual[:, :, : rest.shape[2]] = rest
-        self.residual_len = rest.shape[2]
+        self.residual = out[:, :, p + m * self.chunk :].clone()  # exactly the waiting tokens, owning its storage
+        self.residual_len = self.residual.shape[2]
         return out
-
-    def _hold_residual(self, tokens: int) -> None:
-        """Size the residual buffer for ``tokens`` tokens (its contents are rewritten by the caller)."""
-        capacity = residual_capacity(tokens, self.chunk)
-        if self.residual.shape[2] != capacity:
-            b, h, _, d = self.residual.shape
-            self.residual = self.residual.new_empty(b, h, capacity, d)
 
     def _fill_buffer(self, quantizer: Quantizer) -> None:
         """Dequantize newly stored chunks once into the working buffer, as far as its byte limit allows."""
@@ -496,6 +477,7 @@ class _KindStore:
         p, r = self.stored_len, self.residual_len
         if length >= p:
             self.residual_len = min(r, length - p)
+            self.residual = self.residual[:, :, : self.residual_len].clone()
             return False
         keep = length // self.chunk
         partial = length - keep * self.chunk
@@ -503,8 +485,7 @@ class _KindStore:
             b, h, _, d = self.residual.shape
             part = torch.empty(b, h, self.chunk, d, dtype=self.residual.dtype, device=self.residual.device)
             self._dequantize_chunks(part, quantizer, keep, keep + 1)
-            self._hold_residual(partial)
-            self.residual[:, :, :partial] = part[:, :, :partial]
+        self.residual = part[:, :, :partial].clone() if partial else self.residual[:, :, :0].clone()
         self.residual_len = partial
         for g in self.groups:
             g.truncate(keep)
@@ -824,7 +805,6 @@ class RateQuantCache(Cache):
 
 __all__ = [
     "DEFAULT_RESIDUAL_LENGTH",
-    "RESIDUAL_GRANULE",
     "CacheBytes",
     "RateQuantCache",
     "RateQuantLayer",
@@ -833,6 +813,5 @@ __all__ = [
     "chunk_sizes",
     "expected_nbytes",
     "quantized_length",
-    "residual_capacity",
     "resolve_plan",
 ]
