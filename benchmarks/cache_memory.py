@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ratequant.cache import DEFAULT_RESIDUAL_LENGTH, RateQuantCache, expected_nbytes
+from ratequant.compat import cache_argument
 from ratequant.geometry import Geometry
 from ratequant.quantizers import get_quantizer
 
@@ -102,7 +103,7 @@ def fill(cache: RateQuantCache, args, geometry: Geometry) -> float:
         ids = token_windows(loaded.tokenizer, load_corpus().evaluation, args.tokens, max_windows=args.batch_size)
         with torch.no_grad():
             for i in range(0, args.tokens, 512):  # prefill in pieces to bound attention memory
-                loaded.model(ids[:, i : i + 512], past_key_values=cache, use_cache=True)
+                loaded.model(ids[:, i : i + 512], **cache_argument(loaded.model, cache), use_cache=True)
     return time.perf_counter() - start
 
 

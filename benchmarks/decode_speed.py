@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ratequant.compat import cache_argument
+
 FORMAT_VERSION = 1
 HQQ_GROUP = 64
 
@@ -230,8 +232,8 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
             cache = conditions[name]()
             with torch.inference_mode(), around():  # a tiny smoke run: a backend that cannot run here is skipped
                 ids = torch.arange(3, 3 + 140).unsqueeze(0)
-                out = model(ids, past_key_values=cache, use_cache=True)
-                model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+                out = model(ids, **cache_argument(model, cache), use_cache=True)
+                model(out.logits[:, -1:].argmax(-1), **cache_argument(model, cache), use_cache=True)
             chosen[name] = (conditions[name], around)
         except Exception as exc:  # noqa: BLE001 - report exactly why a peer cannot run
             skipped[name] = f"{type(exc).__name__}: {exc}"
@@ -266,12 +268,12 @@ def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int) -> dict:
     cache = make_cache()
     with PeakRSS() as mem, around():
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_argument(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         ttft = time.perf_counter() - start
         generated = []
         for _ in range(warmup):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             generated.append(int(token))
     return {"cache": cache, "token": token, "around": around, "ttft_s": ttft, "peak": mem.extra,
             "steps": [], "tokens": generated}
@@ -282,7 +284,7 @@ def decode_step(model, state: dict) -> None:
     """One timed greedy step of one cache."""
     with state["around"]():
         start = time.perf_counter()
-        out = model(state["token"], past_key_values=state["cache"], use_cache=True)
+        out = model(state["token"], **cache_argument(model, state["cache"]), use_cache=True)
         state["token"] = out.logits[:, -1:].argmax(-1)
         state["steps"].append(time.perf_counter() - start)
     state["tokens"].append(int(state["token"]))
@@ -357,7 +359,7 @@ def plot(rows: list[dict], path: Path, info: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylim(bottom=0)
-    axes[1].set_ylim(bottom=0)
+    axes[1].set_yscale("log")  # full-precision caches are 10x the quantized ones
     fig.suptitle(
         f"SmolLM2-135M, {info.get('cpu_model', info['processor'])}, {info['torch_threads']} thread(s), "
         f"torch {info['torch']}, transformers {info['transformers']}",

@@ -48,6 +48,7 @@ import torch
 
 from ratequant.allocation import CostModel
 from ratequant.cache import RateQuantCache, expected_nbytes
+from ratequant.compat import cache_argument
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
@@ -255,10 +256,10 @@ def long_context(loaded, args) -> dict:
     with PeakSampler() as sampler:
         if args.context_source == "model":
             for i in range(0, args.context, args.chunk):
-                logits = loaded.model(ids[:, i : i + args.chunk], past_key_values=cache, use_cache=True).logits
+                logits = loaded.model(ids[:, i : i + args.chunk], **cache_argument(loaded.model, cache), use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
             for _ in range(args.decode):
-                token = loaded.model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                token = loaded.model(token, **cache_argument(loaded.model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             del logits
         else:  # what a forward pass does to the cache: every layer appends the chunk and reads everything back
             steps = [args.chunk] * (args.context // args.chunk) + [args.context % args.chunk] * bool(args.context % args.chunk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -254,3 +256,23 @@ def test_models_without_attention_interface_or_with_odd_layer_types_are_rejected
         check_supported(Plain(PretrainedConfig(layer_types=["full_attention", "linear_attention"])))
     with pytest.raises(UnsupportedModelError, match="no `config`"):
         check_supported(nn.Linear(2, 2))
+
+
+def test_cache_argument_uses_the_keyword_the_model_declares():
+    from ratequant.compat import cache_argument
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return cache
+
+    marker = object()
+    assert cache_argument(Old(), marker) == {"past_key_values": marker}
+    assert New()(None, **cache_argument(New(), marker)) is marker
+    for family in CONFIGS:  # every family's forward takes its cache by the keyword chosen
+        model = _model(family, "eager")
+        (name,) = cache_argument(model, marker)
+        assert name in inspect.signature(type(model).forward).parameters, family

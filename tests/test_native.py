@@ -176,3 +176,19 @@ def test_default_model_geometry_cache_uses_one_kernel_call_per_bit_group(monkeyp
     calls.clear()
     cache.update(x[:, :, :1], x[:, :, :1], 0)
     assert sorted(calls) == [2, 3, 3]  # keys: the 2-bit pair and the 3-bit head; values: one 3-bit group
+
+
+def test_a_stale_or_missing_build_is_refused_with_the_reason(monkeypatch):
+    import sys
+    import types
+
+    stale = types.ModuleType("ratequant._native")
+    stale.__file__ = "/somewhere/_native.so"
+    import ratequant
+
+    monkeypatch.setitem(sys.modules, "ratequant._native", stale)
+    monkeypatch.setattr(ratequant, "_native", stale, raising=False)
+    module, why = native._load()
+    assert module is None and "stale build at /somewhere/_native.so" in why and "reinstall" in why
+    monkeypatch.setenv("RATEQUANT_NATIVE", "0")
+    assert native._load() == (None, "switched off by RATEQUANT_NATIVE=0")

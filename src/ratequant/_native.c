@@ -258,6 +258,14 @@ static struct PyModuleDef MODULE = {
     .m_methods = METHODS,
 };
 
+/* Raised whenever decode_minmax's arguments change, so that ratequant.native refuses a stale build. */
+#define NATIVE_ABI 1
+
 PyMODINIT_FUNC PyInit__native(void) {
-    return PyModule_Create(&MODULE);
+    PyObject *module = PyModule_Create(&MODULE);
+    if (module != NULL && PyModule_AddIntConstant(module, "ABI", NATIVE_ABI) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

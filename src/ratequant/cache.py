@@ -40,8 +40,10 @@ of ``F``): each update writes it anew from the output it returns anyway, a copy 
 a long cache carries no idle full-precision buffer.
 
 Reads. Each update returns keys and values ``[batch, kv_heads, seq, head_dim]`` in head order and in the
-model's dtype: all stored chunks dequantized in one quantizer call per bit group, then the residual. No
-dequantized copy is kept between steps (it would cost full-precision memory).
+model's dtype: all stored chunks decoded straight into that output by one prepared decoder per bit group
+(:meth:`Quantizer.prepare_decode`: the native kernel of :mod:`ratequant.native` for min-max designs on the
+CPU), then the residual. No dequantized copy is kept between steps unless ``buffer_bytes`` asks for one (it
+costs full-precision memory).
 
 Sliding-window layers (Mistral with ``sliding_window``, Gemma2/3) keep their whole history here and the
 attention mask applies the window, which is correct; memory then grows like a full-attention layer (the
@@ -734,8 +736,9 @@ class RateQuantCache(Cache):
             layers (default 0: none, the packed store is decoded on every step). A buffer trades memory for
             decode speed and is counted in :meth:`nbytes` as ``buffer``.
 
-    Use ``model.generate(..., past_key_values=RateQuantCache(...))`` or :meth:`from_plan`. Works with
-    greedy and sampled decoding, beam search, batches with padding, ``crop`` and ``reset``.
+    Use ``model.generate(..., cache=RateQuantCache(...))`` (``past_key_values=`` before transformers 5.24) or
+    :meth:`from_plan`. Works with greedy and sampled decoding, beam search, batches with padding, ``crop``
+    and ``reset``.
     """
 
     def __init__(

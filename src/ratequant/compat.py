@@ -7,6 +7,8 @@ Sections:
 2. Attention interception: :func:`intercept_attention` (a context manager routing every attention layer's
    core attention through a user function) and :func:`original_attention` (the model's own implementation),
    plus :func:`boolean_attention_mask` to read the mask an attention function receives.
+3. Caches: :func:`cache_base_classes` (the layered Cache API) and :func:`cache_argument` (the keyword a
+   model takes its cache by).
 
 Written against transformers 5.x, whose decoder attention modules compute ``query``, ``key`` and ``value``
 (after RoPE and the cache update, before ``repeat_kv``) and then call
@@ -429,9 +431,19 @@ def cache_base_classes() -> tuple[type, type]:
     return Cache, CacheLayerMixin
 
 
-__all__ += ["cache_base_classes"]
+def cache_argument(model: nn.Module, cache) -> dict:
+    """``{keyword: cache}`` for passing a cache to ``model(...)`` or ``model.generate(...)``.
+
+    transformers 5.24 renamed the argument ``past_key_values`` to ``cache`` (the old name warns and goes
+    away in a later release); this picks the name the model's ``forward`` declares.
+    """
+    return {_cache_keyword(type(model)): cache}
 
 
-# ==========================================================================================================
-# Section 3: cache helpers (appended by the cache module's owner; extend __all__ above)
-# ==========================================================================================================
+@lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+__all__ += ["cache_argument", "cache_base_classes"]
+

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ratequant.compat import cache_argument
 from ratequant.errors import RateQuantError
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
@@ -96,7 +97,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     output = model.generate(
-        **encoded, past_key_values=cache, max_new_tokens=max_new_tokens, pad_token_id=pad, **options
+        **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
     )
     seconds = time.perf_counter() - start
     prompt_tokens = encoded["input_ids"].shape[1]

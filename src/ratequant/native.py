@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ABI = 1  # NATIVE_ABI in _native.c
 
 
 def _load():
@@ -32,6 +33,8 @@ def _load():
             f"not built ({exc}); reinstall ratequant with a C compiler available (e.g. `pip install -e .` "
             "with gcc) to build it"
         )
+    if getattr(_native, "ABI", None) != _ABI:
+        return None, f"stale build at {_native.__file__} (ABI {getattr(_native, 'ABI', None)}, need {_ABI}); reinstall"
     return _native, None
 
 

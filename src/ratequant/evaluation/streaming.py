@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ratequant.compat import cache_argument
 from ratequant.evaluation.perplexity import PerplexityResult, check_windows
 
 
@@ -33,7 +34,7 @@ def streaming_perplexity(
         ids = window.unsqueeze(0).to(device)
         cache = make_cache()
         for t in range(ids.shape[1]):  # the last token is fed too, so the cache ends holding the whole window
-            logits = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True).logits[0, -1]
             if t + 1 < ids.shape[1]:
                 total_nll += F.cross_entropy(logits.float()[None], ids[0, t + 1 : t + 2]).item()
                 bar.update()
