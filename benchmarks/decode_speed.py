@@ -384,7 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-sequences", type=int, default=4, help="512-token calibration windows (default 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("results/decode_speed.json"))
-    parser.add_argument("--plot", type=Path, default=Path("results/decode_speed.png"))
+    parser.add_argument("--plot", type=lambda s: Path(s) if s else None, default=Path("results/decode_speed.png"),
+                        help="PNG to write ('' for none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
