@@ -142,9 +142,17 @@ static void decode_row_scalar(const uint8_t *row, int bits, Py_ssize_t D, Py_ssi
     }
 }
 
-static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, float *vals) {
+/* Decodes one packed row into float32 dst[0..D) with the current metadata row. */
+typedef void (*RowDecoder)(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
+                           const float *zero, float *dst);
+
+/* Every row in storage order, with its metadata row loaded and its output place found; rows whose output is
+ * not float32 are decoded into vals and rounded. Always inlined, so each caller's decode_row is inlined in
+ * turn and compiled for that caller's instruction set. */
+static inline __attribute__((always_inline)) void for_each_row(const DecodeArgs *a, float *scale, float *zero,
+                                                               float *vals, RowDecoder decode_row) {
     const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8;
-    const uint8_t *row = a->codes;
+    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
     Py_ssize_t m = 0, left = 0; /* metadata row m - 1 serves `left` more code rows */
     for (Py_ssize_t i = 0; i < a->n * a->B; ++i)
         for (Py_ssize_t h = 0; h < a->H; ++h)
@@ -152,59 +160,63 @@ static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, f
                  ++t, row += row_bytes, offset += a->s_t, --left) {
                 if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
                 float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
-                decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, dst);
+                decode_row(a, row, end, scale, zero, dst);
                 if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
             }
+}
+
+static inline void row_scalar(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
+                              const float *zero, float *dst) {
+    (void)end;
+    decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, dst);
+}
+
+static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, float *vals) {
+    for_each_row(a, scale, zero, vals, row_scalar);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 
-/* decode_rows_scalar with AVX2, 8 codes per step (see the packed-row note above), for D a multiple of
- * 8 and g == 1 or a multiple of 8 (decode_rows checks). The last rows, where an 8-byte load could pass the
- * end of the packed buffer, take the scalar row decode. */
-__attribute__((target("avx2"))) static void decode_rows_avx2(const DecodeArgs *a, float *scale, float *zero,
-                                                             float *vals) {
+/* The 8 codes of the group at p (see the packed-row note above) as float32; reads 8 bytes at p. */
+__attribute__((target("avx2"))) static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts,
+                                                            __m256i mask) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    const __m256i v = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w >> (4 * bits))), _mm_set1_epi32((int)(uint32_t)w));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask));
+}
+
+/* row_scalar with AVX2, 8 codes per step, for D a multiple of 8 and g == 1 or a multiple of 8 (decode_rows
+ * checks). A row whose last 8-byte load could pass the end of the packed buffer takes the scalar decode. */
+__attribute__((target("avx2"))) static inline void row_avx2(const DecodeArgs *a, const uint8_t *row,
+                                                            const uint8_t *end, const float *scale,
+                                                            const float *zero, float *dst) {
     const int bits = a->bits;
-    const Py_ssize_t D = a->D, g = a->meta_group, row_bytes = (D * bits + 7) / 8;
+    const Py_ssize_t D = a->D, g = a->meta_group;
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
-    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
-    Py_ssize_t m = 0, left = 0;
-#define CODES8(P)                                                                                            \
-    ({                                                                                                      \
-        uint64_t w_;                                                                                        \
-        memcpy(&w_, (P), 8);                                                                                \
-        __m256i v_ = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w_ >> (4 * bits))),                    \
-                                      _mm_set1_epi32((int)(uint32_t)w_));                                   \
-        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v_, shifts), mask));                          \
-    })
-    for (Py_ssize_t i = 0; i < a->n * a->B; ++i)
-        for (Py_ssize_t h = 0; h < a->H; ++h)
-            for (Py_ssize_t t = 0, offset = row_offset(a, i, h); t < a->T;
-                 ++t, row += row_bytes, offset += a->s_t, --left) {
-                if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
-                float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
-                if (row + (D / 8 - 1) * bits + 8 > end) {
-                    decode_row_scalar(row, bits, D, g, scale, zero, dst);
-                } else if (g == 1) {
-                    const uint8_t *p = row;
-                    for (Py_ssize_t d = 0; d < D; d += 8, p += bits) {
-                        const __m256 prod = _mm256_mul_ps(CODES8(p), _mm256_loadu_ps(scale + d));
-                        _mm256_storeu_ps(dst + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
-                    }
-                } else {
-                    const uint8_t *p = row;
-                    for (Py_ssize_t k = 0; k < D / g; ++k) {
-                        const __m256 s = _mm256_set1_ps(scale[k]), z = _mm256_set1_ps(zero[k]);
-                        for (Py_ssize_t d = k * g; d < (k + 1) * g; d += 8, p += bits)
-                            _mm256_storeu_ps(dst + d, _mm256_add_ps(_mm256_mul_ps(CODES8(p), s), z));
-                    }
-                }
-                if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
-            }
-#undef CODES8
+    const uint8_t *p = row;
+    if (row + (D / 8 - 1) * bits + 8 > end) {
+        decode_row_scalar(row, bits, D, g, scale, zero, dst);
+    } else if (g == 1) {
+        for (Py_ssize_t d = 0; d < D; d += 8, p += bits) {
+            const __m256 prod = _mm256_mul_ps(codes8(p, bits, shifts, mask), _mm256_loadu_ps(scale + d));
+            _mm256_storeu_ps(dst + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
+        }
+    } else {
+        for (Py_ssize_t k = 0; k < D / g; ++k) {
+            const __m256 s = _mm256_set1_ps(scale[k]), z = _mm256_set1_ps(zero[k]);
+            for (Py_ssize_t d = k * g; d < (k + 1) * g; d += 8, p += bits)
+                _mm256_storeu_ps(dst + d, _mm256_add_ps(_mm256_mul_ps(codes8(p, bits, shifts, mask), s), z));
+        }
+    }
+}
+
+__attribute__((target("avx2"))) static void decode_rows_avx2(const DecodeArgs *a, float *scale, float *zero,
+                                                             float *vals) {
+    for_each_row(a, scale, zero, vals, row_avx2);
 }
 #endif
 
