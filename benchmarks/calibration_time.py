@@ -5,7 +5,8 @@ On the embedded default model and the calibration split of the default corpus (`
 metric, 2.5 average bits unless ``--avg-bits``), it times in one process:
 
 * ``forward``: one plain forward pass over the calibration tokens (inference mode, no hooks): the yardstick;
-* ``capture``: recording keys and values with hooks (forward only, ``gradients=False``);
+* ``capture``: recording keys and values with hooks (forward only, ``gradients=False``; one window per pass,
+  as ``ratequant calibrate`` runs it);
 * ``sensitivity``: the extra time of recording the loss gradients too (capture with ``gradients=True``
   minus ``capture``), i.e. the backward pass the Fisher metric needs;
 * ``distortion``: the distortion table (every component at every width; ``measure_distortion``);
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     from ratequant.calibration import capture
     from ratequant.data import load_corpus, token_windows
     from ratequant.models import load_model
-    from ratequant.pipeline import CalibrationSettings, allocate, cost_model_for, informative_widths
+    from ratequant.pipeline import CAPTURE_BATCH_SIZE, CalibrationSettings, allocate, cost_model_for, informative_widths
     from ratequant.distortion import measure_distortion
     from ratequant.fitting import fit_distortion
     from ratequant.plan import Plan
@@ -87,10 +88,13 @@ def main(argv=None) -> int:
             return loaded.model(ids, use_cache=False).logits.shape
 
     phases["forward"], runs["forward"], _ = timed(forward, r)
-    phases["capture"], runs["capture"], _ = timed(lambda: capture(loaded.model, ids, gradients=False, queries=False), r)
-    with_grads, runs["capture_with_gradients"], stats = timed(
-        lambda: capture(loaded.model, ids, gradients=True, queries=False), r
-    )
+    batch = CAPTURE_BATCH_SIZE  # as ratequant calibrate runs it
+
+    def record(gradients: bool):
+        return capture(loaded.model, ids, gradients=gradients, queries=False, batch_size=batch)
+
+    phases["capture"], runs["capture"], _ = timed(lambda: record(False), r)
+    with_grads, runs["capture_with_gradients"], stats = timed(lambda: record(True), r)
     phases["sensitivity"] = max(0.0, with_grads - phases["capture"])
     phases["distortion"], runs["distortion"], table = timed(
         lambda: measure_distortion(stats, quantizer, settings.bitset, settings.metric), r

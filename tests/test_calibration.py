@@ -111,6 +111,34 @@ def test_padding_contributes_nothing(side):
     assert stats.loss_sum == pytest.approx(alone_a.loss_sum + alone_b.loss_sum, rel=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_capture_in_smaller_passes_equals_one_pass(batch_size):
+    model = _llama()
+    ids = _ids(3, 9, seed=4)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in the middle sequence
+    whole = capture(model, ids, mask)
+    parts = capture(model, ids, mask, batch_size=batch_size)
+    for name in ("keys", "values", "queries", "key_grads", "value_grads"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name), atol=2e-6, rtol=1e-4)
+    assert torch.equal(parts.attention_mask, whole.attention_mask)
+    assert (parts.token_count, parts.loss_tokens) == (whole.token_count, whole.loss_tokens) == (25, 22)
+    assert parts.loss_sum == pytest.approx(whole.loss_sum, rel=1e-5)
+    assert parts.scalings == whole.scalings and set(parts.timings) == set(whole.timings)
+    with pytest.raises(RateQuantError, match="batch_size must be a positive integer"):
+        capture(model, ids, batch_size=0)
+
+
+def test_concat_refuses_passes_that_do_not_belong_together():
+    model = _llama()
+    a, b = capture(model, _ids(1, 6)), capture(model, _ids(1, 7))
+    with pytest.raises(RateQuantError, match="differ in model, token count"):
+        CalibrationStats.concat([a, b])
+    with pytest.raises(RateQuantError, match="differ in model, token count"):
+        CalibrationStats.concat([a, capture(model, _ids(1, 6), gradients=False)])
+    assert CalibrationStats.concat([a]) is a
+
+
 def test_recorder_context_records_passes_and_cleans_up_on_error():
     model = _llama()
     ids = _ids(2, 6)

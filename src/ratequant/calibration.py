@@ -116,6 +116,40 @@ class CalibrationStats:
         """``key_grads`` or ``value_grads`` by kind name."""
         return {"key": self.key_grads, "value": self.value_grads}[kind]
 
+    @classmethod
+    def concat(cls, parts: list[CalibrationStats]) -> CalibrationStats:
+        """The stats of several passes over disjoint sequences as one, sequences in order (timings summed).
+
+        Exact: each sequence's keys, values, queries and loss gradients depend on that sequence only.
+        """
+        if not parts:
+            raise RateQuantError("concat needs at least one CalibrationStats")
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        for p in parts[1:]:
+            same = (p.geometry, p.scalings, p.sliding_windows) == (first.geometry, first.scalings, first.sliding_windows)
+            kinds = (p.queries is None, p.key_grads is None) == (first.queries is None, first.key_grads is None)
+            if not (same and kinds and p.keys.shape[3] == first.keys.shape[3]):
+                raise RateQuantError("concat: the passes differ in model, token count or what they recorded")
+
+        def cat(name: str) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            return None if tensors[0] is None else torch.cat(tensors, dim=1)
+
+        timings: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return cls(
+            keys=cat("keys"), values=cat("values"), queries=cat("queries"),
+            key_grads=cat("key_grads"), value_grads=cat("value_grads"),
+            attention_mask=torch.cat([p.attention_mask for p in parts]), geometry=first.geometry,
+            loss_sum=None if first.loss_sum is None else sum(p.loss_sum for p in parts),
+            loss_tokens=sum(p.loss_tokens for p in parts),
+            scalings=first.scalings, sliding_windows=first.sliding_windows, timings=MappingProxyType(timings),
+        )  # fmt: skip
+
 
 def _shape(t) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -288,15 +322,32 @@ def capture(
     gradients: bool = True,
     queries: bool = True,
     loss: str | LossFn = "next-token",
+    batch_size: int | None = None,
 ) -> CalibrationStats:
-    """Run ``model`` once on ``input_ids`` ``[B, T]`` and return its :class:`CalibrationStats`.
+    """Run ``model`` on ``input_ids`` ``[B, T]`` and return its :class:`CalibrationStats`.
 
     ``gradients=True`` adds one backward pass of ``loss`` (default: the next-token cross-entropy summed over
     every real predicted token) to get ``d loss / d keys`` and ``d loss / d values``; parameter gradients
     are not computed. The model runs in eval mode without a cache; its training flag, ``requires_grad``
     flags and attention setup are restored afterwards. Padding (``attention_mask == 0``) contributes
     nothing: those positions are zero in every recorded tensor and excluded from the loss.
+
+    ``batch_size`` (default: all ``B`` at once) runs the sequences in passes of that many and concatenates
+    the results (:meth:`CalibrationStats.concat`, exact for a per-sequence loss such as the default): the
+    activations the backward pass keeps shrink with it, so a smaller batch needs less memory (and, on a
+    CPU, less time spent first touching it).
     """
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RateQuantError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > batch_size:
+            masks = [None] * input_ids.shape[0] if attention_mask is None else attention_mask
+            return CalibrationStats.concat([
+                capture(model, input_ids[i : i + batch_size],
+                        None if attention_mask is None else masks[i : i + batch_size],
+                        gradients=gradients, queries=queries, loss=loss)
+                for i in range(0, input_ids.shape[0], batch_size)
+            ])  # fmt: skip
     integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.int64, torch.int32)
     if not integer or input_ids.dim() != 2:
         raise RateQuantError(f"input_ids must be an integer tensor [batch, tokens], got {_shape(input_ids)}")

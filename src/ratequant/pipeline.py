@@ -23,6 +23,8 @@ from ratequant.quantizers import Quantizer, get_quantizer
 
 DEFAULT_RESIDUAL = 128
 DEFAULT_CONTEXT = 4096
+CAPTURE_BATCH_SIZE = 1
+"""Calibration windows per forward/backward pass: one keeps the backward's activations small."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,12 @@ class CalibrationRun:
 def collect_statistics(
     loaded: LoadedModel, corpus: Corpus, *, seq_len: int = 512, sequences: int = 4, gradients: bool = True, queries: bool = False
 ) -> CalibrationStats:
-    """Capture keys, values (and gradients, queries) on ``sequences`` windows of the calibration split."""
+    """Capture keys, values (and gradients, queries) on ``sequences`` windows of the calibration split, in
+    passes of :data:`CAPTURE_BATCH_SIZE` windows."""
     windows = token_windows(loaded.tokenizer, corpus.calibration, seq_len, sequences)
-    return capture(loaded.model, windows.to(loaded.device), gradients=gradients, queries=queries)
+    return capture(
+        loaded.model, windows.to(loaded.device), gradients=gradients, queries=queries, batch_size=CAPTURE_BATCH_SIZE
+    )
 
 
 def informative_widths(stats: CalibrationStats, quantizer: Quantizer, bitset) -> tuple[int, ...]:
