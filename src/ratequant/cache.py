@@ -225,8 +225,8 @@ def expected_nbytes(
 
     Stored tokens per kind: ``floor(num_tokens / F) * F``, each costing ``quantizer.bits_per_token`` / 8
     bytes per head (codes ``head_dim * bits``, the rest metadata); plus the ``num_tokens mod F`` tokens of
-    each (layer, kind)'s residual window in ``dtype``. Row padding of packed codes and metadata rounding make the real cache
-    differ slightly (tested to stay within 1% of the stored part).
+    each (layer, kind)'s residual window in ``dtype``. Row padding of packed codes and metadata rounding make
+    the real cache differ slightly (tested to stay within 1% of the stored part).
     """
     arr = check_bits_array(bits)
     _, num_layers, num_heads = arr.shape
