@@ -90,3 +90,15 @@ def test_eval_default_model_json(tmp_path, capsys):
     assert {"ppl", "tokens", "seq_len", "windows", "model", "corpus", "seconds"} <= set(result)
     assert result["model"] == "smollm2-135m" and result["corpus"] == "pydoc-topics"
     assert result["tokens"] == 2 * 255 and 5 < result["ppl"] < 40
+
+
+def test_info_names_the_decode_path(tmp_path, capsys, tiny_model_dir):
+    from ratequant import native
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
+    out_json = tmp_path / "info.json"
+    code, out, _ = run_cli(capsys, "info", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--json", str(out_json))
+    assert code == 0 and f"decode     {native.describe()}" in out
+    decode = json.loads(out_json.read_text())["decode"]
+    assert decode == {"native": native.available(), "path": native.describe()}
