@@ -30,6 +30,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 enum { DT_FLOAT32 = 0, DT_FLOAT16 = 1, DT_BFLOAT16 = 2 };
 
 static inline float bits_to_f32(uint32_t u) {
@@ -149,8 +155,8 @@ typedef void (*RowDecoder)(const DecodeArgs *a, const uint8_t *row, const uint8_
 /* Every row in storage order, with its metadata row loaded and its output place found; rows whose output is
  * not float32 are decoded into vals and rounded. Always inlined, so each caller's decode_row is inlined in
  * turn and compiled for that caller's instruction set. */
-static inline __attribute__((always_inline)) void for_each_row(const DecodeArgs *a, float *scale, float *zero,
-                                                               float *vals, RowDecoder decode_row) {
+static ALWAYS_INLINE void for_each_row(const DecodeArgs *a, float *scale, float *zero, float *vals,
+                                       RowDecoder decode_row) {
     const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8;
     const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
     Py_ssize_t m = 0, left = 0; /* metadata row m - 1 serves `left` more code rows */
