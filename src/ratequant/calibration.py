@@ -337,17 +337,8 @@ def capture(
     activations the backward pass keeps shrink with it, so a smaller batch needs less memory (and, on a
     CPU, less time spent first touching it).
     """
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RateQuantError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] > batch_size:
-            masks = [None] * input_ids.shape[0] if attention_mask is None else attention_mask
-            return CalibrationStats.concat([
-                capture(model, input_ids[i : i + batch_size],
-                        None if attention_mask is None else masks[i : i + batch_size],
-                        gradients=gradients, queries=queries, loss=loss)
-                for i in range(0, input_ids.shape[0], batch_size)
-            ])  # fmt: skip
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise RateQuantError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.int64, torch.int32)
     if not integer or input_ids.dim() != 2:
         raise RateQuantError(f"input_ids must be an integer tensor [batch, tokens], got {_shape(input_ids)}")
@@ -367,6 +358,12 @@ def capture(
         loss_fn = loss
     else:
         raise RateQuantError(f"loss must be 'next-token' or a callable(logits, input_ids, mask), got {loss!r}")
+    if batch_size is not None and input_ids.shape[0] > batch_size:
+        return CalibrationStats.concat([
+            capture(model, input_ids[i : i + batch_size], mask[i : i + batch_size], gradients=gradients,
+                    queries=queries, loss=loss)
+            for i in range(0, input_ids.shape[0], batch_size)
+        ])  # fmt: skip
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
     was_training = model.training
