@@ -148,13 +148,13 @@ static void decode_row_scalar(const uint8_t *row, int bits, Py_ssize_t D, Py_ssi
     }
 }
 
-/* Decodes one packed row into float32 dst[0..D) with the current metadata row. */
+/* Decodes one packed row with the current metadata row into the output at element `offset`, in the output
+ * dtype (vals: a float32 scratch row of D values). */
 typedef void (*RowDecoder)(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
-                           const float *zero, float *dst);
+                           const float *zero, Py_ssize_t offset, float *vals);
 
-/* Every row in storage order, with its metadata row loaded and its output place found; rows whose output is
- * not float32 are decoded into vals and rounded. Always inlined, so each caller's decode_row is inlined in
- * turn and compiled for that caller's instruction set. */
+/* Every row in storage order, with its metadata row loaded and its output place found. Always inlined, so
+ * each caller's decode_row is inlined in turn and compiled for that caller's instruction set. */
 static ALWAYS_INLINE void for_each_row(const DecodeArgs *a, float *scale, float *zero, float *vals,
                                        RowDecoder decode_row) {
     const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8;
@@ -165,16 +165,17 @@ static ALWAYS_INLINE void for_each_row(const DecodeArgs *a, float *scale, float 
             for (Py_ssize_t t = 0, offset = row_offset(a, i, h); t < a->T;
                  ++t, row += row_bytes, offset += a->s_t, --left) {
                 if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
-                float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
-                decode_row(a, row, end, scale, zero, dst);
-                if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
+                decode_row(a, row, end, scale, zero, offset, vals);
             }
 }
 
+/* A float32 row decodes in place; others go through vals and are rounded to the output dtype. */
 static inline void row_scalar(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
-                              const float *zero, float *dst) {
+                              const float *zero, Py_ssize_t offset, float *vals) {
     (void)end;
+    float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
     decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, dst);
+    if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
 }
 
 static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, float *vals) {
@@ -184,51 +185,69 @@ static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, f
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
+#define AVX2 __attribute__((target("avx2,f16c")))
 
 /* The 8 codes of the group at p (see the packed-row note above) as float32; reads 8 bytes at p. */
-__attribute__((target("avx2"))) static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts,
-                                                            __m256i mask) {
+AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m256i mask) {
     uint64_t w;
     memcpy(&w, p, 8);
     const __m256i v = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w >> (4 * bits))), _mm_set1_epi32((int)(uint32_t)w));
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask));
 }
 
+/* Store 8 float32 values at element `at` of the output, rounded to its dtype to nearest even (F16C for
+ * float16; for bfloat16 the same integer rounding as f32_to_bf16, NaN to 0x7FC0). */
+AVX2 static inline void store8(const DecodeArgs *a, Py_ssize_t at, __m256 v) {
+    if (a->out_dtype == DT_FLOAT32) {
+        _mm256_storeu_ps((float *)a->out + at, v);
+    } else if (a->out_dtype == DT_FLOAT16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)a->out + at), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                               _mm256_set1_epi32(0x7F800000));
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)a->out + at), packed);
+    }
+}
+
 /* row_scalar with AVX2, 8 codes per step, for D a multiple of 8 and g == 1 or a multiple of 8 (decode_rows
  * checks). A row whose last 8-byte load could pass the end of the packed buffer takes the scalar decode. */
-__attribute__((target("avx2"))) static inline void row_avx2(const DecodeArgs *a, const uint8_t *row,
-                                                            const uint8_t *end, const float *scale,
-                                                            const float *zero, float *dst) {
+AVX2 static inline void row_avx2(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
+                                 const float *zero, Py_ssize_t offset, float *vals) {
     const int bits = a->bits;
     const Py_ssize_t D = a->D, g = a->meta_group;
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
     const uint8_t *p = row;
     if (row + (D / 8 - 1) * bits + 8 > end) {
-        decode_row_scalar(row, bits, D, g, scale, zero, dst);
+        row_scalar(a, row, end, scale, zero, offset, vals);
     } else if (g == 1) {
         for (Py_ssize_t d = 0; d < D; d += 8, p += bits) {
             const __m256 prod = _mm256_mul_ps(codes8(p, bits, shifts, mask), _mm256_loadu_ps(scale + d));
-            _mm256_storeu_ps(dst + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
+            store8(a, offset + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
         }
     } else {
         for (Py_ssize_t k = 0; k < D / g; ++k) {
             const __m256 s = _mm256_set1_ps(scale[k]), z = _mm256_set1_ps(zero[k]);
             for (Py_ssize_t d = k * g; d < (k + 1) * g; d += 8, p += bits)
-                _mm256_storeu_ps(dst + d, _mm256_add_ps(_mm256_mul_ps(codes8(p, bits, shifts, mask), s), z));
+                store8(a, offset + d, _mm256_add_ps(_mm256_mul_ps(codes8(p, bits, shifts, mask), s), z));
         }
     }
 }
 
-__attribute__((target("avx2"))) static void decode_rows_avx2(const DecodeArgs *a, float *scale, float *zero,
-                                                             float *vals) {
+AVX2 static void decode_rows_avx2(const DecodeArgs *a, float *scale, float *zero, float *vals) {
     for_each_row(a, scale, zero, vals, row_avx2);
 }
 #endif
 
 static void decode_rows(const DecodeArgs *a, float *scale, float *zero, float *vals) {
 #ifdef HAVE_AVX2_PATH
-    if (a->D % 8 == 0 && (a->meta_group == 1 || a->meta_group % 8 == 0) && __builtin_cpu_supports("avx2")) {
+    if (a->D % 8 == 0 && (a->meta_group == 1 || a->meta_group % 8 == 0) && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("f16c")) {
         decode_rows_avx2(a, scale, zero, vals);
         return;
     }
