@@ -195,7 +195,8 @@ def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int):
 
 
 def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
-    """``{name: (make_cache, decode_context)}`` for the chosen conditions that pass a smoke run."""
+    """``({name: (make_cache, around)}, skipped, plan_info)`` for the chosen conditions that pass a smoke run;
+    ``around`` is the context manager each cache's forwards run in (the PyTorch-path condition's switch)."""
     from contextlib import nullcontext
 
     from transformers import DynamicCache, QuantizedCache

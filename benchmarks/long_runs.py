@@ -256,10 +256,12 @@ def long_context(loaded, args) -> dict:
     with PeakSampler() as sampler:
         if args.context_source == "model":
             for i in range(0, args.context, args.chunk):
-                logits = loaded.model(ids[:, i : i + args.chunk], **cache_argument(loaded.model, cache), use_cache=True).logits
+                chunk = ids[:, i : i + args.chunk]
+                logits = loaded.model(chunk, **cache_argument(loaded.model, cache), use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
             for _ in range(args.decode):
-                token = loaded.model(token, **cache_argument(loaded.model, cache), use_cache=True).logits[:, -1:].argmax(-1)
+                out = loaded.model(token, **cache_argument(loaded.model, cache), use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
             del logits
         else:  # what a forward pass does to the cache: every layer appends the chunk and reads everything back
             steps = [args.chunk] * (args.context // args.chunk) + [args.context % args.chunk] * bool(args.context % args.chunk)

@@ -370,8 +370,7 @@ class _KindStore:
         self.kind, self.chunk, self.growth = kind, chunk, growth
         self.groups = [_GroupStore(b, heads, kind, chunk, growth) for b, heads in bit_groups(widths)]
         self.num_heads = len(widths)
-        self.residual: torch.Tensor | None = None  # [B, H, residual_len, D]
-        self.residual_len = 0
+        self.residual: torch.Tensor | None = None  # [B, H, residual_len, D]: exactly the waiting tokens
         # optional working buffer: the dequantized values of the first `buffered` stored chunks
         self.buffer_bytes = buffer_bytes
         self.buffer_limit = 0  # chunks the byte limit allows; set by initialise
@@ -381,6 +380,10 @@ class _KindStore:
     @property
     def num_chunks(self) -> int:
         return self.groups[0].num_chunks
+
+    @property
+    def residual_len(self) -> int:
+        return 0 if self.residual is None else self.residual.shape[2]
 
     @property
     def stored_len(self) -> int:
@@ -405,7 +408,7 @@ class _KindStore:
         p, r = self.stored_len, self.residual_len
         out = torch.empty(b, h, p + r + t, d, dtype=self.residual.dtype, device=self.residual.device)
         self.read_stored(out, quantizer)
-        out[:, :, p : p + r] = self.residual[:, :, :r]
+        out[:, :, p : p + r] = self.residual
         out[:, :, p + r :] = x
         m = (r + t) // self.chunk
         if m:
@@ -414,7 +417,6 @@ class _KindStore:
                 g.append(g.select_heads(fresh), quantizer)
             self._fill_buffer(quantizer)
         self.residual = out[:, :, p + m * self.chunk :].clone()  # exactly the waiting tokens, owning its storage
-        self.residual_len = self.residual.shape[2]
         return out
 
     def _fill_buffer(self, quantizer: Quantizer) -> None:
@@ -463,7 +465,7 @@ class _KindStore:
         p, r = self.stored_len, self.residual_len
         out = torch.empty(b, h, p + r, d, dtype=self.residual.dtype, device=self.residual.device)
         self.read_stored(out, quantizer)
-        out[:, :, p:] = self.residual[:, :, :r]
+        out[:, :, p:] = self.residual
         return out
 
     def map_batch(self, fn) -> None:
@@ -478,8 +480,7 @@ class _KindStore:
         """Keep the first ``length`` tokens; returns True when stored codes had to be cut (lossy)."""
         p, r = self.stored_len, self.residual_len
         if length >= p:
-            self.residual_len = min(r, length - p)
-            self.residual = self.residual[:, :, : self.residual_len].clone()
+            self.residual = self.residual[:, :, : min(r, length - p)].clone()
             return False
         keep = length // self.chunk
         partial = length - keep * self.chunk
@@ -488,7 +489,6 @@ class _KindStore:
             part = torch.empty(b, h, self.chunk, d, dtype=self.residual.dtype, device=self.residual.device)
             self._dequantize_chunks(part, quantizer, keep, keep + 1)
         self.residual = part[:, :, :partial].clone() if partial else self.residual[:, :, :0].clone()
-        self.residual_len = partial
         for g in self.groups:
             g.truncate(keep)
         if self.buffered > keep:

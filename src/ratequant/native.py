@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ratequant.packing import packed_size
+
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ABI = 1  # NATIVE_ABI in _native.c
 
@@ -42,16 +44,20 @@ _MODULE, _WHY_NOT = _load()
 _local = threading.local()
 
 
+def _switched_off_here() -> bool:
+    return getattr(_local, "disabled", False)
+
+
 def available() -> bool:
     """True when the native kernel is built, loaded and not switched off (in this thread)."""
-    return _MODULE is not None and not getattr(_local, "disabled", False)
+    return _MODULE is not None and not _switched_off_here()
 
 
 def describe() -> str:
     """One line for ``ratequant info``: which decode path CPU caches use, and why."""
     if _MODULE is None:
         return f"PyTorch (native kernel {_WHY_NOT})"
-    if getattr(_local, "disabled", False):
+    if _switched_off_here():
         return "PyTorch (native kernel switched off in this thread)"
     return f"native kernel ({_MODULE.__file__})"
 
@@ -59,7 +65,7 @@ def describe() -> str:
 @contextmanager
 def disabled() -> Iterator[None]:
     """Within the block (this thread only), decode with the PyTorch path even when the kernel is built."""
-    before = getattr(_local, "disabled", False)
+    before = _switched_off_here()
     _local.disabled = True
     try:
         yield
@@ -134,7 +140,7 @@ def prepare_minmax_decode(
     if scale.dtype not in _DTYPE_CODES or zero.dtype != scale.dtype or meta_rows < 1 or meta_group < 1:
         return None
     n, h, t, row_bytes = codes.shape
-    if d < 1 or d % meta_group or t % meta_rows or -(-d * bits // 8) != row_bytes:
+    if d < 1 or d % meta_group or t % meta_rows or packed_size(d, bits) != row_bytes:
         return None
     meta_cols = d // meta_group
     if scale.numel() != n * h * t // meta_rows * meta_cols or zero.numel() != scale.numel():
