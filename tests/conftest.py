@@ -60,8 +60,10 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in memory on a little English (vocab <= 300)."""
+def tiny_tokenizer(bos: bool = False):
+    """A byte-level BPE tokenizer trained in memory on a little English (vocab <= 300); with ``bos`` it
+    prepends ``<s>`` to every encoded text, as Llama, Gemma and Mistral tokenizers do (by default it adds none,
+    as SmolLM2's and GPT-2's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,7 +75,14 @@ def tiny_tokenizer():
         vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    if bos:
+        from tokenizers.processors import TemplateProcessing
+
+        fast.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", fast.bos_token_id)]
+        )
+    return fast
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Allocation: exact integer optimum against brute force, budgets met exactly, closed form, baselines, bytes."""
+"""Allocation: exact integer optimum against brute force, budgets met exactly, closed form, strategies, bytes."""
 
 from __future__ import annotations
 
@@ -14,26 +14,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratequant.allocation import (
-    ALLOCATORS,
+    STRATEGIES,
     Allocation,
+    AllocationOptions,
     Budget,
     CostModel,
+    Curves,
+    allocate,
     allocate_closed_form,
     allocate_integer,
-    best_kv_split,
+    check_reachable,
+    get_strategy,
     is_convex,
-    kv_split,
-    layerwise,
-    mismatched,
-    predicted_distortion,
-    rate_quant,
     solve_integer,
-    uniform,
 )
+from ratequant.allocation.solvers import _dp
 from ratequant.errors import BudgetError, RateQuantError
 from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
+from ratequant.quantizers import get_quantizer
 from ratequant.quantizers.base import Quantizer
+from ratequant.spec import KVQuantSpec, StoragePolicy
 
 ALL = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -71,6 +72,11 @@ def table_for(geometry, bitset=ALL, seed=0, betas=(4.5, 3.7), noise=0.0):
     beta[0], beta[1] = betas
     t = alpha[..., None] * beta[..., None] ** -np.asarray(bitset, float)
     return t * np.exp(rng.normal(0, noise, t.shape)) if noise else t
+
+
+def fitted(geometry, **kw):
+    """Curves of a fit to a synthetic table over all widths."""
+    return Curves.from_fit(fit_distortion(table_for(geometry, **kw), ALL))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -131,8 +137,6 @@ def test_greedy_and_dp_agree_on_a_large_instance():
     for total in (180 * 2 + 90, 180 * 3, 180 * 5 + 7):
         g, solver = solve_integer(curves, ALL, 1, total)
         assert solver == "greedy"
-        from ratequant.allocation import _dp  # the exact DP, called directly on the same instance
-
         d = np.asarray(ALL)[_dp(curves, np.tile(np.asarray(ALL), (180, 1)), total, at_most=False)]
         assert objective(curves, ALL, g) == pytest.approx(objective(curves, ALL, d), rel=1e-12)
 
@@ -204,7 +208,7 @@ def test_closed_form_and_integer_agree_within_one_bit(seed, bounds):
 
 
 # --------------------------------------------------------------------------------------------------------
-# rate_quant and baselines through budgets
+# ratequant and baselines through budgets
 # --------------------------------------------------------------------------------------------------------
 G = Geometry(num_layers=6, num_kv_heads=3, head_dim=32, num_heads=6)  # N = 36
 
@@ -213,44 +217,53 @@ G = Geometry(num_layers=6, num_kv_heads=3, head_dim=32, num_heads=6)  # N = 36
 def test_rate_quant_meets_average_budget_exactly(avg):
     table = table_for(G, noise=0.1)
     fit = fit_distortion(table, ALL)
-    for source, use in ((fit, "fit"), (table, "measured"), (table, "fit")):
-        alloc = rate_quant(source, Budget.avg_bits(avg), G, table_bitset=ALL, use=use)
+    # a fit, the measured table as it is, and the table fitted here
+    for curves in (Curves.from_fit(fit), Curves.measured(table, ALL), Curves.from_fit(fit_distortion(table, ALL))):
+        alloc = allocate(curves, Budget.avg_bits(avg))
         assert alloc.avg_bits == avg and int(alloc.bits.sum()) == round(avg * 36)
         assert alloc.method == "ratequant"
         assert alloc.bits.shape == (2, 6, 3)
+        assert alloc.details["curves"]["source"] == curves.source
 
 
 def test_rate_quant_is_optimal_on_the_measured_table():
     g = Geometry(1, 2, 8)  # N = 4: brute force is small
     table = table_for(g, bitset=(2, 3, 4, 6), seed=3, noise=0.3)
-    curves = table.reshape(4, 4)
+    flat = table.reshape(4, 4)
+    curves = Curves.measured(table, (2, 3, 4, 6))
     for avg in (2.5, 3.0, 3.75, 4.5):
-        alloc = rate_quant(table, Budget.avg_bits(avg), g, table_bitset=(2, 3, 4, 6), use="measured")
-        best, _ = brute_force(curves, (2, 3, 4, 6), [1] * 4, round(avg * 4))
+        alloc = allocate(curves, Budget.avg_bits(avg), "ratequant")
+        best, _ = brute_force(flat, (2, 3, 4, 6), [1] * 4, round(avg * 4))
         assert alloc.predicted_distortion == pytest.approx(best, rel=1e-12)
+        assert curves.total(alloc.bits) == alloc.predicted_distortion
 
 
 def test_unreachable_budgets_name_the_reachable_range():
-    fit = fit_distortion(table_for(G), ALL)
+    curves = fitted(G)
     with pytest.raises(BudgetError, match=r"reachable averages lie in \[1, 8\]"):
-        rate_quant(fit, Budget.avg_bits(8.5), G)
+        allocate(curves, Budget.avg_bits(8.5))
+    with pytest.raises(BudgetError, match=r"reachable averages lie in \[1, 8\]"):
+        check_reachable(Budget.avg_bits(8.5))
     with pytest.raises(BudgetError, match=r"\[2, 6\]"):
-        rate_quant(fit, Budget.avg_bits(1.5), G, b_min=2, b_max=6)
-    with pytest.raises(BudgetError, match="nearest reachable: 2.47222 and 2.5"):
-        rate_quant(fit, Budget.avg_bits(2.49), G)  # 2.49 * 36 = 89.64 code bits is not an integer
-    with pytest.raises(BudgetError, match=r"\(2, 4, 8\).*nearest reachable: 2.94444 and 3"):
-        rate_quant(fit, Budget.avg_bits(2.97), G, bitset=(2, 4, 8))
-    alloc = rate_quant(fit, Budget.avg_bits(3.0), G, bitset=(2, 4, 8))
+        allocate(curves, Budget.avg_bits(1.5), options=AllocationOptions(b_min=2, b_max=6))
+    with pytest.raises(BudgetError, match=r"nearest reachable: 2\.47222 and 2\.5"):
+        allocate(curves, Budget.avg_bits(2.49))  # 2.49 * 36 = 89.64 code bits is not an integer
+    with pytest.raises(BudgetError, match=r"\(2, 4, 8\).*nearest reachable: 2\.94444 and 3"):
+        allocate(curves, Budget.avg_bits(2.97), options=AllocationOptions(bitset=(2, 4, 8)))
+    alloc = allocate(curves, Budget.avg_bits(3.0), options=AllocationOptions(bitset=(2, 4, 8)))
     assert alloc.avg_bits == 3.0 and set(np.unique(alloc.bits)) <= {2, 4, 8}
     assert alloc.details["solver"] == "dp"
 
 
 def test_continuous_solution_is_reported_within_one_bit():
-    fit = fit_distortion(table_for(G, noise=0.2), ALL)
-    alloc = rate_quant(fit, Budget.avg_bits(3.0), G)
+    curves = fitted(G, noise=0.2)
+    alloc = allocate(curves, Budget.avg_bits(3.0))
     cont = alloc.details["continuous_bits"]
     assert cont.shape == G.shape and cont.sum() == pytest.approx(108.0, rel=1e-12)
     assert np.abs(alloc.bits - cont).max() <= 1.0 + 1e-9
+    # measured curves have no closed form to report
+    measured = allocate(Curves.measured(table_for(G), ALL), Budget.avg_bits(3.0))
+    assert "continuous_bits" not in measured.details
 
 
 def test_keys_get_more_bits_when_they_matter_more():
@@ -260,89 +273,282 @@ def test_keys_get_more_bits_when_they_matter_more():
     b = np.asarray(ALL, float)
     t[0] = 10.0 * 3.0**-b  # keys: big and slowly decaying
     t[1] = 1.0 * 5.0**-b
-    alloc = rate_quant(t, Budget.avg_bits(3.0), g, table_bitset=ALL)
-    assert alloc.bits[0].mean() > alloc.bits[1].mean()
+    for curves in (Curves.measured(t, ALL), Curves.from_fit(fit_distortion(t, ALL))):
+        alloc = allocate(curves, Budget.avg_bits(3.0))
+        assert alloc.bits[0].mean() > alloc.bits[1].mean()
 
 
 def test_uniform():
     fit = fit_distortion(table_for(G), ALL)
-    alloc = uniform(fit, Budget.avg_bits(4), G)
+    curves = Curves.from_fit(fit)
+    alloc = allocate(curves, Budget.avg_bits(4), "uniform")
     assert (alloc.bits == 4).all() and alloc.method == "uniform"
     assert alloc.predicted_distortion == pytest.approx(float(fit.predict(np.full(G.shape, 4)).sum()))
     with pytest.raises(BudgetError, match="nearest reachable: 2 and 3"):
-        uniform(fit, Budget.avg_bits(2.5), G)
-    none = uniform(None, Budget.avg_bits(2), G, bitset=(2, 4))
+        allocate(curves, Budget.avg_bits(2.5), "uniform")
+    none = allocate(Curves.flat(G, (2, 4)), Budget.avg_bits(2), "uniform")
     assert (none.bits == 2).all() and none.predicted_distortion is None
+    assert none.details["curves"]["source"] == "none"
     # ratequant can never be worse than uniform under its own model
-    assert rate_quant(fit, Budget.avg_bits(4), G).predicted_distortion <= alloc.predicted_distortion
+    assert allocate(curves, Budget.avg_bits(4)).predicted_distortion <= alloc.predicted_distortion
 
 
-def test_kv_split_enumerates_pairs_meeting_the_budget():
-    fit = fit_distortion(table_for(G, noise=0.1), ALL)
-    alloc = best_kv_split(fit, Budget.avg_bits(3), G, bitset=(2, 3, 4))
-    assert {c["split"] for c in alloc.details["candidates"]} == {"K4V2", "K3V3", "K2V4"}
-    best = min(alloc.details["candidates"], key=lambda c: c["predicted_distortion"])
-    assert alloc.details["split"] == best["split"]
-    assert (alloc.bits[0] == best["key_bits"]).all() and (alloc.bits[1] == best["value_bits"]).all()
+def test_kv_split_picks_the_best_pair_meeting_the_budget():
+    curves = Curves.from_fit(fit_distortion(table_for(G, noise=0.1), ALL))
+    options = AllocationOptions(bitset=(2, 3, 4))
+    alloc = allocate(curves, Budget.avg_bits(3), "kv-split", options)
+    # every fixed split meeting the budget, judged by the same curves
+    candidates = {}
+    for k, v in itertools.product((2, 3, 4), repeat=2):
+        if (k + v) / 2 == 3:
+            fixed = allocate(curves, Budget.avg_bits(3), get_strategy("kv-split", key_bits=k, value_bits=v), options)
+            candidates[fixed.details["split"]] = fixed
+    assert set(candidates) == {"K4V2", "K3V3", "K2V4"}
+    best = min(candidates.values(), key=lambda a: a.predicted_distortion)
+    assert alloc.details["split"] == best.details["split"]
+    np.testing.assert_array_equal(alloc.bits, best.bits)
+    assert alloc.predicted_distortion == pytest.approx(best.predicted_distortion, rel=1e-12)
     assert alloc.avg_bits == 3.0
-    assert kv_split(fit, Budget.avg_bits(3), G).details["split"] in {"K1V5", "K2V4", "K3V3", "K4V2", "K5V1"}
-    fixed = kv_split(None, Budget.avg_bits(3), G, key_bits=4, value_bits=2)
+    assert allocate(curves, Budget.avg_bits(3), "kv-split").details["split"] in {"K1V5", "K2V4", "K3V3", "K4V2", "K5V1"}
+    flat = Curves.flat(G, ALL)
+    fixed = allocate(flat, Budget.avg_bits(3), get_strategy("kv-split", key_bits=4, value_bits=2))
     assert (fixed.bits[0] == 4).all() and (fixed.bits[1] == 2).all() and fixed.details["split"] == "K4V2"
+    assert fixed.predicted_distortion is None
     with pytest.raises(BudgetError, match="averages 3"):
-        kv_split(None, Budget.avg_bits(2.5), G, key_bits=4, value_bits=2)
-    with pytest.raises(BudgetError, match="reachable averages: 2, 2.5, 3"):
-        best_kv_split(fit, Budget.avg_bits(3.25), G, bitset=(2, 3, 4))
+        allocate(flat, Budget.avg_bits(2.5), get_strategy("kv-split", key_bits=4, value_bits=2))
+    with pytest.raises(BudgetError, match=r"lie in \[2, 4\]; nearest reachable: 3 and 3.5"):
+        allocate(curves, Budget.avg_bits(3.25), "kv-split", options)
+    with pytest.raises(RateQuantError, match="both key_bits and value_bits"):
+        get_strategy("kv-split", key_bits=4)
+    with pytest.raises(RateQuantError, match="allocation strategy 'kv-split'"):
+        get_strategy("kv-split", keys=4)
 
 
 def test_layerwise_is_one_width_per_layer_and_optimal():
     g = Geometry(num_layers=4, num_kv_heads=2, head_dim=16)
     table = table_for(g, seed=5, noise=0.2)
     fit = fit_distortion(table, ALL)
+    curves = Curves.from_fit(fit)
     for avg in (2.0, 2.75, 3.5):
-        alloc = layerwise(fit, Budget.avg_bits(avg), g)
+        alloc = allocate(curves, Budget.avg_bits(avg), "layerwise")
         assert alloc.avg_bits == avg
         for layer in range(4):
             assert len(np.unique(alloc.bits[:, layer, :])) == 1
         layer_curves = fit.predicted_table().sum(axis=(0, 2))  # [L, nb]
         best, _ = brute_force(layer_curves, ALL, [1] * 4, round(avg * 4))
         assert alloc.predicted_distortion == pytest.approx(best, rel=1e-12)
-    with pytest.raises(BudgetError, match="nearest reachable: 2.5 and 2.75"):
-        layerwise(fit, Budget.avg_bits(2.625), g)  # 2.625 = 21/8 is fine per component, not per layer
+    with pytest.raises(BudgetError, match=r"nearest reachable: 2\.5 and 2\.75"):
+        allocate(curves, Budget.avg_bits(2.625), "layerwise")  # 2.625 = 21/8 is fine per component, not per layer
 
 
-def test_mismatched_allocates_with_the_source_curves():
+def test_other_designs_curves_are_a_provenance():
+    """The paper's distortion-model mismatch: ratequant on design A's curves, judged by design B's."""
     fit_a = fit_distortion(table_for(G, seed=1, betas=(3.6, 3.6)), ALL)
     fit_b = fit_distortion(table_for(G, seed=2, betas=(5.3, 5.3)), ALL)
     budget = Budget.avg_bits(3.0)
-    mis = mismatched(fit_a, budget, G, source_design="design-a")
-    own = rate_quant(fit_b, budget, G)
-    np.testing.assert_array_equal(mis.bits, rate_quant(fit_a, budget, G).bits)
-    assert mis.method == "mismatched" and mis.details["source_design"] == "design-a"
+    mis = allocate(Curves.from_fit(fit_a, design="design-a"), budget)
+    own = allocate(Curves.from_fit(fit_b, design="design-b"), budget)
+    np.testing.assert_array_equal(mis.bits, allocate(Curves.from_fit(fit_a), budget).bits)
+    assert mis.method == "ratequant" and mis.details["curves"]["design"] == "design-a"
+    assert own.details["curves"]["design"] == "design-b"
     # judged by design B's curves, B's own allocation is optimal, so the mismatched one cannot beat it
-    assert predicted_distortion(mis.bits, fit_b) >= own.predicted_distortion
-    assert predicted_distortion(own.bits, fit_b) == pytest.approx(own.predicted_distortion, rel=1e-12)
+    judge = Curves.from_fit(fit_b)
+    assert judge.total(mis.bits) >= own.predicted_distortion
+    assert judge.total(own.bits) == pytest.approx(own.predicted_distortion, rel=1e-12)
 
 
-def test_registry_names_every_allocator():
-    assert set(ALLOCATORS) == {"ratequant", "uniform", "kv-split", "layerwise", "mismatched"}
-    fit = fit_distortion(table_for(G), ALL)
-    for name, fn in ALLOCATORS.items():
-        kw = {"source_design": "x"} if name == "mismatched" else {}
-        alloc = fn(fit, Budget.avg_bits(3.0), G, **kw)
-        assert isinstance(alloc, Allocation) and alloc.avg_bits == 3.0
+def test_registry_names_every_strategy():
+    assert set(STRATEGIES) == {"ratequant", "uniform", "kv-split", "layerwise", "layer-kind"}
+    curves = fitted(G)
+    for name in STRATEGIES:
+        alloc = allocate(curves, Budget.avg_bits(3.0), name)
+        assert isinstance(alloc, Allocation) and alloc.avg_bits == 3.0 and alloc.method == name
+    with pytest.raises(RateQuantError, match="unknown allocation strategy 'mismatched'; choose one of"):
+        allocate(curves, Budget.avg_bits(3.0), "mismatched")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every registered strategy: exact budgets, one width per group, the group-level optimum
+# --------------------------------------------------------------------------------------------------------
+SMALL = Geometry(num_layers=2, num_kv_heads=2, head_dim=16)  # N = 8
+SMALL_WIDTHS = (2, 3, 4)
+
+
+def small_convex_fit(seed):
+    rng = np.random.default_rng(seed)
+    alpha = np.exp(rng.normal(0, 2, SMALL.shape))
+    beta = np.empty(SMALL.shape)
+    beta[0], beta[1] = rng.uniform(2.5, 6.0, 2)
+    table = alpha[..., None] * beta[..., None] ** -np.asarray(ALL, float)
+    return fit_distortion(table * np.exp(rng.normal(0, 0.05, table.shape)), ALL)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("seed", range(2))
+def test_every_strategy_meets_the_budget_with_one_width_per_group(name, seed):
+    curves = Curves.from_fit(small_convex_fit(seed))
+    strategy = get_strategy(name)
+    groups = strategy.groups(SMALL.shape)
+    assert groups.shape == SMALL.shape
+    ids = np.unique(groups)
+    np.testing.assert_array_equal(ids, np.arange(ids.size))  # ids 0..M-1, every one used
+    options = AllocationOptions(bitset=SMALL_WIDTHS)
+    sizes = np.bincount(groups.ravel())
+    flat_curves = curves.restrict(SMALL_WIDTHS).values.reshape(-1, len(SMALL_WIDTHS))
+    group_curves = np.zeros((ids.size, len(SMALL_WIDTHS)))
+    np.add.at(group_curves, groups.ravel(), flat_curves)
+    for avg in (2.0, 3.0, 4.0):  # integer averages: reachable by every grouping
+        alloc = allocate(curves, Budget.avg_bits(avg), name, options)
+        assert alloc.method == name and alloc.avg_bits == avg and int(alloc.bits.sum()) == round(avg * 8)
+        for gid in ids:
+            assert len(np.unique(alloc.bits[groups == gid])) == 1
+        # and it is the exact optimum over one width per group
+        best, _ = brute_force(group_curves, SMALL_WIDTHS, sizes, round(avg * 8))
+        assert alloc.predicted_distortion == pytest.approx(best, rel=1e-12)
+
+
+def test_layer_kind_gives_one_width_per_layer_and_kind():
+    g = Geometry(num_layers=3, num_kv_heads=4, head_dim=16)
+    groups = get_strategy("layer-kind").groups(g.shape)
+    assert len(np.unique(groups)) == 2 * 3
+    for k in range(2):
+        for layer in range(3):
+            assert len(np.unique(groups[k, layer])) == 1
+    curves = Curves.from_fit(fit_distortion(table_for(g, seed=4, betas=(3.0, 5.5), noise=0.1), ALL))
+    for avg in (2.5, 3.0, 3.5):  # multiples of 1/6 (groups of 4 heads over 24 components)
+        alloc = allocate(curves, Budget.avg_bits(avg), "layer-kind")
+        assert alloc.avg_bits == avg
+        for k in range(2):
+            for layer in range(3):
+                assert len(np.unique(alloc.bits[k, layer])) == 1
+        # coarser than ratequant, so it can only do worse under the same curves
+        assert alloc.predicted_distortion >= allocate(curves, Budget.avg_bits(avg)).predicted_distortion
+        if avg == 3.0:  # layerwise (groups of 8) reaches multiples of 1/3 only; layer-kind is finer
+            layerwise = allocate(curves, Budget.avg_bits(avg), "layerwise")
+            assert alloc.predicted_distortion <= layerwise.predicted_distortion
+    with pytest.raises(BudgetError, match=r"nearest reachable: 2\.5 and 2\.66667"):
+        allocate(curves, Budget.avg_bits(2.6), "layer-kind")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-component floors: Curves(min_bits=(key, value))
+# --------------------------------------------------------------------------------------------------------
+TINY = Geometry(num_layers=1, num_kv_heads=2, head_dim=8)  # N = 4: keys then values
+FLOOR_WIDTHS = (1, 2, 3, 4, 5)
+
+
+def brute_force_with_floors(curves4, bitset, total, floors=(3, 2), cost=None, at_most=False):
+    """Optimum over one allowed width per component (keys >= floors[0], values >= floors[1])."""
+    flat = curves4.reshape(4, len(bitset))
+    options = [[j for j, b in enumerate(bitset) if b >= floors[0 if i < 2 else 1]] for i in range(4)]
+    best = math.inf
+    for choice in itertools.product(*options):
+        spent = sum(bitset[j] for j in choice) if cost is None else sum(cost[i, j] for i, j in enumerate(choice))
+        if (spent > total + 1e-9) if at_most else spent != total:
+            continue
+        best = min(best, sum(flat[i, j] for i, j in enumerate(choice)))
+    return best
+
+
+def _check_floored(curves, expect_solver):
+    assert curves.min_bits == (3, 2)
+    reachable = {
+        a + b + c + d
+        for a, b in itertools.product((3, 4, 5), repeat=2)
+        for c, d in itertools.product((2, 3, 4, 5), repeat=2)
+    }
+    for total in range(4, 21):
+        budget = Budget.avg_bits(total / 4)
+        if total not in reachable:
+            with pytest.raises(BudgetError, match=r"reachable averages lie in \[2.5, 5\]"):
+                allocate(curves, budget)
+            continue
+        alloc = allocate(curves, budget)
+        assert int(alloc.bits.sum()) == total
+        assert alloc.bits[0].min() >= 3 and alloc.bits[1].min() >= 2
+        assert alloc.details["solver"] == expect_solver
+        assert alloc.details["curves"]["min_bits"] == [3, 2]
+        best = brute_force_with_floors(curves.values, FLOOR_WIDTHS, total)
+        assert alloc.predicted_distortion == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_floors_on_convex_fit_use_the_greedy_and_are_optimal(seed):
+    table = table_for(TINY, bitset=FLOOR_WIDTHS, seed=seed, betas=(3.0, 5.0))
+    fit = fit_distortion(table, FLOOR_WIDTHS)
+    _check_floored(Curves.from_fit(fit, min_bits=(3, 2)), "greedy")
+    assert _floors_bind(Curves.from_fit(fit))
+
+
+def _floors_bind(unfloored):
+    """Without floors some budget gives a key fewer than 3 bits or a value fewer than 2: the floors matter."""
+    for avg in (2.5, 3.0, 3.5):
+        bits = allocate(unfloored, Budget.avg_bits(avg)).bits
+        if bits[0].min() < 3 or bits[1].min() < 2:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_floors_on_non_convex_measured_table_use_the_dp_and_are_optimal(seed):
+    rng = np.random.default_rng(seed)
+    table = np.sort(rng.uniform(0.1, 1, (2, 1, 2, 5)), axis=-1)[..., ::-1] * rng.uniform(0.5, 5, (2, 1, 2, 1))
+    table[0, 0, 0] = [10.0, 9.0, 8.0, 7.9, 0.1]  # above the key floor (3 bits): gains 0.1 then 7.8
+    curves = Curves.measured(table, FLOOR_WIDTHS, min_bits=(3, 2))
+    assert not is_convex(curves.values.reshape(4, 5), FLOOR_WIDTHS, curves.floors().reshape(-1))
+    _check_floored(curves, "dp")
+    assert _floors_bind(Curves.measured(table, FLOOR_WIDTHS))
+
+
+def test_floors_hold_under_a_byte_budget_with_width_dependent_metadata():
+    cm = CostModel.from_policy(StoragePolicy(FakeQuantizer(codebook=True), 0), TINY, 1, bitset=FLOOR_WIDTHS)
+    rng = np.random.default_rng(9)
+    table = np.sort(rng.uniform(0.1, 1, (2, 1, 2, 5)), axis=-1)[..., ::-1].copy()
+    curves = Curves.measured(table, FLOOR_WIDTHS, min_bits=(3, 2))
+    cheapest = float(cm.table[:2, 2].sum() + cm.table[2:, 1].sum()) + cm.fixed_bytes_per_token
+    with pytest.raises(BudgetError, match="outside the reachable range"):
+        allocate(curves, Budget.bytes_per_token(cheapest - 1.0, 1), options=AllocationOptions(cost_model=cm))
+    for budget in (cheapest, cheapest + 2.3, cheapest + 7.0, float(cm.table[:, -1].sum())):
+        alloc = allocate(curves, Budget.bytes_per_token(budget, 1), options=AllocationOptions(cost_model=cm))
+        assert alloc.details["byte_model"] == "table" and alloc.bytes_per_token <= budget + 1e-9
+        assert alloc.bits[0].min() >= 3 and alloc.bits[1].min() >= 2
+        best = brute_force_with_floors(
+            table, FLOOR_WIDTHS, budget - cm.fixed_bytes_per_token, cost=cm.table, at_most=True
+        )
+        assert alloc.predicted_distortion == pytest.approx(best, rel=1e-12)
+
+
+def test_floors_are_validated():
+    table = table_for(TINY, bitset=FLOOR_WIDTHS)
+    with pytest.raises(RateQuantError, match="min_bits"):
+        Curves.measured(table, FLOOR_WIDTHS, min_bits=(3,))
+    with pytest.raises(RateQuantError, match="min_bits"):
+        Curves.measured(table, FLOOR_WIDTHS, min_bits=(0, 2))
+    curves = Curves.measured(table, FLOOR_WIDTHS, min_bits=(3, 2))
+    with pytest.raises(BudgetError, match="lowest informative key width"):
+        allocate(curves, Budget.avg_bits(2.0), options=AllocationOptions(b_max=2))
 
 
 def test_wrong_shapes_and_sources_are_refused():
     fit = fit_distortion(table_for(G), ALL)
+    other = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 0), Geometry(5, 3, 32), 100)
     with pytest.raises(RateQuantError, match="model has"):
-        rate_quant(fit, Budget.avg_bits(3), Geometry(5, 3, 32))
-    with pytest.raises(RateQuantError, match="measured table"):
-        rate_quant(fit, Budget.avg_bits(3), G, use="measured")
-    with pytest.raises(RateQuantError, match="table_bitset"):
-        rate_quant(table_for(G), Budget.avg_bits(3), G)
-    with pytest.raises(RateQuantError, match="cannot allocate widths"):
-        rate_quant(table_for(G, bitset=(2, 4)), Budget.avg_bits(3), G, table_bitset=(2, 4), bitset=(2, 3, 4),
-                   use="measured")
+        allocate(Curves.from_fit(fit), Budget.avg_bits(3), options=AllocationOptions(cost_model=other))
+    with pytest.raises(RateQuantError, match="needs Curves"):
+        allocate(fit, Budget.avg_bits(3))  # a raw fit or table is no longer an input
+    with pytest.raises(RateQuantError, match="needs Curves"):
+        allocate(table_for(G), Budget.avg_bits(3))
+    with pytest.raises(RateQuantError, match=r"measured at widths \(2, 4\), not at \[3\]"):
+        allocate(
+            Curves.measured(table_for(G, bitset=(2, 4)), (2, 4)),
+            Budget.avg_bits(3),
+            options=AllocationOptions(bitset=(2, 3, 4)),
+        )
+    with pytest.raises(RateQuantError, match="curves must be"):
+        Curves.measured(table_for(G, bitset=(2, 4)), (2, 3, 4))
+    # a fit predicts at widths it was not fitted on
+    sub = Curves.from_fit(fit_distortion(table_for(G, bitset=(2, 4, 8)), (2, 4, 8)))
+    assert allocate(sub, Budget.avg_bits(3), options=AllocationOptions(bitset=(2, 3, 4))).avg_bits == 3
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -381,82 +587,106 @@ def test_budget_validation():
 
 
 def test_cost_model_counts_codes_metadata_and_residual():
-    cm = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=100, context_tokens=1000)
-    assert cm.is_affine
-    np.testing.assert_allclose(cm.bytes_per_bit, 32 / 8)
-    np.testing.assert_allclose(cm.fixed_bytes, 4.0)
+    cm = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 100), G, 1000)
+    # affine with one slope for everyone: 32 codes per bit = 4 bytes, plus 4 bytes of scale and zero
+    np.testing.assert_allclose(np.diff(cm.table, axis=1), 32 / 8)
+    np.testing.assert_allclose(cm.table[:, 0] - 32 / 8, 4.0)
+    assert cm.depends_on_bits and cm.context_tokens == 1000 and cm.num_components == 36
     bits = np.full(G.shape, 4)
     per_token = 36 * (32 * 4 + 32) / 8  # codes + scale/zero, all components
     fp = 36 * 32 * 2
     # 1000 tokens = 10 full chunks of 100 quantized; the residual buffers are empty
     assert cm.bytes_per_token(bits) == pytest.approx(per_token)
-    assert cm.residual_bytes_per_token == 0
+    assert cm.fixed_bytes_per_token == 0
     # 3 chunks of 300 quantized; 100 tokens per kind wait at full precision
-    partial = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=300, context_tokens=1000)
+    partial = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 300), G, 1000)
     assert partial.bytes_per_token(bits) == pytest.approx(0.9 * per_token + 0.1 * fp)
-    assert not CostModel.from_quantizer(FakeQuantizer(codebook=True), G, 0, 1).is_affine
+    assert partial.fixed_bytes_per_token == pytest.approx(0.1 * fp)
+    # sink tokens are kept at full precision too, amortised like the residual window
+    sinks = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 100, sink_tokens=100), G, 1000)
+    assert sinks.bytes_per_token(bits) == pytest.approx(0.9 * per_token + 0.1 * fp)
+    codebook = CostModel.from_policy(StoragePolicy(FakeQuantizer(codebook=True), 0), G, 1)
+    slopes = np.diff(codebook.table, axis=1)
+    assert not np.allclose(slopes, slopes[0, 0])  # not affine: bytes per bit depend on the width
+    with pytest.raises(RateQuantError, match="bitset"):
+        cm.bytes_per_token(np.full(G.shape, 9))
+    with pytest.raises(RateQuantError, match="N even"):
+        CostModel(ALL, np.ones((3, 8)), 0.0, 10)
+    with pytest.raises(RateQuantError, match="must not decrease"):
+        CostModel((1, 2), np.array([[2.0, 1.0], [1.0, 2.0]]), 0.0, 10)
 
 
 @pytest.mark.parametrize("budget_bytes", [600.0, 700.5, 1000.0, 1206.0])
 def test_byte_budget_uses_the_most_code_bits_that_fit(budget_bytes):
-    fit = fit_distortion(table_for(G, noise=0.1), ALL)
-    cm = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=0, context_tokens=512)
-    alloc = rate_quant(fit, Budget.bytes_per_token(budget_bytes, 512), G, cost_model=cm)
+    curves = fitted(G, noise=0.1)
+    cm = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 0), G, 512)
+    alloc = allocate(curves, Budget.bytes_per_token(budget_bytes, 512), options=AllocationOptions(cost_model=cm))
     assert alloc.bytes_per_token <= budget_bytes
     # one more code bit anywhere costs 4 bytes: the allocation leaves less than that unused
     assert budget_bytes - alloc.bytes_per_token < 4.0
-    assert alloc.bytes_per_token == pytest.approx(36 * 4.0 + 4.0 * alloc.bits.sum() + cm.residual_bytes_per_token)
+    assert alloc.bytes_per_token == pytest.approx(36 * 4.0 + 4.0 * alloc.bits.sum() + cm.fixed_bytes_per_token)
     assert alloc.details["byte_model"] == "affine"
     # and it is the avg-bits optimum at that many code bits
-    same = rate_quant(fit, Budget.avg_bits(alloc.avg_bits), G)
+    same = allocate(curves, Budget.avg_bits(alloc.avg_bits))
     np.testing.assert_array_equal(same.bits, alloc.bits)
 
 
 def test_byte_budget_range_errors():
-    fit = fit_distortion(table_for(G), ALL)
-    cm = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=64, context_tokens=1024)
+    curves = fitted(G)
+    cm = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 64), G, 1024)
+    opts = AllocationOptions(cost_model=cm)
     with pytest.raises(BudgetError, match="outside the reachable range"):
-        rate_quant(fit, Budget.bytes_per_token(100.0, 1024), G, cost_model=cm)
+        allocate(curves, Budget.bytes_per_token(100.0, 1024), options=opts)
     with pytest.raises(BudgetError, match="outside the reachable range"):
-        rate_quant(fit, Budget.bytes_per_token(1e6, 1024), G, cost_model=cm)
+        allocate(curves, Budget.bytes_per_token(1e6, 1024), options=opts)
     with pytest.raises(BudgetError, match="same length"):
-        rate_quant(fit, Budget.bytes_per_token(1000.0, 512), G, cost_model=cm)
+        allocate(curves, Budget.bytes_per_token(1000.0, 512), options=opts)
     with pytest.raises(BudgetError, match="needs a cost model"):
-        rate_quant(fit, Budget.bytes_per_token(1000.0, 1024), G)
-    short = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=64, context_tokens=32)
+        allocate(curves, Budget.bytes_per_token(1000.0, 1024))
+    short = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 64), G, 32)
+    assert not short.depends_on_bits
     with pytest.raises(BudgetError, match="residual window"):
-        rate_quant(fit, Budget.bytes_per_token(5000.0, 32), G, cost_model=short)
+        allocate(curves, Budget.bytes_per_token(5000.0, 32), options=AllocationOptions(cost_model=short))
 
 
 def test_byte_budget_with_width_dependent_metadata_is_optimal():
     g = Geometry(1, 2, 8)  # 4 components
     bitset = (1, 2, 3, 4)
     table = table_for(g, bitset=bitset, seed=4, noise=0.2)
-    cm = CostModel.from_quantizer(FakeQuantizer(codebook=True), g, 0, 1, bitset=bitset)
-    assert not cm.is_affine
-    curves = table.reshape(4, 4)
-    bytes_table = cm.bytes_table  # [4, nb]
-    residual = cm.residual_bytes_per_token  # the one-token full-precision buffer per kind
+    cm = CostModel.from_policy(StoragePolicy(FakeQuantizer(codebook=True), 0), g, 1, bitset=bitset)
+    slopes = np.diff(cm.table, axis=1)
+    assert not np.allclose(slopes, slopes[0, 0])
+    flat = table.reshape(4, 4)
+    fixed = cm.fixed_bytes_per_token
     for budget in (21.0, 24.0, 29.5, 33.3, 40.0):  # reachable for the codes and metadata: [21, 40]
-        alloc = rate_quant(table, Budget.bytes_per_token(budget + residual, 1), g, table_bitset=bitset,
-                           use="measured", cost_model=cm)
-        assert alloc.bytes_per_token <= budget + residual and alloc.details["byte_model"] == "table"
+        alloc = allocate(
+            Curves.measured(table, bitset),
+            Budget.bytes_per_token(budget + fixed, 1),
+            options=AllocationOptions(cost_model=cm),
+        )
+        assert alloc.bytes_per_token <= budget + fixed and alloc.details["byte_model"] == "table"
         best = math.inf
         for choice in itertools.product(range(4), repeat=4):
-            if sum(bytes_table[i, j] for i, j in enumerate(choice)) <= budget:
-                best = min(best, sum(curves[i, j] for i, j in enumerate(choice)))
+            if sum(cm.table[i, j] for i, j in enumerate(choice)) <= budget:
+                best = min(best, sum(flat[i, j] for i, j in enumerate(choice)))
         assert alloc.predicted_distortion == pytest.approx(best, rel=1e-12)
 
 
 def test_baselines_take_byte_budgets():
-    fit = fit_distortion(table_for(G), ALL)
-    cm = CostModel.from_quantizer(FakeQuantizer(), G, residual_length=0, context_tokens=100)
-    # exactly 3.5 average code bits, plus the one-token buffer per kind that residual_length=0 keeps
-    budget = Budget.bytes_per_token(36 * 4.0 + 4.0 * 36 * 3.5 + cm.residual_bytes_per_token, 100)
-    assert uniform(fit, budget, G, cost_model=cm).avg_bits == 3.0
-    assert best_kv_split(fit, budget, G, cost_model=cm).avg_bits == 3.5
-    assert layerwise(fit, budget, G, cost_model=cm).avg_bits == 3.5
-    assert rate_quant(fit, budget, G, cost_model=cm).avg_bits == 3.5
+    curves = fitted(G)
+    cm = CostModel.from_policy(StoragePolicy(FakeQuantizer(), 0), G, 100)
+    opts = AllocationOptions(cost_model=cm)
+    # exactly 3.5 average code bits, plus whatever the policy keeps at full precision
+    budget = Budget.bytes_per_token(36 * 4.0 + 4.0 * 36 * 3.5 + cm.fixed_bytes_per_token, 100)
+    assert allocate(curves, budget, "uniform", opts).avg_bits == 3.0
+    assert allocate(curves, budget, "kv-split", opts).avg_bits == 3.5
+    assert allocate(curves, budget, "layerwise", opts).avg_bits == 3.5
+    assert allocate(curves, budget, "layer-kind", opts).avg_bits == 3.5
+    assert allocate(curves, budget, "ratequant", opts).avg_bits == 3.5
+    k4v3 = allocate(curves, budget, get_strategy("kv-split", key_bits=4, value_bits=3), opts)
+    assert k4v3.bytes_per_token <= budget.value
+    with pytest.raises(BudgetError, match="over the budget"):
+        allocate(curves, budget, get_strategy("kv-split", key_bits=4, value_bits=4), opts)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -483,9 +713,12 @@ def test_property_budget_met_or_refused(layers, heads, bitset, seed, offset, mea
     reachable = {0}
     for _ in range(n):
         reachable = {r + b for r in reachable for b in bitset}
-    source = table if measured or len(bitset) < 2 else fit_distortion(table, bitset, shared_beta="component")
+    if measured or len(bitset) < 2:
+        curves = Curves.measured(table, bitset)
+    else:
+        curves = Curves.from_fit(fit_distortion(table, bitset, shared_beta="component"))
     try:
-        alloc = rate_quant(source, budget, g, table_bitset=bitset, use="measured" if source is table else "fit")
+        alloc = allocate(curves, budget)
     except BudgetError as exc:
         assert total not in reachable
         assert "reachable averages lie in" in str(exc)
@@ -495,15 +728,73 @@ def test_property_budget_met_or_refused(layers, heads, bitset, seed, offset, mea
     assert set(np.unique(alloc.bits)) <= set(bitset)
 
 
-@pytest.mark.parametrize("design, residual, tokens", [("kivi", 128, 4096), ("kivi", 0, 1000), ("kivi", 64, 700),
-                                                      ("uniform", 0, 333), ("turbo", 128, 2000)])
-def test_cost_model_agrees_with_the_cache_formula(design, residual, tokens):
-    from ratequant.cache import expected_nbytes
-    from ratequant.quantizers import get_quantizer
-
+# --------------------------------------------------------------------------------------------------------
+# The cost model is the spec's byte formula
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "design, residual, sinks, tokens",
+    [
+        ("kivi", 128, 0, 4096),
+        ("kivi", 0, 0, 1000),
+        ("kivi", 64, 0, 700),
+        ("uniform", 0, 0, 333),
+        ("turbo", 128, 0, 2000),
+        *[(d, r, s, t) for d in ("kivi", "uniform") for r in (0, 128) for s in (0, 4) for t in (3, 333, 2000)],
+    ],
+)
+def test_cost_model_agrees_with_the_spec_formula(design, residual, sinks, tokens):
     g = Geometry(4, 3, 64)
     quantizer = get_quantizer(design)
-    bits = np.random.default_rng(0).integers(1, 9, size=g.shape)
-    cm = CostModel.from_quantizer(quantizer, g, residual_length=residual, context_tokens=tokens)
-    expected = expected_nbytes(bits, quantizer, g.head_dim, tokens, residual_length=residual)
-    assert cm.bytes_per_token(bits) * tokens == pytest.approx(expected.total, abs=2)
+    policy = StoragePolicy(quantizer, residual, sinks)
+    cm = CostModel.from_policy(policy, g, tokens)
+    rng = np.random.default_rng(tokens + residual + sinks)
+    for _ in range(3):
+        bits = rng.integers(1, 9, size=g.shape)
+        expected = KVQuantSpec(bits, quantizer, residual, sinks).expected_bytes(g.head_dim, tokens).total
+        got = cm.bytes_per_token(bits) * tokens
+        assert got == pytest.approx(expected, abs=2)  # integer rounding of codes and metadata only
+        assert abs(got - expected) <= 1e-3 * expected
+
+
+def test_a_residual_that_is_not_a_multiple_of_the_token_group_is_refused_everywhere():
+    from ratequant.pipeline import CalibrationSettings
+
+    kivi = get_quantizer("kivi", group_size=32)
+    with pytest.raises(RateQuantError) as direct:
+        StoragePolicy(kivi, 48)
+    message = str(direct.value)
+    assert "residual length 48 is not a multiple" in message and "token group (32)" in message
+
+    def refused(fn):
+        with pytest.raises(RateQuantError) as exc:
+            fn()
+        return str(exc.value)
+
+    assert refused(lambda: CostModel.from_policy(StoragePolicy(kivi, 48), G, 4096)) == message
+    assert refused(lambda: KVQuantSpec(np.full(G.shape, 4), kivi, 48)) == message
+    assert (
+        refused(lambda: CalibrationSettings(quantizer="kivi", quantizer_params={"group_size": 32}, residual_length=48))
+        == message
+    )
+    # and a multiple is fine everywhere
+    policy = StoragePolicy(kivi, 64)
+    assert policy.chunks == (64, 64)
+    CostModel.from_policy(policy, G, 4096)
+    KVQuantSpec(np.full(G.shape, 4), kivi, 64)
+    CalibrationSettings(quantizer="kivi", quantizer_params={"group_size": 32}, residual_length=64)
+
+
+def test_closed_form_respects_per_kind_floors():
+    """The reverse-waterfilling answer recorded beside a floored allocation uses the same lowest widths."""
+    from ratequant.allocation import Budget, Curves, allocate
+
+    rng = np.random.default_rng(0)
+    alpha = np.exp(rng.normal(0, 2, (2, 3, 2)))
+    alpha[0] *= 1e-4  # keys matter little: unfloored, they would sink to 1 bit
+    beta = np.empty((2, 3, 2))
+    beta[0], beta[1] = 6.0, 2.5
+    fit = fit_distortion(alpha[..., None] * beta[..., None] ** -np.arange(1, 9.0), range(1, 9))
+    alloc = allocate(Curves.from_fit(fit, min_bits=(5, 1)), Budget.avg_bits(3.0))
+    continuous = alloc.details["continuous_bits"]
+    assert (alloc.bits[0] >= 5).all() and (continuous[0] >= 5 - 1e-9).all()
+    assert np.abs(alloc.bits - continuous).max() <= 1.0 + 1e-9

@@ -17,8 +17,13 @@ VOCAB = 101
 def _llama(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
-        vocab_size=VOCAB, **overrides,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        **overrides,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -182,8 +187,15 @@ def test_recorder_gradients_match_capture():
             Geometry(2, 3, 16, 3),
         ),
         (
-            Qwen3Config(hidden_size=64, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2,
-                        intermediate_size=96, vocab_size=VOCAB, head_dim=8),
+            Qwen3Config(
+                hidden_size=64,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                num_hidden_layers=2,
+                intermediate_size=96,
+                vocab_size=VOCAB,
+                head_dim=8,
+            ),
             Geometry(2, 2, 8, 6),
         ),
     ],
@@ -234,8 +246,13 @@ def test_sliding_window_and_scaling_are_recorded_per_layer():
 
     torch.manual_seed(0)
     config = MistralConfig(
-        hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2, intermediate_size=48,
-        vocab_size=VOCAB, sliding_window=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        vocab_size=VOCAB,
+        sliding_window=3,
     )
     stats = capture(AutoModelForCausalLM.from_config(config).eval(), _ids(1, 6))
     assert stats.sliding_windows == (3, 3)

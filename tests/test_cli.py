@@ -26,19 +26,42 @@ def test_eval_on_local_model_writes_json(tmp_path, capsys, tiny_model_dir):
     corpus.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." * 3 for i in range(40)))
     out_json = tmp_path / "out.json"
     code, out, _ = run_cli(
-        capsys, "eval", "--model", str(tiny_model_dir), "--corpus", str(corpus),
-        "--seq-len", "32", "--windows", "3", "--json", str(out_json),
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--windows",
+        "3",
+        "--json",
+        str(out_json),
     )
     assert code == 0 and "perplexity" in out
     result = json.loads(out_json.read_text())
-    assert result["windows"] == 3 and result["seq_len"] == 32 and result["tokens"] == 3 * 31
+    assert result["seq_len"] == 32 and result["tokens"] == 3 * 31
     assert isinstance(result["ppl"], float) and result["ppl"] > 1
     assert result["model"] == tiny_model_dir.name and result["corpus"] == str(corpus)
-    assert isinstance(result["seconds"], float) and result["format_version"] == 1
+    assert isinstance(result["seconds"], float) and result["format_version"] == 2
+    assert (
+        result["task"] == "perplexity" and result["windows"]["bos"] is False and result["windows"]["scoring"] == "all"
+    )
     # an existing output is not overwritten without --force
     code, _, err = run_cli(
-        capsys, "eval", "--model", str(tiny_model_dir), "--corpus", str(corpus),
-        "--seq-len", "32", "--windows", "3", "--json", str(out_json),
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--windows",
+        "3",
+        "--json",
+        str(out_json),
     )
     assert_one_line_error(code, err, "--force")
 
@@ -75,7 +98,9 @@ def test_non_positive_window_length(capsys, value):
 def test_console_script_entry_point_in_a_subprocess():
     proc = subprocess.run(
         [sys.executable, "-m", "ratequant.cli", "eval", "--model", "/no/such/model"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "ratequant: error: model path not found: /no/such/model"
@@ -98,7 +123,9 @@ def test_info_names_the_decode_path(tmp_path, capsys, tiny_model_dir):
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
     out_json = tmp_path / "info.json"
-    code, out, _ = run_cli(capsys, "info", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--json", str(out_json))
+    code, out, _ = run_cli(
+        capsys, "info", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--json", str(out_json)
+    )
     assert code == 0 and f"decode     {native.describe()}" in out
     decode = json.loads(out_json.read_text())["decode"]
     assert decode == {"native": native.available(), "path": native.describe()}

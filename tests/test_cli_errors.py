@@ -27,8 +27,9 @@ KNOWN = ("eval", "generate", "info", "calibrate", "inspect")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4
-                                for i in range(60)))
+    path.write_text(
+        "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60))
+    )
     return path
 
 
@@ -114,7 +115,7 @@ CAL = ["calibrate", "--out", "plan.json"]
 
 USAGE_ERRORS = [
     (["eval", "--windows", "-1"], "--windows: must be a positive integer, got -1"),
-    (["eval", "--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+    (["eval", "--prefill-chunk", "0"], "--prefill-chunk: must be a positive integer, got 0"),
     (["eval", "--mode", "fast"], "--mode: invalid choice"),
     (["eval", "--dtype", "float64"], "--dtype: invalid choice"),
     (["eval", "--quantizer", "bogus"], "--quantizer: invalid choice"),
@@ -173,8 +174,7 @@ def test_run_time_errors_are_one_line(tmp_path, capsys, corpus, tiny_model_dir):
         (["info", "--model", str(tmp_path / "missing.gguf")], "model file not found"),
         (["info", *model, "--corpus", "hf:"], "dataset"),
         ([*cal, "--out", str(existing)], "already exists; pass --force"),
-        ([*cal, "--out", str(tmp_path / "p.json"), "--allocator", "mismatched"], "needs the design whose curves"),
-        ([*cal, "--out", str(tmp_path / "p.json"), "--curves-from", "quarot"], "only applies to the mismatched"),
+        ([*cal, "--out", str(tmp_path / "p.json"), "--sink-tokens", "100000"], "sink tokens must be from 0 to 65536"),
         ([*cal, "--out", str(tmp_path / "p.json"), "--param", "group_size=-1"], "group_size"),
         ([*cal, "--out", str(tmp_path / "p.json"), "--param", "nosuch=1"], "has no parameter(s) nosuch"),
         ([*cal, "--out", str(tmp_path / "p.json"), "--residual", "-5"], "non-negative"),
@@ -192,9 +192,30 @@ def test_run_time_errors_are_one_line(tmp_path, capsys, corpus, tiny_model_dir):
 
 def test_inspect_refuses_to_overwrite_pictures_and_to_draw_missing_curves(tmp_path, capsys, corpus, tiny_model_dir):
     plan = tmp_path / "plan.json"
-    assert main(["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--seq-len", "16",
-                 "--sequences", "1", "--avg-bits", "3", "--allocator", "uniform", "--residual", "0",
-                 "--out", str(plan)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus),
+                "--seq-len",
+                "16",
+                "--sequences",
+                "1",
+                "--avg-bits",
+                "3",
+                "--allocator",
+                "uniform",
+                "--residual",
+                "0",
+                "--out",
+                str(plan),
+            ]
+        )
+        == 0
+    )
     png = tmp_path / "bits.png"
     png.write_bytes(b"keep me")
     assert_one_line_error(capsys, ["inspect", str(plan), "--heatmap", str(png)], "already exists; pass --force")
@@ -204,8 +225,11 @@ def test_inspect_refuses_to_overwrite_pictures_and_to_draw_missing_curves(tmp_pa
     baseline = Plan.load(plan).to_dict()
     baseline["fit"] = None
     Plan.from_dict(baseline).to_json(tmp_path / "baseline.json")
-    assert_one_line_error(capsys, ["inspect", str(tmp_path / "baseline.json"), "--curves", str(tmp_path / "c.png")],
-                          "holds no measured distortions")
+    assert_one_line_error(
+        capsys,
+        ["inspect", str(tmp_path / "baseline.json"), "--curves", str(tmp_path / "c.png")],
+        "holds no measured distortions",
+    )
     assert not (tmp_path / "c.png").exists()
 
 
@@ -217,10 +241,12 @@ BUDGETS = [
     (["--avg-bits", "0.5"], "reachable averages lie in [1, 8]"),
     (["--avg-bits", "1.5", "--b-min", "2"], "reachable averages lie in [2, 8]"),
     (["--avg-bits", "5", "--b-max", "4"], "reachable averages lie in [1, 4]"),
-    (["--avg-bits", "2.9", "--bits", "2,4"], "with widths (2, 4) over 12 components; reachable averages lie in "
-                                             "[2, 4]; nearest reachable: 2.83333 and 3"),
+    (
+        ["--avg-bits", "2.9", "--bits", "2,4"],
+        "with widths (2, 4) over 12 components; reachable averages lie in [2, 4]; nearest reachable: 2.83333 and 3",
+    ),
     (["--avg-bits", "2.5", "--allocator", "uniform"], "nearest reachable: 2 and 3"),
-    (["--avg-bits", "2.25", "--allocator", "kv-split"], "reachable averages: 1, 1.5, 2, 2.5"),
+    (["--avg-bits", "2.25", "--allocator", "kv-split"], "nearest reachable: 2 and 2.5"),
     (["--bytes-per-token", "10", "--context", "64"], "10 bytes per token is outside the reachable range ["),
     (["--avg-bits", "3", "--b-min", "6", "--b-max", "5"], "b_min"),
 ]
@@ -230,23 +256,64 @@ BUDGETS = [
 def test_unreachable_budgets_name_the_reachable_range(tmp_path, capsys, corpus, tiny_model_dir, budget, fragment):
     out = tmp_path / "plan.json"
     # turbo: every width 1..8 is informative (its 1-bit codebook beats the mean), so the range is the bitset's
-    assert_one_line_error(capsys, ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus),
-                                   "--quantizer", "turbo", "--seq-len", "16", "--sequences", "1",
-                                   "--residual", "0", *budget, "--out", str(out)], fragment)
+    assert_one_line_error(
+        capsys,
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus),
+            "--quantizer",
+            "turbo",
+            "--seq-len",
+            "16",
+            "--sequences",
+            "1",
+            "--residual",
+            "0",
+            *budget,
+            "--out",
+            str(out),
+        ],
+        fragment,
+    )
     assert not out.exists()
 
 
 def test_unreachable_average_is_refused_before_any_work(tmp_path, capsys):
-    line = assert_one_line_error(capsys, ["calibrate", "--model", "/nonexistent/model", "--avg-bits", "9",
-                                          "--out", str(tmp_path / "p.json")], "reachable averages lie in [1, 8]")
+    line = assert_one_line_error(
+        capsys,
+        ["calibrate", "--model", "/nonexistent/model", "--avg-bits", "9", "--out", str(tmp_path / "p.json")],
+        "reachable averages lie in [1, 8]",
+    )
     assert "/nonexistent/model" not in line
 
 
 def test_residual_window_that_the_design_cannot_use_is_refused(tmp_path, capsys, corpus, tiny_model_dir):
     out = tmp_path / "plan.json"
-    code, _, err = run(capsys, ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--quantizer",
-                                "kivi", "--seq-len", "16", "--sequences", "1", "--avg-bits", "3",
-                                "--residual", "7", "--out", str(out)])
+    code, _, err = run(
+        capsys,
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus),
+            "--quantizer",
+            "kivi",
+            "--seq-len",
+            "16",
+            "--sequences",
+            "1",
+            "--avg-bits",
+            "3",
+            "--residual",
+            "7",
+            "--out",
+            str(out),
+        ],
+    )
     assert code == 2 and "multiple" in err and not out.exists()
 
 
@@ -265,23 +332,58 @@ def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, 
 
     monkeypatch.setattr(ratequant.pipeline, "calibrate", interrupted)
     out = tmp_path / "plans" / "plan.json"
-    code, _, err = run(capsys, ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus),
-                                "--seq-len", "16", "--sequences", "1", "--avg-bits", "3", "--out", str(out)])
+    code, _, err = run(
+        capsys,
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus),
+            "--seq-len",
+            "16",
+            "--sequences",
+            "1",
+            "--avg-bits",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert code == 130 and err.strip() == "ratequant: interrupted"
     assert not out.exists() and not out.parent.exists()
 
 
-@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), 130), (OSError(28, "No space left on device"), 2)],
-                         ids=["interrupt", "disk-full"])
-def test_calibration_failing_while_writing_the_plan_leaves_no_file(tmp_path, capsys, monkeypatch, corpus,
-                                                                   tiny_model_dir, error, status):
+@pytest.mark.parametrize(
+    "error, status",
+    [(KeyboardInterrupt(), 130), (OSError(28, "No space left on device"), 2)],
+    ids=["interrupt", "disk-full"],
+)
+def test_calibration_failing_while_writing_the_plan_leaves_no_file(
+    tmp_path, capsys, monkeypatch, corpus, tiny_model_dir, error, status
+):
     def fail(*args):
         raise error
 
     out = tmp_path / "plan.json"
     previous = tmp_path / "previous.json"
-    argv = ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--quantizer", "uniform",
-            "--seq-len", "16", "--sequences", "1", "--avg-bits", "3", "--residual", "0"]
+    argv = [
+        "calibrate",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        str(corpus),
+        "--quantizer",
+        "uniform",
+        "--seq-len",
+        "16",
+        "--sequences",
+        "1",
+        "--avg-bits",
+        "3",
+        "--residual",
+        "0",
+    ]
     assert main([*argv, "--out", str(previous)]) == 0
     kept = previous.read_bytes()
     monkeypatch.setattr(os, "replace", fail)
@@ -299,8 +401,22 @@ def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpu
 
     out = tmp_path / "eval.json"
     monkeypatch.setattr(os, "replace", interrupted)
-    code, _, err = run(capsys, ["eval", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--seq-len", "16",
-                                "--windows", "1", "--json", str(out)])
+    code, _, err = run(
+        capsys,
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus),
+            "--seq-len",
+            "16",
+            "--windows",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert code == 130 and "interrupted" in err and leftovers(tmp_path) == []
     monkeypatch.undo()
     monkeypatch.setattr(ratequant.jsonio.json, "dumps", interrupted)  # before any file is opened
@@ -311,7 +427,7 @@ def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpu
 def test_interrupted_picture_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
     from matplotlib.figure import Figure
 
-    from ratequant.evaluation.plots import bits_heatmap
+    from ratequant.report.plots import bits_heatmap
 
     def half_then_interrupt(self, fname, *args, **kwargs):
         with open(fname, "wb") as handle:
@@ -337,4 +453,3 @@ def test_existing_results_path_is_refused_before_the_run(tmp_path, capsys, monke
 
     monkeypatch.setattr(ratequant.models, "load_model", must_not_load)
     assert_one_line_error(capsys, ["eval", "--json", str(out)], "already exists; pass --force")
-

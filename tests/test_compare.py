@@ -11,17 +11,12 @@ import pytest
 import torch
 
 from ratequant.cli import main
-from ratequant.compare import (
-    QUICK_SIZES,
-    CompareConfig,
-    CompareResults,
-    hybrid_rank,
-    pick_mismatch_sources,
-    run_compare,
-)
 from ratequant.errors import RateQuantError
+from ratequant.experiments import QUICK_SIZES, CompareConfig, CompareResults, run_compare
+from ratequant.experiments.methods import hybrid_rank, pick_mismatch_sources
 from ratequant.quantizers import get_quantizer
-from ratequant.report import check_output, report_markdown, repeat_command, write_report
+from ratequant.report import check_output, repeat_command, write_report
+from ratequant.report.markdown import report_markdown
 
 BUDGETS = (2.5, 3.0)
 DESIGNS = ("kivi", "quarot", "turbo", "uniform")
@@ -44,20 +39,27 @@ class one_thread:
 @pytest.fixture(scope="module")
 def setup():
     from conftest import tiny_model, tiny_tokenizer
-
     from ratequant.compat import model_geometry
     from ratequant.data import Corpus
     from ratequant.models import LoadedModel
 
     model = tiny_model("llama", num_hidden_layers=2)  # 2 layers x 2 kv heads: N = 8 components, head_dim 16
-    corpus = Corpus("tiny", TEXT[: len(TEXT) // 3], TEXT[len(TEXT) // 3:])
+    corpus = Corpus("tiny", TEXT[: len(TEXT) // 3], TEXT[len(TEXT) // 3 :])
     return LoadedModel(model, tiny_tokenizer(), "tiny-llama", "memory", model_geometry(model)), corpus
 
 
 @pytest.fixture(scope="module")
 def config():
-    return CompareConfig(model="tiny", corpus="tiny", budgets=BUDGETS, designs=DESIGNS, seq_len=48, windows=3,
-                         calibration_seq_len=48, calibration_sequences=2)
+    return CompareConfig(
+        model="tiny",
+        corpus="tiny",
+        budgets=BUDGETS,
+        designs=DESIGNS,
+        seq_len=48,
+        windows=3,
+        calibration_seq_len=48,
+        calibration_sequences=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +81,18 @@ def test_config_round_trips_through_json_and_is_validated(tmp_path, config):
     path = config.to_json(tmp_path / "config.json")
     assert CompareConfig.load(path) == config
     data = json.loads(path.read_text())
-    assert data["format_version"] == 1 and data["budgets"] == [2.5, 3.0] and data["designs"] == list(DESIGNS)
+    assert data["format_version"] == 2 and data["budgets"] == [2.5, 3.0] and data["designs"] == list(DESIGNS)
     quick = CompareConfig.quick()
     assert (quick.budgets, quick.seq_len, quick.windows, quick.calibration_sequences) == (
-        QUICK_SIZES["budgets"], QUICK_SIZES["seq_len"], QUICK_SIZES["windows"], QUICK_SIZES["calibration_sequences"])
+        QUICK_SIZES["budgets"],
+        QUICK_SIZES["seq_len"],
+        QUICK_SIZES["windows"],
+        QUICK_SIZES["calibration_sequences"],
+    )
     assert quick.command("results/demo") == "ratequant compare --quick --out results/demo"
     assert CompareConfig(budgets=(3, 2, 3)).budgets == (2.0, 3.0)  # sorted, unique, floats
     bad = [
-        {**data, "format_version": 2},
+        {**data, "format_version": 3},
         {k: v for k, v in data.items() if k != "format_version"},
         {**data, "surprise": 1},
         {**data, "budgets": [9]},
@@ -140,13 +146,18 @@ def test_every_method_is_run_for_every_design_and_budget(results, setup):
                 assert math.isfinite(m.ppl) and m.ppl > 1 and math.isfinite(m.kl) and m.kl > 0
                 assert m.avg_bits == budget and len(m.window_nll) == 3
                 assert math.exp(np.mean(m.window_nll)) == pytest.approx(m.ppl, rel=1e-12)
+                assert (m.key_bits + m.value_bits) / 2 == pytest.approx(budget)
+                if m.method == "kv-split":
+                    assert m.label == f"K{m.key_bits:g}V{m.value_bits:g}"
     for budget in BUDGETS:
         rank = results.select(method="rank", design=None, budget=budget)
         hybrid = results.select(method="rank+quant", design=None, budget=budget)
         assert len(rank) == len(hybrid) == 1
         r, r_h = math.floor(budget * 16 / 16), hybrid_rank(budget * 16, get_quantizer("uniform"), 4, 16)
         assert rank[0].details["rank"] == r and rank[0].kv_bytes_per_token == g.num_components * r * 2
-        assert hybrid[0].details["rank"] == r_h and hybrid[0].kv_bytes_per_token == g.num_components * (r_h * 4 + 32) / 8
+        assert (
+            hybrid[0].details["rank"] == r_h and hybrid[0].kv_bytes_per_token == g.num_components * (r_h * 4 + 32) / 8
+        )
         assert all(math.isfinite(m.ppl) and m.kl > 0 for m in rank + hybrid)
     # uniform at 2.5 bits is not a width: reported as skipped, with the reason, for every design
     skipped = {(s["design"], s["method"], s["budget"]) for s in results.skipped}
@@ -163,45 +174,65 @@ def test_true_bytes_count_codes_and_metadata(results):
 
 
 def test_full_precision_matches_plain_perplexity(results, setup, config):
-    from ratequant.data import token_windows
-    from ratequant.evaluation import perplexity
+    from ratequant.evaluation import WindowProtocol, make_windows, perplexity
 
     loaded, corpus = setup
-    windows = token_windows(loaded.tokenizer, corpus.evaluation, config.seq_len, config.windows)
+    windows = make_windows(loaded.tokenizer, corpus.evaluation, WindowProtocol(config.seq_len, config.windows))
     with one_thread():
-        assert results.full_precision.ppl == pytest.approx(perplexity(loaded.model, windows, progress=False).ppl, rel=1e-9)
+        assert results.full_precision.ppl == pytest.approx(
+            perplexity(loaded.model, windows, progress=False).ppl, rel=1e-9
+        )
 
 
 def test_ratequant_is_optimal_under_its_own_curves_and_mismatch_reuses_the_other_curves(results):
     for design in DESIGNS:
         fits = {name: d.fit for name, d in results.designs.items()}
-        distance = {o: math.hypot(fits[design].beta_key - fits[o].beta_key, fits[design].beta_value - fits[o].beta_value)
-                    for o in DESIGNS if o != design}
+        distance = {
+            o: math.hypot(fits[design].beta_key - fits[o].beta_key, fits[design].beta_value - fits[o].beta_value)
+            for o in DESIGNS
+            if o != design
+        }
         assert results.designs[design].mismatch_source == max(distance, key=distance.get)
         assert pick_mismatch_sources(fits)[design] == results.designs[design].mismatch_source
         for budget in BUDGETS:
             (rq,) = results.select(method="ratequant", design=design, budget=budget)
-            others = [m for m in results.select(design=design, budget=budget) if m.method in ("uniform", "kv-split", "layerwise")]
-            assert all(rq.details["predicted_distortion"] <= m.details["predicted_distortion"] * (1 + 1e-12) for m in others)
+            others = [
+                m
+                for m in results.select(design=design, budget=budget)
+                if m.method in ("uniform", "kv-split", "layerwise")
+            ]
+            assert all(
+                rq.details["predicted_distortion"] <= m.details["predicted_distortion"] * (1 + 1e-12) for m in others
+            )
             (mm,) = results.select(method="mismatched", design=design, budget=budget)
-            source = mm.details["source_design"]
+            source = mm.details["curves"]["design"]
             (own,) = results.select(method="ratequant", design=source, budget=budget)
             np.testing.assert_array_equal(mm.bits, own.bits)  # the source design's allocation, stored with this one
             assert mm.bits.mean() == budget
 
 
-def test_recovered_damage_follows_its_definition(results):
+@pytest.mark.parametrize("metric", ["kl", "ppl"])
+def test_recovered_damage_follows_its_definition(results, metric):
     fp = results.full_precision.ppl
-    rows = results.recovered()
+    rows = results.recovered(metric=metric)
     assert {(r["design"], r["budget"], r["method"]) for r in rows} == {
-        (d, b, m) for d in DESIGNS for b in BUDGETS for m in ("layerwise", "ratequant", "mismatched")}
+        (d, b, m) for d in DESIGNS for b in BUDGETS for m in ("layerwise", "ratequant", "mismatched")
+    }
     for r in rows:
-        fixed = [m for m in results.select(design=r["design"], budget=r["budget"]) if m.method in ("uniform", "kv-split")]
-        best = min(fixed, key=lambda m: m.ppl)
+        fixed = [
+            m for m in results.select(design=r["design"], budget=r["budget"]) if m.method in ("uniform", "kv-split")
+        ]
+        best = min(fixed, key=lambda m: getattr(m, metric))
         assert r["best_fixed"] == best.label
-        expected = (best.ppl - r["ppl"]) / (best.ppl - fp) if best.ppl > fp else None
+        (method,) = [m for m in results.select(design=r["design"], budget=r["budget"]) if m.method == r["method"]]
+        if metric == "kl":
+            expected = (best.kl - method.kl) / best.kl
+            delta = np.mean(np.subtract(best.score().window_kl, method.score().window_kl))
+        else:
+            expected = (best.ppl - method.ppl) / (best.ppl - fp) if best.ppl > fp else None
+            delta = math.log(best.ppl) - math.log(method.ppl)
         assert r["share"] == (pytest.approx(expected, rel=1e-12) if expected is not None else None)
-        assert r["delta_log_ppl"] == pytest.approx(math.log(best.ppl) - math.log(r["ppl"]), abs=1e-12)
+        assert r["delta"] == pytest.approx(delta, abs=1e-12)
 
 
 def test_saved_config_reruns_to_the_same_numbers(results, setup, report_dir):
@@ -210,13 +241,14 @@ def test_saved_config_reruns_to_the_same_numbers(results, setup, report_dir):
     with one_thread():
         again = run_compare(*setup, config, progress=False)
     assert [(m.label, m.design, m.budget, m.ppl, m.kl, m.kv_bytes_per_token) for m in again.methods] == [
-        (m.label, m.design, m.budget, m.ppl, m.kl, m.kv_bytes_per_token) for m in results.methods]
+        (m.label, m.design, m.budget, m.ppl, m.kl, m.kv_bytes_per_token) for m in results.methods
+    ]
 
 
 # -- the report -------------------------------------------------------------------------------------------
 def test_results_json_holds_every_number(results, report_dir):
     data = json.loads((report_dir / "results.json").read_text())
-    assert data["kind"] == "compare" and data["format_version"] == 1
+    assert data["kind"] == "compare" and data["format_version"] == 2
     seen = set()
     for record in data["results"]:
         for key in ("ppl", "kl", "kv_bytes_per_token", "avg_bits"):
@@ -227,18 +259,28 @@ def test_results_json_holds_every_number(results, report_dir):
     for design in DESIGNS:
         d = data["designs"][design]
         assert (d["beta_key"], d["beta_value"], d["r2"]) == (
-            results.designs[design].beta_key, results.designs[design].beta_value, results.designs[design].r2)
+            results.designs[design].beta_key,
+            results.designs[design].beta_value,
+            results.designs[design].r2,
+        )
         assert d["beta_key"] > 1 and d["beta_value"] > 1 and d["r2"] <= 1
     # the JSON is the results: reading it back gives the same document (the report adds only its file list)
     assert CompareResults.from_dict(data).to_dict() == {k: v for k, v in data.items() if k != "report"}
     assert data["report"]["repeat"] == repeat_command(report_dir)
-    assert sorted(data["report"]["files"]) == sorted(p.name for p in report_dir.iterdir())
+    assert sorted([*data["report"]["files"], "results.json"]) == sorted(p.name for p in report_dir.iterdir())
 
 
 def test_markdown_and_plots_are_written_and_rebuilt_from_json(results, report_dir):
     report = (report_dir / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    expected = {"ppl_vs_bits.png", "quant_vs_rank.png", "bits_2.5.png", "bits_3.png", *(f"curves_{d}.png" for d in DESIGNS)}
+    expected = {
+        "kl_vs_bits.png",
+        "ppl_vs_bits.png",
+        "quant_vs_rank.png",
+        "bits_2.5.png",
+        "bits_3.png",
+        *(f"curves_{d}.png" for d in DESIGNS),
+    }
     assert set(images) == expected
     for name in expected:
         assert (report_dir / name).read_bytes()[:8] == PNG_MAGIC and (report_dir / name).stat().st_size > 5000
@@ -246,16 +288,20 @@ def test_markdown_and_plots_are_written_and_rebuilt_from_json(results, report_di
     for design in DESIGNS:
         assert f"| {design} | RateQuant |" in report
     # every (design, budget) where RateQuant loses to the best fixed scheme is said so in the text
-    for r in results.recovered():
+    for r in results.recovered(metric="kl"):
         if r["method"] == "ratequant":
             phrase = f"RateQuant does not beat the best fixed scheme for {r['design']} at {r['budget']:g} bits"
-            assert (phrase in report) == (r["ppl"] >= r["best_fixed_ppl"])
+            assert (phrase in report) == (r["value"] >= r["best_fixed_value"])
     summary = (report_dir / "summary.md").read_text()
     assert summary.startswith("## Results") and "ratequant compare (test)" in summary
     assert all(link.startswith("docs/results/") for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary))
     data = json.loads((report_dir / "results.json").read_text())
-    rebuilt = report_markdown(CompareResults.load(report_dir / "results.json"), command=data["report"]["command"],
-                              repeat=data["report"]["repeat"], files=data["report"]["files"])
+    rebuilt = report_markdown(
+        CompareResults.load(report_dir / "results.json"),
+        command=data["report"]["command"],
+        repeat=data["report"]["repeat"],
+        files=data["report"]["files"],
+    )
     assert rebuilt == report
 
 
@@ -267,13 +313,60 @@ def test_an_existing_report_is_kept_without_force(report_dir, results):
     check_output(report_dir, overwrite=True)
 
 
+def test_force_removes_only_files_this_program_wrote(results, tmp_path):
+    out = tmp_path / "report"
+    write_report(results, out)
+    data = json.loads((out / "results.json").read_text())
+    # a hostile or edited listing names files the report never wrote, and a figure the user has since changed
+    (out / "notes.txt").write_text("mine")
+    (out / "curves_kivi.png").write_bytes(b"my own picture")
+    (out / "bits_9.png").write_bytes(b"an old figure of ours")
+    data["report"]["files"].update(
+        {
+            "notes.txt": "0" * 64,
+            "../outside.txt": "0" * 64,
+            "bits_9.png": __import__("hashlib").sha256(b"an old figure of ours").hexdigest(),
+        }
+    )
+    (out / "results.json").write_text(json.dumps(data))
+    (tmp_path / "outside.txt").write_text("outside")
+    write_report(results, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.txt").read_text() == "outside"
+    assert not (out / "bits_9.png").exists()  # ours, unchanged, and not in the new report: removed
+    assert (out / "curves_kivi.png").read_bytes()[:8] == PNG_MAGIC  # replaced by the new report's figure
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_run(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RateQuantError, match="cannot write the report into"):
+        check_output(blocker / "report", overwrite=False)  # its parent is a file: the folder cannot be made
+
+
 # -- the command line -------------------------------------------------------------------------------------
 def test_cli_compare_then_rerun_from_the_saved_config(tmp_path, tiny_model_dir, capsys):
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
     out, again = tmp_path / "first", tmp_path / "again"
-    args = ["compare", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--budgets", "3", "--designs", "uniform",
-            "--seq-len", "32", "--windows", "2", "--calibration-sequences", "1", "--calibration-seq-len", "32"]
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        str(corpus),
+        "--budgets",
+        "3",
+        "--designs",
+        "uniform",
+        "--seq-len",
+        "32",
+        "--windows",
+        "2",
+        "--calibration-sequences",
+        "1",
+        "--calibration-seq-len",
+        "32",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     first = json.loads((out / "results.json").read_text())
     assert "report written to" in capsys.readouterr().out
@@ -287,7 +380,9 @@ def test_cli_compare_then_rerun_from_the_saved_config(tmp_path, tiny_model_dir, 
     assert main(["compare", "--config", str(out / "config.json"), "--out", str(again)]) == 0
     second = json.loads((again / "results.json").read_text())
     assert second["config"] == first["config"]
-    assert [(r["label"], r["ppl"], r["kl"]) for r in second["results"]] == [(r["label"], r["ppl"], r["kl"]) for r in first["results"]]
+    assert [(r["label"], r["ppl"], r["kl"]) for r in second["results"]] == [
+        (r["label"], r["ppl"], r["kl"]) for r in first["results"]
+    ]
 
 
 # -- the default model ------------------------------------------------------------------------------------
@@ -295,8 +390,14 @@ def test_cli_compare_then_rerun_from_the_saved_config(tmp_path, tiny_model_dir, 
 def test_compare_on_the_default_model(default_model, tmp_path):
     from ratequant.data import load_corpus
 
-    config = CompareConfig(budgets=(3.0,), designs=("kivi", "turbo"), seq_len=128, windows=1, calibration_seq_len=128,
-                           calibration_sequences=1)
+    config = CompareConfig(
+        budgets=(3.0,),
+        designs=("kivi", "turbo"),
+        seq_len=128,
+        windows=1,
+        calibration_seq_len=128,
+        calibration_sequences=1,
+    )
     with one_thread():  # two threads on a loaded 2-core machine spin against each other (170 s against 30 s)
         results = run_compare(default_model, load_corpus(), config, progress=False)
     fp = results.full_precision

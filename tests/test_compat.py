@@ -33,7 +33,11 @@ from ratequant.errors import UnsupportedModelError
 from ratequant.geometry import Geometry
 
 COMMON = dict(
-    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=3,
+    intermediate_size=96,
     vocab_size=97,
 )
 
@@ -220,15 +224,39 @@ def test_boolean_attention_mask_formats_agree():
 
 UNSUPPORTED = {
     "mla": lambda: DeepseekV3Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, intermediate_size=96,
-        moe_intermediate_size=32, vocab_size=97, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-        n_group=1, topk_group=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        vocab_size=97,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
     ),
     "linear": lambda: Qwen3NextConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, intermediate_size=96,
-        vocab_size=97, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        intermediate_size=96,
+        vocab_size=97,
+        head_dim=16,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
     ),
     "mamba": lambda: MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=97, state_size=8),
 }

@@ -1,10 +1,7 @@
 import pytest
-import torch
 
-from ratequant.data import DEFAULT_CORPUS, load_corpus, paragraphs, token_windows
+from ratequant.data import DEFAULT_CORPUS, load_corpus, paragraphs
 from ratequant.errors import RateQuantError
-
-from conftest import tiny_tokenizer
 
 
 def shingles(text: str, width: int) -> set[str]:
@@ -61,24 +58,3 @@ def test_bad_text_files_are_refused(tmp_path, content, message):
 def test_missing_corpus_file(tmp_path):
     with pytest.raises(RateQuantError, match="not found"):
         load_corpus(str(tmp_path / "nope.txt"))
-
-
-def test_token_windows_are_consecutive_slices_of_the_token_stream():
-    tok = tiny_tokenizer()
-    text = "the quick brown fox jumps over the lazy dog. " * 50
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    windows = token_windows(tok, text, seq_len=16)
-    assert windows.dtype == torch.long and windows.shape == (len(ids) // 16, 16)
-    assert windows.flatten().tolist() == ids[: windows.numel()]
-    assert token_windows(tok, text, seq_len=16, max_windows=3).tolist() == windows[:3].tolist()
-
-
-@pytest.mark.parametrize("seq_len", [0, -5, 1])
-def test_non_positive_window_length_is_refused(seq_len):
-    with pytest.raises(RateQuantError, match="window length"):
-        token_windows(tiny_tokenizer(), "some text", seq_len)
-
-
-def test_corpus_too_short_for_one_window():
-    with pytest.raises(RateQuantError, match="fewer than one window of 512"):
-        token_windows(tiny_tokenizer(), "too short", 512)

@@ -138,7 +138,8 @@ def test_padding_garbage_is_ignored():
     q = get_quantizer("uniform")  # per token: padded tokens do not share groups with real ones
     for metric in ("mse", "fisher"):
         np.testing.assert_allclose(
-            measure_distortion(dirty, q, BITSET, metric).values, measure_distortion(clean, q, BITSET, metric).values,
+            measure_distortion(dirty, q, BITSET, metric).values,
+            measure_distortion(clean, q, BITSET, metric).values,
             rtol=1e-6,
         )
 
@@ -170,6 +171,107 @@ def test_errors_and_table_round_trip():
         table.values[0, 0, 0, 0] = 1.0  # read-only
 
 
+# -- informative widths ----------------------------------------------------------------------------------
+
+
+def _brute_spread(stats):
+    """Squared deviation from each sequence's per-channel mean over real tokens, per element."""
+    out = np.zeros((2, L, H))
+    mask = stats.attention_mask
+    n = int(mask.sum())
+    for k, kind in enumerate(KINDS):
+        for layer in range(L):
+            for h in range(H):
+                total = 0.0
+                for b in range(B):
+                    x = stats.tensor(kind)[layer, b, h][mask[b]]  # [tokens, D]
+                    total += float(((x - x.mean(0)) ** 2).sum())
+                out[k, layer, h] = total / (n * D)
+    return out
+
+
+@pytest.mark.parametrize("metric", ["mse", "fisher", "attention"])
+def test_every_table_records_the_informative_width_evidence(metric):
+    stats = _stats(pad=3)
+    q = get_quantizer("uniform")
+    table = measure_distortion(stats, q, BITSET, metric, max_queries=4)
+    assert table.error is not None and table.spread is not None
+    np.testing.assert_allclose(table.error, _brute_tensor(stats, q, "mse"), rtol=2e-5, atol=1e-12)
+    np.testing.assert_allclose(table.spread, _brute_spread(stats), rtol=1e-5)
+    if metric == "mse":
+        np.testing.assert_array_equal(table.error, table.values)
+    again = DistortionTable.from_dict(table.to_dict())
+    np.testing.assert_array_equal(again.error, table.error)
+    np.testing.assert_array_equal(again.spread, table.spread)
+    # the widths are those whose summed error beats the summed spread, from the lowest passing one up
+    passing = table.error.sum(axis=(1, 2)) < table.spread.sum(axis=(1, 2))[:, None]
+    expected = tuple(BITSET[int(np.argmax(p)) :] if p.any() else BITSET[-1:] for p in passing)
+    assert table.informative_widths("kind") == expected
+
+
+def _synthetic_table(key_error, value_error, spread=1.0):
+    """A table whose summed error per width is ``key_error`` / ``value_error`` against a summed spread of
+    ``spread`` per kind (spread over 2 layers x 2 heads)."""
+    bitset = (1, 2, 3, 4)
+    error = np.empty((2, 2, 2, 4))
+    error[0] = np.asarray(key_error, float) / 4
+    error[1] = np.asarray(value_error, float) / 4
+    return DistortionTable(
+        values=error,
+        bitset=bitset,
+        metric="mse",
+        quantizer={"name": "uniform", "params": {}},
+        error=error,
+        spread=np.full((2, 2, 2), spread / 4),
+    )
+
+
+def test_informative_widths_per_kind_and_pooled():
+    # keys fail at 1 and 2 bits (error >= what storing the mean costs), values fail at 1 and pass at 2
+    table = _synthetic_table(key_error=[3.0, 1.5, 0.4, 0.1], value_error=[2.0, 0.5, 0.1, 0.02])
+    assert table.informative_widths("kind") == ((3, 4), (2, 3, 4))
+    assert table.informative_widths() == ((3, 4), (2, 3, 4))  # per kind by default
+    # pooled: a width must pass for keys and values alike; both get the same widths
+    assert table.informative_widths("pooled") == ((3, 4), (3, 4))
+    # equal to the spread is not better than the mean: it fails
+    tie = _synthetic_table(key_error=[3.0, 1.0, 0.4, 0.1], value_error=[2.0, 0.5, 0.1, 0.02])
+    assert tie.informative_widths("kind") == ((3, 4), (2, 3, 4))
+    # nothing passes: the widest width is kept
+    hopeless = _synthetic_table(key_error=[9.0, 8.0, 7.0, 6.0], value_error=[2.0, 0.5, 0.1, 0.02])
+    assert hopeless.informative_widths("kind") == ((4,), (2, 3, 4))
+    assert hopeless.informative_widths("pooled") == ((4,), (4,))
+    # everything passes
+    fine = _synthetic_table(key_error=[0.9, 0.5, 0.1, 0.01], value_error=[0.9, 0.5, 0.1, 0.01])
+    assert fine.informative_widths("kind") == fine.informative_widths("pooled") == ((1, 2, 3, 4),) * 2
+
+
+def test_informative_widths_needs_the_evidence():
+    table = _synthetic_table(key_error=[3.0, 1.5, 0.4, 0.1], value_error=[2.0, 0.5, 0.1, 0.02])
+    with pytest.raises(RateQuantError, match="per must be"):
+        table.informative_widths("layer")
+    bare = DistortionTable(values=table.values, bitset=table.bitset, metric="mse", quantizer=table.quantizer)
+    with pytest.raises(RateQuantError, match="no reconstruction error"):
+        bare.informative_widths()
+    with pytest.raises(RateQuantError, match="reconstruction error must be"):
+        DistortionTable(
+            values=table.values,
+            bitset=table.bitset,
+            metric="mse",
+            quantizer=table.quantizer,
+            error=table.error[..., :2],
+        )
+    with pytest.raises(RateQuantError, match="spread must be"):
+        DistortionTable(
+            values=table.values, bitset=table.bitset, metric="mse", quantizer=table.quantizer, spread=table.spread[0]
+        )
+
+
+def test_metrics_registry():
+    assert set(METRICS) == {"mse", "fisher", "attention"} and "fisher" in METRICS
+    assert METRICS.get("fisher").needs_gradients and not METRICS.get("fisher").needs_queries
+    assert METRICS.get("attention").needs_queries and not METRICS.get("mse").needs_gradients
+
+
 # -- does the metric predict damage? -------------------------------------------------------------------
 
 
@@ -182,7 +284,11 @@ def _tiny_model_with_a_hidden_important_head() -> torch.nn.Module:
     """
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=96,
         vocab_size=64,
     )
     model = AutoModelForCausalLM.from_config(config).eval()

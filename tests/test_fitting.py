@@ -198,3 +198,38 @@ def test_summary_reports_betas_and_r2():
     table, _, _ = synthetic()
     text = fit_distortion(table, BITS).summary()
     assert "key 4.500" in text and "value 3.700" in text and "overall 1.0000" in text
+
+
+def test_bitset_and_number_checks_live_in_validation():
+    from ratequant.validation import check_bitset, finite_real
+
+    assert check_bitset(range(1, 9)) == BITS and check_bitset([2, 4]) == (2, 4)
+    for bad, match in (
+        ([0, 1], "1 to 8"),
+        ([3, 2], "increasing"),
+        ([2, 2], "increasing"),
+        (3, "sequence"),
+        ([True, 2], "1 to 8"),
+    ):
+        with pytest.raises(RateQuantError, match=match):
+            check_bitset(bad)
+    with pytest.raises(RateQuantError, match="fit bitset needs at least 2"):
+        check_bitset([3], name="fit bitset", min_len=2)
+    assert finite_real(1) and finite_real(2.5) and finite_real(np.float32(1.0))
+    assert not any(finite_real(v) for v in (True, float("nan"), float("inf"), 10**400, "1", None))
+
+
+def test_fit_curves_feed_the_allocator_at_any_widths():
+    from ratequant.allocation import Curves
+
+    table, _, _ = synthetic(bits=(2, 4, 8), noise=0.05)
+    fit = fit_distortion(table, (2, 4, 8))
+    curves = Curves.from_fit(fit, (1, 3, 5), design="kivi", label="fisher")
+    np.testing.assert_array_equal(curves.values, fit.curves((1, 3, 5)))
+    assert curves.bitset == (1, 3, 5) and curves.fit is fit and curves.source == "fit"
+    assert curves.provenance() == {"source": "fit", "design": "kivi", "label": "fisher", "min_bits": None}
+    assert Curves.from_fit(fit).bitset == (2, 4, 8)
+    bits = np.random.default_rng(0).integers(1, 9, size=fit.shape)
+    assert curves.total(bits) == pytest.approx(float(fit.predict(bits).sum()), rel=1e-12)
+    with pytest.raises(RateQuantError, match="needs a DistortionFit"):
+        Curves.from_fit(table)

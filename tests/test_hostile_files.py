@@ -22,10 +22,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_model
 from ratequant import jsonio
 from ratequant.cache import RateQuantCache
 from ratequant.cli import main
@@ -34,7 +34,7 @@ from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
-from ratequant.simulate import simulated_quantization_from_plan
+from ratequant.simulate import simulated_quantization
 
 # the geometry of conftest's tiny Llama (and of the tiny_model_dir fixture)
 TINY = Geometry(num_layers=3, num_kv_heads=2, head_dim=16, num_heads=4)
@@ -270,17 +270,18 @@ def test_plan_for_another_geometry_is_refused_by_cache_and_simulation(geometry):
     with pytest.raises(PlanError, match="made for tiny-llama") as exc:
         RateQuantCache.from_plan(plan, model)
     assert "calibrate a plan for this model" in str(exc.value)
-    with pytest.raises(PlanError, match="made for tiny-llama"):
-        with simulated_quantization_from_plan(model, plan):
-            pass
+    with pytest.raises(PlanError, match="made for tiny-llama"), simulated_quantization(model, plan.resolve(model)):
+        pass
 
 
 def test_plan_for_another_geometry_is_refused_by_the_cli(tmp_path, capsys, tiny_model_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." * 3 for i in range(30)))
     path = make_plan(Geometry(3, 2, 32, 4), np.full((2, 3, 2), 3)).to_json(tmp_path / "other.json")
-    for argv in (["eval", "--plan", str(path), "--corpus", str(corpus), "--seq-len", "16", "--windows", "1"],
-                 ["generate", "--plan", str(path), "--prompt", "the quick", "--max-new-tokens", "2"]):
+    for argv in (
+        ["eval", "--plan", str(path), "--corpus", str(corpus), "--seq-len", "16", "--windows", "1"],
+        ["generate", "--plan", str(path), "--prompt", "the quick", "--max-new-tokens", "2"],
+    ):
         capsys.readouterr()
         code = main([argv[0], "--model", str(tiny_model_dir), *argv[1:]])
         err = capsys.readouterr().err
@@ -317,7 +318,7 @@ def test_plan_whose_quantizer_design_does_not_fit_is_refused_before_use(quantize
     with pytest.raises(RateQuantError, match=match), torch.no_grad():
         model(ids, past_key_values=RateQuantCache.from_plan(plan, model), use_cache=True)
     with pytest.raises(RateQuantError, match=match), torch.no_grad():
-        with simulated_quantization_from_plan(model, plan):
+        with simulated_quantization(model, plan.resolve(model)):
             model(ids)
 
 
@@ -388,8 +389,9 @@ def explode_writes(monkeypatch, error):
 RESULT = {"format_version": 1, "kind": "eval", "ppl": 12.5, "tokens": list(range(2000))}
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
-                         ids=["disk-full", "interrupt"])
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"]
+)
 def test_results_json_failing_mid_write_leaves_nothing(tmp_path, monkeypatch, error):
     target = tmp_path / "out" / "results.json"
     explode_writes(monkeypatch, error)
@@ -401,8 +403,9 @@ def test_results_json_failing_mid_write_leaves_nothing(tmp_path, monkeypatch, er
     assert os.listdir(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
-                         ids=["disk-full", "interrupt"])
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"]
+)
 def test_replacing_results_json_failing_mid_write_keeps_the_old_file(tmp_path, monkeypatch, error):
     target = tmp_path / "results.json"
     old = {"format_version": 1, "ppl": 1.0}

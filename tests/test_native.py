@@ -18,6 +18,7 @@ import torch
 from ratequant import native
 from ratequant.cache import RateQuantCache, RateQuantLayer
 from ratequant.quantizers import get_quantizer
+from ratequant.spec import KVQuantSpec, StoragePolicy
 
 needs_native = pytest.mark.skipif(
     not native.available() and os.environ.get("RATEQUANT_REQUIRE_NATIVE") != "1",
@@ -138,11 +139,11 @@ def test_quantizer_falls_back_to_torch_for_outputs_the_kernel_refuses():
 
 
 @needs_native
-@pytest.mark.parametrize("heads", [(2, 3, 2, 3), (2, 2, 3, 4)])
-def test_cache_streams_identically_with_and_without_the_kernel(heads):
+@pytest.mark.parametrize("heads,sinks", [((2, 3, 2, 3), 0), ((2, 2, 3, 4), 0), ((2, 3, 2, 3), 3)])
+def test_cache_streams_identically_with_and_without_the_kernel(heads, sinks):
     quantizer = get_quantizer("kivi", group_size=4)
     gen = torch.Generator().manual_seed(3)
-    layers = [RateQuantLayer(heads, heads[::-1], quantizer, residual_length=8) for _ in range(2)]
+    layers = [RateQuantLayer(heads, heads[::-1], StoragePolicy(quantizer, 8, sinks)) for _ in range(2)]
     steps = [torch.randn(2, 4, n, 16, generator=gen) for n in (13, 1, 1, 5, 1, 9, 1)]
     for i, x in enumerate(steps):
         got = layers[0].update(x, -x)
@@ -170,7 +171,7 @@ def test_default_model_geometry_cache_uses_one_kernel_call_per_bit_group(monkeyp
 
     monkeypatch.setattr(native, "_MODULE", Spy())
     bits = np.array([[[2, 3, 2]], [[3, 3, 3]]])
-    cache = RateQuantCache(bits, get_quantizer("kivi"), 128)
+    cache = RateQuantCache(KVQuantSpec(bits, get_quantizer("kivi"), 128))
     x = torch.randn(1, 3, 300, 64)
     cache.update(x, x, 0)
     calls.clear()

@@ -71,9 +71,7 @@ def test_matches_the_bit_stream_reference(bits):
 def test_round_trip_property(data, bits):
     shape = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=3).map(tuple))
     n = data.draw(st.integers(0, 70))
-    codes = data.draw(
-        arrays(np.uint8, (*shape, n), elements=st.integers(0, (1 << bits) - 1))
-    )
+    codes = data.draw(arrays(np.uint8, (*shape, n), elements=st.integers(0, (1 << bits) - 1)))
     codes = torch.from_numpy(codes)
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from ratequant.cache import CacheBytes, RateQuantCache, RateQuantLayer, _progression
+from ratequant.cache import RateQuantCache, RateQuantLayer
+from ratequant.cache.storage import _progression
 from ratequant.packing import pack, unpack
 from ratequant.quantizers import get_quantizer
+from ratequant.spec import CacheBytes, KVQuantSpec, StoragePolicy
 
 DESIGNS = {
     "uniform": get_quantizer("uniform", group_size=8),
@@ -88,15 +90,16 @@ def stream(layer: RateQuantLayer, keys: torch.Tensor, values: torch.Tensor, piec
 
 @pytest.mark.parametrize("quantizer_name", ["kivi", "turbo"])
 @pytest.mark.parametrize("widths", [([2, 3, 2, 2], [4, 1, 4, 1]), ([3, 3, 3, 3], [2, 2, 2, 2])])
-@pytest.mark.parametrize("limit_chunks", [1, 3, 100])
-def test_working_buffer_returns_exactly_what_the_packed_store_gives(quantizer_name, widths, limit_chunks):
+@pytest.mark.parametrize("limit_chunks,sinks", [(1, 0), (3, 0), (100, 0), (3, 3)])
+def test_working_buffer_returns_exactly_what_the_packed_store_gives(quantizer_name, widths, limit_chunks, sinks):
     quantizer = DESIGNS[quantizer_name]
     torch.manual_seed(3)
     b, h, d, chunk = 2, 4, 16, 4
     keys, values = torch.randn(b, h, 45, d) * 2, torch.randn(b, h, 45, d)
     per_kind = limit_chunks * b * h * chunk * d * 4
-    plain = RateQuantLayer(*widths, quantizer, chunk)
-    fast = RateQuantLayer(*widths, quantizer, chunk, buffer_bytes=2 * per_kind)
+    policy = StoragePolicy(quantizer, chunk, sinks)
+    plain = RateQuantLayer(*widths, policy)
+    fast = RateQuantLayer(*widths, policy, buffer_bytes=2 * per_kind)
     pieces = (5, 1, 1, 9, 1, 1, 1, 13, 1, 12)
     for (k0, v0), (k1, v1) in zip(stream(plain, keys, values, pieces), stream(fast, keys, values, pieces)):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
@@ -111,6 +114,7 @@ def test_working_buffer_returns_exactly_what_the_packed_store_gives(quantizer_na
     for layer in (plain, fast):
         layer.crop(-7)
         layer.reorder_cache(torch.tensor([1, 0]))
+    assert plain.lossy_crop and fast.lossy_crop  # the crop did cut into a stored chunk
     more_k, more_v = torch.randn(b, h, 9, d), torch.randn(b, h, 9, d)
     k0, v0 = plain.update(more_k, more_v)
     k1, v1 = fast.update(more_k, more_v)
@@ -120,7 +124,7 @@ def test_working_buffer_returns_exactly_what_the_packed_store_gives(quantizer_na
 
 def test_cache_buffer_is_split_over_layers_and_listed_with_its_tensors():
     bits = np.full((2, 3, 2), 2)
-    cache = RateQuantCache(bits, DESIGNS["kivi"], 4, buffer_bytes=3 * 2 * (1 * 2 * 4 * 8 * 4) * 2)
+    cache = RateQuantCache(KVQuantSpec(bits, DESIGNS["kivi"], 4), buffer_bytes=3 * 2 * (1 * 2 * 4 * 8 * 4) * 2)
     for layer in cache.layers:
         layer.update(torch.randn(1, 2, 18, 8), torch.randn(1, 2, 18, 8))
     nb = cache.nbytes()
@@ -136,4 +140,6 @@ def test_buffer_bytes_is_validated():
     from ratequant.errors import RateQuantError
 
     with pytest.raises(RateQuantError, match="buffer_bytes"):
-        RateQuantLayer([2], [2], DESIGNS["kivi"], 4, buffer_bytes=-1)
+        RateQuantLayer([2], [2], StoragePolicy(DESIGNS["kivi"], 4), buffer_bytes=-1)
+    with pytest.raises(RateQuantError, match="buffer_bytes"):
+        RateQuantCache(KVQuantSpec(np.full((2, 1, 1), 2), DESIGNS["kivi"], 4), buffer_bytes=-1)

@@ -15,14 +15,17 @@ from ratequant.plan import Plan
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60)))
+    line = "the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}"
+    path.write_text("\n\n".join(line.format(i=i) * 4 for i in range(60)))
     return path
 
 
 def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model_dir, corpus_file):
     loaded = load_model(str(tiny_model_dir))
     corpus = load_corpus(str(corpus_file))
-    settings = CalibrationSettings(quantizer="uniform", budget=Budget.avg_bits(3.5), seq_len=32, sequences=2, residual_length=0)
+    settings = CalibrationSettings(
+        quantizer="uniform", budget=Budget.avg_bits(3.5), seq_len=32, sequences=2, residual_length=0
+    )
     run = calibrate(loaded, corpus, settings)
     bits = run.plan.bits_array()
     assert bits.shape == (2, 3, 2) and bits.mean() == 3.5 and run.plan.avg_bits == 3.5
@@ -32,43 +35,113 @@ def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model
     assert set(run.phases) == {"capture", "distortion", "fit", "allocation"}
     # the plan carries the measured table behind the fit
     columns = [run.table.bitset.index(b) for b in run.fit.bitset]
-    assert np.allclose(np.array([run.plan.fit["measured"]["key"], run.plan.fit["measured"]["value"]]),
-                       run.table.values[..., columns])
+    assert np.allclose(
+        np.array([run.plan.fit["measured"]["key"], run.plan.fit["measured"]["value"]]), run.table.values[..., columns]
+    )
 
 
 def test_uninformative_widths_are_left_out_of_the_allocation(tiny_model_dir, corpus_file):
     """1-bit min-max keeps only each group's extremes: worse than the mean, so not allocatable by default."""
-    from ratequant.pipeline import collect_statistics, informative_widths
+    from ratequant.distortion import measure_distortion
+    from ratequant.pipeline import collect_statistics, fit_design
     from ratequant.quantizers import get_quantizer
 
     loaded = load_model(str(tiny_model_dir))
-    stats = collect_statistics(loaded, load_corpus(str(corpus_file)), seq_len=32, sequences=2, gradients=False)
-    assert informative_widths(stats, get_quantizer("uniform"), range(1, 9)) == (2, 3, 4, 5, 6, 7, 8)
-    assert informative_widths(stats, get_quantizer("turbo"), range(1, 9)) == (1, 2, 3, 4, 5, 6, 7, 8)
+    stats = collect_statistics(loaded, load_corpus(str(corpus_file)), seq_len=32, sequences=2, metric="mse")
+    uniform, turbo = get_quantizer("uniform"), get_quantizer("turbo")
+    pooled = measure_distortion(stats, uniform, range(1, 9), "mse").informative_widths("pooled")
+    assert pooled == ((2, 3, 4, 5, 6, 7, 8),) * 2
+    pooled = measure_distortion(stats, turbo, range(1, 9), "mse").informative_widths("pooled")
+    assert pooled == ((1, 2, 3, 4, 5, 6, 7, 8),) * 2
+    # fit_design drops them from the fit and floors the curves at them; the table keeps every width
+    design = fit_design(stats, uniform, metric="mse")
+    assert design.design == "uniform" and design.table.bitset == (1, 2, 3, 4, 5, 6, 7, 8)
+    assert design.fit.bitset == (2, 3, 4, 5, 6, 7, 8) and design.curves.min_bits == (2, 2)
+    assert design.curves.design == "uniform" and design.curves.label == "mse"
+    assert set(design.seconds) == {"distortion", "fit"}
+    every = fit_design(stats, uniform, metric="mse", informative_only=False)
+    assert every.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8) and every.curves.min_bits == (1, 1)
     corpus = load_corpus(str(corpus_file))
     base = dict(quantizer="uniform", budget=Budget.avg_bits(2.5), seq_len=32, sequences=2, residual_length=0)
-    assert calibrate(loaded, corpus, CalibrationSettings(**base)).plan.bits_array().min() >= 2
+    run = calibrate(loaded, corpus, CalibrationSettings(**base))
+    assert run.plan.bits_array().min() >= 2 and run.curves.min_bits == (2, 2)
     kept = calibrate(loaded, corpus, CalibrationSettings(**base, informative_only=False))
     assert kept.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8)
 
 
-def test_mismatched_settings_need_a_source_design():
-    with pytest.raises(RateQuantError, match="--curves-from"):
-        CalibrationSettings(allocator="mismatched")
+def test_curves_from_another_design_and_settings_validation(tiny_model_dir, corpus_file):
+    """The paper's mismatch: any strategy allocates with another design's curves; the run records whose."""
+    with pytest.raises(RateQuantError, match="unknown allocation strategy 'mismatched'"):
+        CalibrationSettings(strategy="mismatched")
     with pytest.raises(RateQuantError, match="unknown quantizer"):
         CalibrationSettings(quantizer="nope")
+    with pytest.raises(RateQuantError, match="unknown quantizer"):
+        CalibrationSettings(curves_from="nope")
+    loaded = load_model(str(tiny_model_dir))
+    corpus = load_corpus(str(corpus_file))
+    settings = CalibrationSettings(
+        quantizer="uniform",
+        curves_from="kivi",
+        strategy="layer-kind",
+        budget=Budget.avg_bits(3.0),
+        seq_len=32,
+        sequences=1,
+        residual_length=0,
+    )
+    run = calibrate(loaded, corpus, settings)
+    assert run.allocation.method == "layer-kind" and run.plan.allocator == "layer-kind"
+    assert run.curves.design == "kivi" and run.allocation.details["curves"]["design"] == "kivi"
+    assert run.plan.quantizer["name"] == "uniform" and run.table.quantizer["name"] == "kivi"
+    assert run.plan.bits_array().mean() == 3.0
+    bits = run.plan.bits_array()
+    assert all(len(np.unique(bits[k, layer])) == 1 for k in range(2) for layer in range(3))
+
+
+def test_allocate_for_checks_shapes_and_uses_the_settings_widths():
+    from ratequant.allocation import CostModel, Curves
+    from ratequant.fitting import fit_distortion
+    from ratequant.geometry import Geometry
+    from ratequant.pipeline import allocate_for
+
+    g = Geometry(2, 2, 16)
+    rng = np.random.default_rng(0)
+    table = np.exp(rng.normal(0, 1, (2, 2, 2, 1))) * 4.0 ** -np.arange(1, 9, dtype=float)
+    curves = Curves.from_fit(fit_distortion(table, range(1, 9)))
+    settings = CalibrationSettings(
+        quantizer="uniform", budget=Budget.avg_bits(3.0), bitset=(2, 3, 4), residual_length=0
+    )
+    cost = CostModel.from_policy(settings.policy(), g, 4096)
+    alloc = allocate_for(settings, curves, g, cost)
+    assert alloc.avg_bits == 3.0 and set(np.unique(alloc.bits)) <= {2, 3, 4} and alloc.bytes_per_token is not None
+    with pytest.raises(RateQuantError, match="but the model has"):
+        allocate_for(settings, curves, Geometry(3, 2, 16), cost)
 
 
 def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus_file):
     plan_path = tmp_path / "plan.json"
-    args = ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--quantizer", "kivi",
-            "--avg-bits", "2.5", "--seq-len", "32", "--sequences", "2", "--out", str(plan_path)]
+    args = [
+        "calibrate",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        str(corpus_file),
+        "--quantizer",
+        "kivi",
+        "--avg-bits",
+        "2.5",
+        "--seq-len",
+        "32",
+        "--sequences",
+        "2",
+        "--out",
+        str(plan_path),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "beta  key" in out and "R^2" in out and "average code bits 2.5000" in out and "time capture" in out
     plan = Plan.load(plan_path)
     assert plan.avg_bits == 2.5 and plan.quantizer["name"] == "kivi" and plan.allocator == "ratequant"
-    assert json.loads(plan_path.read_text())["format_version"] == 1
+    assert json.loads(plan_path.read_text())["format_version"] == 2
     # refusing to overwrite, then overwriting with --force
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err
@@ -81,8 +154,23 @@ def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus
 
 
 def test_calibrate_rejects_unreachable_budgets(tmp_path, capsys, tiny_model_dir, corpus_file):
-    code = main(["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--avg-bits", "9",
-                 "--seq-len", "32", "--sequences", "1", "--out", str(tmp_path / "p.json")])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus_file),
+            "--avg-bits",
+            "9",
+            "--seq-len",
+            "32",
+            "--sequences",
+            "1",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "ratequant: error:" in err and "Traceback" not in err
     assert not (tmp_path / "p.json").exists()
@@ -91,7 +179,8 @@ def test_calibrate_rejects_unreachable_budgets(tmp_path, capsys, tiny_model_dir,
 @pytest.mark.slow
 def test_default_model_kivi_at_2_5_bits(tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
-    assert main(["calibrate", "--quantizer", "kivi", "--avg-bits", "2.5", "--sequences", "2", "--out", str(plan_path)]) == 0
+    args = ["calibrate", "--quantizer", "kivi", "--avg-bits", "2.5", "--sequences", "2", "--out", str(plan_path)]
+    assert main(args) == 0
     plan = Plan.load(plan_path)
     assert plan.avg_bits == 2.5 and plan.bits_array().shape == (2, 30, 3)
     assert 3.0 < plan.fit["beta_key"] < 6.5 and 3.0 < plan.fit["beta_value"] < 6.5

@@ -12,17 +12,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ratequant.allocation import Budget, CostModel, kv_split, mismatched, rate_quant, uniform
+from ratequant.allocation import AllocationOptions, Budget, CostModel, Curves, allocate, get_strategy
 from ratequant.errors import PlanError
 from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
+from ratequant.quantizers import get_quantizer
+from ratequant.spec import StoragePolicy
 
 G = Geometry(num_layers=4, num_kv_heads=2, head_dim=16, num_heads=8)
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 QUANT = {"name": "kivi", "params": {"group_size": 32, "scale_dtype": "float16", "axes": (1, 2)}}
-CALIB = {"corpus": "pydoc_data.topics[calibration]", "corpus_sha256": "0123456789abcdef" * 4, "tokens": 4096,
-         "seconds": 1.25, "phases": {"capture": 0.5, "measure": 0.7, "fit": 0.05}}
+CALIB = {
+    "corpus": "pydoc_data.topics[calibration]",
+    "corpus_sha256": "0123456789abcdef" * 4,
+    "tokens": 4096,
+    "seconds": 1.25,
+    "phases": {"capture": 0.5, "measure": 0.7, "fit": 0.05},
+}
 
 
 def make_fit(geometry=G, seed=0):
@@ -37,9 +44,17 @@ def make_fit(geometry=G, seed=0):
 def make_plan(**kw) -> Plan:
     fit = make_fit()
     budget = Budget.avg_bits(2.75)
-    alloc = rate_quant(fit, budget, G)
-    args = dict(model_name="tiny-llama", geometry=G, quantizer=QUANT, budget=budget, fit=fit, metric="fisher",
-                calibration=CALIB, residual_length=32)
+    alloc = allocate(Curves.from_fit(fit), budget)
+    args = dict(
+        model_name="tiny-llama",
+        geometry=G,
+        quantizer=QUANT,
+        budget=budget,
+        fit=fit,
+        metric="fisher",
+        calibration=CALIB,
+        residual_length=32,
+    )
     args.update(kw)
     return Plan.from_allocation(alloc, **args)
 
@@ -69,7 +84,7 @@ def test_file_round_trip_is_byte_identical(tmp_path):
 def test_plan_contents_match_the_allocation():
     fit = make_fit()
     budget = Budget.avg_bits(2.75)
-    alloc = rate_quant(fit, budget, G)
+    alloc = allocate(Curves.from_fit(fit), budget)
     plan = make_plan()
     np.testing.assert_array_equal(plan.bits_array(), alloc.bits)
     assert plan.bits_array().dtype == np.int64 and plan.bits_array().shape == (2, 4, 2)
@@ -82,7 +97,7 @@ def test_plan_contents_match_the_allocation():
 
 def test_baseline_plans_without_fit_or_calibration(tmp_path):
     budget = Budget.avg_bits(3.0)
-    alloc = kv_split(None, budget, G, key_bits=4, value_bits=2)
+    alloc = allocate(Curves.flat(G, (2, 4)), budget, get_strategy("kv-split", key_bits=4, value_bits=2))
     plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget)
     assert plan.fit is None and plan.calibration is None and plan.allocator == "kv-split"
     assert Plan.load(plan.to_json(tmp_path / "p.json")) == plan
@@ -92,39 +107,28 @@ def test_baseline_plans_without_fit_or_calibration(tmp_path):
 def test_mismatched_plan_records_the_source_design():
     fit = make_fit()
     budget = Budget.avg_bits(3.0)
-    alloc = mismatched(fit, budget, G, source_design="quarot")
+    alloc = allocate(Curves.from_fit(fit, design="quarot"), budget)  # quarot's curves, stored with kivi
     plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget, fit=fit)
-    assert plan.allocator == "mismatched" and plan.fit["design"] == "quarot"
+    assert plan.allocator == "ratequant" and plan.fit["design"] == "quarot"
+
+
+def per_token_policy(residual: int) -> StoragePolicy:
+    return StoragePolicy(get_quantizer("uniform"), residual)  # head_dim 16: 16 b code bits + 32 metadata bits
 
 
 def test_bytes_per_token_is_kept():
-    class Q:
-        def bits_per_token(self, head_dim, bits, kind):
-            return head_dim * bits + 32.0
-
-        def token_group(self, kind):
-            return 1
-
-    cm = CostModel.from_quantizer(Q(), G, residual_length=32, context_tokens=1024)
+    cm = CostModel.from_policy(per_token_policy(32), G, 1024)
     budget = Budget.avg_bits(2.0)
-    alloc = uniform(None, budget, G, bitset=(2, 4), cost_model=cm)
-    plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget,
-                                residual_length=32)
+    alloc = allocate(Curves.flat(G, (2, 4)), budget, "uniform", AllocationOptions(cost_model=cm))
+    plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget, residual_length=32)
     assert plan.bytes_per_token == alloc.bytes_per_token > 0
     assert "bytes per token" in plan.summary()
 
 
 def test_byte_budget_plan_must_fit_its_budget():
-    class Q:
-        def bits_per_token(self, head_dim, bits, kind):
-            return head_dim * bits + 32.0
-
-        def token_group(self, kind):
-            return 1
-
-    cm = CostModel.from_quantizer(Q(), G, residual_length=0, context_tokens=64)
+    cm = CostModel.from_policy(per_token_policy(0), G, 64)
     budget = Budget.bytes_per_token(150.0, 64)
-    alloc = rate_quant(make_fit(), budget, G, cost_model=cm)
+    alloc = allocate(Curves.from_fit(make_fit()), budget, options=AllocationOptions(cost_model=cm))
     plan = Plan.from_allocation(alloc, model_name="m", geometry=G, quantizer=QUANT, budget=budget)
     assert plan.budget == {"kind": "bytes_per_token", "value": 150.0, "context_tokens": 64}
     assert 146.0 < plan.bytes_per_token <= 150.0
@@ -166,7 +170,7 @@ def test_summary_shows_histograms_betas_and_r2():
     plan = make_plan()
     text = plan.summary()
     bits = plan.bits_array()
-    for k, kind in enumerate(("keys", "values")):
+    for k in range(2):
         for b in np.unique(bits[k]):
             assert f"{b}b:{int((bits[k] == b).sum())}" in text
     assert f"beta key {plan.fit['beta_key']:.3f}" in text and "R^2 overall" in text
@@ -290,8 +294,18 @@ def test_invalid_fields_are_refused(path, value, match):
         Plan.from_dict(mutated(path, value))
 
 
-@pytest.mark.parametrize("path", [("model",), ("bits",), ("budget",), ("bits", "value"), ("model", "head_dim"),
-                                  ("calibration", "corpus"), ("fit", "alpha")])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("model",),
+        ("bits",),
+        ("budget",),
+        ("bits", "value"),
+        ("model", "head_dim"),
+        ("calibration", "corpus"),
+        ("fit", "alpha"),
+    ],
+)
 def test_missing_fields_are_refused(path):
     with pytest.raises(PlanError, match="missing|must be|fields"):
         Plan.from_dict(mutated(path, delete=True))
@@ -352,3 +366,33 @@ def test_fuzz_mutations_give_plan_error_or_valid_plan(data):
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again == plan
     assert plan.bits_array().shape == (2, plan.model["num_layers"], plan.model["num_kv_heads"])
+
+
+def test_version_1_plans_load_without_sink_tokens_and_version_2_keeps_them(tmp_path):
+    d = make_plan().to_dict()
+    old = {k: v for k, v in d.items() if k != "sink_tokens"}
+    old["format_version"] = 1
+    assert Plan.from_dict(old).sink_tokens == 0
+    with pytest.raises(PlanError, match="sink_tokens needs format_version 2"):
+        Plan.from_dict({**old, "sink_tokens": 2})
+    plan = make_plan(sink_tokens=4)
+    assert plan.sink_tokens == 4 and Plan.load(plan.to_json(tmp_path / "p.json")).sink_tokens == 4
+    assert "4 sink token(s)" in plan.summary()
+
+
+def test_resolve_gives_the_spec_the_cache_and_simulation_take():
+    from conftest import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=4, num_attention_heads=8, hidden_size=128)  # the plan's geometry
+    plan = make_plan(quantizer={"name": "kivi", "params": {"group_size": 16}}, residual_length=32, sink_tokens=2)
+    spec = plan.resolve(model)
+    np.testing.assert_array_equal(spec.bits, plan.bits_array())
+    assert (spec.residual_length, spec.sink_tokens, spec.quantizer.name) == (32, 2, "kivi")
+    other = plan.resolve(model, residual_length=0, sink_tokens=0)
+    assert (other.residual_length, other.sink_tokens) == (0, 0) and other.chunks == (16, 1)
+    with pytest.raises(PlanError, match="does not fit the plan"):
+        plan.resolve(model, residual_length=24)  # not a multiple of kivi's 16-token key groups
+    with pytest.raises(PlanError, match="calibrate a plan for this model"):
+        plan.resolve(tiny_model("llama", num_hidden_layers=3, num_attention_heads=8, hidden_size=128))
+    with pytest.raises(PlanError, match="allow the mismatch"):
+        plan.resolve(model, get_quantizer("uniform"))

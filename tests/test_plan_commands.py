@@ -11,22 +11,65 @@ from ratequant.plan import Plan
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60)))
+    path.write_text(
+        "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60))
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def plan_path(tmp_path_factory, tiny_model_dir, corpus_file):
     path = tmp_path_factory.mktemp("plan") / "plan.json"
-    assert main(["calibrate", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--quantizer", "uniform",
-                 "--avg-bits", "2.5", "--seq-len", "32", "--sequences", "2", "--residual", "8", "--out", str(path)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus_file),
+                "--quantizer",
+                "uniform",
+                "--avg-bits",
+                "2.5",
+                "--seq-len",
+                "32",
+                "--sequences",
+                "2",
+                "--residual",
+                "8",
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
     return path
 
 
 def run_eval(tmp_path, tiny_model_dir, corpus_file, plan_path, *extra):
     out = tmp_path / f"eval-{len(extra)}-{'-'.join(extra)}.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--plan", str(plan_path),
-                 "--seq-len", "40", "--windows", "2", "--json", str(out), *extra]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus_file),
+                "--plan",
+                str(plan_path),
+                "--seq-len",
+                "40",
+                "--windows",
+                "2",
+                "--json",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -38,16 +81,49 @@ def test_simulated_and_streaming_evaluation_agree(tmp_path, tiny_model_dir, corp
     assert streaming["ppl"] == pytest.approx(simulated["ppl"], rel=1e-4)
     # bytes: the formula (simulated) and the real cache's tensors (streaming) agree at the same context
     assert simulated["kv_bytes_context"] == streaming["kv_bytes_context"] == 40
+    assert streaming["kv_bytes_source"] == "measured from the cache's tensors"
+    assert simulated["kl"] > 0 and streaming["kl"] == pytest.approx(simulated["kl"], rel=1e-3)
     assert streaming["kv_bytes_per_token"] == pytest.approx(simulated["kv_bytes_per_token"], rel=0.01)
     full = tmp_path / "full.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--seq-len", "40",
-                 "--windows", "2", "--json", str(full)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus_file),
+                "--seq-len",
+                "40",
+                "--windows",
+                "2",
+                "--json",
+                str(full),
+            ]
+        )
+        == 0
+    )
     assert json.loads(full.read_text())["ppl"] != pytest.approx(simulated["ppl"], rel=1e-6)
 
 
 def test_other_quantizer_is_refused_unless_allowed(tmp_path, tiny_model_dir, corpus_file, plan_path, capsys):
-    code = main(["eval", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--plan", str(plan_path),
-                 "--quantizer", "quarot", "--seq-len", "40", "--windows", "1"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus_file),
+            "--plan",
+            str(plan_path),
+            "--quantizer",
+            "quarot",
+            "--seq-len",
+            "40",
+            "--windows",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "allow-mismatch" in err and "Traceback" not in err
     mismatched = run_eval(tmp_path, tiny_model_dir, corpus_file, plan_path, "--quantizer", "quarot", "--allow-mismatch")
@@ -60,15 +136,33 @@ def test_plan_for_another_model_is_refused(tmp_path, corpus_file, plan_path, cap
     other = tmp_path / "other"
     tiny_model("llama", num_hidden_layers=2).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
-    code = main(["eval", "--model", str(other), "--corpus", str(corpus_file), "--plan", str(plan_path), "--seq-len", "40"])
+    code = main(
+        ["eval", "--model", str(other), "--corpus", str(corpus_file), "--plan", str(plan_path), "--seq-len", "40"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "has 2 layers" in err and "calibrate a plan for this model" in err
 
 
 def test_generate_reports_real_cache_bytes(tmp_path, tiny_model_dir, plan_path, capsys):
     out = tmp_path / "gen.json"
-    assert main(["generate", "--model", str(tiny_model_dir), "--plan", str(plan_path), "--prompt", "the quick brown",
-                 "--max-new-tokens", "20", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--plan",
+                str(plan_path),
+                "--prompt",
+                "the quick brown",
+                "--max-new-tokens",
+                "20",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["new_tokens"] == 20 and result["prompt_tokens"] > 0
     cache = result["cache_bytes"]

@@ -39,13 +39,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_model, tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ratequant.allocation import ALLOCATORS, Budget, CostModel, check_reachable
-from ratequant.cache import RateQuantCache, RateQuantLayer, expected_nbytes
+from conftest import TINY, tiny_model, tiny_tokenizer
+from ratequant.allocation import STRATEGIES, AllocationOptions, Budget, CostModel, Curves, allocate, check_reachable
+from ratequant.cache import RateQuantCache, RateQuantLayer
 from ratequant.compat import model_geometry
 from ratequant.errors import BudgetError, RateQuantError, UnsupportedModelError
 from ratequant.fitting import fit_distortion
@@ -54,6 +54,7 @@ from ratequant.packing import pack, packed_size, unpack
 from ratequant.quantizers import available, get_quantizer
 from ratequant.quantizers.turbo import lloyd_max_gaussian
 from ratequant.simulate import simulated_quantization
+from ratequant.spec import KVQuantSpec, StoragePolicy
 
 KIVI4 = get_quantizer("kivi", group_size=4)
 UNIFORM = get_quantizer("uniform")
@@ -71,12 +72,14 @@ def ids_of(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def streamed(model, ids, cache) -> torch.Tensor:
     """Logits ``[B, T, V]`` of feeding ``ids`` one token at a time through ``cache``."""
-    return torch.cat([model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(ids.shape[1])], 1)
+    return torch.cat(
+        [model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(ids.shape[1])], 1
+    )
 
 
 @torch.no_grad()
 def simulated(model, ids, bits, quantizer, residual) -> torch.Tensor:
-    with simulated_quantization(model, bits, quantizer, residual):
+    with simulated_quantization(model, KVQuantSpec(bits, quantizer, residual)):
         return model(ids).logits
 
 
@@ -91,7 +94,7 @@ def generate(model, ids, cache, n=10, **kw):
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("kind", ["key", "value"])
 def test_cache_refuses_non_finite_values_in_the_update_that_delivers_them(special, kind):
-    layer = RateQuantLayer([3, 3], [2, 2], KIVI4, residual_length=8)
+    layer = RateQuantLayer([3, 3], [2, 2], StoragePolicy(KIVI4, 8))
     k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     (k if kind == "key" else v)[0, 1, 2, 7] = special
     with pytest.raises(RateQuantError, match="NaN or Inf"):
@@ -100,7 +103,7 @@ def test_cache_refuses_non_finite_values_in_the_update_that_delivers_them(specia
 
 
 def test_cache_refuses_non_finite_values_at_once_and_stays_usable():
-    layer = RateQuantLayer([2, 3], [2, 3], UNIFORM, residual_length=4)
+    layer = RateQuantLayer([2, 3], [2, 3], StoragePolicy(UNIFORM, 4))
     layer.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
     before = layer.read()
     bad = torch.randn(1, 2, 1, 16)
@@ -129,7 +132,7 @@ def test_simulation_refuses_non_finite_keys_and_restores_the_model():
     bits = np.full(model_geometry(model).shape, 4)
     poisoned(model)
     with pytest.raises(RateQuantError, match="NaN or Inf"), torch.no_grad():
-        with simulated_quantization(model, bits, UNIFORM, 4):
+        with simulated_quantization(model, KVQuantSpec(bits, UNIFORM, 4)):
             model(ids)
     with torch.no_grad():  # the model's own result (whatever its attention makes of the NaN): attention restored
         untouched = poisoned(tiny_model("llama"))(ids).logits
@@ -140,7 +143,7 @@ def test_simulation_refuses_non_finite_keys_and_restores_the_model():
 def test_cache_generation_with_non_finite_keys_is_refused():
     model = poisoned(tiny_model("llama"))
     with pytest.raises(RateQuantError, match="NaN or Inf"):
-        generate(model, ids_of(6), RateQuantCache(np.full(model_geometry(model).shape, 4), UNIFORM, 4))
+        generate(model, ids_of(6), RateQuantCache(KVQuantSpec(np.full(model_geometry(model).shape, 4), UNIFORM, 4)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def test_constant_key_channels_are_exact_with_kivi():
 @pytest.mark.parametrize("name", sorted(available()))
 def test_cache_of_all_zero_keys_and_values_is_exact(name):
     design = get_quantizer(name)
-    layer = RateQuantLayer([1, 8], [2, 3], design, residual_length=0)
+    layer = RateQuantLayer([1, 8], [2, 3], StoragePolicy(design, 0))
     zeros = torch.zeros(2, 2, 64, 32)
     k, v = layer.update(zeros, zeros)
     assert layer.stored_lengths()[0] > 0 and torch.equal(k, zeros) and torch.equal(v, zeros)
@@ -221,14 +224,16 @@ def test_model_with_head_dim_40_through_cache_and_simulation():
     ids = ids_of(14)
     eight = np.full(model_geometry(model).shape, 8)
     quarot = get_quantizer("quarot")
-    assert torch.equal(generate(model, ids, RateQuantCache(eight, quarot, 4)),
-                       generate(model, ids, DynamicCache(config=model.config)))
+    assert torch.equal(
+        generate(model, ids, RateQuantCache(KVQuantSpec(eight, quarot, 4))),
+        generate(model, ids, DynamicCache(config=model.config)),
+    )
     bits = mixed_bits(model)
     for design in (quarot, get_quantizer("turbo"), get_quantizer("kivi", group_size=8)):
-        stream = streamed(model, ids, RateQuantCache(bits, design, 8))
+        stream = streamed(model, ids, RateQuantCache(KVQuantSpec(bits, design, 8)))
         assert (stream - simulated(model, ids, bits, design, 8)).abs().max() < 1e-4
     with pytest.raises(RateQuantError, match="head_dim 40 is not divisible"):  # kivi's default value group
-        generate(model, ids, RateQuantCache(bits, get_quantizer("kivi"), 32), n=40)
+        generate(model, ids, RateQuantCache(KVQuantSpec(bits, get_quantizer("kivi"), 32)), n=40)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -247,7 +252,7 @@ def test_models_in_every_dtype_stream_as_they_simulate(dtype, float32_logits):
     with torch.no_grad():
         full = model(ids).logits.float()
     noise = float((full - float32_logits).abs().max())  # the dtype's own rounding noise at full precision
-    cache = RateQuantCache(bits, KIVI4, 8)
+    cache = RateQuantCache(KVQuantSpec(bits, KIVI4, 8))
     stream = streamed(model, ids, cache).float()
     sim = simulated(model, ids, bits, KIVI4, 8).float()
     gap = float((stream - sim).abs().max())
@@ -259,7 +264,7 @@ def test_models_in_every_dtype_stream_as_they_simulate(dtype, float32_logits):
     assert float((sim - full).abs().max()) > 10 * gap  # the quantization effect is far above the disagreement
     k, v = cache.layers[0].read()
     assert k.dtype == v.dtype == dtype and cache.layers[0]._stores[0].residual.dtype == dtype
-    want = expected_nbytes(bits, KIVI4, 16, 40, residual_length=8, dtype=dtype)
+    want = KVQuantSpec(bits, KIVI4, 8).expected_bytes(16, 40, dtype=dtype)
     got = cache.nbytes()
     assert got.residual == want.residual and got.codes == want.codes
     assert abs(got.metadata - want.metadata) <= 0.01 * want.metadata
@@ -267,26 +272,35 @@ def test_models_in_every_dtype_stream_as_they_simulate(dtype, float32_logits):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_models_in_every_dtype_generate_and_evaluate(dtype):
-    from ratequant.evaluation.plans import evaluate_plan
+    from ratequant.evaluation import Simulated, Streaming, WindowProtocol, Windows, score_conditions
     from ratequant.plan import Plan
 
     model = tiny_model("llama", seed=2).to(dtype)
     g = model_geometry(model)
     ids = ids_of(8, seed=2)
     eight = np.full(g.shape, 8)
-    assert torch.equal(generate(model, ids, RateQuantCache(eight, KIVI4, 4), n=12),
-                       generate(model, ids, DynamicCache(config=model.config), n=12))
+    assert torch.equal(
+        generate(model, ids, RateQuantCache(KVQuantSpec(eight, KIVI4, 4)), n=12),
+        generate(model, ids, DynamicCache(config=model.config), n=12),
+    )
     bits = mixed_bits(model, seed=2)
-    plan = Plan(model={"name": "tiny", **g.to_dict()}, quantizer=KIVI4.to_config(),
-                budget={"kind": "avg_bits", "value": float(bits.mean())}, allocator="test",
-                avg_bits=float(bits.mean()), bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
-                residual_length=8)
-    windows = ids_of(24, batch=2, seed=3)
-    sim = evaluate_plan(model, windows, plan, mode="simulated", progress=False)
-    stream = evaluate_plan(model, windows, plan, mode="streaming", progress=False)
+    plan = Plan(
+        model={"name": "tiny", **g.to_dict()},
+        quantizer=KIVI4.to_config(),
+        budget={"kind": "avg_bits", "value": float(bits.mean())},
+        allocator="test",
+        avg_bits=float(bits.mean()),
+        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
+        residual_length=8,
+    )
+    windows = Windows(ids_of(24, batch=2, seed=3), WindowProtocol(24, 2), None)
+    spec = plan.resolve(model)
+    scores = score_conditions(model, windows, {"sim": Simulated(spec), "stream": Streaming(spec)}, progress=False)[
+        "all"
+    ]
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    assert stream.result.ppl == pytest.approx(sim.result.ppl, rel=tolerance)
-    assert math.isfinite(sim.result.ppl) and sim.result.tokens == stream.result.tokens == 2 * 23
+    assert scores["stream"].ppl == pytest.approx(scores["sim"].ppl, rel=tolerance)
+    assert math.isfinite(scores["sim"].ppl) and scores["sim"].tokens == scores["stream"].tokens == 2 * 23
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -300,11 +314,11 @@ def test_left_padded_batch_with_token_grouped_keys():
     ids[0, :3], mask[0, :3] = 1, 0
     kw = dict(attention_mask=mask, pad_token_id=1)
     # residual 8 > prompt 7: the prefill sees only full-precision keys, as in token-by-token decoding
-    cache = RateQuantCache(bits, KIVI4, 8)
+    cache = RateQuantCache(KVQuantSpec(bits, KIVI4, 8))
     out = generate(model, ids, cache, n=14, **kw)
-    with simulated_quantization(model, bits, KIVI4, 8):
+    with simulated_quantization(model, KVQuantSpec(bits, KIVI4, 8)):
         ref = generate(model, ids, DynamicCache(config=model.config), n=14, **kw)
-    alone = generate(model, ids[1:], RateQuantCache(bits, KIVI4, 8), n=14)
+    alone = generate(model, ids[1:], RateQuantCache(KVQuantSpec(bits, KIVI4, 8)), n=14)
     assert torch.equal(out, ref)
     assert torch.equal(out[1], alone[0])  # key groups are per row: the neighbour's padding does not leak
     assert cache.layers[0].stored_lengths() == (16, 16) and torch.isfinite(cache.layers[0].read()[0]).all()
@@ -317,7 +331,7 @@ def test_sequence_shorter_than_one_group_stays_full_precision(length):
     kivi = get_quantizer("kivi")  # groups of 32 tokens, residual window 128
     bits = mixed_bits(model, seed=5)
     ids = ids_of(length, seed=5)
-    cache = RateQuantCache(bits, kivi, 128)
+    cache = RateQuantCache(KVQuantSpec(bits, kivi, 128))
     with torch.no_grad():
         got = model(ids, past_key_values=cache, use_cache=True).logits
         want = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits
@@ -325,9 +339,9 @@ def test_sequence_shorter_than_one_group_stays_full_precision(length):
     assert torch.equal(simulated(model, ids, bits, kivi, 128), want)
     nb = cache.nbytes()
     assert cache.layers[0].stored_lengths() == (0, 0) and nb.codes == nb.metadata == 0
-    assert nb.residual == expected_nbytes(bits, kivi, g.head_dim, length, dtype=torch.float32).residual
+    assert nb.residual == KVQuantSpec(bits, kivi).expected_bytes(g.head_dim, length, dtype=torch.float32).residual
     # residual 0: values (per token) are stored at once, keys wait for a whole group of 32
-    short = RateQuantCache(bits, kivi, 0)
+    short = RateQuantCache(KVQuantSpec(bits, kivi, 0))
     with torch.no_grad():
         model(ids, past_key_values=short, use_cache=True)
     assert short.layers[0].stored_lengths() == (0, length)
@@ -335,7 +349,7 @@ def test_sequence_shorter_than_one_group_stays_full_precision(length):
 
 @pytest.mark.parametrize("length", [7, 8, 9, 15, 16, 17, 41])
 def test_sequence_longer_than_the_residual_window_stores_whole_chunks(length):
-    layer = RateQuantLayer([2, 5], [3, 1], KIVI4, residual_length=8)
+    layer = RateQuantLayer([2, 5], [3, 1], StoragePolicy(KIVI4, 8))
     gen = torch.Generator().manual_seed(length)
     keys, values = torch.randn(1, 2, length, 16, generator=gen), torch.randn(1, 2, length, 16, generator=gen)
     for i in range(length):
@@ -359,8 +373,9 @@ def test_unsupported_attention_is_refused_by_load_model_and_the_cli(tmp_path, ca
     from ratequant.models import load_model
 
     path = tmp_path / "mamba"
-    AutoModelForCausalLM.from_config(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300,
-                                                 state_size=4)).save_pretrained(path)
+    AutoModelForCausalLM.from_config(
+        MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300, state_size=4)
+    ).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     with pytest.raises(UnsupportedModelError, match="'mamba' is not supported: state-space"):
         load_model(str(path))
@@ -370,7 +385,7 @@ def test_unsupported_attention_is_refused_by_load_model_and_the_cli(tmp_path, ca
     assert len(err) == 1 and err[0].startswith("ratequant: error: model type 'mamba' is not supported")
     model = AutoModelForCausalLM.from_config(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300))
     with pytest.raises(UnsupportedModelError):
-        with simulated_quantization(model, np.full((2, 2, 1), 4), UNIFORM):
+        with simulated_quantization(model, KVQuantSpec(np.full((2, 2, 1), 4), UNIFORM)):
             pass
 
 
@@ -382,8 +397,9 @@ def windowed_pair(kind: str):
     if kind == "gemma2":
         configs = [tf.Gemma2Config(**common, head_dim=16, sliding_window=w) for w in (5, 4096)]
     else:
-        configs = [tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=w, max_window_layers=2)
-                   for w in (5, 4096)]
+        configs = [
+            tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=w, max_window_layers=2) for w in (5, 4096)
+        ]
     out = []
     for config in configs:
         torch.manual_seed(9)
@@ -400,13 +416,17 @@ def test_sliding_window_layers_are_applied_over_the_full_history(kind):
     ids = ids_of(24, seed=9)
     with torch.no_grad():
         windowed_ref, unwindowed_ref = model(ids).logits, unwindowed(ids).logits
-    cache = RateQuantCache(np.full(model_geometry(model).shape, 8), KIVI4, 4)
+    cache = RateQuantCache(KVQuantSpec(np.full(model_geometry(model).shape, 8), KIVI4, 4))
     stream = streamed(model, ids, cache)
     assert cache.get_seq_length() == 24 and cache.layers[0].stored_lengths() == (24, 24)  # the whole history
     gap = float((stream - windowed_ref).abs().max())
     assert gap < 0.05 * float((windowed_ref - unwindowed_ref).abs().max()), gap
-    assert torch.equal(generate(model, ids[:, :9], RateQuantCache(np.full(model_geometry(model).shape, 8), KIVI4, 4), n=12),
-                       generate(model, ids[:, :9], DynamicCache(config=model.config), n=12))
+    assert torch.equal(
+        generate(
+            model, ids[:, :9], RateQuantCache(KVQuantSpec(np.full(model_geometry(model).shape, 8), KIVI4, 4)), n=12
+        ),
+        generate(model, ids[:, :9], DynamicCache(config=model.config), n=12),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -415,24 +435,23 @@ def test_sliding_window_layers_are_applied_over_the_full_history(kind):
 G = Geometry(3, 2, 16, 4)
 
 
-@pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
-def test_every_allocator_names_the_reachable_range(allocator):
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_strategy_names_the_reachable_range(strategy):
     table = np.exp(np.random.default_rng(0).normal(0, 1, G.shape))[..., None] * 4.0 ** -np.arange(1, 9)
-    fit = fit_distortion(table, tuple(range(1, 9)))
-    cost = CostModel.from_quantizer(KIVI4, G, residual_length=8, context_tokens=64)
-    extra = {"source_design": "quarot"} if allocator == "mismatched" else {}
-    reach = r"reachable averages: 1, 1.5" if allocator == "kv-split" else r"reachable averages lie in \[1, 8\]"
+    curves = Curves.from_fit(fit_distortion(table, tuple(range(1, 9))))
+    cost = CostModel.from_policy(StoragePolicy(KIVI4, 8), G, 64)
+    reach = r"reachable averages lie in \[1, 8\]"
     cases = [
         (Budget.avg_bits(9.0), {}, reach),
         (Budget.avg_bits(0.5), {}, reach),
-        (Budget.avg_bits(1.5), {"b_min": 2}, r"\[2, 8\]" if allocator != "kv-split" else "reachable averages: 2, 2.5"),
-        (Budget.avg_bits(3.5), {"b_max": 3}, r"\[1, 3\]" if allocator != "kv-split" else "reachable averages: 1, 1.5, 2, 2.5, 3$"),
-        (Budget.avg_bits(2.9), {"bitset": (2, 4)}, r"\[2, 4\]" if allocator != "kv-split" else "reachable averages: 2, 3, 4"),
+        (Budget.avg_bits(1.5), {"b_min": 2}, r"\[2, 8\]"),
+        (Budget.avg_bits(3.5), {"b_max": 3}, r"\[1, 3\]"),
+        (Budget.avg_bits(2.9), {"bitset": (2, 4)}, r"\[2, 4\]"),
         (Budget.bytes_per_token(10.0, 64), {}, r"outside the reachable range \[216, 384\]"),
     ]
     for budget, options, match in cases:
         with pytest.raises(BudgetError, match=match):
-            ALLOCATORS[allocator](fit, budget, G, cost_model=cost, **options, **extra)
+            allocate(curves, budget, strategy, AllocationOptions(cost_model=cost, **options))
 
 
 def test_unreachable_average_is_refused_before_any_measurement():
@@ -458,7 +477,11 @@ def test_unreachable_average_is_refused_before_any_measurement():
 def test_unpack_of_arbitrary_bytes_is_in_range_and_round_trips(bits, n, rows, data):
     size = packed_size(n, bits)
     raw = data.draw(st.binary(min_size=rows * size, max_size=rows * size))
-    packed = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(rows, size) if size else torch.zeros(rows, 0, dtype=torch.uint8)
+    packed = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(rows, size)
+        if size
+        else torch.zeros(rows, 0, dtype=torch.uint8)
+    )
     codes = unpack(packed, bits, n)
     assert codes.shape == (rows, n) and (codes.numel() == 0 or int(codes.max()) < 2**bits)
     again = pack(codes, bits)

@@ -21,9 +21,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, tiny_model, tiny_tokenizer
 
 import ratequant
+from conftest import tiny_config, tiny_model, tiny_tokenizer
 from ratequant import models
 from ratequant.cli import COMMANDS, build_parser, main
 from ratequant.errors import RateQuantError
@@ -92,11 +92,15 @@ def violations(source: str, filename: str = "<src>", *, tooling: bool = False) -
                 found.append(f"{where}: trust_remote_code=True")
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             args = node.args.args + node.args.kwonlyargs
-            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + node.args.kw_defaults
+            defaults = (
+                [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + node.args.kw_defaults
+            )
             for arg, default in zip(args, defaults):
                 # required (no default) is fine: every caller must decide; a default must be False
-                if arg.arg == "trust_remote_code" and default is not None and not (
-                    isinstance(default, ast.Constant) and default.value is False
+                if (
+                    arg.arg == "trust_remote_code"
+                    and default is not None
+                    and not (isinstance(default, ast.Constant) and default.value is False)
                 ):
                     found.append(f"{where}: {node.name}(trust_remote_code=...) does not default to False")
     return found
@@ -125,9 +129,11 @@ def test_the_checker_catches_every_pattern():
     for source, what in bad.items():
         found = violations(source)
         assert len(found) == 1 and what in found[0], (source, found)
-    fine = ("torch.load(f, weights_only=True)\nmodel.eval()\nnp.load(f)\n"
-            "def load(trust_remote_code: bool = False): pass\ndef f(ref, trust_remote_code, *, x=1): pass\n"
-            "f(trust_remote_code=trust_remote_code)")
+    fine = (
+        "torch.load(f, weights_only=True)\nmodel.eval()\nnp.load(f)\n"
+        "def load(trust_remote_code: bool = False): pass\ndef f(ref, trust_remote_code, *, x=1): pass\n"
+        "f(trust_remote_code=trust_remote_code)"
+    )
     assert violations(fine) == []
     assert violations("__import__(name)\nimport subprocess\nsubprocess.run([exe, '-c', code])", tooling=True) == []
     assert "shell=True" in violations("subprocess.run(cmd, shell=True)", tooling=True)[0]
@@ -138,8 +144,7 @@ def test_source_and_benchmarks_never_unpickle_execute_or_trust_remote_code():
     library, benchmarks = sorted(SRC.rglob("*.py")), sorted(BENCHMARKS.glob("*.py"))
     assert len(library) > 20 and benchmarks
     found = [v for path in library for v in violations(path.read_text(encoding="utf-8"), str(path))]
-    found += [v for path in benchmarks
-              for v in violations(path.read_text(encoding="utf-8"), str(path), tooling=True)]
+    found += [v for path in benchmarks for v in violations(path.read_text(encoding="utf-8"), str(path), tooling=True)]
     assert found == []
 
 

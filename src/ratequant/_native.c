@@ -5,7 +5,7 @@
  *     out = (float)code * (float)scale + (float)zero        (two separately rounded float32 operations)
  *
  * and rounds the float32 result to the output dtype (float32, float16 or bfloat16, round to nearest even),
- * exactly as the PyTorch reference path (ratequant.quantizers._common.minmax_values_into) does, so both
+ * exactly as the PyTorch reference path (ratequant.quantizers._minmax.minmax_values_into) does, so both
  * paths are bit-identical. Build with -ffp-contract=off: a fused multiply-add would change the rounding.
  *
  * Layout (see ratequant/native.py for the Python side, which checks every assumption before calling):

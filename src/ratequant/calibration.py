@@ -67,7 +67,7 @@ class CalibrationStats:
         if not isinstance(self.keys, torch.Tensor) or self.keys.dim() != 5:
             raise RateQuantError(f"calibration keys must be [L, B, Hkv, T, D], got {_shape(self.keys)}")
         L, B, H, T, D = self.keys.shape
-        if (L, H, D) != (g.num_layers, g.num_kv_heads, g.head_dim):
+        if (g.num_layers, g.num_kv_heads, g.head_dim) != (L, H, D):
             raise RateQuantError(
                 f"calibration keys {tuple(self.keys.shape)} do not match geometry "
                 f"(layers={g.num_layers}, kv_heads={g.num_kv_heads}, head_dim={g.head_dim})"
@@ -128,7 +128,11 @@ class CalibrationStats:
             return parts[0]
         first = parts[0]
         for p in parts[1:]:
-            same = (p.geometry, p.scalings, p.sliding_windows) == (first.geometry, first.scalings, first.sliding_windows)
+            same = (p.geometry, p.scalings, p.sliding_windows) == (
+                first.geometry,
+                first.scalings,
+                first.sliding_windows,
+            )
             kinds = (p.queries is None, p.key_grads is None) == (first.queries is None, first.key_grads is None)
             if not (same and kinds and p.keys.shape[3] == first.keys.shape[3]):
                 raise RateQuantError("concat: the passes differ in model, token count or what they recorded")

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ def _config_int(config, *names: str) -> int | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _uses_attention_interface(cls: type) -> bool:
     """True when the module class dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
     try:
@@ -94,7 +94,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         m
         for m in model.modules()
         if isinstance(getattr(m, "layer_idx", None), int)
-        and not isinstance(getattr(m, "layer_idx"), bool)
+        and not isinstance(m.layer_idx, bool)
         and type(m).__name__.endswith("Attention")
         and _uses_attention_interface(type(m))
     ]
@@ -208,7 +208,7 @@ def sliding_window_layers(model: nn.Module) -> list[bool]:
     out = []
     for m in modules:
         if hasattr(m, "sliding_window"):
-            out.append(getattr(m, "sliding_window") is not None)
+            out.append(m.sliding_window is not None)
         else:
             window = getattr(config, "sliding_window", None)
             use = getattr(config, "use_sliding_window", True)
@@ -440,10 +440,9 @@ def cache_argument(model: nn.Module, cache) -> dict:
     return {_cache_keyword(type(model)): cache}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 __all__ += ["cache_argument", "cache_base_classes"]
-

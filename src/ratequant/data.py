@@ -1,4 +1,4 @@
-"""Text corpora split into disjoint calibration and evaluation parts, and fixed-length token windows.
+"""Text corpora split into disjoint calibration and evaluation parts (windows: :mod:`ratequant.evaluation.protocol`).
 
 The embedded default corpus is the Python language reference that every CPython ships in
 ``pydoc_data.topics`` (about 465 kB of English prose and grammar). Its split is deterministic:
@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from ratequant.errors import RateQuantError
 
@@ -134,7 +132,9 @@ def _hf_corpus(ref: str) -> Corpus:
     try:
         import datasets
     except ImportError as exc:
-        raise RateQuantError("Hugging Face datasets need the 'datasets' package: pip install 'ratequant[datasets]'") from exc
+        raise RateQuantError(
+            "Hugging Face datasets need the 'datasets' package: pip install 'ratequant[datasets]'"
+        ) from exc
     try:
         data = datasets.load_dataset(name, config or None)
     except Exception as exc:  # the datasets library raises many types for network and naming problems
@@ -147,37 +147,3 @@ def _hf_corpus(ref: str) -> Corpus:
         raise RateQuantError(f"dataset {ref!r} has no 'text' column; columns: {data['train'].column_names}")
     join = lambda split: "\n\n".join(t for t in data[split][column] if t.strip())  # noqa: E731
     return Corpus(f"hf:{ref}", join("train"), join(evaluation_split))
-
-
-def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Tokenize ``text`` and cut it into non-overlapping windows: LongTensor ``[windows, seq_len]``.
-
-    Windows are consecutive; the tail shorter than ``seq_len`` is dropped. ``max_windows`` keeps the
-    first ones. Raises :class:`RateQuantError` when not even one window fits.
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise RateQuantError(f"window length must be an integer of at least 2 tokens, got {seq_len!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
-        raise RateQuantError(f"number of windows must be a positive integer, got {max_windows!r}")
-    needed = None if max_windows is None else seq_len * max_windows
-    ids = _encode(tokenizer, text, needed)
-    count = ids.numel() // seq_len
-    if count == 0:
-        raise RateQuantError(
-            f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
-            "use a shorter --seq-len or a longer corpus"
-        )
-    if max_windows is not None:
-        count = min(count, max_windows)
-    return ids[: count * seq_len].view(count, seq_len)
-
-
-def _encode(tokenizer, text: str, needed_tokens: int | None) -> torch.Tensor:
-    """Token ids of ``text`` (no special tokens), stopping early once ``needed_tokens`` are reached."""
-    if needed_tokens is not None:
-        # encode a generous prefix; the margin keeps tokens near the cut out of the windows
-        prefix = text[: max(8 * needed_tokens, 4096)]
-        ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        if len(ids) >= needed_tokens + 64 or len(prefix) == len(text):
-            return torch.tensor(ids, dtype=torch.long)
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

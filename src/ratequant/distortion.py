@@ -35,11 +35,26 @@ import torch
 
 from ratequant.calibration import CalibrationStats
 from ratequant.errors import RateQuantError
-from ratequant.fitting import check_bitset
 from ratequant.geometry import KINDS
 from ratequant.quantizers.base import Quantizer, from_config
+from ratequant.registry import Registry
+from ratequant.validation import check_bitset
 
-METRICS = ("mse", "fisher", "attention")
+
+@dataclass(frozen=True)
+class Metric:
+    """A distortion metric: its name, what the calibration capture must record for it, and what it measures."""
+
+    name: str
+    summary: str
+    needs_gradients: bool = False
+    needs_queries: bool = False
+
+
+METRICS: Registry[Metric] = Registry("distortion metric")
+METRICS.register(Metric("mse", "squared error of the tensor, per element"))
+METRICS.register(Metric("fisher", "gradient-weighted (diagonal Fisher) squared error", needs_gradients=True))
+METRICS.register(Metric("attention", "squared error of the head group's attention output", needs_queries=True))
 DEFAULT_METRIC = "fisher"
 """The metric whose ranking of (component, bits) best predicts measured model damage.
 
@@ -55,12 +70,27 @@ CHUNK_ELEMENTS = 1 << 21
 TABLE_FORMAT_VERSION = 1
 
 
+def _frozen_table(values, shape: tuple, what: str) -> np.ndarray:
+    """A read-only float64 copy of ``values`` with ``shape`` (None: any size), finite and non-negative."""
+    arr = np.array(values, dtype=np.float64)
+    if arr.ndim != len(shape) or any(want is not None and got != want for got, want in zip(arr.shape, shape)):
+        expected = ", ".join("n" if want is None else str(want) for want in shape)
+        raise RateQuantError(f"{what} must be [{expected}], got {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise RateQuantError(f"{what} must be finite and non-negative")
+    arr.setflags(write=False)
+    return arr
+
+
 @dataclass(frozen=True)
 class DistortionTable:
     """Measured distortion ``values[kind, layer, kv_head, j]`` (float64) of each component at ``bitset[j]``.
 
     ``quantizer`` is the design's config (:meth:`Quantizer.to_config`), ``metric`` one of :data:`METRICS`,
-    ``seconds`` the measurement time, ``token_count`` the real calibration tokens it averages over.
+    ``seconds`` the measurement time, ``token_count`` the real calibration tokens it averages over. The same
+    pass records the evidence for :meth:`informative_widths`: ``error [2, L, H, nb]``, the plain squared
+    reconstruction error per element, and ``spread [2, L, H]``, the squared deviation of the tensor from its
+    per-channel mean over tokens, per element (what storing only the mean would cost).
     """
 
     values: np.ndarray
@@ -69,24 +99,45 @@ class DistortionTable:
     quantizer: dict
     seconds: float = 0.0
     token_count: int = 0
+    error: np.ndarray | None = None
+    spread: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bitset", check_bitset(self.bitset))
-        if self.metric not in METRICS:
-            raise RateQuantError(f"unknown distortion metric {self.metric!r}; choose one of: {', '.join(METRICS)}")
-        values = np.array(self.values, dtype=np.float64)
-        if values.ndim != 4 or values.shape[0] != 2 or values.shape[3] != len(self.bitset):
-            raise RateQuantError(
-                f"distortion values must be [2, layers, kv_heads, {len(self.bitset)}], got {values.shape}"
-            )
-        if not np.isfinite(values).all() or (values < 0).any():
-            raise RateQuantError("distortion values must be finite and non-negative")
-        values.setflags(write=False)
+        METRICS.get(self.metric)
+        values = _frozen_table(self.values, (2, None, None, len(self.bitset)), "distortion values")
         object.__setattr__(self, "values", values)
+        if self.error is not None:
+            object.__setattr__(self, "error", _frozen_table(self.error, values.shape, "reconstruction error"))
+        if self.spread is not None:
+            object.__setattr__(self, "spread", _frozen_table(self.spread, values.shape[:3], "spread"))
         if not isinstance(self.quantizer, dict) or not isinstance(self.quantizer.get("name"), str):
             raise RateQuantError(
                 f"quantizer must be a config dict {{'name': ..., 'params': ...}}, got {self.quantizer!r}"
             )
+
+    def informative_widths(self, per: str = "kind") -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The widths of the bit set that carry information about (keys, values): those at which the design
+        reconstructs the calibration tensor better than storing each channel's mean would
+        (``sum (X - Q_b(X))^2 < sum (X - mean_tokens(X))^2``, summed over the components of a kind).
+
+        A width that fails carries no information (1-bit min-max keeps only each group's extremes and does
+        worse than the mean); its damage also departs from the exponential model, so an allocator must not
+        trade bits down to it. Error falls with the width, so the lowest passing width and everything above it
+        are kept (the widest width always). ``per="pooled"`` requires a width to pass for keys and values alike.
+        """
+        if self.error is None or self.spread is None:
+            raise RateQuantError("this distortion table holds no reconstruction error; measure it again")
+        if per not in ("kind", "pooled"):
+            raise RateQuantError(f"per must be 'kind' or 'pooled', got {per!r}")
+        passing = self.error.sum(axis=(1, 2)) < self.spread.sum(axis=(1, 2))[:, None]  # [2, nb]
+        if per == "pooled":
+            passing = np.broadcast_to(passing.all(axis=0), passing.shape)
+        out = []
+        for k in range(2):
+            first = next((j for j in range(len(self.bitset)) if passing[k, j]), len(self.bitset) - 1)
+            out.append(self.bitset[first:])
+        return out[0], out[1]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -108,6 +159,8 @@ class DistortionTable:
             "seconds": self.seconds,
             "token_count": self.token_count,
             "values": self.values.tolist(),
+            **({} if self.error is None else {"error": self.error.tolist()}),
+            **({} if self.spread is None else {"spread": self.spread.tolist()}),
         }
 
     @classmethod
@@ -125,6 +178,8 @@ class DistortionTable:
                 quantizer=data["quantizer"],
                 seconds=float(data.get("seconds", 0.0)),
                 token_count=int(data.get("token_count", 0)),
+                error=None if data.get("error") is None else np.asarray(data["error"], dtype=np.float64),
+                spread=None if data.get("spread") is None else np.asarray(data["spread"], dtype=np.float64),
             )
         except KeyError as exc:
             raise RateQuantError(f"distortion table is missing the field {exc.args[0]!r}") from None
@@ -169,13 +224,14 @@ def measure_distortions(
         )
     bitset = check_bitset(bitset)
     metrics = tuple(dict.fromkeys(metrics))
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise RateQuantError(f"unknown distortion metric(s) {unknown or metrics}; choose from: {', '.join(METRICS)}")
-    if "fisher" in metrics and not stats.has_gradients:
-        raise RateQuantError("the 'fisher' metric needs gradients: capture(..., gradients=True)")
-    if "attention" in metrics and stats.queries is None:
-        raise RateQuantError("the 'attention' metric needs queries: capture(..., queries=True)")
+    if not metrics:
+        raise RateQuantError(f"no distortion metric given; choose from: {', '.join(METRICS)}")
+    for name in metrics:
+        metric = METRICS.get(name)
+        if metric.needs_gradients and not stats.has_gradients:
+            raise RateQuantError(f"the {name!r} metric needs gradients: capture(..., gradients=True)")
+        if metric.needs_queries and stats.queries is None:
+            raise RateQuantError(f"the {name!r} metric needs queries: capture(..., queries=True)")
     if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
         raise RateQuantError(f"max_queries must be a positive integer, got {max_queries!r}")
     config = quantizer.to_config()
@@ -185,7 +241,7 @@ def measure_distortions(
     n_tokens = stats.token_count
     mask = stats.attention_mask
     keep = None if bool(mask.all()) else mask[None, :, None, :, None].to(torch.float32)
-    out = {m: np.zeros((2, L, H, len(bitset))) for m in metrics}
+    out = {}
     seconds = dict.fromkeys(metrics, 0.0)
     chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
@@ -195,17 +251,23 @@ def measure_distortions(
             t0 = time.perf_counter()
             out["attention"] = _AttentionProbe(stats, max_queries).measure(quantizer, bitset)
             seconds["attention"] = time.perf_counter() - t0
-        tensor_metrics = [m for m in metrics if m in ("mse", "fisher")]
-        if tensor_metrics:
-            t0 = time.perf_counter()
-            values = _tensor_errors(stats, quantizer, bitset, tensor_metrics, keep, chunk_elements)
-            elapsed = time.perf_counter() - t0
-            for m in tensor_metrics:
-                out[m] = values[m]
-                seconds[m] = elapsed
+        # the tensor pass always runs: it measures mse and the informative-width evidence (and fisher)
+        t0 = time.perf_counter()
+        tensor = _tensor_errors(stats, quantizer, bitset, "fisher" in metrics, keep, chunk_elements)
+        elapsed = time.perf_counter() - t0
+        for m in ("mse", "fisher"):
+            if m in metrics:
+                out[m], seconds[m] = tensor[m], elapsed
     return {
         m: DistortionTable(
-            values=out[m], bitset=bitset, metric=m, quantizer=config, seconds=seconds[m], token_count=n_tokens
+            values=out[m],
+            bitset=bitset,
+            metric=m,
+            quantizer=config,
+            seconds=seconds[m],
+            token_count=n_tokens,
+            error=tensor["mse"],
+            spread=tensor["spread"],
         )
         for m in metrics
     }
@@ -215,11 +277,12 @@ def _tensor_errors(
     stats: CalibrationStats,
     quantizer: Quantizer,
     bitset: tuple[int, ...],
-    metrics: list[str],
+    fisher: bool,
     keep: torch.Tensor | None,
     chunk_elements: int,
 ) -> dict[str, np.ndarray]:
-    """``mse`` and/or ``fisher`` tables ``[2, L, H, nb]``; one quantizer call per (kind, layer chunk, bit).
+    """``mse`` (and ``fisher``) tables ``[2, L, H, nb]`` and the ``spread [2, L, H]`` of every component, per
+    element; one quantizer call per (kind, layer chunk, bit).
 
     Layers are stacked along the batch axis in chunks of about ``chunk_elements`` values: large enough to
     amortise per-call overhead, small enough that temporaries are reused by the allocator instead of
@@ -229,14 +292,20 @@ def _tensor_errors(
     n_tokens = stats.token_count
     per_layer = B * H * T * D
     step = max(1, min(L, chunk_elements // per_layer))
-    out = {m: np.zeros((2, L, H, len(bitset))) for m in metrics}
+    out = {m: np.zeros((2, L, H, len(bitset))) for m in ("mse", "fisher")}
+    out["spread"] = np.zeros((2, L, H))
+    weights = stats.attention_mask[None, :, None, :, None].to(torch.float32)  # [1, B, 1, T, 1]
+    tokens_per_sequence = weights.sum(dim=3, keepdim=True).clamp_(min=1)
     for k, kind in enumerate(KINDS):
         x_all, g_all = stats.tensor(kind), stats.grads(kind)
         for lo in range(0, L, step):
             hi = min(L, lo + step)
             x5 = x_all[lo:hi]
+            mean = (x5 * weights).sum(dim=3, keepdim=True) / tokens_per_sequence
+            spread = ((x5 - mean).square_() * weights).sum(dim=(1, 3, 4))
+            out["spread"][k, lo:hi] = (spread / (n_tokens * D)).double().cpu().numpy()
             x = x5.reshape((hi - lo) * B, H, T, D)
-            weight = g_all[lo:hi].square() if "fisher" in metrics else None  # padding holds zero gradients
+            weight = g_all[lo:hi].square() if fisher else None  # padding holds zero gradients
             for j, bits in enumerate(bitset):
                 xq = quantizer.fake_quantize(x, bits, kind)
                 if xq.shape != x.shape:
@@ -249,9 +318,8 @@ def _tensor_errors(
                 if keep is not None:
                     err.mul_(keep)
                 err.square_()
-                if "mse" in metrics:
-                    out["mse"][k, lo:hi, :, j] = (err.sum(dim=(1, 3, 4)) / (n_tokens * D)).double().cpu().numpy()
-                if "fisher" in metrics:
+                out["mse"][k, lo:hi, :, j] = (err.sum(dim=(1, 3, 4)) / (n_tokens * D)).double().cpu().numpy()
+                if fisher:
                     err.mul_(weight)
                     out["fisher"][k, lo:hi, :, j] = (err.sum(dim=(1, 3, 4)) / n_tokens).double().cpu().numpy()
     return out
@@ -332,6 +400,7 @@ __all__ = [
     "DEFAULT_MAX_QUERIES",
     "DEFAULT_METRIC",
     "METRICS",
+    "Metric",
     "DistortionTable",
     "measure_distortion",
     "measure_distortions",

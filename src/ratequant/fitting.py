@@ -24,6 +24,7 @@ import numpy as np
 
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
+from ratequant.validation import check_bitset, finite_real
 
 REL_FLOOR = 1e-12
 """Entries at or below ``REL_FLOOR * (component max)`` are clipped to it and excluded from the fit."""
@@ -33,33 +34,6 @@ SHARED_BETA_MODES = ("kind", "component", "global")
 component (more parameters, reported for diagnosis); ``global``: one beta for everything."""
 
 _R2_TINY = 1e-24
-
-
-def finite_real(v: object) -> bool:
-    """True for a finite real number (int or float, not bool); huge ints that overflow a float are refused."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
-def check_bitset(bitset: Sequence[int], *, name: str = "bitset", min_len: int = 1) -> tuple[int, ...]:
-    """Validate a set of bit widths: strictly increasing integers in 1..8. Returns it as a tuple."""
-    try:
-        values = tuple(bitset)
-    except TypeError:
-        raise RateQuantError(f"{name} must be a sequence of integers 1..8, got {bitset!r}") from None
-    for b in values:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
-            raise RateQuantError(f"{name} must hold integers from 1 to 8, got {b!r} in {values!r}")
-    values = tuple(int(b) for b in values)
-    if any(b2 <= b1 for b1, b2 in zip(values, values[1:])):
-        raise RateQuantError(f"{name} must be strictly increasing without repeats, got {values!r}")
-    if len(values) < min_len:
-        raise RateQuantError(f"{name} needs at least {min_len} bit width(s), got {values!r}")
-    return values
 
 
 def check_table(table: np.ndarray, bitset: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -72,9 +46,7 @@ def check_table(table: np.ndarray, bitset: Sequence[int]) -> tuple[np.ndarray, t
     if arr.ndim != 4 or arr.shape[0] != 2 or arr.shape[1] < 1 or arr.shape[2] < 1:
         raise RateQuantError(f"distortion table must have shape [2, layers, kv_heads, nb], got {arr.shape}")
     if arr.shape[3] != len(bitset):
-        raise RateQuantError(
-            f"distortion table has {arr.shape[3]} bit columns but bitset {bitset} has {len(bitset)}"
-        )
+        raise RateQuantError(f"distortion table has {arr.shape[3]} bit columns but bitset {bitset} has {len(bitset)}")
     if not np.isfinite(arr).all():
         raise RateQuantError("distortion table holds NaN or Inf; re-run the measurement")
     return arr, bitset
@@ -360,8 +332,11 @@ def fit_distortion(
     ss_res = (resid**2).sum(axis=-1)
     ss_tot = ((y - ybar[..., None]) ** 2 * w).sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r2 = np.where(ss_tot > _R2_TINY, 1.0 - ss_res / np.where(ss_tot > _R2_TINY, ss_tot, 1.0),
-                      np.where(ss_res > _R2_TINY, 0.0, 1.0))
+        r2 = np.where(
+            ss_tot > _R2_TINY,
+            1.0 - ss_res / np.where(ss_tot > _R2_TINY, ss_tot, 1.0),
+            np.where(ss_res > _R2_TINY, 0.0, 1.0),
+        )
     tot = float(ss_tot.sum())
     r2_overall = 1.0 - float(ss_res.sum()) / tot if tot > _R2_TINY else 1.0
     worst = float(np.abs(resid).max()) if n_clipped < arr.size else 0.0
@@ -384,8 +359,6 @@ __all__ = [
     "REL_FLOOR",
     "SHARED_BETA_MODES",
     "DistortionFit",
-    "check_bitset",
     "check_table",
-    "finite_real",
     "fit_distortion",
 ]

@@ -10,8 +10,7 @@ import torch
 from ratequant.compat import cache_argument
 from ratequant.errors import RateQuantError
 from ratequant.models import LoadedModel
-from ratequant.plan import Plan
-from ratequant.quantizers import Quantizer
+from ratequant.spec import KVQuantSpec
 
 
 @dataclass(frozen=True)
@@ -31,14 +30,18 @@ class GenerationResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
     def describe(self) -> str:
-        head = f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.1f} s ({self.tokens_per_second:.1f} tokens/s)"
+        head = (
+            f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.1f} s "
+            f"({self.tokens_per_second:.1f} tokens/s)"
+        )
         if self.cache_bytes is None:
             return f"{head}; full-precision cache (a float16 cache would hold {self.fp16_cache_bytes:,} bytes)"
         b = self.cache_bytes
         return (
             f"{head}\nKV cache {b['total']:,} bytes (codes {b['codes']:,}, metadata {b['metadata']:,}, "
             f"residual {b['residual']:,}); a full-precision cache would hold {self.model_dtype_cache_bytes:,} "
-            f"in the model's dtype, {self.fp16_cache_bytes:,} in float16 ({b['total'] / self.fp16_cache_bytes:.1%} of it)"
+            f"in the model's dtype, {self.fp16_cache_bytes:,} in float16 "
+            f"({b['total'] / self.fp16_cache_bytes:.1%} of it)"
         )
 
     def to_dict(self) -> dict:
@@ -58,11 +61,8 @@ class GenerationResult:
 def generate(
     loaded: LoadedModel,
     prompt: str,
-    plan: Plan | None = None,
+    spec: KVQuantSpec | None = None,
     *,
-    quantizer: Quantizer | None = None,
-    allow_mismatch: bool = False,
-    residual_length: int | None = None,
     chat: bool = False,
     max_new_tokens: int = 64,
     sample: bool = False,
@@ -70,8 +70,8 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
 ) -> GenerationResult:
-    """Continue ``prompt`` with ``model.generate`` and a :class:`RateQuantCache` built from ``plan``
-    (a full-precision ``DynamicCache`` when ``plan`` is None)."""
+    """Continue ``prompt`` with ``model.generate`` and a :class:`RateQuantCache` of ``spec`` (e.g.
+    ``plan.resolve(model)``; a full-precision ``DynamicCache`` when ``spec`` is None)."""
     from transformers import DynamicCache
 
     from ratequant.cache import RateQuantCache
@@ -82,16 +82,13 @@ def generate(
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise RateQuantError(f"{loaded.name} has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(loaded.device)
-    if plan is None:
-        cache = DynamicCache(config=model.config)
-    else:
-        cache = RateQuantCache.from_plan(
-            plan, model, quantizer, residual_length=residual_length, allow_mismatch=allow_mismatch
-        )
+    cache = DynamicCache(config=model.config) if spec is None else RateQuantCache(spec, model=model)
     torch.manual_seed(seed)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -110,7 +107,7 @@ def generate(
         prompt_tokens=prompt_tokens,
         new_tokens=int(new.numel()),
         seconds=seconds,
-        cache_bytes=None if plan is None else cache.nbytes().to_dict(),
+        cache_bytes=None if spec is None else cache.nbytes().to_dict(),
         fp16_cache_bytes=per_token * 2 * stored,
         model_dtype_cache_bytes=per_token * loaded.dtype.itemsize * stored,
     )

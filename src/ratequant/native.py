@@ -81,7 +81,7 @@ class PreparedDecode:
     (then the caller takes the PyTorch path). The object keeps its tensors alive.
     """
 
-    __slots__ = ("_tensors", "_head", "_meta", "_shape")
+    __slots__ = ("_head", "_meta", "_shape", "_tensors")
 
     def __init__(self, codes, bits, scale, zero, meta_rows, meta_cols, meta_group):
         n, h, t, _ = codes.shape

@@ -10,12 +10,12 @@ never pickled; writing is atomic and a saved plan re-saves byte-identically.
 
 Example (abridged)::
 
-    {"format_version": 1, "created_by": "ratequant 0.1.0",
+    {"format_version": 2, "created_by": "ratequant 0.2.0",
      "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
                "num_heads": 9},
      "quantizer": {"name": "kivi", "params": {"group_size": 32, "scale_dtype": "float16"}},
      "budget": {"kind": "avg_bits", "value": 2.5}, "allocator": "ratequant", "avg_bits": 2.5,
-     "bytes_per_token": 12345.6, "residual_length": 128,
+     "bytes_per_token": 12345.6, "residual_length": 128, "sink_tokens": 1,
      "bits": {"key": [[4, 3, 3], ...], "value": [[2, 2, 3], ...]},
      "fit": {"beta_key": 4.4, "beta_value": 3.8, "alpha": {...}, "r2": {...}, "r2_overall": 0.99,
              "metric": "fisher", "bitset": [1, 2, 3, 4, 5, 6, 7, 8], ...},
@@ -39,19 +39,30 @@ import numpy as np
 from ratequant import __version__
 from ratequant.allocation import Allocation, Budget
 from ratequant.errors import PlanError, RateQuantError
-from ratequant.fitting import DistortionFit, finite_real
+from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS, Geometry
 from ratequant.jsonio import read_json, write_text_atomic
+from ratequant.spec import MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
+from ratequant.validation import (
+    check_float,
+    check_int,
+    check_json_value,
+    check_keys,
+    check_object,
+    check_str,
+    finite_real,
+    show_value,
+)
 
-FORMAT_VERSION = 1
-"""Version of the plan format this library writes and the newest it reads."""
+FORMAT_VERSION = 2
+"""Version of the plan format this library writes and the newest it reads (version 2 added ``sink_tokens``;
+version 1 plans load with none)."""
 
 MAX_PLAN_BYTES = 64 * 2**20
 MAX_LAYERS = 4096
 MAX_KV_HEADS = 4096
 MAX_COMPONENTS_PER_KIND = 2**20
 MAX_HEAD_DIM = 2**16
-MAX_STRING = 4096
 MAX_EXTRA_FIELDS = 64
 MAX_PARAM_DEPTH = 4
 MAX_PARAM_ITEMS = 4096
@@ -66,6 +77,7 @@ _TOP_LEVEL = (
     "avg_bits",
     "bytes_per_token",
     "residual_length",
+    "sink_tokens",
     "bits",
     "fit",
     "calibration",
@@ -75,55 +87,26 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Validation helpers: each returns a canonical value or raises PlanError naming the field
+# Field checks: each returns a canonical value or raises PlanError naming the field
 # ---------------------------------------------------------------------------------------------------------
 def _int(v: object, name: str, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise PlanError(f"plan field {name} must be an integer, got {_show(v)}")
-    if not lo <= v <= hi:
-        raise PlanError(f"plan field {name} must be from {lo} to {hi}, got {_show(v)}")
-    return int(v)
+    return check_int(v, f"plan field {name}", lo=lo, hi=hi, error=PlanError)
 
 
 def _float(v: object, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    if not finite_real(v):
-        raise PlanError(f"plan field {name} must be a finite number, got {_show(v)}")
-    v = float(v)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise PlanError(f"plan field {name} must be {'>' if lo_open else '>='} {lo:g}, got {v:g}")
-    if hi is not None and v > hi:
-        raise PlanError(f"plan field {name} must be <= {hi:g}, got {v:g}")
-    return v
+    return check_float(v, f"plan field {name}", lo=lo, hi=hi, lo_open=lo_open, error=PlanError)
 
 
 def _str(v: object, name: str, *, empty: bool = False) -> str:
-    if not isinstance(v, str) or (not empty and not v) or len(v) > MAX_STRING:
-        raise PlanError(f"plan field {name} must be a {'' if empty else 'non-empty '}string of at most "
-                        f"{MAX_STRING} characters, got {_show(v)}")
-    return v
+    return check_str(v, f"plan field {name}", empty=empty, error=PlanError)
 
 
 def _dict(v: object, name: str) -> dict:
-    if not isinstance(v, dict):
-        raise PlanError(f"plan field {name} must be an object, got {_show(v)}")
-    for k in v:
-        if not isinstance(k, str):
-            raise PlanError(f"plan field {name} has a non-string key {_show(k)}")
-    return v
-
-
-def _show(v: object) -> str:
-    text = repr(v) if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__
-    return text if len(text) <= 60 else text[:57] + "..."
+    return check_object(v, f"plan field {name}", error=PlanError)
 
 
 def _keys(d: dict, name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise PlanError(f"plan field {name} is missing: {', '.join(missing)}")
-    unknown = [k for k in d if k not in required and k not in optional]
-    if unknown:
-        raise PlanError(f"plan field {name} has unknown field(s): {', '.join(_show(k) for k in sorted(unknown))}")
+    check_keys(d, f"plan field {name}", required, optional, error=PlanError)
 
 
 def _scalar_extras(d: dict, name: str, known: tuple[str, ...]) -> dict:
@@ -141,32 +124,6 @@ def _scalar_extras(d: dict, name: str, known: tuple[str, ...]) -> dict:
             raise PlanError(f"plan field {name}.{k} must be a string, finite number, boolean or null")
         out[k] = float(v) if isinstance(v, float) else v
     return out
-
-
-def _json_value(v: object, name: str, depth: int = 0, budget: list | None = None) -> object:
-    """A bounded JSON value (quantizer parameters): canonical copy with tuples as lists."""
-    budget = budget if budget is not None else [MAX_PARAM_ITEMS]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise PlanError(f"plan field {name} is too large")
-    if depth > MAX_PARAM_DEPTH:
-        raise PlanError(f"plan field {name} is nested more than {MAX_PARAM_DEPTH} levels deep")
-    if v is None or isinstance(v, bool):
-        return v
-    if isinstance(v, str):
-        return _str(v, name, empty=True)
-    if isinstance(v, (int, np.integer)):
-        if not finite_real(v):
-            raise PlanError(f"plan field {name} holds an integer too large to store")
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return _float(v, name)
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x, f"{name}[{i}]", depth + 1, budget) for i, x in enumerate(v)]
-    if isinstance(v, dict):
-        _dict(v, name)
-        return {k: _json_value(x, f"{name}.{k}", depth + 1, budget) for k, x in v.items()}
-    raise PlanError(f"plan field {name} must be JSON data, got {type(v).__name__}")
 
 
 def _model(v: object) -> dict:
@@ -197,7 +154,10 @@ def _quantizer(v: object) -> dict:
     _keys(d, "quantizer", ("name",), ("params",))
     params = d.get("params", {})
     _dict(params, "quantizer.params")
-    return {"name": _str(d["name"], "quantizer.name"), "params": _json_value(params, "quantizer.params")}
+    params = check_json_value(
+        params, "plan field quantizer.params", max_depth=MAX_PARAM_DEPTH, max_items=MAX_PARAM_ITEMS, error=PlanError
+    )
+    return {"name": _str(d["name"], "quantizer.name"), "params": params}
 
 
 def _known_design(name: str) -> str:
@@ -206,7 +166,7 @@ def _known_design(name: str) -> str:
 
     if name not in available():
         raise PlanError(
-            f"plan field quantizer.name is {_show(name)}, which is not a quantizer design this ratequant knows "
+            f"plan field quantizer.name is {show_value(name)}, which is not a quantizer design this ratequant knows "
             f"({', '.join(available())}); the plan was made by another tool or a newer ratequant"
         )
     return name
@@ -227,12 +187,12 @@ def _bits(v: object, num_layers: int, num_kv_heads: int) -> dict:
     for kind in KINDS:
         rows = d[kind]
         if not isinstance(rows, list) or len(rows) != num_layers:
-            n = len(rows) if isinstance(rows, list) else _show(rows)
+            n = len(rows) if isinstance(rows, list) else show_value(rows)
             raise PlanError(f"plan field bits.{kind} must be a list of {num_layers} layers (one per layer), got {n}")
         clean = []
         for layer, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != num_kv_heads:
-                n = len(row) if isinstance(row, list) else _show(row)
+                n = len(row) if isinstance(row, list) else show_value(row)
                 raise PlanError(
                     f"plan field bits.{kind}[{layer}] must list {num_kv_heads} widths (one per kv head), got {n}"
                 )
@@ -286,7 +246,7 @@ def _calibration(v: object) -> dict | None:
     sha = d["corpus_sha256"]
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
         raise PlanError(
-            f"plan field calibration.corpus_sha256 must be 64 lowercase hex digits or null, got {_show(sha)}"
+            f"plan field calibration.corpus_sha256 must be 64 lowercase hex digits or null, got {show_value(sha)}"
         )
     out = {
         "corpus": _str(d["corpus"], "calibration.corpus"),
@@ -323,6 +283,7 @@ class Plan:
     bits: dict
     bytes_per_token: float | None = None
     residual_length: int = 0
+    sink_tokens: int = 0
     fit: dict | None = None
     calibration: dict | None = None
     created_by: str = field(default=f"ratequant {__version__}")
@@ -349,9 +310,7 @@ class Plan:
         if nbytes is not None:
             nbytes = _float(nbytes, "bytes_per_token", lo=0.0, lo_open=True)
             if budget["kind"] == "bytes_per_token" and nbytes > budget["value"] * (1 + 1e-9):
-                raise PlanError(
-                    f"plan takes {nbytes:g} bytes per token, over its own budget of {budget['value']:g}"
-                )
+                raise PlanError(f"plan takes {nbytes:g} bytes per token, over its own budget of {budget['value']:g}")
         quantizer = _quantizer(self.quantizer)
         _known_design(quantizer["name"])
         values = {
@@ -364,10 +323,13 @@ class Plan:
             "avg_bits": avg,
             "bytes_per_token": nbytes,
             "residual_length": _int(self.residual_length, "residual_length", 0, 2**40),
+            "sink_tokens": _int(self.sink_tokens, "sink_tokens", 0, MAX_SINK_TOKENS),
             "bits": bits,
             "fit": _fit(self.fit, shape),
             "calibration": _calibration(self.calibration),
         }
+        if version < 2 and values["sink_tokens"]:
+            raise PlanError("plan field sink_tokens needs format_version 2")
         if len(values["allocator"]) > 64:
             raise PlanError("plan field allocator must be at most 64 characters")
         for name, value in values.items():
@@ -391,12 +353,13 @@ class Plan:
         measured: np.ndarray | None = None,
         calibration: dict | None = None,
         residual_length: int = 0,
+        sink_tokens: int = 0,
     ) -> Plan:
         """Build a plan from an :class:`Allocation` and its context.
 
         ``quantizer`` is a quantizer design (with ``to_config()``) or ``{"name", "params"}``; ``fit_design``
-        names the design whose curves were fitted (default: the allocation's ``source_design`` for
-        mismatched allocations, else the quantizer's name).
+        names the design whose curves were fitted (default: the design the allocation's curves came from,
+        else the quantizer's name).
         """
         if not isinstance(allocation, Allocation):
             raise PlanError(f"from_allocation needs an Allocation, got {type(allocation).__name__}")
@@ -409,9 +372,13 @@ class Plan:
         if fit is not None:
             fit_dict = fit.to_dict()
             fit_dict["metric"] = metric
-            fit_dict["design"] = fit_design or allocation.details.get("source_design") or qconf.get("name")
+            source = (allocation.details.get("curves") or {}).get("design")
+            fit_dict["design"] = fit_design or source or qconf.get("name")
             if measured is not None:
-                fit_dict["measured"] = {"key": np.asarray(measured[0]).tolist(), "value": np.asarray(measured[1]).tolist()}
+                fit_dict["measured"] = {
+                    "key": np.asarray(measured[0]).tolist(),
+                    "value": np.asarray(measured[1]).tolist(),
+                }
         if calibration is not None and hasattr(calibration, "to_dict"):
             calibration = calibration.to_dict()
         return cls(
@@ -422,6 +389,7 @@ class Plan:
             avg_bits=allocation.avg_bits,
             bytes_per_token=allocation.bytes_per_token,
             residual_length=residual_length,
+            sink_tokens=sink_tokens,
             bits={kind: allocation.bits[k].tolist() for k, kind in enumerate(KINDS)},
             fit=fit_dict,
             calibration=calibration,
@@ -431,7 +399,7 @@ class Plan:
     def from_dict(cls, d: object) -> Plan:
         """Validate and build a plan from parsed JSON; anything malformed raises :class:`PlanError`."""
         if not isinstance(d, dict):
-            raise PlanError(f"a plan must be a JSON object, got {_show(d)}")
+            raise PlanError(f"a plan must be a JSON object, got {show_value(d)}")
         if "format_version" not in d:
             raise PlanError("this is not a ratequant plan: it has no format_version field")
         _int(d["format_version"], "format_version", 1, 2**31)
@@ -478,23 +446,53 @@ class Plan:
         parameters), when the design cannot store the plan's ``head_dim`` (e.g. a group size that does not
         divide it), or when ``residual_length`` is not a multiple of the design's token group.
         """
-        from ratequant.cache import chunk_sizes
+        return self.policy().quantizer
+
+    def policy(
+        self, quantizer=None, *, residual_length: int | None = None, sink_tokens: int | None = None
+    ) -> StoragePolicy:
+        """The plan's :class:`StoragePolicy` (or with another ``quantizer``, residual window or sink count),
+        checked against the plan's widths and head dimension; failures are :class:`PlanError`."""
         from ratequant.quantizers import from_config
 
-        name = self.quantizer["name"]
+        name = self.quantizer["name"] if quantizer is None else quantizer.name
         try:
-            quantizer = from_config(self.quantizer)
-        except (RateQuantError, TypeError) as exc:
-            raise PlanError(f"plan quantizer {name}: {exc}") from None
-        bits = self.bits_array()
-        try:
+            if quantizer is None:
+                quantizer = from_config(self.quantizer)
+            bits = self.bits_array()
             for k, kind in enumerate(KINDS):
                 for width in np.unique(bits[k]).tolist():
                     quantizer.metadata_bits_per_token(self.model["head_dim"], int(width), kind)
-            chunk_sizes(quantizer, self.residual_length)
-        except RateQuantError as exc:
+            return StoragePolicy(
+                quantizer,
+                self.residual_length if residual_length is None else residual_length,
+                self.sink_tokens if sink_tokens is None else sink_tokens,
+            )
+        except (RateQuantError, TypeError) as exc:
             raise PlanError(f"plan quantizer {name} does not fit the plan: {exc}") from None
-        return quantizer
+
+    def resolve(
+        self,
+        model,
+        quantizer=None,
+        *,
+        residual_length: int | None = None,
+        sink_tokens: int | None = None,
+        allow_mismatch: bool = False,
+    ) -> KVQuantSpec:
+        """The :class:`KVQuantSpec` to apply this plan to ``model``, after checking it fits.
+
+        The plan's geometry must match the model's and ``quantizer`` (default: the plan's own) the design the
+        plan was calibrated for (another one raises unless ``allow_mismatch``: a distortion-model mismatch).
+        ``residual_length`` and ``sink_tokens`` default to the plan's.
+        """
+        from ratequant.compat import model_geometry
+
+        self.check_matches(model_geometry(model))
+        if quantizer is not None:
+            self.check_quantizer(quantizer, allow_mismatch=allow_mismatch)
+        policy = self.policy(quantizer, residual_length=residual_length, sink_tokens=sink_tokens)
+        return KVQuantSpec(self.bits_array(), policy.quantizer, policy.residual_length, policy.sink_tokens)
 
     def bits_array(self) -> np.ndarray:
         """Widths as an ``int64`` array ``[2, num_layers, num_kv_heads]`` (kind 0 = key)."""
@@ -521,7 +519,10 @@ class Plan:
             raise PlanError(f"check_matches needs a Geometry, got {type(geometry).__name__}")
         mine = self.geometry
         same = (mine.num_layers, mine.num_kv_heads, mine.head_dim) == (
-            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+            geometry.num_layers,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+        )
         if same and mine.num_heads is not None and geometry.num_heads is not None:
             same = mine.num_heads == geometry.num_heads
         if not same:
@@ -558,7 +559,9 @@ class Plan:
             "and can do worse than uniform. Calibrate a plan for this quantizer"
         )
         if not allow_mismatch:
-            raise PlanError(msg + ", or allow the mismatch explicitly (allow_mismatch=True; --allow-mismatch on the command line)")
+            raise PlanError(
+                msg + ", or allow the mismatch explicitly (allow_mismatch=True; --allow-mismatch on the command line)"
+            )
         warnings.warn(msg, UserWarning, stacklevel=2)
 
     def summary(self) -> str:
@@ -570,7 +573,8 @@ class Plan:
             f"quantizer: {self.quantizer['name']} {json.dumps(self.quantizer['params'], sort_keys=True)}",
             f"budget: {self.budget_object().describe()}; average code bits {self.avg_bits:.4f}"
             + (f"; {self.bytes_per_token:.1f} bytes per token" if self.bytes_per_token is not None else "")
-            + (f"; residual window {self.residual_length} tokens" if self.residual_length else ""),
+            + (f"; residual window {self.residual_length} tokens" if self.residual_length else "")
+            + (f"; {self.sink_tokens} sink token(s) at full precision" if self.sink_tokens else ""),
         ]
         for k, kind in enumerate(KINDS):
             hist = Counter(bits[k].reshape(-1).tolist())

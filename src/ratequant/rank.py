@@ -35,7 +35,9 @@ class RankBases:
     def fit(cls, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RankBases:
         """Fit from calibration ``keys``/``values`` ``[L, B, H, T, D]``; ``attention_mask [B, T]`` drops padding."""
         if keys.dim() != 5 or keys.shape != values.shape:
-            raise RateQuantError(f"keys and values must both be [L, B, H, T, D], got {tuple(keys.shape)}, {tuple(values.shape)}")
+            raise RateQuantError(
+                f"keys and values must both be [L, B, H, T, D], got {tuple(keys.shape)}, {tuple(values.shape)}"
+            )
         L, B, H, T, D = keys.shape
         mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
         means, bases, variances = [], [], []

@@ -1,29 +1,28 @@
-"""Simulated ("fake") KV quantization for fast whole-sequence evaluation under a bit allocation.
+"""Simulated ("fake") KV quantization for fast whole-sequence evaluation under a :class:`KVQuantSpec`.
 
 Inside :func:`simulated_quantization` every attention layer of the model sees, for each query, exactly the
-keys and values it would see when decoding token by token through a :class:`ratequant.cache.RateQuantCache`
-with the same bit widths, quantizer and ``residual_length``: key/value ``j`` is quantized-then-dequantized
-for the query at cache position ``t`` iff ``j < floor(t / F) * F`` (``F`` per kind, see
-:func:`ratequant.cache.chunk_sizes`), and full precision otherwise. One forward pass over a whole window
-therefore gives the streaming perplexity, to floating-point tolerance, without a decode loop.
+keys and values it would see when decoding through a :class:`ratequant.cache.RateQuantCache` with the same
+spec: key/value ``j`` is quantized-then-dequantized for the query at cache position ``t`` iff
+``S <= j < s1(t)`` (the token rule of :mod:`ratequant.spec`: sink tokens and the query's own chunk stay at full
+precision), and full precision otherwise. One forward pass over a whole window therefore gives the streaming
+result, to floating-point tolerance, without a decode loop. ``prefill_chunk`` models a cache fed that many
+tokens per forward pass after the sinks (a query then sees its whole pass at full precision); the default 1
+is token-by-token decoding, which a prefill in pieces of the quantization chunk reproduces exactly.
 
-How. Each layer's keys and values are fake-quantized once per forward (per bit group of heads, the prefix of
-whole chunks; quantized values depend only on their chunk, so this equals what the cache stores). The
-model's own attention implementation (sdpa, eager; soft-capping, sinks and scaling included) is then run
-once over the concatenation ``[quantized copy; full-precision copy]`` of the keys/values, with a mask that
-lets each query use the copy its position calls for: every key appears exactly once in each query's softmax.
-This costs up to twice the attention work (four times when keys and values use different chunk sizes,
+How. Each layer's keys and values are fake-quantized once per forward (per bit group of heads, the whole
+chunks after the sinks; quantized values depend only on their chunk, so this equals what the cache stores).
+The model's own attention implementation (sdpa, eager; soft-capping, sinks and scaling included) is then run
+once over the concatenation ``[quantized copy; full-precision copy]`` of the keys/values, with a mask that lets
+each query use the copy its position calls for: every key appears exactly once in each query's softmax. This
+costs up to twice the attention work (four times when keys and values use different chunk sizes,
 ``residual_length=0`` with a token-grouped key design), no loop over tokens. When one copy suffices for all
 queries (short windows, or ``F = 1``) the original attention runs unchanged on it.
 
 Positions are cache indices. Use the context on whole sequences (no cache), or with a cache that keeps the
 whole history (``DynamicCache()`` without a config, or a ``RateQuantCache``): a sliding-window cache layer
-that drops old tokens shifts the indices. Note that a multi-token forward through a ``RateQuantCache``
-(prefill longer than one chunk) sees its own tokens at full precision; the simulation models token-by-token
-(or chunk-aligned) decoding.
+that drops old tokens shifts the indices.
 
-Only the reconstruction is simulated: nothing here saves memory (use the cache and its ``nbytes()`` for
-that).
+Only the reconstruction is simulated: nothing here saves memory (use the cache and its ``nbytes()`` for that).
 """
 
 from __future__ import annotations
@@ -34,89 +33,70 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ratequant.cache import (
-    DEFAULT_RESIDUAL_LENGTH,
-    bit_groups,
-    check_bits_array,
-    chunk_sizes,
-    quantized_length,
-    resolve_plan,
-)
 from ratequant.compat import boolean_attention_mask, intercept_attention, model_geometry, original_attention
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
-from ratequant.quantizers.base import Quantizer
+from ratequant.spec import KVQuantSpec, StoragePolicy
 
 
-def fake_quantize_prefix(
-    x: torch.Tensor, groups: list[tuple[int, tuple[int, ...]]], kind: str, chunk: int, quantizer: Quantizer
+def fake_quantize_range(
+    x: torch.Tensor, groups: list[tuple[int, tuple[int, ...]]], kind: str, policy: StoragePolicy, prefill_chunk: int = 1
 ) -> torch.Tensor:
-    """``x`` ``[B, H, S, D]`` with its first ``floor(S / chunk) * chunk`` tokens quantized-then-dequantized.
+    """``x`` ``[B, H, S, D]`` with its quantized range ``[s0, s1(S))`` quantized-then-dequantized, as stored.
 
-    ``groups`` is :func:`ratequant.cache.bit_groups` of the layer's widths for ``kind``; each group's heads
-    are quantized together at its width, as the cache stores them.
+    ``groups`` is :meth:`KVQuantSpec.groups` of the layer's ``kind``; each group's heads are quantized together
+    at its width, as the cache stores them.
     """
-    prefix = quantized_length(x.shape[2], chunk)
-    if prefix == 0:
+    start = min(policy.sink_tokens, x.shape[2])
+    end = policy.quantized_end(kind, x.shape[2], prefill_chunk)
+    if end <= start:
         return x
     out = x.clone()
     for bits, heads in groups:
         lo = heads[0]
         index = slice(lo, lo + len(heads)) if heads == tuple(range(lo, lo + len(heads))) else list(heads)
-        out[:, index, :prefix] = quantizer.fake_quantize(x[:, index, :prefix], bits, kind)
+        out[:, index, start:end] = policy.quantizer.fake_quantize(x[:, index, start:end], bits, kind)
     return out
 
 
-def quantized_masks(q_len: int, kv_len: int, chunks: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized_masks(
+    q_len: int, kv_len: int, policy: StoragePolicy, device, prefill_chunk: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean ``[q_len, kv_len]`` masks: True where the query sees the key (resp. value) quantized.
 
     Queries are the last ``q_len`` of ``kv_len`` cache positions (as during a forward with a cache).
     """
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
-    return tuple(k_pos[None, :] < quantized_length(q_pos, f)[:, None] for f in chunks)  # type: ignore[return-value]
-
-
-def _as_mask_format(mask: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
-    """Boolean mask in the format the original implementation expects (bool, or additive float like ``like``)."""
-    if like is None or like.dtype == torch.bool:
-        return mask
-    zero = torch.zeros((), dtype=like.dtype, device=mask.device)
-    return torch.where(mask, zero, torch.finfo(like.dtype).min)
+    after_sinks = k_pos[None, :] >= policy.sink_tokens
+    return tuple(  # type: ignore[return-value]
+        after_sinks & (k_pos[None, :] < policy.quantized_end(kind, q_pos, prefill_chunk)[:, None]) for kind in KINDS
+    )
 
 
 @contextmanager
-def simulated_quantization(
-    model: nn.Module,
-    bits,
-    quantizer: Quantizer,
-    residual_length: int = DEFAULT_RESIDUAL_LENGTH,
-) -> Iterator[nn.Module]:
-    """Make every attention layer of ``model`` see fake-quantized keys/values inside the context.
+def simulated_quantization(model: nn.Module, spec: KVQuantSpec, *, prefill_chunk: int = 1) -> Iterator[nn.Module]:
+    """Make every attention layer of ``model`` see the keys/values of ``spec``'s cache inside the context.
 
-    Args:
-        model: a Hugging Face decoder (anything :func:`ratequant.compat.check_supported` accepts).
-        bits: integer widths ``[2, num_layers, num_kv_heads]`` (kind 0 = key, 1 = value).
-        quantizer: the design to simulate.
-        residual_length: the cache's full-precision window (same meaning as in :class:`RateQuantCache`).
-
-    Positions are cache indices, so batches with left padding and forwards that extend a cache are handled
-    as the cache would handle them. Restores the model's attention on exit.
+    ``model`` is a Hugging Face decoder (anything :func:`ratequant.compat.check_supported` accepts); ``spec``
+    must cover its layers and kv heads. Positions are cache indices, so batches with left padding and forwards
+    that extend a cache are handled as the cache would handle them. Restores the model's attention on exit.
     """
-    if not isinstance(quantizer, Quantizer):
-        raise RateQuantError(f"quantizer must be a ratequant Quantizer, got {type(quantizer).__name__}")
-    geometry = model_geometry(model)
-    arr = check_bits_array(bits, geometry.num_layers, geometry.num_kv_heads)
-    chunks = chunk_sizes(quantizer, residual_length)
-    groups = [[bit_groups(arr[k, layer]) for layer in range(geometry.num_layers)] for k in range(2)]
+    if not isinstance(spec, KVQuantSpec):
+        raise RateQuantError(f"simulated_quantization needs a KVQuantSpec, got {type(spec).__name__}")
+    spec.check_geometry(model_geometry(model))
+    policy = spec.policy
+    prefill_chunk = policy.check_prefill_chunk(prefill_chunk)
+    groups = [[spec.groups(kind, layer) for layer in range(spec.num_layers)] for kind in KINDS]
+    key_chunk, value_chunk = (max(f, prefill_chunk) for f in policy.chunks)
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = module.layer_idx
         t, s = query.shape[2], key.shape[2]
-        k_hat = fake_quantize_prefix(key, groups[0][layer], KINDS[0], chunks[0], quantizer)
-        v_hat = fake_quantize_prefix(value, groups[1][layer], KINDS[1], chunks[1], quantizer)
-        qk, qv = quantized_masks(t, s, chunks, query.device)
-        if chunks[0] == chunks[1]:
+        k_hat = fake_quantize_range(key, groups[0][layer], KINDS[0], policy, prefill_chunk)
+        v_hat = fake_quantize_range(value, groups[1][layer], KINDS[1], policy, prefill_chunk)
+        qk, qv = quantized_masks(t, s, policy, query.device, prefill_chunk)
+        if key_chunk == value_chunk:
             copies = [(k_hat, v_hat, qk), (key, value, ~qk)]
         else:
             copies = [
@@ -140,23 +120,12 @@ def simulated_quantization(
         yield model
 
 
-@contextmanager
-def simulated_quantization_from_plan(
-    model: nn.Module,
-    plan,
-    quantizer: Quantizer | None = None,
-    *,
-    residual_length: int | None = None,
-    allow_mismatch: bool = False,
-) -> Iterator[nn.Module]:
-    """:func:`simulated_quantization` with the widths, quantizer and residual window of ``plan``.
-
-    The plan is checked against the model's geometry and the quantizer (``quantizer`` defaults to the
-    plan's own; another one raises unless ``allow_mismatch``, for distortion-model-mismatch studies).
-    """
-    bits, quantizer, residual = resolve_plan(plan, model, quantizer, residual_length, allow_mismatch)
-    with simulated_quantization(model, bits, quantizer, residual) as m:
-        yield m
+def _as_mask_format(mask: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask in the format the original implementation expects (bool, or additive float like ``like``)."""
+    if like is None or like.dtype == torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=like.dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(like.dtype).min)
 
 
-__all__ = ["fake_quantize_prefix", "quantized_masks", "simulated_quantization", "simulated_quantization_from_plan"]
+__all__ = ["fake_quantize_range", "quantized_masks", "simulated_quantization"]

@@ -46,8 +46,11 @@ def test_rotation_is_orthogonal_seeded_and_cached():
     assert torch.allclose(r.double() @ r.double().T, torch.eye(64, dtype=torch.float64), atol=1e-6)
     assert random_rotation(64, 0) is r
     assert not torch.allclose(random_rotation(64, 1), r)
-    assert torch.allclose(random_rotation(96, 0).double().T @ random_rotation(96, 0).double(),
-                          torch.eye(96, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        random_rotation(96, 0).double().T @ random_rotation(96, 0).double(),
+        torch.eye(96, dtype=torch.float64),
+        atol=1e-6,
+    )
 
 
 def nearest_level_bound(design, x, q, bits):
@@ -57,7 +60,7 @@ def nearest_level_bound(design, x, q, bits):
     (relative 2**-11) or 2**-25 absolute in the subnormal range.
     """
     d = x.shape[-1]
-    xr = (x.double() @ random_rotation(d, design.seed).double())
+    xr = x.double() @ random_rotation(d, design.seed).double()
     norm = torch.linalg.vector_norm(xr, dim=-1, keepdim=True)
     y = torch.where(norm > 0, xr * math.sqrt(d) / norm, torch.zeros_like(xr))
     levels = torch.tensor(lloyd_max_gaussian(bits).levels)
@@ -134,10 +137,14 @@ def test_fast_nearest_level_equals_bucketize(bits):
 
     _, bounds = codebook_tensors(bits)
     inf = torch.full_like(bounds, float("inf"))
-    probes = torch.cat([
-        torch.randn(20000, generator=torch.Generator().manual_seed(bits)) * 2,
-        torch.linspace(-12, 12, 50001),
-        bounds, torch.nextafter(bounds, inf), torch.nextafter(bounds, -inf),
-        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 8.0, -8.0]),
-    ])
+    probes = torch.cat(
+        [
+            torch.randn(20000, generator=torch.Generator().manual_seed(bits)) * 2,
+            torch.linspace(-12, 12, 50001),
+            bounds,
+            torch.nextafter(bounds, inf),
+            torch.nextafter(bounds, -inf),
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 8.0, -8.0]),
+        ]
+    )
     assert torch.equal(nearest_level(probes, bits).long(), torch.bucketize(probes, bounds))

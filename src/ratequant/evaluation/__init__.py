@@ -1,5 +1,31 @@
-"""Measuring models: perplexity (and, as they land, KL divergence, memory and speed)."""
+"""Measuring models: the protocol (windows, BOS, scoring), conditions, and the tasks that score them.
 
-from ratequant.evaluation.perplexity import PerplexityResult, perplexity
+:mod:`~ratequant.evaluation.protocol` cuts text into windows as the field does; :mod:`~ratequant.evaluation.conditions`
+runs a window at full precision, under simulated quantization or through the real cache;
+:mod:`~ratequant.evaluation.perplexity` scores conditions against full precision (PPL, KL, top-token agreement);
+:mod:`~ratequant.evaluation.passkey` is the retrieval task; :mod:`~ratequant.evaluation.tasks` the registry.
+"""
 
-__all__ = ["PerplexityResult", "perplexity"]
+from ratequant.evaluation.conditions import Condition, FullPrecision, Simulated, Streaming, Within
+from ratequant.evaluation.perplexity import REFERENCE, ConditionScore, perplexity, score_conditions
+from ratequant.evaluation.protocol import WindowProtocol, Windows, make_windows
+from ratequant.evaluation.tasks import TASKS, Task, TaskResult, get_task
+
+__all__ = [
+    "REFERENCE",
+    "TASKS",
+    "Condition",
+    "ConditionScore",
+    "FullPrecision",
+    "Simulated",
+    "Streaming",
+    "Task",
+    "TaskResult",
+    "WindowProtocol",
+    "Windows",
+    "Within",
+    "get_task",
+    "make_windows",
+    "perplexity",
+    "score_conditions",
+]

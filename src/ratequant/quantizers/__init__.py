@@ -1,6 +1,7 @@
 """KV quantizer designs, one per module, available by name through :func:`get_quantizer`."""
 
 from ratequant.quantizers.base import (
+    DESIGNS,
     MAX_BITS,
     MIN_BITS,
     QuantizedTensor,
@@ -18,6 +19,7 @@ from ratequant.quantizers.turbo import Turbo
 from ratequant.quantizers.uniform import Uniform
 
 __all__ = [
+    "DESIGNS",
     "Kivi",
     "Quarot",
     "Turbo",

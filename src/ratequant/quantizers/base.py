@@ -1,4 +1,4 @@
-"""The interface every KV quantizer design implements.
+"""The interface every KV quantizer design implements, and the registry of designs.
 
 A design maps a block of keys or values ``x`` of shape ``[batch, heads, tokens, head_dim]`` and an integer
 bit width ``bits`` in 1..8 to a :class:`QuantizedTensor` (bit-packed codes plus metadata) and back. All
@@ -6,6 +6,20 @@ heads of one call share one bit width; the cache groups heads by width before ca
 
 Keys and values may be treated differently (KIVI quantizes keys per channel and values per token), so
 ``quantize`` takes the tensor ``kind`` ("key" or "value").
+
+The rules a design must follow (checked for every registered design by ``tests/quantizers/test_conformance.py``;
+``docs/quantizers.md`` has the same checklist):
+
+1. It is a frozen dataclass whose fields are its parameters (JSON values: plans store them), validated in
+   ``__post_init__`` with bounded ranges, registered with ``@register`` under a unique ``name``.
+2. Batch-major tensors: every tensor of a :class:`QuantizedTensor` has the block's batch as its first
+   dimension, so the cache can stack chunks along it.
+3. Each ``(batch, head)`` block is quantized independently: quantizing a sub-block gives the same codes.
+4. Token groups: tokens are quantized together in groups of ``token_group(kind)`` at most (1 for per-token
+   designs); a block of whole groups never depends on tokens outside it.
+5. ``fake_quantize(x) == dequantize(quantize(x))`` exactly (same dtype and values).
+6. ``nbytes()`` is the real storage, and ``bits_per_token`` equals it per stored token (metadata included).
+7. ``dequantize_into`` / ``prepare_decode`` write exactly ``dequantize`` into a (possibly strided) output.
 """
 
 from __future__ import annotations
@@ -20,9 +34,8 @@ import torch
 
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
-
-MIN_BITS = 1
-MAX_BITS = 8
+from ratequant.registry import Registry
+from ratequant.validation import MAX_BITS, MIN_BITS
 
 
 @dataclass
@@ -138,24 +151,20 @@ class Quantizer(ABC):
         return x
 
 
-_REGISTRY: dict[str, type[Quantizer]] = {}
-
-
-def register(cls: type[Quantizer]) -> type[Quantizer]:
-    """Class decorator: make a design available by its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
+DESIGNS: Registry[type[Quantizer]] = Registry("quantizer")
+register = DESIGNS.register
+"""Class decorator: make a design available by its ``name``."""
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(DESIGNS)
 
 
 def get_quantizer(name: str, **params) -> Quantizer:
     """Build a design by name with keyword parameters; errors name the valid choices."""
-    if name not in _REGISTRY:
+    if name not in DESIGNS:
         raise RateQuantError(f"unknown quantizer {name!r}; choose one of: {', '.join(available())}")
-    cls = _REGISTRY[name]
+    cls = DESIGNS.get(name)
     known = {f.name for f in fields(cls)}
     unknown = set(params) - known
     if unknown:
@@ -177,6 +186,7 @@ def from_config(config: dict) -> Quantizer:
 
 
 __all__ = [
+    "DESIGNS",
     "MAX_BITS",
     "MIN_BITS",
     "QuantizedTensor",

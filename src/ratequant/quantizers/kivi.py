@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ratequant.quantizers._common import (
+from ratequant.quantizers._minmax import (
     PackedDesign,
     check_group_size,
+    decode_token_groups,
+    decode_token_groups_into,
+    encode_token_groups,
     group_along_dim,
     minmax_codes,
     minmax_meta,
@@ -22,7 +25,6 @@ from ratequant.quantizers._common import (
     minmax_values_into,
 )
 from ratequant.quantizers.base import register
-from ratequant.quantizers.uniform import decode_token_groups, decode_token_groups_into, encode_token_groups
 
 
 @register

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from ratequant.errors import RateQuantError
-from ratequant.quantizers._common import PerTokenGroups, check_group_size, group_along_dim
+from ratequant.quantizers._minmax import (
+    PerTokenGroups,
+    check_group_size,
+    decode_token_groups,
+    encode_token_groups,
+    group_along_dim,
+)
 from ratequant.quantizers.base import register
-from ratequant.quantizers.uniform import decode_token_groups, encode_token_groups
 
 
 def hadamard_block_size(head_dim: int) -> int:
@@ -25,7 +30,7 @@ def hadamard_block_size(head_dim: int) -> int:
     return head_dim & -head_dim
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hadamard_cpu(head_dim: int) -> torch.Tensor:
     p = hadamard_block_size(head_dim)
     h = torch.ones(1, 1, dtype=torch.float64)

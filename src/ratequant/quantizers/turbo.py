@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
 
 from ratequant.errors import RateQuantError
-from ratequant.quantizers._common import PackedDesign
+from ratequant.quantizers._minmax import PackedDesign
 from ratequant.quantizers.base import register
+from ratequant.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Codebook:
     distortion: float
 
 
-@lru_cache(maxsize=None)
+@cache
 def lloyd_max_gaussian(bits: int) -> Codebook:
     """The Lloyd-Max codebook of N(0, 1) at ``bits`` (1..8), computed once per width and cached.
 
@@ -73,7 +74,7 @@ def lloyd_max_gaussian(bits: int) -> Codebook:
     return Codebook(bits, levels, boundaries, float(1.0 - 2.0 * np.sum(p * c * c)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rotation_cpu(head_dim: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64)
@@ -139,9 +140,7 @@ def nearest_level(y: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits == 1:  # one boundary, at 0
         return (y > 0).to(torch.int32)
-    inv_delta, span, below, following = _cached(
-        ("lut", bits, str(y.device)), lambda: _make_lookup(bits, y.device)
-    )
+    inv_delta, span, below, following = _cached(("lut", bits, str(y.device)), lambda: _make_lookup(bits, y.device))
     top = span - 1.0 / inv_delta
     cell = y.clamp(-span, top).add_(span).mul_(inv_delta).to(torch.int32).reshape(-1)
     above = torch.gt(y.reshape(-1), following.index_select(0, cell)).to(torch.int32)
@@ -172,8 +171,7 @@ class Turbo(PackedDesign):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise RateQuantError(f"turbo: seed must be a non-negative integer, got {self.seed!r}")
+        check_int(self.seed, "turbo: seed", lo=0)
 
     def metadata_bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:
         self.check_bits(bits)

@@ -9,56 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ratequant.quantizers._common import (
+from ratequant.quantizers._minmax import (
     PerTokenGroups,
     check_group_size,
+    decode_token_groups,
+    decode_token_groups_into,
+    encode_token_groups,
     group_along_dim,
-    minmax_codes,
-    minmax_meta,
-    minmax_values,
-    minmax_values_into,
 )
 from ratequant.quantizers.base import register
-
-
-def encode_token_groups(
-    x: torch.Tensor, bits: int, g: int, dtype: torch.dtype, clip_ratio: float = 1.0
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Min-max codes for ``x`` ``[B, H, T, D]`` in groups of ``g`` along D.
-
-    Returns codes float32 ``[B, H, T, D]`` and ``{"scale", "zero"}`` of shape ``[B, H, T, D // g]``. With
-    ``clip_ratio < 1`` each group's range is shrunk around its midpoint by that factor before quantizing.
-    """
-    b, h, t, d = x.shape
-    xg = x.reshape(b, h, t, d // g, g)
-    lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)  # (faster than aminmax on CPU)
-    if clip_ratio != 1.0:
-        mid, half = (hi + lo) * 0.5, (hi - lo) * (0.5 * clip_ratio)
-        lo, hi = mid - half, mid + half
-    scale, zero = minmax_meta(lo, hi, bits, dtype)
-    codes = minmax_codes(xg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
-    return codes.reshape(b, h, t, d), {"scale": scale, "zero": zero}
-
-
-def decode_token_groups_into(codes: torch.Tensor, meta: dict[str, torch.Tensor], out: torch.Tensor) -> None:
-    """:func:`decode_token_groups` written into ``out`` ``[..., T, D]`` (bit-identical; leading dims free)."""
-    scale, zero = meta["scale"], meta["zero"]
-    ng, d = scale.shape[-1], codes.shape[-1]
-    split = (ng, d // ng)
-    minmax_values_into(
-        codes.unflatten(-1, split), scale.unsqueeze(-1), zero.unsqueeze(-1), out.unflatten(-1, split)
-    )
-
-
-def decode_token_groups(codes: torch.Tensor, meta: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`encode_token_groups`: float32 ``[B, H, T, D]``."""
-    b, h, t, d = codes.shape
-    scale, zero = meta["scale"], meta["zero"]
-    ng = scale.shape[-1]
-    out = minmax_values(codes.reshape(b, h, t, ng, d // ng), scale.unsqueeze(-1), zero.unsqueeze(-1))
-    return out.reshape(b, h, t, d)
 
 
 @register

@@ -31,6 +31,7 @@ from ratequant import native
 from ratequant.errors import RateQuantError
 from ratequant.packing import pack, unpack
 from ratequant.quantizers.base import QuantizedTensor, Quantizer
+from ratequant.validation import show_value
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -64,9 +65,7 @@ def round_directed(v: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tenso
     return torch.where(wrong, torch.nextafter(y, target), y)
 
 
-def minmax_meta(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_meta(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored ``(scale, zero)`` for groups with range ``[lo, hi]`` (float32, same shape).
 
     ``zero = round_down(lo)``, ``scale = round_up((hi - zero) / (2**bits - 1))`` in ``dtype``, so the stored
@@ -75,9 +74,7 @@ def minmax_meta(
     levels = (1 << bits) - 1
     span = hi - lo
     if not torch.isfinite(span).all():
-        raise RateQuantError(
-            "input range too large: max - min of a group overflows float32; scale the tensor down"
-        )
+        raise RateQuantError("input range too large: max - min of a group overflows float32; scale the tensor down")
     zero, step = lo.clone(), span / levels
     if dtype != torch.float32:
         fmax = torch.finfo(dtype).max
@@ -112,9 +109,7 @@ def minmax_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return (codes.to(torch.float32) * scale.to(torch.float32)).add_(zero.to(torch.float32))
 
 
-def minmax_values_into(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor
-) -> None:
+def minmax_values_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
     """Write :func:`minmax_values` (``codes * scale + zero``, broadcasting) into ``out``, bit-identically.
 
     ``out`` may be a strided view (e.g. a head slice of the cache's output). In float32 it is computed in
@@ -129,13 +124,17 @@ def minmax_values_into(
         out.copy_(torch.mul(codes, s32).add_(z32))
 
 
+MAX_GROUP = 1 << 16
+"""The largest group of elements or tokens sharing one scale and zero (far above any head or useful group)."""
+
+
 def check_group_size(owner: str, value, allow_none: bool) -> None:
-    """Validate a group-size parameter: a positive integer (or None where allowed)."""
+    """Validate a group-size parameter: an integer from 1 to :data:`MAX_GROUP` (or None where allowed)."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        what = "a positive integer or None" if allow_none else "a positive integer"
-        raise RateQuantError(f"{owner}: group_size must be {what}, got {value!r}")
+    what = "an integer from 1 to 65536 or None" if allow_none else "an integer from 1 to 65536"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GROUP:
+        raise RateQuantError(f"{owner}: group_size must be {what}, got {show_value(value)}")
 
 
 def group_along_dim(owner: str, group_size: int | None, head_dim: int) -> int:
@@ -160,17 +159,13 @@ class PackedDesign(Quantizer):
         return dtype_bits(self.scale_dtype)
 
     @abstractmethod
-    def _encode(
-        self, x: torch.Tensor, bits: int, kind: str
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _encode(self, x: torch.Tensor, bits: int, kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x`` float32 ``[B, H, T, D]`` -> (integer-valued codes ``[B, H, T, D]`` contiguous, metadata).
 
         Codes may be float32 or an integer dtype; ``quantize`` casts them to uint8 for packing."""
 
     @abstractmethod
-    def _decode(
-        self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int, kind: str
-    ) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int, kind: str) -> torch.Tensor:
         """codes ``[B, H, T, D]`` (uint8 from ``dequantize``, or what ``_encode`` returned) + metadata ->
         reconstruction float32 ``[B, H, T, D]``; must convert the codes' dtype before any arithmetic."""
 
@@ -263,14 +258,50 @@ class PackedDesign(Quantizer):
         """``out.copy_(_decode(codes, meta).to(out.dtype))`` for codes/metadata/out with leading dims
         ``[*lead]`` in place of the batch; fused designs override it with a bit-identical direct write."""
         lead = out.shape[:-3]
-        flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in meta.items()}
-        dec = self._decode(codes.reshape(-1, *codes.shape[len(lead):]), flat, bits, kind)
+        flat = {k: v.reshape(-1, *v.shape[len(lead) :]) for k, v in meta.items()}
+        dec = self._decode(codes.reshape(-1, *codes.shape[len(lead) :]), flat, bits, kind)
         out.copy_(dec.to(out.dtype).view(out.shape))
 
     def fake_quantize(self, x: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
         x32 = self._prepare(x, bits, kind)
         codes, meta = self._encode(x32, bits, kind)
         return self._decode(codes, meta, bits, kind).to(x.dtype)
+
+
+def encode_token_groups(
+    x: torch.Tensor, bits: int, g: int, dtype: torch.dtype, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Min-max codes for ``x`` ``[B, H, T, D]`` in groups of ``g`` along D.
+
+    Returns codes float32 ``[B, H, T, D]`` and ``{"scale", "zero"}`` of shape ``[B, H, T, D // g]``. With
+    ``clip_ratio < 1`` each group's range is shrunk around its midpoint by that factor before quantizing.
+    """
+    b, h, t, d = x.shape
+    xg = x.reshape(b, h, t, d // g, g)
+    lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)  # (faster than aminmax on CPU)
+    if clip_ratio != 1.0:
+        mid, half = (hi + lo) * 0.5, (hi - lo) * (0.5 * clip_ratio)
+        lo, hi = mid - half, mid + half
+    scale, zero = minmax_meta(lo, hi, bits, dtype)
+    codes = minmax_codes(xg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
+    return codes.reshape(b, h, t, d), {"scale": scale, "zero": zero}
+
+
+def decode_token_groups_into(codes: torch.Tensor, meta: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """:func:`decode_token_groups` written into ``out`` ``[..., T, D]`` (bit-identical; leading dims free)."""
+    scale, zero = meta["scale"], meta["zero"]
+    ng, d = scale.shape[-1], codes.shape[-1]
+    split = (ng, d // ng)
+    minmax_values_into(codes.unflatten(-1, split), scale.unsqueeze(-1), zero.unsqueeze(-1), out.unflatten(-1, split))
+
+
+def decode_token_groups(codes: torch.Tensor, meta: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`encode_token_groups`: float32 ``[B, H, T, D]``."""
+    b, h, t, d = codes.shape
+    scale, zero = meta["scale"], meta["zero"]
+    ng = scale.shape[-1]
+    out = minmax_values(codes.reshape(b, h, t, ng, d // ng), scale.unsqueeze(-1), zero.unsqueeze(-1))
+    return out.reshape(b, h, t, d)
 
 
 class PerTokenGroups(PackedDesign):
@@ -287,4 +318,3 @@ class PerTokenGroups(PackedDesign):
         self.check_kind(kind)
         g = group_along_dim(self.name, self.group_size, head_dim)
         return 2 * (head_dim // g) * self._meta_bits()
-

@@ -41,7 +41,13 @@ def bits_heatmap(bits: np.ndarray, path: str | Path, title: str = "") -> Path:
 
 
 def distortion_curves(
-    measured: np.ndarray, alpha: np.ndarray, betas: tuple[float, float], bitset, path: str | Path, title: str = "", max_lines: int = 24
+    measured: np.ndarray,
+    alpha: np.ndarray,
+    betas: tuple[float, float],
+    bitset,
+    path: str | Path,
+    title: str = "",
+    max_lines: int = 24,
 ) -> Path:
     """Measured distortion ``[2, L, H, nb]`` (points) with fitted ``alpha [2, L, H] * beta^-b`` (lines), log scale.
 
@@ -127,8 +133,17 @@ def method_panels(
             xs_sorted = np.asarray(xs, dtype=float)[order]
             ys_sorted = np.asarray(ys, dtype=float)[order]
             if label in dashed:
-                ax.plot(xs_sorted, ys_sorted, marker=markers[label], ms=9, lw=1.2, ls="--", color=colors[label],
-                        markerfacecolor="none", label=label)
+                ax.plot(
+                    xs_sorted,
+                    ys_sorted,
+                    marker=markers[label],
+                    ms=9,
+                    lw=1.2,
+                    ls="--",
+                    color=colors[label],
+                    markerfacecolor="none",
+                    label=label,
+                )
             else:
                 ax.plot(xs_sorted, ys_sorted, marker=markers[label], ms=5, lw=1.2, color=colors[label], label=label)
         if reference is not None:
@@ -139,7 +154,7 @@ def method_panels(
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.25)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
@@ -149,8 +164,15 @@ def method_panels(
             if label not in names:
                 handles.append(h)
                 names.append(label)
-    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(names)), fontsize=8,
-               frameon=False)
+    fig.legend(
+        handles,
+        names,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(4, len(names)),
+        fontsize=8,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -178,14 +200,16 @@ def bits_heatmap_grid(rows: dict[str, np.ndarray], path: str | Path, title: str 
     num_layers, num_heads = arrays[0].shape[1], arrays[0].shape[2]
     width = min(18.0, max(9.0, 3.0 + 0.25 * num_layers * 2))
     height = 1.0 + len(rows) * (0.45 + 0.22 * num_heads)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(width, height), squeeze=False, sharex=True, sharey=True,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(width, height), squeeze=False, sharex=True, sharey=True, constrained_layout=True
+    )
     image = None
     step = max(1, int(np.ceil(num_layers / 15)))
     for r, (name, bits) in enumerate(zip(rows, arrays)):
         for k, ax in enumerate(axes[r]):
-            image = ax.imshow(bits[k].T, aspect="auto", cmap="viridis", vmin=lo - 0.5, vmax=hi + 0.5,
-                              interpolation="nearest")
+            image = ax.imshow(
+                bits[k].T, aspect="auto", cmap="viridis", vmin=lo - 0.5, vmax=hi + 0.5, interpolation="nearest"
+            )
             ax.set_yticks(range(num_heads))
             ax.set_xticks(range(0, num_layers, step))
             ax.tick_params(labelsize=7)
@@ -194,8 +218,9 @@ def bits_heatmap_grid(rows: dict[str, np.ndarray], path: str | Path, title: str 
             if num_layers * num_heads <= 160:
                 for (layer, head), b in np.ndenumerate(bits[k]):
                     ax.text(layer, head, str(b), ha="center", va="center", fontsize=6, color="w")
-        axes[r, 0].set_ylabel(f"{name}\nK {bits[0].mean():.2f}, V {bits[1].mean():.2f}", rotation=0, ha="right",
-                              va="center", fontsize=8)
+        axes[r, 0].set_ylabel(
+            f"{name}\nK {bits[0].mean():.2f}, V {bits[1].mean():.2f}", rotation=0, ha="right", va="center", fontsize=8
+        )
     for ax in axes[-1]:
         ax.set_xlabel("layer")
     fig.colorbar(image, ax=axes.ravel().tolist(), ticks=range(lo, hi + 1), label="bits", fraction=0.03, pad=0.01)

@@ -1,20 +1,70 @@
-"""Properties every design shares: registry, exact fake/real agreement, true byte accounting, errors,
-and the rate-distortion behaviour (MSE vs bits) the allocator relies on."""
+"""The conformance suite: every registered design (``DESIGNS``, so a new design is tested by registering it)
+must follow the rules written in ``ratequant.quantizers.base`` and ``docs/quantizers.md``: a frozen dataclass of
+bounded JSON parameters, batch-major tensors, independent (batch, head) blocks and token groups, exact
+fake/real agreement, true byte accounting, strided decoding, clear errors, and the rate-distortion behaviour
+(MSE vs bits) the allocator relies on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from ratequant.errors import RateQuantError
+from ratequant.quantizers import DESIGNS as REGISTRY
 from ratequant.quantizers import available, from_config, get_quantizer
 
 from ._helpers import assert_stored_exactly
 
-DESIGNS = ["uniform", "kivi", "quarot", "turbo"]
+DESIGNS = list(REGISTRY)
 WIDTHS = range(1, 9)
+
+
+@pytest.mark.parametrize("name", DESIGNS)
+def test_design_is_a_frozen_dataclass_of_json_parameters(name):
+    design = get_quantizer(name)
+    assert dataclasses.is_dataclass(design) and type(design).__dataclass_params__.frozen
+    assert design.name == name and REGISTRY.get(name) is type(design)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        design.scale_dtype = "float32"
+    config = json.loads(json.dumps(design.to_config()))
+    assert from_config(config) == design
+    for field in dataclasses.fields(design):  # integer parameters are bounded where declared
+        if isinstance(getattr(design, field.name), int) and not isinstance(getattr(design, field.name), bool):
+            with pytest.raises(RateQuantError):
+                get_quantizer(name, **{field.name: 2**64})
+
+
+@pytest.mark.parametrize("name", DESIGNS)
+def test_tensors_are_batch_major_and_blocks_independent(name):
+    design = get_quantizer(name)
+    group = max(design.token_group(kind) for kind in ("key", "value"))
+    x = torch.randn(3, 4, 2 * group + (group == 1) * 5, 64, generator=torch.Generator().manual_seed(2))
+    for kind in ("key", "value"):
+        for bits in (2, 5):
+            q = design.quantize(x, bits, kind)
+            assert all(t.shape[0] == x.shape[0] for t in q.tensors.values()), "tensors must be batch-major"
+            whole = design.fake_quantize(x, bits, kind)
+            # every (batch, head) block is independent of the others
+            assert torch.equal(design.fake_quantize(x[1:2, 2:3], bits, kind), whole[1:2, 2:3])
+            # a block of whole token groups does not depend on the tokens after it
+            g = design.token_group(kind)
+            assert torch.equal(design.fake_quantize(x[:, :, :g], bits, kind), whole[:, :, :g])
+
+
+@pytest.mark.parametrize("name", DESIGNS)
+def test_dequantize_into_a_strided_output_is_exact(name):
+    design = get_quantizer(name)
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(3))
+    for kind in ("key", "value"):
+        q = design.quantize(x, 3, kind)
+        big = torch.full((2, 5, 40, 64), 7.0)
+        view = big[:, 1:4, 4:36]  # a strided window of a larger buffer
+        design.prepare_decode(q)(view)
+        assert torch.equal(view, design.dequantize(q))
+        assert (big[:, 0] == 7).all() and (big[:, :, :4] == 7).all()  # nothing outside the window is touched
 
 
 def test_registry_and_config_round_trip():

@@ -1,0 +1,7 @@
+"""``python -m ratequant.cli``: the ``ratequant`` command."""
+
+import sys
+
+from ratequant.cli import main
+
+sys.exit(main())

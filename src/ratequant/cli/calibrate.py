@@ -1,0 +1,198 @@
+"""``ratequant calibrate`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ratequant.cli import command
+from ratequant.cli.options import (
+    add_corpus_options,
+    add_model_options,
+    bitset_arg,
+    load_model_from,
+    nonnegative_int,
+    param_arg,
+    positive_float,
+    positive_int,
+)
+from ratequant.errors import RateQuantError
+
+
+def configure_calibrate(parser: argparse.ArgumentParser) -> None:
+    from ratequant.allocation import STRATEGIES
+    from ratequant.distortion import DEFAULT_METRIC, METRICS
+    from ratequant.quantizers import available
+
+    add_model_options(parser)
+    add_corpus_options(parser)
+    parser.add_argument("--quantizer", default="kivi", choices=available(), help="quantizer design (default kivi)")
+    parser.add_argument(
+        "--param",
+        type=param_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="quantizer parameter, e.g. group_size=64 (repeatable)",
+    )
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-bits", type=positive_float, help="budget: average code bits per element")
+    budget.add_argument(
+        "--bytes-per-token",
+        type=positive_float,
+        help="budget: true KV bytes per token (codes, scales, zeros, residual window)",
+    )
+    parser.add_argument(
+        "--context",
+        type=positive_int,
+        default=4096,
+        help="context length at which the residual window is amortised for --bytes-per-token (default 4096)",
+    )
+    parser.add_argument(
+        "--metric", choices=METRICS, default=DEFAULT_METRIC, help=f"distortion metric (default {DEFAULT_METRIC})"
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=tuple(STRATEGIES),
+        default="ratequant",
+        help="which components share a width: " + "; ".join(f"{n}: {c.summary}" for n, c in STRATEGIES.items()),
+    )
+    parser.add_argument(
+        "--curves-from",
+        metavar="DESIGN",
+        choices=available(),
+        help="allocate with another design's distortion curves (the paper's distortion-model mismatch)",
+    )
+    parser.add_argument(
+        "--bits", type=bitset_arg, default=tuple(range(1, 9)), help="allowed widths, e.g. 1-8 (default) or 2,3,4,8"
+    )
+    parser.add_argument("--b-min", type=positive_int, help="lowest width any component may get")
+    parser.add_argument("--b-max", type=positive_int, help="highest width any component may get")
+    parser.add_argument(
+        "--keep-all-widths",
+        action="store_true",
+        help="also allow widths whose reconstruction is worse than storing the mean (e.g. 1-bit min-max)",
+    )
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)"
+    )
+    parser.add_argument("--sequences", type=positive_int, default=4, help="calibration sequences (default 4)")
+    parser.add_argument(
+        "--residual", type=int, default=128, help="full-precision residual window the cache will keep (default 128)"
+    )
+    parser.add_argument(
+        "--sink-tokens",
+        type=nonnegative_int,
+        default=0,
+        help="first tokens of every sequence kept at full precision (default 0)",
+    )
+    parser.add_argument("--out", required=True, metavar="PLAN", help="where to write the plan (JSON)")
+    parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")
+
+
+@command("calibrate", "fit distortion curves and allocate bits per head: writes a plan file", configure_calibrate)
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ratequant.allocation import Budget
+    from ratequant.data import load_corpus
+    from ratequant.pipeline import CalibrationSettings, bits_histogram, calibrate
+
+    if Path(args.out).exists() and not args.force:
+        raise RateQuantError(f"{args.out} already exists; pass --force to overwrite it")
+    if args.avg_bits is not None:
+        budget = Budget.avg_bits(args.avg_bits)
+    else:
+        budget = Budget.bytes_per_token(args.bytes_per_token, args.context)
+    settings = CalibrationSettings(
+        quantizer=args.quantizer,
+        quantizer_params=dict(args.param),
+        budget=budget,
+        metric=args.metric,
+        strategy=args.allocator,
+        curves_from=args.curves_from,
+        bitset=args.bits,
+        b_min=args.b_min,
+        b_max=args.b_max,
+        seq_len=args.seq_len,
+        sequences=args.sequences,
+        residual_length=args.residual,
+        sink_tokens=args.sink_tokens,
+        informative_only=not args.keep_all_widths,
+    )
+    corpus = load_corpus(args.corpus)
+    loaded = load_model_from(args)
+    run = calibrate(loaded, corpus, settings)
+    plan, fit = run.plan, run.fit
+    print(
+        f"plan for {loaded.name} with {plan.quantizer['name']}, allocator {plan.allocator}, budget {budget.describe()}"
+    )
+    print(
+        f"  fitted on {plan.calibration['tokens']} calibration tokens, metric {settings.metric}"
+        + (f", curves of {settings.curves_from}" if settings.curves_from else "")
+    )
+    low = run.curves.min_bits or (fit.bitset[0], fit.bitset[0])
+    for kind, lowest in zip(("keys", "values"), low):
+        dropped = [b for b in settings.bitset if b < lowest]
+        if dropped:
+            print(
+                f"  {kind}: widths {', '.join(map(str, dropped))} left out: on the calibration data they reconstruct "
+                f"the {kind} worse than their mean (--keep-all-widths to allow them)"
+            )
+    print(f"  beta  key {fit.beta_key:.3f}   value {fit.beta_value:.3f}")
+    print(f"  R^2   overall {fit.r2_overall:.4f}   worst component {float(np.min(fit.r2)):.4f}")
+    bits = plan.bits_array()
+    for k, kind in enumerate(("key", "value")):
+        hist = "  ".join(f"{w}b:{n}" for w, n in bits_histogram(bits[k]).items())
+        print(f"  {kind:<5} bits mean {bits[k].mean():.3f}   {hist}")
+    bytes_text = (
+        f", {plan.bytes_per_token:,.0f} bytes/token at {settings.budget.context_tokens or 4096} tokens"
+        if plan.bytes_per_token
+        else ""
+    )
+    print(f"  average code bits {plan.avg_bits:.4f}{bytes_text}")
+    print(
+        "  time "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run.phases.items())
+        + f"; total {sum(run.phases.values()):.2f} s"
+    )
+    plan.to_json(args.out, overwrite=args.force)
+    print(f"plan written to {args.out}")
+    return 0
+
+
+# -- inspect ---------------------------------------------------------------------------------------------
+def configure_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", help="plan file (JSON)")
+    parser.add_argument("--heatmap", metavar="PNG", help="draw bits per layer and kv head for keys and values")
+    parser.add_argument("--curves", metavar="PNG", help="draw measured distortion points with the fitted curves")
+    parser.add_argument("--force", action="store_true", help="overwrite PNG files that exist")
+
+
+@command("inspect", "summarise a plan file and draw its bits and curves", configure_inspect)
+def run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ratequant.plan import Plan
+    from ratequant.report.plots import bits_heatmap, distortion_curves
+
+    plan = Plan.load(args.plan)
+    plan.design()  # refuses a quantizer design that cannot be built or does not fit the plan
+    print(plan.summary())
+    for target in (args.heatmap, args.curves):
+        if target and Path(target).exists() and not args.force:
+            raise RateQuantError(f"{target} already exists; pass --force to overwrite it")
+    title = f"{plan.model['name']} / {plan.quantizer['name']} / {plan.allocator} / {plan.avg_bits:.2f} bits"
+    if args.heatmap:
+        print(f"heatmap written to {bits_heatmap(plan.bits_array(), args.heatmap, title)}")
+    if args.curves:
+        if plan.fit is None or "measured" not in plan.fit:
+            raise RateQuantError(
+                f"{args.plan} holds no measured distortions (a baseline plan); nothing to draw for --curves"
+            )
+        fit = plan.fit_object()
+        measured = np.array([plan.fit["measured"]["key"], plan.fit["measured"]["value"]])
+        path = distortion_curves(measured, fit.alpha, (fit.beta_key, fit.beta_value), fit.bitset, args.curves, title)
+        print(f"curves written to {path}")
+    return 0

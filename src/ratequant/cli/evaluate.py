@@ -1,0 +1,271 @@
+"""``ratequant eval``, ``generate`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ratequant import __version__
+from ratequant.cli import command
+from ratequant.cli.options import (
+    add_corpus_options,
+    add_model_options,
+    add_output_options,
+    add_plan_options,
+    check_output,
+    emit_json,
+    float_list,
+    load_model_from,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    read_plan,
+    spec_for,
+)
+
+
+def configure_eval(parser: argparse.ArgumentParser) -> None:
+    from ratequant.evaluation.protocol import BOS_CHOICES, SCORING
+    from ratequant.evaluation.tasks import TASKS
+
+    add_model_options(parser)
+    add_corpus_options(parser)
+    add_plan_options(parser)
+    parser.add_argument(
+        "--task", choices=tuple(TASKS), default="perplexity", help="what to measure (default perplexity)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("simulated", "streaming"),
+        default="simulated",
+        help="with --plan: simulated quantization on whole windows (fast, default) or through the real cache",
+    )
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--windows", type=positive_int, default=20, help="number of windows to evaluate (default 20)")
+    parser.add_argument(
+        "--bos",
+        choices=BOS_CHOICES,
+        default="auto",
+        help="start every window with BOS: auto (as the tokenizer does, default), yes, no",
+    )
+    parser.add_argument(
+        "--scoring",
+        choices=SCORING,
+        default="all",
+        help="score every prediction (all, default) or the second half of each window (as llama.cpp)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        metavar="N",
+        help="streaming: tokens per forward pass through the cache (default: the quantization chunk)",
+    )
+    parser.add_argument(
+        "--context", type=positive_int, default=4096, help="passkey: prompt length in tokens (default 4096)"
+    )
+    parser.add_argument(
+        "--depths",
+        type=float_list,
+        default=(0.1, 0.3, 0.5, 0.7, 0.9),
+        metavar="D,D,...",
+        help="passkey: needle depths in [0, 1]",
+    )
+    parser.add_argument("--trials", type=positive_int, default=2, help="passkey: trials per depth (default 2)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="passkey: seed of the keys (default 0)")
+    add_output_options(parser)
+
+
+@command("eval", "perplexity and KL (or passkey retrieval) at full precision or under a plan", configure_eval)
+def run_eval(args: argparse.Namespace) -> int:
+    check_output(args)
+    from ratequant.data import load_corpus
+    from ratequant.evaluation.conditions import Simulated, Streaming
+    from ratequant.evaluation.protocol import WindowProtocol
+    from ratequant.evaluation.tasks import PasskeyTask, PerplexityTask
+
+    plan = read_plan(args)
+    corpus = load_corpus(args.corpus)
+    loaded = load_model_from(args)
+    spec = spec_for(args, plan, loaded.model)
+    conditions = {}
+    if spec is not None:
+        condition = (
+            Simulated(spec) if args.mode == "simulated" else Streaming(spec, args.prefill_chunk, label="streaming")
+        )
+        conditions["plan"] = condition
+    if args.task == "passkey":
+        task = PasskeyTask(
+            context=args.context,
+            depths=tuple(args.depths),
+            trials=args.trials,
+            seed=args.seed,
+            prefill_chunk=args.prefill_chunk or 512,
+        )
+    else:
+        task = PerplexityTask(WindowProtocol(args.seq_len, args.windows, args.bos, args.scoring))
+    outcome = task.run(loaded, corpus, conditions)
+    payload = {
+        "format_version": 2,
+        "kind": "eval",
+        **headline(outcome),
+        **outcome.to_dict(),
+        "model": loaded.name,
+        "corpus": corpus.name,
+        "corpus_sha256": corpus.sha256,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "ratequant_version": __version__,
+    }
+    if spec is not None:
+        payload.update(plan=str(args.plan), mode=args.mode, avg_bits=spec.avg_bits, **spec.to_dict())
+        if outcome.task == "perplexity":
+            payload.update(kv_bytes(conditions["plan"], spec, loaded, args.seq_len))
+    for line in describe_outcome(outcome, loaded, spec, args):
+        print(line)
+    emit_json(args, payload)
+    return 0
+
+
+def kv_bytes(condition, spec, loaded, context: int) -> dict:
+    """True KV bytes per token at ``context`` tokens: read from the real cache after the last window (streaming),
+    or from the byte formula (simulated)."""
+    if getattr(condition, "last_cache", None) is not None:
+        total, source = condition.last_cache.nbytes().total, "measured from the cache's tensors"
+    else:
+        expected = spec.expected_bytes(loaded.geometry.head_dim, context, dtype=loaded.dtype)
+        total, source = expected.total, "byte formula"
+    return {"kv_bytes_per_token": total / context, "kv_bytes_context": context, "kv_bytes_source": source}
+
+
+def headline(outcome) -> dict:
+    """The numbers of the measured condition (the plan's, else full precision) at the top of the JSON."""
+    name = next(reversed(outcome.results))
+    result = outcome.results[name]
+    if outcome.task == "passkey":
+        return {key: result[key] for key in ("context", "trials", "accuracy", "mean_logprob")}
+    w = outcome.settings["windows"]
+    keys = ("ppl", "ppl_se", "kl", "kl_se", "top1", "tokens", "seconds")
+    return {**{key: result[key] for key in keys}, "windows": w["windows"], "seq_len": w["seq_len"]}
+
+
+def describe_outcome(outcome, loaded, spec, args) -> list[str]:
+    """The lines ``eval`` prints for a task result."""
+    lines = []
+    if outcome.task == "passkey":
+        for name, r in outcome.scores.items():
+            lines.append(
+                f"passkey at {r.context} tokens ({name}): accuracy {r.accuracy:.2f} over {r.trials} trials, "
+                f"mean key log-probability {r.mean_logprob:.3f} nats ({r.seconds:.0f} s)"
+            )
+        return lines
+    w = outcome.settings["windows"]
+    for name, score in outcome.scores.items():
+        what = (
+            "full precision"
+            if name == "full-precision"
+            else f"{args.mode}, {spec.quantizer.name} at {spec.avg_bits:.3f} average bits"
+        )
+        kl = (
+            ""
+            if name == "full-precision"
+            else f", KL {score.kl:.4f} ± {score.kl_se:.4f}, top-1 agreement {score.top1:.3f}"
+        )
+        lines.append(
+            f"perplexity {score.ppl:.3f} ± {score.ppl_se:.3f}{kl} on {score.tokens} tokens ({w['windows']} windows "
+            f"of {w['seq_len']}, {'BOS first' if w['bos'] else 'no BOS'}, {w['scoring']} scored) in "
+            f"{score.seconds:.1f} s; model {loaded.name}, corpus {outcome.settings['corpus']}; {what}"
+        )
+    return lines
+
+
+# -- generate --------------------------------------------------------------------------------------------
+def configure_generate(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    add_plan_options(parser)
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=positive_float, default=0.8)
+    parser.add_argument("--top-p", type=positive_float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    add_output_options(parser)
+
+
+@command("generate", "continue a prompt with the plan's mixed-precision KV cache", configure_generate)
+def run_generate(args: argparse.Namespace) -> int:
+    check_output(args)
+    from ratequant.generation import generate
+
+    plan = read_plan(args)
+    loaded = load_model_from(args)
+    spec = spec_for(args, plan, loaded.model)
+    out = generate(
+        loaded,
+        args.prompt,
+        spec,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(out.text)
+    print("---", file=sys.stderr)
+    print(out.describe(), file=sys.stderr)
+    emit_json(
+        args,
+        {
+            "format_version": 1,
+            "kind": "generate",
+            **out.to_dict(),
+            "model": loaded.name,
+            "plan": args.plan,
+            "ratequant_version": __version__,
+        },
+    )
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------------------
+def configure_info(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    add_corpus_options(parser)
+    add_output_options(parser)
+
+
+@command("info", "attention geometry of a model and sizes of the corpus splits", configure_info)
+def run_info(args: argparse.Namespace) -> int:
+    check_output(args)
+    from ratequant import native
+    from ratequant.data import load_corpus
+
+    corpus = load_corpus(args.corpus)
+    loaded = load_model_from(args)
+    model_info = loaded.describe()
+    g = loaded.geometry
+    fp16_bytes = 2 * g.num_layers * g.num_kv_heads * g.head_dim * 2
+    print(f"model      {loaded.name}  ({loaded.source})")
+    print(f"  layers {g.num_layers}, query heads {g.num_heads}, kv heads {g.num_kv_heads}, head dim {g.head_dim}")
+    print(f"  {g.num_components} components (key and value of each kv head of each layer)")
+    print(f"  dtype {model_info['dtype']}, device {model_info['device']}, {model_info['parameters']:,} parameters")
+    print(f"  float16 KV cache: {fp16_bytes:,} bytes per token")
+    print(f"decode     {native.describe()}")
+    splits = {}
+    print(f"corpus     {corpus.name}  (sha256 {corpus.sha256[:16]}...)")
+    for split in ("calibration", "evaluation"):
+        text = corpus.split(split)
+        tokens = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # the whole split
+        splits[split] = {"chars": len(text), "tokens": tokens}
+        print(f"  {split:<12} {len(text):>9,} characters {tokens:>9,} tokens")
+    emit_json(
+        args,
+        {
+            "format_version": 1,
+            "kind": "info",
+            "model": {**model_info, "kv_bytes_per_token_fp16": fp16_bytes},
+            "corpus": {"name": corpus.name, "sha256": corpus.sha256, "splits": splits},
+            "decode": {"native": native.available(), "path": native.describe()},
+        },
+    )
+    return 0

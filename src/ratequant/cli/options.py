@@ -1,0 +1,200 @@
+"""Argument types and the options several commands share (model, corpus, plan, outputs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ratequant.errors import RateQuantError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def bitset_arg(text: str) -> tuple[int, ...]:
+    """'1-8' or '2,3,4' -> sorted widths in 1..8."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            widths = tuple(range(lo, hi + 1))
+        else:
+            widths = tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 1-8 or 2,3,4, got {text!r}") from None
+    if not widths or widths[0] < 1 or widths[-1] > 8:
+        raise argparse.ArgumentTypeError(f"widths must lie in 1..8, got {text!r}")
+    return widths
+
+
+def param_arg(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE parsed as JSON when it can be (numbers, null, true), else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if not 0 <= value <= 2**62:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**62, got {value}")
+    return value
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """'0.1,0.5,0.9' -> (0.1, 0.5, 0.9)."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.1,0.5,0.9, got {text!r}") from None
+    return values
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M), a model directory, a .gguf file or a hub id",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="convert weights (default: the checkpoint's)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run (off by default)"
+    )
+
+
+def add_corpus_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus", default="default", help="'default' (pydoc topics), a UTF-8 text file, or hf:NAME[:CONFIG]"
+    )
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--force", action="store_true", help="overwrite output files that exist")
+
+
+def load_model_from(args: argparse.Namespace):
+    from ratequant.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse an existing ``--json PATH`` before any work (the write itself is atomic)."""
+
+    if getattr(args, "json", None) and Path(args.json).exists() and not args.force:
+        raise RateQuantError(f"{args.json} already exists; pass --force to overwrite it")
+
+
+def emit_json(args: argparse.Namespace, payload: dict) -> None:
+    if args.json:
+        from ratequant.jsonio import write_json
+
+        path = write_json(args.json, payload, overwrite=args.force)
+        print(f"results written to {path}")
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    from ratequant.quantizers import available
+
+    parser.add_argument("--plan", metavar="PLAN", help="plan file (JSON) from ratequant calibrate")
+    parser.add_argument(
+        "--quantizer", choices=available(), help="store with this design instead of the plan's (needs --allow-mismatch)"
+    )
+    parser.add_argument(
+        "--param",
+        type=param_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="parameter of --quantizer (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="accept a quantizer other than the one the plan was calibrated for",
+    )
+    parser.add_argument(
+        "--residual", type=int, metavar="N", help="full-precision residual window (default: the plan's)"
+    )
+    parser.add_argument(
+        "--sink-tokens", type=int, metavar="N", help="first tokens kept at full precision (default: the plan's)"
+    )
+
+
+def read_plan(args: argparse.Namespace):
+    """Check the plan options and read ``--plan`` (None without one), before the model is loaded, so that a
+    bad combination or a bad file fails at once."""
+    from ratequant.plan import Plan
+
+    if args.plan is None:
+        if (
+            args.quantizer
+            or args.param
+            or args.allow_mismatch
+            or args.residual is not None
+            or args.sink_tokens is not None
+        ):
+            raise RateQuantError("--quantizer, --param, --allow-mismatch, --residual and --sink-tokens need --plan")
+        return None
+    if args.param and not args.quantizer:
+        raise RateQuantError("--param sets parameters of --quantizer; pass --quantizer too")
+    return Plan.load(args.plan)
+
+
+def spec_for(args: argparse.Namespace, plan, model):
+    """The :class:`KVQuantSpec` ``plan`` resolves to on ``model`` with the user's overrides (None without a plan)."""
+    from ratequant.quantizers import get_quantizer
+
+    if plan is None:
+        return None
+    quantizer = get_quantizer(args.quantizer, **dict(args.param)) if args.quantizer else None
+    return plan.resolve(
+        model,
+        quantizer,
+        residual_length=args.residual,
+        sink_tokens=args.sink_tokens,
+        allow_mismatch=args.allow_mismatch,
+    )
+
+
+def budget_list(text: str) -> tuple[float, ...]:
+    """'2,2.5,3' -> (2.0, 2.5, 3.0)."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected average bits like 2,2.5,3,4, got {text!r}") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must be positive numbers, got {text!r}")
+    return values

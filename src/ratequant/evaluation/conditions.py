@@ -1,0 +1,127 @@
+"""Conditions: the ways a model can be run over a window, each giving next-token log-probabilities.
+
+* :class:`FullPrecision` -- the model as it is (the reference every other condition is scored against);
+* :class:`Simulated` -- simulated quantization of a :class:`~ratequant.spec.KVQuantSpec` over the whole
+  window in one pass (:mod:`ratequant.simulate`): fast, and what the cache would give token by token;
+* :class:`Streaming` -- the window fed through a real :class:`~ratequant.cache.RateQuantCache`, prefilled in
+  pieces of ``prefill_chunk`` tokens after the sinks, as generation runs (bounded activation memory);
+* :class:`Within` -- any context manager around one pass (e.g. rank reduction).
+
+:meth:`Condition.log_probs` returns float32 log-probabilities ``[seq_len - first, vocab]`` of the tokens
+``first .. seq_len - 1`` of a window ``ids [1, seq_len]`` (row ``i`` predicts token ``first + i``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+
+from ratequant.compat import cache_argument
+from ratequant.spec import KVQuantSpec
+
+
+@cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def forward_log_probs(model: torch.nn.Module, ids: torch.Tensor, keep: int, **kwargs) -> torch.Tensor:
+    """Log-probabilities ``[keep, vocab]`` (float32) from the last ``keep`` positions of ``model(ids)``."""
+    if _takes_logits_to_keep(type(model)):
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=ids, **kwargs).logits[0, -keep:].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+class Condition(ABC):
+    """One way of running the model; ``label`` names it in progress messages."""
+
+    label: str = ""
+
+    @abstractmethod
+    def log_probs(self, model: torch.nn.Module, ids: torch.Tensor, first: int) -> torch.Tensor:
+        """Log-probabilities ``[S - first, vocab]`` predicting tokens ``first .. S - 1`` of ``ids [1, S]``."""
+
+
+@dataclass
+class FullPrecision(Condition):
+    label: str = "full precision"
+
+    def log_probs(self, model, ids, first):
+        return whole_window(model, ids, first)
+
+
+@dataclass
+class Within(Condition):
+    """One pass inside the context manager that ``context()`` returns (e.g. a simulated rank reduction)."""
+
+    context: Callable[[], contextlib.AbstractContextManager]
+    label: str = ""
+
+    def log_probs(self, model, ids, first):
+        with self.context():
+            return whole_window(model, ids, first)
+
+
+@dataclass
+class Simulated(Condition):
+    """Simulated quantization of ``spec`` over the whole window (token-by-token semantics by default)."""
+
+    spec: KVQuantSpec
+    prefill_chunk: int = 1
+    label: str = "simulated"
+
+    def log_probs(self, model, ids, first):
+        from ratequant.simulate import simulated_quantization
+
+        with simulated_quantization(model, self.spec, prefill_chunk=self.prefill_chunk):
+            return whole_window(model, ids, first)
+
+
+@dataclass
+class Streaming(Condition):
+    """The window through a real :class:`RateQuantCache` of ``spec``: the first piece holds the sink tokens and
+    ``prefill_chunk`` more, every later piece ``prefill_chunk`` tokens. It equals
+    ``Simulated(spec, prefill_chunk=piece)``; the default piece, the smaller of the two kinds' quantization chunks,
+    reproduces token-by-token decoding exactly (the residual window's 128 tokens by default; one token when
+    ``residual_length=0`` makes the value chunk a single token). ``last_cache`` keeps the last cache (to read its
+    bytes)."""
+
+    spec: KVQuantSpec
+    prefill_chunk: int | None = None
+    label: str = "streaming"
+    last_cache: object | None = field(default=None, repr=False)
+
+    @property
+    def piece(self) -> int:
+        return self.spec.policy.check_prefill_chunk(self.prefill_chunk or min(self.spec.chunks))
+
+    def log_probs(self, model, ids, first):
+        from ratequant.cache import RateQuantCache
+
+        cache = RateQuantCache(self.spec, model=model)
+        n, piece = ids.shape[1], self.piece
+        bounds = [0, *range(min(n, self.spec.sink_tokens + piece), n, piece), n]
+        parts = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            # rows for the scored predictions in this piece; every token goes through the cache, the last too,
+            # so the cache ends holding the whole window (its bytes are then exact)
+            keep = max(hi - max(lo, first - 1), 1)
+            log_probs = forward_log_probs(model, ids[:, lo:hi], keep, **cache_argument(model, cache), use_cache=True)
+            parts.append(log_probs[: max(0, min(hi, n - 1) - max(lo, first - 1))])
+        self.last_cache = cache
+        return torch.cat(parts)
+
+
+def whole_window(model: torch.nn.Module, ids: torch.Tensor, first: int) -> torch.Tensor:
+    """One pass over ``ids [1, S]`` without a cache: log-probabilities predicting tokens ``first .. S - 1``."""
+    return forward_log_probs(model, ids, ids.shape[1] - first + 1, use_cache=False)[:-1]
+
+
+__all__ = ["Condition", "FullPrecision", "Simulated", "Streaming", "Within", "forward_log_probs", "whole_window"]

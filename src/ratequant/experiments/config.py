@@ -1,0 +1,203 @@
+"""The configuration of ``ratequant compare``: every budget, design and evaluation setting of one run.
+
+:class:`CompareConfig` is a versioned dataclass saved beside the results (``config.json``), so that
+``ratequant compare --config config.json`` repeats a run exactly; :meth:`CompareConfig.command` gives the
+shorter command line that made it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ratequant.distortion import DEFAULT_METRIC, METRICS
+from ratequant.errors import RateQuantError
+from ratequant.jsonio import read_json, write_json
+from ratequant.validation import check_bitset, check_int, finite_real
+
+FORMAT_VERSION = 2
+DEFAULT_DESIGNS = ("kivi", "quarot", "turbo", "uniform")
+DEFAULT_BUDGETS = (2.0, 2.5, 3.0, 4.0)
+PRESETS = ("default", "quick")
+QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=256, windows=4, calibration_seq_len=512, calibration_sequences=2)
+"""What ``--quick`` (and ``make demo``) runs: 2 budgets, 4 evaluation windows of 256 tokens, 2 calibration
+sequences of 512 tokens, every design. A few minutes on a 2-core CPU for the default model."""
+
+
+def budget_text(budget: float) -> str:
+    """``2.5`` -> ``"2.5"``, ``3.0`` -> ``"3"`` (as budgets appear in labels, file names and JSON keys)."""
+    return f"{budget:g}"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything that decides a comparison besides the device; saved beside the results (``config.json``).
+
+    ``model``/``corpus`` are the specs the command line loads (``"default"``, a path, a hub id, ...);
+    :func:`run_compare` itself uses the model and corpus it is given and records their names and hashes.
+    ``seq_len``/``windows`` size the evaluation (non-overlapping windows of the evaluation split);
+    ``calibration_seq_len``/``calibration_sequences`` the calibration capture. ``residual`` is the
+    full-precision residual window the simulated cache keeps (0: quantize every whole chunk, as the papers'
+    figures do); ``context_tokens`` the context at which true bytes per token are stated.
+    """
+
+    model: str = "default"
+    corpus: str = "default"
+    dtype: str | None = None
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    designs: tuple[str, ...] = DEFAULT_DESIGNS
+    metric: str = DEFAULT_METRIC
+    seq_len: int = 512
+    windows: int = 8
+    calibration_seq_len: int = 512
+    calibration_sequences: int = 4
+    residual: int = 0
+    context_tokens: int = 4096
+    bitset: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    split_max_gap: int = 2
+    hybrid_design: str = "uniform"
+    hybrid_bits: int = 4
+    preset: str = "default"
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        from ratequant.quantizers import available
+
+        if self.format_version != FORMAT_VERSION:
+            raise RateQuantError(
+                f"compare config format_version {self.format_version!r} is not supported (this ratequant reads "
+                f"version {FORMAT_VERSION}); re-create the configuration with this version"
+            )
+        for name in ("model", "corpus"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RateQuantError(f"compare config: {name} must be a non-empty string")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise RateQuantError(
+                f"compare config: dtype must be null, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        object.__setattr__(self, "bitset", check_bitset(tuple(self.bitset), name="compare bitset", min_len=2))
+        budgets = tuple(self.budgets)
+        if not budgets or not all(finite_real(b) for b in budgets):
+            raise RateQuantError(f"compare config: budgets must be a non-empty list of numbers, got {self.budgets!r}")
+        budgets = tuple(sorted({float(b) for b in budgets}))
+        lo, hi = self.bitset[0], self.bitset[-1]
+        bad = [b for b in budgets if not lo <= b <= hi]
+        if bad:
+            raise RateQuantError(
+                f"compare config: budget(s) {', '.join(map(budget_text, bad))} lie outside the widths {lo}..{hi}"
+            )
+        object.__setattr__(self, "budgets", budgets)
+        designs = tuple(self.designs)
+        known = available()
+        if not designs or len(set(designs)) != len(designs):
+            raise RateQuantError(
+                f"compare config: designs must be a non-empty list without repeats, got {self.designs!r}"
+            )
+        for d in (*designs, self.hybrid_design):
+            if d not in known:
+                raise RateQuantError(f"compare config: unknown quantizer design {d!r}; choose from {', '.join(known)}")
+        object.__setattr__(self, "designs", designs)
+        if self.metric not in METRICS:
+            raise RateQuantError(f"compare config: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        for name, low in (
+            ("seq_len", 2),
+            ("windows", 1),
+            ("calibration_seq_len", 2),
+            ("calibration_sequences", 1),
+            ("residual", 0),
+            ("context_tokens", 1),
+            ("split_max_gap", 1),
+            ("hybrid_bits", 1),
+        ):
+            object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
+        if self.hybrid_bits > 8:
+            raise RateQuantError(f"compare config: hybrid_bits must be 1..8, got {self.hybrid_bits}")
+        if self.context_tokens <= self.residual:
+            raise RateQuantError(
+                f"compare config: context_tokens ({self.context_tokens}) must exceed the residual window "
+                f"({self.residual})"
+            )
+        if self.preset not in PRESETS:
+            raise RateQuantError(f"compare config: preset must be one of {PRESETS}, got {self.preset!r}")
+
+    @classmethod
+    def quick(cls, **overrides) -> CompareConfig:
+        """The ``--quick`` sizes (:data:`QUICK_SIZES`), with ``overrides`` on top."""
+        return cls(**{**QUICK_SIZES, "preset": "quick", **overrides})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["budgets"], d["designs"], d["bitset"] = list(self.budgets), list(self.designs), list(self.bitset)
+        return {"format_version": d.pop("format_version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompareConfig:
+        if not isinstance(d, dict):
+            raise RateQuantError(f"compare config must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise RateQuantError(f"compare config has unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        if "format_version" not in d:
+            raise RateQuantError("compare config has no format_version; it was not written by ratequant compare")
+        kwargs = dict(d)
+        for name in ("budgets", "designs", "bitset"):
+            if name in kwargs:
+                if not isinstance(kwargs[name], list):
+                    raise RateQuantError(f"compare config: {name} must be a list")
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+
+    def to_json(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        return write_json(path, self.to_dict(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompareConfig:
+        return cls.from_dict(read_json(path, what="compare config"))
+
+    def command(self, out_dir: str | Path) -> str:
+        """The ``ratequant compare`` command line that makes this configuration (options that differ from its
+        preset only); ``--config`` with the saved ``config.json`` repeats any configuration exactly."""
+        base = CompareConfig.quick() if self.preset == "quick" else CompareConfig()
+        parts = ["ratequant compare"]
+        if self.preset == "quick":
+            parts.append("--quick")
+        for name, flag in (("model", "--model"), ("corpus", "--corpus"), ("dtype", "--dtype")):
+            if getattr(self, name) != getattr(base, name):
+                parts.append(f"{flag} {shlex.quote(str(getattr(self, name)))}")
+        if self.budgets != base.budgets:
+            parts.append("--budgets " + ",".join(map(budget_text, self.budgets)))
+        if self.designs != base.designs:
+            parts.append("--designs " + ",".join(self.designs))
+        for name in ("metric", "seq_len", "windows", "calibration_sequences", "calibration_seq_len", "residual"):
+            if getattr(self, name) != getattr(base, name):
+                parts.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
+        parts.append(f"--out {shlex.quote(Path(out_dir).as_posix())}")
+        return " ".join(parts)
+
+    def kv_splits(self, budget: float) -> list[tuple[int, int]]:
+        """Every ``(key_bits, value_bits)`` with ``k != v``, ``|k - v| <= split_max_gap``, mean ``budget``,
+        widths in the bit set; keys-wider first."""
+        total = 2 * budget
+        if not float(total).is_integer():
+            return []
+        pairs = [(k, int(total) - k) for k in self.bitset]
+        pairs = [(k, v) for k, v in pairs if v in self.bitset and k != v and abs(k - v) <= self.split_max_gap]
+        return sorted(pairs, key=lambda kv: (kv[0] < kv[1], abs(kv[0] - kv[1])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------
+
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "DEFAULT_DESIGNS",
+    "FORMAT_VERSION",
+    "PRESETS",
+    "QUICK_SIZES",
+    "CompareConfig",
+    "budget_text",
+]

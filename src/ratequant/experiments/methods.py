@@ -1,0 +1,255 @@
+"""The methods a comparison scores: every way of spending a budget, as typed records with their conditions.
+
+At every budget (average code bits) and for every quantizer design:
+
+* ``uniform`` -- one width for every component (only when the budget is a width of the bit set);
+* ``kv-split`` -- one width for keys and one for values, every ``K{k}V{v}`` with ``k != v``,
+  ``|k - v| <= split_max_gap`` and ``(k + v) / 2 == budget`` ("Quantize What Counts", arXiv:2502.15075);
+* ``layerwise`` -- one width per layer, allocated on the design's curves (KVTuner-style);
+* ``ratequant`` -- a width per component, the exact integer optimum of the design's own fitted curves
+  D(b) = alpha * beta^-b (RateQuant, arXiv:2605.06675);
+* ``mismatched`` -- the same allocation on *another* design's curves, stored with this design: the paper's
+  distortion-model-mismatch failure mode (the curves' provenance, :class:`~ratequant.allocation.Curves`);
+
+and, per budget (design-independent), rank reduction ("Quantization dominates rank reduction for KV-cache
+compression"): ``rank`` keeps ``r = floor(budget * head_dim / 16)`` PCA coefficients per token at 16 bits,
+and ``rank+quant`` the largest ``r`` whose coefficients, quantized by ``hybrid_design`` at ``hybrid_bits``
+*including its per-token metadata*, fit the same ``budget * head_dim`` bits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ratequant.allocation import AllocationOptions, Budget, Curves, allocate, get_strategy
+from ratequant.errors import BudgetError
+from ratequant.evaluation.conditions import Condition, Simulated, Within
+from ratequant.experiments.config import CompareConfig, budget_text
+from ratequant.fitting import DistortionFit
+from ratequant.geometry import KINDS
+from ratequant.models import LoadedModel
+from ratequant.pipeline import DesignFit, cost_model_for
+from ratequant.quantizers import get_quantizer
+from ratequant.spec import KVQuantSpec, StoragePolicy
+
+FULL_PRECISION = "full-precision"
+FIXED_METHODS = ("uniform", "kv-split")
+ALLOCATED_METHODS = ("layerwise", "ratequant", "mismatched")
+QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
+RANK_METHODS = ("rank", "rank+quant")
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    """A method to score: what it is (``method``, ``label``, ``design``, ``budget``), what it stores
+    (``avg_bits``, mean ``key_bits`` and ``value_bits``, true ``kv_bytes_per_token``; ``bits [2, L, H]`` where
+    the widths vary), and how the model runs under it (``condition``)."""
+
+    method: str
+    label: str
+    design: str | None
+    budget: float | None
+    avg_bits: float
+    key_bits: float | None
+    value_bits: float | None
+    kv_bytes_per_token: float
+    condition: Condition | None
+    details: dict = field(default_factory=dict)
+    bits: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A method that could not be built at a budget, and why."""
+
+    method: str
+    label: str
+    design: str | None
+    budget: float
+    reason: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def pick_mismatch_sources(fits: dict[str, DistortionFit]) -> dict[str, str | None]:
+    """For each design, the other design whose ``(beta_key, beta_value)`` is farthest (Euclidean) from its own."""
+    out: dict[str, str | None] = {}
+    for name, fit in fits.items():
+        others = [
+            (math.hypot(fit.beta_key - o.beta_key, fit.beta_value - o.beta_value), other)
+            for other, o in fits.items()
+            if other != name
+        ]
+        out[name] = max(others)[1] if others else None
+    return out
+
+
+def quantized_methods(
+    config: CompareConfig, loaded: LoadedModel, design: DesignFit, source: DesignFit | None, skipped: list[Skipped]
+) -> list[Method]:
+    """Every quantized method of ``design`` at every budget (``source``: the design whose curves the
+    mismatched allocation uses); methods that cannot meet a budget go to ``skipped``."""
+    policy = StoragePolicy(get_quantizer(design.design), config.residual)
+    cost = cost_model_for(policy, loaded, config.context_tokens, config.bitset)
+    fixed = AllocationOptions(bitset=config.bitset, cost_model=cost)  # fixed schemes use the widths they name
+    allocated = AllocationOptions(bitset=tuple(b for b in config.bitset if b in design.curves.bitset), cost_model=cost)
+    plain = Curves.from_fit(design.fit, config.bitset, design=design.design, label=config.metric)
+    methods: list[Method] = []
+
+    def add(method: str, label: str, budget: float, curves: Curves, strategy, options: AllocationOptions) -> None:
+        start = time.perf_counter()
+        try:
+            alloc = allocate(curves, Budget.avg_bits(budget), strategy, options)
+        except BudgetError as exc:
+            skipped.append(Skipped(method, label, design.design, budget, str(exc)))
+            return
+        spec = KVQuantSpec(alloc.bits, policy.quantizer, policy.residual_length)
+        details = {
+            "allocation_seconds": time.perf_counter() - start,
+            "quantizer": policy.quantizer.to_config(),
+            "residual": config.residual,
+            "context_tokens": config.context_tokens,
+            "predicted_distortion": alloc.predicted_distortion,
+            "curves": alloc.details["curves"],
+        }
+        methods.append(
+            Method(
+                method,
+                label,
+                design.design,
+                budget,
+                alloc.avg_bits,
+                float(alloc.bits[0].mean()),
+                float(alloc.bits[1].mean()),
+                float(alloc.bytes_per_token),
+                Simulated(spec, label=label),
+                details,
+                alloc.bits if method in ALLOCATED_METHODS else None,
+            )
+        )
+
+    for budget in config.budgets:
+        if float(budget).is_integer() and int(budget) in config.bitset:
+            add("uniform", f"uniform {budget_text(budget)}", budget, plain, "uniform", fixed)
+        else:
+            skipped.append(
+                Skipped(
+                    "uniform",
+                    "uniform",
+                    design.design,
+                    budget,
+                    f"{budget_text(budget)} is not a width in {list(config.bitset)}",
+                )
+            )
+        for k, v in config.kv_splits(budget):
+            add("kv-split", f"K{k}V{v}", budget, plain, get_strategy("kv-split", key_bits=k, value_bits=v), fixed)
+        add("layerwise", "layerwise", budget, design.curves, "layerwise", allocated)
+        add("ratequant", "RateQuant", budget, design.curves, "ratequant", allocated)
+        if source is None:
+            skipped.append(
+                Skipped("mismatched", "mismatched", design.design, budget, "needs a second design whose curves to use")
+            )
+        else:
+            add(
+                "mismatched",
+                f"mismatched ({source.design} curves)",
+                budget,
+                source.curves,
+                "ratequant",
+                AllocationOptions(bitset=source.curves.bitset, cost_model=cost),
+            )
+    return methods
+
+
+def hybrid_rank(budget_bits_per_token: float, quantizer, coefficient_bits: int, head_dim: int) -> int:
+    """Largest ``r <= head_dim`` whose ``r`` coefficients at ``coefficient_bits``, quantized by ``quantizer``
+    *with its per-token metadata*, fit ``budget_bits_per_token`` bits (both kinds must fit)."""
+    for r in range(head_dim, 0, -1):
+        cost = max(quantizer.bits_per_token(r, coefficient_bits, kind) for kind in KINDS)
+        if cost <= budget_bits_per_token + 1e-9:
+            return r
+    return 0
+
+
+def rank_methods(config: CompareConfig, loaded: LoadedModel, bases) -> tuple[list[Method], dict]:
+    """Rank reduction (16-bit coefficients) and the rank-plus-quantization hybrid at every budget."""
+    from ratequant.rank import rank_for_bits, simulated_rank_reduction
+
+    g = loaded.geometry
+    model, d, n = loaded.model, g.head_dim, g.num_components
+    hybrid = get_quantizer(config.hybrid_design)
+    methods, info = [], {}
+
+    def basis_bytes(r: int) -> int:
+        return n * (d + d * r) * 2  # mean + r directions per component, float16: a per-model constant
+
+    for budget in config.budgets:
+        bits_per_token = budget * d
+        r = rank_for_bits(bits_per_token, coefficient_bits=16)
+        r_h = hybrid_rank(bits_per_token, hybrid, config.hybrid_bits, d)
+        hb = config.hybrid_bits
+
+        def quantize(c, hb=hb):
+            return hybrid.fake_quantize(c, hb, "value")
+
+        label = f"rank {r} (16-bit)"
+        methods.append(
+            Method(
+                "rank",
+                label,
+                None,
+                budget,
+                r * 16 / d,
+                None,
+                None,
+                n * r * 2.0,
+                Within(lambda r=r: simulated_rank_reduction(model, bases, r), label=label),
+                {"rank": r, "coefficient_bits": 16, "basis_bytes": basis_bytes(r)},
+            )
+        )
+        hybrid_bytes = sum(hybrid.bits_per_token(r_h, hb, kind) for kind in KINDS) / 8 * (n // 2) if r_h else 0.0
+        label = f"rank {r_h} + {config.hybrid_design} {hb}-bit"
+        methods.append(
+            Method(
+                "rank+quant",
+                label,
+                None,
+                budget,
+                r_h * hb / d,
+                None,
+                None,
+                hybrid_bytes,
+                Within(
+                    lambda r_h=r_h: simulated_rank_reduction(model, bases, r_h, quantize=quantize if r_h else None),
+                    label=label,
+                ),
+                {
+                    "rank": r_h,
+                    "coefficient_bits": hb,
+                    "coefficient_design": config.hybrid_design,
+                    "basis_bytes": basis_bytes(r_h),
+                },
+            )
+        )
+        info[budget_text(budget)] = {"rank": r, "hybrid_rank": r_h, "bits_per_token_per_component": bits_per_token}
+    return methods, info
+
+
+__all__ = [
+    "ALLOCATED_METHODS",
+    "FIXED_METHODS",
+    "FULL_PRECISION",
+    "QUANTIZED_METHODS",
+    "RANK_METHODS",
+    "Method",
+    "Skipped",
+    "hybrid_rank",
+    "pick_mismatch_sources",
+    "quantized_methods",
+    "rank_methods",
+]

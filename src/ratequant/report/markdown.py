@@ -1,0 +1,257 @@
+"""The markdown of a comparison report: ``report.md`` (everything) and ``summary.md`` (a README section)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ratequant.experiments.config import budget_text
+from ratequant.experiments.results import CompareResults
+from ratequant.report.findings import findings
+from ratequant.report.tables import (
+    fit_ratio_table,
+    fit_table,
+    fmt_kl,
+    fmt_ppl,
+    metric_table,
+    rank_table,
+    recovered_table,
+    storage_table,
+)
+
+SHARE_TEXT = (
+    "share = (D_best_fixed - D_method) / D_best_fixed, with the damage D = KL for the KL table and D = PPL - "
+    "PPL_full_precision for the perplexity table: 100% removes all of the best fixed scheme's damage, negative is "
+    "worse than it. The last column is the paired per-window difference (best fixed minus RateQuant: KL, or log PPL) "
+    "with its standard error over the evaluation windows."
+)
+
+
+def _informative(results: CompareResults) -> str:
+    parts = []
+    for name, d in results.designs.items():
+        low = d.min_bits or (d.fit.bitset[0], d.fit.bitset[0])
+        parts.append(f"{name} {low[0]}..8" if low[0] == low[1] else f"{name} keys {low[0]}..8, values {low[1]}..8")
+    return "; ".join(parts)
+
+
+def _evaluation_line(results: CompareResults) -> str:
+    ev = results.evaluation
+    bos = (
+        f"each starting with the BOS token (id {ev['bos_token_id']})"
+        if ev.get("bos")
+        else "without a BOS token (the tokenizer adds none)"
+    )
+    scoring = (
+        "every prediction scored"
+        if ev.get("scoring", "all") == "all"
+        else f"the second half of each window scored (tokens {ev['first_scored_token']}..{ev['seq_len'] - 1}, as "
+        "llama.cpp does)"
+    )
+    return (
+        f"- Evaluation: {ev['windows']} non-overlapping windows of {ev['seq_len']} tokens of the evaluation split "
+        f"of `{ev.get('corpus', results.corpus['name'])}`, {bos}; {scoring}: {ev['scored_tokens']} scored tokens."
+    )
+
+
+def setup_lines(results: CompareResults) -> list[str]:
+    cfg, m = results.config, results.model
+    fp = results.full_precision
+    return [
+        f"- Model: `{m['name']}` ({m['num_layers']} layers, {m['num_kv_heads']} KV heads, head dim {m['head_dim']}, "
+        f"{m['dtype']}); corpus `{results.corpus['name']}` (sha256 `{results.corpus['sha256'][:12]}…`).",
+        f"- Calibration: {cfg.calibration_sequences} sequence(s) of {cfg.calibration_seq_len} tokens of the "
+        "calibration "
+        f"split, metric `{cfg.metric}`, widths {cfg.bitset[0]}..{cfg.bitset[-1]}; the allocators use each design's "
+        f"informative widths ({_informative(results)}: a width whose reconstruction of the calibration keys or values "
+        f"is worse than their mean is left out).",
+        _evaluation_line(results),
+        f"- Full precision: PPL {fmt_ppl(fp.ppl)} ± {fmt_ppl(fp.score().ppl_se)}. KL is the mean per-token "
+        "KL(full || method) in nats on the same tokens, ± its standard error over tokens; it is the headline "
+        "measure of damage (less noisy than perplexity), PPL is beside it.",
+        f"- Simulated quantization with a full-precision residual window of {cfg.residual} tokens "
+        + (
+            "(every whole quantization chunk is quantized, as in the papers' figures; with short evaluation windows a "
+            "128-token window would keep a large share of the context at full precision and hide the differences)"
+            if cfg.residual == 0
+            else ""
+        )
+        + f". True bytes count codes, scales/zeros and the tokens kept at full precision at {cfg.context_tokens} "
+        f"tokens of context; the model's own dtype ({m['dtype']}) is {fp.kv_bytes_per_token:,.0f} bytes per token, "
+        f"float16 would be {fp.details['fp16_kv_bytes_per_token']:,} bytes.",
+        f"- Rank reduction: per-component PCA of the calibration keys and values; `rank` keeps r = floor(bits x "
+        f"head_dim / 16) coefficients at 16 bits, `rank + quant` the largest r whose {cfg.hybrid_design} "
+        f"{cfg.hybrid_bits}-bit coefficients plus per-token metadata fit the same bits; the bases are a per-model "
+        f"constant, not counted per token. No residual window.",
+    ]
+
+
+def _noise_line(results: CompareResults) -> str:
+    fp = results.full_precision.score()
+    return (
+        f"- Noise: {len(fp.window_nll)} window(s); a KL difference is clear when the paired per-window standard "
+        f"error is well below it (the tables give it); PPL ± {fmt_ppl(fp.ppl_se)} at full precision, and KL "
+        f"standard errors around {fmt_kl(_typical_kl_se(results))}."
+    )
+
+
+def _typical_kl_se(results: CompareResults) -> float:
+    values = sorted(m.score().kl_se for m in results.methods if m.score().kl > 0)
+    return values[len(values) // 2] if values else 0.0
+
+
+def report_markdown(
+    results: CompareResults,
+    *,
+    image_prefix: str = "",
+    command: str | None = None,
+    repeat: str | None = None,
+    files: Sequence[str] = (),
+) -> str:
+    """The full report (``report.md``)."""
+    cfg = results.config
+    lines = [f"# ratequant compare: {results.model['name']}", ""]
+    if command:
+        lines += ["Made by:", "", "```", command, "```", ""]
+    if repeat:
+        lines += ["Repeat exactly (the configuration is saved beside the results):", "", "```", repeat, "```", ""]
+    lines += ["## Setup", "", *setup_lines(results), _noise_line(results), "", "## Findings", ""]
+    lines += [f"- {f}" for f in findings(results)]
+    lines += [
+        "- The best fixed scheme is chosen on the evaluation windows themselves (an oracle choice that favours "
+        "the baseline); RateQuant and layerwise are chosen from the calibration split only.",
+        "",
+    ]
+    lines += [
+        "## KL divergence from full precision (nats per token)",
+        "",
+        "Lower is better; bold: the best of the design at that budget. Splits show which one.",
+        "",
+        metric_table(results, "kl"),
+        "",
+        f"![KL against bits]({image_prefix}kl_vs_bits.png)",
+        "",
+        "## Perplexity by method and budget",
+        "",
+        metric_table(results, "ppl"),
+        "",
+        f"![perplexity against bits]({image_prefix}ppl_vs_bits.png)",
+        "",
+        "## Damage recovered relative to the best fixed scheme",
+        "",
+        SHARE_TEXT,
+        "",
+        "On KL:",
+        "",
+        recovered_table(results, "kl"),
+        "",
+        "On perplexity:",
+        "",
+        recovered_table(results, "ppl"),
+        "",
+        "## Fitted distortion curves",
+        "",
+        "D(b) = alpha * beta^-b, one beta per design and kind; R^2 in log space (pooled within components).",
+        "",
+        fit_table(results),
+        "",
+        "Measured over fitted distortion on the calibration data, by width (geometric mean over components; "
+        "1.00 is a perfect fit, above 1 the curve under-predicts the damage an allocator is trading):",
+        "",
+        fit_ratio_table(results),
+        "",
+    ]
+    lines += [f"![{name} curves]({image_prefix}curves_{name}.png)" for name in results.designs] + [""]
+    lines += [
+        "## Bits chosen per layer and head",
+        "",
+        "RateQuant's widths with each design's own curves, and with the mismatched curves.",
+        "",
+    ]
+    lines += [
+        f"![bits at {budget_text(b)}]({image_prefix}bits_{budget_text(b)}.png)"
+        for b in cfg.budgets
+        if f"bits_{budget_text(b)}.png" in files or not files
+    ] + [""]
+    lines += [
+        "## Quantization against rank reduction at matched storage",
+        "",
+        rank_table(results),
+        "",
+        f"![quantization against rank reduction]({image_prefix}quant_vs_rank.png)",
+        "",
+        "## Storage",
+        "",
+        storage_table(results),
+        "",
+    ]
+    if results.skipped:
+        lines += ["## Methods not run", ""]
+        grouped: dict[tuple, list[str]] = {}
+        for s in results.skipped:
+            grouped.setdefault((s["label"], s["budget"], s["reason"]), []).append(s["design"] or "-")
+        lines += [
+            f"- {label} at {budget_text(b)} bits ({', '.join(designs)}): {reason}"
+            for (label, b, reason), designs in grouped.items()
+        ]
+        lines += [""]
+    t = results.timings
+    per_design = ", ".join(f"{d} {s:.1f} s" for d, s in t["calibration"]["per_design"].items())
+    env = results.environment
+    lines += [
+        "## Time",
+        "",
+        f"- Calibration capture (shared by all designs): {t['capture']:.1f} s; distortion measurement and fit: "
+        f"{per_design}; rank bases: {t['rank_bases']:.1f} s; allocations: {t['allocation']:.1f} s.",
+        f"- Evaluation: {t['evaluation']:.1f} s; total {t['total']:.1f} s (ratequant {env['ratequant_version']}, "
+        f"torch {env['torch_version']}, {env['threads']} threads, {env['device']}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_markdown(
+    results: CompareResults, *, image_prefix: str = "", command: str | None = None, heading: str = "## Results"
+) -> str:
+    """A README "Results" section: the command, the setup, the main tables, the findings and the main plots."""
+    cfg = results.config
+    lines = [heading, ""]
+    if command:
+        lines += ["Generated by `ratequant compare` with:", "", "```", command, "```", ""]
+    lines += [
+        *setup_lines(results),
+        _noise_line(results),
+        "",
+        "KL divergence from full precision (lower is better; bold: best of the design at that budget):",
+        "",
+        metric_table(results, "kl"),
+        "",
+        "Perplexity:",
+        "",
+        metric_table(results, "ppl"),
+        "",
+        "What the numbers say:",
+        "",
+    ]
+    lines += [f"- {f}" for f in findings(results)]
+    lines += [
+        "- The best fixed scheme is picked on the evaluation windows themselves, which favours it.",
+        "",
+        "Share of the best fixed scheme's KL damage recovered (see the report for the definition):",
+        "",
+        recovered_table(results, "kl"),
+        "",
+        "Fitted curves:",
+        "",
+        fit_table(results),
+        "",
+        f"![KL against bits]({image_prefix}kl_vs_bits.png)",
+        "",
+        f"![quantization against rank reduction]({image_prefix}quant_vs_rank.png)",
+        "",
+    ]
+    lowest = budget_text(cfg.budgets[0])
+    lines += [f"![bits at {lowest}]({image_prefix}bits_{lowest}.png)", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["report_markdown", "setup_lines", "summary_markdown"]

@@ -1,0 +1,273 @@
+"""Markdown tables of a comparison: every number comes from the typed results, nothing is parsed from labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ratequant.experiments.config import budget_text
+from ratequant.experiments.methods import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS
+from ratequant.experiments.results import CompareResults, MethodResult
+
+METHOD_NAMES = {
+    "uniform": "uniform",
+    "kv-split": "K/V split",
+    "layerwise": "layerwise",
+    "ratequant": "RateQuant",
+    "mismatched": "mismatched",
+    "rank": "rank (16-bit)",
+    "rank+quant": "rank + quant",
+}
+METRIC_NAMES = {"kl": "KL", "ppl": "PPL"}
+
+
+def fmt_ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1000 else f"{x:,.0f}"
+
+
+def fmt_kl(x: float) -> str:
+    return f"{x:.4f}" if x == 0 or x >= 1e-3 else f"{x:.1e}"
+
+
+def fmt_metric(metric: str, x: float) -> str:
+    return fmt_ppl(x) if metric == "ppl" else fmt_kl(x)
+
+
+def fmt_share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.0%}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    align = align or ("l" * len(header))
+    marks = [":---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def row_key(m: MethodResult, results: CompareResults) -> str:
+    """The table row of a quantized method: key/value splits by direction (keys or values wider), then by gap."""
+    if m.method == "kv-split":
+        direction = "K>V split" if m.keys_wider else "K<V split"
+        same = sorted(
+            (
+                s
+                for s in results.select(method="kv-split", design=m.design, budget=m.budget)
+                if s.keys_wider == m.keys_wider
+            ),
+            key=lambda s: abs(s.key_bits - s.value_bits),
+        )
+        index = [s.label for s in same].index(m.label)
+        return direction if index == 0 else f"{direction} ({index + 1})"
+    if m.method == "mismatched":
+        return f"mismatched ({m.details['curves']['design']} curves)"
+    return METHOD_NAMES.get(m.method, m.method)
+
+
+def _method_rows(results: CompareResults, design: str) -> list[str]:
+    order = []
+    for method in QUANTIZED_METHODS:
+        for m in results.select(method=method, design=design):
+            key = row_key(m, results)
+            if key not in order:
+                order.append(key)
+    return order
+
+
+def metric_table(results: CompareResults, metric: str = "kl", evaluation: str | None = None) -> str:
+    """Rows (design, method), a column per budget; the best quantized cell of each (design, budget) in bold.
+    KL cells carry their standard error over tokens."""
+    budgets = results.config.budgets
+
+    def value(m: MethodResult) -> float:
+        return getattr(m.score(evaluation), metric)
+
+    def cell(m: MethodResult) -> str:
+        s = m.score(evaluation)
+        return fmt_metric(metric, value(m)) + (f" ± {fmt_kl(s.kl_se)}" if metric == "kl" and s.kl > 0 else "")
+
+    fp = results.full_precision
+    rows = [["full precision", "", *[fmt_metric(metric, value(fp))] * len(budgets)]]
+    for design in results.config.designs:
+        best = {b: min((value(m) for m in results.select(design=design, budget=b)), default=None) for b in budgets}
+        for key in _method_rows(results, design):
+            cells = []
+            for b in budgets:
+                found = [m for m in results.select(design=design, budget=b) if row_key(m, results) == key]
+                if not found:
+                    cells.append("—")
+                    continue
+                m = found[0]
+                text = cell(m)
+                if value(m) == best[b]:
+                    text = f"**{text}**"
+                if m.method == "kv-split":
+                    text += f" ({m.label})"
+                cells.append(text)
+            rows.append([design, key, *cells])
+    for method in RANK_METHODS:
+        cells = []
+        for b in budgets:
+            found = results.select(method=method, design=None, budget=b)
+            cells.append(f"{cell(found[0])} (r={found[0].details['rank']})" if found else "—")
+        rows.append(["PCA", METHOD_NAMES[method], *cells])
+    header = ["design", "method", *[f"{budget_text(b)} bits" for b in budgets]]
+    return md_table(header, rows, "ll" + "r" * len(budgets))
+
+
+def fit_ratios(results: CompareResults, design: str) -> np.ndarray:
+    """Measured over fitted calibration distortion per width ``[nb]`` (geometric mean over components of
+    both kinds): above 1 where the fitted curve under-predicts the damage, e.g. at the lowest width."""
+    d = results.designs[design]
+    predicted = d.fit.predicted_table()
+    ok = (d.measured > 0) & (predicted > 0)
+    logs = np.where(ok, np.log(np.where(ok, d.measured, 1.0) / np.where(ok, predicted, 1.0)), np.nan)
+    return np.exp(np.nanmean(logs.reshape(-1, logs.shape[-1]), axis=0))
+
+
+def fit_ratio_table(results: CompareResults) -> str:
+    """Per design and width: how far the fitted curve is from the measured calibration distortion."""
+    bitset = sorted({b for d in results.designs.values() for b in d.fit.bitset})  # designs may fit different widths
+    rows = []
+    for name, d in results.designs.items():
+        ratio = dict(zip(d.fit.bitset, fit_ratios(results, name)))
+        rows.append([name, *[f"{ratio[b]:.2f}" if b in ratio else "—" for b in bitset]])
+    return md_table(["design", *[f"{b} bit{'s' if b > 1 else ''}" for b in bitset]], rows, "l" + "r" * len(bitset))
+
+
+def fit_table(results: CompareResults) -> str:
+    rows = []
+    for name, d in results.designs.items():
+        secs = sum(d.seconds.values())
+        low = "—" if d.min_bits is None else f"{d.min_bits[0]} / {d.min_bits[1]}"
+        rows.append(
+            [
+                name,
+                f"{d.beta_key:.2f}",
+                f"{d.beta_value:.2f}",
+                f"{d.r2:.3f}",
+                f"{float(d.fit.r2.min()):.3f}",
+                f"{d.fit.worst_residual:.2f}",
+                low,
+                d.mismatch_source or "—",
+                f"{secs:.1f}",
+            ]
+        )
+    header = [
+        "design",
+        "beta (keys)",
+        "beta (values)",
+        "R^2",
+        "worst component R^2",
+        "worst abs log residual",
+        "lowest informative width (K / V)",
+        "mismatched uses curves of",
+        "measure + fit (s)",
+    ]
+    return md_table(header, rows, "lrrrrrllr")
+
+
+def recovered_table(results: CompareResults, metric: str = "kl", evaluation: str | None = None) -> str:
+    """Per (design, budget): the best fixed scheme and the share of its damage each allocator recovers."""
+    rows = []
+    by_cell: dict[tuple, dict] = {}
+    for r in results.recovered(evaluation, metric):
+        by_cell.setdefault((r["design"], r["budget"]), {})[r["method"]] = r
+    for (design, budget), cell in by_cell.items():
+        first = next(iter(cell.values()))
+        cols = [design, budget_text(budget), f"{first['best_fixed']} ({fmt_metric(metric, first['best_fixed_value'])})"]
+        for method in ALLOCATED_METHODS:
+            r = cell.get(method)
+            cols.append("—" if r is None else f"{fmt_share(r['share'])} ({fmt_metric(metric, r['value'])})")
+        rq = cell.get("ratequant")
+        cols.append(
+            "—" if rq is None else (f"{rq['delta']:+.4f}" + (f" ± {rq['se']:.4f}" if rq["se"] is not None else ""))
+        )
+        rows.append(cols)
+    gain = "KL gain" if metric == "kl" else "log PPL gain"
+    header = [
+        "design",
+        "bits",
+        f"best fixed ({METRIC_NAMES[metric]})",
+        "layerwise",
+        "RateQuant",
+        "mismatched",
+        f"RateQuant: {gain} ± s.e.",
+    ]
+    return md_table(header, rows, "lrlrrrr")
+
+
+def storage_table(results: CompareResults) -> str:
+    fp = results.full_precision
+    fp16 = fp.details["fp16_kv_bytes_per_token"]
+    rows = []
+    for b in results.config.budgets:
+        for design in results.config.designs:
+            ms = results.select(design=design, budget=b)
+            if not ms:
+                continue
+            nbytes = [m.kv_bytes_per_token for m in ms]
+            lo, hi = min(nbytes), max(nbytes)
+            text = f"{lo:,.0f}" if abs(hi - lo) < 0.5 else f"{lo:,.0f}–{hi:,.0f}"
+            rows.append([budget_text(b), design, text, f"{fp16 / hi:.2f}x"])
+        for method in RANK_METHODS:
+            for m in results.select(method=method, design=None, budget=b):
+                rows.append(
+                    [budget_text(b), m.label, f"{m.kv_bytes_per_token:,.0f}", f"{fp16 / m.kv_bytes_per_token:.2f}x"]
+                )
+    header = ["bits", "design / method", "KV bytes per token", "smaller than float16 by"]
+    return md_table(header, rows, "llrr")
+
+
+def rank_table(results: CompareResults, evaluation: str | None = None) -> str:
+    rows = []
+    for b in results.config.budgets:
+        quant = [m for m in results.select(budget=b) if m.design is not None]
+        candidates = []
+        fixed = [m for m in quant if m.method in FIXED_METHODS]
+        if fixed:
+            candidates.append(("best fixed quantization", min(fixed, key=lambda m: m.score(evaluation).kl)))
+        rq = [m for m in quant if m.method == "ratequant"]
+        if rq:
+            candidates.append(("best RateQuant", min(rq, key=lambda m: m.score(evaluation).kl)))
+        rows += [
+            [
+                budget_text(b),
+                f"{name}: {m.design} {m.label}",
+                f"{m.kv_bytes_per_token:,.0f}",
+                fmt_ppl(m.score(evaluation).ppl),
+                fmt_kl(m.score(evaluation).kl),
+            ]
+            for name, m in candidates
+        ]
+        for method in RANK_METHODS:
+            for m in results.select(method=method, design=None, budget=b):
+                rows.append(
+                    [
+                        budget_text(b),
+                        m.label,
+                        f"{m.kv_bytes_per_token:,.0f}",
+                        fmt_ppl(m.score(evaluation).ppl),
+                        fmt_kl(m.score(evaluation).kl),
+                    ]
+                )
+    return md_table(["bits", "method", "KV bytes per token", "PPL", "KL"], rows, "llrrr")
+
+
+__all__ = [
+    "METHOD_NAMES",
+    "fit_ratio_table",
+    "fit_ratios",
+    "fit_table",
+    "fmt_kl",
+    "fmt_metric",
+    "fmt_ppl",
+    "fmt_share",
+    "md_table",
+    "metric_table",
+    "rank_table",
+    "recovered_table",
+    "row_key",
+    "storage_table",
+]

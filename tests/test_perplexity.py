@@ -1,0 +1,75 @@
+import contextlib
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from ratequant.evaluation import REFERENCE, Within, perplexity, score_conditions
+from ratequant.evaluation.protocol import WindowProtocol, Windows
+
+
+@contextlib.contextmanager
+def scaled_lm_head(model, factor):
+    """A stand-in 'quantized' condition: scale the output logits."""
+    weight = model.lm_head.weight
+    original = weight.data.clone()
+    weight.data.mul_(factor)
+    try:
+        yield
+    finally:
+        weight.data.copy_(original)
+
+
+def windows_of(ids: torch.Tensor, scoring: str = "all") -> Windows:
+    return Windows(ids, WindowProtocol(ids.shape[1], ids.shape[0], "no", scoring), None)
+
+
+def by_hand(model, ids, first, factor=None):
+    """Per-token NLL and KL against full precision for predictions of tokens first..S-1, computed directly."""
+    with torch.no_grad():
+        p = torch.log_softmax(model(ids).logits[:, first - 1 : -1].float(), -1)
+        with scaled_lm_head(model, factor) if factor else contextlib.nullcontext():
+            q = torch.log_softmax(model(ids).logits[:, first - 1 : -1].float(), -1)
+    nll = -q.gather(-1, ids[:, first:, None]).squeeze(-1)
+    return nll, (p.exp() * (p - q)).sum(-1)
+
+
+def test_reference_matches_perplexity_and_kl_is_exact():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    windows = windows_of(ids)
+    conditions = {"same": Within(contextlib.nullcontext), "scaled": Within(lambda: scaled_lm_head(model, 3.0))}
+    results = score_conditions(model, windows, conditions, progress=False)["all"]
+    reference = perplexity(model, windows, progress=False)
+    assert list(results) == [REFERENCE, "same", "scaled"]
+    assert results[REFERENCE].ppl == pytest.approx(reference.ppl, rel=1e-9)
+    assert results[REFERENCE].kl == 0.0 and results["same"].kl == pytest.approx(0.0, abs=1e-6)
+    assert results["same"].ppl == pytest.approx(reference.ppl, rel=1e-6) and results["same"].top1 == 1.0
+    nll, kl = by_hand(model, ids, 1, 3.0)
+    scaled = results["scaled"]
+    assert scaled.kl == pytest.approx(kl.mean().item(), rel=1e-4) and scaled.kl > 0.01
+    assert scaled.kl_se == pytest.approx((kl.std() / math.sqrt(kl.numel())).item(), rel=1e-3)
+    assert scaled.ppl == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert scaled.tokens == 3 * 23 and len(scaled.window_kl) == 3
+    assert scaled.window_kl == pytest.approx(kl.mean(dim=1).tolist(), rel=1e-4)
+    assert math.isfinite(scaled.ppl) and scaled.ppl != pytest.approx(reference.ppl)
+    # the model is back to normal after its condition
+    assert perplexity(model, windows, progress=False).ppl == pytest.approx(reference.ppl, rel=1e-9)
+
+
+def test_second_half_scores_the_second_half_from_the_same_passes():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    conditions = {"scaled": Within(lambda: scaled_lm_head(model, 2.0))}
+    both = score_conditions(
+        model, windows_of(ids, "second-half"), conditions, scorings=("all", "second-half"), progress=False
+    )
+    nll, kl = by_hand(model, ids, 16, 2.0)
+    half = both["second-half"]["scaled"]
+    assert half.tokens == 2 * 16
+    assert half.kl == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert half.ppl == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert both["all"]["scaled"].tokens == 2 * 31
+    alone = score_conditions(model, windows_of(ids, "second-half"), conditions, progress=False)
+    assert list(alone) == ["second-half"] and alone["second-half"]["scaled"].kl == pytest.approx(half.kl, rel=1e-9)
