@@ -9,12 +9,18 @@ metric, 2.5 average bits unless ``--avg-bits``), it times in one process:
   as ``ratequant calibrate`` runs it);
 * ``sensitivity``: the extra time of recording the loss gradients too (capture with ``gradients=True``
   minus ``capture``), i.e. the backward pass the Fisher metric needs;
-* ``distortion``: the distortion table (every component at every width; ``measure_distortion``);
-* ``fit``: the informative-width test and the curve fit (``informative_widths`` + ``fit_distortion``);
-* ``allocation``: cost model + exact integer allocation;
+* ``distortion`` and ``fit``: the two phases of :func:`ratequant.pipeline.fit_design`, as its
+  :class:`~ratequant.pipeline.DesignFit` times them: ``distortion`` is the distortion table (every component
+  at every width; ``measure_distortion``), ``fit`` the choice of widths and the curve fit (``fit_distortion``
+  and the allocation curves). The informative-width test now rides on the measurement pass:
+  ``measure_distortion`` records each width's reconstruction error and the tensor's spread in the same pass,
+  and ``DistortionTable.informative_widths("pooled")`` only compares them, so its cost is in ``distortion``
+  (it used to be a separate pass inside ``fit``);
+* ``allocation``: cost model + exact integer allocation (``cost_model_for`` + ``allocate_for``);
 * ``plan``: building the plan object.
 
-Each phase runs ``--repeats`` times and the median is reported. "Statistics to plan" is distortion + fit
+Each phase runs ``--repeats`` times and the median is reported (``runs_s`` holds every repeat;
+``runs_s["fit_design"]`` the wall time of each whole ``fit_design`` call). "Statistics to plan" is distortion + fit
 + allocation + plan (target: under 2 s). Then the whole command ``ratequant calibrate`` runs once in a
 subprocess with the same thread count (wall time, including start-up and model loading), against the
 forward pass (target: under 4x).
@@ -26,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,8 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import machine_info  # noqa: E402
+from _common import args_dict, corpus_windows, machine_info, subprocess_env, write_result
 
 FORMAT_VERSION = 1
 
@@ -66,11 +70,16 @@ def main(argv=None) -> int:
 
     from ratequant.allocation import Budget
     from ratequant.calibration import capture
-    from ratequant.data import load_corpus, token_windows
+    from ratequant.data import load_corpus
     from ratequant.models import load_model
-    from ratequant.pipeline import CAPTURE_BATCH_SIZE, CalibrationSettings, allocate, cost_model_for, informative_widths
-    from ratequant.distortion import measure_distortion
-    from ratequant.fitting import fit_distortion
+    from ratequant.pipeline import (
+        CAPTURE_BATCH_SIZE,
+        DEFAULT_CONTEXT,
+        CalibrationSettings,
+        allocate_for,
+        cost_model_for,
+        fit_design,
+    )
     from ratequant.plan import Plan
 
     loaded = load_model()
@@ -78,8 +87,9 @@ def main(argv=None) -> int:
     settings = CalibrationSettings(
         quantizer=args.quantizer, budget=Budget.avg_bits(args.avg_bits), seq_len=args.seq_len, sequences=args.sequences
     )
-    quantizer = settings.design()
-    ids = token_windows(loaded.tokenizer, corpus.calibration, args.seq_len, args.sequences).to(loaded.device)
+    policy = settings.policy()
+    quantizer = policy.quantizer
+    ids = corpus_windows(loaded.tokenizer, corpus.calibration, args.seq_len, args.sequences).to(loaded.device)
     r = args.repeats
     phases, runs = {}, {}
 
@@ -96,31 +106,52 @@ def main(argv=None) -> int:
     phases["capture"], runs["capture"], _ = timed(lambda: record(False), r)
     with_grads, runs["capture_with_gradients"], stats = timed(lambda: record(True), r)
     phases["sensitivity"] = max(0.0, with_grads - phases["capture"])
-    phases["distortion"], runs["distortion"], table = timed(
-        lambda: measure_distortion(stats, quantizer, settings.bitset, settings.metric), r
-    )
+    designs = []
 
-    def fit():
-        widths = informative_widths(stats, quantizer, table.bitset)
-        if len(widths) < 2:
-            widths = table.bitset[-2:]
-        return fit_distortion(table.values[..., [table.bitset.index(b) for b in widths]], widths)
+    def design_fit():
+        designs.append(
+            fit_design(
+                stats,
+                quantizer,
+                metric=settings.metric,
+                bitset=settings.bitset,
+                informative_only=settings.informative_only,
+            )
+        )
+        return designs[-1]
 
-    phases["fit"], runs["fit"], fitted = timed(fit, r)
+    _, runs["fit_design"], fitted = timed(design_fit, r)
+    for phase in ("distortion", "fit"):  # the library's own split of each fit_design call
+        runs[phase] = [float(d.seconds[phase]) for d in designs]
+        phases[phase] = float(np.median(runs[phase]))
+    table, fit = fitted.table, fitted.fit
+    context = settings.budget.context_tokens or DEFAULT_CONTEXT
 
     def allocation():
-        cost = cost_model_for(quantizer, loaded, settings)
-        return allocate(settings, fitted, loaded.geometry, cost, source_design=quantizer.name)
+        cost = cost_model_for(policy, loaded, context, settings.bitset)
+        return allocate_for(settings, fitted.curves, loaded.geometry, cost)
 
     phases["allocation"], runs["allocation"], alloc = timed(allocation, r)
 
     def plan():
         return Plan.from_allocation(
-            alloc, model_name=loaded.name, geometry=loaded.geometry, quantizer=quantizer, budget=settings.budget,
-            fit=fitted, metric=settings.metric, fit_design=quantizer.name,
-            measured=table.values[..., [table.bitset.index(b) for b in fitted.bitset]],
-            residual_length=settings.residual_length,
-            calibration={"corpus": corpus.name, "corpus_sha256": corpus.sha256, "tokens": int(ids.numel()), "seconds": 0.0},
+            alloc,
+            model_name=loaded.name,
+            geometry=loaded.geometry,
+            quantizer=quantizer,
+            budget=settings.budget,
+            fit=fit,
+            metric=settings.metric,
+            fit_design=fitted.design,
+            measured=table.values[..., [table.bitset.index(b) for b in fit.bitset]],
+            residual_length=policy.residual_length,
+            sink_tokens=policy.sink_tokens,
+            calibration={
+                "corpus": corpus.name,
+                "corpus_sha256": corpus.sha256,
+                "tokens": int(ids.numel()),
+                "seconds": 0.0,
+            },
         )
 
     phases["plan"], runs["plan"], _ = timed(plan, r)
@@ -131,19 +162,32 @@ def main(argv=None) -> int:
     if not args.skip_cli:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "plan.json"
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-            src = Path(__file__).resolve().parent.parent / "src"
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+            env = subprocess_env(args.threads)
             cmd = [
-                sys.executable, "-m", "ratequant.cli", "calibrate", "--quantizer", args.quantizer,
-                "--avg-bits", str(args.avg_bits), "--seq-len", str(args.seq_len),
-                "--sequences", str(args.sequences), "--out", str(out),
+                sys.executable,
+                "-m",
+                "ratequant.cli",
+                "calibrate",
+                "--quantizer",
+                args.quantizer,
+                "--avg-bits",
+                str(args.avg_bits),
+                "--seq-len",
+                str(args.seq_len),
+                "--sequences",
+                str(args.sequences),
+                "--out",
+                str(out),
             ]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - start
-            cli = {"command": " ".join(["ratequant", *cmd[3:-1], "PLAN"]), "returncode": proc.returncode,
-                   "wall_s": wall, "vs_forward": wall / phases["forward"]}
+            cli = {
+                "command": " ".join(["ratequant", *cmd[3:-1], "PLAN"]),
+                "returncode": proc.returncode,
+                "wall_s": wall,
+                "vs_forward": wall / phases["forward"],
+            }
             if proc.returncode:
                 cli["stderr_tail"] = proc.stderr[-2000:]
             elif out.exists():
@@ -153,7 +197,7 @@ def main(argv=None) -> int:
         "format_version": FORMAT_VERSION,
         "benchmark": "calibration_time",
         "machine": {**machine_info(args.threads), "model": loaded.describe()},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": args_dict(args),
         "tokens": int(ids.numel()),
         "phases_s": phases,
         "runs_s": runs,
@@ -166,12 +210,13 @@ def main(argv=None) -> int:
             "cli_under_4x_forward": None if cli is None else cli["wall_s"] < 4 * phases["forward"],
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.output, result)
     for name, value in phases.items():
         print(f"{name:12s} {value:8.3f} s  ({value / phases['forward']:.2f}x forward)")
-    print(f"statistics -> plan {stats_to_plan:.3f} s; library total {library_total:.2f} s "
-          f"({library_total / phases['forward']:.2f}x forward)")
+    print(
+        f"statistics -> plan {stats_to_plan:.3f} s; library total {library_total:.2f} s "
+        f"({library_total / phases['forward']:.2f}x forward)"
+    )
     if cli:
         print(f"ratequant calibrate: {cli['wall_s']:.2f} s ({cli['vs_forward']:.2f}x forward), rc {cli['returncode']}")
     print(f"wrote {args.output}")

@@ -36,136 +36,27 @@ parallel kernel waits for a descheduled thread and timings measure the scheduler
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
-import os
-import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import (
+    PeakRSS,
+    args_dict,
+    corpus_windows,
+    float16_bytes_per_token,
+    held_bytes,
+    machine_info,
+    trim,
+    write_result,
+)
 from ratequant.compat import cache_argument
 
 FORMAT_VERSION = 1
 HQQ_GROUP = 64
-
-
-def machine_info(threads: int) -> dict:
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-    for pkg in ("hqq", "optimum.quanto"):
-        try:
-            mod = __import__(pkg, fromlist=["__version__"])
-            info[pkg] = getattr(mod, "__version__", "installed")
-        except Exception as exc:  # noqa: BLE001 - record why a peer is missing
-            info[pkg] = f"unavailable: {type(exc).__name__}: {exc}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    return info
-
-
-# ---------------------------------------------------------------------------------------------------------
-# memory
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
-
-
-def _trim() -> None:
-    """Return freed heap memory to the OS (glibc), so the next run's peak starts from a clean level."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakRSS:
-    """Peak resident memory while the block runs, above the level when it started (sampled every 2 ms)."""
-
-    def __enter__(self):
-        _trim()
-        self.start = _rss_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            now = _rss_bytes()
-            if now is not None and (self.peak is None or now > self.peak):
-                self.peak = now
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        now = _rss_bytes()
-        if now is not None and self.peak is not None:
-            self.peak = max(self.peak, now)
-
-    @property
-    def extra(self) -> int | None:
-        return None if self.start is None else int(self.peak - self.start)
-
-
-def held_bytes(obj) -> int:
-    """Bytes of every distinct tensor storage reachable from ``obj`` (tensor subclasses, dicts, objects)."""
-    seen_obj, storages = set(), {}
-
-    def visit(o, depth):
-        if id(o) in seen_obj or depth > 8:
-            return
-        seen_obj.add(id(o))
-        if isinstance(o, torch.Tensor):
-            if hasattr(o, "__tensor_flatten__") and type(o) is not torch.Tensor:  # e.g. quanto's packed tensors
-                names, _ = o.__tensor_flatten__()
-                for name in names:
-                    visit(getattr(o, name), depth + 1)
-                return
-            storage = o.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return
-        if isinstance(o, dict):
-            items = o.values()
-        elif isinstance(o, (list, tuple)):
-            items = o
-        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.nn.Module)):
-            items = vars(o).values()
-        else:
-            return
-        for item in items:
-            visit(item, depth + 1)
-
-    visit(obj, 0)
-    return int(sum(storages.values()))
 
 
 def cache_bytes(name: str, cache) -> dict:
@@ -204,11 +95,11 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
     from ratequant import native
     from ratequant.cache import RateQuantCache
     from ratequant.quantizers import get_quantizer
+    from ratequant.spec import KVQuantSpec
 
-    model, cfg = loaded.model, loaded.model.config
-    layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kivi = get_quantizer("kivi")
+    model, cfg, g = loaded.model, loaded.model.config, loaded.geometry
+    layers, heads, head_dim = g.num_layers, g.num_kv_heads, g.head_dim
+    kivi, kivi64 = get_quantizer("kivi"), get_quantizer("kivi", group_size=HQQ_GROUP)
     uniform2 = np.full((2, layers, heads), 2)
     plan, plan_seconds = calibrated_plan(loaded, 2.5, args.plan, args.calib_sequences)
     elem = next(model.parameters()).element_size()
@@ -219,8 +110,8 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
             "hqq", cfg, nbits=2, axis_key=1, axis_value=1, q_group_size=HQQ_GROUP, residual_length=128
         ),
         "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=128),
-        "rq-uniform-2": lambda: RateQuantCache(uniform2, kivi, 128),
-        "rq-uniform-2-g64": lambda: RateQuantCache(uniform2, get_quantizer("kivi", group_size=HQQ_GROUP), 128),
+        "rq-uniform-2": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
+        "rq-uniform-2-g64": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi64, 128)),
         "rq-mixed-2.5": lambda: RateQuantCache.from_plan(plan, model),
         "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model),
         "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(plan, model, buffer_bytes=full_history),
@@ -236,21 +127,24 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
                 out = model(ids, **cache_argument(model, cache), use_cache=True)
                 model(out.logits[:, -1:].argmax(-1), **cache_argument(model, cache), use_cache=True)
             chosen[name] = (conditions[name], around)
-        except Exception as exc:  # noqa: BLE001 - report exactly why a peer cannot run
+        except Exception as exc:
             skipped[name] = f"{type(exc).__name__}: {exc}"
             print(f"skipping {name}: {skipped[name]}", file=sys.stderr)
     bits = plan.bits_array()
     plan_info = {
         "rq-mixed-2.5": {
-            "source": str(args.plan) if args.plan else
-            f"calibrated in this run (default settings, 2.5 bits, {args.calib_sequences} x 512 tokens)",
+            "source": str(args.plan)
+            if args.plan
+            else f"calibrated in this run (default settings, 2.5 bits, {args.calib_sequences} x 512 tokens)",
             "calibration_seconds": plan_seconds,
             "mean_bits": float(bits.mean()),
             "key_mean_bits": float(bits[0].mean()),
             "value_mean_bits": float(bits[1].mean()),
             "width_counts": {str(b): int((bits == b).sum()) for b in np.unique(bits)},
             "layers_with_mixed_heads": int(sum(len(set(bits[k, i])) > 1 for k in range(2) for i in range(layers))),
-            "bit_groups_per_layer_kind": float(np.mean([len(set(bits[k, i])) for k in range(2) for i in range(layers)])),
+            "bit_groups_per_layer_kind": float(
+                np.mean([len(set(bits[k, i])) for k in range(2) for i in range(layers)])
+            ),
         },
         "rq-mixed-2.5+buffer": {"buffer_bytes_limit": int(full_history)},
         "decode_path": native.describe(),
@@ -276,8 +170,15 @@ def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int) -> dict:
         for _ in range(warmup):
             token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             generated.append(int(token))
-    return {"cache": cache, "token": token, "around": around, "ttft_s": ttft, "peak": mem.extra,
-            "steps": [], "tokens": generated}
+    return {
+        "cache": cache,
+        "token": token,
+        "around": around,
+        "ttft_s": ttft,
+        "peak": mem.extra,
+        "steps": [],
+        "tokens": generated,
+    }
 
 
 @torch.inference_mode()
@@ -295,30 +196,32 @@ def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int)
     """Every condition at one context: prefills in a rotating order, then interleaved timed steps."""
     names = list(conditions)
     states = {}
-    for name in names[rotation % len(names):] + names[: rotation % len(names)]:
+    for name in names[rotation % len(names) :] + names[: rotation % len(names)]:
         make_cache, around = conditions[name]
         states[name] = prefill(model, make_cache, around, ids, args.warmup)
     for step in range(args.new_tokens):
-        for name in names[step % len(names):] + names[: step % len(names)]:
+        for name in names[step % len(names) :] + names[: step % len(names)]:
             decode_step(model, states[name])
     rows = []
     for name in names:
         st = states.pop(name)
         steps = np.asarray(st["steps"])
-        rows.append({
-            "condition": name,
-            "ttft_s": st["ttft_s"],
-            "step_s_median": float(np.median(steps)),
-            "step_s_q25": float(np.quantile(steps, 0.25)),
-            "step_s_q75": float(np.quantile(steps, 0.75)),
-            "tokens_per_s": float(1.0 / np.median(steps)),
-            "seq_len": int(st["cache"].get_seq_length()),
-            "cache_bytes": cache_bytes(name, st["cache"]),
-            "peak_rss_extra_bytes": st["peak"],
-            "tokens": st["tokens"],
-        })
+        rows.append(
+            {
+                "condition": name,
+                "ttft_s": st["ttft_s"],
+                "step_s_median": float(np.median(steps)),
+                "step_s_q25": float(np.quantile(steps, 0.25)),
+                "step_s_q75": float(np.quantile(steps, 0.75)),
+                "tokens_per_s": float(1.0 / np.median(steps)),
+                "seq_len": int(st["cache"].get_seq_length()),
+                "cache_bytes": cache_bytes(name, st["cache"]),
+                "peak_rss_extra_bytes": st["peak"],
+                "tokens": st["tokens"],
+            }
+        )
         del st
-        _trim()
+        trim()
     return rows
 
 
@@ -351,8 +254,13 @@ def plot(rows: list[dict], path: Path, info: dict) -> None:
         axes[0].plot(ctx, [r["tokens_per_s"] for r in sub], marker="o", label=name, **style)
         axes[1].plot(ctx, [r["cache_bytes"]["total"] / 2**20 for r in sub], marker="o", label=name, **style)
     sub = sorted((r for r in rows if r["condition"] == names[0]), key=lambda r: r["context"])
-    axes[1].plot([r["context"] for r in sub], [r["fp16_dynamic_bytes"] / 2**20 for r in sub], color="grey",
-                 linestyle=":", label="float16 DynamicCache (computed)")
+    axes[1].plot(
+        [r["context"] for r in sub],
+        [r["fp16_dynamic_bytes"] / 2**20 for r in sub],
+        color="grey",
+        linestyle=":",
+        label="float16 DynamicCache (computed)",
+    )
     axes[0].set(xlabel="context tokens", ylabel="decode tokens / s (median step)", title="Decode speed")
     axes[1].set(xlabel="context tokens", ylabel="KV cache MiB (all tensors held)", title="Cache memory")
     for ax in axes:
@@ -377,20 +285,33 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps before the timed ones")
     parser.add_argument(
-        "--conditions", nargs="+",
-        default=["dynamic", "hqq-2", "quanto-2", "rq-uniform-2", "rq-uniform-2-g64", "rq-mixed-2.5",
-                 "rq-mixed-2.5-torch", "rq-mixed-2.5+buffer"],
+        "--conditions",
+        nargs="+",
+        default=[
+            "dynamic",
+            "hqq-2",
+            "quanto-2",
+            "rq-uniform-2",
+            "rq-uniform-2-g64",
+            "rq-mixed-2.5",
+            "rq-mixed-2.5-torch",
+            "rq-mixed-2.5+buffer",
+        ],
     )
     parser.add_argument("--plan", type=Path, help="plan JSON for the mixed conditions (default: calibrate one now)")
     parser.add_argument("--calib-sequences", type=int, default=4, help="512-token calibration windows (default 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("results/decode_speed.json"))
-    parser.add_argument("--plot", type=lambda s: Path(s) if s else None, default=Path("results/decode_speed.png"),
-                        help="PNG to write ('' for none)")
+    parser.add_argument(
+        "--plot",
+        type=lambda s: Path(s) if s else None,
+        default=Path("results/decode_speed.png"),
+        help="PNG to write ('' for none)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ratequant.data import load_corpus, token_windows
+    from ratequant.data import load_corpus
     from ratequant.models import load_model
 
     loaded = load_model()
@@ -399,15 +320,13 @@ def main(argv=None) -> int:
     info["model"] = loaded.describe()
     conditions, skipped, plan_info = make_conditions(loaded, args)
     text = load_corpus().evaluation
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    fp16_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    fp16_per_token = float16_bytes_per_token(loaded.geometry)
 
     rows = []
     names = list(conditions)
     started = time.perf_counter()
     for ci, context in enumerate(sorted(args.contexts)):
-        ids = token_windows(loaded.tokenizer, text, context, max_windows=1)[:1]
+        ids = corpus_windows(loaded.tokenizer, text, context, 1)
         for result in run_context(model, conditions, ids, args, rotation=ci):
             rows.append({"context": context, **result})
             print(
@@ -426,15 +345,14 @@ def main(argv=None) -> int:
         "format_version": FORMAT_VERSION,
         "benchmark": "decode_speed",
         "machine": info,
-        "settings": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+        "settings": args_dict(args),
         "conditions": names,
         "skipped": skipped,
         "plans": plan_info,
         "seconds": time.perf_counter() - started,
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.output, result)
     if args.plot:
         plot(rows, args.plot, info)
     print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))

@@ -4,7 +4,8 @@ Two measurements, one JSON file (``--output``, default ``results/long_runs.json`
 
 1. **Repeated generations.** ``--generations`` (default 200) consecutive greedy generations with
    :func:`ratequant.generation.generate` on the embedded default model (SmolLM2-135M), each with a fresh
-   :class:`~ratequant.cache.RateQuantCache` built from the same plan (KIVI, widths alternating 2 and 3 bits,
+   :class:`~ratequant.cache.RateQuantCache` built from the same plan (``plan.resolve(model)``, a
+   :class:`~ratequant.spec.KVQuantSpec`) (KIVI, widths alternating 2 and 3 bits,
    2.5 on average, ``--residual`` 32 so that chunks are quantized during prefill *and* decoding). Prompts
    are different slices of the evaluation corpus. After every generation the resident set size (RSS,
    ``/proc/self/statm``) is sampled after ``gc.collect()``. Reported: RSS after the warm-up
@@ -18,11 +19,11 @@ Two measurements, one JSON file (``--output``, default ``results/long_runs.json`
    embedding is computed for any position, so ``max_position_embeddings`` is raised to the context
    length: positions beyond 8192 are outside its trained range, which changes what it predicts but not
    what the cache stores (this measures memory, not quality). The cache's real bytes (``nbytes()``) are
-   compared with the plan's two formulas: :func:`ratequant.cache.expected_nbytes` (exact tokens) and
-   :class:`ratequant.allocation.CostModel` ``bytes_per_token * tokens`` (what ``calibrate`` budgets). A
+   compared with the plan's two formulas: :meth:`ratequant.spec.KVQuantSpec.expected_bytes` (exact tokens)
+   and :class:`ratequant.allocation.CostModel` ``bytes_per_token * tokens`` (what ``calibrate`` budgets). A
    sampler thread records peak RSS during the run; the RSS still held after the run (cache alive)
    is compared with the cache's bytes, and a float32 and float16 ``DynamicCache`` of the same tokens are
-   given for scale. Criterion: ``nbytes() <= 1.01 * expected_nbytes`` and the run completes.
+   given for scale. Criterion: ``nbytes() <= 1.01 * expected_bytes`` and the run completes.
 
 ``--model random`` uses a randomly initialised model of the default geometry instead (no package needed).
 
@@ -34,11 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
-import resource
-import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -46,73 +42,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import (
+    FLOAT16_BYTES,
+    PeakRSS,
+    alternating_bits,
+    args_dict,
+    corpus_windows,
+    key_channel_scales,
+    machine_info,
+    rss_or_peak,
+    write_result,
+)
 from ratequant.allocation import CostModel
-from ratequant.cache import RateQuantCache, expected_nbytes
+from ratequant.cache import RateQuantCache
 from ratequant.compat import cache_argument
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
+from ratequant.spec import KVQuantSpec
 
 FORMAT_VERSION = 1
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 2**20
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (``/proc/self/statm``; ``ru_maxrss`` where there is no /proc)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * PAGE
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def live_tensors() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
-
-
-class PeakSampler:
-    """Samples RSS every ``interval`` seconds in a thread; ``peak`` is the highest value seen."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-
-def machine_info() -> dict:
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def alternating_bits(geometry: Geometry, low: int = 2) -> np.ndarray:
-    """Components alternate ``low`` and ``low + 1`` bits (flattened ``[2, L, H]`` order)."""
-    return low + (np.arange(geometry.num_components) % 2).reshape(geometry.shape)
 
 
 def make_plan(name: str, geometry: Geometry, bits: np.ndarray, quantizer, residual: int) -> Plan:
@@ -138,13 +94,25 @@ def load(args):
 
     from ratequant.compat import model_geometry
 
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=8192, max_position_embeddings=args.context + args.decode,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=8192,
+        max_position_embeddings=args.context + args.decode,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    return LoadedModel(model=model, tokenizer=_corpus_tokenizer(config.vocab_size), name="random-smollm2-geometry",
-                       source="random", geometry=model_geometry(model))
+    return LoadedModel(
+        model=model,
+        tokenizer=_corpus_tokenizer(config.vocab_size),
+        name="random-smollm2-geometry",
+        source="random",
+        geometry=model_geometry(model),
+    )
 
 
 def _corpus_tokenizer(vocab_size: int):
@@ -163,9 +131,9 @@ def _corpus_tokenizer(vocab_size: int):
 
 
 def corpus_ids(loaded, tokens: int) -> torch.Tensor:
-    from ratequant.data import load_corpus, token_windows
+    from ratequant.data import load_corpus
 
-    return token_windows(loaded.tokenizer, load_corpus().evaluation, tokens, max_windows=1)
+    return corpus_windows(loaded.tokenizer, load_corpus().evaluation, tokens, 1)
 
 
 # -- part 1 ------------------------------------------------------------------------------------------------
@@ -182,12 +150,12 @@ def repeated_generations(loaded, args) -> dict:
     ]
     rss, tensors, seconds, cache_bytes = [], [], [], []
     for i, prompt in enumerate(prompts):
-        out = generate(loaded, prompt, plan, max_new_tokens=args.new_tokens)
+        out = generate(loaded, prompt, plan.resolve(loaded.model), max_new_tokens=args.new_tokens)
         seconds.append(out.seconds)
         cache_bytes.append(out.cache_bytes["total"])
         del out
         gc.collect()
-        rss.append(rss_bytes())
+        rss.append(rss_or_peak())
         if i % args.tensor_every == 0 or i == len(prompts) - 1:
             tensors.append((i, live_tensors()))
         if (i + 1) % 20 == 0:
@@ -220,17 +188,12 @@ def repeated_generations(loaded, args) -> dict:
 
 
 # -- part 2 ------------------------------------------------------------------------------------------------
-def realistic_kv(geometry: Geometry, tokens: int, dtype: torch.dtype, seed: int = 0):
-    """Per layer, keys and values ``[1, H, tokens, D]``: keys with lognormal per-channel scales and two
-    outlier channels (as observed in real models), values Gaussian."""
+def realistic_kv(geometry: Geometry, seed: int = 0):
+    """Per layer, the (key, value) scales ``[1, H, 1, D]`` of realistic keys and values: keys with lognormal
+    per-channel scales and two outlier channels (as observed in real models), values Gaussian."""
     gen = torch.Generator().manual_seed(seed)
     h, d = geometry.num_kv_heads, geometry.head_dim
-    out = []
-    for _ in range(geometry.num_layers):
-        channel = torch.exp(torch.randn(1, h, 1, d, generator=gen) * 0.5)
-        channel[..., :2] *= 8.0
-        out.append((channel, torch.full((1, h, 1, d), 0.5)))
-    return out
+    return [(key_channel_scales(gen, h, d), torch.full((1, h, 1, d), 0.5)) for _ in range(geometry.num_layers)]
 
 
 @torch.inference_mode()
@@ -242,18 +205,19 @@ def long_context(loaded, args) -> dict:
     bits = alternating_bits(g)
     plan = make_plan(loaded.name, g, bits, quantizer, 128)
     gc.collect()
-    rss_before = rss_bytes()
+    rss_before = rss_or_peak()
     if args.context_source == "model":
         model = loaded.model
         model.config.max_position_embeddings = max(model.config.max_position_embeddings, args.context + args.decode)
         ids = corpus_ids(loaded, args.context)
         cache = RateQuantCache.from_plan(plan, model)
     else:
-        scales = realistic_kv(g, args.context, dtype)
+        scales = realistic_kv(g)
         gen = torch.Generator().manual_seed(1)
-        cache = RateQuantCache(plan.bits_array(), quantizer, plan.residual_length)
+        cache = RateQuantCache(KVQuantSpec(plan.bits_array(), quantizer, plan.residual_length))
+    spec = cache.spec
     start = time.perf_counter()
-    with PeakSampler() as sampler:
+    with PeakRSS(0.005, trim_first=False, read=rss_or_peak) as sampler:
         if args.context_source == "model":
             for i in range(0, args.context, args.chunk):
                 chunk = ids[:, i : i + args.chunk]
@@ -264,7 +228,8 @@ def long_context(loaded, args) -> dict:
                 token = out.logits[:, -1:].argmax(-1)
             del logits
         else:  # what a forward pass does to the cache: every layer appends the chunk and reads everything back
-            steps = [args.chunk] * (args.context // args.chunk) + [args.context % args.chunk] * bool(args.context % args.chunk)
+            whole, rest = divmod(args.context, args.chunk)
+            steps = [args.chunk] * whole + [rest] * bool(rest)
             steps += [1] * args.decode
             for n in steps:
                 for layer, (k_scale, v_scale) in zip(cache.layers, scales):
@@ -275,17 +240,16 @@ def long_context(loaded, args) -> dict:
                     del k_all, v_all
     seconds = time.perf_counter() - start
     gc.collect()
-    rss_held = rss_bytes()
+    rss_held = rss_or_peak()
     tokens = cache.get_seq_length()
     got = cache.nbytes()
-    formula = expected_nbytes(bits, quantizer, g.head_dim, tokens, residual_length=128, dtype=dtype)
-    cost = CostModel.from_quantizer(quantizer, g, residual_length=128, context_tokens=tokens,
-                                    kv_dtype_bytes=dtype.itemsize)
+    formula = spec.expected_bytes(g.head_dim, tokens, dtype=dtype)
+    cost = CostModel.from_policy(spec.policy, g, tokens, itemsize=dtype.itemsize)
     per_token = cost.bytes_per_token(bits)
     fp_elems = 2 * g.num_layers * g.num_kv_heads * g.head_dim * tokens
     del cache
     gc.collect()
-    rss_released = rss_bytes()
+    rss_released = rss_or_peak()
     return {
         "source": args.context_source,
         "model": loaded.name,
@@ -298,14 +262,14 @@ def long_context(loaded, args) -> dict:
         "avg_bits": float(bits.mean()),
         "seconds": seconds,
         "cache_bytes": got.to_dict(),
-        "expected_nbytes": formula.to_dict(),
+        "expected_bytes": formula.to_dict(),
         "cache_over_expected": got.total / formula.total,
         "cost_model_bytes_per_token": per_token,
         "cost_model_total_bytes": per_token * tokens,
         "cache_over_cost_model": got.total / (per_token * tokens),
         "float32_dynamic_cache_bytes": fp_elems * 4,
-        "float16_dynamic_cache_bytes": fp_elems * 2,
-        "ratio_to_float16": got.total / (fp_elems * 2),
+        "float16_dynamic_cache_bytes": fp_elems * FLOAT16_BYTES,
+        "ratio_to_float16": got.total / (fp_elems * FLOAT16_BYTES),
         "cache_mib": got.total / MIB,
         "rss_before_mib": rss_before / MIB,
         "rss_peak_mib": sampler.peak / MIB,
@@ -329,11 +293,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--decode", type=int, default=8)
-    parser.add_argument("--context-source", choices=("kv", "model"), default="kv",
-                        help="kv (default): feed realistic keys/values into the cache layers as a forward pass "
-                             "would; model: run the model itself (hours on a 2-core CPU at 16k tokens)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a small shared CPU more threads spin against each other)")
+    parser.add_argument(
+        "--context-source",
+        choices=("kv", "model"),
+        default="kv",
+        help="kv (default): feed realistic keys/values into the cache layers as a forward pass "
+        "would; model: run the model itself (hours on a 2-core CPU at 16k tokens)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a small shared CPU more threads spin against each other)",
+    )
     parser.add_argument("--skip", choices=("generations", "context"), action="append", default=[])
     parser.add_argument("--output", type=Path, default=Path("results/long_runs.json"))
     args = parser.parse_args(argv)
@@ -346,27 +318,30 @@ def main(argv=None) -> dict:
     result = {
         "format_version": FORMAT_VERSION,
         "benchmark": "long_runs",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": machine_info(),
+        "config": args_dict(args),
+        "machine": machine_info(args.threads),
         "model": {"name": loaded.name, **loaded.geometry.to_dict(), "dtype": str(loaded.dtype).removeprefix("torch.")},
     }
     if "generations" not in args.skip:
         print(f"{args.generations} generations ...", flush=True)
         result["repeated_generations"] = repeated_generations(loaded, args)
         r = result["repeated_generations"]
-        print(f"  RSS growth after warm-up {r['growth_after_warmup_mib']:+.2f} MiB "
-              f"(slope {r['slope_bytes_per_generation'] / 1024:+.2f} KiB/generation); live tensors {r['live_tensors'][0][1]} -> {r['live_tensors'][-1][1]}")
+        print(
+            f"  RSS growth after warm-up {r['growth_after_warmup_mib']:+.2f} MiB "
+            f"(slope {r['slope_bytes_per_generation'] / 1024:+.2f} KiB/generation); "
+            f"live tensors {r['live_tensors'][0][1]} -> {r['live_tensors'][-1][1]}"
+        )
     if "context" not in args.skip:
         print(f"{args.context}-token context ...", flush=True)
         result["long_context"] = long_context(loaded, args)
         r = result["long_context"]
-        print(f"  {r['tokens']} tokens in {r['seconds']:.0f} s; cache {r['cache_mib']:.1f} MiB = "
-              f"{r['cache_over_expected']:.4f} x expected_nbytes; RSS peak +{r['rss_peak_growth_mib']:.0f} MiB, "
-              f"held +{r['rss_held_growth_mib']:.0f} MiB")
+        print(
+            f"  {r['tokens']} tokens in {r['seconds']:.0f} s; cache {r['cache_mib']:.1f} MiB = "
+            f"{r['cache_over_expected']:.4f} x expected_bytes; RSS peak +{r['rss_peak_growth_mib']:.0f} MiB, "
+            f"held +{r['rss_held_growth_mib']:.0f} MiB"
+        )
     result["seconds"] = time.perf_counter() - start
-    from ratequant.jsonio import write_json
-
-    print(f"written to {write_json(args.output, result, overwrite=True)}")
+    print(f"written to {write_result(args.output, result)}")
     return result
 
 

@@ -18,8 +18,6 @@ Takes a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import sys
 import time
@@ -28,21 +26,9 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+from _common import corpus_windows, machine_info, write_result
+
 FORMAT_VERSION = 1
-
-
-def _machine() -> dict:
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def _damage(model, ids, quantizer, kind, layer, head, bits, reference_logp):
@@ -84,10 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from ratequant.calibration import capture
-    from ratequant.data import load_corpus, token_windows
+    from ratequant.data import load_corpus
     from ratequant.distortion import DEFAULT_METRIC, METRICS, measure_distortion, measure_distortions, spearman
     from ratequant.geometry import KINDS
-    from ratequant.jsonio import write_json
     from ratequant.models import load_model
     from ratequant.quantizers import get_quantizer
 
@@ -95,13 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model("default")
     model, geometry = loaded.model, loaded.geometry
     corpus = load_corpus("default")
-    calib = token_windows(loaded.tokenizer, corpus.calibration, args.seq_len, args.calib_windows)
-    held_out = token_windows(loaded.tokenizer, corpus.evaluation, args.eval_seq_len, args.eval_windows)
+    calib = corpus_windows(loaded.tokenizer, corpus.calibration, args.seq_len, args.calib_windows)
+    held_out = corpus_windows(loaded.tokenizer, corpus.evaluation, args.eval_seq_len, args.eval_windows)
     quantizer = get_quantizer(args.quantizer)
     print(f"model {loaded.name} {geometry}; calibration {tuple(calib.shape)}, held-out {tuple(held_out.shape)}")
 
     stats = capture(model, calib)
-    print(f"capture: {dict((k, round(v, 2)) for k, v in stats.timings.items())} s")
+    timings = {k: round(v, 2) for k, v in stats.timings.items()}
+    print(f"capture: {timings} s")
 
     bitset = (1, 2, 3, 4)
     tables = measure_distortions(stats, quantizer, bitset, METRICS)
@@ -172,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "format_version": FORMAT_VERSION,
         "benchmark": "metric_validation",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "config": {
             "model": loaded.name,
             "geometry": geometry.to_dict(),
@@ -194,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": rows,
         "total_seconds": time.perf_counter() - started,
     }
-    write_json(args.out, result, overwrite=args.force)
+    write_result(args.out, result, overwrite=args.force)
     print(f"wrote {args.out} ({result['total_seconds']:.0f} s)")
     return result
 

@@ -22,16 +22,15 @@ Results go to a JSON file with ``format_version``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from _common import machine_info, write_result
 from ratequant.quantizers import available, get_quantizer
 
 FORMAT_VERSION = 1
@@ -50,16 +49,16 @@ def median_seconds(fn, min_time: float, min_reps: int = 3, max_reps: int = 200) 
     return statistics.median(times)
 
 
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
+def synced_seconds(fn, *, sync, min_time: float) -> float:
+    """:func:`median_seconds` of ``fn()`` followed by ``sync()`` (the device's synchronize; None on the CPU)."""
+    if sync is None:
+        return median_seconds(fn, min_time)
+
+    def wrapped():
+        fn()
+        sync()
+
+    return median_seconds(wrapped, min_time)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -74,16 +73,9 @@ def run(args: argparse.Namespace) -> dict:
     for dtype_name in args.dtypes:
         x = base.to(device=device, dtype=DTYPES[dtype_name])
         float_bytes = x.numel() * x.element_size()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-        def timed(fn):
-            def wrapped():
-                fn()
-                sync()
-
-            return median_seconds(wrapped, args.min_time)
-
-        clone_s = timed(lambda: x.clone())
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        timed = partial(synced_seconds, sync=sync, min_time=args.min_time)
+        clone_s = timed(x.clone)
         baselines[dtype_name] = {"seconds": clone_s, "gbps": float_bytes / clone_s / 1e9}  # run start
         for name in args.designs:
             design = get_quantizer(name)
@@ -102,16 +94,16 @@ def run(args: argparse.Namespace) -> dict:
                         "float_bytes": float_bytes,
                     }
                     for op, fn in (
-                        ("quantize", lambda: design.quantize(x, bits, kind)),
-                        ("dequantize", lambda: design.dequantize(q)),
-                        ("fake_quantize", lambda: design.fake_quantize(x, bits, kind)),
+                        ("quantize", partial(design.quantize, x, bits, kind)),
+                        ("dequantize", partial(design.dequantize, q)),
+                        ("fake_quantize", partial(design.fake_quantize, x, bits, kind)),
                     ):
                         s = timed(fn)
                         row[f"{op}_seconds"] = s
                         row[f"{op}_gbps"] = float_bytes / s / 1e9
                     # the copy again, right beside this row's timings: on a shared machine the
                     # bandwidth drifts, and ratios against a contemporaneous copy stay meaningful
-                    row["clone_gbps"] = float_bytes / timed(lambda: x.clone()) / 1e9
+                    row["clone_gbps"] = float_bytes / timed(x.clone) / 1e9
                     results.append(row)
                     print(
                         f"{name:8s} {dtype_name:8s} {kind:5s} {bits}b  "
@@ -155,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     report = run(args)
     report["wall_seconds"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_result(args.out, report)
     print(f"wrote {args.out} ({report['wall_seconds']:.1f} s)")
     return 0
 

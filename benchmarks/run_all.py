@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import subprocess_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -29,15 +30,27 @@ def commands(results: Path, threads: int, quick: bool) -> dict[str, list[str]]:
         + (["--bits", "2", "4", "--dtypes", "float32", "--min-time", "0.01"] if quick else []),
         "cache_memory": ["cache_memory.py", "--output", str(results / "cache_memory.json")],  # fast at full size
         "decode_speed": [
-            "decode_speed.py", "--threads", t, "--output", str(results / "decode_speed.json"),
-            "--plot", str(results / "decode_speed.png"),
+            "decode_speed.py",
+            "--threads",
+            t,
+            "--output",
+            str(results / "decode_speed.json"),
+            "--plot",
+            str(results / "decode_speed.png"),
         ]
-        + (["--contexts", "256", "512", "--new-tokens", "4", "--warmup", "1", "--calib-sequences", "1"] if quick else []),
+        + (
+            ["--contexts", "256", "512", "--new-tokens", "4", "--warmup", "1", "--calib-sequences", "1"]
+            if quick
+            else []
+        ),
         "calibration_time": ["calibration_time.py", "--threads", t, "--output", str(results / "calibration_time.json")]
         + (["--repeats", "1", "--sequences", "1", "--seq-len", "128"] if quick else []),
         "metric_validation": ["metric_validation.py", "--out", str(results / "metric_validation.json"), "--force"]
-        + (["--pairs", "4", "--calib-windows", "1", "--eval-windows", "1", "--seq-len", "128", "--eval-seq-len", "128"]
-           if quick else []),
+        + (
+            ["--pairs", "4", "--calib-windows", "1", "--eval-windows", "1", "--seq-len", "128", "--eval-seq-len", "128"]
+            if quick
+            else []
+        ),
     }
     return {name: args for name, args in runs.items() if (HERE / args[0]).exists()}
 
@@ -56,9 +69,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    env = subprocess_env(args.threads)
     summary, failed = {}, []
     for name, cmd in runs.items():
         full = [sys.executable, str(HERE / cmd[0]), *cmd[1:]]
@@ -70,7 +81,8 @@ def main(argv=None) -> int:
         print(f"== {name}: exit {rc} after {wall:.0f} s", flush=True)
         if rc:
             failed.append(name)
-    (args.results / "bench_summary.json").write_text(json.dumps({"format_version": 1, "runs": summary}, indent=2) + "\n")
+    summary_json = json.dumps({"format_version": 1, "runs": summary}, indent=2) + "\n"
+    (args.results / "bench_summary.json").write_text(summary_json)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
