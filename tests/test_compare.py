@@ -173,15 +173,21 @@ def test_true_bytes_count_codes_and_metadata(results):
             assert m.kv_bytes_per_token == pytest.approx(expected, rel=1e-12)
 
 
-def test_full_precision_matches_plain_perplexity(results, setup, config):
+def test_full_precision_matches_plain_perplexity_on_both_scorings(results, setup, config):
     from ratequant.evaluation import WindowProtocol, make_windows, perplexity
 
     loaded, corpus = setup
-    windows = make_windows(loaded.tokenizer, corpus.evaluation, WindowProtocol(config.seq_len, config.windows))
-    with one_thread():
-        assert results.full_precision.ppl == pytest.approx(
-            perplexity(loaded.model, windows, progress=False).ppl, rel=1e-9
+    assert set(results.evaluations) == {"tiny/all", "tiny/second-half"} and results.primary == "tiny/second-half"
+    for scoring in ("all", "second-half"):
+        windows = make_windows(
+            loaded.tokenizer, corpus.evaluation, WindowProtocol(config.seq_len, config.windows, scoring=scoring)
         )
+        with one_thread():
+            plain = perplexity(loaded.model, windows, progress=False)
+        score = results.full_precision.score(f"tiny/{scoring}")
+        assert score.ppl == pytest.approx(plain.ppl, rel=1e-9) and score.tokens == plain.tokens
+        assert results.evaluations[f"tiny/{scoring}"]["scored_tokens"] == plain.tokens
+    assert results.evaluations["tiny/second-half"]["scored_tokens"] == config.windows * (config.seq_len // 2)
 
 
 def test_ratequant_is_optimal_under_its_own_curves_and_mismatch_reuses_the_other_curves(results):
@@ -412,3 +418,50 @@ def test_compare_on_the_default_model(default_model, tmp_path):
             assert m.kv_bytes_per_token < fp.details["fp16_kv_bytes_per_token"] * 4.5 / 16  # 3 code bits + metadata
     files = write_report(results, tmp_path / "report")
     assert (tmp_path / "report" / "bits_3.png").read_bytes()[:8] == PNG_MAGIC and "report.md" in files.files
+
+
+def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
+    """Through the real cache (streaming) the scores equal the simulated ones; a second corpus is scored beside
+    the first; passkey retrieval runs full precision and the chosen methods through their caches."""
+    from ratequant.data import Corpus
+
+    loaded, corpus = setup
+    other_text = "\n\n".join(f"a different text, number {i}: ships sail over the sea at dawn." * 3 for i in range(40))
+    other = Corpus("other", other_text[:2000], other_text[2000:])
+    base = dict(
+        model="tiny",
+        corpus="tiny",
+        budgets=(2.5,),
+        designs=("kivi",),
+        seq_len=80,
+        windows=2,
+        calibration_seq_len=48,
+        calibration_sequences=1,
+        residual=32,
+        sink_tokens=2,
+        eval_corpora=("other",),
+    )
+    with one_thread():
+        simulated = run_compare(loaded, corpus, CompareConfig(**base), progress=False, eval_corpora={"other": other})
+        streaming = run_compare(
+            loaded, corpus,
+            CompareConfig(**base, mode="streaming", passkey_context=300, passkey_depths=(0.5,), passkey_trials=1,
+                          passkey_budgets=(2.5,)),
+            progress=False, eval_corpora={"other": other},
+        )  # fmt: skip
+    assert set(streaming.evaluations) == {"tiny/all", "tiny/second-half", "other/all", "other/second-half"}
+    assert streaming.evaluations["other/all"]["mode"] == "streaming"
+    for a, b in zip(simulated.methods, streaming.methods):
+        assert a.label == b.label
+        for ev in simulated.evaluations:
+            if b.method in ("rank", "rank+quant", "full-precision"):
+                assert b.score(ev).kl == pytest.approx(a.score(ev).kl, rel=1e-9, abs=1e-12)
+            else:  # float32: the keys of a prefill piece round differently from the whole window's
+                assert b.score(ev).kl == pytest.approx(a.score(ev).kl, rel=2e-2, abs=1e-7), (b.label, ev)
+    passkey = streaming.extra["passkey"]
+    assert set(passkey["results"]) == {"full precision", "RateQuant (2.5 bits)"}
+    for r in passkey["results"].values():
+        assert r["trials"] == 1 and 0 <= r["accuracy"] <= 1 and r["mean_logprob"] < 0
+    files = write_report(streaming, tmp_path / "report")
+    report = files.report.read_text()
+    assert "## Passkey retrieval through the real cache" in report and "| other, second-half |" in report

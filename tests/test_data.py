@@ -58,3 +58,38 @@ def test_bad_text_files_are_refused(tmp_path, content, message):
 def test_missing_corpus_file(tmp_path):
     with pytest.raises(RateQuantError, match="not found"):
         load_corpus(str(tmp_path / "nope.txt"))
+
+
+FORTUNES_INSTALLED = __import__("ratequant.data", fromlist=["fortunes_dir"]).fortunes_dir().is_dir()
+
+
+@pytest.mark.skipif(
+    not FORTUNES_INSTALLED, reason="Debian's fortunes package is not installed (apt-get install fortunes)"
+)
+def test_fortunes_is_a_second_corpus_split_without_shared_entries():
+    from ratequant.data import fortune_entries
+
+    a, b = load_corpus("fortunes"), load_corpus("fortunes")
+    assert a == b and a.name == "fortunes"
+    entries = fortune_entries()
+    assert len(entries) == len(set(entries)) > 4000  # deduplicated
+    calibration, evaluation = entries[::4], [e for i, e in enumerate(entries) if i % 4]
+    assert a.calibration == "\n\n".join(calibration) and a.evaluation == "\n\n".join(evaluation)
+    assert not set(calibration) & set(evaluation)
+    assert "%" not in {line.strip() for line in a.evaluation.splitlines()}  # the separators are gone
+    assert a.sha256 != load_corpus().sha256
+
+
+def test_fortunes_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RATEQUANT_FORTUNES_DIR", str(tmp_path / "none"))
+    with pytest.raises(RateQuantError, match="apt-get install fortunes"):
+        load_corpus("fortunes")
+
+
+def test_fortunes_from_a_folder_of_entries(tmp_path, monkeypatch):
+    (tmp_path / "quotes").write_text("\n%\n".join(f"saying number {i}\n  -- someone" for i in range(12)) + "\n%\n")
+    (tmp_path / "quotes.dat").write_bytes(b"\x00binary index")  # the index files are not text: left out
+    monkeypatch.setenv("RATEQUANT_FORTUNES_DIR", str(tmp_path))
+    corpus = load_corpus("fortunes")
+    assert corpus.calibration.split("\n\n") == [f"saying number {i}\n  -- someone" for i in (0, 4, 8)]
+    assert len(corpus.evaluation.split("\n\n")) == 9

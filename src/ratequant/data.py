@@ -9,6 +9,11 @@ The embedded default corpus is the Python language reference that every CPython 
 3. topic number ``i`` (0-based, in sorted order) goes to calibration when ``i % 4 == 0``, else to
    evaluation: a quarter of the topics calibrate, three quarters evaluate, and no text is shared.
 
+The second corpus, of another domain, is Debian's ``fortunes`` package (``apt-get install fortunes``: about
+2.6 MB of quotations, jokes and verse in ``/usr/share/games/fortunes``; ``$RATEQUANT_FORTUNES_DIR`` points
+elsewhere). Its files are read in sorted order (``ascii-art`` left out: pictures, not text), cut into entries at
+the lines holding ``%``, deduplicated, and entry ``i`` (counted over all files) calibrates when ``i % 4 == 0``.
+
 A user's UTF-8 text file is deduplicated the same way and cut at a paragraph boundary: the first
 ``calibration_fraction`` of its characters calibrate, the rest evaluates. A Hugging Face dataset
 (``hf:NAME[:CONFIG]``, needs the ``datasets`` package and network) uses its train split for calibration
@@ -18,12 +23,17 @@ and its test split (or validation) for evaluation.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ratequant.errors import RateQuantError
 
 DEFAULT_CORPUS = "pydoc-topics"
+FORTUNES = "fortunes"
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNES_SKIPPED = ("ascii-art",)
 CALIBRATION_EVERY = 4
 MAX_TEXT_BYTES = 2**31
 
@@ -59,12 +69,15 @@ class Corpus:
 
 
 def load_corpus(spec: str | None = None, *, calibration_fraction: float = 0.25) -> Corpus:
-    """Load ``spec``: None or ``"default"`` (pydoc topics), a UTF-8 text file path, or ``hf:NAME[:CONFIG]``."""
+    """Load ``spec``: None or ``"default"`` (pydoc topics), ``"fortunes"`` (Debian's fortunes), a UTF-8 text file
+    path, or ``hf:NAME[:CONFIG]``."""
     if not 0.0 < calibration_fraction < 1.0:
         raise RateQuantError(f"calibration_fraction must be between 0 and 1, got {calibration_fraction}")
     spec = spec or "default"
     if spec in ("default", DEFAULT_CORPUS):
         return _pydoc_corpus()
+    if spec == FORTUNES:
+        return _fortunes_corpus()
     if spec.startswith("hf:"):
         return _hf_corpus(spec[3:])
     return _file_corpus(Path(spec).expanduser(), calibration_fraction)
@@ -93,6 +106,34 @@ def _pydoc_corpus() -> Corpus:
     calibration = [p for i, ps in enumerate(per_topic) if i % CALIBRATION_EVERY == 0 for p in ps]
     evaluation = [p for i, ps in enumerate(per_topic) if i % CALIBRATION_EVERY != 0 for p in ps]
     return Corpus(DEFAULT_CORPUS, "\n\n".join(calibration), "\n\n".join(evaluation))
+
+
+def fortunes_dir() -> Path:
+    """Where Debian's fortunes are (``$RATEQUANT_FORTUNES_DIR`` or ``/usr/share/games/fortunes``)."""
+    return Path(os.environ.get("RATEQUANT_FORTUNES_DIR") or FORTUNES_DIR)
+
+
+def fortune_entries(folder: Path | None = None) -> list[str]:
+    """The deduplicated fortunes of ``folder`` (default :func:`fortunes_dir`), in file then entry order."""
+    folder = fortunes_dir() if folder is None else folder
+    files = sorted(p for p in folder.glob("*") if p.is_file() and not p.suffix and p.name not in FORTUNES_SKIPPED)
+    if not files:
+        raise RateQuantError(
+            f"the fortunes corpus is not installed (no fortune files in {folder}); install Debian's package with "
+            "`apt-get install fortunes`, or set RATEQUANT_FORTUNES_DIR"
+        )
+    entries = []
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
+        entries += [e.strip("\n") for e in re.split(r"^%$", text, flags=re.M) if e.strip()]
+    return _dedup([entries])[0]
+
+
+def _fortunes_corpus() -> Corpus:
+    entries = fortune_entries()
+    calibration = [e for i, e in enumerate(entries) if i % CALIBRATION_EVERY == 0]
+    evaluation = [e for i, e in enumerate(entries) if i % CALIBRATION_EVERY != 0]
+    return Corpus(FORTUNES, "\n\n".join(calibration), "\n\n".join(evaluation))
 
 
 def _file_corpus(path: Path, calibration_fraction: float) -> Corpus:

@@ -21,7 +21,7 @@ class GenerationResult:
     prompt_tokens: int
     new_tokens: int
     seconds: float
-    cache_bytes: dict | None  # {"codes", "metadata", "residual", "total"}; None without a plan
+    cache_bytes: dict | None  # {"codes", "metadata", "residual", "sink", "buffer", "total"}; None without a plan
     fp16_cache_bytes: int
     model_dtype_cache_bytes: int  # a full-precision cache in the model's own dtype
 
@@ -39,7 +39,8 @@ class GenerationResult:
         b = self.cache_bytes
         return (
             f"{head}\nKV cache {b['total']:,} bytes (codes {b['codes']:,}, metadata {b['metadata']:,}, "
-            f"residual {b['residual']:,}); a full-precision cache would hold {self.model_dtype_cache_bytes:,} "
+            f"residual {b['residual']:,}, sink tokens {b['sink']:,}); a full-precision cache would hold "
+            f"{self.model_dtype_cache_bytes:,} "
             f"in the model's dtype, {self.fp16_cache_bytes:,} in float16 "
             f"({b['total'] / self.fp16_cache_bytes:.1%} of it)"
         )
@@ -101,13 +102,12 @@ def generate(
     new = output[0, prompt_tokens:]
     g = loaded.geometry
     stored = cache.get_seq_length()
-    per_token = 2 * g.num_layers * g.num_kv_heads * g.head_dim
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
         prompt_tokens=prompt_tokens,
         new_tokens=int(new.numel()),
         seconds=seconds,
         cache_bytes=None if spec is None else cache.nbytes().to_dict(),
-        fp16_cache_bytes=per_token * 2 * stored,
-        model_dtype_cache_bytes=per_token * loaded.dtype.itemsize * stored,
+        fp16_cache_bytes=g.kv_bytes_per_token(2) * stored,
+        model_dtype_cache_bytes=g.kv_bytes_per_token(loaded.dtype.itemsize) * stored,
     )

@@ -48,5 +48,10 @@ class Geometry:
         """Shape of a per-component array: ``(2, num_layers, num_kv_heads)``."""
         return (2, self.num_layers, self.num_kv_heads)
 
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes per token of a full-precision KV cache with ``itemsize``-byte values (keys and values of every
+        kv head of every layer)."""
+        return self.num_components * self.head_dim * int(itemsize)
+
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,25 +5,62 @@ from __future__ import annotations
 import argparse
 
 from ratequant.cli import command
-from ratequant.cli.options import add_corpus_options, add_model_options, budget_list, positive_int
+from ratequant.cli.options import (
+    add_corpus_options,
+    add_model_options,
+    budget_list,
+    float_list,
+    nonnegative_int,
+    positive_int,
+)
 from ratequant.errors import RateQuantError
+
+EXPERIMENT_OPTIONS = (
+    "budgets",
+    "designs",
+    "metric",
+    "seq_len",
+    "windows",
+    "bos",
+    "scoring",
+    "calibration_sequences",
+    "calibration_seq_len",
+    "residual",
+    "sink_tokens",
+    "mode",
+    "prefill_chunk",
+    "eval_corpora",
+    "passkey_context",
+    "passkey_trials",
+    "passkey_depths",
+)
+"""The options that decide a comparison: refused beside --config, which repeats a saved one exactly."""
 
 
 def configure_compare(parser: argparse.ArgumentParser) -> None:
     from ratequant.distortion import DEFAULT_METRIC, METRICS
+    from ratequant.evaluation.protocol import BOS_CHOICES
     from ratequant.experiments import DEFAULT_BUDGETS, DEFAULT_DESIGNS, QUICK_SIZES
+    from ratequant.experiments.config import MODES, SCORINGS
 
     def bits(values) -> str:
         return ",".join(f"{v:g}" for v in values)
 
     add_model_options(parser)
     add_corpus_options(parser)
-    parser.add_argument(
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument(
         "--quick",
         action="store_true",
         help=f"small run (budgets {bits(QUICK_SIZES['budgets'])}, {QUICK_SIZES['windows']} windows of "
-        f"{QUICK_SIZES['seq_len']} tokens, {QUICK_SIZES['calibration_sequences']} calibration "
-        "sequences): what make demo runs",
+        f"{QUICK_SIZES['seq_len']} tokens, {QUICK_SIZES['calibration_sequences']} calibration sequences): what "
+        "make demo runs",
+    )
+    preset.add_argument(
+        "--full",
+        action="store_true",
+        help="the README's results (2048-token windows, residual 128, four budgets, the fortunes corpus too, "
+        "passkey at 4096 tokens): what make results runs",
     )
     parser.add_argument(
         "--budgets", type=budget_list, metavar="B,B,...", help=f"average code bits (default {bits(DEFAULT_BUDGETS)})"
@@ -36,17 +73,47 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metric", choices=METRICS, help=f"distortion metric (default {DEFAULT_METRIC})")
     parser.add_argument("--seq-len", type=positive_int, help="tokens per evaluation window (default 512)")
-    parser.add_argument("--windows", type=positive_int, help="evaluation windows (default 8)")
+    parser.add_argument("--windows", type=positive_int, help="evaluation windows per corpus (default 8)")
+    parser.add_argument(
+        "--bos", choices=BOS_CHOICES, help="windows start with BOS: auto (as the tokenizer does, default), yes, no"
+    )
+    parser.add_argument(
+        "--scoring", choices=SCORINGS, help="the headline scores: second-half (default, as llama.cpp) or all"
+    )
     parser.add_argument("--calibration-sequences", type=positive_int, help="calibration sequences (default 4)")
     parser.add_argument(
         "--calibration-seq-len", type=positive_int, help="tokens per calibration sequence (default 512)"
     )
     parser.add_argument(
         "--residual",
-        type=int,
+        type=nonnegative_int,
         metavar="N",
-        help="full-precision residual window of the simulated cache (default 0: quantize the whole "
-        "context, as the papers' figures do)",
+        help="full-precision residual window of the cache (default 0: quantize the whole context, as the papers' "
+        "figures do)",
+    )
+    parser.add_argument(
+        "--sink-tokens", type=nonnegative_int, metavar="N", help="first tokens kept at full precision (default 0)"
+    )
+    parser.add_argument("--mode", choices=MODES, help="simulated quantization (default) or the real cache (streaming)")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        metavar="N",
+        help="streaming: tokens per forward pass (default: the quantization chunk)",
+    )
+    parser.add_argument(
+        "--eval-corpus",
+        dest="eval_corpora",
+        action="append",
+        metavar="CORPUS",
+        help="also score every method on this corpus's evaluation split, e.g. fortunes (repeatable)",
+    )
+    parser.add_argument(
+        "--passkey-context", type=positive_int, metavar="N", help="also run passkey retrieval at N tokens"
+    )
+    parser.add_argument("--passkey-trials", type=positive_int, metavar="N", help="passkey trials per depth (default 2)")
+    parser.add_argument(
+        "--passkey-depths", type=float_list, metavar="D,D,...", help="passkey depths (default 0.1,0.5,0.9)"
     )
     parser.add_argument(
         "--out", default="results/compare", metavar="DIR", help="report folder (default results/compare)"
@@ -57,38 +124,18 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@command(
-    "compare", "every allocation method at every budget for every quantizer design: writes a report", configure_compare
-)
-def run_compare(args: argparse.Namespace) -> int:
-    import time
-
-    from ratequant.data import load_corpus
+def config_from(args: argparse.Namespace):
+    """The :class:`CompareConfig` the options describe (or the saved one ``--config`` names)."""
     from ratequant.experiments import CompareConfig
-    from ratequant.experiments import run_compare as compare
-    from ratequant.models import load_model
-    from ratequant.progress import Stages
-    from ratequant.report import check_output, findings, write_report
 
-    experiment = {
-        name: getattr(args, name)
-        for name in (
-            "budgets",
-            "designs",
-            "metric",
-            "seq_len",
-            "windows",
-            "calibration_sequences",
-            "calibration_seq_len",
-            "residual",
-        )
-    }
+    experiment = {name: getattr(args, name) for name in EXPERIMENT_OPTIONS if getattr(args, name) is not None}
     if args.config:
-        given = [f"--{name.replace('_', '-')}" for name, value in experiment.items() if value is not None]
+        given = [f"--{name.replace('_', '-')}".replace("eval-corpora", "eval-corpus") for name in experiment]
         given += [
             flag
             for flag, on in (
                 ("--quick", args.quick),
+                ("--full", args.full),
                 ("--model", args.model != "default"),
                 ("--corpus", args.corpus != "default"),
                 ("--dtype", args.dtype is not None),
@@ -97,26 +144,36 @@ def run_compare(args: argparse.Namespace) -> int:
         ]
         if given:
             raise RateQuantError(f"--config re-runs a saved configuration exactly; drop {', '.join(given)}")
-        config = CompareConfig.load(args.config)
-    else:
-        make = CompareConfig.quick if args.quick else CompareConfig
-        config = make(
-            model=args.model,
-            corpus=args.corpus,
-            dtype=args.dtype,
-            **{name: value for name, value in experiment.items() if value is not None},
-        )
+        return CompareConfig.load(args.config)
+    make = CompareConfig.quick if args.quick else CompareConfig.full if args.full else CompareConfig
+    return make(model=args.model, corpus=args.corpus, dtype=args.dtype, **experiment)
+
+
+@command(
+    "compare", "every allocation method at every budget for every quantizer design: writes a report", configure_compare
+)
+def run_compare(args: argparse.Namespace) -> int:
+    import time
+
+    from ratequant.data import load_corpus
+    from ratequant.experiments import run_compare as compare
+    from ratequant.models import load_model
+    from ratequant.progress import Stages
+    from ratequant.report import check_output, findings, write_report
+
+    config = config_from(args)
     check_output(args.out, args.force)
     say = Stages(True, time.perf_counter())
     corpus = load_corpus(config.corpus)
+    others = {name: load_corpus(name) for name in config.eval_corpora}
     loaded = load_model(config.model, dtype=config.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    say(f"loaded model {loaded.name} and corpus {corpus.name}")
-    results = compare(loaded, corpus, config, progress=say)
+    say(f"loaded model {loaded.name} and corpus {', '.join([corpus.name, *others])}")
+    results = compare(loaded, corpus, config, progress=say, eval_corpora=others)
     files = write_report(results, args.out, overwrite=args.force, command=config.command(args.out))
-    fp = results.full_precision
+    fp = results.full_precision.score()
     print(
-        f"full precision: perplexity {fp.ppl:.3f} on {len(fp.window_nll)} windows of the evaluation split "
-        f"({results.evaluation['scored_tokens']} scored tokens)"
+        f"full precision: perplexity {fp.ppl:.3f} ± {fp.ppl_se:.3f} on {len(fp.window_nll)} windows of the evaluation "
+        f"split ({results.evaluation['scored_tokens']} scored tokens, {results.evaluation['scoring']})"
     )
     for line in findings(results):
         print(f"- {line}")

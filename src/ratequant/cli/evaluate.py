@@ -244,7 +244,7 @@ def run_info(args: argparse.Namespace) -> int:
     loaded = load_model_from(args)
     model_info = loaded.describe()
     g = loaded.geometry
-    fp16_bytes = 2 * g.num_layers * g.num_kv_heads * g.head_dim * 2
+    fp16_bytes = g.kv_bytes_per_token(2)
     print(f"model      {loaded.name}  ({loaded.source})")
     print(f"  layers {g.num_layers}, query heads {g.num_heads}, kv heads {g.num_kv_heads}, head dim {g.head_dim}")
     print(f"  {g.num_components} components (key and value of each kv head of each layer)")

@@ -84,6 +84,11 @@ class Windows:
     def scored_per_window(self) -> int:
         return self.seq_len - self.first_target
 
+    def with_scoring(self, scoring: str) -> Windows:
+        """The same windows scored by ``scoring``."""
+        p = self.protocol
+        return Windows(self.ids, WindowProtocol(p.seq_len, p.windows, p.bos, scoring), self.bos_token_id)
+
     def describe(self) -> dict:
         """What a result must record about its windows."""
         return {

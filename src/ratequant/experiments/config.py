@@ -13,16 +13,51 @@ from pathlib import Path
 
 from ratequant.distortion import DEFAULT_METRIC, METRICS
 from ratequant.errors import RateQuantError
+from ratequant.evaluation.protocol import BOS_CHOICES
 from ratequant.jsonio import read_json, write_json
-from ratequant.validation import check_bitset, check_int, finite_real
+from ratequant.validation import check_bitset, check_choice, check_int, finite_real
 
 FORMAT_VERSION = 2
 DEFAULT_DESIGNS = ("kivi", "quarot", "turbo", "uniform")
 DEFAULT_BUDGETS = (2.0, 2.5, 3.0, 4.0)
-PRESETS = ("default", "quick")
-QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=256, windows=4, calibration_seq_len=512, calibration_sequences=2)
-"""What ``--quick`` (and ``make demo``) runs: 2 budgets, 4 evaluation windows of 256 tokens, 2 calibration
-sequences of 512 tokens, every design. A few minutes on a 2-core CPU for the default model."""
+PRESETS = ("default", "quick", "full")
+QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_len=512, calibration_sequences=2)
+"""What ``--quick`` (and ``make demo``) runs: 2 budgets, 3 evaluation windows of 512 tokens (the second half of
+each scored), 2 calibration sequences of 512 tokens, every design. About three minutes on a 2-core CPU for the
+default model; the report gives the standard errors that say how much of a difference is noise."""
+FULL_SIZES = dict(
+    budgets=(2.0, 2.5, 3.0, 4.0),
+    seq_len=2048,
+    windows=4,
+    calibration_seq_len=512,
+    calibration_sequences=4,
+    residual=128,
+    eval_corpora=("fortunes",),
+    passkey_context=4096,
+)
+"""What ``--full`` (and ``make results``) runs: the README's results. Long windows with the cache's real
+128-token residual window, four budgets, both corpora, passkey retrieval at 4096 tokens."""
+SCORINGS = ("all", "second-half")
+MODES = ("simulated", "streaming")
+
+
+LIST_FIELDS = ("budgets", "designs", "bitset", "eval_corpora", "passkey_depths", "passkey_budgets")
+SCALAR_FLAGS = (
+    "metric",
+    "seq_len",
+    "windows",
+    "bos",
+    "scoring",
+    "calibration_sequences",
+    "calibration_seq_len",
+    "residual",
+    "sink_tokens",
+    "mode",
+    "prefill_chunk",
+    "passkey_context",
+    "passkey_trials",
+)
+"""Fields the command line sets with ``--name value`` (see :meth:`CompareConfig.command`)."""
 
 
 def budget_text(budget: float) -> str:
@@ -36,10 +71,17 @@ class CompareConfig:
 
     ``model``/``corpus`` are the specs the command line loads (``"default"``, a path, a hub id, ...);
     :func:`run_compare` itself uses the model and corpus it is given and records their names and hashes.
-    ``seq_len``/``windows`` size the evaluation (non-overlapping windows of the evaluation split);
-    ``calibration_seq_len``/``calibration_sequences`` the calibration capture. ``residual`` is the
-    full-precision residual window the simulated cache keeps (0: quantize every whole chunk, as the papers'
-    figures do); ``context_tokens`` the context at which true bytes per token are stated.
+    ``seq_len``/``windows`` size the evaluation (non-overlapping windows of the evaluation split, starting with
+    BOS as ``bos`` says: ``"auto"`` follows the tokenizer); both whole-window and second-half scores are
+    computed, ``scoring`` names the headline one. ``calibration_seq_len``/``calibration_sequences`` size the
+    calibration capture. ``residual`` is the full-precision residual window the cache keeps (0: quantize every
+    whole chunk, as the papers' figures do) and ``sink_tokens`` the first tokens it keeps at full precision;
+    ``mode`` evaluates with simulated quantization or through the real cache (``streaming``, prefilled
+    ``prefill_chunk`` tokens at a time; default the quantization chunk); ``context_tokens`` is the context at
+    which true bytes per token are stated. ``eval_corpora`` are further corpora whose evaluation split every
+    method is also scored on (calibration stays on ``corpus``). ``passkey_context`` (None: off) runs passkey
+    retrieval through the real cache for full precision and, with ``passkey_design``, the uniform and RateQuant
+    methods at ``passkey_budgets``.
     """
 
     model: str = "default"
@@ -50,9 +92,20 @@ class CompareConfig:
     metric: str = DEFAULT_METRIC
     seq_len: int = 512
     windows: int = 8
+    bos: str = "auto"
+    scoring: str = "second-half"
     calibration_seq_len: int = 512
     calibration_sequences: int = 4
     residual: int = 0
+    sink_tokens: int = 0
+    mode: str = "simulated"
+    prefill_chunk: int | None = None
+    eval_corpora: tuple[str, ...] = ()
+    passkey_context: int | None = None
+    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    passkey_trials: int = 2
+    passkey_design: str = "kivi"
+    passkey_budgets: tuple[float, ...] = (2.0, 2.5, 4.0)
     context_tokens: int = 4096
     bitset: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     split_max_gap: int = 2
@@ -90,12 +143,14 @@ class CompareConfig:
         object.__setattr__(self, "budgets", budgets)
         designs = tuple(self.designs)
         known = available()
+        if not all(isinstance(d, str) for d in designs):
+            raise RateQuantError(f"compare config: designs must be a list of design names, got {self.designs!r}")
         if not designs or len(set(designs)) != len(designs):
             raise RateQuantError(
                 f"compare config: designs must be a non-empty list without repeats, got {self.designs!r}"
             )
-        for d in (*designs, self.hybrid_design):
-            if d not in known:
+        for d in (*designs, self.hybrid_design, self.passkey_design):
+            if not isinstance(d, str) or d not in known:
                 raise RateQuantError(f"compare config: unknown quantizer design {d!r}; choose from {', '.join(known)}")
         object.__setattr__(self, "designs", designs)
         if self.metric not in METRICS:
@@ -109,8 +164,32 @@ class CompareConfig:
             ("context_tokens", 1),
             ("split_max_gap", 1),
             ("hybrid_bits", 1),
+            ("sink_tokens", 0),
+            ("passkey_trials", 1),
         ):
             object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
+        for name in ("prefill_chunk", "passkey_context"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), f"compare config: {name}", lo=1, hi=1 << 20)
+        check_choice(self.bos, "compare config: bos", BOS_CHOICES, error=RateQuantError)
+        check_choice(self.scoring, "compare config: scoring", SCORINGS)
+        check_choice(self.mode, "compare config: mode", MODES)
+        corpora = tuple(self.eval_corpora)
+        if not all(isinstance(c, str) and c for c in corpora) or len(set(corpora)) != len(corpora):
+            raise RateQuantError(
+                f"compare config: eval_corpora must be distinct corpus names, got {self.eval_corpora!r}"
+            )
+        object.__setattr__(self, "eval_corpora", corpora)
+        depths = tuple(self.passkey_depths)
+        if not depths or not all(finite_real(d) and 0 <= d <= 1 for d in depths):
+            raise RateQuantError(
+                f"compare config: passkey_depths must be numbers in [0, 1], got {self.passkey_depths!r}"
+            )
+        object.__setattr__(self, "passkey_depths", tuple(float(d) for d in depths))
+        pk = tuple(self.passkey_budgets)
+        if not all(finite_real(b) for b in pk):
+            raise RateQuantError(f"compare config: passkey_budgets must be numbers, got {self.passkey_budgets!r}")
+        object.__setattr__(self, "passkey_budgets", tuple(sorted({float(b) for b in pk})))
         if self.hybrid_bits > 8:
             raise RateQuantError(f"compare config: hybrid_bits must be 1..8, got {self.hybrid_bits}")
         if self.context_tokens <= self.residual:
@@ -126,9 +205,19 @@ class CompareConfig:
         """The ``--quick`` sizes (:data:`QUICK_SIZES`), with ``overrides`` on top."""
         return cls(**{**QUICK_SIZES, "preset": "quick", **overrides})
 
+    @classmethod
+    def full(cls, **overrides) -> CompareConfig:
+        """The ``--full`` sizes (:data:`FULL_SIZES`), with ``overrides`` on top."""
+        return cls(**{**FULL_SIZES, "preset": "full", **overrides})
+
+    @classmethod
+    def preset_base(cls, preset: str) -> CompareConfig:
+        return {"quick": cls.quick, "full": cls.full}.get(preset, cls)()
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["budgets"], d["designs"], d["bitset"] = list(self.budgets), list(self.designs), list(self.bitset)
+        for name in LIST_FIELDS:
+            d[name] = list(getattr(self, name))
         return {"format_version": d.pop("format_version"), **d}
 
     @classmethod
@@ -142,7 +231,7 @@ class CompareConfig:
         if "format_version" not in d:
             raise RateQuantError("compare config has no format_version; it was not written by ratequant compare")
         kwargs = dict(d)
-        for name in ("budgets", "designs", "bitset"):
+        for name in LIST_FIELDS:
             if name in kwargs:
                 if not isinstance(kwargs[name], list):
                     raise RateQuantError(f"compare config: {name} must be a list")
@@ -159,10 +248,10 @@ class CompareConfig:
     def command(self, out_dir: str | Path) -> str:
         """The ``ratequant compare`` command line that makes this configuration (options that differ from its
         preset only); ``--config`` with the saved ``config.json`` repeats any configuration exactly."""
-        base = CompareConfig.quick() if self.preset == "quick" else CompareConfig()
+        base = CompareConfig.preset_base(self.preset)
         parts = ["ratequant compare"]
-        if self.preset == "quick":
-            parts.append("--quick")
+        if self.preset != "default":
+            parts.append(f"--{self.preset}")
         for name, flag in (("model", "--model"), ("corpus", "--corpus"), ("dtype", "--dtype")):
             if getattr(self, name) != getattr(base, name):
                 parts.append(f"{flag} {shlex.quote(str(getattr(self, name)))}")
@@ -170,9 +259,11 @@ class CompareConfig:
             parts.append("--budgets " + ",".join(map(budget_text, self.budgets)))
         if self.designs != base.designs:
             parts.append("--designs " + ",".join(self.designs))
-        for name in ("metric", "seq_len", "windows", "calibration_sequences", "calibration_seq_len", "residual"):
+        for name in SCALAR_FLAGS:
             if getattr(self, name) != getattr(base, name):
                 parts.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
+        for corpus in self.eval_corpora if self.eval_corpora != base.eval_corpora else ():
+            parts.append(f"--eval-corpus {shlex.quote(corpus)}")
         parts.append(f"--out {shlex.quote(Path(out_dir).as_posix())}")
         return " ".join(parts)
 

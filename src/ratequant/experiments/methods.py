@@ -27,7 +27,7 @@ import numpy as np
 
 from ratequant.allocation import AllocationOptions, Budget, Curves, allocate, get_strategy
 from ratequant.errors import BudgetError
-from ratequant.evaluation.conditions import Condition, Simulated, Within
+from ratequant.evaluation.conditions import Condition, Simulated, Streaming, Within
 from ratequant.experiments.config import CompareConfig, budget_text
 from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS
@@ -76,6 +76,13 @@ class Skipped:
         return dict(self.__dict__)
 
 
+def condition_for(spec: KVQuantSpec, config: CompareConfig, label: str) -> Condition:
+    """How a quantized method runs: simulated quantization, or the real cache (``config.mode``)."""
+    if config.mode == "streaming":
+        return Streaming(spec, config.prefill_chunk, label=label)
+    return Simulated(spec, config.prefill_chunk or 1, label=label)
+
+
 def pick_mismatch_sources(fits: dict[str, DistortionFit]) -> dict[str, str | None]:
     """For each design, the other design whose ``(beta_key, beta_value)`` is farthest (Euclidean) from its own."""
     out: dict[str, str | None] = {}
@@ -94,7 +101,7 @@ def quantized_methods(
 ) -> list[Method]:
     """Every quantized method of ``design`` at every budget (``source``: the design whose curves the
     mismatched allocation uses); methods that cannot meet a budget go to ``skipped``."""
-    policy = StoragePolicy(get_quantizer(design.design), config.residual)
+    policy = StoragePolicy(get_quantizer(design.design), config.residual, config.sink_tokens)
     cost = cost_model_for(policy, loaded, config.context_tokens, config.bitset)
     fixed = AllocationOptions(bitset=config.bitset, cost_model=cost)  # fixed schemes use the widths they name
     allocated = AllocationOptions(bitset=tuple(b for b in config.bitset if b in design.curves.bitset), cost_model=cost)
@@ -108,7 +115,7 @@ def quantized_methods(
         except BudgetError as exc:
             skipped.append(Skipped(method, label, design.design, budget, str(exc)))
             return
-        spec = KVQuantSpec(alloc.bits, policy.quantizer, policy.residual_length)
+        spec = KVQuantSpec(alloc.bits, policy.quantizer, policy.residual_length, policy.sink_tokens)
         details = {
             "allocation_seconds": time.perf_counter() - start,
             "quantizer": policy.quantizer.to_config(),
@@ -127,7 +134,7 @@ def quantized_methods(
                 float(alloc.bits[0].mean()),
                 float(alloc.bits[1].mean()),
                 float(alloc.bytes_per_token),
-                Simulated(spec, label=label),
+                condition_for(spec, config, label),
                 details,
                 alloc.bits if method in ALLOCATED_METHODS else None,
             )

@@ -3,7 +3,9 @@
 Calibration statistics (keys, values and loss gradients on the calibration split) are captured once and each
 design's distortion is measured and fitted on them (:func:`ratequant.pipeline.fit_design`); the rank bases come
 from the same statistics. Every method is then scored against one full-precision reference pass per window
-(:func:`ratequant.evaluation.perplexity.score_conditions`).
+(:func:`ratequant.evaluation.perplexity.score_conditions`), on the evaluation split of the calibration corpus
+and of every further corpus, whole-window and second-half scores from the same passes. Passkey retrieval, when
+asked for, runs a few of the methods through the real cache.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 from ratequant import __version__
 from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
+from ratequant.evaluation.conditions import FullPrecision
 from ratequant.evaluation.perplexity import REFERENCE, score_conditions
-from ratequant.evaluation.protocol import WindowProtocol, make_windows
-from ratequant.experiments.config import CompareConfig, budget_text
+from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
+from ratequant.evaluation.tasks import PasskeyTask
+from ratequant.experiments.config import SCORINGS, CompareConfig, budget_text
 from ratequant.experiments.methods import (
     FULL_PRECISION,
     Method,
@@ -34,25 +38,40 @@ from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
 
 
+def evaluation_name(corpus: str, scoring: str) -> str:
+    """The key of an evaluation in :attr:`CompareResults.evaluations`: ``"<corpus>/<scoring>"``."""
+    return f"{corpus}/{scoring}"
+
+
 def run_compare(
-    loaded: LoadedModel, corpus: Corpus, config: CompareConfig, progress: bool | Stages = True
+    loaded: LoadedModel,
+    corpus: Corpus,
+    config: CompareConfig,
+    progress: bool | Stages = True,
+    eval_corpora: dict[str, Corpus] | None = None,
 ) -> CompareResults:
-    """Run every method of ``config`` on ``loaded`` and ``corpus`` (see the module docstring)."""
+    """Run every method of ``config`` on ``loaded``: calibrate on ``corpus``, score on its evaluation split and
+    on those of ``eval_corpora`` (``{name: Corpus}``, the corpora ``config.eval_corpora`` names)."""
     from ratequant.rank import RankBases
 
     if not isinstance(config, CompareConfig):
         raise RateQuantError(f"config must be a CompareConfig, got {type(config).__name__}")
+    eval_corpora = dict(eval_corpora or {})
+    if set(eval_corpora) != set(config.eval_corpora):
+        raise RateQuantError(
+            f"the config names evaluation corpora {list(config.eval_corpora)} but {list(eval_corpora)} were given"
+        )
     say = progress if isinstance(progress, Stages) else Stages(bool(progress))
     started = time.perf_counter()
     g = loaded.geometry
-    protocol = WindowProtocol(config.seq_len, config.windows, scoring="all")
-    windows = make_windows(loaded.tokenizer, corpus.evaluation, protocol)
+    protocol = WindowProtocol(config.seq_len, config.windows, config.bos, config.scoring)
+    corpora = {corpus.name: corpus, **{c.name: c for c in eval_corpora.values()}}
+    windows = {name: make_windows(loaded.tokenizer, c.evaluation, protocol) for name, c in corpora.items()}
     say(
-        f"compare: {loaded.name} on {corpus.name}; designs {', '.join(config.designs)}; budgets "
-        f"{', '.join(map(budget_text, config.budgets))} bits; {windows.summary()}"
+        f"compare: {loaded.name}, calibrated on {corpus.name}; designs {', '.join(config.designs)}; budgets "
+        f"{', '.join(map(budget_text, config.budgets))} bits; {config.mode} evaluation on "
+        + "; ".join(f"{name}: {w.summary()}" for name, w in windows.items())
     )
-    if windows.count < config.windows:
-        say(f"  the evaluation split holds only {windows.count} windows of {config.seq_len} tokens; using them all")
 
     timings: dict = {}
     t = time.perf_counter()
@@ -64,7 +83,6 @@ def run_compare(
         f"calibration capture: {stats.keys.shape[1]} sequence(s), {stats.token_count} tokens, metric {config.metric} "
         f"({timings['capture']:.1f} s)"
     )
-
     fitted = {}
     for design in config.designs:
         fitted[design] = fit_design(stats, get_quantizer(design), metric=config.metric, bitset=config.bitset)
@@ -74,7 +92,6 @@ def run_compare(
             f"{fit.beta_key:.2f}, value {fit.beta_value:.2f}, R^2 {fit.r2_overall:.3f}"
         )
     sources = pick_mismatch_sources({name: f.fit for name, f in fitted.items()})
-
     t = time.perf_counter()
     bases = RankBases.fit(stats.keys, stats.values, stats.attention_mask)
     timings["rank_bases"] = time.perf_counter() - t
@@ -90,10 +107,7 @@ def run_compare(
     ranked, rank_info = rank_methods(config, loaded, bases)
     methods += ranked
     timings["allocation"] = time.perf_counter() - t
-    say(
-        f"allocations: {len(methods)} methods ({timings['allocation']:.1f} s); rank bases "
-        f"({timings['rank_bases']:.1f} s); {len(skipped)} skipped"
-    )
+    say(f"allocations: {len(methods)} methods ({timings['allocation']:.1f} s); {len(skipped)} skipped")
     timings["calibration"] = {
         "capture": timings["capture"],
         "per_design": {d: sum(fitted[d].seconds.values()) for d in config.designs},
@@ -101,13 +115,26 @@ def run_compare(
     }
 
     keys = [f"{i}:{m.label}" for i, m in enumerate(methods)]
-    t = time.perf_counter()
-    say(f"evaluation: {len(keys) + 1} passes per window over {windows.count} windows")
-    scores = score_conditions(
-        loaded.model, windows, dict(zip(keys, (m.condition for m in methods))), progress=say.enabled
-    )["all"]
-    timings["evaluation"] = time.perf_counter() - t
-    evaluation = "main"
+    conditions = dict(zip(keys, (m.condition for m in methods)))
+    scores: dict[str, dict] = {}  # evaluation name -> {condition key -> ConditionScore}
+    evaluations: dict[str, dict] = {}
+    timings["evaluation"] = {}
+    for name, w in windows.items():
+        t = time.perf_counter()
+        say(f"evaluation on {name}: {len(keys) + 1} passes per window over {w.count} windows")
+        by_scoring = score_conditions(loaded.model, w, conditions, scorings=SCORINGS, progress=say.enabled)
+        timings["evaluation"][name] = time.perf_counter() - t
+        for scoring, per_condition in by_scoring.items():
+            key = evaluation_name(name, scoring)
+            scores[key] = per_condition
+            evaluations[key] = {
+                "corpus": name,
+                "split": "evaluation",
+                "mode": config.mode,
+                "calibrated_on": corpus.name,
+                **w.with_scoring(scoring).describe(),
+            }
+    primary = evaluation_name(corpus.name, config.scoring)
 
     itemsize = loaded.dtype.itemsize
     fp = Method(
@@ -118,12 +145,9 @@ def run_compare(
         8.0 * itemsize,
         None,
         None,
-        float(g.num_components * g.head_dim * itemsize),
+        float(g.kv_bytes_per_token(itemsize)),
         None,
-        {
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "fp16_kv_bytes_per_token": g.num_components * g.head_dim * 2,
-        },
+        {"dtype": str(loaded.dtype).removeprefix("torch."), "fp16_kv_bytes_per_token": g.kv_bytes_per_token(2)},
     )
 
     def record(key: str, m: Method) -> MethodResult:
@@ -136,13 +160,17 @@ def run_compare(
             key_bits=m.key_bits,
             value_bits=m.value_bits,
             kv_bytes_per_token=m.kv_bytes_per_token,
-            scores={evaluation: scores[key]},
-            primary=evaluation,
+            scores={ev: scores[ev][key] for ev in scores},
+            primary=primary,
             details=m.details,
             bits=m.bits,
         )
 
-    results_methods = (record(REFERENCE, fp), *(record(k, m) for k, m in zip(keys, methods)))
+    extra = {}
+    if config.passkey_context is not None:
+        t = time.perf_counter()
+        extra["passkey"] = run_passkey(loaded, config, methods, say)
+        timings["passkey"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     designs = {
         name: DesignResult(
@@ -159,18 +187,15 @@ def run_compare(
     results = CompareResults(
         config=config,
         model=loaded.describe(),
-        corpus=corpus.describe(),
-        evaluations={
-            evaluation: {
-                "corpus": corpus.name,
-                "split": "evaluation",
-                **windows.describe(),
-                "calibration_tokens": calibration_tokens,
-            }
+        corpus={
+            **corpus.describe(),
+            "bos_token_id": bos_token_id(loaded.tokenizer),
+            "calibration_tokens": calibration_tokens,
         },
-        primary=evaluation,
+        evaluations=evaluations,
+        primary=primary,
         designs=designs,
-        methods=results_methods,
+        methods=(record(REFERENCE, fp), *(record(k, m) for k, m in zip(keys, methods))),
         skipped=tuple(s.to_dict() for s in skipped),
         rank={
             "per_budget": rank_info,
@@ -186,9 +211,40 @@ def run_compare(
             "threads": torch.get_num_threads(),
             "device": str(loaded.device),
         },
+        extra=extra,
     )
-    say(f"done in {timings['total']:.0f} s (evaluation {timings['evaluation']:.0f} s)")
+    say(f"done in {timings['total']:.0f} s")
     return results
 
 
-__all__ = ["run_compare"]
+def run_passkey(loaded: LoadedModel, config: CompareConfig, methods: list[Method], say: Stages) -> dict:
+    """Passkey retrieval through the real cache: full precision, and the uniform and RateQuant methods of
+    ``config.passkey_design`` at ``config.passkey_budgets``."""
+    chosen = [
+        m
+        for m in methods
+        if m.design == config.passkey_design
+        and m.method in ("uniform", "ratequant")
+        and m.budget in config.passkey_budgets
+    ]
+    conditions = {
+        "full precision": FullPrecision(),
+        **{f"{m.label} ({budget_text(m.budget)} bits)": m.condition for m in chosen},
+    }
+    task = PasskeyTask(
+        context=config.passkey_context,
+        depths=config.passkey_depths,
+        trials=config.passkey_trials,
+        prefill_chunk=config.prefill_chunk,
+    )
+    say(f"passkey: {len(conditions)} conditions x {len(task.depths) * task.trials} trials at {task.context} tokens")
+    outcome = task.run(loaded, None, conditions, progress=say.enabled)
+    meta = {
+        label: {"method": m.method, "budget": m.budget, "design": m.design}
+        for label, m in zip(list(conditions)[1:], chosen)
+    }
+    meta["full precision"] = {"method": FULL_PRECISION, "budget": None, "design": None}
+    return {"settings": outcome.settings, "results": {k: {**meta[k], **v} for k, v in outcome.results.items()}}
+
+
+__all__ = ["evaluation_name", "run_compare"]

@@ -8,11 +8,13 @@ from ratequant.experiments.config import budget_text
 from ratequant.experiments.results import CompareResults
 from ratequant.report.findings import findings
 from ratequant.report.tables import (
+    evaluations_table,
     fit_ratio_table,
     fit_table,
     fmt_kl,
     fmt_ppl,
     metric_table,
+    passkey_table,
     rank_table,
     recovered_table,
     storage_table,
@@ -41,16 +43,29 @@ def _evaluation_line(results: CompareResults) -> str:
         if ev.get("bos")
         else "without a BOS token (the tokenizer adds none)"
     )
-    scoring = (
-        "every prediction scored"
-        if ev.get("scoring", "all") == "all"
-        else f"the second half of each window scored (tokens {ev['first_scored_token']}..{ev['seq_len'] - 1}, as "
-        "llama.cpp does)"
+    others = sorted({e["corpus"] for e in results.evaluations.values()} - {ev["corpus"]})
+    also = (
+        f"; every method is also scored on the evaluation split of {', '.join(f'`{c}`' for c in others)}"
+        if others
+        else ""
     )
-    return (
+    mode = (
+        "through the real cache (streaming, chunked prefill)"
+        if ev.get("mode") == "streaming"
+        else "with simulated quantization (what the cache gives token by token)"
+    )
+    head = (
         f"- Evaluation: {ev['windows']} non-overlapping windows of {ev['seq_len']} tokens of the evaluation split "
-        f"of `{ev.get('corpus', results.corpus['name'])}`, {bos}; {scoring}: {ev['scored_tokens']} scored tokens."
+        f"of `{ev['corpus']}`, {bos}, {mode}"
     )
+    if ev["scoring"] == "second-half":
+        scored = (
+            f". Headline scores: the second half of each window (tokens {ev['first_scored_token']}.."
+            f"{ev['seq_len'] - 1}, as llama.cpp's perplexity tool scores them: {ev['scored_tokens']:,} tokens)"
+        )
+    else:
+        scored = f"; every prediction scored ({ev['scored_tokens']:,} tokens)"
+    return f"{head}{scored}; the scores of every evaluation are in the evaluations table{also}."
 
 
 def setup_lines(results: CompareResults) -> list[str]:
@@ -94,6 +109,22 @@ def _noise_line(results: CompareResults) -> str:
     )
 
 
+def _passkey_lines(results: CompareResults, heading: str) -> list[str]:
+    """The passkey section (``heading`` "## " makes it a section), or nothing when passkey was not run."""
+    table = passkey_table(results)
+    if not table:
+        return []
+    pk = results.extra["passkey"]["settings"]
+    depths = ", ".join(f"{d:g}" for d in pk["depths"])
+    text = (
+        f"A 5-digit key hidden at depths {depths} of a {pk['context']}-token filler context, "
+        f"{pk['trials_per_depth']} trial(s) per depth (seed {pk['seed']}), run through the real cache; accuracy is "
+        "greedy exact match, the log-probability that of the key's digits."
+    )
+    title = ["## Passkey retrieval through the real cache", ""] if heading == "## " else [heading, ""]
+    return [*title, text, "", table, ""]
+
+
 def _typical_kl_se(results: CompareResults) -> float:
     values = sorted(m.score().kl_se for m in results.methods if m.score().kl > 0)
     return values[len(values) // 2] if values else 0.0
@@ -121,6 +152,7 @@ def report_markdown(
         "the baseline); RateQuant and layerwise are chosen from the calibration split only.",
         "",
     ]
+    lines += ["## Every evaluation", "", evaluations_table(results), "", *_passkey_lines(results, "## ")]
     lines += [
         "## KL divergence from full precision (nats per token)",
         "",
@@ -197,12 +229,15 @@ def report_markdown(
     t = results.timings
     per_design = ", ".join(f"{d} {s:.1f} s" for d, s in t["calibration"]["per_design"].items())
     env = results.environment
+    evaluation = ", ".join(f"{name} {sec:.1f} s" for name, sec in t["evaluation"].items())
+    if "passkey" in t:
+        evaluation += f"; passkey {t['passkey']:.1f} s"
     lines += [
         "## Time",
         "",
         f"- Calibration capture (shared by all designs): {t['capture']:.1f} s; distortion measurement and fit: "
         f"{per_design}; rank bases: {t['rank_bases']:.1f} s; allocations: {t['allocation']:.1f} s.",
-        f"- Evaluation: {t['evaluation']:.1f} s; total {t['total']:.1f} s (ratequant {env['ratequant_version']}, "
+        f"- Evaluation: {evaluation}; total {t['total']:.1f} s (ratequant {env['ratequant_version']}, "
         f"torch {env['torch_version']}, {env['threads']} threads, {env['device']}).",
         "",
     ]
@@ -235,6 +270,12 @@ def summary_markdown(
     lines += [f"- {f}" for f in findings(results)]
     lines += [
         "- The best fixed scheme is picked on the evaluation windows themselves, which favours it.",
+        "",
+        "Every evaluation:",
+        "",
+        evaluations_table(results),
+        "",
+        *_passkey_lines(results, "Passkey retrieval through the real cache:"),
         "",
         "Share of the best fixed scheme's KL damage recovered (see the report for the definition):",
         "",

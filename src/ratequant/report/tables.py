@@ -255,8 +255,56 @@ def rank_table(results: CompareResults, evaluation: str | None = None) -> str:
     return md_table(["bits", "method", "KV bytes per token", "PPL", "KL"], rows, "llrrr")
 
 
+def evaluations_table(results: CompareResults) -> str:
+    """One row per evaluation (corpus and scoring): its tokens, full precision, and how RateQuant fares against
+    the best fixed scheme there, on KL."""
+    rows = []
+    for name, ev in results.evaluations.items():
+        fp = results.full_precision.score(name)
+        rq = [r for r in results.recovered(name, "kl") if r["method"] == "ratequant"]
+        wins = sum(r["value"] < r["best_fixed_value"] for r in rq)
+        shares = [r["share"] for r in rq if r["share"] is not None]
+        share = (
+            f"{fmt_share(float(np.median(shares)))} ({fmt_share(min(shares))} to {fmt_share(max(shares))})"
+            if shares
+            else "—"
+        )
+        mark = " (headline)" if name == results.primary else ""
+        rows.append(
+            [
+                f"{ev['corpus']}, {ev['scoring']}{mark}",
+                f"{ev['scored_tokens']:,}",
+                f"{fmt_ppl(fp.ppl)} ± {fmt_ppl(fp.ppl_se)}",
+                f"{wins} of {len(rq)}",
+                share,
+            ]
+        )
+    header = [
+        "evaluation",
+        "scored tokens",
+        "full-precision PPL",
+        "RateQuant beats best fixed (KL)",
+        "KL damage recovered: median (range)",
+    ]
+    return md_table(header, rows, "lrrrr")
+
+
+def passkey_table(results: CompareResults) -> str:
+    """Passkey retrieval through the real cache: accuracy and key log-probability per condition."""
+    passkey = results.extra.get("passkey")
+    if not passkey:
+        return ""
+    rows = []
+    for label, r in passkey["results"].items():
+        depths = ", ".join(f"{float(d):g}: {v['accuracy']:.0%}" for d, v in r["per_depth"].items())
+        rows.append([label, f"{r['accuracy']:.0%}", f"{r['mean_logprob']:.3f}", str(r["trials"]), depths])
+    return md_table(["condition", "accuracy", "mean key log-prob (nats)", "trials", "accuracy by depth"], rows, "lrrrl")
+
+
 __all__ = [
     "METHOD_NAMES",
+    "evaluations_table",
+    "passkey_table",
     "fit_ratio_table",
     "fit_ratios",
     "fit_table",
