@@ -465,3 +465,33 @@ def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
     files = write_report(streaming, tmp_path / "report")
     report = files.report.read_text()
     assert "## Passkey retrieval through the real cache" in report and "| other, second-half |" in report
+
+
+def test_peers_headroom_and_sink_study(setup, tmp_path):
+    loaded, corpus = setup
+    config = CompareConfig(model="tiny", corpus="tiny", budgets=(2.5, 3.0), designs=("kivi", "uniform"), seq_len=48,
+                           windows=2, calibration_seq_len=48, calibration_sequences=2, sink_tokens="auto",
+                           peers=("norms",), headroom_designs=("kivi",), headroom_tokens=32, headroom_max_bits=3,
+                           sink_study=(0, 2))  # fmt: skip
+    with one_thread():
+        results = run_compare(loaded, corpus, config, progress=False)
+    assert set(results.extra["sink_tokens"]) == {"kivi", "uniform"}
+    for design in config.designs:
+        norms = results.select(method="norms", design=design)
+        assert len(norms) == 2 and all(m.bits is not None for m in norms)
+        for m in norms:  # layer-wise K/V: one width per (layer, kind)
+            assert (m.bits == m.bits[:, :, :1]).all()
+    assert {m.method for m in results.select(design="kivi")} >= {"measured", "ratequant-component"}
+    assert not results.select(design="uniform", method="measured")
+    damage = np.asarray(results.extra["headroom"]["kivi"]["damage"]["values"])
+    assert damage.shape == (2, 2, 2, 2) and (damage >= 0).all()  # widths 2 and 3 of 2 layers x 2 kv heads
+    rows = results.extra["sink_study"]["rows"]
+    assert {(r["bos"], r["sink_tokens"]) for r in rows if r["sink_tokens"] is not None} == {
+        (b, s) for b in ("no", "yes") for s in (0, 2)
+    }
+    report = write_report(results, tmp_path / "r").report.read_text()
+    for section in ("## Sink tokens", "## Headroom: allocation on measured damage", "## Weight norms of W_K and W_V"):
+        assert section in report
+    assert CompareResults.from_dict(json.loads((tmp_path / "r" / "results.json").read_text())).extra == json.loads(
+        json.dumps(results.extra)
+    )

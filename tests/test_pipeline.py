@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from ratequant.allocation import Budget
 from ratequant.cli import main
@@ -32,7 +33,9 @@ def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model
     assert run.table.values.shape == (2, 3, 2, 8) and (np.diff(run.table.values, axis=-1) < 0).mean() > 0.9
     assert 2.0 < run.fit.beta_key < 8.0 and 2.0 < run.fit.beta_value < 8.0
     assert run.plan.calibration["tokens"] == 64 and run.plan.calibration["corpus_sha256"] == corpus.sha256
-    assert set(run.phases) == {"capture", "distortion", "fit", "allocation"}
+    assert set(run.phases) == {"capture", "sink_tokens", "distortion", "fit", "allocation"}
+    assert run.plan.sink_tokens in (0, 1, 2, 4, 8) and run.plan.calibration["sink_tokens_chosen"] == "auto"
+    assert run.plan.calibration["bos_token_id"] is None  # the tiny tokenizer adds no BOS
     # the plan carries the measured table behind the fit
     columns = [run.table.bitset.index(b) for b in run.fit.bitset]
     assert np.allclose(
@@ -185,3 +188,37 @@ def test_default_model_kivi_at_2_5_bits(tmp_path, capsys):
     assert plan.avg_bits == 2.5 and plan.bits_array().shape == (2, 30, 3)
     assert 3.0 < plan.fit["beta_key"] < 6.5 and 3.0 < plan.fit["beta_value"] < 6.5
     assert plan.fit["r2_overall"] > 0.9
+
+
+def test_sink_tokens_are_chosen_from_the_calibration_data():
+    """A first token far out of range (an attention sink's key) dominates the error until it is kept aside."""
+    from ratequant.calibration import CalibrationStats
+    from ratequant.geometry import Geometry
+    from ratequant.pipeline import choose_sink_tokens
+    from ratequant.quantizers import get_quantizer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 1, 2, 64, 16, generator=g), torch.randn(2, 1, 2, 64, 16, generator=g)
+    plain = CalibrationStats(
+        keys=keys.clone(),
+        values=values,
+        queries=None,
+        key_grads=None,
+        value_grads=None,
+        attention_mask=torch.ones(1, 64, dtype=torch.bool),
+        geometry=Geometry(2, 2, 16),
+    )
+    keys[:, :, :, 0] *= 40.0  # the sink
+    sunk = CalibrationStats(
+        keys=keys,
+        values=values,
+        queries=None,
+        key_grads=None,
+        value_grads=None,
+        attention_mask=torch.ones(1, 64, dtype=torch.bool),
+        geometry=Geometry(2, 2, 16),
+    )
+    kivi = get_quantizer("kivi", group_size=8)
+    chosen, totals = choose_sink_tokens(sunk, kivi, metric="mse")
+    assert chosen == 1 and totals[1] < 0.5 * totals[0]
+    assert choose_sink_tokens(plain, kivi, metric="mse")[0] == 0

@@ -82,7 +82,7 @@ def test_simulated_and_streaming_evaluation_agree(tmp_path, tiny_model_dir, corp
     # bytes: the formula (simulated) and the real cache's tensors (streaming) agree at the same context
     assert simulated["kv_bytes_context"] == streaming["kv_bytes_context"] == 40
     assert streaming["kv_bytes_source"] == "measured from the cache's tensors"
-    assert simulated["kl"] > 0 and streaming["kl"] == pytest.approx(simulated["kl"], rel=1e-3)
+    assert simulated["kl"] > 0 and streaming["kl"] == pytest.approx(simulated["kl"], rel=2e-2)
     assert streaming["kv_bytes_per_token"] == pytest.approx(simulated["kv_bytes_per_token"], rel=0.01)
     full = tmp_path / "full.json"
     assert (
@@ -166,7 +166,7 @@ def test_generate_reports_real_cache_bytes(tmp_path, tiny_model_dir, plan_path, 
     result = json.loads(out.read_text())
     assert result["new_tokens"] == 20 and result["prompt_tokens"] > 0
     cache = result["cache_bytes"]
-    assert cache["total"] == cache["codes"] + cache["metadata"] + cache["residual"] and cache["codes"] > 0
+    assert cache["total"] == cache["codes"] + cache["metadata"] + cache["residual"] + cache["sink"] > cache["codes"] > 0
     assert "KV cache" in capsys.readouterr().err
     plan = Plan.load(plan_path)
     assert plan.residual_length == 8

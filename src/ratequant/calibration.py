@@ -146,13 +146,19 @@ class CalibrationStats:
             for k, v in p.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
         return cls(
-            keys=cat("keys"), values=cat("values"), queries=cat("queries"),
-            key_grads=cat("key_grads"), value_grads=cat("value_grads"),
-            attention_mask=torch.cat([p.attention_mask for p in parts]), geometry=first.geometry,
+            keys=cat("keys"),
+            values=cat("values"),
+            queries=cat("queries"),
+            key_grads=cat("key_grads"),
+            value_grads=cat("value_grads"),
+            attention_mask=torch.cat([p.attention_mask for p in parts]),
+            geometry=first.geometry,
             loss_sum=None if first.loss_sum is None else sum(p.loss_sum for p in parts),
             loss_tokens=sum(p.loss_tokens for p in parts),
-            scalings=first.scalings, sliding_windows=first.sliding_windows, timings=MappingProxyType(timings),
-        )  # fmt: skip
+            scalings=first.scalings,
+            sliding_windows=first.sliding_windows,
+            timings=MappingProxyType(timings),
+        )
 
 
 def _shape(t) -> object:
@@ -363,11 +369,19 @@ def capture(
     else:
         raise RateQuantError(f"loss must be 'next-token' or a callable(logits, input_ids, mask), got {loss!r}")
     if batch_size is not None and input_ids.shape[0] > batch_size:
-        return CalibrationStats.concat([
-            capture(model, input_ids[i : i + batch_size], mask[i : i + batch_size], gradients=gradients,
-                    queries=queries, loss=loss)
-            for i in range(0, input_ids.shape[0], batch_size)
-        ])  # fmt: skip
+        return CalibrationStats.concat(
+            [
+                capture(
+                    model,
+                    input_ids[i : i + batch_size],
+                    mask[i : i + batch_size],
+                    gradients=gradients,
+                    queries=queries,
+                    loss=loss,
+                )
+                for i in range(0, input_ids.shape[0], batch_size)
+            ]
+        )
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
     was_training = model.training

@@ -198,6 +198,25 @@ def model_geometry(model: nn.Module) -> Geometry:
     return Geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_heads=num_heads)
 
 
+def kv_projections(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the key and value projection weights ``(W_K, W_V)``, each ``[num_kv_heads * head_dim, hidden]``
+    (rows of kv head ``h``: ``h * head_dim .. (h + 1) * head_dim``): ``k_proj``/``v_proj`` (Llama, Qwen, Mistral,
+    Gemma) or the key and value thirds of GPT-2's fused ``c_attn``."""
+    out = []
+    for m in attention_modules(model):
+        if hasattr(m, "k_proj") and hasattr(m, "v_proj"):
+            out.append((m.k_proj.weight.detach(), m.v_proj.weight.detach()))
+        elif hasattr(m, "c_attn") and getattr(m, "split_size", None):
+            w = m.c_attn.weight.detach().T  # GPT-2's Conv1D stores [hidden, 3 * hidden]
+            _, k, v = w.split(m.split_size, dim=0)
+            out.append((k, v))
+        else:
+            raise UnsupportedModelError(
+                f"{type(m).__name__} exposes no key/value projection ratequant knows (k_proj/v_proj or c_attn)"
+            )
+    return out
+
+
 def sliding_window_layers(model: nn.Module) -> list[bool]:
     """Per layer, whether its attention uses a sliding window (Mistral with ``sliding_window``, Gemma2/3)."""
     config = _text_config(model)
@@ -402,6 +421,7 @@ __all__ = [
     "boolean_attention_mask",
     "check_supported",
     "intercept_attention",
+    "kv_projections",
     "model_geometry",
     "original_attention",
     "sliding_window_layers",

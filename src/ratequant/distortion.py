@@ -38,7 +38,7 @@ from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
 from ratequant.quantizers.base import Quantizer, from_config
 from ratequant.registry import Registry
-from ratequant.validation import check_bitset
+from ratequant.validation import check_bitset, check_int
 
 
 @dataclass(frozen=True)
@@ -193,14 +193,22 @@ def measure_distortion(
     *,
     max_queries: int = DEFAULT_MAX_QUERIES,
     chunk_elements: int | None = None,
+    sink_tokens: int = 0,
 ) -> DistortionTable:
     """Distortion of every component at every width of ``bitset`` under ``quantizer``; see the module doc.
 
-    ``stats`` must hold gradients for ``"fisher"`` and queries for ``"attention"``. Returns a
-    :class:`DistortionTable` with ``values`` ``[2, L, H, len(bitset)]``.
+    ``stats`` must hold gradients for ``"fisher"`` and queries for ``"attention"``. With ``sink_tokens`` the
+    first tokens of every sequence stay unquantized, as the cache keeps them (``mse``/``fisher``; token groups
+    start after them). Returns a :class:`DistortionTable` with ``values`` ``[2, L, H, len(bitset)]``.
     """
     return measure_distortions(
-        stats, quantizer, bitset, (metric,), max_queries=max_queries, chunk_elements=chunk_elements
+        stats,
+        quantizer,
+        bitset,
+        (metric,),
+        max_queries=max_queries,
+        chunk_elements=chunk_elements,
+        sink_tokens=sink_tokens,
     )[metric]
 
 
@@ -212,6 +220,7 @@ def measure_distortions(
     *,
     max_queries: int = DEFAULT_MAX_QUERIES,
     chunk_elements: int | None = None,
+    sink_tokens: int = 0,
 ) -> dict[str, DistortionTable]:
     """Several metrics at once, sharing each quantizer call: ``{metric: DistortionTable}``."""
     if not isinstance(stats, CalibrationStats):
@@ -253,7 +262,8 @@ def measure_distortions(
             seconds["attention"] = time.perf_counter() - t0
         # the tensor pass always runs: it measures mse and the informative-width evidence (and fisher)
         t0 = time.perf_counter()
-        tensor = _tensor_errors(stats, quantizer, bitset, "fisher" in metrics, keep, chunk_elements)
+        sinks = check_int(sink_tokens, "sink tokens", lo=0, hi=1 << 16)
+        tensor = _tensor_errors(stats, quantizer, bitset, "fisher" in metrics, keep, chunk_elements, sinks)
         elapsed = time.perf_counter() - t0
         for m in ("mse", "fisher"):
             if m in metrics:
@@ -280,6 +290,7 @@ def _tensor_errors(
     fisher: bool,
     keep: torch.Tensor | None,
     chunk_elements: int,
+    sink_tokens: int = 0,
 ) -> dict[str, np.ndarray]:
     """``mse`` (and ``fisher``) tables ``[2, L, H, nb]`` and the ``spread [2, L, H]`` of every component, per
     element; one quantizer call per (kind, layer chunk, bit).
@@ -289,15 +300,20 @@ def _tensor_errors(
     being mapped fresh from the OS on every call (which costs more than the arithmetic on small machines).
     """
     L, B, H, T, D = stats.keys.shape
+    s = min(sink_tokens, T - 1)  # the tokens [s, T) are quantized, as the cache stores them after its sinks
     n_tokens = stats.token_count
-    per_layer = B * H * T * D
+    per_layer = B * H * (T - s) * D
     step = max(1, min(L, chunk_elements // per_layer))
     out = {m: np.zeros((2, L, H, len(bitset))) for m in ("mse", "fisher")}
     out["spread"] = np.zeros((2, L, H))
-    weights = stats.attention_mask[None, :, None, :, None].to(torch.float32)  # [1, B, 1, T, 1]
+    weights = stats.attention_mask[None, :, None, s:, None].to(torch.float32)  # [1, B, 1, T - s, 1]
     tokens_per_sequence = weights.sum(dim=3, keepdim=True).clamp_(min=1)
+    if keep is not None:
+        keep = keep[..., s:, :]
     for k, kind in enumerate(KINDS):
-        x_all, g_all = stats.tensor(kind), stats.grads(kind)
+        x_all, g_all = stats.tensor(kind)[..., s:, :], stats.grads(kind)
+        g_all = None if g_all is None else g_all[..., s:, :]
+        T = x_all.shape[3]
         for lo in range(0, L, step):
             hi = min(L, lo + step)
             x5 = x_all[lo:hi]

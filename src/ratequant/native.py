@@ -101,9 +101,13 @@ class PreparedDecode:
         else:
             return False
         _MODULE.decode_minmax(
-            *self._head, (blocks, batch, h, t), *self._meta,
-            out.data_ptr(), _DTYPE_CODES[out.dtype], (s_n, s_b, out.stride(-3), out.stride(-2)),
-        )  # fmt: skip
+            *self._head,
+            (blocks, batch, h, t),
+            *self._meta,
+            out.data_ptr(),
+            _DTYPE_CODES[out.dtype],
+            (s_n, s_b, out.stride(-3), out.stride(-2)),
+        )
         return True
 
 

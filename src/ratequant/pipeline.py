@@ -18,7 +18,7 @@ from ratequant.calibration import CalibrationStats, capture
 from ratequant.data import Corpus
 from ratequant.distortion import DEFAULT_METRIC, METRICS, DistortionTable, measure_distortion
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.protocol import WindowProtocol, make_windows
+from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.models import LoadedModel
@@ -30,7 +30,11 @@ from ratequant.validation import check_bitset, check_int
 DEFAULT_CONTEXT = 4096
 CAPTURE_BATCH_SIZE = 1
 """Calibration windows per forward/backward pass: one keeps the backward's activations small."""
-INFORMATIVE_PER = "pooled"
+INFORMATIVE_PER = "kind"
+SINK_CANDIDATES = (0, 1, 2, 4, 8, 16)
+"""The sink-token counts ``sink_tokens="auto"`` chooses from."""
+SINK_REFERENCE_BITS = 2
+SINK_GAIN = 4.0
 """How informative widths are decided: ``"kind"`` (keys and values each) or ``"pooled"`` (both must pass)."""
 
 
@@ -56,11 +60,13 @@ class CalibrationSettings:
     seq_len: int = 512
     sequences: int = 4
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
-    sink_tokens: int = 0
+    sink_tokens: int | str = "auto"
 
     def __post_init__(self) -> None:
         METRICS.get(self.metric)
         STRATEGIES.get(self.strategy)
+        if self.sink_tokens != "auto":
+            check_int(self.sink_tokens, "sink tokens (a count, or 'auto')", lo=0, hi=1 << 16)
         object.__setattr__(self, "bitset", check_bitset(self.bitset))
         check_int(self.seq_len, "seq_len", lo=2)
         check_int(self.sequences, "sequences", lo=1)
@@ -72,8 +78,10 @@ class CalibrationSettings:
     def design(self) -> Quantizer:
         return get_quantizer(self.quantizer, **self.quantizer_params)
 
-    def policy(self) -> StoragePolicy:
-        return StoragePolicy(self.design(), self.residual_length, self.sink_tokens)
+    def policy(self, sink_tokens: int | None = None) -> StoragePolicy:
+        """The storage policy; ``sink_tokens`` stands in for ``"auto"`` (0 until one is chosen)."""
+        chosen = self.sink_tokens if sink_tokens is None else sink_tokens
+        return StoragePolicy(self.design(), self.residual_length, 0 if chosen == "auto" else chosen)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +124,33 @@ def collect_statistics(
     )
 
 
+def choose_sink_tokens(
+    stats: CalibrationStats, quantizer: Quantizer, metric: str = DEFAULT_METRIC, bits: int = SINK_REFERENCE_BITS
+) -> tuple[int, dict[int, float]]:
+    """How many first tokens to keep at full precision (the attention sink), from the calibration data alone.
+
+    For every candidate ``S`` of :data:`SINK_CANDIDATES` the summed distortion ``D(S)`` of all components at
+    ``bits`` with the first ``S`` tokens unquantized. Keeping ordinary tokens aside lowers ``D`` by about their
+    share of it; a sink lowers it by far more (its outlier values stretch the quantization ranges). ``S`` grows
+    from 0 through the candidates while each step removes more than :data:`SINK_GAIN` times the distortion of
+    as many average tokens. Returns ``(S, {S: D(S)})``. A sink token costs ``head_dim`` values per component once
+    per sequence: negligible at long contexts.
+    """
+    tokens = stats.keys.shape[3]
+    totals = {
+        s: float(measure_distortion(stats, quantizer, (bits,), metric, sink_tokens=s).values.sum())
+        for s in SINK_CANDIDATES
+        if s < tokens // 2
+    }
+    per_token = totals[0] / tokens
+    chosen = 0
+    for s in sorted(totals)[1:]:
+        if totals[chosen] - totals[s] <= SINK_GAIN * (s - chosen) * per_token:
+            break
+        chosen = s
+    return chosen, totals
+
+
 def fit_design(
     stats: CalibrationStats,
     quantizer: Quantizer,
@@ -123,6 +158,7 @@ def fit_design(
     metric: str = DEFAULT_METRIC,
     bitset=(1, 2, 3, 4, 5, 6, 7, 8),
     informative_only: bool = True,
+    sink_tokens: int = 0,
 ) -> DesignFit:
     """Measure ``quantizer``'s distortion table on ``stats`` over ``bitset`` and fit D(b) = alpha * beta^-b.
 
@@ -130,17 +166,14 @@ def fit_design(
     leave out the widths :meth:`DistortionTable.informative_widths` rejects; the table covers all of ``bitset``.
     """
     start = time.perf_counter()
-    table = measure_distortion(stats, quantizer, bitset, metric)
+    table = measure_distortion(stats, quantizer, bitset, metric, sink_tokens=sink_tokens)
     measured = time.perf_counter()
-    if informative_only:
-        keys, values = table.informative_widths(INFORMATIVE_PER)
-    else:
-        keys = values = table.bitset
-    widths = tuple(b for b in table.bitset if b >= min(keys[0], values[0]))
-    if len(widths) < 2:
-        widths = table.bitset[-2:]
-    fit = fit_distortion(table.values[..., [table.bitset.index(b) for b in widths]], widths)
-    curves = Curves.from_fit(fit, widths, design=quantizer.name, label=metric, min_bits=(keys[0], values[0]))
+    widths = table.informative_widths(INFORMATIVE_PER) if informative_only else (table.bitset, table.bitset)
+    # a kind needs two widths to fit its slope: fall back to the two widest
+    low = tuple(min(w[0], table.bitset[-2]) for w in widths)
+    fitted = tuple(b for b in table.bitset if b >= min(low))
+    fit = fit_distortion(table.values[..., [table.bitset.index(b) for b in fitted]], fitted, min_bits=low)
+    curves = Curves.from_fit(fit, fitted, design=quantizer.name, label=metric, min_bits=low)
     seconds = {"distortion": measured - start, "fit": time.perf_counter() - measured}
     return DesignFit(quantizer.name, table, fit, curves, seconds)
 
@@ -172,10 +205,20 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         loaded, corpus, seq_len=settings.seq_len, sequences=settings.sequences, metric=settings.metric
     )
     phases["capture"] = time.perf_counter() - start
-    policy = settings.policy()
+    sinks, sink_totals = settings.sink_tokens, None
+    if sinks == "auto":
+        start = time.perf_counter()
+        sinks, sink_totals = choose_sink_tokens(stats, settings.design(), settings.metric)
+        phases["sink_tokens"] = time.perf_counter() - start
+    policy = settings.policy(sinks)
     curves_design = get_quantizer(settings.curves_from) if settings.curves_from else policy.quantizer
     fitted = fit_design(
-        stats, curves_design, metric=settings.metric, bitset=settings.bitset, informative_only=settings.informative_only
+        stats,
+        curves_design,
+        metric=settings.metric,
+        bitset=settings.bitset,
+        informative_only=settings.informative_only,
+        sink_tokens=policy.sink_tokens,
     )
     phases.update(fitted.seconds)
     start = time.perf_counter()
@@ -202,6 +245,8 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             "tokens": stats.token_count,
             "seconds": sum(phases.values()),
             "phases": dict(phases),
+            "bos_token_id": bos_token_id(loaded.tokenizer),
+            "sink_tokens_chosen": "auto" if sink_totals else "given",
         },
     )
     return CalibrationRun(plan=plan, table=table, fit=fit, curves=fitted.curves, allocation=allocation, phases=phases)

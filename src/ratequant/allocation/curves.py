@@ -19,17 +19,18 @@ from ratequant.fitting import DistortionFit
 from ratequant.geometry import Geometry
 from ratequant.validation import check_bitset, check_int
 
-SOURCES = ("fit", "measured", "none")
+SOURCES = ("fit", "measured", "model", "none")
 
 
 @dataclass(frozen=True, eq=False)
 class Curves:
     """Distortion ``values [2, L, H, nb]`` (kind 0 = key) at the widths ``bitset``.
 
-    ``source``: ``"fit"`` (predicted by ``fit``), ``"measured"`` (a measured table) or ``"none"`` (zeros: no
-    prediction); ``design``: the quantizer design whose distortion it is (None when unknown); ``label``: a
-    free description of the measurement (e.g. ``"fisher"`` or ``"measured KL"``); ``min_bits``: the lowest
-    width an allocation may give (keys, values), e.g. the design's informative widths (None: any).
+    ``source``: ``"fit"`` (predicted by ``fit``), ``"measured"`` (a measured table), ``"model"`` (an analytical
+    error model, e.g. from weight norms) or ``"none"`` (zeros: no prediction); ``design``: the quantizer design
+    whose distortion it is (None when unknown); ``label``: a free description of the measurement (e.g.
+    ``"fisher"`` or ``"measured KL"``); ``min_bits``: the lowest width an allocation may give (keys, values),
+    e.g. the design's informative widths (None: any).
     """
 
     values: np.ndarray
@@ -49,6 +50,8 @@ class Curves:
             raise RateQuantError("curves hold NaN or Inf; re-run the measurement")
         if self.source not in SOURCES:
             raise RateQuantError(f"curve source must be one of {SOURCES}, got {self.source!r}")
+        if self.fit is not None and not isinstance(self.fit, DistortionFit):
+            raise RateQuantError(f"curves: fit must be a DistortionFit or None, got {type(self.fit).__name__}")
         values.setflags(write=False)
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "bitset", bitset)

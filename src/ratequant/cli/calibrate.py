@@ -12,10 +12,10 @@ from ratequant.cli.options import (
     add_model_options,
     bitset_arg,
     load_model_from,
-    nonnegative_int,
     param_arg,
     positive_float,
     positive_int,
+    sink_arg,
 )
 from ratequant.errors import RateQuantError
 
@@ -83,9 +83,10 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sink-tokens",
-        type=nonnegative_int,
-        default=0,
-        help="first tokens of every sequence kept at full precision (default 0)",
+        type=sink_arg,
+        default="auto",
+        metavar="N|auto",
+        help="first tokens of every sequence kept at full precision (default auto: chosen from the calibration data)",
     )
     parser.add_argument("--out", required=True, metavar="PLAN", help="where to write the plan (JSON)")
     parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")
@@ -152,6 +153,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"  average code bits {plan.avg_bits:.4f}{bytes_text}")
+    chosen = " (chosen from the calibration data)" if settings.sink_tokens == "auto" else ""
+    print(f"  sink tokens kept at full precision: {plan.sink_tokens}{chosen}")
     print(
         "  time "
         + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run.phases.items())

@@ -56,6 +56,16 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def sink_arg(text: str) -> int | str:
+    """'auto' or a non-negative number of sink tokens (at most 65536)."""
+    if text == "auto":
+        return text
+    value = nonnegative_int(text)
+    if value > 1 << 16:
+        raise argparse.ArgumentTypeError(f"at most 65536 sink tokens, got {value}")
+    return value
+
+
 def float_list(text: str) -> tuple[float, ...]:
     """'0.1,0.5,0.9' -> (0.1, 0.5, 0.9)."""
     try:
@@ -149,7 +159,10 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         "--residual", type=int, metavar="N", help="full-precision residual window (default: the plan's)"
     )
     parser.add_argument(
-        "--sink-tokens", type=int, metavar="N", help="first tokens kept at full precision (default: the plan's)"
+        "--sink-tokens",
+        type=nonnegative_int,
+        metavar="N",
+        help="first tokens kept at full precision (default: the plan's)",
     )
 
 

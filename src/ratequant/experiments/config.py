@@ -32,8 +32,12 @@ FULL_SIZES = dict(
     calibration_seq_len=512,
     calibration_sequences=4,
     residual=128,
+    sink_tokens="auto",
     eval_corpora=("fortunes",),
     passkey_context=4096,
+    peers=("norms",),
+    headroom_designs=("kivi",),
+    sink_study=(0, 1, 4),
 )
 """What ``--full`` (and ``make results``) runs: the README's results. Long windows with the cache's real
 128-token residual window, four budgets, both corpora, passkey retrieval at 4096 tokens."""
@@ -41,7 +45,18 @@ SCORINGS = ("all", "second-half")
 MODES = ("simulated", "streaming")
 
 
-LIST_FIELDS = ("budgets", "designs", "bitset", "eval_corpora", "passkey_depths", "passkey_budgets")
+LIST_FIELDS = (
+    "budgets",
+    "designs",
+    "bitset",
+    "eval_corpora",
+    "passkey_depths",
+    "passkey_budgets",
+    "peers",
+    "headroom_designs",
+    "sink_study",
+)
+PEERS = ("norms",)
 SCALAR_FLAGS = (
     "metric",
     "seq_len",
@@ -78,10 +93,15 @@ class CompareConfig:
     whole chunk, as the papers' figures do) and ``sink_tokens`` the first tokens it keeps at full precision;
     ``mode`` evaluates with simulated quantization or through the real cache (``streaming``, prefilled
     ``prefill_chunk`` tokens at a time; default the quantization chunk); ``context_tokens`` is the context at
-    which true bytes per token are stated. ``eval_corpora`` are further corpora whose evaluation split every
-    method is also scored on (calibration stays on ``corpus``). ``passkey_context`` (None: off) runs passkey
-    retrieval through the real cache for full precision and, with ``passkey_design``, the uniform and RateQuant
-    methods at ``passkey_budgets``.
+    which true bytes per token are stated. ``sink_tokens="auto"`` chooses the sinks of every design from the
+    calibration data. ``eval_corpora`` are further corpora whose evaluation split every method is also scored
+    on (calibration stays on ``corpus``). ``peers`` adds peer baselines (``"norms"``: layer-wise K/V widths from
+    the weight norms, as spectral-kv / ``kvq``). For the designs of ``headroom_designs`` two diagnostics run: the
+    allocation on every component's *measured* damage (``headroom_tokens`` calibration tokens, widths up to
+    ``headroom_max_bits``, :mod:`ratequant.headroom`) and RateQuant with a beta per component.
+    ``passkey_context`` (None: off) runs passkey retrieval through the real cache for full precision and the
+    uniform and RateQuant methods of ``focus_design`` at ``passkey_budgets``; ``sink_study`` re-scores the
+    fixed schemes and RateQuant of ``focus_design`` with each of these sink counts, with and without BOS.
     """
 
     model: str = "default"
@@ -97,15 +117,20 @@ class CompareConfig:
     calibration_seq_len: int = 512
     calibration_sequences: int = 4
     residual: int = 0
-    sink_tokens: int = 0
+    sink_tokens: int | str = 0
     mode: str = "simulated"
     prefill_chunk: int | None = None
     eval_corpora: tuple[str, ...] = ()
     passkey_context: int | None = None
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_trials: int = 2
-    passkey_design: str = "kivi"
     passkey_budgets: tuple[float, ...] = (2.0, 2.5, 4.0)
+    focus_design: str = "kivi"
+    peers: tuple[str, ...] = ()
+    headroom_designs: tuple[str, ...] = ()
+    headroom_tokens: int = 512
+    headroom_max_bits: int = 5
+    sink_study: tuple[int, ...] = ()
     context_tokens: int = 4096
     bitset: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     split_max_gap: int = 2
@@ -149,7 +174,7 @@ class CompareConfig:
             raise RateQuantError(
                 f"compare config: designs must be a non-empty list without repeats, got {self.designs!r}"
             )
-        for d in (*designs, self.hybrid_design, self.passkey_design):
+        for d in (*designs, self.hybrid_design, self.focus_design, *self.headroom_designs):
             if not isinstance(d, str) or d not in known:
                 raise RateQuantError(f"compare config: unknown quantizer design {d!r}; choose from {', '.join(known)}")
         object.__setattr__(self, "designs", designs)
@@ -164,13 +189,25 @@ class CompareConfig:
             ("context_tokens", 1),
             ("split_max_gap", 1),
             ("hybrid_bits", 1),
-            ("sink_tokens", 0),
             ("passkey_trials", 1),
+            ("headroom_tokens", 2),
+            ("headroom_max_bits", 1),
         ):
             object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
         for name in ("prefill_chunk", "passkey_context"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), f"compare config: {name}", lo=1, hi=1 << 20)
+        if self.sink_tokens != "auto":
+            sinks = check_int(self.sink_tokens, "compare config: sink_tokens ('auto' or a count)", lo=0, hi=1 << 16)
+            object.__setattr__(self, "sink_tokens", sinks)
+        object.__setattr__(self, "peers", tuple(self.peers))
+        if any(p not in PEERS for p in self.peers):
+            raise RateQuantError(f"compare config: peers must be among {', '.join(PEERS)}, got {self.peers!r}")
+        study = tuple(self.sink_study)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 16 for v in study):
+            raise RateQuantError(f"compare config: sink_study must be sink-token counts, got {self.sink_study!r}")
+        object.__setattr__(self, "sink_study", tuple(sorted(set(study))))
+        object.__setattr__(self, "headroom_designs", tuple(self.headroom_designs))
         check_choice(self.bos, "compare config: bos", BOS_CHOICES, error=RateQuantError)
         check_choice(self.scoring, "compare config: scoring", SCORINGS)
         check_choice(self.mode, "compare config: mode", MODES)

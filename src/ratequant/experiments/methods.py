@@ -38,7 +38,8 @@ from ratequant.spec import KVQuantSpec, StoragePolicy
 
 FULL_PRECISION = "full-precision"
 FIXED_METHODS = ("uniform", "kv-split")
-ALLOCATED_METHODS = ("layerwise", "ratequant", "mismatched")
+ALLOCATED_METHODS = ("layerwise", "ratequant", "mismatched", "norms", "ratequant-component", "measured")
+"""Methods that choose widths from curves; the last three are peers and diagnostics run when asked for."""
 QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
 RANK_METHODS = ("rank", "rank+quant")
 
@@ -96,12 +97,28 @@ def pick_mismatch_sources(fits: dict[str, DistortionFit]) -> dict[str, str | Non
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class Allocated:
+    """A further allocated method of a design: ``method`` name, ``label``, its curves and strategy."""
+
+    method: str
+    label: str
+    curves: Curves
+    strategy: str
+
+
 def quantized_methods(
-    config: CompareConfig, loaded: LoadedModel, design: DesignFit, source: DesignFit | None, skipped: list[Skipped]
+    config: CompareConfig,
+    loaded: LoadedModel,
+    design: DesignFit,
+    policy: StoragePolicy,
+    source: DesignFit | None,
+    skipped: list[Skipped],
+    extra: tuple[Allocated, ...] = (),
 ) -> list[Method]:
-    """Every quantized method of ``design`` at every budget (``source``: the design whose curves the
-    mismatched allocation uses); methods that cannot meet a budget go to ``skipped``."""
-    policy = StoragePolicy(get_quantizer(design.design), config.residual, config.sink_tokens)
+    """Every quantized method of ``design`` stored under ``policy``, at every budget (``source``: the design whose
+    curves the mismatched allocation uses; ``extra``: peers and diagnostics); methods that cannot meet a budget
+    go to ``skipped``."""
     cost = cost_model_for(policy, loaded, config.context_tokens, config.bitset)
     fixed = AllocationOptions(bitset=config.bitset, cost_model=cost)  # fixed schemes use the widths they name
     allocated = AllocationOptions(bitset=tuple(b for b in config.bitset if b in design.curves.bitset), cost_model=cost)
@@ -119,7 +136,8 @@ def quantized_methods(
         details = {
             "allocation_seconds": time.perf_counter() - start,
             "quantizer": policy.quantizer.to_config(),
-            "residual": config.residual,
+            "residual": policy.residual_length,
+            "sink_tokens": policy.sink_tokens,
             "context_tokens": config.context_tokens,
             "predicted_distortion": alloc.predicted_distortion,
             "curves": alloc.details["curves"],
@@ -170,6 +188,8 @@ def quantized_methods(
                 "ratequant",
                 AllocationOptions(bitset=source.curves.bitset, cost_model=cost),
             )
+        for peer in extra:
+            add(peer.method, peer.label, budget, peer.curves, peer.strategy, allocated)
     return methods
 
 
@@ -253,6 +273,7 @@ __all__ = [
     "FULL_PRECISION",
     "QUANTIZED_METHODS",
     "RANK_METHODS",
+    "Allocated",
     "Method",
     "Skipped",
     "hybrid_rank",

@@ -18,10 +18,8 @@ import torch
 from ratequant import __version__
 from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.conditions import FullPrecision
 from ratequant.evaluation.perplexity import REFERENCE, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
-from ratequant.evaluation.tasks import PasskeyTask
 from ratequant.experiments.config import SCORINGS, CompareConfig, budget_text
 from ratequant.experiments.methods import (
     FULL_PRECISION,
@@ -32,10 +30,13 @@ from ratequant.experiments.methods import (
     rank_methods,
 )
 from ratequant.experiments.results import CompareResults, DesignResult, MethodResult
+from ratequant.experiments.studies import extra_methods, passkey_study, sink_study
 from ratequant.models import LoadedModel
-from ratequant.pipeline import collect_statistics, fit_design
+from ratequant.pipeline import choose_sink_tokens, collect_statistics, fit_design
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
+from ratequant.spec import StoragePolicy
+from ratequant.weight_norms import weight_norms
 
 
 def evaluation_name(corpus: str, scoring: str) -> str:
@@ -83,14 +84,23 @@ def run_compare(
         f"calibration capture: {stats.keys.shape[1]} sequence(s), {stats.token_count} tokens, metric {config.metric} "
         f"({timings['capture']:.1f} s)"
     )
-    fitted = {}
+    fitted, sinks, side = {}, {}, {}
     for design in config.designs:
-        fitted[design] = fit_design(stats, get_quantizer(design), metric=config.metric, bitset=config.bitset)
+        quantizer = get_quantizer(design)
+        sinks[design] = (
+            choose_sink_tokens(stats, quantizer, config.metric)[0]
+            if config.sink_tokens == "auto"
+            else config.sink_tokens
+        )
+        fitted[design] = fit_design(
+            stats, quantizer, metric=config.metric, bitset=config.bitset, sink_tokens=sinks[design]
+        )
         fit = fitted[design].fit
         say(
             f"{design}: distortion measured and fitted ({sum(fitted[design].seconds.values()):.1f} s): beta key "
-            f"{fit.beta_key:.2f}, value {fit.beta_value:.2f}, R^2 {fit.r2_overall:.3f}"
+            f"{fit.beta_key:.2f}, value {fit.beta_value:.2f}, R^2 {fit.r2_overall:.3f}; {sinks[design]} sink token(s)"
         )
+        side[design] = extra_methods(config, loaded, corpus, stats, fitted[design], sinks[design], say)
     sources = pick_mismatch_sources({name: f.fit for name, f in fitted.items()})
     t = time.perf_counter()
     bases = RankBases.fit(stats.keys, stats.values, stats.attention_mask)
@@ -103,7 +113,8 @@ def run_compare(
     methods: list[Method] = []
     for design in config.designs:
         source = fitted[sources[design]] if sources[design] else None
-        methods += quantized_methods(config, loaded, fitted[design], source, skipped)
+        policy = StoragePolicy(get_quantizer(design), config.residual, sinks[design])
+        methods += quantized_methods(config, loaded, fitted[design], policy, source, skipped, side[design][0])
     ranked, rank_info = rank_methods(config, loaded, bases)
     methods += ranked
     timings["allocation"] = time.perf_counter() - t
@@ -166,10 +177,15 @@ def run_compare(
             bits=m.bits,
         )
 
-    extra = {}
+    extra: dict = {"sink_tokens": sinks, "weight_norms": weight_norms(loaded.model).to_dict()}
+    extra["headroom"] = {d: info for d, (_, info) in side.items() if info}
+    if config.sink_study:
+        t = time.perf_counter()
+        extra["sink_study"] = sink_study(config, loaded, corpus, methods, say)
+        timings["sink_study"] = time.perf_counter() - t
     if config.passkey_context is not None:
         t = time.perf_counter()
-        extra["passkey"] = run_passkey(loaded, config, methods, say)
+        extra["passkey"] = passkey_study(loaded, config, methods, say)
         timings["passkey"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     designs = {
@@ -215,36 +231,6 @@ def run_compare(
     )
     say(f"done in {timings['total']:.0f} s")
     return results
-
-
-def run_passkey(loaded: LoadedModel, config: CompareConfig, methods: list[Method], say: Stages) -> dict:
-    """Passkey retrieval through the real cache: full precision, and the uniform and RateQuant methods of
-    ``config.passkey_design`` at ``config.passkey_budgets``."""
-    chosen = [
-        m
-        for m in methods
-        if m.design == config.passkey_design
-        and m.method in ("uniform", "ratequant")
-        and m.budget in config.passkey_budgets
-    ]
-    conditions = {
-        "full precision": FullPrecision(),
-        **{f"{m.label} ({budget_text(m.budget)} bits)": m.condition for m in chosen},
-    }
-    task = PasskeyTask(
-        context=config.passkey_context,
-        depths=config.passkey_depths,
-        trials=config.passkey_trials,
-        prefill_chunk=config.prefill_chunk,
-    )
-    say(f"passkey: {len(conditions)} conditions x {len(task.depths) * task.trials} trials at {task.context} tokens")
-    outcome = task.run(loaded, None, conditions, progress=say.enabled)
-    meta = {
-        label: {"method": m.method, "budget": m.budget, "design": m.design}
-        for label, m in zip(list(conditions)[1:], chosen)
-    }
-    meta["full precision"] = {"method": FULL_PRECISION, "budget": None, "design": None}
-    return {"settings": outcome.settings, "results": {k: {**meta[k], **v} for k, v in outcome.results.items()}}
 
 
 __all__ = ["evaluation_name", "run_compare"]

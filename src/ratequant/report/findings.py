@@ -67,6 +67,79 @@ def versus_best_fixed(results: CompareResults, metric: str, evaluation: str | No
     return out
 
 
+def study_findings(results: CompareResults) -> list[str]:
+    """What the side studies say: sinks, the weight-norm peer, the measured-damage headroom."""
+    out = []
+    study = results.extra.get("sink_study")
+    if study and len(study["sink_tokens"]) > 1:
+        counts = study["sink_tokens"]
+        for bos in ("no", "yes"):
+            rows = [r for r in study["rows"] if r["bos"] == bos and r["sink_tokens"] is not None]
+            base = {(r["budget"], r["label"]): r["kl"] for r in rows if r["sink_tokens"] == counts[0]}
+            for c in counts[1:]:
+                changes = [
+                    (r["kl"] - base[(r["budget"], r["label"])]) / base[(r["budget"], r["label"])]
+                    for r in rows
+                    if r["sink_tokens"] == c and base.get((r["budget"], r["label"]))
+                ]
+                if changes:
+                    out.append(
+                        f"Keeping {c} sink token(s) at full precision (windows {'with' if bos == 'yes' else 'without'} "
+                        f"BOS, {study['design']}) changes the KL by a median {fmt_share(float(np.median(changes)))} "
+                        f"(from {fmt_share(min(changes))} to {fmt_share(max(changes))}) against {counts[0]} sinks."
+                    )
+    norms = results.extra.get("weight_norms")
+    if norms:
+        ratio = np.asarray(norms["spectral_key"]) / np.maximum(np.asarray(norms["spectral_value"]), 1e-30)
+        text = (
+            f'Weight norms ("Quantize What Counts", Theorem 1): ‖W_K‖₂ exceeds ‖W_V‖₂ in {int((ratio > 1).sum())} of '
+            f"{ratio.size} layers (ratio from {ratio.min():.2f} to {ratio.max():.2f})."
+        )
+        pairs = [
+            (r, q)
+            for r in results.recovered(None, "kl")
+            if r["method"] == "norms"
+            for q in results.recovered(None, "kl")
+            if q["method"] == "ratequant" and (q["design"], q["budget"]) == (r["design"], r["budget"])
+        ]
+        if pairs:
+            better = sum(q["value"] < r["value"] for r, q in pairs)
+            text += (
+                f" Allocating layer-wise K/V widths from them (a fixed 4^-b error, as spectral-kv / kvq do) has a "
+                f"lower KL than RateQuant in {len(pairs) - better} of {len(pairs)} cells; RateQuant's fitted curves "
+                f"win in {better}."
+            )
+        out.append(text)
+    for design, info in results.extra.get("headroom", {}).items():
+        rows = {(r["budget"], r["method"]): r for r in results.recovered(None, "kl") if r["design"] == design}
+        cells = []
+        for budget in results.config.budgets:
+            m, q = rows.get((budget, "measured")), rows.get((budget, "ratequant"))
+            if m and q and m["share"] is not None and q["share"] is not None:
+                cells.append(
+                    f"{budget_text(budget)} bits: {fmt_share(m['share'])} against RateQuant's {fmt_share(q['share'])}"
+                )
+        if cells:
+            out.append(
+                f"Headroom ({design}): allocating on every component's measured damage (the best a per-head "
+                f"allocation can do if damage adds up) recovers of the best fixed scheme's KL damage: "
+                + "; ".join(cells)
+                + "."
+            )
+        damage, proxy = np.asarray(info["damage"]["values"]), np.asarray(info["proxy"])
+        if damage.shape == proxy.shape and damage.shape[-1]:
+            from ratequant.distortion import spearman
+
+            rho = [spearman(proxy[..., j].ravel(), damage[..., j].ravel()) for j in range(damage.shape[-1])]
+            widths = info["damage"]["bitset"]
+            out.append(
+                "The Fisher proxy ranks components like their measured damage with Spearman "
+                + ", ".join(f"{r:.2f} at {b} bits" for r, b in zip(rho, widths))
+                + f" ({design}; measured in {info['damage']['seconds']:.0f} s)."
+            )
+    return out
+
+
 def findings(results: CompareResults, evaluation: str | None = None) -> list[str]:
     """Plain-language bullets derived from the numbers of ``evaluation`` (default: the primary one)."""
     out = versus_best_fixed(results, "kl", evaluation)
@@ -160,6 +233,7 @@ def findings(results: CompareResults, evaluation: str | None = None) -> list[str
                 )
                 + "."
             )
+    out += study_findings(results)
     betas = [x for d in results.designs.values() for x in (d.beta_key, d.beta_value)]
     if betas:
         r2 = [d.r2 for d in results.designs.values()]

@@ -13,10 +13,13 @@ from ratequant.report.tables import (
     fit_table,
     fmt_kl,
     fmt_ppl,
+    headroom_table,
     metric_table,
+    norms_table,
     passkey_table,
     rank_table,
     recovered_table,
+    sink_study_table,
     storage_table,
 )
 
@@ -153,6 +156,27 @@ def report_markdown(
         "",
     ]
     lines += ["## Every evaluation", "", evaluations_table(results), "", *_passkey_lines(results, "## ")]
+    for title, table, text in (
+        (
+            "## Sink tokens",
+            sink_study_table(results),
+            "The same widths, with the first tokens of every window kept at full precision in the cache (KL, headline "
+            "scoring); in parentheses the change against the first column.",
+        ),
+        (
+            "## Headroom: allocation on measured damage",
+            headroom_table(results),
+            "Each component quantized alone at each width, its KL from full precision measured on a calibration "
+            "window; allocating on these measured curves is what a per-head allocation can reach if damage adds up.",
+        ),
+        (
+            "## Weight norms of W_K and W_V",
+            norms_table(results),
+            'Per layer ("Quantize What Counts", Theorem 1), beside the key and value widths RateQuant gives the layer.',
+        ),
+    ):
+        if table:
+            lines += [title, "", text, "", table, ""]
     lines += [
         "## KL divergence from full precision (nats per token)",
         "",

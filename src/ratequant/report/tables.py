@@ -16,6 +16,9 @@ METHOD_NAMES = {
     "layerwise": "layerwise",
     "ratequant": "RateQuant",
     "mismatched": "mismatched",
+    "norms": "weight norms",
+    "ratequant-component": "RateQuant, beta per component",
+    "measured": "measured damage",
     "rank": "rank (16-bit)",
     "rank+quant": "rank + quant",
 }
@@ -172,30 +175,28 @@ def recovered_table(results: CompareResults, metric: str = "kl", evaluation: str
     """Per (design, budget): the best fixed scheme and the share of its damage each allocator recovers."""
     rows = []
     by_cell: dict[tuple, dict] = {}
-    for r in results.recovered(evaluation, metric):
+    recovered = results.recovered(evaluation, metric)
+    for r in recovered:
         by_cell.setdefault((r["design"], r["budget"]), {})[r["method"]] = r
+    methods = [m for m in ALLOCATED_METHODS if any(r["method"] == m for r in recovered)]
     for (design, budget), cell in by_cell.items():
         first = next(iter(cell.values()))
         cols = [design, budget_text(budget), f"{first['best_fixed']} ({fmt_metric(metric, first['best_fixed_value'])})"]
-        for method in ALLOCATED_METHODS:
+        for method in methods:
             r = cell.get(method)
             cols.append("—" if r is None else f"{fmt_share(r['share'])} ({fmt_metric(metric, r['value'])})")
         rq = cell.get("ratequant")
-        cols.append(
-            "—" if rq is None else (f"{rq['delta']:+.4f}" + (f" ± {rq['se']:.4f}" if rq["se"] is not None else ""))
-        )
-        rows.append(cols)
+        gain = "—" if rq is None else f"{rq['delta']:+.4f}" + (f" ± {rq['se']:.4f}" if rq["se"] is not None else "")
+        rows.append([*cols, gain])
     gain = "KL gain" if metric == "kl" else "log PPL gain"
     header = [
         "design",
         "bits",
         f"best fixed ({METRIC_NAMES[metric]})",
-        "layerwise",
-        "RateQuant",
-        "mismatched",
+        *(METHOD_NAMES[m] for m in methods),
         f"RateQuant: {gain} ± s.e.",
     ]
-    return md_table(header, rows, "lrlrrrr")
+    return md_table(header, rows, "lrl" + "r" * (len(methods) + 1))
 
 
 def storage_table(results: CompareResults) -> str:
@@ -301,8 +302,87 @@ def passkey_table(results: CompareResults) -> str:
     return md_table(["condition", "accuracy", "mean key log-prob (nats)", "trials", "accuracy by depth"], rows, "lrrrl")
 
 
+def norms_table(results: CompareResults) -> str:
+    """Per layer: spectral and Frobenius norms of W_K and W_V, their ratio, and the mean key and value widths
+    RateQuant gives that layer at the lowest budget (first design)."""
+    norms = results.extra.get("weight_norms")
+    if not norms:
+        return ""
+    design, budget = results.config.designs[0], results.config.budgets[0]
+    rq = results.select(method="ratequant", design=design, budget=budget)
+    bits = rq[0].bits if rq and rq[0].bits is not None else None
+    rows = []
+    for layer, (sk, sv, fk, fv) in enumerate(
+        zip(norms["spectral_key"], norms["spectral_value"], norms["frobenius_key"], norms["frobenius_value"])
+    ):
+        widths = "—" if bits is None else f"{bits[0, layer].mean():.2f} / {bits[1, layer].mean():.2f}"
+        rows.append(
+            [str(layer), f"{sk:.2f}", f"{sv:.2f}", f"{sk / max(sv, 1e-30):.2f}", f"{fk:.2f}", f"{fv:.2f}", widths]
+        )
+    header = [
+        "layer",
+        "‖W_K‖₂",
+        "‖W_V‖₂",
+        "ratio",
+        "‖W_K‖_F",
+        "‖W_V‖_F",
+        f"RateQuant K / V bits ({design}, {budget_text(budget)})",
+    ]
+    return md_table(header, rows, "lrrrrrr")
+
+
+def sink_study_table(results: CompareResults) -> str:
+    """KL (± s.e.) of the focus design's schemes with each sink count, with and without BOS."""
+    study = results.extra.get("sink_study")
+    if not study:
+        return ""
+    counts = study["sink_tokens"]
+    cells: dict[tuple, dict] = {}
+    for r in study["rows"]:
+        if r["sink_tokens"] is not None:
+            cells.setdefault((r["bos"], r["budget"], r["label"]), {})[r["sink_tokens"]] = r
+    rows = []
+    for (bos, budget, label), by_count in cells.items():
+        base = by_count.get(counts[0])
+        out = [bos, budget_text(budget), label]
+        for c in counts:
+            r = by_count[c]
+            change = "" if base is None or c == counts[0] else f" ({(r['kl'] - base['kl']) / base['kl']:+.0%})"
+            out.append(f"{fmt_kl(r['kl'])} ± {fmt_kl(r['kl_se'])}{change}")
+        rows.append(out)
+    return md_table(
+        ["BOS", "bits", "method", *[f"{c} sink token(s)" for c in counts]], rows, "llll" + "r" * (len(counts) - 1)
+    )
+
+
+def headroom_table(results: CompareResults) -> str:
+    """Per headroom design and budget: KL of the best fixed scheme, RateQuant, the per-component-beta fit and the
+    allocation on measured damage, with the share of the best fixed scheme's KL damage each recovers."""
+    designs = list(results.extra.get("headroom", {}))
+    if not designs:
+        return ""
+    rows = []
+    for r in results.recovered(None, "kl"):
+        if r["design"] not in designs or r["method"] not in ("ratequant", "ratequant-component", "measured"):
+            continue
+        rows.append(
+            [
+                r["design"],
+                budget_text(r["budget"]),
+                METHOD_NAMES[r["method"]],
+                fmt_kl(r["value"]),
+                f"{r['best_fixed']} ({fmt_kl(r['best_fixed_value'])})",
+                fmt_share(r["share"]),
+            ]
+        )
+    return md_table(["design", "bits", "allocation", "KL", "best fixed (KL)", "damage recovered"], rows, "lrlrlr")
+
+
 __all__ = [
     "METHOD_NAMES",
+    "headroom_table",
+    "norms_table",
+    "sink_study_table",
     "evaluations_table",
     "passkey_table",
     "fit_ratio_table",
