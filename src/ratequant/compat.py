@@ -217,6 +217,12 @@ def kv_projections(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest context the model's position embeddings cover (``max_position_embeddings`` / ``n_positions``),
+    or None when the config names none."""
+    return _config_int(_text_config(model), "max_position_embeddings", "n_positions", "n_ctx")
+
+
 def sliding_window_layers(model: nn.Module) -> list[bool]:
     """Per layer, whether its attention uses a sliding window (Mistral with ``sliding_window``, Gemma2/3)."""
     config = _text_config(model)
@@ -422,6 +428,7 @@ __all__ = [
     "check_supported",
     "intercept_attention",
     "kv_projections",
+    "max_positions",
     "model_geometry",
     "original_attention",
     "sliding_window_layers",

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ratequant.compat import cache_argument
+from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
 from ratequant.models import LoadedModel
 from ratequant.spec import KVQuantSpec
+from ratequant.validation import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,14 @@ def generate(
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
+    stream: bool = False,
 ) -> GenerationResult:
     """Continue ``prompt`` with ``model.generate`` and a :class:`RateQuantCache` of ``spec`` (e.g.
-    ``plan.resolve(model)``; a full-precision ``DynamicCache`` when ``spec`` is None)."""
+    ``plan.resolve(model)``; a full-precision ``DynamicCache`` when ``spec`` is None). With ``stream`` the
+    continuation is printed to standard output as it is generated.
+
+    ``max_new_tokens`` must fit the model's context after the prompt; sampling takes ``temperature`` in
+    [0.01, 100] and ``top_p`` in (0, 1]."""
     from transformers import DynamicCache
 
     from ratequant.cache import RateQuantCache
@@ -89,16 +95,31 @@ def generate(
     else:
         text = prompt
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(loaded.device)
+    check_int(max_new_tokens, "max_new_tokens", lo=1)
+    check_int(seed, "seed", lo=0)
+    if sample:
+        check_float(temperature, "temperature", lo=0.01, hi=100.0)
+        check_float(top_p, "top_p", lo=0.0, hi=1.0, lo_open=True)
+    limit = max_positions(model)
+    prompt_tokens = encoded["input_ids"].shape[1]
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise RateQuantError(
+            f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the model's context of {limit} "
+            f"tokens; ask for at most {max(limit - prompt_tokens, 0)} new tokens"
+        )
     cache = DynamicCache(config=model.config) if spec is None else RateQuantCache(spec, model=model)
     torch.manual_seed(seed)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
+    if stream:
+        from transformers import TextStreamer
+
+        options["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     output = model.generate(
         **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
     )
     seconds = time.perf_counter() - start
-    prompt_tokens = encoded["input_ids"].shape[1]
     new = output[0, prompt_tokens:]
     g = loaded.geometry
     stored = cache.get_seq_length()

@@ -22,6 +22,7 @@ import torch
 
 from ratequant.errors import RateQuantError
 from ratequant.geometry import Geometry
+from ratequant.progress import note
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL, "smollm2-135m-instruct")
@@ -114,6 +115,7 @@ def load_model(
     for missing paths, unreadable checkpoints and unreachable hubs.
     """
     torch_dtype = _parse_dtype(dtype)
+    device = check_device(device)
     spec = spec or "default"
     if spec in DEFAULT_MODEL_ALIASES:
         name, source = DEFAULT_MODEL, str(default_gguf_path())
@@ -145,6 +147,25 @@ def load_model(
     from ratequant.compat import model_geometry
 
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, geometry=model_geometry(model))
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; one clear error otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RateQuantError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise RateQuantError(
+            f"device {device!r} asked for, but this torch build or machine has no CUDA; use --device cpu"
+        )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise RateQuantError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RateQuantError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise RateQuantError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return parsed
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -182,12 +203,26 @@ def _load_pretrained(ref: str, trust_remote_code: bool, local_only: bool):
 
 
 def _load_gguf(path: Path, use_conversion_cache: bool):
-    """Load a GGUF checkpoint, through the safetensors conversion cache when allowed."""
+    """Load a GGUF checkpoint, through the safetensors conversion cache when allowed.
+
+    A cached conversion is used only when its manifest (written last) lists every file with the size it has
+    now and the small files with their checksums, and the weights load; otherwise it is removed and rebuilt,
+    with a one-line note. Temporary folders of interrupted conversions older than an hour are removed.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     converted = cache_dir() / "gguf" / _file_key(path)
-    if use_conversion_cache and (converted / "model.safetensors").is_file():
-        return _load_pretrained(str(converted), trust_remote_code=False, local_only=True)
+    if use_conversion_cache:
+        _remove_stale_conversions(converted.parent)
+        if converted.exists():
+            problem = _conversion_problem(converted)
+            if problem is None:
+                try:
+                    return _load_pretrained(str(converted), trust_remote_code=False, local_only=True)
+                except Exception as exc:  # a damaged cache entry is rebuilt, whatever the loader raised
+                    problem = f"it does not load ({type(exc).__name__})"
+            note(f"the cached conversion of {path.name} in {converted} is damaged ({problem}); converting again")
+            shutil.rmtree(converted, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -210,8 +245,61 @@ def _file_key(path: Path) -> str:
     return f"{path.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 
 
+MANIFEST = "ratequant-manifest.json"
+CHECKSUM_LIMIT = 1 << 24
+"""Files up to this size have their SHA-256 checked on every load; larger ones (the weights) their size, and
+whether they load."""
+STALE_AFTER_S = 3600.0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _conversion_problem(folder: Path) -> str | None:
+    """Why a cached conversion cannot be trusted, or None when its manifest vouches for every file."""
+    import json
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest: an interrupted write, or an older ratequant"
+    if "model.safetensors" not in files:
+        return "no weights in the manifest"
+    for name, entry in files.items():
+        f = folder / name
+        if "/" in name or not f.is_file() or f.stat().st_size != entry.get("size"):
+            return f"{name} is missing or has the wrong size"
+        if entry.get("size", 0) <= CHECKSUM_LIMIT and _sha256(f) != entry.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _remove_stale_conversions(folder: Path) -> None:
+    """Remove temporary folders that interrupted conversions left behind (older than an hour)."""
+    import time
+
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".tmp-*"):
+        try:
+            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+                note(f"removed {tmp}, left by an interrupted model conversion")
+        except OSError:
+            pass
+
+
 def _store_conversion(model, tokenizer, target: Path) -> None:
-    """Write config, tokenizer and safetensors weights into ``target`` atomically (temp dir + rename)."""
+    """Write config, tokenizer, safetensors weights and, last, the manifest of their sizes and checksums into
+    ``target`` atomically (temp dir + rename). A cache that cannot be written is reported in one line."""
+    import json
+
     from safetensors.torch import save_model
 
     try:
@@ -221,8 +309,15 @@ def _store_conversion(model, tokenizer, target: Path) -> None:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             save_model(model, str(tmp / "model.safetensors"))
+            files = {
+                p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+            }
+            (tmp / MANIFEST).write_text(json.dumps({"format_version": 1, "files": files}, indent=1))
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        pass  # a read-only or full disk only costs speed: the next load converts again
+    except OSError as exc:
+        note(
+            f"cannot write the model conversion cache in {target.parent} ({exc.strerror or exc}); the GGUF file will "
+            "be converted again next time (set RATEQUANT_CACHE_DIR to a writable folder)"
+        )

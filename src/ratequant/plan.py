@@ -492,7 +492,9 @@ class Plan:
         if quantizer is not None:
             self.check_quantizer(quantizer, allow_mismatch=allow_mismatch)
         policy = self.policy(quantizer, residual_length=residual_length, sink_tokens=sink_tokens)
-        return KVQuantSpec(self.bits_array(), policy.quantizer, policy.residual_length, policy.sink_tokens)
+        spec = KVQuantSpec(self.bits_array(), policy.quantizer, policy.residual_length, policy.sink_tokens)
+        spec.check_model(model)
+        return spec
 
     def bits_array(self) -> np.ndarray:
         """Widths as an ``int64`` array ``[2, num_layers, num_kv_heads]`` (kind 0 = key)."""

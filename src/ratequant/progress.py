@@ -67,6 +67,11 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = Tru
     yield _PlainBar(total, desc, unit)
 
 
+def note(message: str) -> None:
+    """One line on standard error for something the user should know but that does not stop the work."""
+    print(f"ratequant: note: {message}", file=sys.stderr, flush=True)
+
+
 class Stages:
     """One line per stage on standard error, prefixed with the time since the run started."""
 
@@ -79,4 +84,4 @@ class Stages:
             print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["PLAIN_EVERY_S", "Stages", "progress_bar"]
+__all__ = ["PLAIN_EVERY_S", "Stages", "note", "progress_bar"]

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ratequant.compat import boolean_attention_mask, intercept_attention, model_geometry, original_attention
+from ratequant.compat import boolean_attention_mask, intercept_attention, original_attention
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
 from ratequant.spec import KVQuantSpec, StoragePolicy
@@ -84,7 +84,7 @@ def simulated_quantization(model: nn.Module, spec: KVQuantSpec, *, prefill_chunk
     """
     if not isinstance(spec, KVQuantSpec):
         raise RateQuantError(f"simulated_quantization needs a KVQuantSpec, got {type(spec).__name__}")
-    spec.check_geometry(model_geometry(model))
+    spec.check_model(model)
     policy = spec.policy
     prefill_chunk = policy.check_prefill_chunk(prefill_chunk)
     groups = [[spec.groups(kind, layer) for layer in range(spec.num_layers)] for kind in KINDS]

@@ -220,6 +220,20 @@ class KVQuantSpec:
         """Raise :class:`PlanError` unless the widths cover ``geometry``'s layers and kv heads."""
         check_bits_array(self.bits, (geometry.num_layers, geometry.num_kv_heads), error=PlanError)
 
+    def check_model(self, model) -> None:
+        """:meth:`check_geometry` for ``model``, and refuse quantization chunks or sinks longer than its context
+        (they could never be filled, and a chunk that long would be allocated for nothing)."""
+        from ratequant.compat import max_positions, model_geometry
+
+        self.check_geometry(model_geometry(model))
+        limit = max_positions(model)
+        longest = max(self.chunks) + self.sink_tokens
+        if limit is not None and longest > limit:
+            raise PlanError(
+                f"{self.sink_tokens} sink tokens and quantization chunks of {max(self.chunks)} tokens exceed the "
+                f"model's context of {limit} tokens; use a smaller residual window, group size or sink count"
+            )
+
     def expected_bytes(
         self, head_dim: int, num_tokens: int, *, batch_size: int = 1, dtype: torch.dtype = torch.float16
     ) -> CacheBytes:

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import torch
 
 from ratequant.cache.storage import KindStore
-from ratequant.compat import cache_base_classes, model_geometry
+from ratequant.compat import cache_base_classes
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.spec import CacheBytes, KVQuantSpec, StoragePolicy
 from ratequant.validation import check_bits_array, check_float, check_int
@@ -269,7 +269,7 @@ class RateQuantCache(Cache):
                 f"got {type(spec).__name__}"
             )
         if model is not None:
-            spec.check_geometry(model_geometry(model))
+            spec.check_model(model)
         per_layer = check_int(buffer_bytes, "buffer_bytes (0 = no working buffer)", lo=0) // spec.num_layers
         layers = [
             RateQuantLayer(spec.bits[0, i], spec.bits[1, i], spec.policy, growth=growth, buffer_bytes=per_layer)
@@ -310,6 +310,11 @@ class RateQuantCache(Cache):
             raise PlanError(
                 f"the model updates layer {layer_idx} but this cache's spec has {len(self.layers)} layers; use a "
                 "plan made for this model"
+            )
+        if layer_idx == 0 and self.layers[0].get_seq_length() != self.layers[-1].get_seq_length():
+            raise PlanError(
+                f"the model's last forward pass did not reach layer {len(self.layers) - 1} of this cache: the model "
+                f"has fewer layers than the spec's {len(self.layers)}; use a plan made for this model"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

@@ -11,6 +11,7 @@ from ratequant.cli.options import (
     add_corpus_options,
     add_model_options,
     bitset_arg,
+    check_output_path,
     load_model_from,
     param_arg,
     positive_float,
@@ -18,6 +19,7 @@ from ratequant.cli.options import (
     sink_arg,
 )
 from ratequant.errors import RateQuantError
+from ratequant.progress import note
 
 
 def configure_calibrate(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +48,8 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context",
         type=positive_int,
-        default=4096,
-        help="context length at which the residual window is amortised for --bytes-per-token (default 4096)",
+        help="with --bytes-per-token: the context length over which the residual window and the sink tokens are "
+        "amortised (default 4096)",
     )
     parser.add_argument(
         "--metric", choices=METRICS, default=DEFAULT_METRIC, help=f"distortion metric (default {DEFAULT_METRIC})"
@@ -94,18 +96,20 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
 
 @command("calibrate", "fit distortion curves and allocate bits per head: writes a plan file", configure_calibrate)
 def run_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ratequant.allocation import Budget
     from ratequant.data import load_corpus
     from ratequant.pipeline import CalibrationSettings, bits_histogram, calibrate
 
-    if Path(args.out).exists() and not args.force:
-        raise RateQuantError(f"{args.out} already exists; pass --force to overwrite it")
+    check_output_path(args.out, args.force, what="plan")
     if args.avg_bits is not None:
+        if args.context is not None:
+            raise RateQuantError(
+                "--context applies to --bytes-per-token budgets only; drop it or pass --bytes-per-token"
+            )
         budget = Budget.avg_bits(args.avg_bits)
     else:
-        budget = Budget.bytes_per_token(args.bytes_per_token, args.context)
+        budget = Budget.bytes_per_token(args.bytes_per_token, args.context or 4096)
     settings = CalibrationSettings(
         quantizer=args.quantizer,
         quantizer_params=dict(args.param),
@@ -129,6 +133,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(
         f"plan for {loaded.name} with {plan.quantizer['name']}, allocator {plan.allocator}, budget {budget.describe()}"
     )
+    used = plan.calibration["tokens"] // settings.seq_len
+    if used < settings.sequences:
+        note(f"the calibration split holds only {used} sequence(s) of {settings.seq_len} tokens; all of them were used")
     print(
         f"  fitted on {plan.calibration['tokens']} calibration tokens, metric {settings.metric}"
         + (f", curves of {settings.curves_from}" if settings.curves_from else "")
@@ -175,7 +182,6 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
 
 @command("inspect", "summarise a plan file and draw its bits and curves", configure_inspect)
 def run_inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ratequant.plan import Plan
     from ratequant.report.plots import bits_heatmap, distortion_curves
@@ -184,8 +190,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     plan.design()  # refuses a quantizer design that cannot be built or does not fit the plan
     print(plan.summary())
     for target in (args.heatmap, args.curves):
-        if target and Path(target).exists() and not args.force:
-            raise RateQuantError(f"{target} already exists; pass --force to overwrite it")
+        check_output_path(target, args.force, what="figure", figure=True)
     title = f"{plan.model['name']} / {plan.quantizer['name']} / {plan.allocator} / {plan.avg_bits:.2f} bits"
     if args.heatmap:
         print(f"heatmap written to {bits_heatmap(plan.bits_array(), args.heatmap, title)}")

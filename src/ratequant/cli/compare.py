@@ -12,6 +12,7 @@ from ratequant.cli.options import (
     float_list,
     nonnegative_int,
     positive_int,
+    sink_arg,
 )
 from ratequant.errors import RateQuantError
 
@@ -33,8 +34,16 @@ EXPERIMENT_OPTIONS = (
     "passkey_context",
     "passkey_trials",
     "passkey_depths",
+    "peers",
+    "headroom_designs",
+    "sink_study",
 )
 """The options that decide a comparison: refused beside --config, which repeats a saved one exactly."""
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b')."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def configure_compare(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +76,7 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--designs",
-        type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
+        type=name_list,
         metavar="D,D,...",
         help=f"quantizer designs (default {','.join(DEFAULT_DESIGNS)})",
     )
@@ -92,7 +101,10 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         "figures do)",
     )
     parser.add_argument(
-        "--sink-tokens", type=nonnegative_int, metavar="N", help="first tokens kept at full precision (default 0)"
+        "--sink-tokens",
+        type=sink_arg,
+        metavar="N|auto",
+        help="first tokens kept at full precision (default 0; auto: chosen per design from the calibration data)",
     )
     parser.add_argument("--mode", choices=MODES, help="simulated quantization (default) or the real cache (streaming)")
     parser.add_argument(
@@ -116,6 +128,25 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         "--passkey-depths", type=float_list, metavar="D,D,...", help="passkey depths (default 0.1,0.5,0.9)"
     )
     parser.add_argument(
+        "--peers",
+        type=name_list,
+        metavar="P,...",
+        help="peer baselines to add: norms (layer-wise K/V from weight norms)",
+    )
+    parser.add_argument(
+        "--headroom",
+        dest="headroom_designs",
+        type=name_list,
+        metavar="D,...",
+        help="designs whose components' damage is measured alone, for the measured-damage allocator (slow)",
+    )
+    parser.add_argument(
+        "--sink-study",
+        type=lambda t: tuple(int(x) for x in t.split(",")),
+        metavar="S,S,...",
+        help="re-score the focus design with these sink-token counts, with and without BOS",
+    )
+    parser.add_argument(
         "--out", default="results/compare", metavar="DIR", help="report folder (default results/compare)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite a report that exists in DIR")
@@ -130,7 +161,8 @@ def config_from(args: argparse.Namespace):
 
     experiment = {name: getattr(args, name) for name in EXPERIMENT_OPTIONS if getattr(args, name) is not None}
     if args.config:
-        given = [f"--{name.replace('_', '-')}".replace("eval-corpora", "eval-corpus") for name in experiment]
+        flags = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom"}
+        given = [flags.get(name, f"--{name.replace('_', '-')}") for name in experiment]
         given += [
             flag
             for flag, on in (

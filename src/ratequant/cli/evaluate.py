@@ -12,16 +12,17 @@ from ratequant.cli.options import (
     add_model_options,
     add_output_options,
     add_plan_options,
+    bounded_float,
     check_output,
     emit_json,
     float_list,
     load_model_from,
     nonnegative_int,
-    positive_float,
     positive_int,
     read_plan,
     spec_for,
 )
+from ratequant.errors import RateQuantError
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,15 @@ def run_eval(args: argparse.Namespace) -> int:
     check_output(args)
     from ratequant.data import load_corpus
     from ratequant.evaluation.conditions import Simulated, Streaming
+
+    if args.plan is None and args.mode != "simulated":
+        raise RateQuantError(
+            "--mode streaming runs a plan's cache; pass --plan (without one the model runs at full precision)"
+        )
+    if args.task == "passkey" and (args.seq_len != 512 or args.windows != 20 or args.scoring != "all"):
+        raise RateQuantError("--seq-len, --windows and --scoring apply to --task perplexity; passkey takes --context")
+    if args.task != "passkey" and (args.context != 4096 or args.trials != 2 or args.seed != 0):
+        raise RateQuantError("--context, --depths, --trials and --seed apply to --task passkey")
     from ratequant.evaluation.protocol import WindowProtocol
     from ratequant.evaluation.tasks import PasskeyTask, PerplexityTask
 
@@ -183,11 +193,18 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
     add_plan_options(parser)
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="at most this many new tokens (default 64)"
+    )
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=positive_float, default=0.8)
-    parser.add_argument("--top-p", type=positive_float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--temperature", type=bounded_float(0.01, 100.0), default=0.8, help="sampling temperature, 0.01..100"
+    )
+    parser.add_argument("--top-p", type=bounded_float(1e-6, 1.0), default=0.95, help="nucleus sampling mass, in (0, 1]")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (0 to 2**62)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="print the continuation at the end instead of as it is made"
+    )
     add_output_options(parser)
 
 
@@ -196,6 +213,10 @@ def run_generate(args: argparse.Namespace) -> int:
     check_output(args)
     from ratequant.generation import generate
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RateQuantError(f"the prompt is not valid UTF-8 text (a bad byte at character {exc.start})") from None
     plan = read_plan(args)
     loaded = load_model_from(args)
     spec = spec_for(args, plan, loaded.model)
@@ -209,8 +230,10 @@ def run_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        stream=not args.quiet,
     )
-    print(out.text)
+    if args.quiet:
+        print(out.text)
     print("---", file=sys.stderr)
     print(out.describe(), file=sys.stderr)
     emit_json(

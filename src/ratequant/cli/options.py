@@ -75,6 +75,21 @@ def float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def bounded_float(lo: float, hi: float):
+    """An argument type: a number from ``lo`` to ``hi``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be a number from {lo:g} to {hi:g}, got {text}")
+        return value
+
+    return parse
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -120,11 +135,36 @@ def load_model_from(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
-def check_output(args: argparse.Namespace) -> None:
-    """Refuse an existing ``--json PATH`` before any work (the write itself is atomic)."""
+def check_output_path(path: str | None, force: bool, *, what: str = "output", figure: bool = False) -> None:
+    """Before any work: refuse an output that exists (unless ``force``), is a directory, has no figure extension
+    (``figure``), or cannot be written (its folder is created and a probe file written and removed there)."""
+    import os
+    import tempfile
 
-    if getattr(args, "json", None) and Path(args.json).exists() and not args.force:
-        raise RateQuantError(f"{args.json} already exists; pass --force to overwrite it")
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise RateQuantError(f"{target} is a directory; pass a file path for the {what}")
+    if figure:
+        from ratequant.report.plots import check_figure_path
+
+        check_figure_path(target)
+    if target.exists() and not force:
+        raise RateQuantError(f"{target} already exists; pass --force to overwrite it")
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RateQuantError(f"cannot write the {what} {target}: {exc.strerror or exc}; choose another path") from None
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Check ``--json PATH`` before any work (the write itself is atomic)."""
+    check_output_path(getattr(args, "json", None), args.force, what="results file")
 
 
 def emit_json(args: argparse.Namespace, payload: dict) -> None:

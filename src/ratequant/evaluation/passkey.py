@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ratequant.compat import cache_argument
+from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import forward_log_probs
 from ratequant.evaluation.protocol import bos_token_id
@@ -245,18 +245,8 @@ def make_passkey_prompt(tokenizer, context: int, depth: float, seed: int) -> Pas
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _max_positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    get_text = getattr(config, "get_text_config", None)
-    config = get_text(decoder=True) if callable(get_text) else config
-    value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def _check_positions(model, positions: int) -> None:
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and positions > limit:
         raise RateQuantError(
             f"passkey context needs {positions} positions but the model's max_position_embeddings is {limit}; "

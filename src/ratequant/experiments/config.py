@@ -301,6 +301,9 @@ class CompareConfig:
                 parts.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
         for corpus in self.eval_corpora if self.eval_corpora != base.eval_corpora else ():
             parts.append(f"--eval-corpus {shlex.quote(corpus)}")
+        for name, flag in (("peers", "--peers"), ("headroom_designs", "--headroom"), ("sink_study", "--sink-study")):
+            if getattr(self, name) != getattr(base, name):
+                parts.append(f"{flag} {','.join(map(str, getattr(self, name)))}")
         parts.append(f"--out {shlex.quote(Path(out_dir).as_posix())}")
         return " ".join(parts)
 

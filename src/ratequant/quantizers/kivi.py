@@ -71,30 +71,38 @@ class Kivi(PackedDesign):
             return encode_token_groups(x, bits, self._value_group(x.shape[-1]), self._meta_dtype())
         b, h, t, d = x.shape
         g = self.group_size
-        ng = -(-t // g)
-        pad = ng * g - t
-        if pad:  # repeat the last token: leaves the partial group's min and max unchanged
-            x = torch.cat([x, x[:, :, -1:].expand(b, h, pad, d)], dim=2)
-        xg = x.reshape(b, h, ng, g, d)
-        lo, hi = xg.amin(dim=3), xg.amax(dim=3)
+        full = t // g * g  # whole groups; the last t - full tokens (if any) form a group of their own
+        parts = [x[:, :, :full].reshape(b, h, full // g, g, d)] if full else []
+        if full < t:
+            parts.append(x[:, :, full:].unsqueeze(2))  # [b, h, 1, t - full, d]: no padding is materialised
+        lo = torch.cat([p.amin(dim=3) for p in parts], dim=2)
+        hi = torch.cat([p.amax(dim=3) for p in parts], dim=2)
         scale, zero = minmax_meta(lo, hi, bits, self._meta_dtype())
-        codes = minmax_codes(xg, scale.unsqueeze(3), zero.unsqueeze(3), bits).reshape(b, h, ng * g, d)
-        if pad:
-            codes = codes[:, :, :t].contiguous()
-        return codes, {"scale": scale, "zero": zero}
+        codes, start = [], 0
+        for p in parts:
+            n = p.shape[2]
+            s_, z_ = scale[:, :, start : start + n].unsqueeze(3), zero[:, :, start : start + n].unsqueeze(3)
+            codes.append(minmax_codes(p, s_, z_, bits).reshape(b, h, -1, d))
+            start += n
+        return (codes[0] if len(codes) == 1 else torch.cat(codes, dim=2)), {"scale": scale, "zero": zero}
 
     def _decode(self, codes, meta, bits, kind):
         if kind == "value":
             return decode_token_groups(codes, meta)
         b, h, t, d = codes.shape
         scale, zero = meta["scale"], meta["zero"]
-        ng = scale.shape[2]
-        pad = ng * self.group_size - t
-        if pad:
-            codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
-        out = minmax_values(codes.reshape(b, h, ng, -1, d), scale.unsqueeze(3), zero.unsqueeze(3))
-        out = out.reshape(b, h, -1, d)
-        return out[:, :, :t].contiguous() if pad else out
+        g = self.group_size
+        full = t // g * g
+        out = []
+        if full:
+            n = full // g
+            out.append(
+                minmax_values(codes[:, :, :full].reshape(b, h, n, g, d), scale[:, :, :n, None], zero[:, :, :n, None])
+            )
+        if full < t:
+            out.append(minmax_values(codes[:, :, full:], scale[:, :, -1:], zero[:, :, -1:]))
+        out = [o.reshape(b, h, -1, d) for o in out]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     def _minmax_layout(self, q):
         if q.kind == "value":

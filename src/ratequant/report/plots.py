@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
 
 
@@ -18,13 +19,32 @@ def _pyplot():
     return plt
 
 
+MAX_HEATMAP = (1024, 256)
+"""The largest (layers, kv heads) a heatmap draws: beyond it the figure would not fit in memory or on a screen."""
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """``path`` when its extension names a figure format ratequant writes (png, pdf, svg)."""
+    path = Path(path)
+    if path.suffix.lstrip(".").lower() not in FIGURE_FORMATS:
+        raise RateQuantError(f"{path}: a figure must end in {', '.join('.' + f for f in FIGURE_FORMATS)}")
+    return path
+
+
 def bits_heatmap(bits: np.ndarray, path: str | Path, title: str = "") -> Path:
     """Heatmap of widths ``bits [2, L, H]``: one panel per kind, layers down, kv heads across."""
-    plt = _pyplot()
     bits = np.asarray(bits)
+    layers, heads = bits.shape[1], bits.shape[2]
+    if layers > MAX_HEATMAP[0] or heads > MAX_HEATMAP[1]:
+        raise RateQuantError(
+            f"a heatmap of {layers} layers x {heads} kv heads is too large to draw (at most {MAX_HEATMAP[0]} layers "
+            f"x {MAX_HEATMAP[1]} kv heads); read the widths from the plan file instead"
+        )
+    plt = _pyplot()
     lo, hi = int(bits.min()), int(bits.max())
-    width = max(8.0, 3.0 + 1.0 * bits.shape[2] * 2)
-    fig, axes = plt.subplots(1, 2, figsize=(width, 1.5 + 0.18 * bits.shape[1]), squeeze=False)
+    width = min(30.0, max(8.0, 3.0 + 1.0 * heads * 2))  # inches; capped so the figure stays drawable
+    fig, axes = plt.subplots(1, 2, figsize=(width, min(30.0, 1.5 + 0.18 * layers)), squeeze=False)
     for k, ax in enumerate(axes[0]):
         image = ax.imshow(bits[k], aspect="auto", cmap="viridis", vmin=lo - 0.5, vmax=hi + 0.5, interpolation="nearest")
         ax.set_title(f"{KINDS[k]}s: mean {bits[k].mean():.2f} bits", fontsize=10)
@@ -85,17 +105,21 @@ def _save(fig, path: str | Path) -> Path:
 
     from ratequant.jsonio import publish
 
-    path = Path(path)
+    path = check_figure_path(path)
     try:
+        if path.is_dir():
+            raise RateQuantError(f"{path} is a directory; pass a file path for the figure")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or "png")
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".").lower())
             publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+    except OSError as exc:
+        raise RateQuantError(f"cannot write the figure {path}: {exc.strerror or exc}") from None
     finally:
         _pyplot().close(fig)
     return path
@@ -199,7 +223,7 @@ def bits_heatmap_grid(rows: dict[str, np.ndarray], path: str | Path, title: str 
     hi = max(int(b.max()) for b in arrays)
     num_layers, num_heads = arrays[0].shape[1], arrays[0].shape[2]
     width = min(18.0, max(9.0, 3.0 + 0.25 * num_layers * 2))
-    height = 1.0 + len(rows) * (0.45 + 0.22 * num_heads)
+    height = min(40.0, 1.0 + len(rows) * (0.45 + 0.22 * num_heads))
     fig, axes = plt.subplots(
         len(rows), 2, figsize=(width, height), squeeze=False, sharex=True, sharey=True, constrained_layout=True
     )
