@@ -24,6 +24,7 @@ from torch import nn
 from ratequant.compat import check_supported, intercept_attention, model_geometry, original_attention
 from ratequant.errors import RateQuantError
 from ratequant.geometry import Geometry
+from ratequant.placement import input_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits [B, T, V], input_ids [B, T], attention_mask [B, T] bool) -> scalar``."""
@@ -318,10 +319,12 @@ def _make_differentiable(module, inputs, output):
 
 
 def _stack_layers(tensors: list[torch.Tensor], num_layers: int) -> torch.Tensor:
-    """Per-(pass, layer) tensors ``[B_i, H, T, D]`` -> ``[L, sum B_i, H, T, D]`` float32, detached."""
+    """Per-(pass, layer) tensors ``[B_i, H, T, D]`` -> ``[L, sum B_i, H, T, D]`` float32, detached, on the first
+    layer's device (a model spread over devices records each layer where it runs)."""
     per_pass = [tensors[i : i + num_layers] for i in range(0, len(tensors), num_layers)]
     layers = [torch.cat([p[layer] for p in per_pass], dim=0) for layer in range(num_layers)]
-    return torch.stack([t.detach().to(torch.float32) for t in layers])
+    device = layers[0].device
+    return torch.stack([t.detach().to(device=device, dtype=torch.float32) for t in layers])
 
 
 def capture(
@@ -382,7 +385,7 @@ def capture(
                 for i in range(0, input_ids.shape[0], batch_size)
             ]
         )
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids, mask = input_ids.to(device), mask.to(device)
     was_training = model.training
     model.eval()

@@ -34,6 +34,7 @@ from torch import nn
 
 from ratequant.errors import UnsupportedModelError
 from ratequant.geometry import Geometry
+from ratequant.placement import module_weight
 
 # ==========================================================================================================
 # Section 1: model inspection
@@ -205,9 +206,9 @@ def kv_projections(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for m in attention_modules(model):
         if hasattr(m, "k_proj") and hasattr(m, "v_proj"):
-            out.append((m.k_proj.weight.detach(), m.v_proj.weight.detach()))
+            out.append((module_weight(m.k_proj), module_weight(m.v_proj)))
         elif hasattr(m, "c_attn") and getattr(m, "split_size", None):
-            w = m.c_attn.weight.detach().T  # GPT-2's Conv1D stores [hidden, 3 * hidden]
+            w = module_weight(m.c_attn).T  # GPT-2's Conv1D stores [hidden, 3 * hidden]
             _, k, v = w.split(m.split_size, dim=0)
             out.append((k, v))
         else:

@@ -24,6 +24,7 @@ from ratequant.allocation import Curves
 from ratequant.compat import intercept_attention, model_geometry, original_attention
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
+from ratequant.placement import input_device
 from ratequant.progress import progress_bar
 from ratequant.quantizers.base import Quantizer
 from ratequant.validation import check_bitset, check_int
@@ -72,7 +73,7 @@ def measure_component_damage(
     batch = check_int(batch, "batch", lo=1, hi=1024)
     sinks = check_int(sink_tokens, "sink tokens", lo=0, hi=ids.shape[1] - 1)
     g = model_geometry(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = ids.to(device)
     reference = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
     jobs = [

@@ -22,6 +22,7 @@ import torch
 
 from ratequant.errors import RateQuantError
 from ratequant.geometry import Geometry
+from ratequant.placement import check_device, describe_placement, dispatch, input_device, parse_device_map
 from ratequant.progress import note
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -51,7 +52,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the main device of a model spread with a device map)."""
+        return input_device(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -72,7 +74,7 @@ class LoadedModel:
             "source": self.source,
             **self.geometry.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
+            "device": describe_placement(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
@@ -104,6 +106,8 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str = "cpu",
+    device_map: str | dict | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     use_conversion_cache: bool = True,
 ) -> LoadedModel:
@@ -111,11 +115,17 @@ def load_model(
     a local Hugging Face model directory, or a hub id (needs network).
 
     ``dtype`` ("float32", "float16", "bfloat16" or a torch dtype) converts the weights; by default the
-    checkpoint's own dtype (float32 for GGUF files). Raises :class:`RateQuantError` with a one-line reason
-    for missing paths, unreadable checkpoints and unreachable hubs.
+    checkpoint's own dtype (float32 for GGUF files). ``device_map`` (``"auto"``, ``"balanced"``, a JSON
+    object or file; see :mod:`ratequant.placement`) spreads the model over devices and disk instead of
+    ``device``; ``offload_folder`` holds disk-offloaded weights (a temporary folder when None). Raises
+    :class:`RateQuantError` with a one-line reason for missing paths, unreadable checkpoints and unreachable hubs.
     """
     torch_dtype = _parse_dtype(dtype)
     device = check_device(device)
+    if device_map is not None:
+        if device.type != "cpu":
+            raise RateQuantError("give either --device or --device-map, not both")
+        device_map = parse_device_map(device_map)
     spec = spec or "default"
     if spec in DEFAULT_MODEL_ALIASES:
         name, source = DEFAULT_MODEL, str(default_gguf_path())
@@ -143,29 +153,12 @@ def load_model(
             model, tokenizer = _load_pretrained(spec, trust_remote_code, local_only=False)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
-    model = model.to(device).eval()
+    model = model.eval() if device_map is not None else model.to(device).eval()
+    if device_map is not None:
+        model = dispatch(model, device_map, offload_folder)
     from ratequant.compat import model_geometry
 
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, geometry=model_geometry(model))
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device this machine has; one clear error otherwise."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RateQuantError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise RateQuantError(
-            f"device {device!r} asked for, but this torch build or machine has no CUDA; use --device cpu"
-        )
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise RateQuantError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RateQuantError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise RateQuantError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
-    return parsed
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

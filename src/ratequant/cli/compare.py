@@ -198,7 +198,14 @@ def run_compare(args: argparse.Namespace) -> int:
     say = Stages(True, time.perf_counter())
     corpus = load_corpus(config.corpus)
     others = {name: load_corpus(name) for name in config.eval_corpora}
-    loaded = load_model(config.model, dtype=config.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        offload_folder=args.offload_folder,
+        trust_remote_code=args.trust_remote_code,
+    )
     say(f"loaded model {loaded.name} and corpus {', '.join([corpus.name, *others])}")
     results = compare(loaded, corpus, config, progress=say, eval_corpora=others)
     files = write_report(results, args.out, overwrite=args.force, command=config.command(args.out))

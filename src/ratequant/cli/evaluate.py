@@ -123,6 +123,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "corpus": corpus.name,
         "corpus_sha256": corpus.sha256,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": loaded.describe()["device"],
         "ratequant_version": __version__,
     }
     if spec is not None:

@@ -114,6 +114,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread the model over devices and disk instead: auto, balanced, balanced_low_0, sequential, "
+        'a JSON object {"model.layers.0": 0, ..., "model.layers.29": "disk"} or a JSON file',
+    )
+    parser.add_argument(
+        "--offload-folder", metavar="DIR", help="where --device-map puts disk-offloaded weights (default: a temp dir)"
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run (off by default)"
     )
 
@@ -132,7 +141,14 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def load_model_from(args: argparse.Namespace):
     from ratequant.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        offload_folder=args.offload_folder,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def check_output_path(path: str | None, force: bool, *, what: str = "output", figure: bool = False) -> None:

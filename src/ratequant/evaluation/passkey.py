@@ -26,6 +26,7 @@ from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import forward_log_probs
 from ratequant.evaluation.protocol import bos_token_id
+from ratequant.placement import input_device
 from ratequant.progress import progress_bar
 
 TASK_DESCRIPTION = (
@@ -282,7 +283,7 @@ def score_passkey(
         from transformers import DynamicCache
 
         make_cache = DynamicCache
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = prompt.input_ids.to(device)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -19,6 +19,7 @@ import torch
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import Condition, FullPrecision
 from ratequant.evaluation.protocol import WindowProtocol, Windows
+from ratequant.placement import input_device
 from ratequant.progress import progress_bar
 
 REFERENCE = "full-precision"
@@ -126,7 +127,7 @@ def score_conditions(
     scorings = tuple(dict.fromkeys(scorings or (windows.protocol.scoring,)))
     firsts = {name: WindowProtocol(windows.seq_len, 1, "no", name).first_target for name in scorings}
     first = min(firsts.values())
-    device = next(model.parameters()).device
+    device = input_device(model)
     runs = {REFERENCE: FullPrecision(), **conditions}
     acc = {scoring: {name: _Accumulator() for name in runs} for scoring in scorings}
     with progress_bar(total=windows.count * len(runs), desc="scoring", unit="pass", enabled=progress) as bar:

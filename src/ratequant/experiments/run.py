@@ -33,6 +33,7 @@ from ratequant.experiments.results import CompareResults, DesignResult, MethodRe
 from ratequant.experiments.studies import extra_methods, passkey_study, sink_study
 from ratequant.models import LoadedModel
 from ratequant.pipeline import choose_sink_tokens, collect_statistics, fit_design
+from ratequant.placement import describe_placement
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import StoragePolicy
@@ -225,7 +226,7 @@ def run_compare(
             "ratequant_version": __version__,
             "torch_version": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": str(loaded.device),
+            "device": describe_placement(loaded.model),
         },
         extra=extra,
     )
