@@ -23,6 +23,7 @@ from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
+from ratequant.progress import progress_bar
 from ratequant.quantizers import Quantizer, get_quantizer
 from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, StoragePolicy
 from ratequant.validation import check_bitset, check_int
@@ -115,13 +116,14 @@ def collect_statistics(
     :data:`CAPTURE_BATCH_SIZE` windows."""
     needs = METRICS.get(metric)
     windows = make_windows(loaded.tokenizer, corpus.calibration, WindowProtocol(seq_len, sequences))
-    return capture(
-        loaded.model,
-        windows.ids.to(loaded.device),
-        gradients=needs.needs_gradients,
-        queries=needs.needs_queries,
-        batch_size=CAPTURE_BATCH_SIZE,
-    )
+    ids = windows.ids.to(loaded.device)
+    parts = []
+    with progress_bar(total=ids.shape[0], desc="capture", unit="window") as bar:
+        for start in range(0, ids.shape[0], CAPTURE_BATCH_SIZE):
+            batch = ids[start : start + CAPTURE_BATCH_SIZE]
+            parts.append(capture(loaded.model, batch, gradients=needs.needs_gradients, queries=needs.needs_queries))
+            bar.update(batch.shape[0])
+    return parts[0] if len(parts) == 1 else CalibrationStats.concat(parts)
 
 
 def choose_sink_tokens(
