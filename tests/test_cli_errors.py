@@ -145,9 +145,9 @@ USAGE_ERRORS = [
     (["inspect"], "the following arguments are required: plan"),
     (["generate"], "the following arguments are required: --prompt"),
     (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: must be a positive integer"),
-    (["generate", "--prompt", "x", "--temperature", "0"], "--temperature: must be a positive number"),
-    (["generate", "--prompt", "x", "--top-p", "-0.5"], "--top-p: must be a positive number"),
-    (["generate", "--prompt", "x", "--seed", "abc"], "--seed: invalid int value"),
+    (["generate", "--prompt", "x", "--temperature", "0"], "--temperature: must be a number from 0.01 to 100"),
+    (["generate", "--prompt", "x", "--top-p", "-0.5"], "--top-p: must be a number from 1e-06 to 1"),
+    (["generate", "--prompt", "x", "--seed", "abc"], "--seed: expected a non-negative integer"),
 ]
 
 

@@ -158,6 +158,7 @@ class _Oracle(torch.nn.Module):
     def __init__(self, prompt_len: int, answer: list[int], vocab: int = 300):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"max_position_embeddings": 1 << 20})()
         self.prompt_len, self.answer, self.vocab, self.seen = prompt_len, answer, vocab, 0
 
     def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):

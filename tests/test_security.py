@@ -201,7 +201,7 @@ def test_gguf_files_and_the_conversion_cache_never_trust_remote_code(recorded, t
     recorded.calls.clear()
     with pytest.raises(RateQuantError):
         models.load_model(str(gguf), trust_remote_code=True)
-    assert recorded.calls and all(call["trust_remote_code"] is False for call in recorded.calls)
+    assert recorded.calls and all(call.get("trust_remote_code", False) is False for call in recorded.calls)
 
 
 def command_parsers() -> dict:

@@ -473,4 +473,15 @@ def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
-__all__ += ["cache_argument", "cache_base_classes"]
+def logits_to_keep_argument(model: nn.Module, keep: int) -> dict:
+    """``{"logits_to_keep": keep}`` where the model's ``forward`` takes it (the head then projects only the last
+    ``keep`` positions), else ``{}`` (the caller slices the logits)."""
+    return {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+
+
+@cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+__all__ += ["cache_argument", "cache_base_classes", "logits_to_keep_argument"]

@@ -10,6 +10,7 @@ import torch
 from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
 from ratequant.models import LoadedModel
+from ratequant.prefill import DEFAULT_PREFILL_CHUNK, prefill
 from ratequant.spec import KVQuantSpec
 from ratequant.validation import check_float, check_int
 
@@ -25,6 +26,7 @@ class GenerationResult:
     cache_bytes: dict | None  # {"codes", "metadata", "residual", "sink", "buffer", "total"}; None without a plan
     fp16_cache_bytes: int
     model_dtype_cache_bytes: int  # a full-precision cache in the model's own dtype
+    prefill_chunk: int | None = None  # tokens per prefill pass; None: the prompt in one pass
 
     @property
     def tokens_per_second(self) -> float:
@@ -56,6 +58,7 @@ class GenerationResult:
             "cache_bytes": self.cache_bytes,
             "fp16_cache_bytes": self.fp16_cache_bytes,
             "model_dtype_cache_bytes": self.model_dtype_cache_bytes,
+            "prefill_chunk": self.prefill_chunk,
         }
 
 
@@ -72,10 +75,16 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
     stream: bool = False,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> GenerationResult:
     """Continue ``prompt`` with ``model.generate`` and a :class:`RateQuantCache` of ``spec`` (e.g.
     ``plan.resolve(model)``; a full-precision ``DynamicCache`` when ``spec`` is None). With ``stream`` the
     continuation is printed to standard output as it is generated.
+
+    The prompt but its last token is prefilled through the cache ``prefill_chunk`` tokens at a time (after the
+    spec's sink tokens; :mod:`ratequant.prefill`), so the peak activation memory is one chunk's, not the
+    prompt's; ``None`` prefills in one pass. With a full-precision cache the chunking changes nothing but
+    rounding; with a quantized one each prompt token sees its own chunk at full precision.
 
     ``max_new_tokens`` must fit the model's context after the prompt; sampling takes ``temperature`` in
     [0.01, 100] and ``top_p`` in (0, 1]."""
@@ -96,6 +105,8 @@ def generate(
         text = prompt
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(loaded.device)
     check_int(max_new_tokens, "max_new_tokens", lo=1)
+    if prefill_chunk is not None:
+        check_int(prefill_chunk, "prefill chunk", lo=1)
     check_int(seed, "seed", lo=0)
     if sample:
         check_float(temperature, "temperature", lo=0.01, hi=100.0)
@@ -116,6 +127,8 @@ def generate(
         from transformers import TextStreamer
 
         options["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if prefill_chunk is not None and prompt_tokens > 1:
+        prefill(model, encoded["input_ids"][:, :-1], cache, prefill_chunk)
     output = model.generate(
         **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
     )
@@ -131,4 +144,5 @@ def generate(
         cache_bytes=None if spec is None else cache.nbytes().to_dict(),
         fp16_cache_bytes=g.kv_bytes_per_token(2) * stored,
         model_dtype_cache_bytes=g.kv_bytes_per_token(loaded.dtype.itemsize) * stored,
+        prefill_chunk=prefill_chunk,
     )

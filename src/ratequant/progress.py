@@ -21,12 +21,13 @@ class _PlainBar:
     def __init__(self, total: int, desc: str, unit: str):
         self.total, self.desc, self.unit = total, desc, unit
         self.done, self.start, self.last, self.note = 0, time.perf_counter(), time.perf_counter(), ""
+        self.printed = False  # the last line is written only after earlier ones: quick work stays quiet
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.perf_counter()
-        if now - self.last >= PLAIN_EVERY_S or self.done >= self.total:
-            self.last = now
+        if now - self.last >= PLAIN_EVERY_S or (self.printed and self.done >= self.total):
+            self.last, self.printed = now, True
             elapsed = now - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             note = f"; {self.note}" if self.note else ""

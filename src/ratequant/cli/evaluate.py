@@ -23,6 +23,7 @@ from ratequant.cli.options import (
     spec_for,
 )
 from ratequant.errors import RateQuantError
+from ratequant.prefill import DEFAULT_PREFILL_CHUNK
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
             depths=tuple(args.depths),
             trials=args.trials,
             seed=args.seed,
-            prefill_chunk=args.prefill_chunk or 512,
+            prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK,
         )
     else:
         task = PerplexityTask(WindowProtocol(args.seq_len, args.windows, args.bos, args.scoring))
@@ -204,6 +205,14 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=bounded_float(1e-6, 1.0), default=0.95, help="nucleus sampling mass, in (0, 1]")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (0 to 2**62)")
     parser.add_argument(
+        "--prefill-chunk",
+        type=nonnegative_int,
+        default=DEFAULT_PREFILL_CHUNK,
+        metavar="N",
+        help=f"prefill the prompt N tokens at a time, bounding activation memory (default {DEFAULT_PREFILL_CHUNK}; "
+        "0: one pass)",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="print the continuation at the end instead of as it is made"
     )
     add_output_options(parser)
@@ -232,6 +241,7 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stream=not args.quiet,
+        prefill_chunk=args.prefill_chunk or None,
     )
     if args.quiet:
         print(out.text)

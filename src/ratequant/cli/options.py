@@ -153,7 +153,8 @@ def load_model_from(args: argparse.Namespace):
 
 def check_output_path(path: str | None, force: bool, *, what: str = "output", figure: bool = False) -> None:
     """Before any work: refuse an output that exists (unless ``force``), is a directory, has no figure extension
-    (``figure``), or cannot be written (its folder is created and a probe file written and removed there)."""
+    (``figure``), or cannot be written (a probe file is written and removed in its folder, or in the nearest
+    folder above it that exists: missing folders are created only when the output is written)."""
     import os
     import tempfile
 
@@ -169,8 +170,11 @@ def check_output_path(path: str | None, force: bool, *, what: str = "output", fi
     if target.exists() and not force:
         raise RateQuantError(f"{target} already exists; pass --force to overwrite it")
     folder = target.parent if str(target.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RateQuantError(f"cannot write the {what} {target}: {folder} is not a folder; choose another path")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)

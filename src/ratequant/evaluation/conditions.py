@@ -14,28 +14,20 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
 
-from ratequant.compat import cache_argument
+from ratequant.compat import cache_argument, logits_to_keep_argument
+from ratequant.prefill import piece_bounds
 from ratequant.spec import KVQuantSpec
-
-
-@cache
-def _takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def forward_log_probs(model: torch.nn.Module, ids: torch.Tensor, keep: int, **kwargs) -> torch.Tensor:
     """Log-probabilities ``[keep, vocab]`` (float32) from the last ``keep`` positions of ``model(ids)``."""
-    if _takes_logits_to_keep(type(model)):
-        kwargs["logits_to_keep"] = keep
-    logits = model(input_ids=ids, **kwargs).logits[0, -keep:].float()
+    logits = model(input_ids=ids, **logits_to_keep_argument(model, keep), **kwargs).logits[0, -keep:].float()
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -106,8 +98,8 @@ class Streaming(Condition):
         from ratequant.cache import RateQuantCache
 
         cache = RateQuantCache(self.spec, model=model)
-        n, piece = ids.shape[1], self.piece
-        bounds = [0, *range(min(n, self.spec.sink_tokens + piece), n, piece), n]
+        n = ids.shape[1]
+        bounds = piece_bounds(n, self.piece, self.spec.sink_tokens)
         parts = []
         for lo, hi in zip(bounds, bounds[1:]):
             # rows for the scored predictions in this piece; every token goes through the cache, the last too,

@@ -27,6 +27,7 @@ from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import forward_log_probs
 from ratequant.evaluation.protocol import bos_token_id
 from ratequant.placement import input_device
+from ratequant.prefill import prefill
 from ratequant.progress import progress_bar
 
 TASK_DESCRIPTION = (
@@ -270,7 +271,8 @@ def score_passkey(
 ) -> PasskeyTrial:
     """Score one prompt through a fresh cache from ``make_cache()`` (default ``transformers.DynamicCache()``).
 
-    The prompt ``[1, n]`` is prefilled in pieces of ``prefill_chunk`` tokens (None: one pass); the key is then
+    The prompt ``[1, n]`` is prefilled in pieces of ``prefill_chunk`` tokens after the cache's sink tokens
+    (None: one pass; :func:`ratequant.prefill.prefill`); the key is then
     teacher-forced one token at a time through the same cache, recording ``log p(key_i)`` and whether the
     argmax is ``key_i`` at each step. ``correct`` means every argmax is the key token (greedy decoding yields
     the key); ``greedy_text`` decodes the argmax tokens (with ``tokenizer``; their ids otherwise).
@@ -288,9 +290,7 @@ def score_passkey(
     start = time.perf_counter()
     with torch.inference_mode():
         cache = make_cache()
-        step = ids.shape[1] if prefill_chunk is None else prefill_chunk
-        for begin in range(0, ids.shape[1], step):
-            logprobs = _last_logprobs(model, ids[:, begin : begin + step], cache)
+        logprobs = torch.log_softmax(prefill(model, ids, cache, prefill_chunk)[0], dim=-1)
         total, argmax = 0.0, []
         for i, token in enumerate(prompt.key_ids):
             if i:

@@ -23,6 +23,7 @@ from ratequant.evaluation.passkey import DEFAULT_DEPTHS, PasskeyResult, run_pass
 from ratequant.evaluation.perplexity import REFERENCE, ConditionScore, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
 from ratequant.models import LoadedModel
+from ratequant.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.registry import Registry
 from ratequant.validation import check_float, check_int
 
@@ -84,7 +85,7 @@ class PasskeyTask(Task):
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     trials: int = 2
     seed: int = 0
-    prefill_chunk: int | None = 512
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         check_int(self.context, "passkey context", lo=16, hi=1 << 20)

@@ -1,0 +1,54 @@
+"""Chunked prefill: a long prompt fed through a cache piece by piece, so activation memory is bounded by a piece.
+
+A one-shot prefill of ``T`` tokens materialises ``T``-long activations in every layer (attention scores grow
+as ``T^2`` on the eager path) while the cache itself may hold a few MiB; feeding ``P`` tokens at a time keeps
+the peak at one piece's activations plus the cache. The first piece holds the sink tokens and ``P`` more, every
+later piece ``P`` tokens, so that with a :class:`~ratequant.cache.RateQuantCache` each query sees exactly what
+:meth:`ratequant.spec.StoragePolicy.quantized_end` says it sees with ``prefill_chunk=P``. (Importing this
+module does not import torch, so the command line can show the default.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ratequant.validation import check_int
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+def piece_bounds(tokens: int, chunk: int, sink_tokens: int = 0) -> list[int]:
+    """``[0, S + P, S + 2P, ..., tokens]``: the boundaries of the pieces of a ``tokens``-long prompt."""
+    check_int(chunk, "prefill chunk", lo=1)
+    first = min(tokens, sink_tokens + chunk)
+    return [0, *range(first, tokens, chunk), tokens] if tokens else [0]
+
+
+def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.Tensor:
+    """Feed ``input_ids [B, T]`` (no padding) through ``cache`` in pieces of ``chunk`` tokens after the cache's
+    sink tokens (one pass when None); returns the float32 logits of the last position ``[B, vocab]``."""
+    import torch
+
+    from ratequant.compat import cache_argument, logits_to_keep_argument
+
+    total = input_ids.shape[1]
+    sink_tokens = getattr(getattr(cache, "spec", None), "sink_tokens", 0)
+    bounds = [0, total] if chunk is None else piece_bounds(total, chunk, sink_tokens)
+    logits = None
+    with torch.inference_mode():
+        for lo, hi in zip(bounds, bounds[1:]):
+            out = model(
+                input_ids=input_ids[:, lo:hi],
+                use_cache=True,
+                **logits_to_keep_argument(model, 1),
+                **cache_argument(model, cache),
+            )
+            logits = out.logits[:, -1].float()
+            del out
+    return logits
+
+
+__all__ = ["DEFAULT_PREFILL_CHUNK", "piece_bounds", "prefill"]

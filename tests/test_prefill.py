@@ -1,0 +1,80 @@
+"""Chunked prefill: the pieces, their equality with one pass (full precision) and with the simulation (quantized),
+and ``generate`` on top of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from ratequant.cache import RateQuantCache
+from ratequant.compat import model_geometry
+from ratequant.errors import RateQuantError
+from ratequant.generation import generate
+from ratequant.models import LoadedModel
+from ratequant.prefill import piece_bounds, prefill
+from ratequant.quantizers import get_quantizer
+from ratequant.simulate import simulated_quantization
+from ratequant.spec import KVQuantSpec
+
+
+def ids(tokens=40, seed=0):
+    return torch.randint(2, 300, (1, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def spec_for(model, sinks=0, residual=8):
+    bits = np.random.default_rng(1).integers(2, 5, size=model_geometry(model).shape)
+    return KVQuantSpec(bits, get_quantizer("kivi", group_size=4), residual_length=residual, sink_tokens=sinks)
+
+
+def test_piece_bounds():
+    assert piece_bounds(10, 4) == [0, 4, 8, 10]
+    assert piece_bounds(10, 4, sink_tokens=2) == [0, 6, 10]
+    assert piece_bounds(3, 8, sink_tokens=1) == [0, 3]
+    assert piece_bounds(0, 8) == [0]
+    with pytest.raises(RateQuantError, match="prefill chunk"):
+        piece_bounds(10, 0)
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 5}), ("gpt2", {})])
+def test_chunked_prefill_of_a_full_precision_cache_equals_one_pass(family, overrides):
+    from transformers import DynamicCache
+
+    model, x = tiny_model(family, seed=4, **overrides), ids()
+    one = prefill(model, x, DynamicCache(config=model.config), None)
+    for chunk in (1, 7, 16):
+        cache = DynamicCache(config=model.config)
+        torch.testing.assert_close(prefill(model, x, cache, chunk), one, rtol=0, atol=1e-5)
+        assert cache.get_seq_length() == x.shape[1]
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_chunked_prefill_through_the_packed_cache_equals_the_simulation(sinks):
+    model, x = tiny_model("qwen3", seed=5), ids(45)
+    spec = spec_for(model, sinks)
+    got = prefill(model, x, RateQuantCache(spec, model=model), 8)
+    with torch.no_grad(), simulated_quantization(model, spec, prefill_chunk=8):
+        want = model(x).logits[:, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert (got - model(x).logits[:, -1]).abs().max() > 1e-3
+
+
+def loaded(family="llama"):
+    model = tiny_model(family, seed=6)
+    return LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
+
+
+def test_generate_with_chunked_prefill():
+    lm = loaded()
+    prompt = "the quick brown fox jumps over the lazy dog " * 6
+    one = generate(lm, prompt, max_new_tokens=6, prefill_chunk=None)
+    chunked = generate(lm, prompt, max_new_tokens=6, prefill_chunk=8)
+    assert chunked.text == one.text and chunked.new_tokens == 6
+    assert chunked.prefill_chunk == 8 and one.prefill_chunk is None
+    spec = spec_for(lm.model, sinks=1)
+    quantized = generate(lm, prompt, spec, max_new_tokens=6, prefill_chunk=8)
+    assert quantized.cache_bytes["codes"] > 0 and quantized.cache_bytes["sink"] > 0
+    assert quantized.to_dict()["prefill_chunk"] == 8
+    with pytest.raises(RateQuantError, match="prefill chunk"):
+        generate(lm, prompt, max_new_tokens=2, prefill_chunk=0)
