@@ -73,6 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The command modules register their commands when imported (they need `command` above).
-from ratequant.cli import calibrate, compare, evaluate, export  # noqa: E402, F401
+from ratequant.cli import calibrate, compare, evaluate, export, lm_eval  # noqa: E402, F401
 
 __all__ = ["COMMANDS", "Command", "build_parser", "command", "main"]

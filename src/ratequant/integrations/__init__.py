@@ -1,5 +1,7 @@
 """Integrations of ratequant with other tools; each submodule imports its tool only when it is imported.
 
+* :mod:`ratequant.integrations.kvtuner`: plans as KVTuner's per-head width tables and per-layer width tables,
+  and back (``ratequant export`` / ``ratequant import``).
 * :mod:`ratequant.integrations.lm_eval`: the ``ratequant`` model of EleutherAI's lm-evaluation-harness (run it
   with ``ratequant lm-eval ...``; needs the ``lm-eval`` extra: ``pip install 'ratequant[lm-eval]'``).
 """
