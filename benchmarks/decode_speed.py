@@ -54,6 +54,7 @@ from _common import (
     write_result,
 )
 from ratequant.compat import cache_argument
+from ratequant.prefill import prefill as chunked_prefill
 
 FORMAT_VERSION = 1
 HQQ_GROUP = 64
@@ -158,13 +159,13 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
 
 
 @torch.inference_mode()
-def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int) -> dict:
-    """A new cache, the prompt's forward (timed: time to first token) and ``warmup`` untimed steps."""
+def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int, chunk: int | None) -> dict:
+    """A new cache, the prompt's forward (timed: time to first token; ``chunk`` tokens per pass, one pass when
+    None) and ``warmup`` untimed steps."""
     cache = make_cache()
     with PeakRSS() as mem, around():
         start = time.perf_counter()
-        out = model(ids, **cache_argument(model, cache), use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+        token = chunked_prefill(model, ids, cache, chunk).argmax(-1, keepdim=True)
         ttft = time.perf_counter() - start
         generated = []
         for _ in range(warmup):
@@ -198,7 +199,7 @@ def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int)
     states = {}
     for name in names[rotation % len(names) :] + names[: rotation % len(names)]:
         make_cache, around = conditions[name]
-        states[name] = prefill(model, make_cache, around, ids, args.warmup)
+        states[name] = prefill(model, make_cache, around, ids, args.warmup, args.prefill_chunk or None)
     for step in range(args.new_tokens):
         for name in names[step % len(names) :] + names[: step % len(names)]:
             decode_step(model, states[name])
@@ -284,6 +285,9 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps before the timed ones")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=0, help="prefill the prompt this many tokens at a time (0: one pass)"
+    )
     parser.add_argument(
         "--conditions",
         nargs="+",
