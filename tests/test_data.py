@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from ratequant.data import DEFAULT_CORPUS, load_corpus, paragraphs
@@ -93,3 +95,43 @@ def test_fortunes_from_a_folder_of_entries(tmp_path, monkeypatch):
     corpus = load_corpus("fortunes")
     assert corpus.calibration.split("\n\n") == [f"saying number {i}\n  -- someone" for i in (0, 4, 8)]
     assert len(corpus.evaluation.split("\n\n")) == 9
+
+
+def test_a_large_file_is_sampled_at_paragraph_breaks(tmp_path, monkeypatch):
+    from ratequant import data
+
+    monkeypatch.setattr(data, "LARGE_FILE_BYTES", 1000)
+    monkeypatch.setattr(data, "PART_BYTES", 400)
+    path = tmp_path / "big.txt"
+    path.write_text("\n\n".join(f"paragraph {i:04d} " + "é" * 20 for i in range(200)), encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert "sampled" in corpus.name
+    calibration, evaluation = paragraphs(corpus.calibration), paragraphs(corpus.evaluation)
+    assert calibration[0].startswith("paragraph 0000") and len(corpus.calibration.encode()) <= 400
+    first_eval = int(evaluation[0].split()[1])
+    assert 45 <= first_eval <= 56  # from a quarter of the file on (200 paragraphs of 58 bytes)
+    assert len(corpus.evaluation.encode()) <= 400
+    assert all(p.endswith("é" * 20) for p in calibration + evaluation)  # whole paragraphs only
+    (tmp_path / "no-breaks.txt").write_text("x" * 5000)
+    with pytest.raises(RateQuantError, match="no paragraph break"):
+        load_corpus(str(tmp_path / "no-breaks.txt"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_a_300_mb_corpus_file_is_read_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.txt"
+    text = "Paragraph {}: ordinary text that goes on for a while, and on, and on, until it stops.\n\n" * 1000
+    with path.open("w", encoding="utf-8") as f:
+        for start in range(0, 3_200_000, 1000):
+            f.write(text.format(*range(start, start + 1000)))  # 3.2 million distinct paragraphs, 300 MB
+    probe = (  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's, inherited at fork)
+        "import re, sys; from ratequant.data import load_corpus; c = load_corpus(sys.argv[1]); "
+        "print(len(c.evaluation), re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    chars, peak_kib = map(int, out.stdout.split())
+    assert chars > 1_000_000
+    assert peak_kib < 200 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 300 MB file"

@@ -15,7 +15,10 @@ elsewhere). Its files are read in sorted order (``ascii-art`` left out: pictures
 the lines holding ``%``, deduplicated, and entry ``i`` (counted over all files) calibrates when ``i % 4 == 0``.
 
 A user's UTF-8 text file is deduplicated the same way and cut at a paragraph boundary: the first
-``calibration_fraction`` of its characters calibrate, the rest evaluates. A Hugging Face dataset
+``calibration_fraction`` of its characters calibrate, the rest evaluates. A file over :data:`LARGE_FILE_BYTES`
+is not read whole: its calibration part is the first :data:`PART_BYTES` of the file and its evaluation part the
+:data:`PART_BYTES` from ``calibration_fraction`` of its size on (each cut at paragraph breaks; millions of
+tokens, far more than any run needs), so memory stays bounded whatever the file's size. A Hugging Face dataset
 (``hf:NAME[:CONFIG]``, needs the ``datasets`` package and network) uses its train split for calibration
 and its test split (or validation) for evaluation.
 """
@@ -36,6 +39,9 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNES_SKIPPED = ("ascii-art",)
 CALIBRATION_EVERY = 4
 MAX_TEXT_BYTES = 2**31
+LARGE_FILE_BYTES = 64 << 20
+PART_BYTES = 8 << 20
+_PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
 
 
 @dataclass(frozen=True)
@@ -141,18 +147,12 @@ def _file_corpus(path: Path, calibration_fraction: float) -> Corpus:
         raise RateQuantError(f"corpus file not found: {path}")
     if not path.is_file():
         raise RateQuantError(f"corpus path is not a regular file: {path}")
-    if path.stat().st_size > MAX_TEXT_BYTES:
+    size = path.stat().st_size
+    if size > MAX_TEXT_BYTES:
         raise RateQuantError(f"corpus file {path} is larger than 2 GiB; pass a smaller text file")
-    raw = path.read_bytes()
-    if b"\0" in raw:
-        raise RateQuantError(f"corpus file {path} holds NUL bytes: it looks binary; pass a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RateQuantError(
-            f"corpus file {path} is not valid UTF-8 (byte {exc.start}); pass a UTF-8 text file"
-        ) from exc
-    (paras,) = _dedup([paragraphs(text)])
+    if size > LARGE_FILE_BYTES:
+        return _large_file_corpus(path, size, calibration_fraction)
+    (paras,) = _dedup([paragraphs(_decode(path.read_bytes(), path, 0))])
     if not paras:
         raise RateQuantError(f"corpus file {path} is empty; pass a file with text in it")
     if len(paras) < 2:
@@ -166,6 +166,50 @@ def _file_corpus(path: Path, calibration_fraction: float) -> Corpus:
         running += len(paras[cut])
         cut += 1
     return Corpus(str(path), "\n\n".join(paras[:cut]), "\n\n".join(paras[cut:]))
+
+
+def _decode(raw: bytes, path: Path, offset: int) -> str:
+    """``raw`` (read from ``path`` at byte ``offset``) as text; one clear error for binary or non-UTF-8 data."""
+    if b"\0" in raw:
+        raise RateQuantError(f"corpus file {path} holds NUL bytes: it looks binary; pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RateQuantError(
+            f"corpus file {path} is not valid UTF-8 (byte {offset + exc.start}); pass a UTF-8 text file"
+        ) from None
+
+
+def _large_file_corpus(path: Path, size: int, calibration_fraction: float) -> Corpus:
+    """The corpus of a file too large to read whole: :data:`PART_BYTES` from its start, and as much from
+    ``calibration_fraction`` of its size on, each cut at paragraph breaks."""
+    with path.open("rb") as f:
+        parts = [_read_part(f, path, offset, size) for offset in (0, int(calibration_fraction * size))]
+    calibration, evaluation = _dedup([paragraphs(part) for part in parts])
+    if not calibration or not evaluation:
+        raise RateQuantError(f"corpus file {path} has no text in its calibration or evaluation part")
+    return Corpus(
+        f"{path} (sampled: {PART_BYTES >> 20} MiB per part)", "\n\n".join(calibration), "\n\n".join(evaluation)
+    )
+
+
+def _read_part(f, path: Path, offset: int, size: int) -> str:
+    """Up to :data:`PART_BYTES` of ``f`` (``size`` bytes long) from the first paragraph break after ``offset``
+    (from the start when ``offset`` is 0), ending at the last paragraph break they hold unless the file ends."""
+    f.seek(offset)
+    raw = f.read(PART_BYTES)
+    if offset:
+        start = _PARAGRAPH_BREAK.search(raw)
+        raw, offset = (raw[start.end() :], offset + start.end()) if start else (b"", offset)
+    if f.tell() < size:
+        ends = [m.start() for m in _PARAGRAPH_BREAK.finditer(raw)]
+        if not ends:
+            raise RateQuantError(
+                f"corpus file {path} has no paragraph break within {PART_BYTES >> 20} MiB of byte {offset}; "
+                "separate its text into paragraphs with blank lines"
+            )
+        raw = raw[: ends[-1]]
+    return _decode(raw, path, offset)
 
 
 def _hf_corpus(ref: str) -> Corpus:
