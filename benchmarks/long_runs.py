@@ -25,6 +25,14 @@ Two measurements, one JSON file (``--output``, default ``results/long_runs.json`
    is compared with the cache's bytes, and a float32 and float16 ``DynamicCache`` of the same tokens are
    given for scale. Criterion: ``nbytes() <= 1.01 * expected_bytes`` and the run completes.
 
+3. **Under pressure.** A soak of the library: ``--soak`` iterations (default 600) of a cache's whole life on
+   one model (prefill a prompt, greedy decode, beam search with ``num_beams=2`` so the cache is reordered,
+   ``crop`` back to the prompt, decode again, ``reset``), sampling RSS and open file descriptors after every
+   iteration (criterion: both flat after the warm-up, RSS within ``--max-growth-mib``). Then ``--processes``
+   (default 4) concurrent ``ratequant generate`` processes with the same plan, while as many processes
+   write plans into one folder (each its own file, and all of them the same file with ``overwrite``) ``--writes``
+   times; every process must exit 0 and every plan file must load and equal what was written.
+
 ``--model random`` uses a randomly initialised model of the default geometry instead (no package needed).
 
     python benchmarks/long_runs.py                         # both parts, about 10 minutes on 2 CPU cores
@@ -35,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -280,6 +290,120 @@ def long_context(loaded, args) -> dict:
     }
 
 
+# -- part 3 ------------------------------------------------------------------------------------------------
+def open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+@torch.inference_mode()
+def soak(loaded, args) -> dict:
+    """Many lives of a cache on one model: prefill, decode, beam search (reorder), crop, decode, reset."""
+    model, g = loaded.model, loaded.geometry
+    plan = make_plan(loaded.name, g, alternating_bits(g), get_quantizer("kivi"), args.residual)
+    spec = plan.resolve(model)
+    ids = corpus_ids(loaded, args.prompt_tokens)[:, : args.prompt_tokens]
+    pad = loaded.tokenizer.eos_token_id
+    rss, fds, start = [], [], time.perf_counter()
+    for i in range(args.soak):
+        cache = RateQuantCache(spec, model=model)
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=pad, **cache_argument(model, cache))
+        out = model.generate(ids, **kw)
+        if i % 3 == 0:
+            beams = RateQuantCache(spec, model=model)
+            model.generate(ids, num_beams=2, **{**kw, **cache_argument(model, beams)})
+        cache.crop(ids.shape[1] - cache.get_seq_length())  # a negative count: drop what was generated
+        model.generate(out[:, : ids.shape[1] + 1], **kw)
+        cache.reset()
+        del cache, out
+        gc.collect()
+        rss.append(rss_or_peak())
+        fds.append(open_fds())
+        if (i + 1) % 100 == 0:
+            print(f"  soak {i + 1}/{args.soak}: RSS {rss[-1] / MIB:.1f} MiB, {fds[-1]} fds", flush=True)
+    warm = min(args.warmup, len(rss) - 1)
+    growth = (rss[-1] - rss[warm]) / MIB
+    return {
+        "iterations": args.soak,
+        "seconds": time.perf_counter() - start,
+        "rss_after_warmup_mib": rss[warm] / MIB,
+        "rss_last_mib": rss[-1] / MIB,
+        "growth_after_warmup_mib": growth,
+        "fds_after_warmup": fds[warm],
+        "fds_last": fds[-1],
+        "fds_max": max((f for f in fds if f is not None), default=None),
+        "rss_mib": [round(r / MIB, 2) for r in rss],
+        "criterion": {"passed": growth <= args.max_growth_mib and fds[-1] == fds[warm]},
+    }
+
+
+PLAN_WRITER = """
+import sys
+from ratequant.plan import Plan
+plan, folder, n = Plan.load(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    plan.to_json(f"{folder}/own-{sys.argv[4]}-{i}.json")
+    plan.to_json(f"{folder}/shared.json", overwrite=True)
+"""
+
+
+def concurrent_processes(loaded, args) -> dict:
+    """``--processes`` generate processes and as many plan writers at once; every exit status and file."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from _common import subprocess_env
+
+    plan = make_plan(loaded.name, loaded.geometry, alternating_bits(loaded.geometry), get_quantizer("kivi"), 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plan_path = plan.to_json(folder / "plan.json")
+        (folder / "plans").mkdir()
+        env = subprocess_env(1)
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "ratequant.cli", "generate", "--plan", str(plan_path), "--quiet",
+                 "--prompt", f"Process {i} writes about the with statement", "--max-new-tokens", "24",
+                 "--json", str(folder / f"generate-{i}.json")],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for i in range(args.processes)
+        ]  # fmt: skip
+        procs += [
+            subprocess.Popen(
+                [sys.executable, "-c", PLAN_WRITER, str(plan_path), str(folder / "plans"), str(args.writes), str(i)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for i in range(args.processes)
+        ]  # fmt: skip
+        codes = [p.wait() for p in procs]
+        errors = [p.stderr.read().strip().splitlines()[-1:] for p, c in zip(procs, codes) if c]
+        seconds = time.perf_counter() - start
+        written = sorted((folder / "plans").glob("*.json"))
+        intact = sum(Plan.load(f).to_dict() == plan.to_dict() for f in written)
+        outputs = [json.loads((folder / f"generate-{i}.json").read_text()) for i in range(args.processes)]
+        leftovers = [f.name for f in (folder / "plans").iterdir() if not f.name.endswith(".json")]
+    expected_files = args.processes * args.writes + 1
+    return {
+        "processes": args.processes,
+        "writes_per_writer": args.writes,
+        "seconds": seconds,
+        "exit_codes": codes,
+        "errors": errors,
+        "plan_files": len(written),
+        "plan_files_intact": intact,
+        "leftover_temporary_files": leftovers,
+        "generated_tokens": [o["new_tokens"] for o in outputs],
+        "criterion": {
+            "passed": not any(codes) and intact == len(written) == expected_files and not leftovers,
+        },
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("default", "random"), default="default")
@@ -306,7 +430,10 @@ def main(argv=None) -> dict:
         default=1,
         help="torch threads (default 1: on a small shared CPU more threads spin against each other)",
     )
-    parser.add_argument("--skip", choices=("generations", "context"), action="append", default=[])
+    parser.add_argument("--soak", type=int, default=600, help="soak iterations (part 3)")
+    parser.add_argument("--processes", type=int, default=4, help="concurrent generate processes (part 3)")
+    parser.add_argument("--writes", type=int, default=50, help="plan files each concurrent writer writes")
+    parser.add_argument("--skip", choices=("generations", "context", "pressure"), action="append", default=[])
     parser.add_argument("--output", type=Path, default=Path("results/long_runs.json"))
     args = parser.parse_args(argv)
     if args.chunk % 128:
@@ -339,6 +466,21 @@ def main(argv=None) -> dict:
             f"  {r['tokens']} tokens in {r['seconds']:.0f} s; cache {r['cache_mib']:.1f} MiB = "
             f"{r['cache_over_expected']:.4f} x expected_bytes; RSS peak +{r['rss_peak_growth_mib']:.0f} MiB, "
             f"held +{r['rss_held_growth_mib']:.0f} MiB"
+        )
+    if "pressure" not in args.skip:
+        print(f"soak: {args.soak} cache lives ...", flush=True)
+        result["soak"] = soak(loaded, args)
+        r = result["soak"]
+        print(
+            f"  RSS growth after warm-up {r['growth_after_warmup_mib']:+.2f} MiB; fds {r['fds_after_warmup']} -> "
+            f"{r['fds_last']}; {'passed' if r['criterion']['passed'] else 'FAILED'}"
+        )
+        print(f"{args.processes} generate processes and {args.processes} plan writers at once ...", flush=True)
+        result["concurrent"] = concurrent_processes(loaded, args)
+        r = result["concurrent"]
+        print(
+            f"  exit codes {r['exit_codes']}; {r['plan_files_intact']}/{r['plan_files']} plan files intact; "
+            f"{'passed' if r['criterion']['passed'] else 'FAILED'}"
         )
     result["seconds"] = time.perf_counter() - start
     print(f"written to {write_result(args.output, result)}")
