@@ -238,10 +238,10 @@ def test_inspect_refuses_to_overwrite_pictures_and_to_draw_missing_curves(tmp_pa
 # budgets that cannot be met name the reachable range
 # --------------------------------------------------------------------------------------------------------
 BUDGETS = [
-    (["--avg-bits", "9"], "reachable averages lie in [1, 8]"),
-    (["--avg-bits", "0.5"], "reachable averages lie in [1, 8]"),
+    (["--avg-bits", "9"], "reachable averages lie in [2, 8]"),
+    (["--avg-bits", "0.5"], "reachable averages lie in [2, 8]"),
     (["--avg-bits", "1.5", "--b-min", "2"], "reachable averages lie in [2, 8]"),
-    (["--avg-bits", "5", "--b-max", "4"], "reachable averages lie in [1, 4]"),
+    (["--avg-bits", "5", "--b-max", "4"], "reachable averages lie in [2, 4]"),
     (
         ["--avg-bits", "2.9", "--bits", "2,4"],
         "with widths (2, 4) over 12 components; reachable averages lie in [2, 4]; nearest reachable: 2.83333 and 3",
@@ -286,7 +286,7 @@ def test_unreachable_average_is_refused_before_any_work(tmp_path, capsys):
     line = assert_one_line_error(
         capsys,
         ["calibrate", "--model", "/nonexistent/model", "--avg-bits", "9", "--out", str(tmp_path / "p.json")],
-        "reachable averages lie in [1, 8]",
+        "reachable averages lie in [2, 8]",
     )
     assert "/nonexistent/model" not in line
 

@@ -114,9 +114,10 @@ def test_kv_splits_meet_the_budget_with_a_bounded_gap():
     c = CompareConfig()
     assert c.kv_splits(3) == [(4, 2), (2, 4)]
     assert c.kv_splits(2.5) == [(3, 2), (2, 3)]
-    assert c.kv_splits(2) == [(3, 1), (1, 3)]
+    assert c.kv_splits(2) == []  # the default widths start at 2 bits
+    assert CompareConfig(bitset=range(1, 9)).kv_splits(2) == [(3, 1), (1, 3)]
     assert c.kv_splits(2.25) == []
-    assert CompareConfig(split_max_gap=4).kv_splits(3) == [(4, 2), (5, 1), (2, 4), (1, 5)]
+    assert CompareConfig(split_max_gap=4, bitset=range(1, 9)).kv_splits(3) == [(4, 2), (5, 1), (2, 4), (1, 5)]
 
 
 def test_hybrid_rank_counts_coefficients_and_metadata():

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ratequant.allocation import Allocation, AllocationOptions, Budget, CostModel, Curves, allocate, check_reachable
+from ratequant.allocation import (
+    DEFAULT_WIDTHS,
+    Allocation,
+    AllocationOptions,
+    Budget,
+    CostModel,
+    Curves,
+    allocate,
+    check_reachable,
+)
 from ratequant.allocation.strategies import STRATEGIES
 from ratequant.calibration import CalibrationStats, capture
 from ratequant.data import Corpus
@@ -54,7 +63,7 @@ class CalibrationSettings:
     metric: str = DEFAULT_METRIC
     strategy: str = "ratequant"
     curves_from: str | None = None
-    bitset: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    bitset: tuple[int, ...] = DEFAULT_WIDTHS
     b_min: int | None = None
     b_max: int | None = None
     informative_only: bool = True  # drop widths worse than storing the mean (DistortionTable.informative_widths)

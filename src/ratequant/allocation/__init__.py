@@ -13,7 +13,7 @@ One module per concept: :mod:`~ratequant.allocation.budget`, :mod:`~ratequant.al
 """
 
 from ratequant.allocation.budget import BUDGET_KINDS, Budget, check_reachable
-from ratequant.allocation.cost import CostModel
+from ratequant.allocation.cost import DEFAULT_WIDTHS, CostModel
 from ratequant.allocation.curves import Curves
 from ratequant.allocation.solvers import allocate_closed_form, allocate_integer, is_convex, solve_groups, solve_integer
 from ratequant.allocation.strategies import (
@@ -27,6 +27,7 @@ from ratequant.allocation.strategies import (
 
 __all__ = [
     "BUDGET_KINDS",
+    "DEFAULT_WIDTHS",
     "STRATEGIES",
     "Allocation",
     "AllocationOptions",

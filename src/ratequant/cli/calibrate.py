@@ -67,7 +67,9 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
         help="allocate with another design's distortion curves (the paper's distortion-model mismatch)",
     )
     parser.add_argument(
-        "--bits", type=bitset_arg, default=tuple(range(1, 9)), help="allowed widths, e.g. 1-8 (default) or 2,3,4,8"
+        "--bits",
+        type=bitset_arg,
+        help="allowed widths, e.g. 1-8 or 2,3,4,8 (default 2-8: 1 bit hurts more than modelled)",
     )
     parser.add_argument("--b-min", type=positive_int, help="lowest width any component may get")
     parser.add_argument("--b-max", type=positive_int, help="highest width any component may get")
@@ -117,7 +119,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         metric=args.metric,
         strategy=args.allocator,
         curves_from=args.curves_from,
-        bitset=args.bits,
+        **({} if args.bits is None else {"bitset": args.bits}),
         b_min=args.b_min,
         b_max=args.b_max,
         seq_len=args.seq_len,

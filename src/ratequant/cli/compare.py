@@ -37,6 +37,7 @@ EXPERIMENT_OPTIONS = (
     "peers",
     "headroom_designs",
     "sink_study",
+    "side_windows",
 )
 """The options that decide a comparison: refused beside --config, which repeats a saved one exactly."""
 
@@ -112,6 +113,12 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="streaming: tokens per forward pass (default: the quantization chunk)",
+    )
+    parser.add_argument(
+        "--side-windows",
+        type=positive_int,
+        metavar="N",
+        help="windows of the side evaluations (--eval-corpus, --sink-study; default: --windows)",
     )
     parser.add_argument(
         "--eval-corpus",

@@ -11,6 +11,7 @@ import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ratequant.allocation.cost import DEFAULT_WIDTHS
 from ratequant.distortion import DEFAULT_METRIC, METRICS
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES
@@ -38,6 +39,7 @@ FULL_SIZES = dict(
     peers=("norms",),
     headroom_designs=("kivi",),
     sink_study=(0, 1, 4),
+    side_windows=2,
 )
 """What ``--full`` (and ``make results``) runs: the README's results. Long windows with the cache's real
 128-token residual window, four budgets, both corpora, passkey retrieval at 4096 tokens."""
@@ -71,6 +73,7 @@ SCALAR_FLAGS = (
     "prefill_chunk",
     "passkey_context",
     "passkey_trials",
+    "side_windows",
 )
 """Fields the command line sets with ``--name value`` (see :meth:`CompareConfig.command`)."""
 
@@ -102,6 +105,8 @@ class CompareConfig:
     ``passkey_context`` (None: off) runs passkey retrieval through the real cache for full precision and the
     uniform and RateQuant methods of ``focus_design`` at ``passkey_budgets``; ``sink_study`` re-scores the
     fixed schemes and RateQuant of ``focus_design`` with each of these sink counts, with and without BOS.
+    ``side_windows`` (None: ``windows``) is how many windows the side evaluations use: the ``eval_corpora`` and
+    the sink study (the headline evaluation always uses ``windows``).
     """
 
     model: str = "default"
@@ -131,8 +136,9 @@ class CompareConfig:
     headroom_tokens: int = 512
     headroom_max_bits: int = 5
     sink_study: tuple[int, ...] = ()
+    side_windows: int | None = None
     context_tokens: int = 4096
-    bitset: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    bitset: tuple[int, ...] = DEFAULT_WIDTHS
     split_max_gap: int = 2
     hybrid_design: str = "uniform"
     hybrid_bits: int = 4
@@ -194,7 +200,7 @@ class CompareConfig:
             ("headroom_max_bits", 1),
         ):
             object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
-        for name in ("prefill_chunk", "passkey_context"):
+        for name in ("prefill_chunk", "passkey_context", "side_windows"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), f"compare config: {name}", lo=1, hi=1 << 20)
         if self.sink_tokens != "auto":

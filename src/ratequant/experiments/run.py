@@ -67,8 +67,9 @@ def run_compare(
     started = time.perf_counter()
     g = loaded.geometry
     protocol = WindowProtocol(config.seq_len, config.windows, config.bos, config.scoring)
-    corpora = {corpus.name: corpus, **{c.name: c for c in eval_corpora.values()}}
-    windows = {name: make_windows(loaded.tokenizer, c.evaluation, protocol) for name, c in corpora.items()}
+    side = WindowProtocol(config.seq_len, config.side_windows or config.windows, config.bos, config.scoring)
+    windows = {corpus.name: make_windows(loaded.tokenizer, corpus.evaluation, protocol)}
+    windows |= {c.name: make_windows(loaded.tokenizer, c.evaluation, side) for c in eval_corpora.values()}
     say(
         f"compare: {loaded.name}, calibrated on {corpus.name}; designs {', '.join(config.designs)}; budgets "
         f"{', '.join(map(budget_text, config.budgets))} bits; {config.mode} evaluation on "

@@ -107,7 +107,9 @@ def sink_study(config: CompareConfig, loaded: LoadedModel, corpus: Corpus, metho
     rows = []
     for bos in ("no", "yes"):
         windows = make_windows(
-            loaded.tokenizer, corpus.evaluation, WindowProtocol(config.seq_len, config.windows, bos, config.scoring)
+            loaded.tokenizer,
+            corpus.evaluation,
+            WindowProtocol(config.seq_len, config.side_windows or config.windows, bos, config.scoring),
         )
         conditions = {}
         for i, m in enumerate(chosen):
