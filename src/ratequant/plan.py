@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,226 +41,30 @@ from ratequant.errors import PlanError, RateQuantError
 from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS, Geometry
 from ratequant.jsonio import read_json, write_text_atomic
+from ratequant.plan_fields import (
+    MAX_PLAN_BYTES,
+    REQUIRED,
+    TOP_LEVEL,
+    bits_field,
+    budget_field,
+    calibration_field,
+    fit_field,
+    float_field,
+    int_field,
+    keys_field,
+    known_design,
+    model_field,
+    quantizer_field,
+    str_field,
+)
 from ratequant.spec import MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
 from ratequant.validation import (
-    check_float,
-    check_int,
-    check_json_value,
-    check_keys,
-    check_object,
-    check_str,
-    finite_real,
     show_value,
 )
 
 FORMAT_VERSION = 2
 """Version of the plan format this library writes and the newest it reads (version 2 added ``sink_tokens``;
 version 1 plans load with none)."""
-
-MAX_PLAN_BYTES = 64 * 2**20
-MAX_LAYERS = 4096
-MAX_KV_HEADS = 4096
-MAX_COMPONENTS_PER_KIND = 2**20
-MAX_HEAD_DIM = 2**16
-MAX_EXTRA_FIELDS = 64
-MAX_PARAM_DEPTH = 4
-MAX_PARAM_ITEMS = 4096
-
-_TOP_LEVEL = (
-    "format_version",
-    "created_by",
-    "model",
-    "quantizer",
-    "budget",
-    "allocator",
-    "avg_bits",
-    "bytes_per_token",
-    "residual_length",
-    "sink_tokens",
-    "bits",
-    "fit",
-    "calibration",
-)
-_REQUIRED = ("format_version", "model", "quantizer", "budget", "allocator", "avg_bits", "bits")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Field checks: each returns a canonical value or raises PlanError naming the field
-# ---------------------------------------------------------------------------------------------------------
-def _int(v: object, name: str, lo: int, hi: int) -> int:
-    return check_int(v, f"plan field {name}", lo=lo, hi=hi, error=PlanError)
-
-
-def _float(v: object, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
-    return check_float(v, f"plan field {name}", lo=lo, hi=hi, lo_open=lo_open, error=PlanError)
-
-
-def _str(v: object, name: str, *, empty: bool = False) -> str:
-    return check_str(v, f"plan field {name}", empty=empty, error=PlanError)
-
-
-def _dict(v: object, name: str) -> dict:
-    return check_object(v, f"plan field {name}", error=PlanError)
-
-
-def _keys(d: dict, name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    check_keys(d, f"plan field {name}", required, optional, error=PlanError)
-
-
-def _scalar_extras(d: dict, name: str, known: tuple[str, ...]) -> dict:
-    """Extra descriptive fields (scalars only) allowed in ``model`` and ``calibration``; sorted by key."""
-    extras = {k: d[k] for k in d if k not in known}
-    if len(extras) > MAX_EXTRA_FIELDS:
-        raise PlanError(f"plan field {name} has more than {MAX_EXTRA_FIELDS} extra fields")
-    out = {}
-    for k in sorted(extras):
-        v = extras[k]
-        _str(k, f"{name} key")
-        if isinstance(v, str):
-            _str(v, f"{name}.{k}", empty=True)
-        elif v is not None and not isinstance(v, bool) and not finite_real(v):
-            raise PlanError(f"plan field {name}.{k} must be a string, finite number, boolean or null")
-        out[k] = float(v) if isinstance(v, float) else v
-    return out
-
-
-def _model(v: object) -> dict:
-    d = _dict(v, "model")
-    known = ("name", "num_layers", "num_kv_heads", "head_dim", "num_heads")
-    _keys({k: d[k] for k in d if k in known}, "model", known[:4], known[4:])
-    out = {
-        "name": _str(d["name"], "model.name"),
-        "num_layers": _int(d["num_layers"], "model.num_layers", 1, MAX_LAYERS),
-        "num_kv_heads": _int(d["num_kv_heads"], "model.num_kv_heads", 1, MAX_KV_HEADS),
-        "head_dim": _int(d["head_dim"], "model.head_dim", 1, MAX_HEAD_DIM),
-        "num_heads": None,
-    }
-    if d.get("num_heads") is not None:
-        out["num_heads"] = _int(d["num_heads"], "model.num_heads", 1, MAX_KV_HEADS * 1024)
-    if out["num_layers"] * out["num_kv_heads"] > MAX_COMPONENTS_PER_KIND:
-        raise PlanError(f"plan model has more than {MAX_COMPONENTS_PER_KIND} (layer, kv-head) pairs")
-    try:
-        Geometry(out["num_layers"], out["num_kv_heads"], out["head_dim"], out["num_heads"])
-    except RateQuantError as exc:
-        raise PlanError(f"plan field model: {exc}") from None
-    out.update(_scalar_extras(d, "model", known))
-    return out
-
-
-def _quantizer(v: object) -> dict:
-    d = _dict(v, "quantizer")
-    _keys(d, "quantizer", ("name",), ("params",))
-    params = d.get("params", {})
-    _dict(params, "quantizer.params")
-    params = check_json_value(
-        params, "plan field quantizer.params", max_depth=MAX_PARAM_DEPTH, max_items=MAX_PARAM_ITEMS, error=PlanError
-    )
-    return {"name": _str(d["name"], "quantizer.name"), "params": params}
-
-
-def _known_design(name: str) -> str:
-    """``name`` when it is a registered quantizer design, else a PlanError naming the known ones."""
-    from ratequant.quantizers import available
-
-    if name not in available():
-        raise PlanError(
-            f"plan field quantizer.name is {show_value(name)}, which is not a quantizer design this ratequant knows "
-            f"({', '.join(available())}); the plan was made by another tool or a newer ratequant"
-        )
-    return name
-
-
-def _budget(v: object) -> dict:
-    d = _dict(v, "budget")
-    try:
-        return Budget.from_dict(d).to_dict()
-    except RateQuantError as exc:
-        raise PlanError(f"plan field budget: {exc}") from None
-
-
-def _bits(v: object, num_layers: int, num_kv_heads: int) -> dict:
-    d = _dict(v, "bits")
-    _keys(d, "bits", KINDS)
-    out = {}
-    for kind in KINDS:
-        rows = d[kind]
-        if not isinstance(rows, list) or len(rows) != num_layers:
-            n = len(rows) if isinstance(rows, list) else show_value(rows)
-            raise PlanError(f"plan field bits.{kind} must be a list of {num_layers} layers (one per layer), got {n}")
-        clean = []
-        for layer, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != num_kv_heads:
-                n = len(row) if isinstance(row, list) else show_value(row)
-                raise PlanError(
-                    f"plan field bits.{kind}[{layer}] must list {num_kv_heads} widths (one per kv head), got {n}"
-                )
-            clean.append([_int(b, f"bits.{kind}[{layer}]", 1, 8) for b in row])
-        out[kind] = clean
-    return out
-
-
-def _fit(v: object, shape: tuple[int, int, int]) -> dict | None:
-    if v is None:
-        return None
-    d = _dict(v, "fit")
-    extra = {k: d[k] for k in ("metric", "design", "measured") if k in d}
-    rest = {k: d[k] for k in d if k not in extra}
-    try:
-        fit = DistortionFit.from_dict(rest)
-    except RateQuantError as exc:
-        raise PlanError(f"plan field fit: {exc}") from None
-    if fit.shape != shape:
-        raise PlanError(f"plan field fit covers components {fit.shape} but the plan's model has {shape}")
-    out = fit.to_dict()
-    out["metric"] = None if extra.get("metric") is None else _str(extra["metric"], "fit.metric")
-    out["design"] = None if extra.get("design") is None else _str(extra["design"], "fit.design")
-    if extra.get("measured") is not None:
-        out["measured"] = _measured(extra["measured"], shape, len(fit.bitset))
-    return out
-
-
-def _measured(v: object, shape: tuple[int, int, int], num_bits: int) -> dict:
-    """The measured distortion table behind a fit: ``{"key": [L][H][nb], "value": ...}``, finite and >= 0."""
-    d = _dict(v, "fit.measured")
-    _keys(d, "fit.measured", KINDS)
-    try:
-        table = np.array([d["key"], d["value"]], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise PlanError("plan field fit.measured must hold lists of numbers for key and value") from None
-    expected = (*shape, num_bits)
-    if table.shape != expected:
-        raise PlanError(f"plan field fit.measured must have shape {list(expected)}, got {list(table.shape)}")
-    if not np.isfinite(table).all() or (table < 0).any():
-        raise PlanError("plan field fit.measured must hold finite, non-negative distortions")
-    return {"key": table[0].tolist(), "value": table[1].tolist()}
-
-
-def _calibration(v: object) -> dict | None:
-    if v is None:
-        return None
-    d = _dict(v, "calibration")
-    known = ("corpus", "corpus_sha256", "tokens", "seconds", "phases")
-    _keys({k: d[k] for k in d if k in known}, "calibration", known[:4], known[4:])
-    sha = d["corpus_sha256"]
-    if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
-        raise PlanError(
-            f"plan field calibration.corpus_sha256 must be 64 lowercase hex digits or null, got {show_value(sha)}"
-        )
-    out = {
-        "corpus": _str(d["corpus"], "calibration.corpus"),
-        "corpus_sha256": sha,
-        "tokens": _int(d["tokens"], "calibration.tokens", 0, 2**62),
-        "seconds": _float(d["seconds"], "calibration.seconds", lo=0.0),
-    }
-    phases = _dict(d.get("phases", {}), "calibration.phases")
-    if len(phases) > MAX_EXTRA_FIELDS:
-        raise PlanError(f"plan field calibration.phases has more than {MAX_EXTRA_FIELDS} entries")
-    out["phases"] = {
-        _str(k, "calibration.phases key"): _float(s, f"calibration.phases.{k}", lo=0.0) for k, s in phases.items()
-    }
-    out.update(_scalar_extras(d, "calibration", known))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,17 +93,17 @@ class Plan:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        version = _int(self.format_version, "format_version", 1, 2**31)
+        version = int_field(self.format_version, "format_version", 1, 2**31)
         if version > FORMAT_VERSION:
             raise PlanError(
                 f"plan format version {version} is newer than this ratequant reads ({FORMAT_VERSION}); "
                 "upgrade ratequant to use this plan"
             )
-        model = _model(self.model)
+        model = model_field(self.model)
         shape = (2, model["num_layers"], model["num_kv_heads"])
-        bits = _bits(self.bits, model["num_layers"], model["num_kv_heads"])
-        budget = _budget(self.budget)
-        avg = _float(self.avg_bits, "avg_bits", lo=1.0, hi=8.0)
+        bits = bits_field(self.bits, model["num_layers"], model["num_kv_heads"])
+        budget = budget_field(self.budget)
+        avg = float_field(self.avg_bits, "avg_bits", lo=1.0, hi=8.0)
         mean = float(np.asarray([bits["key"], bits["value"]], dtype=np.float64).mean())
         if abs(avg - mean) > 1e-9:
             raise PlanError(f"plan field avg_bits is {avg:g} but the widths in bits average {mean:.12g}")
@@ -308,25 +111,25 @@ class Plan:
             raise PlanError(f"plan average {avg:g} bits does not meet its own budget of {budget['value']:g} bits")
         nbytes = self.bytes_per_token
         if nbytes is not None:
-            nbytes = _float(nbytes, "bytes_per_token", lo=0.0, lo_open=True)
+            nbytes = float_field(nbytes, "bytes_per_token", lo=0.0, lo_open=True)
             if budget["kind"] == "bytes_per_token" and nbytes > budget["value"] * (1 + 1e-9):
                 raise PlanError(f"plan takes {nbytes:g} bytes per token, over its own budget of {budget['value']:g}")
-        quantizer = _quantizer(self.quantizer)
-        _known_design(quantizer["name"])
+        quantizer = quantizer_field(self.quantizer)
+        known_design(quantizer["name"])
         values = {
             "format_version": version,
-            "created_by": _str(self.created_by, "created_by"),
+            "created_by": str_field(self.created_by, "created_by"),
             "model": model,
             "quantizer": quantizer,
             "budget": budget,
-            "allocator": _str(self.allocator, "allocator"),
+            "allocator": str_field(self.allocator, "allocator"),
             "avg_bits": avg,
             "bytes_per_token": nbytes,
-            "residual_length": _int(self.residual_length, "residual_length", 0, 2**40),
-            "sink_tokens": _int(self.sink_tokens, "sink_tokens", 0, MAX_SINK_TOKENS),
+            "residual_length": int_field(self.residual_length, "residual_length", 0, 2**40),
+            "sink_tokens": int_field(self.sink_tokens, "sink_tokens", 0, MAX_SINK_TOKENS),
             "bits": bits,
-            "fit": _fit(self.fit, shape),
-            "calibration": _calibration(self.calibration),
+            "fit": fit_field(self.fit, shape),
+            "calibration": calibration_field(self.calibration),
         }
         if version < 2 and values["sink_tokens"]:
             raise PlanError("plan field sink_tokens needs format_version 2")
@@ -402,18 +205,18 @@ class Plan:
             raise PlanError(f"a plan must be a JSON object, got {show_value(d)}")
         if "format_version" not in d:
             raise PlanError("this is not a ratequant plan: it has no format_version field")
-        _int(d["format_version"], "format_version", 1, 2**31)
+        int_field(d["format_version"], "format_version", 1, 2**31)
         if d["format_version"] > FORMAT_VERSION:
             raise PlanError(
                 f"plan format version {d['format_version']} is newer than this ratequant reads "
                 f"({FORMAT_VERSION}); upgrade ratequant to use this plan"
             )
-        _keys(d, "(top level)", _REQUIRED, tuple(k for k in _TOP_LEVEL if k not in _REQUIRED))
+        keys_field(d, "(top level)", REQUIRED, tuple(k for k in TOP_LEVEL if k not in REQUIRED))
         return cls(**d)
 
     def to_dict(self) -> dict:
         """The plan as JSON data (a deep copy, keys in a fixed order)."""
-        return copy.deepcopy({name: getattr(self, name) for name in _TOP_LEVEL})
+        return copy.deepcopy({name: getattr(self, name) for name in TOP_LEVEL})
 
     # -- files ----------------------------------------------------------------------------------------
     def to_json_text(self) -> str:
@@ -543,14 +346,14 @@ class Plan:
 
         conf = quantizer.to_config() if hasattr(quantizer, "to_config") else quantizer
         try:
-            conf = _quantizer(json.loads(json.dumps(conf)))
+            conf = quantizer_field(json.loads(json.dumps(conf)))
         except (TypeError, ValueError, PlanError) as exc:
             raise PlanError(f"cannot compare quantizers: {exc}") from None
         if conf == self.quantizer:
             return
         try:  # compare with defaults filled in: a plan that omits a parameter at its default is the same design
-            mine = _quantizer(json.loads(json.dumps(self.design().to_config())))
-            other = _quantizer(json.loads(json.dumps(from_config(conf).to_config())))
+            mine = quantizer_field(json.loads(json.dumps(self.design().to_config())))
+            other = quantizer_field(json.loads(json.dumps(from_config(conf).to_config())))
         except (RateQuantError, TypeError, ValueError):
             mine, other = self.quantizer, conf
         if mine == other:
