@@ -1,6 +1,7 @@
-/* Fused unpack + min-max decode of bit-packed KV blocks, in one pass over the packed bytes.
+/* Fused unpack + min-max decode of bit-packed KV blocks, in one pass over the packed bytes, and attention
+ * straight from the packed blocks.
  *
- * One function, decode_minmax, computes for every stored element
+ * decode_minmax computes for every stored element
  *
  *     out = (float)code * (float)scale + (float)zero        (two separately rounded float32 operations)
  *
@@ -18,6 +19,13 @@
  *          meta_cols = D / g, meta_group = g. Per channel over G tokens (KIVI keys): meta_rows = G,
  *          meta_cols = D, meta_group = 1.
  *   out    element (c, b, h, t, d) at out + c*s_n + b*s_b + h*s_h + t*s_t + d (element strides; d contiguous).
+ *
+ * attend_minmax reads the same blocks without writing them out: for every row (a token of a head) it decodes
+ * the row into a float32 scratch row once and uses it for all G query rows of that kv head (grouped-query
+ * attention and several query positions share the decoded row):
+ *   mode 0 (scores):   scores[b, h, g, c * T + t] = sum_d q[b, h, g, d] * k[row, d]
+ *   mode 1 (weighted): acc[b, h, g, d] += sum over rows of p[b, h, g, c * T + t] * v[row, d]
+ * with q, p, scores and acc contiguous float32 ([B, H, G, D] and [B, H, G, n * T]); block row i = c * B + b.
  *
  * No Python objects are touched while decoding, so the GIL is released. The module has no dependency on
  * PyTorch: tensors arrive as addresses and integers.
@@ -280,10 +288,127 @@ static PyObject *decode_minmax(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* sum_d x[d] * y[d] in four interleaved partial sums (the compiler may not reorder a float reduction). */
+static ALWAYS_INLINE float dot_scalar(const float *x, const float *y, Py_ssize_t D) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    Py_ssize_t d = 0;
+    for (; d + 4 <= D; d += 4) s0 += x[d] * y[d], s1 += x[d + 1] * y[d + 1], s2 += x[d + 2] * y[d + 2], s3 += x[d + 3] * y[d + 3];
+    for (; d < D; ++d) s0 += x[d] * y[d];
+    return (s0 + s1) + (s2 + s3);
+}
+
+typedef struct {
+    int mode;        /* 0: scores, 1: weighted sum */
+    Py_ssize_t G;    /* query rows per kv head */
+    const float *q;  /* mode 0: [B, H, G, D]; mode 1: p [B, H, G, n * T] */
+    float *out;      /* mode 0: scores [B, H, G, n * T]; mode 1: acc [B, H, G, D] (accumulated) */
+} AttendArgs;
+
+typedef void (*RowToF32)(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
+                         const float *zero, float *vals);
+typedef float (*Dot)(const float *x, const float *y, Py_ssize_t D);
+
+/* Every row in storage order: decoded once into vals (a->out points there), then used by the G query rows. */
+static ALWAYS_INLINE void attend_rows(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero,
+                                      float *vals, RowToF32 decode_row, Dot dot) {
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
+    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
+    Py_ssize_t m = 0, left = 0;
+    for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
+        const Py_ssize_t c = i / a->B, b = i % a->B;
+        for (Py_ssize_t h = 0; h < a->H; ++h) {
+            const Py_ssize_t bh = (b * a->H + h) * G;
+            for (Py_ssize_t t = 0; t < a->T; ++t, row += row_bytes, --left) {
+                if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
+                decode_row(a, row, end, scale, zero, vals);
+                const Py_ssize_t pos = c * a->T + t;
+                for (Py_ssize_t g = 0; g < G; ++g) {
+                    if (w->mode == 0) {
+                        w->out[(bh + g) * L + pos] = dot(w->q + (bh + g) * D, vals, D);
+                    } else {
+                        const float p = w->q[(bh + g) * L + pos];
+                        float *restrict o = w->out + (bh + g) * D;
+                        for (Py_ssize_t d = 0; d < D; ++d) o[d] += p * vals[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+static inline void row_f32_scalar(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
+                                  const float *zero, float *vals) {
+    (void)end;
+    decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, vals);
+}
+
+static void attend_rows_scalar(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *vals) {
+    attend_rows(a, w, scale, zero, vals, row_f32_scalar, dot_scalar);
+}
+
+#ifdef HAVE_AVX2_PATH
+AVX2 static inline void row_f32_avx2(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
+                                     const float *zero, float *vals) {
+    row_avx2(a, row, end, scale, zero, 0, vals); /* a->out is vals, a float32 row at offset 0 */
+}
+
+/* sum_d x[d] * y[d] with eight lanes (D a multiple of 8, as the AVX2 path requires). */
+AVX2 static inline float dot_avx2(const float *x, const float *y, Py_ssize_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (Py_ssize_t d = 0; d < D; d += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
+}
+
+AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *vals) {
+    attend_rows(a, w, scale, zero, vals, row_f32_avx2, dot_avx2);
+}
+#endif
+
+static PyObject *attend_minmax(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t codes, scale, zero, q, out;
+    DecodeArgs a;
+    AttendArgs w;
+    if (!PyArg_ParseTuple(args, "nin(nnnn)nninnninnn", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T, &scale,
+                          &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &w.mode, &w.G, &q, &out))
+        return NULL;
+    if (a.bits < 1 || a.bits > 8 || a.D < 1 || a.n < 0 || a.B < 0 || a.H < 0 || a.T < 0 || a.meta_rows < 1 ||
+        a.meta_group < 1 || a.meta_cols < 1 || a.meta_cols * a.meta_group != a.D || a.meta_dtype < 0 ||
+        a.meta_dtype > 2 || w.mode < 0 || w.mode > 1 || w.G < 1) {
+        PyErr_SetString(PyExc_ValueError, "attend_minmax: invalid layout arguments");
+        return NULL;
+    }
+    a.codes = (const uint8_t *)codes;
+    a.scale = (const void *)scale;
+    a.zero = (const void *)zero;
+    a.out_dtype = DT_FLOAT32;
+    w.q = (const float *)q;
+    w.out = (float *)out;
+    float *work = (float *)malloc((2 * (size_t)a.meta_cols + (size_t)a.D) * sizeof(float));
+    if (work == NULL) return PyErr_NoMemory();
+    a.out = work + 2 * a.meta_cols; /* rows decode into this scratch row */
+    a.s_n = a.s_b = a.s_h = a.s_t = 0;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+    if (a.D % 8 == 0 && (a.meta_group == 1 || a.meta_group % 8 == 0) && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("f16c"))
+        attend_rows_avx2(&a, &w, work, work + a.meta_cols, work + 2 * a.meta_cols);
+    else
+#endif
+        attend_rows_scalar(&a, &w, work, work + a.meta_cols, work + 2 * a.meta_cols);
+    Py_END_ALLOW_THREADS free(work);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef METHODS[] = {
     {"decode_minmax", decode_minmax, METH_VARARGS,
      "decode_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
      "out, out_dtype, (s_n, s_b, s_h, s_t)): fused unpack + min-max decode; see ratequant.native."},
+    {"attend_minmax", attend_minmax, METH_VARARGS,
+     "attend_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
+     "mode, G, q_or_p, out): attention scores (mode 0) or weighted values (mode 1) from packed rows."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -295,8 +420,8 @@ static struct PyModuleDef MODULE = {
     .m_methods = METHODS,
 };
 
-/* Raised whenever decode_minmax's arguments change, so that ratequant.native refuses a stale build. */
-#define NATIVE_ABI 1
+/* Raised whenever the functions' arguments change, so that ratequant.native refuses a stale build. */
+#define NATIVE_ABI 2
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *module = PyModule_Create(&MODULE);

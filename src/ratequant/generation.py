@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from ratequant.models import LoadedModel
 from ratequant.prefill import DEFAULT_PREFILL_CHUNK, prefill
 from ratequant.spec import KVQuantSpec
 from ratequant.validation import check_float, check_int
+
+ATTENTION_PATHS = ("packed", "decode")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class GenerationResult:
     fp16_cache_bytes: int
     model_dtype_cache_bytes: int  # a full-precision cache in the model's own dtype
     prefill_chunk: int | None = None  # tokens per prefill pass; None: the prompt in one pass
+    attention: str | None = None  # "packed" (from the codes) or "decode" (the history decoded); None: no plan
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +63,7 @@ class GenerationResult:
             "fp16_cache_bytes": self.fp16_cache_bytes,
             "model_dtype_cache_bytes": self.model_dtype_cache_bytes,
             "prefill_chunk": self.prefill_chunk,
+            "attention": self.attention,
         }
 
 
@@ -76,6 +81,7 @@ def generate(
     seed: int = 0,
     stream: bool = False,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    attention: str = "packed",
 ) -> GenerationResult:
     """Continue ``prompt`` with ``model.generate`` and a :class:`RateQuantCache` of ``spec`` (e.g.
     ``plan.resolve(model)``; a full-precision ``DynamicCache`` when ``spec`` is None). With ``stream`` the
@@ -86,11 +92,14 @@ def generate(
     prompt's; ``None`` prefills in one pass. With a full-precision cache the chunking changes nothing but
     rounding; with a quantized one each prompt token sees its own chunk at full precision.
 
+    ``attention="packed"`` (default) computes decode steps' attention straight from the packed codes
+    (:func:`ratequant.cache.packed_attention`); ``"decode"`` decodes the history on every step first.
+
     ``max_new_tokens`` must fit the model's context after the prompt; sampling takes ``temperature`` in
     [0.01, 100] and ``top_p`` in (0, 1]."""
     from transformers import DynamicCache
 
-    from ratequant.cache import RateQuantCache
+    from ratequant.cache import RateQuantCache, packed_attention
 
     if not prompt:
         raise RateQuantError("the prompt is empty; pass some text to continue")
@@ -105,6 +114,8 @@ def generate(
         text = prompt
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(loaded.device)
     check_int(max_new_tokens, "max_new_tokens", lo=1)
+    if attention not in ATTENTION_PATHS:
+        raise RateQuantError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
     if prefill_chunk is not None:
         check_int(prefill_chunk, "prefill chunk", lo=1)
     check_int(seed, "seed", lo=0)
@@ -129,9 +140,11 @@ def generate(
         options["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if prefill_chunk is not None and prompt_tokens > 1:
         prefill(model, encoded["input_ids"][:, :-1], cache, prefill_chunk)
-    output = model.generate(
-        **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
-    )
+    packed = spec is not None and attention == "packed"
+    with packed_attention(model, cache) if packed else contextlib.nullcontext():
+        output = model.generate(
+            **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
+        )
     seconds = time.perf_counter() - start
     new = output[0, prompt_tokens:]
     g = loaded.geometry
@@ -145,4 +158,5 @@ def generate(
         fp16_cache_bytes=g.kv_bytes_per_token(2) * stored,
         model_dtype_cache_bytes=g.kv_bytes_per_token(loaded.dtype.itemsize) * stored,
         prefill_chunk=prefill_chunk,
+        attention=None if spec is None else attention,
     )

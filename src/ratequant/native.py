@@ -22,7 +22,7 @@ import torch
 from ratequant.packing import packed_size
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ABI = 1  # NATIVE_ABI in _native.c
+_ABI = 2  # NATIVE_ABI in _native.c
 
 
 def _load():
@@ -107,6 +107,31 @@ class PreparedDecode:
             out.data_ptr(),
             _DTYPE_CODES[out.dtype],
             (s_n, s_b, out.stride(-3), out.stride(-2)),
+        )
+        return True
+
+    def attend(self, batch: int, inputs: torch.Tensor, out: torch.Tensor, *, weighted: bool) -> bool:
+        """Attention straight from the packed rows, for blocks laid out as the cache's ``[chunks * batch, H, T,
+        D]`` (block row ``c * batch + b``): with ``weighted=False`` the scores ``out[b, h, g, c * T + t] =
+        inputs[b, h, g] . k[c, b, h, t]`` (``inputs``: queries ``[batch, H, G, D]``); with ``weighted=True``
+        ``out[b, h, g] += sum over tokens of inputs[b, h, g, c * T + t] * v[c, b, h, t]`` (``inputs``: the
+        attention weights ``[batch, H, G, chunks * T]``, ``out`` ``[batch, H, G, D]``). Everything float32,
+        contiguous, on the CPU. Returns False, touching nothing, when the kernel or the layout does not fit."""
+        n, h, t, d = self._shape
+        if not available() or batch < 1 or n % batch:
+            return False
+        tensors = (inputs, out)
+        if any(x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() for x in tensors):
+            return False
+        g = inputs.shape[2] if inputs.dim() == 4 else 0
+        width = (n // batch) * t
+        want_in, want_out = (
+            ((batch, h, g, width), (batch, h, g, d)) if weighted else ((batch, h, g, d), (batch, h, g, width))
+        )
+        if g < 1 or tuple(inputs.shape) != want_in or tuple(out.shape) != want_out:
+            return False
+        _MODULE.attend_minmax(
+            *self._head, (n // batch, batch, h, t), *self._meta, int(weighted), g, inputs.data_ptr(), out.data_ptr()
         )
         return True
 

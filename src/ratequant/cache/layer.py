@@ -30,7 +30,8 @@ Reads. Each update returns keys and values ``[batch, kv_heads, seq, head_dim]`` 
 model's dtype: the sinks, all stored chunks decoded straight into that output by one prepared decoder per
 bit group (:meth:`Quantizer.prepare_decode`: the native kernel of :mod:`ratequant.native` for min-max designs
 on the CPU), then the residual. No dequantized copy is kept between steps unless ``buffer_bytes`` asks for one
-(it costs full-precision memory).
+(it costs full-precision memory). Inside :func:`ratequant.cache.attention.packed_attention` short forward
+passes return handles instead, and attention reads the packed codes without decoding the history.
 
 Sliding-window layers (Mistral with ``sliding_window``, Gemma2/3) keep their whole history here and the
 attention mask applies the window, which is correct; memory then grows like a full-attention layer (the
@@ -43,6 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ratequant.cache.attention import MAX_QUERY, handle
 from ratequant.cache.storage import KindStore
 from ratequant.compat import cache_base_classes
 from ratequant.errors import PlanError, RateQuantError
@@ -96,6 +98,7 @@ class RateQuantLayer(CacheLayerMixin):
         self.value_bits = tuple(int(b) for b in value_bits)
         self.cumulative_length = 0
         self.lossy_crop = False
+        self.attend_packed = False  # set inside ratequant.cache.attention.packed_attention
         self._make_stores()
 
     @property
@@ -154,10 +157,13 @@ class RateQuantLayer(CacheLayerMixin):
                 "KV tensors must be finite to quantize (this update was refused and the cache is unchanged; a "
                 "float16 model may overflow: try bfloat16 or float32)"
             )
-        keys = self._stores[0].update(key_states)
-        values = self._stores[1].update(value_states)
+        if self.attend_packed and t <= MAX_QUERY:  # the attention reads the stores' packed codes itself
+            views = [store.append(x) for store, x in zip(self._stores, (key_states, value_states))]
+            out = handle(views[0], key_states), handle(views[1], value_states)
+        else:
+            out = self._stores[0].update(key_states), self._stores[1].update(value_states)
         self.cumulative_length += t
-        return keys, values
+        return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0

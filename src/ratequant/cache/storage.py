@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -56,7 +57,7 @@ class GroupStore:
     def __init__(self, bits: int, heads: tuple[int, ...], kind: str, chunk: int, growth: float):
         self.bits, self.heads, self.kind, self.chunk, self.growth = bits, heads, kind, chunk, growth
         self.head_slice = _progression(heads)
-        self._decoders: dict[tuple[int, int], tuple[Quantizer, Callable]] = {}
+        self._decoders: dict[tuple, tuple[Quantizer, Callable | object | None]] = {}
         self.tensors = {}
         self.num_chunks = 0
         self.head_dim = 0  # set when the layer initialises
@@ -139,6 +140,15 @@ class GroupStore:
             prepared = (quantizer, quantizer.prepare_decode(self.block(first, last, out.dtype)))
             self._decoders[(first, last)] = prepared
         prepared[1](view)
+
+    def attend_block(self, quantizer: Quantizer, first: int, last: int, dtype: torch.dtype):
+        """Chunks ``first..last-1`` prepared for attention from their codes (:meth:`Quantizer.prepare_attend`;
+        None where the design cannot), kept until the store changes."""
+        prepared = self._decoders.get(("attend", first, last))
+        if prepared is None or prepared[0] is not quantizer:
+            prepared = (quantizer, quantizer.prepare_attend(self.block(first, last, dtype)))
+            self._decoders[("attend", first, last)] = prepared
+        return prepared[1]
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` to the batch axis (dim 1) of every stored tensor (beam reorder, selection, repeat)."""
@@ -240,6 +250,26 @@ class KindStore:
             self._fill_buffer()
         self.residual = out[:, :, start + m * self.chunk :].clone()  # exactly the waiting tokens, owning its storage
         return out
+
+    def append(self, x: torch.Tensor) -> PackedView:
+        """Append ``x`` ``[B, H, T, D]`` as :meth:`update` does, without decoding the stored chunks; returns
+        what attention from the packed codes reads: the chunks stored before this update (the tokens after
+        them, a chunk this update completes included, are seen at full precision, as :meth:`update` shows them)."""
+        s, t = self.sink_len, x.shape[2]
+        if s < self.sink_tokens:  # the sinks fill first: nothing is stored or waiting yet
+            take = min(self.sink_tokens - s, t)
+            self.sink = torch.cat([self.sink, x[:, :, :take]], dim=2)
+            x = x[:, :, take:]
+        chunks = self.num_chunks
+        tail = torch.cat([self.residual, x], dim=2)
+        m = tail.shape[2] // self.chunk
+        if m:
+            fresh = tail[:, :, : m * self.chunk]
+            for g in self.groups:
+                g.append(g.select_heads(fresh), self.quantizer)
+            self._fill_buffer()
+        self.residual = tail[:, :, m * self.chunk :].clone()
+        return PackedView(self, chunks, tail)
 
     def _fill_buffer(self) -> None:
         """Dequantize newly stored chunks once into the working buffer, as far as its byte limit allows."""
@@ -349,4 +379,28 @@ class KindStore:
             g.tensors = {k: v.to(device, non_blocking=True) for k, v in g.tensors.items()}
 
 
-__all__ = ["GroupStore", "KindStore"]
+@dataclass(frozen=True, eq=False)
+class PackedView:
+    """What one attention step reads of a :class:`KindStore`: its sink tokens, its first ``chunks`` stored
+    chunks (packed) and ``tail`` ``[B, H, T, D]``, the tokens after them at full precision, in that order."""
+
+    store: KindStore
+    chunks: int
+    tail: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.store.sink_len + self.chunks * self.store.chunk + self.tail.shape[2]
+
+    def materialize(self) -> torch.Tensor:
+        """Every token as attention sees it, ``[B, H, length, D]`` in the model's dtype (the decode path)."""
+        s, p = self.store.sink_len, self.chunks * self.store.chunk
+        out = self.store._empty(self.length)
+        out[:, :, :s] = self.store.sink
+        if p:
+            self.store._dequantize_chunks(out[:, :, s : s + p], 0, self.chunks)
+        out[:, :, s + p :] = self.tail
+        return out
+
+
+__all__ = ["GroupStore", "KindStore", "PackedView"]

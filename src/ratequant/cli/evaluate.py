@@ -213,6 +213,12 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
         "0: one pass)",
     )
     parser.add_argument(
+        "--attention",
+        choices=("packed", "decode"),
+        default="packed",
+        help="decode steps attend straight from the packed codes (packed, default) or decode the history first",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="print the continuation at the end instead of as it is made"
     )
     add_output_options(parser)
@@ -242,6 +248,7 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=not args.quiet,
         prefill_chunk=args.prefill_chunk or None,
+        attention=args.attention,
     )
     if args.quiet:
         print(out.text)

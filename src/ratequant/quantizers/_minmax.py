@@ -238,6 +238,14 @@ class PackedDesign(Quantizer):
         :func:`ratequant.native.prepare_minmax_decode`), else None (the default: a decode that does more)."""
         return None
 
+    def prepare_attend(self, q: QuantizedTensor):
+        layout = self._minmax_layout(q)
+        if layout is None or not {"scale", "zero"} <= q.tensors.keys():
+            return None
+        b, h, t, d = q.shape
+        codes = q.tensors["codes"].view(b, h, t, -1)
+        return native.prepare_minmax_decode(codes, q.bits, d, q.tensors["scale"], q.tensors["zero"], *layout)
+
     def prepare_decode(self, q: QuantizedTensor) -> Callable[[torch.Tensor], None]:
         """:meth:`dequantize_into` bound to ``q``, with ``q``'s checks done once (the cache decodes the same
         stored block on every step): the native kernel where it applies, else the PyTorch path."""

@@ -110,6 +110,12 @@ class Quantizer(ABC):
         block (the cache's stored chunks, on every step); designs may do ``q``'s checks once here."""
         return partial(self.dequantize_into, q)
 
+    def prepare_attend(self, q: QuantizedTensor):
+        """A :class:`ratequant.native.PreparedDecode` that computes attention straight from ``q``'s packed rows
+        (:meth:`~ratequant.native.PreparedDecode.attend`), or None where the design's decode is not a plain
+        ``codes * scale + zero`` or the native kernel is missing (then attention decodes the block first)."""
+        return None
+
     # -- derived ---------------------------------------------------------------------------------------
     def bits_per_token(self, head_dim: int, bits: int, kind: str) -> float:
         """Total stored bits per token per head: ``head_dim * bits`` codes plus metadata."""

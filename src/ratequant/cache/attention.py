@@ -1,0 +1,139 @@
+"""Attention straight from the packed cache, for decode steps: the history is never decoded into a tensor.
+
+On the decode path every step decodes the whole stored history into a ``[B, H, n, D]`` tensor in the model's
+dtype and hands it to SDPA, which reads it again (and, for grouped-query attention, repeats it per query
+head). Inside :func:`packed_attention` a step of at most :data:`MAX_QUERY` tokens instead computes, per layer
+and kv head,
+
+* scores from the packed keys: each stored row is decoded once into a float32 scratch row and dotted with
+  every query row that kv head serves (``G = num_heads / num_kv_heads`` heads times the query tokens);
+* softmax over sinks, stored chunks and the full-precision tail (masks, soft-capping and sliding windows as
+  the model's mask says);
+* the output from the packed values, each row decoded once and accumulated with its weights.
+
+This is one place (:func:`scores` and :func:`weighted_values` dispatch per bit group): the native kernel
+(:meth:`ratequant.native.PreparedDecode.attend`) for the min-max designs (``uniform``, ``kivi``) on the CPU;
+everything else (CUDA tensors, the rotated designs, a missing kernel) decodes the group's block and uses
+``matmul``, still without repeating keys per query head. A GPU kernel would be one more branch here.
+Longer forward passes (prefill pieces) and attention calls that do not come from a cache in this mode take
+the model's own attention unchanged. Results equal the decode path to float32 rounding (the tests state the
+tolerance): the arithmetic is float32 whatever the model's dtype, where the decode path rounds the decoded
+history to the model's dtype first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ratequant.cache.storage import PackedView
+from ratequant.compat import boolean_attention_mask, intercept_attention, original_attention
+from ratequant.errors import RateQuantError
+
+MAX_QUERY = 16
+"""Forward passes of at most this many new tokens attend from the packed codes; longer ones decode."""
+VIEW = "_ratequant_packed_view"
+"""The attribute by which a cache layer hands its :class:`PackedView` to :func:`attention_from_codes`."""
+
+
+def handle(view: PackedView, like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor carrying ``view``: what a cache layer returns as keys or values in this mode."""
+    out = like.new_empty(0)
+    setattr(out, VIEW, view)
+    return out
+
+
+def _heads(group) -> slice | list[int]:
+    return group.head_slice if group.head_slice is not None else list(group.heads)
+
+
+def scores(view: PackedView, queries: torch.Tensor) -> torch.Tensor:
+    """``queries`` ``[B, H, R, D]`` float32 (R query rows per kv head, scaled) against every key of ``view``:
+    ``[B, H, R, n]`` float32 in token order (sinks, stored chunks, tail)."""
+    store = view.store
+    s, p = store.sink_len, view.chunks * store.chunk
+    b, h, r, _ = queries.shape
+    out = queries.new_empty(b, h, r, view.length)
+    out[..., :s] = queries @ store.sink.float().transpose(-1, -2)
+    out[..., s + p :] = queries @ view.tail.float().transpose(-1, -2)
+    for group in store.groups if p else ():
+        heads = _heads(group)
+        q = queries[:, heads].contiguous()
+        part = q.new_empty(b, q.shape[1], r, p)
+        prepared = group.attend_block(store.quantizer, 0, view.chunks, store.residual.dtype)
+        if prepared is None or not prepared.attend(b, q, part, weighted=False):
+            part = q @ _decoded(store, group, view.chunks).transpose(-1, -2)
+        out[:, heads, :, s : s + p] = part
+    return out
+
+
+def weighted_values(view: PackedView, weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` ``[B, H, R, n]`` float32 over the values of ``view``: ``[B, H, R, D]`` float32."""
+    store = view.store
+    s, p = store.sink_len, view.chunks * store.chunk
+    out = weights[..., :s] @ store.sink.float() + weights[..., s + p :] @ view.tail.float()
+    for group in store.groups if p else ():
+        heads = _heads(group)
+        w = weights[:, heads, :, s : s + p].contiguous()
+        part = torch.zeros_like(out[:, heads])
+        prepared = group.attend_block(store.quantizer, 0, view.chunks, store.residual.dtype)
+        if prepared is None or not prepared.attend(w.shape[0], w, part, weighted=True):
+            part = w @ _decoded(store, group, view.chunks)
+        out[:, heads] += part
+    return out
+
+
+def _decoded(store, group, chunks: int) -> torch.Tensor:
+    """The group's first ``chunks`` stored chunks decoded, ``[B, Hg, chunks * F, D]`` float32."""
+    b, _, _, d = store.residual.shape
+    out = torch.empty(b, len(group.heads), chunks * store.chunk, d, dtype=torch.float32, device=store.residual.device)
+    group.dequantize_into(store.quantizer, out, 0, chunks)
+    return out
+
+
+def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
+    """An attention function (transformers' interface) that reads keys and values from :class:`PackedView`
+    handles; plain tensors go to the model's own attention. Returns ``(output [B, T, Hq, D], None)``."""
+    kv, vv = getattr(key, VIEW, None), getattr(value, VIEW, None)
+    if kv is None or vv is None:
+        if kv is not None or vv is not None:
+            raise RateQuantError("attention received packed keys without packed values (or the reverse)")
+        return original_attention(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None or (kwargs.get("dropout") and module.training):
+        return original_attention(module, query, kv.materialize(), vv.materialize(), attention_mask, **kwargs)
+    b, hq, t, d = query.shape
+    hk = kv.store.num_heads
+    g = hq // hk
+    scaling = kwargs.get("scaling")
+    scale = d**-0.5 if scaling is None else scaling
+    rows = (query.float() * scale).reshape(b, hk, g * t, d)  # query head j of kv head h is head h * g + j
+    logits = scores(kv, rows)
+    softcap = kwargs.get("softcap")
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    n = kv.length
+    mask = boolean_attention_mask(attention_mask, t, n, device=query.device)  # [B or 1, 1, t, n]
+    logits = logits.view(b, hk, g, t, n).masked_fill(~mask[:, :, None], float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hk, g * t, n)  # rows with nothing to see: 0
+    out = weighted_values(vv, weights).view(b, hk, g, t, d).reshape(b, hq, t, d)
+    return out.transpose(1, 2).to(query.dtype), None
+
+
+@contextmanager
+def packed_attention(model: torch.nn.Module, cache) -> Iterator[torch.nn.Module]:
+    """Inside the context, decode steps of ``model`` with ``cache`` (a :class:`~ratequant.cache.RateQuantCache`)
+    attend straight from the packed codes; everything else runs as before. Restores the model on exit."""
+    layers = list(cache.layers)
+    with intercept_attention(model, attention_from_codes):
+        for layer in layers:
+            layer.attend_packed = True
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.attend_packed = False
+
+
+__all__ = ["MAX_QUERY", "attention_from_codes", "packed_attention", "scores", "weighted_values"]

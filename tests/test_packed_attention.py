@@ -1,0 +1,145 @@
+"""Attention straight from the packed codes equals decode-then-attend.
+
+Tolerances: float32 models agree to 1e-4 in logits (measured: below 4e-5; the packed path sums in another
+order); float16 and bfloat16 models to 3e-2, because the decode path rounds the decoded history to the model's
+dtype before attention and the packed path computes in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, tiny_model, tiny_tokenizer
+from ratequant import native
+from ratequant.cache import RateQuantCache, packed_attention
+from ratequant.cache.attention import MAX_QUERY
+from ratequant.compat import cache_argument, model_geometry
+from ratequant.quantizers import available, get_quantizer
+from ratequant.spec import KVQuantSpec
+
+KIVI4 = get_quantizer("kivi", group_size=4)
+
+
+def spec_for(model, quantizer, *, seed=0, low=1, residual=8, sinks=1):
+    bits = np.random.default_rng(seed).integers(low, 9, size=model_geometry(model).shape)
+    return KVQuantSpec(bits, quantizer, residual_length=residual, sink_tokens=sinks)
+
+
+@torch.no_grad()
+def decode_logits(model, spec, ids, mask=None, *, packed, prompt=24, step=1):
+    """Prefill ``ids[:, :prompt]`` (one pass), then feed the rest ``step`` tokens at a time; the logits of the
+    fed tokens. With ``packed`` the steps run inside :func:`packed_attention`."""
+    cache = RateQuantCache(spec, model=model)
+
+    def run(lo, hi):
+        kw = {} if mask is None else {"attention_mask": mask[:, :hi]}
+        return model(ids[:, lo:hi], **kw, **cache_argument(model, cache), use_cache=True).logits
+
+    run(0, prompt)
+    context = packed_attention(model, cache) if packed else contextlib.nullcontext()
+    with context:
+        out = torch.cat([run(i, min(i + step, ids.shape[1])) for i in range(prompt, ids.shape[1], step)], dim=1)
+    assert not any(layer.attend_packed for layer in cache.layers)  # the context switched it off again
+    return out
+
+
+def ids_for(batch=1, tokens=56, seed=0):
+    return torch.randint(2, 300, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(model, spec, ids, mask=None, tol=1e-4, **kw):
+    want = decode_logits(model, spec, ids, mask, packed=False, **kw)
+    got = decode_logits(model, spec, ids, mask, packed=True, **kw)
+    assert (got - want).abs().max() <= tol, float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("design", available())
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_every_design_and_width_equals_the_decode_path(design, family):
+    quantizer = KIVI4 if design == "kivi" else get_quantizer(design)
+    model = tiny_model(family, seed=1)
+    assert_same(model, spec_for(model, quantizer), ids_for())
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_query_ratios(kv_heads):
+    model = tiny_model("llama", seed=2, num_key_value_heads=kv_heads)
+    assert_same(model, spec_for(model, KIVI4, seed=2), ids_for(seed=2))
+
+
+def test_sliding_window_softcapping_and_several_query_tokens():
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    gemma2 = AutoModelForCausalLM.from_config(
+        tf.Gemma2Config(**{**TINY, "head_dim": 16, "sliding_window": 5, "attn_implementation": "eager"})
+    ).eval()
+    for model in (tiny_model("mistral", seed=3, sliding_window=5), gemma2):
+        spec = spec_for(model, KIVI4, seed=3)
+        assert_same(model, spec, ids_for(seed=3))
+        assert_same(model, spec, ids_for(seed=4), step=4)  # pieces of 4 tokens: a causal mask among them
+
+
+def test_left_padded_batch():
+    model = tiny_model("llama", seed=5)
+    ids = ids_for(batch=3, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :7], mask[2, :13] = 0, 0
+    assert_same(model, spec_for(model, get_quantizer("uniform"), seed=5, residual=0, sinks=0), ids, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_models(dtype):
+    model = tiny_model("llama", seed=6).to(dtype)
+    assert_same(model, spec_for(model, KIVI4, seed=6, low=2), ids_for(seed=6), tol=3e-2)
+
+
+def test_long_forward_passes_take_the_decode_path():
+    model = tiny_model("llama", seed=7)
+    spec = spec_for(model, KIVI4, seed=7)
+    step = MAX_QUERY + 1
+    assert_same(model, spec, ids_for(tokens=24 + 2 * step, seed=7), step=step, tol=0)  # identical: same path
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("design", ["kivi", "uniform"])
+def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design):
+    quantizer = KIVI4 if design == "kivi" else get_quantizer("uniform", group_size=8)
+    chunks, batch, heads, tokens, d, rows = 3, 2, 2, 8, 16, 5
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(chunks * batch, heads, tokens, d, generator=gen)
+    q = quantizer.quantize(x, bits, "key")
+    prepared = quantizer.prepare_attend(q)
+    assert prepared is not None
+    decoded = quantizer.dequantize(q).view(chunks, batch, heads, tokens, d).permute(1, 2, 0, 3, 4)
+    decoded = decoded.reshape(batch, heads, chunks * tokens, d)
+    queries = torch.randn(batch, heads, rows, d, generator=gen)
+    scores = torch.empty(batch, heads, rows, chunks * tokens)
+    assert prepared.attend(batch, queries, scores, weighted=False)
+    torch.testing.assert_close(scores, queries @ decoded.transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    weights = torch.softmax(scores, dim=-1)
+    acc = torch.zeros(batch, heads, rows, d)
+    assert prepared.attend(batch, weights, acc, weighted=True)
+    torch.testing.assert_close(acc, weights @ decoded, rtol=1e-5, atol=1e-5)
+    assert not prepared.attend(batch, queries.double(), scores, weighted=False)  # refused, not misread
+    assert not prepared.attend(batch, queries, scores[..., :-1], weighted=False)
+
+
+def test_generate_gives_the_same_tokens_with_either_attention():
+    from ratequant.generation import generate
+    from ratequant.models import LoadedModel
+
+    model = tiny_model("llama", seed=8)
+    loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
+    spec = spec_for(model, KIVI4, seed=8, low=2)
+    prompt = "the quick brown fox jumps over the lazy dog " * 4
+    decode = generate(loaded, prompt, spec, max_new_tokens=24, attention="decode")
+    packed = generate(loaded, prompt, spec, max_new_tokens=24, attention="packed")
+    assert packed.text == decode.text and packed.attention == "packed" and decode.attention == "decode"
+    assert packed.cache_bytes == decode.cache_bytes
