@@ -11,6 +11,8 @@ For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation 
 * ``rq-mixed-2.5``: ``RateQuantCache`` with a RateQuant plan at 2.5 average code bits, calibrated on the
   default model before the run (KIVI, Fisher metric, 4 x 512 calibration tokens; ``--plan`` loads one
   instead), decoded by the native kernel where it is built;
+* ``rq-mixed-2.5-packed`` and ``rq-uniform-2-packed``: the same caches with decode steps attending straight
+  from the packed codes (:func:`ratequant.cache.packed_attention`), the history never decoded;
 * ``rq-mixed-2.5-torch``: the same plan decoded by the PyTorch path (the kernel switched off), to show
   what the kernel buys;
 * ``rq-mixed-2.5+buffer``: the same plan with a working buffer of dequantized chunks large enough for the
@@ -88,13 +90,14 @@ def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int):
 
 def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
     """``({name: (make_cache, around)}, skipped, plan_info)`` for the chosen conditions that pass a smoke run;
-    ``around`` is the context manager each cache's forwards run in (the PyTorch-path condition's switch)."""
+    ``around(cache)`` is the context manager each cache's forwards run in (the PyTorch-path condition's switch,
+    the packed attention's interception)."""
     from contextlib import nullcontext
 
     from transformers import DynamicCache, QuantizedCache
 
     from ratequant import native
-    from ratequant.cache import RateQuantCache
+    from ratequant.cache import RateQuantCache, packed_attention
     from ratequant.quantizers import get_quantizer
     from ratequant.spec import KVQuantSpec
 
@@ -114,16 +117,22 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
         "rq-uniform-2": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
         "rq-uniform-2-g64": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi64, 128)),
         "rq-mixed-2.5": lambda: RateQuantCache.from_plan(plan, model),
+        "rq-mixed-2.5-packed": lambda: RateQuantCache.from_plan(plan, model),
+        "rq-uniform-2-packed": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
         "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model),
         "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(plan, model, buffer_bytes=full_history),
     }
-    contexts = {"rq-mixed-2.5-torch": native.disabled}
+    contexts = {
+        "rq-mixed-2.5-torch": lambda cache: native.disabled(),
+        "rq-mixed-2.5-packed": lambda cache: packed_attention(model, cache),
+        "rq-uniform-2-packed": lambda cache: packed_attention(model, cache),
+    }
     chosen, skipped = {}, {}
     for name in args.conditions:
-        around = contexts.get(name, nullcontext)
+        around = contexts.get(name, lambda cache: nullcontext())
         try:
             cache = conditions[name]()
-            with torch.inference_mode(), around():  # a tiny smoke run: a backend that cannot run here is skipped
+            with torch.inference_mode(), around(cache):  # a tiny smoke run: a backend that cannot run here is skipped
                 ids = torch.arange(3, 3 + 140).unsqueeze(0)
                 out = model(ids, **cache_argument(model, cache), use_cache=True)
                 model(out.logits[:, -1:].argmax(-1), **cache_argument(model, cache), use_cache=True)
@@ -163,7 +172,7 @@ def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int, chunk: in
     """A new cache, the prompt's forward (timed: time to first token; ``chunk`` tokens per pass, one pass when
     None) and ``warmup`` untimed steps."""
     cache = make_cache()
-    with PeakRSS() as mem, around():
+    with PeakRSS() as mem, around(cache):
         start = time.perf_counter()
         token = chunked_prefill(model, ids, cache, chunk).argmax(-1, keepdim=True)
         ttft = time.perf_counter() - start
@@ -185,7 +194,7 @@ def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int, chunk: in
 @torch.inference_mode()
 def decode_step(model, state: dict) -> None:
     """One timed greedy step of one cache."""
-    with state["around"]():
+    with state["around"](state["cache"]):
         start = time.perf_counter()
         out = model(state["token"], **cache_argument(model, state["cache"]), use_cache=True)
         state["token"] = out.logits[:, -1:].argmax(-1)
@@ -297,7 +306,9 @@ def main(argv=None) -> int:
             "quanto-2",
             "rq-uniform-2",
             "rq-uniform-2-g64",
+            "rq-uniform-2-packed",
             "rq-mixed-2.5",
+            "rq-mixed-2.5-packed",
             "rq-mixed-2.5-torch",
             "rq-mixed-2.5+buffer",
         ],
