@@ -143,3 +143,19 @@ def test_generate_gives_the_same_tokens_with_either_attention():
     packed = generate(loaded, prompt, spec, max_new_tokens=24, attention="packed")
     assert packed.text == decode.text and packed.attention == "packed" and decode.attention == "decode"
     assert packed.cache_bytes == decode.cache_bytes
+
+
+@pytest.mark.slow
+def test_default_model_generates_the_same_64_tokens_after_a_1k_prompt(default_model):
+    from ratequant.data import load_corpus
+    from ratequant.evaluation.protocol import encode_prefix
+    from ratequant.generation import generate
+
+    g = default_model.geometry
+    bits = np.where(np.arange(g.num_components).reshape(g.shape) % 2, 3, 2)  # 2.5 bits on average
+    spec = KVQuantSpec(bits, get_quantizer("kivi"), residual_length=128, sink_tokens=1)
+    ids = encode_prefix(default_model.tokenizer, load_corpus().evaluation, 1024)[:1024]
+    prompt = default_model.tokenizer.decode(ids)
+    outs = [generate(default_model, prompt, spec, max_new_tokens=64, attention=a) for a in ("decode", "packed")]
+    assert outs[0].new_tokens == outs[1].new_tokens == 64
+    assert outs[0].text == outs[1].text
