@@ -31,6 +31,17 @@ SHARE_TEXT = (
 )
 
 
+def _sinks(results) -> str:
+    """``"2 sink tokens"``, or per design when they differ (chosen from the calibration data with ``auto``)."""
+    sinks = results.extra.get("sink_tokens") or {}
+    chosen = sorted(set(sinks.values()))
+    how = " (chosen from the calibration data)" if results.config.sink_tokens == "auto" else ""
+    if len(chosen) <= 1:
+        n = chosen[0] if chosen else results.config.sink_tokens
+        return f"{n} sink token{'s' if n != 1 else ''}{how}"
+    return "sink tokens " + ", ".join(f"{d} {n}" for d, n in sinks.items()) + how
+
+
 def _informative(results: CompareResults) -> str:
     parts = []
     for name, d in results.designs.items():
@@ -86,13 +97,15 @@ def setup_lines(results: CompareResults) -> list[str]:
         f"- Full precision: PPL {fmt_ppl(fp.ppl)} ± {fmt_ppl(fp.score().ppl_se)}. KL is the mean per-token "
         "KL(full || method) in nats on the same tokens, ± its standard error over tokens; it is the headline "
         "measure of damage (less noisy than perplexity), PPL is beside it.",
-        f"- Simulated quantization with a full-precision residual window of {cfg.residual} tokens "
+        f"- {'Simulated quantization' if cfg.mode == 'simulated' else 'The real cache (streaming)'} with a "
+        f"full-precision residual window of {cfg.residual} tokens"
         + (
-            "(every whole quantization chunk is quantized, as in the papers' figures; with short evaluation windows a "
+            " (every whole quantization chunk is quantized, as in the papers' figures; with short evaluation windows a "
             "128-token window would keep a large share of the context at full precision and hide the differences)"
             if cfg.residual == 0
             else ""
         )
+        + f" and {_sinks(results)} kept at full precision"
         + f". True bytes count codes, scales/zeros and the tokens kept at full precision at {cfg.context_tokens} "
         f"tokens of context; the model's own dtype ({m['dtype']}) is {fp.kv_bytes_per_token:,.0f} bytes per token, "
         f"float16 would be {fp.details['fp16_kv_bytes_per_token']:,} bytes.",
