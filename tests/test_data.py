@@ -112,6 +112,8 @@ def test_a_large_file_is_sampled_at_paragraph_breaks(tmp_path, monkeypatch):
     assert 45 <= first_eval <= 56  # from a quarter of the file on (200 paragraphs of 58 bytes)
     assert len(corpus.evaluation.encode()) <= 400
     assert all(p.endswith("é" * 20) for p in calibration + evaluation)  # whole paragraphs only
+    small_cut = load_corpus(str(path), calibration_fraction=0.05)  # the parts never overlap
+    assert int(paragraphs(small_cut.evaluation)[0].split()[1]) > int(calibration[-1].split()[1])
     (tmp_path / "no-breaks.txt").write_text("x" * 5000)
     with pytest.raises(RateQuantError, match="no paragraph break"):
         load_corpus(str(tmp_path / "no-breaks.txt"))

@@ -108,13 +108,14 @@ def test_long_forward_passes_take_the_decode_path():
 
 @pytest.mark.skipif(not native.available(), reason="native kernel not built")
 @pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("kind", ["key", "value"])
 @pytest.mark.parametrize("design", ["kivi", "uniform"])
-def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design):
+def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design, kind):
     quantizer = KIVI4 if design == "kivi" else get_quantizer("uniform", group_size=8)
     chunks, batch, heads, tokens, d, rows = 3, 2, 2, 8, 16, 5
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(chunks * batch, heads, tokens, d, generator=gen)
-    q = quantizer.quantize(x, bits, "key")
+    q = quantizer.quantize(x, bits, kind)
     prepared = quantizer.prepare_attend(q)
     assert prepared is not None
     decoded = quantizer.dequantize(q).view(chunks, batch, heads, tokens, d).permute(1, 2, 0, 3, 4)
@@ -129,6 +130,17 @@ def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design
     torch.testing.assert_close(acc, weights @ decoded, rtol=1e-5, atol=1e-5)
     assert not prepared.attend(batch, queries.double(), scores, weighted=False)  # refused, not misread
     assert not prepared.attend(batch, queries, scores[..., :-1], weighted=False)
+
+
+def test_only_stores_the_kernel_serves_are_read_packed():
+    model = tiny_model("llama", seed=9)
+    ids = ids_for(tokens=30, seed=9)
+    for design, served in (("kivi", native.available()), ("quarot", False)):
+        quantizer = KIVI4 if design == "kivi" else get_quantizer(design)
+        cache = RateQuantCache(spec_for(model, quantizer, seed=9, low=2), model=model)
+        with torch.no_grad():
+            model(ids, **cache_argument(model, cache), use_cache=True)  # stores chunks
+        assert all(store.reads_packed() == served for layer in cache.layers for store in layer._stores), design
 
 
 def test_generate_gives_the_same_tokens_with_either_attention():

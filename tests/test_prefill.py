@@ -78,3 +78,12 @@ def test_generate_with_chunked_prefill():
     assert quantized.to_dict()["prefill_chunk"] == 8
     with pytest.raises(RateQuantError, match="prefill chunk"):
         generate(lm, prompt, max_new_tokens=2, prefill_chunk=0)
+
+
+def test_prefill_refuses_chunks_the_cache_policy_does_not_follow_and_empty_input():
+    model = tiny_model("llama", seed=7)
+    cache = RateQuantCache(spec_for(model, residual=8), model=model)
+    with pytest.raises(RateQuantError, match="must divide or be a multiple of the quantization chunk"):
+        prefill(model, ids(20), cache, 6)
+    with pytest.raises(RateQuantError, match="no tokens"):
+        prefill(model, ids(20)[:, :0], cache, 8)

@@ -38,10 +38,9 @@ FORTUNES = "fortunes"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNES_SKIPPED = ("ascii-art",)
 CALIBRATION_EVERY = 4
-MAX_TEXT_BYTES = 2**31
 LARGE_FILE_BYTES = 64 << 20
 PART_BYTES = 8 << 20
-_PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
+_PARAGRAPH_BREAK = re.compile(rb"\r?\n\r?\n")  # what :func:`paragraphs` splits at
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,6 @@ def _file_corpus(path: Path, calibration_fraction: float) -> Corpus:
     if not path.is_file():
         raise RateQuantError(f"corpus path is not a regular file: {path}")
     size = path.stat().st_size
-    if size > MAX_TEXT_BYTES:
-        raise RateQuantError(f"corpus file {path} is larger than 2 GiB; pass a smaller text file")
     if size > LARGE_FILE_BYTES:
         return _large_file_corpus(path, size, calibration_fraction)
     (paras,) = _dedup([paragraphs(_decode(path.read_bytes(), path, 0))])
@@ -184,7 +181,8 @@ def _large_file_corpus(path: Path, size: int, calibration_fraction: float) -> Co
     """The corpus of a file too large to read whole: :data:`PART_BYTES` from its start, and as much from
     ``calibration_fraction`` of its size on, each cut at paragraph breaks."""
     with path.open("rb") as f:
-        parts = [_read_part(f, path, offset, size) for offset in (0, int(calibration_fraction * size))]
+        offsets = (0, max(int(calibration_fraction * size), PART_BYTES))  # the parts never overlap
+        parts = [_read_part(f, path, offset, size) for offset in offsets]
     calibration, evaluation = _dedup([paragraphs(part) for part in parts])
     if not calibration or not evaluation:
         raise RateQuantError(f"corpus file {path} has no text in its calibration or evaluation part")

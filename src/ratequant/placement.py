@@ -88,7 +88,7 @@ def _check_place(name: str, place) -> str | int:
         return place
     if isinstance(place, str) and not place.startswith("cuda"):
         raise RateQuantError(f"device map: {name!r} -> {place!r}; use 'cpu', 'disk', 'mps', a CUDA index or 'cuda:N'")
-    index = place if isinstance(place, int) else (torch.device(place).index or 0)
+    index = place if isinstance(place, int) else (check_device(place).index or 0)
     if index < 0:
         raise RateQuantError(f"device map: {name!r} -> {place!r}; a CUDA index is 0 or more")
     check_device(f"cuda:{index}")

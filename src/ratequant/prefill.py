@@ -29,14 +29,20 @@ def piece_bounds(tokens: int, chunk: int, sink_tokens: int = 0) -> list[int]:
 
 def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.Tensor:
     """Feed ``input_ids [B, T]`` (no padding) through ``cache`` in pieces of ``chunk`` tokens after the cache's
-    sink tokens (one pass when None); returns the float32 logits of the last position ``[B, vocab]``."""
+    sink tokens (one pass when None; with a :class:`~ratequant.cache.RateQuantCache` the chunk must divide, or be
+    a multiple of, its quantization chunks); returns the float32 logits of the last position ``[B, vocab]``."""
     import torch
 
     from ratequant.compat import cache_argument, logits_to_keep_argument
+    from ratequant.errors import RateQuantError
 
     total = input_ids.shape[1]
-    sink_tokens = getattr(getattr(cache, "spec", None), "sink_tokens", 0)
-    bounds = [0, total] if chunk is None else piece_bounds(total, chunk, sink_tokens)
+    if total == 0:
+        raise RateQuantError("nothing to prefill: the input holds no tokens")
+    spec = getattr(cache, "spec", None)
+    if spec is not None and chunk is not None:
+        spec.policy.check_prefill_chunk(chunk)  # so that each query sees what quantized_end says
+    bounds = [0, total] if chunk is None else piece_bounds(total, chunk, getattr(spec, "sink_tokens", 0))
     logits = None
     with torch.inference_mode():
         for lo, hi in zip(bounds, bounds[1:]):

@@ -12,13 +12,14 @@ and kv head,
 * the output from the packed values, each row decoded once and accumulated with its weights.
 
 This is one place (:func:`scores` and :func:`weighted_values` dispatch per bit group): the native kernel
-(:meth:`ratequant.native.PreparedDecode.attend`) for the min-max designs (``uniform``, ``kivi``) on the CPU;
-everything else (CUDA tensors, the rotated designs, a missing kernel) decodes the group's block and uses
-``matmul``, still without repeating keys per query head. A GPU kernel would be one more branch here.
-Longer forward passes (prefill pieces) and attention calls that do not come from a cache in this mode take
-the model's own attention unchanged. Results equal the decode path to float32 rounding (the tests state the
-tolerance): the arithmetic is float32 whatever the model's dtype, where the decode path rounds the decoded
-history to the model's dtype first.
+(:meth:`ratequant.native.PreparedDecode.attend`) for the min-max designs (``uniform``, ``kivi``) on the CPU,
+with a decode-then-``matmul`` branch kept as a safety net (a GPU kernel would be one more branch here). A
+cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
+tensors, the rotated designs (``quarot``, ``turbo``) and a missing kernel keep the decode path, which is
+faster there. Longer forward passes (prefill pieces) and attention calls that do not come from a cache in
+this mode take the model's own attention unchanged. Results equal the decode path to float32 rounding (the
+tests state the tolerance): the arithmetic is float32 whatever the model's dtype, where the decode path rounds
+the decoded history to the model's dtype first.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ VIEW = "_ratequant_packed_view"
 """The attribute by which a cache layer hands its :class:`PackedView` to :func:`attention_from_codes`."""
 
 
-def handle(view: PackedView, like: torch.Tensor) -> torch.Tensor:
+def packed_handle(view: PackedView, like: torch.Tensor) -> torch.Tensor:
     """An empty tensor carrying ``view``: what a cache layer returns as keys or values in this mode."""
     out = like.new_empty(0)
     setattr(out, VIEW, view)
@@ -98,13 +99,15 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     handles; plain tensors go to the model's own attention. Returns ``(output [B, T, Hq, D], None)``."""
     kv, vv = getattr(key, VIEW, None), getattr(value, VIEW, None)
     if kv is None or vv is None:
-        if kv is not None or vv is not None:
-            raise RateQuantError("attention received packed keys without packed values (or the reverse)")
+        if kv is not None or vv is not None or key.numel() == 0:  # a handle copied by the model loses its view
+            raise RateQuantError("attention received packed keys without packed values, or an empty copy of them")
         return original_attention(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("s_aux") is not None or (kwargs.get("dropout") and module.training):
         return original_attention(module, query, kv.materialize(), vv.materialize(), attention_mask, **kwargs)
     b, hq, t, d = query.shape
     hk = kv.store.num_heads
+    if hq % hk or t > MAX_QUERY:
+        raise RateQuantError(f"packed attention got {hq} query heads for {hk} kv heads and {t} query tokens")
     g = hq // hk
     scaling = kwargs.get("scaling")
     scale = d**-0.5 if scaling is None else scaling
@@ -115,6 +118,8 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
         logits = torch.tanh(logits / softcap) * softcap
     n = kv.length
     mask = boolean_attention_mask(attention_mask, t, n, device=query.device)  # [B or 1, 1, t, n]
+    if mask.dim() != 4 or tuple(mask.shape[1:]) != (1, t, n) or mask.shape[0] not in (1, b):
+        raise RateQuantError(f"packed attention got a mask of shape {tuple(mask.shape)} for {t} queries and {n} keys")
     logits = logits.view(b, hk, g, t, n).masked_fill(~mask[:, :, None], float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hk, g * t, n)  # rows with nothing to see: 0
     out = weighted_values(vv, weights).view(b, hk, g, t, d).reshape(b, hq, t, d)
@@ -126,14 +131,15 @@ def packed_attention(model: torch.nn.Module, cache) -> Iterator[torch.nn.Module]
     """Inside the context, decode steps of ``model`` with ``cache`` (a :class:`~ratequant.cache.RateQuantCache`)
     attend straight from the packed codes; everything else runs as before. Restores the model on exit."""
     layers = list(cache.layers)
+    before = [layer.attend_packed for layer in layers]
     with intercept_attention(model, attention_from_codes):
         for layer in layers:
             layer.attend_packed = True
         try:
             yield model
         finally:
-            for layer in layers:
-                layer.attend_packed = False
+            for layer, value in zip(layers, before):
+                layer.attend_packed = value
 
 
-__all__ = ["MAX_QUERY", "attention_from_codes", "packed_attention", "scores", "weighted_values"]
+__all__ = ["MAX_QUERY", "attention_from_codes", "packed_attention", "packed_handle", "scores", "weighted_values"]

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ratequant.cache.attention import MAX_QUERY, handle
+from ratequant.cache.attention import MAX_QUERY, packed_handle
 from ratequant.cache.storage import KindStore
 from ratequant.compat import cache_base_classes
 from ratequant.errors import PlanError, RateQuantError
@@ -66,7 +66,9 @@ class RateQuantLayer(CacheLayerMixin):
             first stored chunks, as many as fit, so those are copied instead of decoded on every step. It is
             full-precision memory, reported as :attr:`CacheBytes.buffer`.
 
-    ``update`` returns keys/values ``[batch, kv_heads, seq, head_dim]`` in head order and the model's dtype.
+    ``update`` returns keys/values ``[batch, kv_heads, seq, head_dim]`` in head order and the model's dtype
+    (inside :func:`ratequant.cache.attention.packed_attention`, for short passes: empty handles to the packed
+    stores, which that attention reads).
     All tensors live on the device of the first ``update`` (so models spread with ``device_map`` work).
     """
 
@@ -139,7 +141,8 @@ class RateQuantLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``[B, H, T, D]`` keys/values; return all keys/values ``[B, H, S, D]`` for attention."""
+        """Append ``[B, H, T, D]`` keys/values; return all keys/values ``[B, H, S, D]`` for attention (or the
+        packed handles, see the class docstring)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, t, d = key_states.shape
@@ -157,9 +160,10 @@ class RateQuantLayer(CacheLayerMixin):
                 "KV tensors must be finite to quantize (this update was refused and the cache is unchanged; a "
                 "float16 model may overflow: try bfloat16 or float32)"
             )
-        if self.attend_packed and t <= MAX_QUERY:  # the attention reads the stores' packed codes itself
+        if self.attend_packed and t <= MAX_QUERY and all(store.reads_packed() for store in self._stores):
+            # the attention reads the stores' packed codes itself (ratequant.cache.attention)
             views = [store.append(x) for store, x in zip(self._stores, (key_states, value_states))]
-            out = handle(views[0], key_states), handle(views[1], value_states)
+            out = packed_handle(views[0], key_states), packed_handle(views[1], value_states)
         else:
             out = self._stores[0].update(key_states), self._stores[1].update(value_states)
         self.cumulative_length += t

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ratequant import native
 from ratequant.errors import RateQuantError
 from ratequant.quantizers.base import QuantizedTensor, Quantizer
 from ratequant.spec import CacheBytes, StoragePolicy, bit_groups
@@ -101,10 +102,15 @@ class GroupStore:
         if needed > self.capacity():
             capacity = needed if self.growth <= 0 else max(needed, math.ceil(self.capacity() * (1 + self.growth)))
             self._reallocate(capacity, new)
+        widest = None  # a block whose scales overflowed float16 is stored in float32: all metadata follows it
+        for tensor in new.values():
+            if tensor.is_floating_point():
+                widest = tensor.dtype if widest is None else torch.promote_types(widest, tensor.dtype)
         for name, tensor in new.items():
             buf = self.tensors[name]
-            if tensor.dtype != buf.dtype:  # e.g. a block whose scales overflowed float16 is stored in float32
-                buf = self.tensors[name] = buf.to(torch.promote_types(buf.dtype, tensor.dtype))
+            dtype = torch.promote_types(buf.dtype, widest) if buf.is_floating_point() else buf.dtype
+            if dtype != buf.dtype:
+                buf = self.tensors[name] = buf.to(dtype)
             buf[self.num_chunks : needed].copy_(tensor)
         self.num_chunks = needed
         self._decoders.clear()
@@ -267,9 +273,16 @@ class KindStore:
             fresh = tail[:, :, : m * self.chunk]
             for g in self.groups:
                 g.append(g.select_heads(fresh), self.quantizer)
-            self._fill_buffer()
         self.residual = tail[:, :, m * self.chunk :].clone()
         return PackedView(self, chunks, tail)
+
+    def reads_packed(self) -> bool:
+        """True when attention can read every stored chunk straight from its codes with the native kernel (CPU
+        tensors, a min-max design); otherwise the decode path is the faster one."""
+        if self.residual is None or self.residual.device.type != "cpu" or not native.available():
+            return False
+        n, dtype = self.num_chunks, self.residual.dtype
+        return n == 0 or all(g.attend_block(self.quantizer, 0, n, dtype) is not None for g in self.groups)
 
     def _fill_buffer(self) -> None:
         """Dequantize newly stored chunks once into the working buffer, as far as its byte limit allows."""

@@ -29,6 +29,7 @@ from ratequant.evaluation.protocol import bos_token_id
 from ratequant.placement import input_device
 from ratequant.prefill import prefill
 from ratequant.progress import progress_bar
+from ratequant.validation import check_int
 
 TASK_DESCRIPTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -277,9 +278,8 @@ def score_passkey(
     argmax is ``key_i`` at each step. ``correct`` means every argmax is the key token (greedy decoding yields
     the key); ``greedy_text`` decodes the argmax tokens (with ``tokenizer``; their ids otherwise).
     """
-    bad_chunk = isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1
-    if prefill_chunk is not None and bad_chunk:
-        raise RateQuantError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk!r}")
+    if prefill_chunk is not None:
+        check_int(prefill_chunk, "prefill_chunk", lo=1)
     _check_positions(model, prompt.context + len(prompt.key_ids) - 1)
     if make_cache is None:
         from transformers import DynamicCache
