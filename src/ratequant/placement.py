@@ -7,6 +7,10 @@ order); an explicit map is a JSON object ``{"model.layers.0": 0, "model.layers.1
 of a file holding one. Everything downstream follows each layer's device: capture stacks what it records on
 the main device, the simulated attention builds its masks on the query's device and each cache layer keeps
 its codes where its first update came from. Disk-offloaded weights are read through accelerate's hooks.
+
+The model is loaded on the CPU first and then dispatched, so it must fit in CPU memory once (GGUF files are
+always read whole); disk offload then frees the memory of the offloaded layers, and a map with GPUs moves
+them there. Loading straight into the map, for checkpoints larger than memory, is not implemented.
 """
 
 from __future__ import annotations
