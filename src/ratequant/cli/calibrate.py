@@ -10,10 +10,10 @@ from ratequant.cli import command
 from ratequant.cli.options import (
     add_corpus_options,
     add_model_options,
+    add_quantizer_options,
     bitset_arg,
     check_output_path,
     load_model_from,
-    param_arg,
     positive_float,
     positive_int,
     sink_arg,
@@ -29,15 +29,7 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
 
     add_model_options(parser)
     add_corpus_options(parser)
-    parser.add_argument("--quantizer", default="kivi", choices=available(), help="quantizer design (default kivi)")
-    parser.add_argument(
-        "--param",
-        type=param_arg,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="quantizer parameter, e.g. group_size=64 (repeatable)",
-    )
+    add_quantizer_options(parser)
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--avg-bits", type=positive_float, help="budget: average code bits per element")
     budget.add_argument(

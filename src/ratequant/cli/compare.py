@@ -16,31 +16,6 @@ from ratequant.cli.options import (
 )
 from ratequant.errors import RateQuantError
 
-EXPERIMENT_OPTIONS = (
-    "budgets",
-    "designs",
-    "metric",
-    "seq_len",
-    "windows",
-    "bos",
-    "scoring",
-    "calibration_sequences",
-    "calibration_seq_len",
-    "residual",
-    "sink_tokens",
-    "mode",
-    "prefill_chunk",
-    "eval_corpora",
-    "passkey_context",
-    "passkey_trials",
-    "passkey_depths",
-    "peers",
-    "headroom_designs",
-    "sink_study",
-    "side_windows",
-)
-"""The options that decide a comparison: refused beside --config, which repeats a saved one exactly."""
-
 
 def name_list(text: str) -> tuple[str, ...]:
     """'a,b' -> ('a', 'b')."""
@@ -165,11 +140,11 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace):
     """The :class:`CompareConfig` the options describe (or the saved one ``--config`` names)."""
     from ratequant.experiments import CompareConfig
+    from ratequant.experiments.config import EXPERIMENT_FIELDS, flag_of
 
-    experiment = {name: getattr(args, name) for name in EXPERIMENT_OPTIONS if getattr(args, name) is not None}
+    experiment = {name: getattr(args, name) for name in EXPERIMENT_FIELDS if getattr(args, name) is not None}
     if args.config:
-        flags = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom"}
-        given = [flags.get(name, f"--{name.replace('_', '-')}") for name in experiment]
+        given = [flag_of(name) for name in experiment]
         given += [
             flag
             for flag, on in (

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ratequant.cli import command
-from ratequant.cli.options import check_output_path, nonnegative_int, param_arg
+from ratequant.cli.options import add_quantizer_options, check_output_path, nonnegative_int
 from ratequant.errors import RateQuantError
 
 EXPORT_FORMATS = ("kvtuner", "layers")
@@ -108,7 +108,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 # -- import ----------------------------------------------------------------------------------------------
 def configure_import(parser: argparse.ArgumentParser) -> None:
-    from ratequant.quantizers import available
 
     parser.add_argument("file", metavar="FILE", help="the table to import (JSON, or YAML for .yaml/.yml)")
     parser.add_argument("--format", required=True, choices=IMPORT_FORMATS, help="kvtuner: KVTuner's per-head table")
@@ -127,17 +126,7 @@ def configure_import(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="with --model: allow a hub model's own Python code to run"
     )
-    parser.add_argument(
-        "--quantizer", default="kivi", choices=available(), help="the design that stores the widths (default kivi)"
-    )
-    parser.add_argument(
-        "--param",
-        type=param_arg,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="quantizer parameter, e.g. group_size=64 (repeatable)",
-    )
+    add_quantizer_options(parser, help="the design that stores the widths (default kivi)")
     parser.add_argument(
         "--residual",
         type=nonnegative_int,

@@ -195,20 +195,26 @@ def emit_json(args: argparse.Namespace, payload: dict) -> None:
         print(f"results written to {path}")
 
 
-def add_plan_options(parser: argparse.ArgumentParser) -> None:
+def add_quantizer_options(
+    parser: argparse.ArgumentParser,
+    default: str | None = "kivi",
+    help: str = "quantizer design (default kivi)",
+    param_help: str = "quantizer parameter, e.g. group_size=64 (repeatable)",
+) -> None:
+    """``--quantizer`` (a registered design) and the repeatable ``--param KEY=VALUE``."""
     from ratequant.quantizers import available
 
+    parser.add_argument("--quantizer", default=default, choices=available(), help=help)
+    parser.add_argument("--param", type=param_arg, action="append", default=[], metavar="KEY=VALUE", help=param_help)
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", metavar="PLAN", help="plan file (JSON) from ratequant calibrate")
-    parser.add_argument(
-        "--quantizer", choices=available(), help="store with this design instead of the plan's (needs --allow-mismatch)"
-    )
-    parser.add_argument(
-        "--param",
-        type=param_arg,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="parameter of --quantizer (repeatable)",
+    add_quantizer_options(
+        parser,
+        default=None,
+        help="store with this design instead of the plan's (needs --allow-mismatch)",
+        param_help="parameter of --quantizer (repeatable)",
     )
     parser.add_argument(
         "--allow-mismatch",

@@ -105,7 +105,8 @@ class Windows:
         bos = f"BOS {self.bos_token_id} first" if self.bos_token_id is not None else "no BOS"
         scored = "every token scored" if self.protocol.scoring == "all" else "second half scored"
         scored_tokens = self.count * self.scored_per_window
-        return f"{self.count} windows of {self.seq_len} tokens ({bos}; {scored}: {scored_tokens} tokens)"
+        windows = "1 window" if self.count == 1 else f"{self.count} windows"
+        return f"{windows} of {self.seq_len} tokens ({bos}; {scored}: {scored_tokens} tokens)"
 
 
 def make_windows(tokenizer, text: str, protocol: WindowProtocol) -> Windows:

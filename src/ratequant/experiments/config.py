@@ -81,6 +81,16 @@ SCALAR_FLAGS = (
     "side_windows",
 )
 """Fields the command line sets with ``--name value`` (see :meth:`CompareConfig.command`)."""
+LIST_FLAGS = ("peers", "headroom_designs", "sink_study", "passkey_depths")
+"""List fields the command line sets with ``--flag a,b,...``."""
+EXPERIMENT_FIELDS = ("budgets", "designs", *SCALAR_FLAGS, "eval_corpora", *LIST_FLAGS)
+"""Every field ``ratequant compare`` sets from an option (refused beside ``--config``)."""
+_FLAG_NAMES = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom"}
+
+
+def flag_of(field: str) -> str:
+    """The command-line option of a config field: ``"seq_len"`` -> ``"--seq-len"``."""
+    return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def budget_text(budget: float) -> str:
@@ -309,12 +319,12 @@ class CompareConfig:
             parts.append("--designs " + ",".join(self.designs))
         for name in SCALAR_FLAGS:
             if getattr(self, name) != getattr(base, name):
-                parts.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
+                parts.append(f"{flag_of(name)} {getattr(self, name)}")
         for corpus in self.eval_corpora if self.eval_corpora != base.eval_corpora else ():
             parts.append(f"--eval-corpus {shlex.quote(corpus)}")
-        for name, flag in (("peers", "--peers"), ("headroom_designs", "--headroom"), ("sink_study", "--sink-study")):
+        for name in LIST_FLAGS:
             if getattr(self, name) != getattr(base, name):
-                parts.append(f"{flag} {','.join(map(str, getattr(self, name)))}")
+                parts.append(f"{flag_of(name)} {','.join(map(str, getattr(self, name)))}")
         parts.append(f"--out {shlex.quote(Path(out_dir).as_posix())}")
         return " ".join(parts)
 
@@ -329,17 +339,14 @@ class CompareConfig:
         return sorted(pairs, key=lambda kv: (kv[0] < kv[1], abs(kv[0] - kv[1])))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------------------
-
-
 __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_DESIGNS",
     "FORMAT_VERSION",
+    "EXPERIMENT_FIELDS",
     "PRESETS",
     "QUICK_SIZES",
     "CompareConfig",
     "budget_text",
+    "flag_of",
 ]

@@ -69,7 +69,8 @@ def _evaluation_line(results: CompareResults) -> str:
         else "with simulated quantization (what the cache gives token by token)"
     )
     head = (
-        f"- Evaluation: {ev['windows']} non-overlapping windows of {ev['seq_len']} tokens of the evaluation split "
+        f"- Evaluation: {ev['windows']} non-overlapping window{'s' if ev['windows'] != 1 else ''} of {ev['seq_len']} "
+        "tokens of the evaluation split "
         f"of `{ev['corpus']}`, {bos}, {mode}"
     )
     if ev["scoring"] == "second-half":
