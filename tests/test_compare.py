@@ -104,7 +104,11 @@ def test_config_round_trips_through_json_and_is_validated(tmp_path, config):
         {**data, "metric": "psnr"},
         {**data, "hybrid_bits": 9},
         {**data, "budgets": "3"},
+        {**data, "passkey_context": 512, "passkey_budgets": [4.0]},  # passkey at a budget that is not run
     ]
+    assert CompareConfig.from_dict({**data, "passkey_budgets": [4.0]}).passkey_budgets == (4.0,)  # passkey off
+    full = CompareConfig.full()
+    assert set(full.passkey_budgets) <= set(full.budgets) and full.passkey_context is not None
     for d in bad:
         with pytest.raises(RateQuantError):
             CompareConfig.from_dict(d)

@@ -27,7 +27,7 @@ QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_l
 each scored), 2 calibration sequences of 512 tokens, every design. About three minutes on a 2-core CPU for the
 default model; the report gives the standard errors that say how much of a difference is noise."""
 FULL_SIZES = dict(
-    budgets=(2.0, 2.5, 3.0, 4.0),
+    budgets=(2.0, 2.5, 3.0),
     seq_len=2048,
     windows=2,
     calibration_seq_len=512,
@@ -39,14 +39,16 @@ FULL_SIZES = dict(
     passkey_context=4096,
     peers=("norms",),
     headroom_designs=("kivi", "quarot", "turbo"),
-    headroom_tokens=256,
+    headroom_tokens=128,
     headroom_max_bits=4,
     sink_study=(0, 1, 4),
+    passkey_budgets=(2.0, 2.5),
 )
 """What ``--full`` (and ``make results``) runs: the README's results. Two 2048-token windows with the cache's
-real 128-token residual window and sink tokens, four budgets, the second corpus and the sink study on one
-window, the measured-damage headroom of three designs, passkey retrieval at 4096 tokens: about 1 h 40 min on
-a 2-core CPU (one evaluation pass of a 2048-token window takes about 8-10 s). ``--windows``/``--side-windows``
+real 128-token residual window and sink tokens, budgets 2, 2.5 and 3 bits, the second corpus and the sink
+study on one window, the measured-damage headroom of three designs (128 tokens), passkey retrieval at 4096
+tokens for full precision, uniform 2-bit and RateQuant 2.5-bit: about 1 h 30 min on a 2-core CPU (one
+evaluation pass of a 2048-token window takes about 8-10 s). ``--windows``/``--side-windows``/``--budgets``
 raise the evidence at a proportional cost."""
 SCORINGS = ("all", "second-half")
 MODES = ("simulated", "streaming")
@@ -248,6 +250,12 @@ class CompareConfig:
         if not all(finite_real(b) for b in pk):
             raise RateQuantError(f"compare config: passkey_budgets must be numbers, got {self.passkey_budgets!r}")
         object.__setattr__(self, "passkey_budgets", tuple(sorted({float(b) for b in pk})))
+        missing = [b for b in self.passkey_budgets if b not in self.budgets]
+        if self.passkey_context is not None and missing:
+            raise RateQuantError(
+                f"compare config: passkey budgets {', '.join(map(budget_text, missing))} are not among the budgets "
+                f"{', '.join(map(budget_text, self.budgets))}; add them to the budgets or drop them from the passkey"
+            )
         if self.hybrid_bits > 8:
             raise RateQuantError(f"compare config: hybrid_bits must be 1..8, got {self.hybrid_bits}")
         if self.context_tokens <= self.residual:
