@@ -147,6 +147,34 @@ def _typical_kl_se(results: CompareResults) -> float:
     return values[len(values) // 2] if values else 0.0
 
 
+def _study_sections(results: CompareResults, heading: str, norms: bool = True) -> list[str]:
+    """The sink-token study, the headroom and (``norms``) the weight norms, each where it was run (``heading``:
+    "## " for report sections; "" for bold run-in titles)."""
+    lines: list[str] = []
+    for title, table, text in (
+        (
+            "Sink tokens",
+            sink_study_table(results),
+            "The same widths, with the first tokens of every window kept at full precision in the cache (KL, headline "
+            "scoring); in parentheses the change against the first column.",
+        ),
+        (
+            "Headroom: allocation on measured damage",
+            headroom_table(results),
+            "Each component quantized alone at each width, its KL from full precision measured on a calibration "
+            "window; allocating on these measured curves is what a per-head allocation can reach if damage adds up.",
+        ),
+        (
+            "Weight norms of W_K and W_V",
+            norms_table(results) if norms else "",
+            'Per layer ("Quantize What Counts", Theorem 1), beside the key and value widths RateQuant gives the layer.',
+        ),
+    ):
+        if table:
+            lines += [f"{heading}{title}" if heading else f"**{title}.**", "", text, "", table, ""]
+    return lines
+
+
 def report_markdown(
     results: CompareResults,
     *,
@@ -170,27 +198,7 @@ def report_markdown(
         "",
     ]
     lines += ["## Every evaluation", "", evaluations_table(results), "", *_passkey_lines(results, "## ")]
-    for title, table, text in (
-        (
-            "## Sink tokens",
-            sink_study_table(results),
-            "The same widths, with the first tokens of every window kept at full precision in the cache (KL, headline "
-            "scoring); in parentheses the change against the first column.",
-        ),
-        (
-            "## Headroom: allocation on measured damage",
-            headroom_table(results),
-            "Each component quantized alone at each width, its KL from full precision measured on a calibration "
-            "window; allocating on these measured curves is what a per-head allocation can reach if damage adds up.",
-        ),
-        (
-            "## Weight norms of W_K and W_V",
-            norms_table(results),
-            'Per layer ("Quantize What Counts", Theorem 1), beside the key and value widths RateQuant gives the layer.',
-        ),
-    ):
-        if table:
-            lines += [title, "", text, "", table, ""]
+    lines += _study_sections(results, "## ")
     lines += [
         "## KL divergence from full precision (nats per token)",
         "",
@@ -319,6 +327,7 @@ def summary_markdown(
         "",
         recovered_table(results, "kl"),
         "",
+        *_study_sections(results, "", norms=False),
         "Fitted curves:",
         "",
         fit_table(results),
