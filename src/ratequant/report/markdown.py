@@ -147,9 +147,9 @@ def _typical_kl_se(results: CompareResults) -> float:
     return values[len(values) // 2] if values else 0.0
 
 
-def _study_sections(results: CompareResults, heading: str, norms: bool = True) -> list[str]:
-    """The sink-token study, the headroom and (``norms``) the weight norms, each where it was run (``heading``:
-    "## " for report sections; "" for bold run-in titles)."""
+def _study_sections(results: CompareResults, *, sections: bool, norms: bool = True) -> list[str]:
+    """The sink-token study, the headroom and (``norms``) the weight norms, each where it was run: as ``##``
+    sections of the report (``sections``) or under bold run-in titles (the README summary)."""
     lines: list[str] = []
     for title, table, text in (
         (
@@ -171,7 +171,7 @@ def _study_sections(results: CompareResults, heading: str, norms: bool = True) -
         ),
     ):
         if table:
-            lines += [f"{heading}{title}" if heading else f"**{title}.**", "", text, "", table, ""]
+            lines += [f"## {title}" if sections else f"**{title}.**", "", text, "", table, ""]
     return lines
 
 
@@ -198,7 +198,7 @@ def report_markdown(
         "",
     ]
     lines += ["## Every evaluation", "", evaluations_table(results), "", *_passkey_lines(results, "## ")]
-    lines += _study_sections(results, "## ")
+    lines += _study_sections(results, sections=True)
     lines += [
         "## KL divergence from full precision (nats per token)",
         "",
@@ -327,7 +327,7 @@ def summary_markdown(
         "",
         recovered_table(results, "kl"),
         "",
-        *_study_sections(results, "", norms=False),
+        *_study_sections(results, sections=False, norms=False),
         "Fitted curves:",
         "",
         fit_table(results),
