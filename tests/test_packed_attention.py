@@ -112,7 +112,24 @@ def test_long_forward_passes_take_the_decode_path():
 @pytest.mark.parametrize("design", ["kivi", "uniform"])
 def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design, kind):
     quantizer = KIVI4 if design == "kivi" else get_quantizer("uniform", group_size=8)
-    chunks, batch, heads, tokens, d, rows = 3, 2, 2, 8, 16, 5
+    check_kernel(quantizer, bits, kind, tokens=8)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize(
+    ("group", "tokens", "kind"),
+    [(8, 24, "key"), (6, 6, "key"), (8, 24, "value"), (8, 7, "value")],
+    ids=["keys-full-tiles", "keys-tile-tail", "values-full-tiles", "values-tile-tail"],
+)
+def test_folded_kernel_paths_equal_decode_then_matmul(bits, group, tokens, kind):
+    """KIVI's layouts take the folded paths (scale and zero moved onto the query or the weights; rows in tiles
+    of 4 tokens): whole tiles, and heads or metadata rows that end inside a tile."""
+    check_kernel(get_quantizer("kivi", group_size=group), bits, kind, tokens=tokens)
+
+
+def check_kernel(quantizer, bits: int, kind: str, tokens: int) -> None:
+    chunks, batch, heads, d, rows = 3, 2, 2, 16, 5
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(chunks * batch, heads, tokens, d, generator=gen)
     q = quantizer.quantize(x, bits, kind)

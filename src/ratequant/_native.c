@@ -20,9 +20,11 @@
  *          meta_cols = D, meta_group = 1.
  *   out    element (c, b, h, t, d) at out + c*s_n + b*s_b + h*s_h + t*s_t + d (element strides; d contiguous).
  *
- * attend_minmax reads the same blocks without writing them out: for every row (a token of a head) it decodes
- * the row into a float32 scratch row once and uses it for all G query rows of that kv head (grouped-query
- * attention and several query positions share the decoded row):
+ * attend_minmax reads the same blocks without writing them out, each row (a token of a head) once for all G
+ * query rows of its kv head (grouped-query attention and several query positions share it). For KIVI's
+ * layouts (keys per channel, values in per-token groups) the scale and zero are folded into the query or the
+ * weights, so rows are only converted from codes to float32 (see "The folded paths"); other layouts decode
+ * each row into a float32 scratch row first:
  *   mode 0 (scores):   scores[b, h, g, c * T + t] = sum_d q[b, h, g, d] * k[row, d]
  *   mode 1 (weighted): acc[b, h, g, d] += sum over rows of p[b, h, g, c * T + t] * v[row, d]
  * with q, p, scores and acc contiguous float32 ([B, H, G, D] and [B, H, G, n * T]); block row i = c * B + b.
@@ -297,6 +299,10 @@ static ALWAYS_INLINE float dot_scalar(const float *x, const float *y, Py_ssize_t
     return (s0 + s1) + (s2 + s3);
 }
 
+/* The folded paths (below) take rows in tiles of up to TILE tokens of one head, under one metadata row for
+ * scores: the tile's codes are converted once, and its query (or output) vectors are loaded once per tile. */
+enum { TILE = 4 };
+
 typedef struct {
     int mode;        /* 0: scores, 1: weighted sum */
     Py_ssize_t G;    /* query rows per kv head */
@@ -353,16 +359,168 @@ AVX2 static inline void row_f32_avx2(const DecodeArgs *a, const uint8_t *row, co
 }
 
 /* sum_d x[d] * y[d] with eight lanes (D a multiple of 8, as the AVX2 path requires). */
-AVX2 static inline float dot_avx2(const float *x, const float *y, Py_ssize_t D) {
-    __m256 acc = _mm256_setzero_ps();
-    for (Py_ssize_t d = 0; d < D; d += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
-    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+AVX2 static inline float hsum8(__m256 v) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
     return _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
 }
 
+AVX2 static inline float dot_avx2(const float *x, const float *y, Py_ssize_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (Py_ssize_t d = 0; d < D; d += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+    return hsum8(acc);
+}
+
 AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *vals) {
     attend_rows(a, w, scale, zero, vals, row_f32_avx2, dot_avx2);
+}
+
+/* The folded paths: the metadata moves onto the query (scores) or the weights (values), so each row is only
+ * converted from codes to float32 and never decoded. They serve KIVI's layouts, which the min-max designs
+ * store: keys per channel over meta_rows tokens, values in per-token groups along D.
+ *
+ *   scores, per-channel keys:  q . (s * c + z) = (q * s) . c + q . z, with q * s and q . z computed once per
+ *                              metadata row (every meta_rows tokens) for the G query rows;
+ *   values, per-token groups:  p * (s_k * c + z_k) = (p * s_k) * c + p * z_k, the second term summed over the
+ *                              tokens apart ([B, H, G, D / g] sums) and added to the output once at the end.
+ *
+ * The arithmetic is float32 with fused multiply-adds, so results equal decode-then-attend to float32 rounding,
+ * not bit for bit (the decode kernel above stays bit-identical to PyTorch; these paths need not). */
+#define FOLDED __attribute__((target("avx2,fma,f16c")))
+
+/* The D codes of a row as float32 (no scale, no zero) into cf; a row whose last 8-byte load could pass the end
+ * of the packed buffer is read code by code. */
+FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int bits, Py_ssize_t D, float *cf) {
+    if (row + (D / 8 - 1) * bits + 8 > end) {
+        for (Py_ssize_t d = 0; d < D; ++d) cf[d] = (float)code_at(row, d, bits);
+        return;
+    }
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
+    for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask));
+}
+
+/* count metadata values from index first as float32 into dst: load_meta's conversion, 8 at a time for
+ * float16 (F16C converts exactly, as f16_to_f32 does). */
+FOLDED static inline void meta_f32(const void *p, int dtype, Py_ssize_t first, Py_ssize_t count, float *dst) {
+    Py_ssize_t k = 0;
+    if (dtype == DT_FLOAT16)
+        for (const uint16_t *h = (const uint16_t *)p + first; k + 8 <= count; k += 8)
+            _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+    for (; k < count; ++k) dst[k] = meta_value(p, first + k, dtype);
+}
+
+/* The sums of four vectors' lanes: {sum a, sum b, sum c, sum d}. */
+FOLDED static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* mode 0 with meta_group == 1. work: cf [TILE, D], qs [G, D], qz [G]. */
+FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *work) {
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
+    float *cf = work, *qs = work + TILE * D, *qz = qs + G * D;
+    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
+    Py_ssize_t m = 0, left = 0;
+    for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
+        const Py_ssize_t c = i / a->B, b = i % a->B;
+        for (Py_ssize_t h = 0; h < a->H; ++h) {
+            const Py_ssize_t bh = (b * a->H + h) * G;
+            for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes, left -= n) {
+                const int fresh = left == 0;
+                if (fresh) {
+                    meta_f32(a->scale, a->meta_dtype, m * D, D, scale);
+                    meta_f32(a->zero, a->meta_dtype, m * D, D, zero);
+                    ++m, left = a->meta_rows;
+                }
+                if (fresh || t == 0) /* new metadata, or a new head under the same metadata row */
+                    for (Py_ssize_t g = 0; g < G; ++g) {
+                        const float *q = w->q + (bh + g) * D;
+                        __m256 z = _mm256_setzero_ps();
+                        for (Py_ssize_t d = 0; d < D; d += 8) {
+                            const __m256 qv = _mm256_loadu_ps(q + d);
+                            _mm256_storeu_ps(qs + g * D + d, _mm256_mul_ps(qv, _mm256_loadu_ps(scale + d)));
+                            z = _mm256_fmadd_ps(qv, _mm256_loadu_ps(zero + d), z);
+                        }
+                        qz[g] = hsum8(z);
+                    }
+                n = left >= TILE && t + TILE <= a->T ? TILE : 1;
+                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, D, cf + j * D);
+                float *o = w->out + bh * L + c * a->T + t;
+                for (Py_ssize_t g = 0; g < G; ++g, o += L) {
+                    const float *qg = qs + g * D;
+                    if (n == TILE) {
+                        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                        for (Py_ssize_t d = 0; d < D; d += 8) {
+                            const __m256 qv = _mm256_loadu_ps(qg + d);
+                            s0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + d), s0);
+                            s1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + D + d), s1);
+                            s2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + 2 * D + d), s2);
+                            s3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + 3 * D + d), s3);
+                        }
+                        _mm_storeu_ps(o, _mm_add_ps(hsum8x4(s0, s1, s2, s3), _mm_set1_ps(qz[g])));
+                    } else {
+                        __m256 s0 = _mm256_setzero_ps();
+                        for (Py_ssize_t d = 0; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(cf + d), s0);
+                        *o = hsum8(s0) + qz[g];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* mode 1 with meta_rows == 1 (groups of meta_group >= 8 along D). work: cf [TILE, D], ps [TILE],
+ * zsum [B, H, G, meta_cols]; scale and zero hold TILE metadata rows. */
+FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *work) {
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
+    const Py_ssize_t K = a->meta_cols, gk = a->meta_group;
+    float *cf = work, *zsum = work + TILE * D;
+    memset(zsum, 0, (size_t)(a->B * a->H * G * K) * sizeof(float));
+    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
+    Py_ssize_t m = 0;
+    for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
+        const Py_ssize_t c = i / a->B, b = i % a->B;
+        for (Py_ssize_t h = 0; h < a->H; ++h) {
+            const Py_ssize_t bh = (b * a->H + h) * G;
+            for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes) {
+                n = t + TILE <= a->T ? TILE : 1;
+                meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale); /* the tile's n rows, contiguous */
+                meta_f32(a->zero, a->meta_dtype, m * K, n * K, zero);
+                m += n;
+                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, D, cf + j * D);
+                for (Py_ssize_t g = 0; g < G; ++g) {
+                    const float *p = w->q + (bh + g) * L + c * a->T + t;
+                    float *o = w->out + (bh + g) * D, *zs = zsum + (bh + g) * K;
+                    for (Py_ssize_t k = 0; k < K; ++k) {
+                        for (Py_ssize_t j = 0; j < n; ++j) zs[k] += p[j] * zero[j * K + k];
+                        if (n == TILE) {
+                            const __m256 p0 = _mm256_set1_ps(p[0] * scale[k]), p1 = _mm256_set1_ps(p[1] * scale[K + k]);
+                            const __m256 p2 = _mm256_set1_ps(p[2] * scale[2 * K + k]), p3 = _mm256_set1_ps(p[3] * scale[3 * K + k]);
+                            for (Py_ssize_t d = k * gk; d < (k + 1) * gk; d += 8) {
+                                __m256 acc = _mm256_loadu_ps(o + d);
+                                acc = _mm256_fmadd_ps(p0, _mm256_loadu_ps(cf + d), acc);
+                                acc = _mm256_fmadd_ps(p1, _mm256_loadu_ps(cf + D + d), acc);
+                                acc = _mm256_fmadd_ps(p2, _mm256_loadu_ps(cf + 2 * D + d), acc);
+                                acc = _mm256_fmadd_ps(p3, _mm256_loadu_ps(cf + 3 * D + d), acc);
+                                _mm256_storeu_ps(o + d, acc);
+                            }
+                        } else {
+                            const __m256 p0 = _mm256_set1_ps(p[0] * scale[k]);
+                            for (Py_ssize_t d = k * gk; d < (k + 1) * gk; d += 8)
+                                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p0, _mm256_loadu_ps(cf + d), _mm256_loadu_ps(o + d)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (Py_ssize_t r = 0; r < a->B * a->H * G; ++r)
+        for (Py_ssize_t d = 0; d < D; ++d) w->out[r * D + d] += zsum[r * K + d / gk];
+}
+
+static int folded_supported(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 #endif
 
@@ -386,18 +544,27 @@ static PyObject *attend_minmax(PyObject *self, PyObject *args) {
     a.out_dtype = DT_FLOAT32;
     w.q = (const float *)q;
     w.out = (float *)out;
-    float *work = (float *)malloc((2 * (size_t)a.meta_cols + (size_t)a.D) * sizeof(float));
+    /* TILE scale and zero rows, then TILE scratch rows, then the folded paths' query (G * D + G) or their
+     * sums (B * H * G * meta_cols) */
+    const size_t cols = (size_t)a.meta_cols * TILE;
+    const size_t extra = (size_t)w.G * (size_t)(w.mode == 0 ? a.D + 1 : a.B * a.H * a.meta_cols);
+    float *work = (float *)malloc((2 * cols + TILE * (size_t)a.D + extra) * sizeof(float));
     if (work == NULL) return PyErr_NoMemory();
-    a.out = work + 2 * a.meta_cols; /* rows decode into this scratch row */
+    float *srow = work, *zrow = work + cols, *rest = work + 2 * cols;
+    a.out = rest; /* the unfolded paths decode rows into this scratch row */
     a.s_n = a.s_b = a.s_h = a.s_t = 0;
     Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_AVX2_PATH
-    if (a.D % 8 == 0 && (a.meta_group == 1 || a.meta_group % 8 == 0) && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("f16c"))
-        attend_rows_avx2(&a, &w, work, work + a.meta_cols, work + 2 * a.meta_cols);
+    const int vector = a.D % 8 == 0 && (a.meta_group == 1 || a.meta_group % 8 == 0);
+    if (vector && w.mode == 0 && a.meta_group == 1 && folded_supported())
+        scores_folded(&a, &w, srow, zrow, rest);
+    else if (vector && w.mode == 1 && a.meta_rows == 1 && a.meta_group % 8 == 0 && folded_supported())
+        values_folded(&a, &w, srow, zrow, rest);
+    else if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        attend_rows_avx2(&a, &w, srow, zrow, rest);
     else
 #endif
-        attend_rows_scalar(&a, &w, work, work + a.meta_cols, work + 2 * a.meta_cols);
+        attend_rows_scalar(&a, &w, srow, zrow, rest);
     Py_END_ALLOW_THREADS free(work);
     Py_RETURN_NONE;
 }

@@ -5,11 +5,14 @@ dtype and hands it to SDPA, which reads it again (and, for grouped-query attenti
 head). Inside :func:`packed_attention` a step of at most :data:`MAX_QUERY` tokens instead computes, per layer
 and kv head,
 
-* scores from the packed keys: each stored row is decoded once into a float32 scratch row and dotted with
-  every query row that kv head serves (``G = num_heads / num_kv_heads`` heads times the query tokens);
+* scores from the packed keys: each stored row is read once and dotted with every query row that kv head
+  serves (``G = num_heads / num_kv_heads`` heads times the query tokens); for per-channel keys the scale and
+  zero are folded into the query, ``q . (s * c + z) = (q * s) . c + q . z``, so the dot products run on the
+  codes;
 * softmax over sinks, stored chunks and the full-precision tail (masks, soft-capping and sliding windows as
   the model's mask says);
-* the output from the packed values, each row decoded once and accumulated with its weights.
+* the output from the packed values, each row read once and accumulated with its weights (for per-token
+  groups as ``(p * s) * c``, the ``p * z`` terms summed apart).
 
 This is one place (:func:`scores` and :func:`weighted_values` dispatch per bit group): the native kernel
 (:meth:`ratequant.native.PreparedDecode.attend`) for the min-max designs (``uniform``, ``kivi``) on the CPU,
