@@ -16,7 +16,11 @@ For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation 
 * ``rq-mixed-2.5-torch``: the same plan decoded by the PyTorch path (the kernel switched off), to show
   what the kernel buys;
 * ``rq-mixed-2.5+buffer``: the same plan with a working buffer of dequantized chunks large enough for the
-  whole history (``buffer_bytes``); the buffer is full-precision memory and is counted.
+  whole history (``buffer_bytes``); the buffer is full-precision memory and is counted;
+* ``no-history``: a ``DynamicCache`` given only the prompt's first ``NO_HISTORY_TOKENS`` tokens at every
+  context: the cost of a step without attention over a long history. ``speed_vs_dynamic`` of this row is the
+  most any cache could speed a step up at that context (its attention and cache reads free), the ceiling
+  against which the cache's ratios are read.
 
 It measures time to first token (the prefill forward over the prompt), decode tokens per second (the
 median step time of ``--new-tokens`` greedy single-token forwards, after ``--warmup`` untimed ones), the
@@ -60,6 +64,7 @@ from ratequant.prefill import prefill as chunked_prefill
 
 FORMAT_VERSION = 1
 HQQ_GROUP = 64
+NO_HISTORY_TOKENS = 16
 
 
 def cache_bytes(name: str, cache) -> dict:
@@ -121,6 +126,7 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
         "rq-uniform-2-packed": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
         "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model),
         "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(plan, model, buffer_bytes=full_history),
+        "no-history": lambda: DynamicCache(config=cfg),
     }
     contexts = {
         "rq-mixed-2.5-torch": lambda cache: native.disabled(),
@@ -208,7 +214,8 @@ def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int)
     states = {}
     for name in names[rotation % len(names) :] + names[: rotation % len(names)]:
         make_cache, around = conditions[name]
-        states[name] = prefill(model, make_cache, around, ids, args.warmup, args.prefill_chunk or None)
+        prompt = ids[:, :NO_HISTORY_TOKENS] if name == "no-history" else ids
+        states[name] = prefill(model, make_cache, around, prompt, args.warmup, args.prefill_chunk or None)
     for step in range(args.new_tokens):
         for name in names[step % len(names) :] + names[: step % len(names)]:
             decode_step(model, states[name])
@@ -311,6 +318,7 @@ def main(argv=None) -> int:
             "rq-mixed-2.5-packed",
             "rq-mixed-2.5-torch",
             "rq-mixed-2.5+buffer",
+            "no-history",
         ],
     )
     parser.add_argument("--plan", type=Path, help="plan JSON for the mixed conditions (default: calibrate one now)")
@@ -353,6 +361,8 @@ def main(argv=None) -> int:
     add_ratios(rows, fp16_per_token)
     for r in rows:  # greedy decoding: how many generated tokens equal full precision's (a sanity check)
         base = next((b for b in rows if b["context"] == r["context"] and b["condition"] == "dynamic"), None)
+        if r["condition"] == "no-history":
+            base = None  # another prompt: its tokens are not comparable
         r["tokens_match_dynamic"] = None if base is None else sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
     for r in rows:
         r.pop("tokens")
