@@ -500,3 +500,23 @@ def test_peers_headroom_and_sink_study(setup, tmp_path):
     assert CompareResults.from_dict(json.loads((tmp_path / "r" / "results.json").read_text())).extra == json.loads(
         json.dumps(results.extra)
     )
+
+
+def test_a_budget_at_the_narrowest_width_is_a_tie_by_construction_not_a_loss(setup):
+    """At a 2-bit budget with widths from 2 every allocator returns uniform 2: the report says no allocator had a
+    choice there and leaves the cell out of RateQuant's wins and losses; the 2.5-bit cell still counts."""
+    from ratequant.report.findings import findings
+
+    loaded, corpus = setup
+    config = CompareConfig(
+        model="tiny", corpus="tiny", budgets=(2.0, 2.5), designs=("kivi",), seq_len=48, windows=2,
+        calibration_seq_len=48, calibration_sequences=1,
+    )  # fmt: skip
+    with one_thread():
+        results = run_compare(loaded, corpus, config, progress=False)
+    assert min(results.designs["kivi"].fit.bitset) == 2
+    assert results.no_choice("kivi", 2.0) and not results.no_choice("kivi", 2.5)
+    text = "\n".join(findings(results))
+    assert "No allocator has a choice in 1 cell(s) (kivi at 2 bits)" in text
+    assert "in 1 of 1 (design, budget) cells" in text or "in 0 of 1 (design, budget) cells" in text
+    assert "for kivi at 2 bits**" not in text

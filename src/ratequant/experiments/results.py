@@ -223,6 +223,16 @@ class CompareResults:
             out.append(m)
         return out
 
+    def no_choice(self, design: str, budget: float) -> bool:
+        """True when the budget leaves an allocator nothing to choose: it equals the design's narrowest width, so
+        the only allocation that fits is every component at that width (RateQuant, layer-wise and the fixed
+        uniform scheme are then the same allocation, a tie by construction, not a result)."""
+        found = self.select(method="ratequant", design=design, budget=budget)
+        if not found or found[0].bits is None:
+            return False
+        bits = np.asarray(found[0].bits)
+        return float(budget) == float(min(self.designs[design].fit.bitset)) and bool((bits == bits.flat[0]).all())
+
     def best_fixed(
         self, design: str, budget: float, evaluation: str | None = None, metric: str = "kl"
     ) -> MethodResult | None:

@@ -40,6 +40,15 @@ def versus_best_fixed(results: CompareResults, metric: str, evaluation: str | No
     """RateQuant against the best fixed scheme on ``metric``: wins, clear wins, losses, shares recovered."""
     out = []
     rq = [r for r in results.recovered(evaluation, metric) if r["method"] == "ratequant"]
+    forced = [r for r in rq if results.no_choice(r["design"], r["budget"])]
+    rq = [r for r in rq if r not in forced]
+    if forced:
+        cells = ", ".join(f"{r['design']} at {budget_text(r['budget'])} bits" for r in forced)
+        out.append(
+            f"No allocator has a choice in {len(forced)} cell(s) ({cells}): the budget equals the narrowest width, "
+            "so every component sits at it and RateQuant, layer-wise and uniform are the same allocation. They are "
+            "left out of the counts below."
+        )
     if not rq:
         return out
     n = len(results.full_precision.score(evaluation).window_nll)
@@ -100,14 +109,17 @@ def study_findings(results: CompareResults) -> list[str]:
             for r in results.recovered(None, "kl")
             if r["method"] == "norms"
             for q in results.recovered(None, "kl")
-            if q["method"] == "ratequant" and (q["design"], q["budget"]) == (r["design"], r["budget"])
+            if q["method"] == "ratequant"
+            and (q["design"], q["budget"]) == (r["design"], r["budget"])
+            and not results.no_choice(r["design"], r["budget"])
         ]
         if pairs:
             better = sum(q["value"] < r["value"] for r, q in pairs)
+            worse = sum(q["value"] > r["value"] for r, q in pairs)
             text += (
                 f" Allocating layer-wise K/V widths from them (a fixed 4^-b error, as spectral-kv / kvq do) has a "
-                f"lower KL than RateQuant in {len(pairs) - better} of {len(pairs)} cells; RateQuant's fitted curves "
-                f"win in {better}."
+                f"lower KL than RateQuant in {worse} of {len(pairs)} cells and the same in "
+                f"{len(pairs) - better - worse}; RateQuant's fitted curves win in {better}."
             )
         out.append(text)
     for design, info in results.extra.get("headroom", {}).items():
@@ -115,16 +127,17 @@ def study_findings(results: CompareResults) -> list[str]:
         cells = []
         for budget in results.config.budgets:
             m, q = rows.get((budget, "measured")), rows.get((budget, "ratequant"))
+            if results.no_choice(design, budget):
+                continue
             if m and q and m["share"] is not None and q["share"] is not None:
                 cells.append(
                     f"{budget_text(budget)} bits: {fmt_share(m['share'])} against RateQuant's {fmt_share(q['share'])}"
                 )
         if cells:
             out.append(
-                f"Headroom ({design}): allocating on every component's measured damage (the best a per-head "
-                f"allocation can do if damage adds up) recovers of the best fixed scheme's KL damage: "
-                + "; ".join(cells)
-                + "."
+                f"Headroom ({design}): allocating on every component's measured damage (the optimum if damages "
+                f"add up and the calibration window's damage is the evaluation's) recovers of the best fixed "
+                f"scheme's KL damage: " + "; ".join(cells) + "."
             )
         damage, proxy = np.asarray(info["damage"]["values"]), np.asarray(info["proxy"])
         if damage.shape == proxy.shape and damage.shape[-1]:
@@ -146,7 +159,7 @@ def findings(results: CompareResults, evaluation: str | None = None) -> list[str
     shares = [
         r["share"]
         for r in results.recovered(evaluation, "ppl")
-        if r["method"] == "ratequant" and r["share"] is not None
+        if r["method"] == "ratequant" and r["share"] is not None and not results.no_choice(r["design"], r["budget"])
     ]
     if shares:
         out.append(
@@ -156,7 +169,14 @@ def findings(results: CompareResults, evaluation: str | None = None) -> list[str
     cfg = results.config
     recovered = results.recovered(evaluation, "kl")
     by = {(r["design"], r["budget"], r["method"]): r for r in recovered}
-    cells = sorted({(r["design"], r["budget"]) for r in recovered if r["method"] == "ratequant"}, key=str)
+    cells = sorted(
+        {
+            (r["design"], r["budget"])
+            for r in recovered
+            if r["method"] == "ratequant" and not results.no_choice(r["design"], r["budget"])
+        },
+        key=str,
+    )
     pairs = [(by[c + ("ratequant",)], by[c + ("layerwise",)]) for c in cells if c + ("layerwise",) in by]
     if pairs:
         beat = [p for p in pairs if p[0]["value"] < p[1]["value"]]

@@ -162,7 +162,8 @@ def _study_sections(results: CompareResults, *, sections: bool, norms: bool = Tr
             "Headroom: allocation on measured damage",
             headroom_table(results),
             "Each component quantized alone at each width, its KL from full precision measured on a calibration "
-            "window; allocating on these measured curves is what a per-head allocation can reach if damage adds up.",
+            "window; allocating on these measured curves is the optimum of a per-head allocation if the damages "
+            "of components add up and the calibration window's damage is the evaluation's.",
         ),
         (
             "Weight norms of W_K and W_V",
