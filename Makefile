@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-# the README's results (1.5 to 2.25 hours on a 2-core CPU): the full comparison into docs/results
+# the README's results (1 h 10 min to 2 h 15 min on a 2-core CPU): the full comparison into docs/results
 results: $(STAMP)
 	$(BIN)/ratequant compare --full --out docs/results --force
 

@@ -24,8 +24,9 @@ DEFAULT_BUDGETS = (2.0, 2.5, 3.0, 4.0)
 PRESETS = ("default", "quick", "full")
 QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_len=512, calibration_sequences=2)
 """What ``--quick`` (and ``make demo``) runs: 2 budgets, 3 evaluation windows of 512 tokens (the second half of
-each scored), 2 calibration sequences of 512 tokens, every design. About three minutes on a 2-core CPU for the
-default model; the report gives the standard errors that say how much of a difference is noise."""
+each scored), 2 calibration sequences of 512 tokens, every design. About four minutes on the project's 2-core CPU
+for the default model (4 min 32 s for the whole ``make demo`` on a quiet day, 8 min on a slow one); the report
+gives the standard errors that say how much of a difference is noise."""
 FULL_SIZES = dict(
     budgets=(2.0, 2.5, 3.0),
     seq_len=2048,
@@ -48,8 +49,9 @@ FULL_SIZES = dict(
 real 128-token residual window and sink tokens, budgets 2, 2.5 and 3 bits, the second corpus and the sink
 study on one window, the measured-damage headroom of three designs (128 tokens), passkey retrieval at 4096
 tokens for full precision, uniform 2-bit and RateQuant 2.5-bit. On the project's 2-core CPU: the headroom takes
-about 8 min per design, then 93 methods are scored on 186 main, 93 second-corpus and 44 sink-study passes of a
-2048-token window (10-18 s each, depending on the machine's day): about 1 h 30 min to 2 h 15 min in all.
+3.5 to 8 min per design, then 93 methods are scored on 186 main, 93 second-corpus and 44 sink-study passes of a
+2048-token window (9-18 s each, depending on the machine's day): 1 h 10 min (measured for the README's run) to
+2 h 15 min in all.
 ``--windows``/``--side-windows``/``--budgets`` raise the evidence at a proportional cost."""
 SCORINGS = ("all", "second-half")
 MODES = ("simulated", "streaming")
