@@ -14,7 +14,10 @@ the peak resident memory above that level, the cache's real bytes at the end and
   or ``--plan``), one forward pass;
 * ``rq-2.5-chunked``: the same plan prefilled ``--chunk`` tokens at a time, decode steps attending straight
   from the packed codes (:func:`ratequant.cache.packed_attention`);
-* ``activations``: one ``--chunk``-token forward pass without a cache: what one chunk's activations cost.
+* ``activations``: one ``--chunk``-token forward pass without a cache: what one chunk's activations cost;
+* ``late-chunk``: the 2.5-bit cache filled (untimed, outside the measurement) with ``--tokens - --chunk``
+  positions of random keys and values, then one ``--chunk``-token forward pass over it: what the last chunk
+  of a long prefill costs beyond its own activations (its attention over the whole packed history).
 
 Criterion (issue target): the chunked 2.5-bit run's peak is at most 1.5x its packed cache plus one chunk's
 activations, above the weights. Each condition runs in its own process, so no allocator state carries over.
@@ -35,7 +38,7 @@ from pathlib import Path
 from _common import PeakRSS, args_dict, corpus_windows, held_bytes, machine_info, subprocess_env, write_result
 
 FORMAT_VERSION = 1
-CONDITIONS = ("activations", "dynamic", "dynamic-chunked", "rq-2.5", "rq-2.5-chunked")
+CONDITIONS = ("activations", "late-chunk", "dynamic", "dynamic-chunked", "rq-2.5", "rq-2.5-chunked")
 HERE = Path(__file__).resolve().parent
 
 
@@ -59,13 +62,25 @@ def child(args) -> dict:
     tokens = args.chunk if args.condition == "activations" else args.tokens
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, tokens + args.new_tokens)
     ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, tokens, 1)[:1]
-    quantized = args.condition.startswith("rq-")
+    quantized = args.condition.startswith("rq-") or args.condition == "late-chunk"
     chunk = args.chunk if args.condition.endswith("-chunked") else None
+    if args.condition == "late-chunk":
+        cache = RateQuantCache(Plan.load(args.plan).resolve(model), model=model)
+        history, g = args.tokens - args.chunk, torch.Generator().manual_seed(0)
+        shape = (1, loaded.geometry.num_kv_heads, history, loaded.geometry.head_dim)
+        with torch.inference_mode():
+            for layer in range(loaded.geometry.num_layers):
+                cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), layer)
+        positions = torch.arange(history, args.tokens).unsqueeze(0)
+        ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, args.chunk, 1)[:1]
     with torch.inference_mode(), PeakRSS() as mem:
         start = time.perf_counter()
         if args.condition == "activations":
             model(ids, use_cache=False, logits_to_keep=1)
             cache = None
+        elif args.condition == "late-chunk":
+            model(ids, position_ids=positions, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+            prefill_s = time.perf_counter() - start
         else:
             spec = Plan.load(args.plan).resolve(model) if quantized else None
             cache = RateQuantCache(spec, model=model) if quantized else DynamicCache(config=model.config)
