@@ -8,7 +8,10 @@ second-half scoring, simulated quantization with the real 128-token residual win
 * ``rq-fit``: RateQuant on the fitted curves (one beta per kind), widths from ``--widths`` (default 1..8);
 * ``rq-table``: RateQuant on the measured calibration distortion table itself (no fit);
 * ``rq-fit-from-2``: RateQuant on the fitted curves with widths from 2 bits;
-* ``K{k}V{v}``: the fixed key/value split of the budget with keys wider (the best fixed scheme here).
+* ``K{k}V{v}``: the fixed key/value split of the budget with keys wider (the best fixed scheme here);
+* ``rq-keys-x{w}`` for each ``--key-weights`` w: RateQuant on the fitted curves with every key curve
+  multiplied by w, a family between per-head allocation and a key/value split that probes whether the damages
+  of keys and values interact beyond what adding them assumes (w = 1 is ``rq-fit-from-2``).
 
 It prints KL ± s.e. and perplexity with the width histogram of each, and writes them as JSON. This is the
 experiment behind the default widths 2..8 (:data:`ratequant.allocation.DEFAULT_WIDTHS`).
@@ -37,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--designs", default="kivi,quarot,turbo")
     parser.add_argument("--budgets", default="2.5,3")
     parser.add_argument("--widths", default="1,2,3,4,5,6,7,8")
+    parser.add_argument("--key-weights", default="", help="comma-separated weights of the key curves ('' for none)")
     parser.add_argument("--calibration-sequences", type=int, default=4)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -83,6 +87,10 @@ def main(argv=None) -> int:
                 "rq-fit-from-2": (fitted.curves, "ratequant", 2),
                 f"K{k}V{v}": (flat, get_strategy("kv-split", key_bits=k, value_bits=v), None),
             }
+            for w in (float(x) for x in args.key_weights.split(",") if x):
+                scale = np.array([w, 1.0])[:, None, None, None]
+                weighted = Curves.measured(fitted.curves.values * scale, allowed, min_bits=fitted.curves.min_bits)
+                variants[f"rq-keys-x{w:g}"] = (weighted, "ratequant", 2)
             for name, (curves, strategy, b_min) in variants.items():
                 options = AllocationOptions(bitset=curves.bitset, b_min=b_min, cost_model=cost)
                 bits = allocate(curves, Budget.avg_bits(budget), strategy, options).bits
