@@ -248,6 +248,7 @@ class CompareResults:
         ``PPL - PPL_full`` (1: all the damage removed; 0: no better; negative: worse). ``delta`` is the paired
         per-window difference of the metric's per-token quantity (KL, or NLL = log PPL) best fixed minus method
         (positive: the method wins) and ``se`` its standard error over windows (None with one window).
+        ``no_choice`` marks the cells where the budget left no allocation to choose (:meth:`no_choice`).
         """
         fp = self.full_precision.score(evaluation)
         rows = []
@@ -256,6 +257,7 @@ class CompareResults:
                 best = self.best_fixed(design, budget, evaluation, metric)
                 if best is None:
                     continue
+                forced = self.no_choice(design, budget)
                 b = best.score(evaluation)
                 for m in self.select(design=design, budget=budget):
                     if m.method not in ALLOCATED_METHODS:
@@ -282,6 +284,7 @@ class CompareResults:
                             "share": (damage - value) / damage if damage > 0 else None,
                             "delta": float(diff.mean()),
                             "se": se,
+                            "no_choice": forced,
                         }
                     )
         return rows

@@ -40,8 +40,8 @@ def versus_best_fixed(results: CompareResults, metric: str, evaluation: str | No
     """RateQuant against the best fixed scheme on ``metric``: wins, clear wins, losses, shares recovered."""
     out = []
     rq = [r for r in results.recovered(evaluation, metric) if r["method"] == "ratequant"]
-    forced = [r for r in rq if results.no_choice(r["design"], r["budget"])]
-    rq = [r for r in rq if r not in forced]
+    forced = [r for r in rq if r["no_choice"]]
+    rq = [r for r in rq if not r["no_choice"]]
     if forced:
         cells = ", ".join(f"{r['design']} at {budget_text(r['budget'])} bits" for r in forced)
         out.append(
@@ -111,7 +111,7 @@ def study_findings(results: CompareResults) -> list[str]:
             for q in results.recovered(None, "kl")
             if q["method"] == "ratequant"
             and (q["design"], q["budget"]) == (r["design"], r["budget"])
-            and not results.no_choice(r["design"], r["budget"])
+            and not r["no_choice"]
         ]
         if pairs:
             better = sum(q["value"] < r["value"] for r, q in pairs)
@@ -127,9 +127,7 @@ def study_findings(results: CompareResults) -> list[str]:
         cells = []
         for budget in results.config.budgets:
             m, q = rows.get((budget, "measured")), rows.get((budget, "ratequant"))
-            if results.no_choice(design, budget):
-                continue
-            if m and q and m["share"] is not None and q["share"] is not None:
+            if m and q and not q["no_choice"] and m["share"] is not None and q["share"] is not None:
                 cells.append(
                     f"{budget_text(budget)} bits: {fmt_share(m['share'])} against RateQuant's {fmt_share(q['share'])}"
                 )
@@ -159,7 +157,7 @@ def findings(results: CompareResults, evaluation: str | None = None) -> list[str
     shares = [
         r["share"]
         for r in results.recovered(evaluation, "ppl")
-        if r["method"] == "ratequant" and r["share"] is not None and not results.no_choice(r["design"], r["budget"])
+        if r["method"] == "ratequant" and r["share"] is not None and not r["no_choice"]
     ]
     if shares:
         out.append(
@@ -170,12 +168,7 @@ def findings(results: CompareResults, evaluation: str | None = None) -> list[str
     recovered = results.recovered(evaluation, "kl")
     by = {(r["design"], r["budget"], r["method"]): r for r in recovered}
     cells = sorted(
-        {
-            (r["design"], r["budget"])
-            for r in recovered
-            if r["method"] == "ratequant" and not results.no_choice(r["design"], r["budget"])
-        },
-        key=str,
+        {(r["design"], r["budget"]) for r in recovered if r["method"] == "ratequant" and not r["no_choice"]}, key=str
     )
     pairs = [(by[c + ("ratequant",)], by[c + ("layerwise",)]) for c in cells if c + ("layerwise",) in by]
     if pairs:

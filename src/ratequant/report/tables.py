@@ -262,11 +262,7 @@ def evaluations_table(results: CompareResults) -> str:
     rows = []
     for name, ev in results.evaluations.items():
         fp = results.full_precision.score(name)
-        rq = [
-            r
-            for r in results.recovered(name, "kl")
-            if r["method"] == "ratequant" and not results.no_choice(r["design"], r["budget"])
-        ]
+        rq = [r for r in results.recovered(name, "kl") if r["method"] == "ratequant" and not r["no_choice"]]
         wins = sum(r["value"] < r["best_fixed_value"] for r in rq)
         shares = [r["share"] for r in rq if r["share"] is not None]
         share = (
