@@ -197,6 +197,12 @@ static void decode_rows_scalar(const DecodeArgs *a, float *scale, float *zero, f
 #define HAVE_AVX2_PATH 1
 #define AVX2 __attribute__((target("avx2,f16c")))
 
+/* True when codes8 on the last group of a row would read past the end of the packed buffer: such rows are read
+ * code by code. */
+static inline int group_loads_pass_end(const uint8_t *row, const uint8_t *end, int bits, Py_ssize_t D) {
+    return row + (D / 8 - 1) * bits + 8 > end;
+}
+
 /* The 8 codes of the group at p (see the packed-row note above) as float32; reads 8 bytes at p. */
 AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m256i mask) {
     uint64_t w;
@@ -233,7 +239,7 @@ AVX2 static inline void row_avx2(const DecodeArgs *a, const uint8_t *row, const 
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
     const uint8_t *p = row;
-    if (row + (D / 8 - 1) * bits + 8 > end) {
+    if (group_loads_pass_end(row, end, bits, D)) {
         row_scalar(a, row, end, scale, zero, offset, vals);
     } else if (g == 1) {
         for (Py_ssize_t d = 0; d < D; d += 8, p += bits) {
@@ -388,10 +394,9 @@ AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, floa
  * not bit for bit (the decode kernel above stays bit-identical to PyTorch; these paths need not). */
 #define FOLDED __attribute__((target("avx2,fma,f16c")))
 
-/* The D codes of a row as float32 (no scale, no zero) into cf; a row whose last 8-byte load could pass the end
- * of the packed buffer is read code by code. */
+/* The D codes of a row as float32 (no scale, no zero) into cf. */
 FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int bits, Py_ssize_t D, float *cf) {
-    if (row + (D / 8 - 1) * bits + 8 > end) {
+    if (group_loads_pass_end(row, end, bits, D)) {
         for (Py_ssize_t d = 0; d < D; ++d) cf[d] = (float)code_at(row, d, bits);
         return;
     }
@@ -470,8 +475,8 @@ FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float
     }
 }
 
-/* mode 1 with meta_rows == 1 (groups of meta_group >= 8 along D). work: cf [TILE, D], ps [TILE],
- * zsum [B, H, G, meta_cols]; scale and zero hold TILE metadata rows. */
+/* mode 1 with meta_rows == 1 (groups of meta_group >= 8 along D). work: cf [TILE, D], zsum [B, H, G, meta_cols];
+ * scale and zero hold TILE metadata rows. */
 FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *work) {
     const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
     const Py_ssize_t K = a->meta_cols, gk = a->meta_group;
