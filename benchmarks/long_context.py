@@ -59,9 +59,9 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     loaded = load_model(dtype="float32")
     model = loaded.model
-    tokens = args.chunk if args.condition == "activations" else args.tokens
-    model.config.max_position_embeddings = max(model.config.max_position_embeddings, tokens + args.new_tokens)
-    ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, tokens, 1)[:1]
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, args.tokens + args.new_tokens)
+    one_chunk = args.condition in ("activations", "late-chunk")
+    ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, args.chunk if one_chunk else args.tokens, 1)[:1]
     quantized = args.condition.startswith("rq-") or args.condition == "late-chunk"
     chunk = args.chunk if args.condition.endswith("-chunked") else None
     if args.condition == "late-chunk":
@@ -72,7 +72,6 @@ def child(args) -> dict:
             for layer in range(loaded.geometry.num_layers):
                 cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), layer)
         positions = torch.arange(history, args.tokens).unsqueeze(0)
-        ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, args.chunk, 1)[:1]
     with torch.inference_mode(), PeakRSS() as mem:
         start = time.perf_counter()
         if args.condition == "activations":
