@@ -21,6 +21,7 @@ from transformers import (
     Qwen3NextConfig,
 )
 
+from conftest import tiny_model
 from ratequant.compat import (
     boolean_attention_mask,
     check_supported,
@@ -304,3 +305,23 @@ def test_cache_argument_uses_the_keyword_the_model_declares():
         model = _model(family, "eager")
         (name,) = cache_argument(model, marker)
         assert name in inspect.signature(type(model).forward).parameters, family
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal-offset", "padding"])
+def test_grouped_attention_equals_the_models_sdpa(mask_kind):
+    from ratequant.compat import attention_modules, grouped_attention, original_attention
+
+    model = tiny_model("llama", seed=3)
+    module = attention_modules(model)[0]
+    g = torch.Generator().manual_seed(0)
+    b, hq, hk, t, s, d = 2, 4, 2, 5, 12 if mask_kind != "none" else 5, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((hq, t), (hk, s), (hk, s)))
+    mask = None
+    if mask_kind != "none":
+        mask = (torch.arange(s)[None, :] <= torch.arange(t)[:, None] + s - t)[None, None].repeat(b, 1, 1, 1)
+        if mask_kind == "padding":
+            mask[0, ..., :3] = False
+    got, _ = grouped_attention(module, q, k, v, mask, scaling=d**-0.5)
+    want, _ = original_attention(module, q, k, v, mask, scaling=d**-0.5)
+    assert got.shape == (b, t, hq, d)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

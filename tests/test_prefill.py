@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from ratequant.cache import RateQuantCache
-from ratequant.compat import model_geometry
+from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import RateQuantError
 from ratequant.generation import generate
 from ratequant.models import LoadedModel
@@ -87,3 +87,25 @@ def test_prefill_refuses_chunks_the_cache_policy_does_not_follow_and_empty_input
         prefill(model, ids(20), cache, 6)
     with pytest.raises(RateQuantError, match="no tokens"):
         prefill(model, ids(20)[:, :0], cache, 8)
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 5}), ("qwen3", {})])
+def test_prefill_pieces_hand_grouped_keys_to_sdpa_without_repeating_them(family, overrides, monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model, x = tiny_model(family, seed=7, **overrides), ids(37)
+    want = model(x).logits[:, -1]  # the model's own attention, keys repeated per query head
+    repeats = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda h, n: repeats.append(n) or real(h, n))
+    for cache in (None, RateQuantCache(spec_for(model), model=model)):
+        from transformers import DynamicCache
+
+        got = prefill(model, x, DynamicCache(config=model.config) if cache is None else cache, 8)
+        if cache is None:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert repeats == []
+    cache = DynamicCache(config=model.config)  # outside prefill, a piece over a history: repeated as before
+    for piece in (x[:, :9], x[:, 9:12]):
+        model(piece, **cache_argument(model, cache), use_cache=True)
+    assert repeats

@@ -319,11 +319,49 @@ def original_attention(
     unchanged arguments reproduces the unpatched model bit for bit. Returns ``(attn_output [B, T, Hq, D],
     attn_weights or None)``.
     """
+    return _resolve(module, _original_name(module))(module, query, key, value, attention_mask, **kwargs)
+
+
+def _original_name(module: nn.Module) -> str | None:
+    """The attention implementation ``module`` had before any :func:`intercept_attention` context."""
     implementation = module.config._attn_implementation
     active = _ACTIVE.get(implementation) if isinstance(implementation, str) else None
-    if active is not None:
-        implementation = active.original
-    return _resolve(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+    return active.original if active is not None else implementation
+
+
+def grouped_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`original_attention`, except where the model runs transformers' ``sdpa`` with grouped-query
+    attention on the CPU for more than one query token: there keys and values ``[B, Hkv, S, D]`` go to SDPA
+    once per kv head (``enable_gqa``) instead of being repeated to ``[B, Hq, S, D]``, which transformers does
+    whenever a mask is given. For a prefill piece over a long history those two copies are the largest
+    tensors of the step. The result equals the original's to float rounding (tested); everything else
+    (position bias, soft-capping, dropout, other implementations, decode steps) goes to the original."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    unsupported = any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
+    if (
+        groups <= 1
+        or unsupported
+        or kwargs.get("dropout")
+        or query.shape[2] == 1
+        or query.device.type != "cpu"
+        or _original_name(module) != "sdpa"
+    ):
+        return original_attention(module, query, key, value, attention_mask, **kwargs)
+    is_causal = kwargs.get("is_causal")
+    is_causal = attention_mask is None and bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if is_causal and key.shape[2] > query.shape[2]:  # transformers' rule for a causal pass without a mask
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=kwargs.get("scaling"), is_causal=is_causal, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _dispatcher(name: str) -> Callable:
@@ -427,6 +465,7 @@ __all__ = [
     "attention_modules",
     "boolean_attention_mask",
     "check_supported",
+    "grouped_attention",
     "intercept_attention",
     "kv_projections",
     "max_positions",

@@ -4,8 +4,11 @@ A one-shot prefill of ``T`` tokens materialises ``T``-long activations in every 
 as ``T^2`` on the eager path) while the cache itself may hold a few MiB; feeding ``P`` tokens at a time keeps
 the peak at one piece's activations plus the cache. The first piece holds the sink tokens and ``P`` more, every
 later piece ``P`` tokens, so that with a :class:`~ratequant.cache.RateQuantCache` each query sees exactly what
-:meth:`ratequant.spec.StoragePolicy.quantized_end` says it sees with ``prefill_chunk=P``. (Importing this
-module does not import torch, so the command line can show the default.)
+:meth:`ratequant.spec.StoragePolicy.quantized_end` says it sees with ``prefill_chunk=P``. A piece's attention over
+the history hands grouped-query keys and values to SDPA once per kv head instead of repeated per query head
+(:func:`ratequant.compat.grouped_attention`): with a short piece over a long history that copy would be the
+largest tensor of the pass. (Importing this module does not import torch, so the command line can show the
+default.)
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.T
     """Feed ``input_ids [B, T]`` (no padding) through ``cache`` in pieces of ``chunk`` tokens after the cache's
     sink tokens (one pass when None; with a :class:`~ratequant.cache.RateQuantCache` the chunk must divide, or be
     a multiple of, its quantization chunks); returns the float32 logits of the last position ``[B, vocab]``."""
+    from contextlib import ExitStack, suppress
+
     import torch
 
-    from ratequant.compat import cache_argument, logits_to_keep_argument
-    from ratequant.errors import RateQuantError
+    from ratequant.cache.attention import attention_from_codes
+    from ratequant.compat import cache_argument, intercept_attention, logits_to_keep_argument
+    from ratequant.errors import RateQuantError, UnsupportedModelError
 
     total = input_ids.shape[1]
     if total == 0:
@@ -44,7 +50,9 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.T
         spec.policy.check_prefill_chunk(chunk)  # so that each query sees what quantized_end says
     bounds = [0, total] if chunk is None else piece_bounds(total, chunk, getattr(spec, "sink_tokens", 0))
     logits = None
-    with torch.inference_mode():
+    with torch.inference_mode(), ExitStack() as stack:
+        with suppress(UnsupportedModelError):  # an implementation that cannot be intercepted keeps its own path
+            stack.enter_context(intercept_attention(model, attention_from_codes))  # packed handles and tensors
         for lo, hi in zip(bounds, bounds[1:]):
             out = model(
                 input_ids=input_ids[:, lo:hi],

@@ -20,9 +20,10 @@ with a decode-then-``matmul`` branch kept as a safety net (a GPU kernel would be
 cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
 tensors, the rotated designs (``quarot``, ``turbo``) and a missing kernel keep the decode path, which is
 faster there. Longer forward passes (prefill pieces) and attention calls that do not come from a cache in
-this mode take the model's own attention unchanged. Results equal the decode path to float32 rounding (the
-tests state the tolerance): the arithmetic is float32 whatever the model's dtype, where the decode path rounds
-the decoded history to the model's dtype first.
+this mode take the model's own attention, with grouped keys handed to SDPA once per kv head instead of
+repeated per query head (:func:`~ratequant.compat.grouped_attention`, the same result to float rounding).
+Results equal the decode path to float32 rounding (the tests state the tolerance): the arithmetic is float32
+whatever the model's dtype, where the decode path rounds the decoded history to the model's dtype first.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from contextlib import contextmanager
 import torch
 
 from ratequant.cache.storage import PackedView
-from ratequant.compat import boolean_attention_mask, intercept_attention, original_attention
+from ratequant.compat import boolean_attention_mask, grouped_attention, intercept_attention, original_attention
 from ratequant.errors import RateQuantError
 
 MAX_QUERY = 16
@@ -99,12 +100,13 @@ def _decoded(store, group, chunks: int) -> torch.Tensor:
 
 def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     """An attention function (transformers' interface) that reads keys and values from :class:`PackedView`
-    handles; plain tensors go to the model's own attention. Returns ``(output [B, T, Hq, D], None)``."""
+    handles; plain tensors (longer passes) go to the model's own attention, with keys not repeated per query
+    head (:func:`~ratequant.compat.grouped_attention`). Returns ``(output [B, T, Hq, D], None)``."""
     kv, vv = getattr(key, VIEW, None), getattr(value, VIEW, None)
     if kv is None or vv is None:
         if kv is not None or vv is not None or key.numel() == 0:  # a handle copied by the model loses its view
             raise RateQuantError("attention received packed keys without packed values, or an empty copy of them")
-        return original_attention(module, query, key, value, attention_mask, **kwargs)
+        return grouped_attention(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("s_aux") is not None or (kwargs.get("dropout") and module.training):
         return original_attention(module, query, kv.materialize(), vv.materialize(), attention_mask, **kwargs)
     b, hq, t, d = query.shape
