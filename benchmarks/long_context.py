@@ -54,7 +54,7 @@ def child(args) -> dict:
     from ratequant.data import load_corpus
     from ratequant.models import load_model
     from ratequant.plan import Plan
-    from ratequant.prefill import prefill
+    from ratequant.prefill import piece_attention, prefill
 
     torch.set_num_threads(args.threads)
     loaded = load_model(dtype="float32")
@@ -78,7 +78,8 @@ def child(args) -> dict:
             model(ids, use_cache=False, logits_to_keep=1)
             cache = None
         elif args.condition == "late-chunk":
-            model(ids, position_ids=positions, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+            with piece_attention(model, cache):  # as prefill's pieces run
+                model(ids, position_ids=positions, **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
             prefill_s = time.perf_counter() - start
         else:
             spec = Plan.load(args.plan).resolve(model) if quantized else None

@@ -15,8 +15,7 @@ import torch
 
 from conftest import TINY, tiny_model, tiny_tokenizer
 from ratequant import native
-from ratequant.cache import RateQuantCache, packed_attention
-from ratequant.cache.attention import MAX_QUERY
+from ratequant.cache import RateQuantCache, attention, packed_attention
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec
@@ -97,13 +96,6 @@ def test_left_padded_batch():
 def test_sixteen_bit_models(dtype):
     model = tiny_model("llama", seed=6).to(dtype)
     assert_same(model, spec_for(model, KIVI4, seed=6, low=2), ids_for(seed=6), tol=3e-2)
-
-
-def test_long_forward_passes_take_the_decode_path():
-    model = tiny_model("llama", seed=7)
-    spec = spec_for(model, KIVI4, seed=7)
-    step = MAX_QUERY + 1
-    assert_same(model, spec, ids_for(tokens=24 + 2 * step, seed=7), step=step, tol=0)  # identical: same path
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernel not built")
@@ -188,3 +180,88 @@ def test_default_model_generates_the_same_64_tokens_after_a_1k_prompt(default_mo
     outs = [generate(default_model, prompt, spec, max_new_tokens=64, attention=a) for a in ("decode", "packed")]
     assert outs[0].new_tokens == outs[1].new_tokens == 64
     assert outs[0].text == outs[1].text
+
+
+# -- long passes (prefill pieces) attend block by block --------------------------------------------------------
+
+
+def _forbid_whole_history(monkeypatch):
+    """Make decoding the whole stored history fail: long passes must read it one block at a time."""
+    from ratequant.cache.storage import KindStore, PackedView
+
+    def refuse(*args):
+        raise AssertionError("the whole history was decoded")
+
+    def read_nothing(store, out):  # the first pass (outside packed attention) finds nothing stored
+        assert out.shape[2] == 0, "the whole history was decoded"
+
+    monkeypatch.setattr(PackedView, "materialize", refuse)
+    monkeypatch.setattr(KindStore, "read_stored", read_nothing)
+
+
+def _count_block_passes(monkeypatch) -> list:
+    calls = []
+    real = attention.attention_in_blocks
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "attention_in_blocks", counted)
+    return calls
+
+
+@pytest.mark.parametrize("design", available())
+@pytest.mark.parametrize("block", [4, 1024])  # several blocks per pass (rounded up to the chunks), or one
+def test_long_passes_attend_in_blocks_as_the_decode_path(design, block, monkeypatch):
+    quantizer = KIVI4 if design == "kivi" else get_quantizer(design)
+    model = tiny_model("llama", seed=7)
+    spec = spec_for(model, quantizer, seed=7)
+    want = decode_logits(model, spec, ids_for(tokens=24 + 2 * 19, seed=7), packed=False, step=19)
+    monkeypatch.setattr(attention, "BLOCK_TOKENS", block)
+    calls = _count_block_passes(monkeypatch)
+    _forbid_whole_history(monkeypatch)
+    got = decode_logits(model, spec, ids_for(tokens=24 + 2 * 19, seed=7), packed=True, step=19)
+    assert calls == [19] * 2 * model.config.num_hidden_layers
+    assert (got - want).abs().max() <= 1e-4, float((got - want).abs().max())
+
+
+@pytest.mark.parametrize(
+    "case", ["gqa-1", "gqa-4", "sliding", "padded", "no-sinks", "three-sinks", "bfloat16", "qwen3", "gpt2"]
+)
+def test_long_passes_in_blocks_with_grouped_heads_windows_padding_sinks_and_dtypes(case, monkeypatch):
+    overrides = {"gqa-1": {"num_key_value_heads": 1}, "gqa-4": {"num_key_value_heads": 4}}.get(case, {})
+    family = {"sliding": "mistral", "qwen3": "qwen3", "gpt2": "gpt2"}.get(case, "llama")
+    if case == "sliding":
+        overrides = {"sliding_window": 5}
+    model = tiny_model(family, seed=8, **overrides)
+    if case == "bfloat16":
+        model = model.to(torch.bfloat16)
+    sinks = {"no-sinks": 0, "three-sinks": 3}.get(case, 1)
+    spec = spec_for(model, KIVI4, seed=8, low=2, sinks=sinks)
+    ids = ids_for(batch=3 if case == "padded" else 1, tokens=24 + 2 * 20, seed=8)
+    mask = None
+    if case == "padded":
+        mask = torch.ones_like(ids)
+        mask[1, :7], mask[2, :13] = 0, 0
+    want = decode_logits(model, spec, ids, mask, packed=False, step=20)
+    monkeypatch.setattr(attention, "BLOCK_TOKENS", 4)
+    calls = _count_block_passes(monkeypatch)
+    _forbid_whole_history(monkeypatch)
+    got = decode_logits(model, spec, ids, mask, packed=True, step=20)
+    assert calls, "no pass attended in blocks"
+    tol = 3e-2 if case == "bfloat16" else 1e-4
+    assert (got - want).abs().max() <= tol, float((got - want).abs().max())
+
+
+def test_long_passes_with_soft_capping_keep_the_models_attention(monkeypatch):
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    gemma2 = AutoModelForCausalLM.from_config(
+        tf.Gemma2Config(**{**TINY, "head_dim": 16, "sliding_window": 5, "attn_implementation": "eager"})
+    ).eval()
+    calls = _count_block_passes(monkeypatch)
+    assert_same(gemma2, spec_for(gemma2, KIVI4, seed=3), ids_for(tokens=24 + 2 * 17, seed=3), step=17)
+    assert not calls

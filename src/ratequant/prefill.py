@@ -13,6 +13,8 @@ default.)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from ratequant.validation import check_int
@@ -30,17 +32,36 @@ def piece_bounds(tokens: int, chunk: int, sink_tokens: int = 0) -> list[int]:
     return [0, *range(first, tokens, chunk), tokens] if tokens else [0]
 
 
+@contextmanager
+def piece_attention(model, cache) -> Iterator[None]:
+    """Inside the context, passes of ``model`` over a history use the least memory they can: with a
+    :class:`~ratequant.cache.RateQuantCache`, attention reads its stores block by block
+    (:func:`ratequant.cache.packed_attention`); with another cache, grouped-query keys go to SDPA once per kv
+    head (:func:`ratequant.compat.grouped_attention`). A model whose attention cannot be intercepted runs
+    unchanged."""
+    from ratequant.cache import RateQuantCache, packed_attention
+    from ratequant.cache.attention import attention_from_codes
+    from ratequant.compat import intercept_attention
+    from ratequant.errors import UnsupportedModelError
+
+    with ExitStack() as stack:
+        with suppress(UnsupportedModelError):
+            if isinstance(cache, RateQuantCache):
+                stack.enter_context(packed_attention(model, cache))
+            else:
+                stack.enter_context(intercept_attention(model, attention_from_codes))
+        yield
+
+
 def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.Tensor:
     """Feed ``input_ids [B, T]`` (no padding) through ``cache`` in pieces of ``chunk`` tokens after the cache's
     sink tokens (one pass when None; with a :class:`~ratequant.cache.RateQuantCache` the chunk must divide, or be
-    a multiple of, its quantization chunks); returns the float32 logits of the last position ``[B, vocab]``."""
-    from contextlib import ExitStack, suppress
-
+    a multiple of, its quantization chunks), inside :func:`piece_attention`; returns the float32 logits of the
+    last position ``[B, vocab]``."""
     import torch
 
-    from ratequant.cache.attention import attention_from_codes
-    from ratequant.compat import cache_argument, intercept_attention, logits_to_keep_argument
-    from ratequant.errors import RateQuantError, UnsupportedModelError
+    from ratequant.compat import cache_argument, logits_to_keep_argument
+    from ratequant.errors import RateQuantError
 
     total = input_ids.shape[1]
     if total == 0:
@@ -50,9 +71,7 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.T
         spec.policy.check_prefill_chunk(chunk)  # so that each query sees what quantized_end says
     bounds = [0, total] if chunk is None else piece_bounds(total, chunk, getattr(spec, "sink_tokens", 0))
     logits = None
-    with torch.inference_mode(), ExitStack() as stack:
-        with suppress(UnsupportedModelError):  # an implementation that cannot be intercepted keeps its own path
-            stack.enter_context(intercept_attention(model, attention_from_codes))  # packed handles and tensors
+    with torch.inference_mode(), piece_attention(model, cache):
         for lo, hi in zip(bounds, bounds[1:]):
             out = model(
                 input_ids=input_ids[:, lo:hi],
@@ -65,4 +84,4 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.T
     return logits
 
 
-__all__ = ["DEFAULT_PREFILL_CHUNK", "piece_bounds", "prefill"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "piece_attention", "piece_bounds", "prefill"]

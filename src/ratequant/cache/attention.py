@@ -1,4 +1,4 @@
-"""Attention straight from the packed cache, for decode steps: the history is never decoded into a tensor.
+"""Attention straight from the packed cache: decode steps never decode the history, prefill pieces one block.
 
 On the decode path every step decodes the whole stored history into a ``[B, H, n, D]`` tensor in the model's
 dtype and hands it to SDPA, which reads it again (and, for grouped-query attention, repeats it per query
@@ -19,15 +19,20 @@ This is one place (:func:`scores` and :func:`weighted_values` dispatch per bit g
 with a decode-then-``matmul`` branch kept as a safety net (a GPU kernel would be one more branch here). A
 cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
 tensors, the rotated designs (``quarot``, ``turbo``) and a missing kernel keep the decode path, which is
-faster there. Longer forward passes (prefill pieces) and attention calls that do not come from a cache in
-this mode take the model's own attention, with grouped keys handed to SDPA once per kv head instead of
-repeated per query head (:func:`~ratequant.compat.grouped_attention`, the same result to float rounding).
+faster there. Longer forward passes (prefill pieces) attend block by block on the CPU
+(:func:`attention_in_blocks`): each block of the history is decoded to float32 and attended with PyTorch's
+fused kernel, the blocks merged by their log-sum-exp, so a piece late in a long prompt never holds the decoded
+history (two float32 copies of every key and value) nor a float mask over it. Attention calls that do not
+come from a cache in this mode take the model's own attention, with grouped keys handed to SDPA once per kv
+head instead of repeated per query head (:func:`~ratequant.compat.grouped_attention`, the same result to
+float rounding).
 Results equal the decode path to float32 rounding (the tests state the tolerance): the arithmetic is float32
 whatever the model's dtype, where the decode path rounds the decoded history to the model's dtype first.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,7 +43,9 @@ from ratequant.compat import boolean_attention_mask, grouped_attention, intercep
 from ratequant.errors import RateQuantError
 
 MAX_QUERY = 16
-"""Forward passes of at most this many new tokens attend from the packed codes; longer ones decode."""
+"""Forward passes of at most this many new tokens attend from the packed codes; longer ones in blocks."""
+BLOCK_TOKENS = 1024
+"""Keys per block of :func:`attention_in_blocks` (rounded up to a multiple of the quantization chunks)."""
 VIEW = "_ratequant_packed_view"
 """The attribute by which a cache layer hands its :class:`PackedView` to :func:`attention_from_codes`."""
 
@@ -98,6 +105,66 @@ def _decoded(store, group, chunks: int) -> torch.Tensor:
     return out
 
 
+def _mask(attention_mask, batch: int, queries: int, keys: int, device, is_causal: bool) -> torch.Tensor:
+    """The mask an attention call received as booleans ``[B or 1, 1, queries, keys]``, its shape checked."""
+    mask = boolean_attention_mask(attention_mask, queries, keys, device=device, is_causal=is_causal)
+    if mask.dim() != 4 or tuple(mask.shape[1:]) != (1, queries, keys) or mask.shape[0] not in (1, batch):
+        raise RateQuantError(
+            f"packed attention got a mask of shape {tuple(mask.shape)} for {queries} queries and {keys} keys"
+        )
+    return mask
+
+
+def _flash_attention():
+    """PyTorch's fused CPU attention that also returns each row's log-sum-exp (None where this build lacks it)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def reads_in_blocks(device: torch.device) -> bool:
+    """True when long passes over tensors on ``device`` can attend block by block (:func:`attention_in_blocks`)."""
+    return device.type == "cpu" and _flash_attention() is not None
+
+
+def _block_bounds(kv: PackedView, vv: PackedView) -> list[int]:
+    """Token bounds of the blocks :func:`attention_in_blocks` reads: the sinks, then :data:`BLOCK_TOKENS` (a
+    multiple of both kinds' quantization chunks) at a time."""
+    s, n = kv.store.sink_len, kv.length
+    step = math.lcm(kv.store.chunk, vv.store.chunk)
+    step *= -(-BLOCK_TOKENS // step)
+    return sorted({0, *range(s, n, step), n})
+
+
+def attention_in_blocks(module, query, kv: PackedView, vv: PackedView, attention_mask, **kwargs):
+    """Attention of a long pass (``query [B, Hq, T, D]``) over the views, :data:`BLOCK_TOKENS` keys at a time:
+    each block's stored chunks are decoded to float32, attended with PyTorch's fused CPU kernel (grouped-query
+    heads served without repeating keys), and the blocks' outputs merged by their log-sum-exp, so the decoded
+    history, its per-head copies and the float mask over it never exist whole. Blocks the mask hides entirely
+    (sliding windows) are skipped. Returns ``(output [B, T, Hq, D], None)`` in the query's dtype."""
+    b, hq, t, d = query.shape
+    n = kv.length
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    mask = _mask(attention_mask, b, t, n, query.device, is_causal)
+    q = query.float()
+    flash = _flash_attention()
+    out = torch.zeros(b, hq, t, d, dtype=torch.float32, device=query.device)
+    total = torch.full((b, hq, t), float("-inf"), dtype=torch.float32, device=query.device)  # log-sum-exp so far
+    bounds = _block_bounds(kv, vv)
+    for lo, hi in zip(bounds, bounds[1:]):
+        seen = mask[..., lo:hi]  # [B or 1, 1, T, hi - lo]
+        if not bool(seen.any()):
+            continue
+        bias = torch.zeros(seen.shape, dtype=torch.float32, device=query.device).masked_fill_(~seen, float("-inf"))
+        part, lse = flash(q, kv.read(lo, hi), vv.read(lo, hi), 0.0, False, attn_mask=bias, scale=kwargs.get("scaling"))
+        lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # the kernel reports 0 for rows that see nothing
+        merged = torch.logaddexp(total, lse)
+        keep = torch.exp(total - merged).nan_to_num_(0.0)  # NaN only where neither side saw anything
+        add = torch.exp(lse - merged).nan_to_num_(0.0)
+        out = out * keep[..., None] + part * add[..., None]
+        total = merged
+    return out.transpose(1, 2).to(query.dtype), None
+
+
 def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     """An attention function (transformers' interface) that reads keys and values from :class:`PackedView`
     handles; plain tensors (longer passes) go to the model's own attention, with keys not repeated per query
@@ -107,11 +174,14 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
         if kv is not None or vv is not None or key.numel() == 0:  # a handle copied by the model loses its view
             raise RateQuantError("attention received packed keys without packed values, or an empty copy of them")
         return grouped_attention(module, query, key, value, attention_mask, **kwargs)
-    if kwargs.get("s_aux") is not None or (kwargs.get("dropout") and module.training):
-        return original_attention(module, query, kv.materialize(), vv.materialize(), attention_mask, **kwargs)
     b, hq, t, d = query.shape
+    unsupported = kwargs.get("s_aux") is not None or (kwargs.get("dropout") and module.training)
+    if unsupported or (t > MAX_QUERY and (kwargs.get("softcap") or kwargs.get("position_bias") is not None)):
+        return original_attention(module, query, kv.materialize(), vv.materialize(), attention_mask, **kwargs)
+    if t > MAX_QUERY:
+        return attention_in_blocks(module, query, kv, vv, attention_mask, **kwargs)
     hk = kv.store.num_heads
-    if hq % hk or t > MAX_QUERY:
+    if hq % hk:
         raise RateQuantError(f"packed attention got {hq} query heads for {hk} kv heads and {t} query tokens")
     g = hq // hk
     scaling = kwargs.get("scaling")
@@ -122,9 +192,7 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     n = kv.length
-    mask = boolean_attention_mask(attention_mask, t, n, device=query.device)  # [B or 1, 1, t, n]
-    if mask.dim() != 4 or tuple(mask.shape[1:]) != (1, t, n) or mask.shape[0] not in (1, b):
-        raise RateQuantError(f"packed attention got a mask of shape {tuple(mask.shape)} for {t} queries and {n} keys")
+    mask = _mask(attention_mask, b, t, n, query.device, True)
     logits = logits.view(b, hk, g, t, n).masked_fill(~mask[:, :, None], float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hk, g * t, n)  # rows with nothing to see: 0
     out = weighted_values(vv, weights).view(b, hk, g, t, d).reshape(b, hq, t, d)
@@ -133,8 +201,9 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
 
 @contextmanager
 def packed_attention(model: torch.nn.Module, cache) -> Iterator[torch.nn.Module]:
-    """Inside the context, decode steps of ``model`` with ``cache`` (a :class:`~ratequant.cache.RateQuantCache`)
-    attend straight from the packed codes; everything else runs as before. Restores the model on exit."""
+    """Inside the context, passes of ``model`` with ``cache`` (a :class:`~ratequant.cache.RateQuantCache`) read
+    the cache's stores themselves: decode steps straight from the packed codes, longer passes block by block
+    (:func:`attention_in_blocks`); everything else runs as before. Restores the model on exit."""
     layers = list(cache.layers)
     before = [layer.attend_packed for layer in layers]
     with intercept_attention(model, attention_from_codes):
@@ -147,4 +216,14 @@ def packed_attention(model: torch.nn.Module, cache) -> Iterator[torch.nn.Module]
                 layer.attend_packed = value
 
 
-__all__ = ["MAX_QUERY", "attention_from_codes", "packed_attention", "packed_handle", "scores", "weighted_values"]
+__all__ = [
+    "BLOCK_TOKENS",
+    "MAX_QUERY",
+    "attention_from_codes",
+    "attention_in_blocks",
+    "packed_attention",
+    "packed_handle",
+    "reads_in_blocks",
+    "scores",
+    "weighted_values",
+]

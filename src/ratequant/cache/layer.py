@@ -30,8 +30,9 @@ Reads. Each update returns keys and values ``[batch, kv_heads, seq, head_dim]`` 
 model's dtype: the sinks, all stored chunks decoded straight into that output by one prepared decoder per
 bit group (:meth:`Quantizer.prepare_decode`: the native kernel of :mod:`ratequant.native` for min-max designs
 on the CPU), then the residual. No dequantized copy is kept between steps unless ``buffer_bytes`` asks for one
-(it costs full-precision memory). Inside :func:`ratequant.cache.attention.packed_attention` short forward
-passes return handles instead, and attention reads the packed codes without decoding the history.
+(it costs full-precision memory). Inside :func:`ratequant.cache.attention.packed_attention` updates return
+handles instead and attention reads the stores itself: short passes from the packed codes without decoding
+the history, long ones (prefill pieces) decoding one block of it at a time.
 
 Sliding-window layers (Mistral with ``sliding_window``, Gemma2/3) keep their whole history here and the
 attention mask applies the window, which is correct; memory then grows like a full-attention layer (the
@@ -44,7 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ratequant.cache.attention import MAX_QUERY, packed_handle
+from ratequant.cache.attention import MAX_QUERY, packed_handle, reads_in_blocks
 from ratequant.cache.storage import KindStore
 from ratequant.compat import cache_base_classes
 from ratequant.errors import PlanError, RateQuantError
@@ -67,8 +68,8 @@ class RateQuantLayer(CacheLayerMixin):
             full-precision memory, reported as :attr:`CacheBytes.buffer`.
 
     ``update`` returns keys/values ``[batch, kv_heads, seq, head_dim]`` in head order and the model's dtype
-    (inside :func:`ratequant.cache.attention.packed_attention`, for short passes: empty handles to the packed
-    stores, which that attention reads).
+    (inside :func:`ratequant.cache.attention.packed_attention`, where that attention can read the stores
+    itself: empty handles to them).
     All tensors live on the device of the first ``update`` (so models spread with ``device_map`` work).
     """
 
@@ -160,7 +161,7 @@ class RateQuantLayer(CacheLayerMixin):
                 "KV tensors must be finite to quantize (this update was refused and the cache is unchanged; a "
                 "float16 model may overflow: try bfloat16 or float32)"
             )
-        if self.attend_packed and t <= MAX_QUERY and all(store.reads_packed() for store in self._stores):
+        if self.attend_packed and self._reads_from_codes(t):
             # the attention reads the stores' packed codes itself (ratequant.cache.attention)
             views = [store.append(x) for store, x in zip(self._stores, (key_states, value_states))]
             out = packed_handle(views[0], key_states), packed_handle(views[1], value_states)
@@ -168,6 +169,13 @@ class RateQuantLayer(CacheLayerMixin):
             out = self._stores[0].update(key_states), self._stores[1].update(value_states)
         self.cumulative_length += t
         return out
+
+    def _reads_from_codes(self, tokens: int) -> bool:
+        """Whether attention over a pass of ``tokens`` new tokens reads the stores itself: short passes where
+        the native kernel serves every store, long ones (prefill pieces) block by block on the CPU."""
+        if tokens <= MAX_QUERY:
+            return all(store.reads_packed() for store in self._stores)
+        return reads_in_blocks(self.device)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0

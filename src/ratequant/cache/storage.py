@@ -415,5 +415,24 @@ class PackedView:
         out[:, :, s + p :] = self.tail
         return out
 
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Tokens ``lo..hi-1`` of the view as attention sees them, ``[B, H, hi - lo, D]`` float32: the stored
+        chunks that cover them are decoded, nothing else."""
+        store, f = self.store, self.store.chunk
+        s, p = store.sink_len, self.chunks * f
+        parts = []
+        if lo < s:
+            parts.append(store.sink[:, :, lo : min(hi, s)].float())
+        first, last = max(lo, s) - s, min(hi, s + p) - s  # within the stored chunks
+        if last > first:
+            c0, c1 = first // f, -(-last // f)
+            b, h, _, d = store.residual.shape
+            decoded = torch.empty(b, h, (c1 - c0) * f, d, dtype=torch.float32, device=store.residual.device)
+            store._dequantize_chunks(decoded, c0, c1)
+            parts.append(decoded[:, :, first - c0 * f : last - c0 * f])
+        if hi > s + p:
+            parts.append(self.tail[:, :, max(lo, s + p) - s - p : hi - s - p].float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
 
 __all__ = ["GroupStore", "KindStore", "PackedView"]
