@@ -16,6 +16,7 @@ import torch
 from conftest import TINY, tiny_model, tiny_tokenizer
 from ratequant import native
 from ratequant.cache import RateQuantCache, attention, packed_attention
+from ratequant.cache.attention import MAX_QUERY
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec
@@ -264,4 +265,15 @@ def test_long_passes_with_soft_capping_keep_the_models_attention(monkeypatch):
     ).eval()
     calls = _count_block_passes(monkeypatch)
     assert_same(gemma2, spec_for(gemma2, KIVI4, seed=3), ids_for(tokens=24 + 2 * 17, seed=3), step=17)
+    assert not calls
+
+
+def test_float64_models_keep_the_decode_path(monkeypatch):
+    """The packed paths compute in float32; a float64 model (exact checks) must not lose its precision."""
+    model = tiny_model("llama", seed=10).double()
+    calls = _count_block_passes(monkeypatch)
+    for step in (1, MAX_QUERY + 3):
+        assert_same(
+            model, spec_for(model, KIVI4, seed=10), ids_for(tokens=24 + 2 * step, seed=10), step=step, tol=1e-12
+        )
     assert not calls

@@ -172,7 +172,10 @@ class RateQuantLayer(CacheLayerMixin):
 
     def _reads_from_codes(self, tokens: int) -> bool:
         """Whether attention over a pass of ``tokens`` new tokens reads the stores itself: short passes where
-        the native kernel serves every store, long ones (prefill pieces) block by block on the CPU."""
+        the native kernel serves every store, long ones (prefill pieces) block by block on the CPU. Both compute
+        in float32, so float64 models (exact checks) keep the decode path."""
+        if self.dtype == torch.float64:
+            return False
         if tokens <= MAX_QUERY:
             return all(store.reads_packed() for store in self._stores)
         return reads_in_blocks(self.device)

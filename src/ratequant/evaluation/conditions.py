@@ -4,7 +4,8 @@
 * :class:`Simulated` -- simulated quantization of a :class:`~ratequant.spec.KVQuantSpec` over the whole
   window in one pass (:mod:`ratequant.simulate`): fast, and what the cache would give token by token;
 * :class:`Streaming` -- the window fed through a real :class:`~ratequant.cache.RateQuantCache`, prefilled in
-  pieces of ``prefill_chunk`` tokens after the sinks, as generation runs (bounded activation memory);
+  pieces of ``prefill_chunk`` tokens after the sinks, with the attention generation uses
+  (:func:`ratequant.prefill.piece_attention`; bounded activation memory);
 * :class:`Within` -- any context manager around one pass (e.g. rank reduction).
 
 :meth:`Condition.log_probs` returns float32 log-probabilities ``[seq_len - first, vocab]`` of the tokens
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ratequant.compat import cache_argument, logits_to_keep_argument
-from ratequant.prefill import piece_bounds
+from ratequant.prefill import piece_attention, piece_bounds
 from ratequant.spec import KVQuantSpec
 
 
@@ -101,12 +102,14 @@ class Streaming(Condition):
         n = ids.shape[1]
         bounds = piece_bounds(n, self.piece, self.spec.sink_tokens)
         parts = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            # rows for the scored predictions in this piece; every token goes through the cache, the last too,
-            # so the cache ends holding the whole window (its bytes are then exact)
-            keep = max(hi - max(lo, first - 1), 1)
-            log_probs = forward_log_probs(model, ids[:, lo:hi], keep, **cache_argument(model, cache), use_cache=True)
-            parts.append(log_probs[: max(0, min(hi, n - 1) - max(lo, first - 1))])
+        with piece_attention(model, cache):  # attention reads the stores as generate's prefill does
+            for lo, hi in zip(bounds, bounds[1:]):
+                # rows for the scored predictions in this piece; every token goes through the cache, the last
+                # too, so the cache ends holding the whole window (its bytes are then exact)
+                keep = max(hi - max(lo, first - 1), 1)
+                kwargs = {**cache_argument(model, cache), "use_cache": True}
+                log_probs = forward_log_probs(model, ids[:, lo:hi], keep, **kwargs)
+                parts.append(log_probs[: max(0, min(hi, n - 1) - max(lo, first - 1))])
         self.last_cache = cache
         return torch.cat(parts)
 
