@@ -4,11 +4,12 @@ A one-shot prefill of ``T`` tokens materialises ``T``-long activations in every 
 as ``T^2`` on the eager path) while the cache itself may hold a few MiB; feeding ``P`` tokens at a time keeps
 the peak at one piece's activations plus the cache. The first piece holds the sink tokens and ``P`` more, every
 later piece ``P`` tokens, so that with a :class:`~ratequant.cache.RateQuantCache` each query sees exactly what
-:meth:`ratequant.spec.StoragePolicy.quantized_end` says it sees with ``prefill_chunk=P``. A piece's attention over
-the history hands grouped-query keys and values to SDPA once per kv head instead of repeated per query head
-(:func:`ratequant.compat.grouped_attention`): with a short piece over a long history that copy would be the
-largest tensor of the pass. (Importing this module does not import torch, so the command line can show the
-default.)
+:meth:`ratequant.spec.StoragePolicy.quantized_end` says it sees with ``prefill_chunk=P``. A piece's attention
+over the history (:func:`piece_attention`) must not undo that bound: through a RateQuantCache it reads the
+history one block at a time (:func:`ratequant.cache.attention.attention_in_blocks`), through another cache it
+hands grouped-query keys to SDPA once per kv head (:func:`ratequant.compat.grouped_attention`); otherwise the
+decoded or repeated history would be the largest tensors of a late piece. (Importing this module does not
+import torch, so the command line can show the default.)
 """
 
 from __future__ import annotations
