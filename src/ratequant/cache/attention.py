@@ -138,8 +138,9 @@ def attention_in_blocks(module, query, kv: PackedView, vv: PackedView, attention
     """Attention of a long pass (``query [B, Hq, T, D]``) over the views, :data:`BLOCK_TOKENS` keys at a time:
     each block's stored chunks are decoded to float32, attended with PyTorch's fused CPU kernel (grouped-query
     heads served without repeating keys), and the blocks' outputs merged by their log-sum-exp, so the decoded
-    history, its per-head copies and the float mask over it never exist whole. Blocks the mask hides entirely
-    (sliding windows) are skipped. Returns ``(output [B, T, Hq, D], None)`` in the query's dtype."""
+    history, its per-head copies and the float mask over it never exist whole. Each block is attended only by
+    the band of query rows the mask lets see it (causal passes skip the blocks after a row, sliding windows
+    those before its window). Returns ``(output [B, T, Hq, D], None)`` in the query's dtype."""
     b, hq, t, d = query.shape
     n = kv.length
     is_causal = kwargs.get("is_causal")
@@ -151,17 +152,22 @@ def attention_in_blocks(module, query, kv: PackedView, vv: PackedView, attention
     total = torch.full((b, hq, t), float("-inf"), dtype=torch.float32, device=query.device)  # log-sum-exp so far
     bounds = _block_bounds(kv, vv)
     for lo, hi in zip(bounds, bounds[1:]):
-        seen = mask[..., lo:hi]  # [B or 1, 1, T, hi - lo]
-        if not bool(seen.any()):
+        rows = mask[..., lo:hi].any(-1).flatten(0, 1).any(0).nonzero()  # query rows that see any key of the block
+        if rows.numel() == 0:
             continue
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1  # causal and sliding masks: a band of rows
+        seen = mask[..., r0:r1, lo:hi]  # [B or 1, 1, r1 - r0, hi - lo]
         bias = torch.zeros(seen.shape, dtype=torch.float32, device=query.device).masked_fill_(~seen, float("-inf"))
-        part, lse = flash(q, kv.read(lo, hi), vv.read(lo, hi), 0.0, False, attn_mask=bias, scale=kwargs.get("scaling"))
+        part, lse = flash(
+            q[:, :, r0:r1], kv.read(lo, hi), vv.read(lo, hi), 0.0, False, attn_mask=bias, scale=kwargs.get("scaling")
+        )
         lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # the kernel reports 0 for rows that see nothing
-        merged = torch.logaddexp(total, lse)
-        keep = torch.exp(total - merged).nan_to_num_(0.0)  # NaN only where neither side saw anything
+        before = total[:, :, r0:r1]
+        merged = torch.logaddexp(before, lse)
+        keep = torch.exp(before - merged).nan_to_num_(0.0)  # NaN only where neither side saw anything
         add = torch.exp(lse - merged).nan_to_num_(0.0)
-        out = out * keep[..., None] + part * add[..., None]
-        total = merged
+        out[:, :, r0:r1] = out[:, :, r0:r1] * keep[..., None] + part * add[..., None]
+        total[:, :, r0:r1] = merged
     return out.transpose(1, 2).to(query.dtype), None
 
 
