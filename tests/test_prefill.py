@@ -109,3 +109,27 @@ def test_prefill_pieces_hand_grouped_keys_to_sdpa_without_repeating_them(family,
     for piece in (x[:, :9], x[:, 9:12]):
         model(piece, **cache_argument(model, cache), use_cache=True)
     assert repeats
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_prefill_allocates_each_packed_store_once_and_leaves_no_slack(sinks, monkeypatch):
+    """Growing a store copies it; a prompt in pieces reserves its stores up front instead (RateQuantCache.reserve),
+    and after the prompt the allocated bytes are the stored data, as without the reservation."""
+    from ratequant.cache.storage import GroupStore
+
+    model, x = tiny_model("llama", seed=7), ids(61)
+    spec = spec_for(model, sinks)
+    grown = []
+    real = GroupStore._reallocate
+    monkeypatch.setattr(GroupStore, "_reallocate", lambda g, *a: (grown.append(id(g)), real(g, *a))[1])
+    cache = RateQuantCache(spec, model=model)
+    prefill(model, x, cache, 8)
+    groups = [g for layer in cache.layers for store in layer._stores for g in store.groups]
+    assert sorted(grown) == sorted(id(g) for g in groups)  # each group grew exactly once
+    assert all(g.capacity() == g.num_chunks == (61 - sinks) // 8 for g in groups)
+    monkeypatch.setattr(GroupStore, "_reallocate", real)
+    grown_chunk_by_chunk = RateQuantCache(spec, model=model)
+    with torch.no_grad():
+        for lo in range(0, 61, 8):
+            model(x[:, lo : lo + 8], **cache_argument(model, grown_chunk_by_chunk), use_cache=True)
+    assert cache.nbytes() == grown_chunk_by_chunk.nbytes()

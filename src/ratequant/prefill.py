@@ -71,6 +71,8 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk: int | None) -> torch.T
     if spec is not None and chunk is not None:
         spec.policy.check_prefill_chunk(chunk)  # so that each query sees what quantized_end says
     bounds = [0, total] if chunk is None else piece_bounds(total, chunk, getattr(spec, "sink_tokens", 0))
+    if hasattr(cache, "reserve"):  # a RateQuantCache allocates the prompt's stores once, not once per piece
+        cache.reserve(cache.get_seq_length() + total)
     logits = None
     with torch.inference_mode(), piece_attention(model, cache):
         for lo, hi in zip(bounds, bounds[1:]):

@@ -180,6 +180,12 @@ class RateQuantLayer(CacheLayerMixin):
             return all(store.reads_packed() for store in self._stores)
         return reads_in_blocks(self.device)
 
+    def reserve(self, tokens: int) -> None:
+        """See :meth:`RateQuantCache.reserve`."""
+        tokens = check_int(tokens, "tokens to reserve", lo=0)
+        for store in self._stores:
+            store.reserve(tokens)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0
 
@@ -341,6 +347,15 @@ class RateQuantCache(Cache):
 
     def __repr__(self) -> str:
         return f"RateQuantCache({self.spec!r}, seq_len={self.get_seq_length()})"
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate the packed stores for a sequence of ``tokens`` tokens in all (cached ones included) when they
+        next grow, instead of growing chunk by chunk: :func:`ratequant.prefill.prefill` calls it for the prompt.
+        Growing a store copies it, and the freed smaller copies stay in the process's heap; a long prompt in
+        pieces would otherwise leave dozens of them. Until filled, the reserved chunks are real memory, counted
+        in :meth:`nbytes`; after the prompt they are exactly the stored chunks."""
+        for layer in self.layers:
+            layer.reserve(tokens)
 
     def nbytes(self) -> CacheBytes:
         """Real allocated bytes of the whole cache, split into codes, metadata, residual and sink tokens."""

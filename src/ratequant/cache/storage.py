@@ -61,6 +61,7 @@ class GroupStore:
         self._decoders: dict[tuple, tuple[Quantizer, Callable | object | None]] = {}
         self.tensors = {}
         self.num_chunks = 0
+        self.reserved = 0  # chunks to allocate at the next growth (reserve), so a known length grows once
         self.head_dim = 0  # set when the layer initialises
 
     @property
@@ -101,7 +102,7 @@ class GroupStore:
         needed = self.num_chunks + m
         if needed > self.capacity():
             capacity = needed if self.growth <= 0 else max(needed, math.ceil(self.capacity() * (1 + self.growth)))
-            self._reallocate(capacity, new)
+            self._reallocate(max(capacity, self.reserved), new)
         widest = None  # a block whose scales overflowed float16 is stored in float32: all metadata follows it
         for tensor in new.values():
             if tensor.is_floating_point():
@@ -165,6 +166,7 @@ class GroupStore:
         if num_chunks >= self.num_chunks:
             return
         self.num_chunks = num_chunks
+        self.reserved = 0
         if self.growth <= 0 and self.tensors:
             self.tensors = {k: v[: self.num_chunks].clone() for k, v in self.tensors.items()}
 
@@ -275,6 +277,13 @@ class KindStore:
                 g.append(g.select_heads(fresh), self.quantizer)
         self.residual = tail[:, :, m * self.chunk :].clone()
         return PackedView(self, chunks, tail)
+
+    def reserve(self, tokens: int) -> None:
+        """Let the stored chunks of a sequence of ``tokens`` tokens in all be allocated at once when the store
+        next grows (instead of once per growth): for a prompt about to be prefilled in pieces."""
+        chunks = max(0, tokens - self.sink_tokens) // self.chunk
+        for g in self.groups:
+            g.reserved = max(g.reserved, chunks)
 
     def reads_packed(self) -> bool:
         """True when attention can read every stored chunk straight from its codes with the native kernel (CPU
