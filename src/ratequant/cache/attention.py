@@ -198,9 +198,12 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     n = kv.length
-    mask = _mask(attention_mask, b, t, n, query.device, True)
-    logits = logits.view(b, hk, g, t, n).masked_fill(~mask[:, :, None], float("-inf"))
-    weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hk, g * t, n)  # rows with nothing to see: 0
+    if attention_mask is None and t == 1:  # one query after every key sees them all (transformers' sdpa rule)
+        weights = torch.softmax(logits, dim=-1)
+    else:
+        mask = _mask(attention_mask, b, t, n, query.device, True)
+        logits = logits.view(b, hk, g, t, n).masked_fill(~mask[:, :, None], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hk, g * t, n)  # rows seeing nothing: 0
     out = weighted_values(vv, weights).view(b, hk, g, t, d).reshape(b, hq, t, d)
     return out.transpose(1, 2).to(query.dtype), None
 

@@ -155,7 +155,7 @@ class RateQuantLayer(CacheLayerMixin):
                 "call reset() before reusing the cache for another batch"
             )
         key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
-        if not (bool(torch.isfinite(key_states).all()) and bool(torch.isfinite(value_states).all())):
+        if not bool(torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):  # one sync, not two
             raise RateQuantError(
                 f"keys or values hold NaN or Inf in the cache's dtype ({str(self.dtype).removeprefix('torch.')}); "
                 "KV tensors must be finite to quantize (this update was refused and the cache is unchanged; a "
