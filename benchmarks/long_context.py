@@ -12,12 +12,14 @@ the peak resident memory above that level, the cache's real bytes at the end and
 * ``dynamic-chunked``: the same cache, prefilled ``--chunk`` tokens at a time (:mod:`ratequant.prefill`);
 * ``rq-2.5``: ``RateQuantCache`` with a 2.5-bit RateQuant plan (calibrated once before the children start,
   or ``--plan``), one forward pass;
-* ``rq-2.5-chunked``: the same plan prefilled ``--chunk`` tokens at a time, decode steps attending straight
-  from the packed codes (:func:`ratequant.cache.packed_attention`);
+* ``rq-2.5-chunked``: the same plan prefilled ``--chunk`` tokens at a time (each piece attending to the
+  history one block at a time), decode steps attending straight from the packed codes
+  (:func:`ratequant.cache.packed_attention`);
 * ``activations``: one ``--chunk``-token forward pass without a cache: what one chunk's activations cost;
 * ``late-chunk``: the 2.5-bit cache filled (untimed, outside the measurement) with ``--tokens - --chunk``
-  positions of random keys and values, then one ``--chunk``-token forward pass over it: what the last chunk
-  of a long prefill costs beyond its own activations (its attention over the whole packed history).
+  positions of random keys and values, then one ``--chunk``-token forward pass over it, as prefill's pieces
+  run: what the last chunk of a long prefill costs beyond its own activations (its attention over the whole
+  packed history).
 
 Criterion (issue target): the chunked 2.5-bit run's peak is at most 1.5x its packed cache plus one chunk's
 activations, above the weights. Each condition runs in its own process, so no allocator state carries over.

@@ -1,0 +1,213 @@
+"""Can any per-head allocation beat the best fixed split? A local search on the KL allocations really cause.
+
+RateQuant allocates on a proxy (fitted curves of the Fisher-weighted error) under an additive model; the
+headroom table of ``compare`` allocates on each component's measured damage alone, still additive. Neither
+sees how the damages of components combine. This benchmark searches allocations on the KL divergence they
+really cause, without the additive model, on the embedded default model:
+
+1. for each design of ``--designs`` at ``--budget`` average bits, the RateQuant plan (``calibrate``'s defaults)
+   and the best fixed split of the budget (``K3V2`` at 2.5 bits, ``K4V2`` at 3), with the plan's sink tokens;
+2. from the one with the lower KL on the search text (the first ``--search-windows`` calibration windows of
+   ``--search-tokens`` tokens, every position scored), ``--evaluations`` proposals of moving one bit from one
+   component (kind, layer, kv head) to another, at equal or fewer true bytes; a move is kept when the KL on the
+   search text falls. Donors and receivers are drawn (seeded) with weights from the fitted curves: the donor
+   among the components whose next bit down the curve says costs least, the receiver among those whose next
+   bit up it says gains most;
+3. the fixed split, RateQuant and the searched allocation scored on the evaluation windows of ``compare``'s
+   headline protocol (``--seq-len`` tokens x ``--windows``, second-half KL, simulated quantization with the
+   128-token residual window), so the result says whether what the search found on calibration text holds
+   on other text.
+
+If the search cannot recover much of the fixed split's damage even on the text it searches, no per-head
+allocation reachable by such moves can on this model; if it can there but not on the evaluation text, the
+gain does not transfer; if it can on both, RateQuant's gap is its proxy's or the additive model's.
+
+    python benchmarks/joint_search.py --output results/joint_search.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from _common import args_dict, machine_info, write_result
+
+FORMAT_VERSION = 1
+HERE = Path(__file__).resolve().parent
+SPLITS = {2.5: (3, 2), 3.0: (4, 2)}
+
+
+def proposal_weights(curves, bits: np.ndarray, step: int, low: int, high: int, temperature: float) -> np.ndarray:
+    """Sampling weights over components ``[2 * L * H]`` for a move of ``step`` (+1 receive, -1 give) from
+    ``bits [2, L, H]``: softmax of the fitted curve's predicted gain (receive) or negative cost (give) in units of
+    its spread; 0 where the width would leave ``low..high``."""
+    index = {b: i for i, b in enumerate(curves.bitset)}
+    values = curves.values
+    flat = bits.reshape(-1)
+    out = np.zeros(flat.size)
+    score = np.full(flat.size, -np.inf)
+    for c, b in enumerate(flat):
+        to = b + step
+        if low <= to <= high and to in index and b in index:
+            kind, layer, head = np.unravel_index(c, bits.shape)
+            now, then = values[kind, layer, head, index[b]], values[kind, layer, head, index[to]]
+            score[c] = np.log(max(now - then, 1e-30)) if step > 0 else -np.log(max(then - now, 1e-30))
+    finite = np.isfinite(score)
+    if finite.any():
+        s = score[finite]
+        out[finite] = np.exp((s - s.max()) / (temperature * (s.std() + 1e-12)))
+    return out / out.sum() if out.sum() > 0 else out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--designs", default="kivi,quarot,turbo")
+    parser.add_argument("--budget", type=float, default=2.5, choices=sorted(SPLITS))
+    parser.add_argument("--evaluations", type=int, default=60, help="search proposals per design (default 60)")
+    parser.add_argument("--search-tokens", type=int, default=512)
+    parser.add_argument("--search-windows", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=1.0, help="spread of the proposal softmax")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=HERE.parent / "results" / "joint_search.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from ratequant.allocation import Budget
+    from ratequant.data import load_corpus
+    from ratequant.evaluation.conditions import FullPrecision, Simulated
+    from ratequant.evaluation.perplexity import score_conditions
+    from ratequant.evaluation.protocol import WindowProtocol, make_windows
+    from ratequant.models import load_model
+    from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    loaded, corpus = load_model(), load_corpus()
+    model = loaded.model
+    search = make_windows(
+        loaded.tokenizer, corpus.calibration, WindowProtocol(args.search_tokens, args.search_windows, "auto", "all")
+    )
+    first = search.protocol.first_target
+    with torch.inference_mode():
+        references = [FullPrecision().log_probs(model, w.unsqueeze(0), first) for w in search.ids]
+
+    def search_kl(quantized) -> float:
+        """Mean KL from full precision over the search windows' scored positions."""
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for window, ref in zip(search.ids, references):
+                log_probs = Simulated(quantized).log_probs(model, window.unsqueeze(0), first)
+                total += float((ref.exp() * (ref - log_probs)).sum(-1).clamp_(min=0).sum())
+                count += ref.shape[0]
+        return total / count
+
+    rng = np.random.default_rng(args.seed)
+    k_bits, v_bits = SPLITS[args.budget]
+    conditions, designs = {}, []
+    for design in args.designs.split(","):
+        t0 = time.perf_counter()
+        run = calibrate(loaded, corpus, CalibrationSettings(quantizer=design, budget=Budget.avg_bits(args.budget)))
+        spec = run.plan.resolve(model)
+        cost = cost_model_for(spec.policy, loaded, 4096)
+        fixed = np.empty_like(spec.bits)
+        fixed[0], fixed[1] = k_bits, v_bits
+        starts = {f"K{k_bits}V{v_bits}": fixed, "RateQuant": np.array(spec.bits)}
+        start_kl = {name: search_kl(replace(spec, bits=bits)) for name, bits in starts.items()}
+        start = min(start_kl, key=start_kl.get)
+        bits, best = starts[start].copy(), start_kl[start]
+        limit = cost.bytes_per_token(bits) * (1 + 1e-9)
+        low, high = min(run.curves.bitset), max(run.curves.bitset)
+        accepted, trace = 0, [best]
+        for _ in range(args.evaluations):
+            give = proposal_weights(run.curves, bits, -1, low, high, args.temperature)
+            take = proposal_weights(run.curves, bits, +1, low, high, args.temperature)
+            if give.sum() == 0 or take.sum() == 0:
+                break
+            donor, receiver = rng.choice(give.size, p=give), rng.choice(take.size, p=take)
+            if donor == receiver:
+                trace.append(best)
+                continue
+            candidate = bits.copy().reshape(-1)
+            candidate[donor] -= 1
+            candidate[receiver] += 1
+            candidate = candidate.reshape(bits.shape)
+            if cost.bytes_per_token(candidate) > limit:
+                trace.append(best)
+                continue
+            kl = search_kl(replace(spec, bits=candidate))
+            if kl < best:
+                bits, best, accepted = candidate, kl, accepted + 1
+            trace.append(best)
+        allocations = {**starts, "searched": bits}
+        for name, b in allocations.items():
+            conditions[f"{design}/{name}"] = Simulated(replace(spec, bits=b))
+        designs.append(
+            {
+                "design": design,
+                "sink_tokens": spec.sink_tokens,
+                "search_kl": {**start_kl, "searched": best},
+                "search_start": start,
+                "accepted_moves": accepted,
+                "trace": trace,
+                "widths": {
+                    name: {int(w): int((b == w).sum()) for w in np.unique(b)} for name, b in allocations.items()
+                },
+                "bits_changed_from_start": int((bits != starts[start]).sum()),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"{design}: search KL {start} {start_kl[start]:.4f} -> searched {best:.4f} "
+            f"({accepted} of {args.evaluations} moves kept, {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    windows = make_windows(
+        loaded.tokenizer, corpus.evaluation, WindowProtocol(args.seq_len, args.windows, "auto", "second-half")
+    )
+    scores = score_conditions(model, windows, conditions)["second-half"]
+    fixed_name = f"K{k_bits}V{v_bits}"
+    for row in designs:
+        d = row["design"]
+        row["evaluation"] = {
+            name: {
+                "kl": scores[f"{d}/{name}"].kl,
+                "kl_se": scores[f"{d}/{name}"].kl_se,
+                "ppl": scores[f"{d}/{name}"].ppl,
+            }
+            for name in (fixed_name, "RateQuant", "searched")
+        }
+        evaluation_kl = {name: e["kl"] for name, e in row["evaluation"].items()}
+        for where, kls in (("search", row["search_kl"]), ("evaluation", evaluation_kl)):
+            row[f"recovered_{where}"] = {name: 1 - kls[name] / kls[fixed_name] for name in ("RateQuant", "searched")}
+    result = {
+        "format_version": FORMAT_VERSION,
+        "benchmark": "joint_search",
+        "args": args_dict(args),
+        "machine": machine_info(args.threads),
+        "search_windows": search.describe(),
+        "evaluation_windows": windows.describe(),
+        "designs": designs,
+        "seconds": time.perf_counter() - started,
+    }
+    write_result(args.output, result)
+    for row in designs:
+        print(f"{row['design']} at {args.budget:g} bits (share of {fixed_name}'s KL damage recovered):")
+        for where in ("search", "evaluation"):
+            rec = row[f"recovered_{where}"]
+            print(f"  {where:10s} RateQuant {rec['RateQuant']:+.0%}  searched {rec['searched']:+.0%}")
+        for name, e in row["evaluation"].items():
+            print(f"  {name:10s} KL {e['kl']:.4f} ± {e['kl_se']:.4f}  PPL {e['ppl']:.3f}  {row['widths'][name]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
