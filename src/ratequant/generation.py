@@ -93,7 +93,9 @@ def generate(
     rounding; with a quantized one each prompt token sees its own chunk at full precision.
 
     ``attention="packed"`` (default) computes decode steps' attention straight from the packed codes
-    (:func:`ratequant.cache.packed_attention`); ``"decode"`` decodes the history on every step first.
+    (:func:`ratequant.cache.packed_attention`); ``"decode"`` decodes the history on every step first. Prefill
+    pieces read the history one block at a time either way (:func:`ratequant.prefill.piece_attention`): that
+    is what bounds their memory.
 
     ``max_new_tokens`` must fit the model's context after the prompt; sampling takes ``temperature`` in
     [0.01, 100] and ``top_p`` in (0, 1]."""
