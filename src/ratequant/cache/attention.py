@@ -166,7 +166,7 @@ def attention_in_blocks(module, query, kv: PackedView, vv: PackedView, attention
         merged = torch.logaddexp(before, lse)
         keep = torch.exp(before - merged).nan_to_num_(0.0)  # NaN only where neither side saw anything
         add = torch.exp(lse - merged).nan_to_num_(0.0)
-        out[:, :, r0:r1] = out[:, :, r0:r1] * keep[..., None] + part * add[..., None]
+        out[:, :, r0:r1].mul_(keep[..., None]).add_(part.mul_(add[..., None]))  # in place: no band-sized copies
         total[:, :, r0:r1] = merged
     return out.transpose(1, 2).to(query.dtype), None
 
