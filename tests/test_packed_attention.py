@@ -1,4 +1,5 @@
-"""Attention straight from the packed codes equals decode-then-attend.
+"""Attention straight from the packed codes (decode steps) and block by block (long passes) equals
+decode-then-attend.
 
 Tolerances: float32 models agree to 1e-4 in logits (measured: below 4e-5; the packed path sums in another
 order); float16 and bfloat16 models to 3e-2, because the decode path rounds the decoded history to the model's
