@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = {"hqq": "hqq", "optimum.quanto": "optimum-quanto"}
 """The optional peer packages whose versions every result records: {key in the JSON: distribution name}."""
 FLOAT16_BYTES = 2
+KEYS_WIDER_SPLITS = {2.5: (3, 2), 3.0: (4, 2)}
+"""The fixed key/value split of each budget with keys wider (the best fixed scheme on the default model), as
+``{average bits: (key bits, value bits)}``."""
 
 
 # ---------------------------------------------------------------------------------------------------------

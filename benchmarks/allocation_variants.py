@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import args_dict, machine_info, write_result
+from _common import KEYS_WIDER_SPLITS, args_dict, machine_info, write_result
 
 FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
-SPLITS = {2.5: (3, 2), 3.0: (4, 2)}
 
 
 def main(argv=None) -> int:
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
         cost = cost_model_for(StoragePolicy(quantizer, 128, sinks), loaded, 4096)
         flat = Curves.flat(loaded.geometry, widths)
         for budget in (float(b) for b in args.budgets.split(",")):
-            k, v = SPLITS[budget]
+            k, v = KEYS_WIDER_SPLITS[budget]
             variants = {
                 "rq-fit": (fitted.curves, "ratequant", None),
                 "rq-table": (measured, "ratequant", None),

@@ -35,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import args_dict, machine_info, write_result
+from _common import KEYS_WIDER_SPLITS, args_dict, machine_info, write_result
 
 FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
-SPLITS = {2.5: (3, 2), 3.0: (4, 2)}
 
 
 def proposal_weights(curves, bits: np.ndarray, step: int, low: int, high: int, temperature: float) -> np.ndarray:
@@ -67,7 +66,7 @@ def proposal_weights(curves, bits: np.ndarray, step: int, low: int, high: int, t
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--designs", default="kivi,quarot,turbo")
-    parser.add_argument("--budget", type=float, default=2.5, choices=sorted(SPLITS))
+    parser.add_argument("--budget", type=float, default=2.5, choices=sorted(KEYS_WIDER_SPLITS))
     parser.add_argument("--evaluations", type=int, default=60, help="search proposals per design (default 60)")
     parser.add_argument("--search-tokens", type=int, default=512)
     parser.add_argument("--search-windows", type=int, default=1)
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
     from ratequant.allocation import Budget
     from ratequant.data import load_corpus
     from ratequant.evaluation.conditions import FullPrecision, Simulated
-    from ratequant.evaluation.perplexity import score_conditions
+    from ratequant.evaluation.perplexity import score_conditions, token_kl
     from ratequant.evaluation.protocol import WindowProtocol, make_windows
     from ratequant.models import load_model
     from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
@@ -106,12 +105,12 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for window, ref in zip(search.ids, references):
                 log_probs = Simulated(quantized).log_probs(model, window.unsqueeze(0), first)
-                total += float((ref.exp() * (ref - log_probs)).sum(-1).clamp_(min=0).sum())
+                total += float(token_kl(ref, log_probs).sum())
                 count += ref.shape[0]
         return total / count
 
     rng = np.random.default_rng(args.seed)
-    k_bits, v_bits = SPLITS[args.budget]
+    k_bits, v_bits = KEYS_WIDER_SPLITS[args.budget]
     conditions, designs = {}, []
     for design in args.designs.split(","):
         t0 = time.perf_counter()
@@ -133,19 +132,14 @@ def main(argv=None) -> int:
             if give.sum() == 0 or take.sum() == 0:
                 break
             donor, receiver = rng.choice(give.size, p=give), rng.choice(take.size, p=take)
-            if donor == receiver:
-                trace.append(best)
-                continue
             candidate = bits.copy().reshape(-1)
             candidate[donor] -= 1
             candidate[receiver] += 1
             candidate = candidate.reshape(bits.shape)
-            if cost.bytes_per_token(candidate) > limit:
-                trace.append(best)
-                continue
-            kl = search_kl(replace(spec, bits=candidate))
-            if kl < best:
-                bits, best, accepted = candidate, kl, accepted + 1
+            if donor != receiver and cost.bytes_per_token(candidate) <= limit:
+                kl = search_kl(replace(spec, bits=candidate))
+                if kl < best:
+                    bits, best, accepted = candidate, kl, accepted + 1
             trace.append(best)
         allocations = {**starts, "searched": bits}
         for name, b in allocations.items():

@@ -329,6 +329,12 @@ def _original_name(module: nn.Module) -> str | None:
     return active.original if active is not None else implementation
 
 
+def attention_is_causal(module: nn.Module, kwargs: dict) -> bool:
+    """Whether an attention call is causal: its ``is_causal`` argument, else the module's (default True)."""
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+
+
 def grouped_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -354,8 +360,7 @@ def grouped_attention(
         or _original_name(module) != "sdpa"
     ):
         return original_attention(module, query, key, value, attention_mask, **kwargs)
-    is_causal = kwargs.get("is_causal")
-    is_causal = attention_mask is None and bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    is_causal = attention_mask is None and attention_is_causal(module, kwargs)
     if is_causal and key.shape[2] > query.shape[2]:  # transformers' rule for a causal pass without a mask
         key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -462,6 +467,7 @@ def boolean_attention_mask(
 __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "AttentionFn",
+    "attention_is_causal",
     "attention_modules",
     "boolean_attention_mask",
     "check_supported",

@@ -39,7 +39,13 @@ from contextlib import contextmanager
 import torch
 
 from ratequant.cache.storage import PackedView
-from ratequant.compat import boolean_attention_mask, grouped_attention, intercept_attention, original_attention
+from ratequant.compat import (
+    attention_is_causal,
+    boolean_attention_mask,
+    grouped_attention,
+    intercept_attention,
+    original_attention,
+)
 from ratequant.errors import RateQuantError
 
 MAX_QUERY = 16
@@ -143,9 +149,7 @@ def attention_in_blocks(module, query, kv: PackedView, vv: PackedView, attention
     those before its window). Returns ``(output [B, T, Hq, D], None)`` in the query's dtype."""
     b, hq, t, d = query.shape
     n = kv.length
-    is_causal = kwargs.get("is_causal")
-    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    mask = _mask(attention_mask, b, t, n, query.device, is_causal)
+    mask = _mask(attention_mask, b, t, n, query.device, attention_is_causal(module, kwargs))
     q = query.float()
     flash = _flash_attention()
     out = torch.zeros(b, hq, t, d, dtype=torch.float32, device=query.device)
@@ -188,7 +192,7 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
         return attention_in_blocks(module, query, kv, vv, attention_mask, **kwargs)
     hk = kv.store.num_heads
     if hq % hk:
-        raise RateQuantError(f"packed attention got {hq} query heads for {hk} kv heads and {t} query tokens")
+        raise RateQuantError(f"packed attention got {hq} query heads for {hk} kv heads (not a multiple)")
     g = hq // hk
     scaling = kwargs.get("scaling")
     scale = d**-0.5 if scaling is None else scaling

@@ -105,6 +105,12 @@ class _Accumulator:
 
 
 @torch.inference_mode()
+def token_kl(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """KL divergence of each row's distribution from the reference's, ``[..., vocab]`` log-probabilities to
+    ``[...]`` nats (clamped at 0 against rounding)."""
+    return (reference.exp() * (reference - log_probs)).sum(dim=-1).clamp_(min=0)
+
+
 def score_conditions(
     model: torch.nn.Module,
     windows: Windows,
@@ -142,7 +148,7 @@ def score_conditions(
                 if reference is None:
                     reference = log_probs
                 nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
-                kl = (reference.exp() * (reference - log_probs)).sum(dim=-1).clamp_(min=0)
+                kl = token_kl(reference, log_probs)
                 agree = log_probs.argmax(dim=-1) == reference.argmax(dim=-1)
                 for scoring, skip in firsts.items():
                     rows = slice(skip - first, None)
@@ -161,4 +167,4 @@ def perplexity(
     return scores["condition" if condition is not None else REFERENCE]
 
 
-__all__ = ["REFERENCE", "ConditionScore", "perplexity", "score_conditions"]
+__all__ = ["REFERENCE", "ConditionScore", "perplexity", "score_conditions", "token_kl"]
