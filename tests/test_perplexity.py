@@ -73,3 +73,19 @@ def test_second_half_scores_the_second_half_from_the_same_passes():
     assert both["all"]["scaled"].tokens == 2 * 31
     alone = score_conditions(model, windows_of(ids, "second-half"), conditions, progress=False)
     assert list(alone) == ["second-half"] and alone["second-half"]["scaled"].kl == pytest.approx(half.kl, rel=1e-9)
+
+
+def test_scoring_records_no_autograd_graph():
+    """Every pass runs without autograd: a graph kept across windows would hold every window's activations."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    @contextlib.contextmanager
+    def recording():
+        seen.append(torch.is_grad_enabled())
+        yield
+
+    assert any(p.requires_grad for p in model.parameters())
+    score_conditions(model, windows_of(ids), {"probe": Within(recording)}, progress=False)
+    assert seen == [False, False]

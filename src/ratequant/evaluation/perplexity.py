@@ -104,13 +104,13 @@ class _Accumulator:
         )
 
 
-@torch.inference_mode()
 def token_kl(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """KL divergence of each row's distribution from the reference's, ``[..., vocab]`` log-probabilities to
     ``[...]`` nats (clamped at 0 against rounding)."""
     return (reference.exp() * (reference - log_probs)).sum(dim=-1).clamp_(min=0)
 
 
+@torch.inference_mode()
 def score_conditions(
     model: torch.nn.Module,
     windows: Windows,
