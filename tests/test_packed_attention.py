@@ -9,6 +9,7 @@ dtype before attention and the packed path computes in float32.
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -53,9 +54,19 @@ def ids_for(batch=1, tokens=56, seed=0):
 
 
 def assert_same(model, spec, ids, mask=None, tol=1e-4, **kw):
+    """Packed attention equals the decode path, by the fused native call (which must then serve every step
+    it is given) and, with that call switched off, by the step composed op by op."""
     want = decode_logits(model, spec, ids, mask, packed=False, **kw)
-    got = decode_logits(model, spec, ids, mask, packed=True, **kw)
-    assert (got - want).abs().max() <= tol, float((got - want).abs().max())
+
+    def composed_step_refused(*args):
+        raise AssertionError("a step the fused native call should serve was composed op by op")
+
+    fused = mock.patch.object(attention, "_attend_step", composed_step_refused)
+    composed = mock.patch.object(native, "attend_layer", lambda *args: None)
+    for path in (fused, composed) if native.available() else (contextlib.nullcontext(),):
+        with path:
+            got = decode_logits(model, spec, ids, mask, packed=True, **kw)
+        assert (got - want).abs().max() <= tol, float((got - want).abs().max())
 
 
 @pytest.mark.parametrize("design", available())
@@ -122,8 +133,18 @@ def test_folded_kernel_paths_equal_decode_then_matmul(bits, group, tokens, kind)
     check_kernel(get_quantizer("kivi", group_size=group), bits, kind, tokens=tokens)
 
 
-def check_kernel(quantizer, bits: int, kind: str, tokens: int) -> None:
-    chunks, batch, heads, d, rows = 3, 2, 2, 16, 5
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("group", "kind"), [(8, "key"), (32, "value"), (8, "value")])
+def test_kernel_paths_for_rows_of_64_codes(bits, d, group, kind):
+    """Head dims that are multiples of 64 read rows of up to 4 bits in a transposed order (the last rows of a
+    buffer one code at a time); wider codes keep the plain order."""
+    check_kernel(get_quantizer("kivi", group_size=group), bits, kind, tokens=24 if kind == "key" else 7, d=d)
+
+
+def check_kernel(quantizer, bits: int, kind: str, tokens: int, d: int = 16) -> None:
+    chunks, batch, heads, rows = 3, 2, 2, 5
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(chunks * batch, heads, tokens, d, generator=gen)
     q = quantizer.quantize(x, bits, kind)
@@ -141,6 +162,69 @@ def check_kernel(quantizer, bits: int, kind: str, tokens: int) -> None:
     torch.testing.assert_close(acc, weights @ decoded, rtol=1e-5, atol=1e-5)
     assert not prepared.attend(batch, queries.double(), scores, weighted=False)  # refused, not misread
     assert not prepared.attend(batch, queries, scores[..., :-1], weighted=False)
+
+
+def layer_kind(kind: str, widths, *, group, batch, chunks, chunk, sinks, tail, d, dtype, gen):
+    """Random sinks, bit groups (heads of one width together, in any order) and tail of one kind for
+    :func:`native.attend_layer`, and the same tokens decoded, ``[B, H, n, D]`` float32."""
+    quantizer = get_quantizer("kivi", group_size=group)
+    heads = len(widths)
+    sink = torch.randn(batch, heads, sinks, d, generator=gen).to(dtype)
+    recent = torch.randn(batch, heads, tail, d, generator=gen).to(dtype)
+    stored = torch.empty(batch, heads, chunks * chunk, d)
+    groups = []
+    for bits in sorted(set(widths)) if chunks else ():
+        members = tuple(h for h, w in enumerate(widths) if w == bits)
+        q = quantizer.quantize(torch.randn(chunks * batch, len(members), chunk, d, generator=gen), bits, kind)
+        groups.append((quantizer.prepare_attend(q), members))
+        decoded = quantizer.dequantize(q).view(chunks, batch, len(members), chunk, d).permute(1, 2, 0, 3, 4)
+        stored[:, list(members)] = decoded.reshape(batch, len(members), chunks * chunk, d)
+    return (sink, groups, recent), torch.cat([sink.float(), stored, recent.float()], dim=2)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("case", ["plain", "masked", "softcap", "no-chunks", "bfloat16-no-sinks", "odd-dim"])
+def test_fused_layer_call_equals_its_definition(case):
+    """One native call per layer: scores over sinks, bit groups and tail, soft-capping, the mask (a row that sees
+    nothing gives zeros), softmax and the weighted values, against the same in PyTorch."""
+    gen = torch.Generator().manual_seed(7)
+    batch, tokens, per_head, d = 2, 3, 2, 12 if case == "odd-dim" else 16
+    common = {
+        "group": 4 if case == "odd-dim" else 8,  # head dims not a multiple of 8 take the scalar code
+        "batch": batch,
+        "chunks": 0 if case == "no-chunks" else 3,
+        "chunk": 8,
+        "sinks": 0 if "no-sinks" in case else 2,
+        "tail": 5,
+        "d": d,
+        "dtype": torch.bfloat16 if case.startswith("bfloat16") else torch.float32,
+        "gen": gen,
+    }
+    keys, k_full = layer_kind("key", (3, 2, 3), **common)  # heads 0 and 2 share a group
+    values, v_full = layer_kind("value", (4, 4, 1), **common)
+    rows = torch.randn(batch, 3, per_head * tokens, d, generator=gen) * d**-0.5
+    n = k_full.shape[2]
+    mask = None
+    if case == "masked":
+        mask = torch.rand(batch, tokens, n, generator=gen) > 0.3
+        mask[1, 2] = False  # a query that sees nothing
+    softcap = 2.0 if case == "softcap" else None
+    logits = rows @ k_full.transpose(-1, -2)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits.view(batch, 3, per_head, tokens, n).masked_fill(~mask[:, None, None], float("-inf"))
+    want = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(batch, 3, -1, n) @ v_full
+    got = native.attend_layer(rows, tokens, keys, values, mask, softcap)
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if mask is not None:
+        assert got.view(batch, 3, per_head, tokens, d)[1, :, :, 2].abs().max() == 0
+    # arguments it cannot serve are refused, not misread
+    assert native.attend_layer(rows.double(), tokens, keys, values, mask, softcap) is None
+    assert native.attend_layer(rows, tokens + 1, keys, values, None, softcap) is None
+    short = (values[0], values[1], values[2][:, :, 1:])
+    assert native.attend_layer(rows, tokens, keys, short, mask, softcap) is None
 
 
 def test_only_stores_the_kernel_serves_are_read_packed():

@@ -28,6 +28,9 @@
  *   mode 0 (scores):   scores[b, h, g, c * T + t] = sum_d q[b, h, g, d] * k[row, d]
  *   mode 1 (weighted): acc[b, h, g, d] += sum over rows of p[b, h, g, c * T + t] * v[row, d]
  * with q, p, scores and acc contiguous float32 ([B, H, G, D] and [B, H, G, n * T]); block row i = c * B + b.
+ * attend_layer composes a layer's whole decode step from such blocks (every bit group of keys and values,
+ * their heads placed in the layer's), the sink tokens, the full-precision tail and a softmax: one call per
+ * layer and step instead of a dozen small PyTorch operations.
  *
  * No Python objects are touched while decoding, so the GIL is released. The module has no dependency on
  * PyTorch: tensors arrive as addresses and integers.
@@ -310,11 +313,18 @@ static ALWAYS_INLINE float dot_scalar(const float *x, const float *y, Py_ssize_t
 enum { TILE = 4 };
 
 typedef struct {
-    int mode;        /* 0: scores, 1: weighted sum */
-    Py_ssize_t G;    /* query rows per kv head */
-    const float *q;  /* mode 0: [B, H, G, D]; mode 1: p [B, H, G, n * T] */
-    float *out;      /* mode 0: scores [B, H, G, n * T]; mode 1: acc [B, H, G, D] (accumulated) */
+    int mode;               /* 0: scores, 1: weighted sum */
+    Py_ssize_t G;           /* query rows per kv head */
+    const float *q;         /* mode 0: [B, Hf, G, D]; mode 1: p [B, Hf, G, L] */
+    float *out;             /* mode 0: scores [B, Hf, G, L]; mode 1: acc [B, Hf, G, D] (accumulated) */
+    const Py_ssize_t *heads; /* head h of the block is head heads[h] of q and out (NULL: head h) */
+    Py_ssize_t Hf, L, off;  /* heads of q and out, their rows' length in tokens, the block's first column */
 } AttendArgs;
+
+/* The first of the G rows of q and out that head h of batch row b of the block serves. */
+static inline Py_ssize_t out_rows(const AttendArgs *w, Py_ssize_t b, Py_ssize_t h) {
+    return (b * w->Hf + (w->heads != NULL ? w->heads[h] : h)) * w->G;
+}
 
 typedef void (*RowToF32)(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
                          const float *zero, float *vals);
@@ -323,17 +333,17 @@ typedef float (*Dot)(const float *x, const float *y, Py_ssize_t D);
 /* Every row in storage order: decoded once into vals (a->out points there), then used by the G query rows. */
 static ALWAYS_INLINE void attend_rows(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero,
                                       float *vals, RowToF32 decode_row, Dot dot) {
-    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = w->L;
     const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
     Py_ssize_t m = 0, left = 0;
     for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
         const Py_ssize_t c = i / a->B, b = i % a->B;
         for (Py_ssize_t h = 0; h < a->H; ++h) {
-            const Py_ssize_t bh = (b * a->H + h) * G;
+            const Py_ssize_t bh = out_rows(w, b, h);
             for (Py_ssize_t t = 0; t < a->T; ++t, row += row_bytes, --left) {
                 if (left == 0) load_meta(a, m++, scale, zero), left = a->meta_rows;
                 decode_row(a, row, end, scale, zero, vals);
-                const Py_ssize_t pos = c * a->T + t;
+                const Py_ssize_t pos = w->off + c * a->T + t;
                 for (Py_ssize_t g = 0; g < G; ++g) {
                     if (w->mode == 0) {
                         w->out[(bh + g) * L + pos] = dot(w->q + (bh + g) * D, vals, D);
@@ -423,14 +433,14 @@ FOLDED static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
 
 /* mode 0 with meta_group == 1. work: cf [TILE, D], qs [G, D], qz [G]. */
 FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *work) {
-    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = w->L;
     float *cf = work, *qs = work + TILE * D, *qz = qs + G * D;
     const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
     Py_ssize_t m = 0, left = 0;
     for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
         const Py_ssize_t c = i / a->B, b = i % a->B;
         for (Py_ssize_t h = 0; h < a->H; ++h) {
-            const Py_ssize_t bh = (b * a->H + h) * G;
+            const Py_ssize_t bh = out_rows(w, b, h);
             for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes, left -= n) {
                 const int fresh = left == 0;
                 if (fresh) {
@@ -451,7 +461,7 @@ FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float
                     }
                 n = left >= TILE && t + TILE <= a->T ? TILE : 1;
                 for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, D, cf + j * D);
-                float *o = w->out + bh * L + c * a->T + t;
+                float *o = w->out + bh * L + w->off + c * a->T + t;
                 for (Py_ssize_t g = 0; g < G; ++g, o += L) {
                     const float *qg = qs + g * D;
                     if (n == TILE) {
@@ -475,10 +485,22 @@ FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float
     }
 }
 
+/* The values' zero terms, summed apart over the tokens (zsum [B, H, G, K] in the block's heads), into out. */
+FOLDED static void add_zero_sums(const DecodeArgs *a, const AttendArgs *w, const float *zsum) {
+    const Py_ssize_t D = a->D, G = w->G, K = a->meta_cols, gk = a->meta_group;
+    for (Py_ssize_t b = 0; b < a->B; ++b)
+        for (Py_ssize_t h = 0; h < a->H; ++h)
+            for (Py_ssize_t g = 0; g < G; ++g) {
+                float *o = w->out + (out_rows(w, b, h) + g) * D;
+                const float *zs = zsum + ((b * a->H + h) * G + g) * K;
+                for (Py_ssize_t d = 0; d < D; ++d) o[d] += zs[d / gk];
+            }
+}
+
 /* mode 1 with meta_rows == 1 (groups of meta_group >= 8 along D). work: cf [TILE, D], zsum [B, H, G, meta_cols];
  * scale and zero hold TILE metadata rows. */
 FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *work) {
-    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = a->n * a->T;
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = w->L;
     const Py_ssize_t K = a->meta_cols, gk = a->meta_group;
     float *cf = work, *zsum = work + TILE * D;
     memset(zsum, 0, (size_t)(a->B * a->H * G * K) * sizeof(float));
@@ -487,7 +509,7 @@ FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float
     for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
         const Py_ssize_t c = i / a->B, b = i % a->B;
         for (Py_ssize_t h = 0; h < a->H; ++h) {
-            const Py_ssize_t bh = (b * a->H + h) * G;
+            const Py_ssize_t bh = out_rows(w, b, h), local = (b * a->H + h) * G; /* zsum's rows are the block's */
             for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes) {
                 n = t + TILE <= a->T ? TILE : 1;
                 meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale); /* the tile's n rows, contiguous */
@@ -495,8 +517,8 @@ FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float
                 m += n;
                 for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, D, cf + j * D);
                 for (Py_ssize_t g = 0; g < G; ++g) {
-                    const float *p = w->q + (bh + g) * L + c * a->T + t;
-                    float *o = w->out + (bh + g) * D, *zs = zsum + (bh + g) * K;
+                    const float *p = w->q + (bh + g) * L + w->off + c * a->T + t;
+                    float *o = w->out + (bh + g) * D, *zs = zsum + (local + g) * K;
                     for (Py_ssize_t k = 0; k < K; ++k) {
                         for (Py_ssize_t j = 0; j < n; ++j) zs[k] += p[j] * zero[j * K + k];
                         if (n == TILE) {
@@ -520,14 +542,47 @@ FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float
             }
         }
     }
-    for (Py_ssize_t r = 0; r < a->B * a->H * G; ++r)
-        for (Py_ssize_t d = 0; d < D; ++d) w->out[r * D + d] += zsum[r * K + d / gk];
+    add_zero_sums(a, w, zsum);
 }
 
 static int folded_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 #endif
+
+static int layout_valid(const DecodeArgs *a) {
+    return a->bits >= 1 && a->bits <= 8 && a->D >= 1 && a->n >= 0 && a->B >= 0 && a->H >= 0 && a->T >= 0 &&
+           a->meta_rows >= 1 && a->meta_group >= 1 && a->meta_cols >= 1 && a->meta_cols * a->meta_group == a->D &&
+           a->meta_dtype >= 0 && a->meta_dtype <= 2;
+}
+
+/* One block's scores (mode 0) or weighted values (mode 1), by the fastest path its layout allows. Touches no
+ * Python object (called with the GIL released); returns 0 when out of memory. */
+static int attend_block(DecodeArgs *a, const AttendArgs *w) {
+    /* TILE scale and zero rows, then TILE scratch rows, then the folded paths' query (G * D + G) or their
+     * sums (B * H * G * meta_cols) */
+    const size_t cols = (size_t)a->meta_cols * TILE;
+    const size_t extra = (size_t)w->G * (size_t)(w->mode == 0 ? a->D + 1 : a->B * a->H * a->meta_cols);
+    float *work = (float *)malloc((2 * cols + TILE * (size_t)a->D + extra) * sizeof(float));
+    if (work == NULL) return 0;
+    float *srow = work, *zrow = work + cols, *rest = work + 2 * cols;
+    a->out = rest; /* the unfolded paths decode rows into this scratch row */
+    a->out_dtype = DT_FLOAT32;
+    a->s_n = a->s_b = a->s_h = a->s_t = 0;
+#ifdef HAVE_AVX2_PATH
+    const int vector = a->D % 8 == 0 && (a->meta_group == 1 || a->meta_group % 8 == 0);
+    if (vector && w->mode == 0 && a->meta_group == 1 && folded_supported())
+        scores_folded(a, w, srow, zrow, rest);
+    else if (vector && w->mode == 1 && a->meta_rows == 1 && a->meta_group % 8 == 0 && folded_supported())
+        values_folded(a, w, srow, zrow, rest);
+    else if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        attend_rows_avx2(a, w, srow, zrow, rest);
+    else
+#endif
+        attend_rows_scalar(a, w, srow, zrow, rest);
+    free(work);
+    return 1;
+}
 
 static PyObject *attend_minmax(PyObject *self, PyObject *args) {
     (void)self;
@@ -537,40 +592,294 @@ static PyObject *attend_minmax(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "nin(nnnn)nninnninnn", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T, &scale,
                           &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &w.mode, &w.G, &q, &out))
         return NULL;
-    if (a.bits < 1 || a.bits > 8 || a.D < 1 || a.n < 0 || a.B < 0 || a.H < 0 || a.T < 0 || a.meta_rows < 1 ||
-        a.meta_group < 1 || a.meta_cols < 1 || a.meta_cols * a.meta_group != a.D || a.meta_dtype < 0 ||
-        a.meta_dtype > 2 || w.mode < 0 || w.mode > 1 || w.G < 1) {
+    if (!layout_valid(&a) || w.mode < 0 || w.mode > 1 || w.G < 1) {
         PyErr_SetString(PyExc_ValueError, "attend_minmax: invalid layout arguments");
         return NULL;
     }
     a.codes = (const uint8_t *)codes;
     a.scale = (const void *)scale;
     a.zero = (const void *)zero;
-    a.out_dtype = DT_FLOAT32;
     w.q = (const float *)q;
     w.out = (float *)out;
-    /* TILE scale and zero rows, then TILE scratch rows, then the folded paths' query (G * D + G) or their
-     * sums (B * H * G * meta_cols) */
-    const size_t cols = (size_t)a.meta_cols * TILE;
-    const size_t extra = (size_t)w.G * (size_t)(w.mode == 0 ? a.D + 1 : a.B * a.H * a.meta_cols);
-    float *work = (float *)malloc((2 * cols + TILE * (size_t)a.D + extra) * sizeof(float));
-    if (work == NULL) return PyErr_NoMemory();
-    float *srow = work, *zrow = work + cols, *rest = work + 2 * cols;
-    a.out = rest; /* the unfolded paths decode rows into this scratch row */
-    a.s_n = a.s_b = a.s_h = a.s_t = 0;
-    Py_BEGIN_ALLOW_THREADS
+    w.heads = NULL, w.Hf = a.H, w.L = a.n * a.T, w.off = 0;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS ok = attend_block(&a, &w);
+    Py_END_ALLOW_THREADS if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * attend_layer: one layer's whole attention step in one call. For each kind (keys, values) it takes the sink
+ * tokens and the full-precision tail (dense [B, H, len, D] tensors in the model's dtype, any strides with D
+ * contiguous) and every bit group of the stored chunks (blocks as attend_minmax takes them, with the kv heads
+ * each group holds); then, for every query row:
+ *
+ *   scores over sinks | stored chunks | tail, optional soft-capping (tanh(x / c) * c), the boolean mask
+ *   (false: -inf), softmax (a row that sees nothing gets all-zero weights), and the weighted values.
+ *
+ * Token positions: sinks 0..s-1, a kind's stored chunks s..s+P-1 (P = chunks * T, per kind), its tail after
+ * them; both kinds span the same n tokens. q is [B, H, R, D] float32 (scaled), R rows per kv head, row r of
+ * query token r % t; the mask (uint8, or none) is [B or 1, t, n]; out is [B, H, R, D] float32. */
+
+enum { MAX_GROUPS = 8, MAX_GROUP_HEADS = 64 }; /* groups: one per width 1..8 */
+
+typedef struct {
+    const void *p;
+    Py_ssize_t len, sb, sh, st; /* tokens; element strides of batch, head, token */
+} Dense;
+
+typedef struct {
+    int dtype;
+    Dense sink, tail;
+    Py_ssize_t groups, P;
+    DecodeArgs block[MAX_GROUPS];
+    Py_ssize_t heads[MAX_GROUPS][MAX_GROUP_HEADS];
+} Kind;
+
+/* Row t of (b, h) of a dense part as float32 in dst. */
+static inline const float *dense_row(const Dense *x, int dtype, Py_ssize_t b, Py_ssize_t h, Py_ssize_t t,
+                                     Py_ssize_t D, float *dst) {
+    const Py_ssize_t at = b * x->sb + h * x->sh + t * x->st;
+    if (dtype == DT_FLOAT32) return (const float *)x->p + at;
+    for (Py_ssize_t d = 0; d < D; ++d) dst[d] = meta_value(x->p, at + d, dtype);
+    return dst;
+}
+
+typedef void (*Axpy)(float a, const float *x, float *y, Py_ssize_t D);
+typedef float (*RowMax)(const float *x, Py_ssize_t n);        /* NaN when any element is NaN */
+typedef float (*ExpSum)(float *x, Py_ssize_t n, float shift); /* x = exp(x - shift); returns the sum */
+
+static ALWAYS_INLINE void axpy_scalar(float a, const float *x, float *y, Py_ssize_t D) {
+    for (Py_ssize_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+static float row_max_scalar(const float *x, Py_ssize_t n) {
+    float top = -INFINITY;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+        if (x[k] != x[k]) return x[k];
+        top = x[k] > top ? x[k] : top;
+    }
+    return top;
+}
+
+static float exp_sum_scalar(float *x, Py_ssize_t n, float shift) {
+    float sum = 0.0f;
+    for (Py_ssize_t k = 0; k < n; ++k) sum += x[k] = expf(x[k] - shift);
+    return sum;
+}
+
+/* Softmax of one row of n scores in place, after soft-capping and the mask row (NULL: no mask). */
+static ALWAYS_INLINE void softmax_row(float *x, Py_ssize_t n, const uint8_t *mask, float softcap, RowMax row_max,
+                                      ExpSum exp_sum) {
+    if (softcap > 0.0f)
+        for (Py_ssize_t k = 0; k < n; ++k) x[k] = tanhf(x[k] / softcap) * softcap;
+    if (mask != NULL)
+        for (Py_ssize_t k = 0; k < n; ++k)
+            if (!mask[k]) x[k] = -INFINITY;
+    const float top = row_max(x, n);
+    if (top == -INFINITY) { /* sees nothing */
+        memset(x, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    const float inv = 1.0f / exp_sum(x, n, top); /* exp(-inf - top) = 0 */
+    for (Py_ssize_t k = 0; k < n; ++k) x[k] *= inv;
+}
+
+/* Scores of the dense tokens of keys (mode 0) into S, or their weighted values into out (mode 1). */
+static ALWAYS_INLINE void attend_dense(const Kind *k, int mode, Py_ssize_t B, Py_ssize_t H, Py_ssize_t R,
+                                       Py_ssize_t D, Py_ssize_t n, const float *q, float *S, float *out,
+                                       float *row, Dot dot, Axpy axpy) {
+    const Py_ssize_t s = k->sink.len;
+    for (int part = 0; part < 2; ++part) {
+        const Dense *x = part == 0 ? &k->sink : &k->tail;
+        const Py_ssize_t first = part == 0 ? 0 : s + k->P;
+        for (Py_ssize_t b = 0; b < B; ++b)
+            for (Py_ssize_t h = 0; h < H; ++h)
+                for (Py_ssize_t t = 0; t < x->len; ++t) {
+                    const float *v = dense_row(x, k->dtype, b, h, t, D, row);
+                    const Py_ssize_t r0 = (b * H + h) * R;
+                    for (Py_ssize_t r = r0; r < r0 + R; ++r) {
+                        if (mode == 0)
+                            S[r * n + first + t] = dot(q + r * D, v, D);
+                        else
+                            axpy(S[r * n + first + t], v, out + r * D, D);
+                    }
+                }
+    }
+}
+
+typedef struct {
+    Py_ssize_t B, H, R, D, t, n;
+    const float *q;
+    float *out, *S, *row;
+    const uint8_t *mask;
+    Py_ssize_t mask_sb;
+    float softcap;
+} Layer;
+
+/* The whole step; 0 when out of memory. */
+static ALWAYS_INLINE int attend_layer_rows(const Layer *l, Kind *keys, Kind *values, Dot dot, Axpy axpy,
+                                           RowMax row_max, ExpSum exp_sum) {
+    const Py_ssize_t B = l->B, H = l->H, R = l->R, D = l->D, n = l->n;
+    for (Py_ssize_t g = 0; g < keys->groups; ++g) {
+        const AttendArgs w = {0, R, l->q, l->S, keys->heads[g], H, n, keys->sink.len};
+        if (!attend_block(&keys->block[g], &w)) return 0;
+    }
+    attend_dense(keys, 0, B, H, R, D, n, l->q, l->S, NULL, l->row, dot, axpy);
+    for (Py_ssize_t b = 0; b < B; ++b)
+        for (Py_ssize_t r = 0; r < H * R; ++r) {
+            const uint8_t *mask = l->mask != NULL ? l->mask + b * l->mask_sb + (r % R % l->t) * n : NULL;
+            softmax_row(l->S + (b * H * R + r) * n, n, mask, l->softcap, row_max, exp_sum);
+        }
+    memset(l->out, 0, (size_t)(B * H * R * D) * sizeof(float));
+    for (Py_ssize_t g = 0; g < values->groups; ++g) {
+        const AttendArgs w = {1, R, l->S, l->out, values->heads[g], H, n, values->sink.len};
+        if (!attend_block(&values->block[g], &w)) return 0;
+    }
+    attend_dense(values, 1, B, H, R, D, n, NULL, l->S, l->out, l->row, dot, axpy);
+    return 1;
+}
+
+static int attend_layer_scalar(const Layer *l, Kind *keys, Kind *values) {
+    return attend_layer_rows(l, keys, values, dot_scalar, axpy_scalar, row_max_scalar, exp_sum_scalar);
+}
+
 #ifdef HAVE_AVX2_PATH
-    const int vector = a.D % 8 == 0 && (a.meta_group == 1 || a.meta_group % 8 == 0);
-    if (vector && w.mode == 0 && a.meta_group == 1 && folded_supported())
-        scores_folded(&a, &w, srow, zrow, rest);
-    else if (vector && w.mode == 1 && a.meta_rows == 1 && a.meta_group % 8 == 0 && folded_supported())
-        values_folded(&a, &w, srow, zrow, rest);
-    else if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
-        attend_rows_avx2(&a, &w, srow, zrow, rest);
-    else
+FOLDED static inline void axpy_avx2(float a, const float *x, float *y, Py_ssize_t D) {
+    const __m256 av = _mm256_set1_ps(a);
+    for (Py_ssize_t d = 0; d < D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+}
+
+/* exp of 8 lanes at x <= 0 (softmax's shifted scores): exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln 2 / 2,
+ * exp(r) by its degree-6 Taylor polynomial (relative error below 2e-7, about float32 rounding); lanes under -87
+ * give 2^-126-ish instead of the tiny exact value, -inf gives 0, NaN stays NaN. */
+FOLDED static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(lo, x); /* NaN passes (max returns its second operand) */
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);  /* ln 2 in two parts: exact k * hi */
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+FOLDED static float row_max_avx2(const float *x, Py_ssize_t n) {
+    __m256 top = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    Py_ssize_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m256 v = _mm256_loadu_ps(x + k);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        top = _mm256_max_ps(top, v);
+    }
+    float lanes[8], rest = row_max_scalar(x + k, n - k);
+    if (_mm256_movemask_ps(nan) || rest != rest) return NAN;
+    _mm256_storeu_ps(lanes, top);
+    for (int j = 0; j < 8; ++j) rest = lanes[j] > rest ? lanes[j] : rest;
+    return rest;
+}
+
+FOLDED static float exp_sum_avx2(float *x, Py_ssize_t n, float shift) {
+    const __m256 sv = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    Py_ssize_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + k), sv));
+        _mm256_storeu_ps(x + k, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    return hsum8(acc) + exp_sum_scalar(x + k, n - k, shift);
+}
+
+FOLDED static int attend_layer_avx2(const Layer *l, Kind *keys, Kind *values) {
+    return attend_layer_rows(l, keys, values, dot_avx2, axpy_avx2, row_max_avx2, exp_sum_avx2);
+}
 #endif
-        attend_rows_scalar(&a, &w, srow, zrow, rest);
-    Py_END_ALLOW_THREADS free(work);
+
+/* A kind's arguments: (dtype, (sink address, length, strides b, h, t), (tail ...), groups), each group
+ * (codes, bits, chunks, T, scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, heads). */
+static int parse_kind(PyObject *arg, Kind *k, Py_ssize_t B, Py_ssize_t H, Py_ssize_t D, Py_ssize_t n) {
+    Py_ssize_t sink, tail;
+    PyObject *groups;
+    if (!PyArg_ParseTuple(arg, "i(nnnnn)(nnnnn)O!", &k->dtype, &sink, &k->sink.len, &k->sink.sb, &k->sink.sh,
+                          &k->sink.st, &tail, &k->tail.len, &k->tail.sb, &k->tail.sh, &k->tail.st, &PyTuple_Type,
+                          &groups))
+        return 0;
+    k->sink.p = (const void *)sink, k->tail.p = (const void *)tail;
+    k->groups = PyTuple_GET_SIZE(groups);
+    int ok = k->dtype >= 0 && k->dtype <= 2 && k->groups <= MAX_GROUPS && k->sink.len >= 0 && k->tail.len >= 0;
+    Py_ssize_t seen = 0, P = -1;
+    for (Py_ssize_t g = 0; ok && g < k->groups; ++g) {
+        DecodeArgs *a = &k->block[g];
+        Py_ssize_t codes, scale, zero;
+        PyObject *heads;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(groups, g), "ninnnninnnO!", &codes, &a->bits, &a->n, &a->T, &scale,
+                              &zero, &a->meta_dtype, &a->meta_rows, &a->meta_cols, &a->meta_group, &PyTuple_Type,
+                              &heads))
+            return 0;
+        a->codes = (const uint8_t *)codes, a->scale = (const void *)scale, a->zero = (const void *)zero;
+        a->D = D, a->B = B, a->H = PyTuple_GET_SIZE(heads);
+        ok = layout_valid(a) && a->H <= MAX_GROUP_HEADS && (P < 0 || P == a->n * a->T);
+        P = a->n * a->T;
+        for (Py_ssize_t h = 0; ok && h < a->H; ++h) {
+            const Py_ssize_t head = PyLong_AsSsize_t(PyTuple_GET_ITEM(heads, h));
+            ok = head >= 0 && head < H;
+            k->heads[g][h] = head;
+        }
+        seen += a->H;
+    }
+    k->P = P < 0 ? 0 : P;
+    if (!ok || (k->groups && seen != H) || k->sink.len + k->P + k->tail.len != n) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "attend_layer: invalid layout arguments");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *attend_layer(PyObject *self, PyObject *args) {
+    (void)self;
+    Layer l;
+    Py_ssize_t q, out, mask;
+    PyObject *key_arg, *value_arg;
+    if (!PyArg_ParseTuple(args, "nn(nnnnnn)OOnnf", &q, &out, &l.B, &l.H, &l.R, &l.D, &l.t, &l.n, &key_arg,
+                          &value_arg, &mask, &l.mask_sb, &l.softcap))
+        return NULL;
+    if (l.B < 1 || l.H < 1 || l.R < 1 || l.D < 1 || l.t < 1 || l.R % l.t || l.n < 1) {
+        PyErr_SetString(PyExc_ValueError, "attend_layer: invalid shape arguments");
+        return NULL;
+    }
+    Kind *kinds = (Kind *)malloc(2 * sizeof(Kind));
+    if (kinds == NULL) return PyErr_NoMemory();
+    if (!parse_kind(key_arg, &kinds[0], l.B, l.H, l.D, l.n) || !parse_kind(value_arg, &kinds[1], l.B, l.H, l.D, l.n) ||
+        kinds[0].sink.len != kinds[1].sink.len) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "attend_layer: keys and values differ in sinks");
+        free(kinds);
+        return NULL;
+    }
+    l.q = (const float *)q, l.out = (float *)out, l.mask = (const uint8_t *)mask;
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS
+    l.S = (float *)malloc(((size_t)(l.B * l.H * l.R * l.n) + (size_t)l.D) * sizeof(float));
+    if (l.S != NULL) {
+        l.row = l.S + l.B * l.H * l.R * l.n;
+#ifdef HAVE_AVX2_PATH
+        if (l.D % 8 == 0 && folded_supported())
+            ok = attend_layer_avx2(&l, &kinds[0], &kinds[1]);
+        else
+#endif
+            ok = attend_layer_scalar(&l, &kinds[0], &kinds[1]);
+        free(l.S);
+    }
+    Py_END_ALLOW_THREADS free(kinds);
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -581,6 +890,9 @@ static PyMethodDef METHODS[] = {
     {"attend_minmax", attend_minmax, METH_VARARGS,
      "attend_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
      "mode, G, q_or_p, out): attention scores (mode 0) or weighted values (mode 1) from packed rows."},
+    {"attend_layer", attend_layer, METH_VARARGS,
+     "attend_layer(q, out, (B, H, R, D, t, n), keys, values, mask, mask_batch_stride, softcap): one layer's "
+     "attention step from sinks, packed bit groups and tail; see ratequant.native."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -593,11 +905,12 @@ static struct PyModuleDef MODULE = {
 };
 
 /* Raised whenever the functions' arguments change, so that ratequant.native refuses a stale build. */
-#define NATIVE_ABI 2
+#define NATIVE_ABI 3
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *module = PyModule_Create(&MODULE);
-    if (module != NULL && PyModule_AddIntConstant(module, "ABI", NATIVE_ABI) < 0) {
+    if (module != NULL && (PyModule_AddIntConstant(module, "ABI", NATIVE_ABI) < 0 ||
+                           PyModule_AddIntConstant(module, "MAX_GROUP_HEADS", MAX_GROUP_HEADS) < 0)) {
         Py_DECREF(module);
         return NULL;
     }

@@ -3,7 +3,10 @@
 ``ratequant._native`` (C, built from ``_native.c`` when the package is installed with a C compiler) decodes
 bit-packed min-max blocks in one pass: it reads each packed byte once, unpacks, scales, shifts and writes
 the output dtype straight into the cache's (strided) output, where the PyTorch path needs four passes
-(unpack, multiply, add, copy). Both paths give bit-identical results (``tests/test_native.py``).
+(unpack, multiply, add, copy). Both paths give bit-identical results (``tests/test_native.py``). It also
+computes attention straight from packed blocks: per block (:meth:`PreparedDecode.attend`) or a layer's whole
+decode step in one call (:func:`attend_layer`), equal to decode-then-attend to float32 rounding
+(``tests/test_packed_attention.py``).
 
 The kernel is used for CPU tensors whenever it is built and not switched off; everything else (CUDA
 tensors, layouts it does not cover) takes the PyTorch path. Switch it off with the environment variable
@@ -22,7 +25,7 @@ import torch
 from ratequant.packing import packed_size
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ABI = 2  # NATIVE_ABI in _native.c
+_ABI = 3  # NATIVE_ABI in _native.c
 
 
 def _load():
@@ -81,7 +84,7 @@ class PreparedDecode:
     (then the caller takes the PyTorch path). The object keeps its tensors alive.
     """
 
-    __slots__ = ("_head", "_meta", "_shape", "_tensors")
+    __slots__ = ("_args", "_head", "_meta", "_shape", "_tensors")
 
     def __init__(self, codes, bits, scale, zero, meta_rows, meta_cols, meta_group):
         n, h, t, _ = codes.shape
@@ -89,6 +92,7 @@ class PreparedDecode:
         self._shape = (n, h, t, meta_cols * meta_group)
         self._head = (codes.data_ptr(), bits, self._shape[3])
         self._meta = (scale.data_ptr(), zero.data_ptr(), _DTYPE_CODES[scale.dtype], meta_rows, meta_cols, meta_group)
+        self._args = {}
 
     def decode(self, out: torch.Tensor) -> bool:
         if not available() or out.dtype not in _DTYPE_CODES or out.device.type != "cpu" or out.stride(-1) != 1:
@@ -135,6 +139,95 @@ class PreparedDecode:
         )
         return True
 
+    def block_args(self, batch: int, heads: tuple[int, ...]) -> tuple | None:
+        """The block as one bit group of :func:`attend_layer` (``heads``: the kv heads it holds, in order), or
+        None when it does not fit ``batch``."""
+        key = (batch, heads)
+        if key not in self._args:
+            n, h, t, _ = self._shape
+            fits = batch >= 1 and n % batch == 0 and len(heads) == h <= _MODULE.MAX_GROUP_HEADS
+            self._args[key] = (self._head[0], self._head[1], n // batch, t, *self._meta, heads) if fits else None
+        return self._args[key]
+
+
+LayerKind = tuple  # (sink [B, H, s, D], [(PreparedDecode, heads)], tail [B, H, m, D]): see attend_layer
+
+
+def _dense_args(x: torch.Tensor, batch: int, heads: int, d: int) -> tuple | None:
+    if x.device.type != "cpu" or x.dim() != 4 or tuple(x.shape[:2]) != (batch, heads) or x.shape[3] != d:
+        return None
+    if x.shape[2] and x.stride(3) != 1:
+        return None
+    return (x.data_ptr(), x.shape[2], x.stride(0), x.stride(1), x.stride(2))
+
+
+def _kind_args(kind: LayerKind, batch: int, heads: int, d: int) -> tuple | None:
+    sink, groups, tail = kind
+    if sink.dtype not in _DTYPE_CODES or tail.dtype != sink.dtype:
+        return None
+    dense = (_dense_args(sink, batch, heads, d), _dense_args(tail, batch, heads, d))
+    blocks = tuple(prepared.block_args(batch, tuple(group_heads)) for prepared, group_heads in groups)
+    if None in dense or None in blocks or sum(len(b[-1]) for b in blocks) not in (0, heads):
+        return None
+    stored = {blk[2] * blk[3] for blk in blocks} or {0}  # chunks * T: the same for every group
+    if len(stored) != 1:
+        return None
+    return (_DTYPE_CODES[sink.dtype], *dense, blocks), sink.shape[2] + stored.pop() + tail.shape[2]
+
+
+def attend_layer(
+    queries: torch.Tensor,
+    tokens: int,
+    keys: LayerKind,
+    values: LayerKind,
+    mask: torch.Tensor | None,
+    softcap: float | None,
+) -> torch.Tensor | None:
+    """One layer's attention step in one native call: scores over the sink tokens, every bit group of the
+    stored chunks and the full-precision tail, soft-capping, the mask, softmax, and the weighted values.
+
+    Args:
+        queries: ``[B, H, R, D]`` float32, contiguous, already scaled; ``R`` rows per kv head, row ``r`` of query
+            token ``r % tokens``.
+        keys, values: ``(sink, groups, tail)`` with ``sink [B, H, s, D]`` and ``tail [B, H, m, D]`` in one
+            float dtype (the last dimension contiguous) and ``groups`` the stored chunks' bit groups as
+            ``(PreparedDecode of [chunks * B, Hg, T, D] blocks, the Hg kv heads it holds)``, together every head
+            once (or none). Both kinds span the same ``n`` tokens: ``s + chunks * T + m``.
+        mask: boolean ``[B or 1, tokens, n]``, True where a query row sees the key; None: every row sees all.
+        softcap: ``tanh(x / c) * c`` on the scores when given.
+
+    Returns ``[B, H, R, D]`` float32 (a row that sees nothing gives zeros), or None, touching nothing, when the
+    kernel is unavailable or the arguments do not fit it (then the caller composes the step itself).
+    """
+    if not available() or queries.dtype != torch.float32 or queries.device.type != "cpu" or queries.dim() != 4:
+        return None
+    if not queries.is_contiguous() or tokens < 1 or queries.shape[2] % tokens:
+        return None
+    b, h, r, d = queries.shape
+    key_args, value_args = _kind_args(keys, b, h, d), _kind_args(values, b, h, d)
+    if key_args is None or value_args is None or key_args[1] != value_args[1] or keys[0].shape[2] != values[0].shape[2]:
+        return None
+    (key_args, n), (value_args, _) = key_args, value_args
+    mask_ptr, mask_stride = 0, 0
+    if mask is not None:
+        if mask.dtype != torch.bool or not mask.is_contiguous() or mask.dim() != 3:
+            return None
+        if mask.shape[0] not in (1, b) or tuple(mask.shape[1:]) != (tokens, n):
+            return None
+        mask_ptr, mask_stride = mask.data_ptr(), (tokens * n if mask.shape[0] > 1 else 0)
+    out = queries.new_empty(b, h, r, d)
+    _MODULE.attend_layer(
+        queries.data_ptr(),
+        out.data_ptr(),
+        (b, h, r, d, tokens, n),
+        key_args,
+        value_args,
+        mask_ptr,
+        mask_stride,
+        float(softcap or 0.0),
+    )
+    return out
+
 
 def prepare_minmax_decode(
     codes: torch.Tensor,
@@ -177,4 +270,4 @@ def prepare_minmax_decode(
     return PreparedDecode(codes, bits, scale, zero, meta_rows, meta_cols, meta_group)
 
 
-__all__ = ["PreparedDecode", "available", "describe", "disabled", "prepare_minmax_decode"]
+__all__ = ["PreparedDecode", "attend_layer", "available", "describe", "disabled", "prepare_minmax_decode"]

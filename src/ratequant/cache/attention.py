@@ -14,9 +14,11 @@ and kv head,
 * the output from the packed values, each row read once and accumulated with its weights (for per-token
   groups as ``(p * s) * c``, the ``p * z`` terms summed apart).
 
-This is one place (:func:`scores` and :func:`weighted_values` dispatch per bit group): the native kernel
-(:meth:`ratequant.native.PreparedDecode.attend`) for the min-max designs (``uniform``, ``kivi``) on the CPU,
-with a decode-then-``matmul`` branch kept as a safety net (a GPU kernel would be one more branch here). A
+A step is one native call per layer (:func:`ratequant.native.attend_layer`: every bit group of both kinds,
+sinks, tail, mask, soft-capping and softmax) for the min-max designs (``uniform``, ``kivi``) on the CPU; where
+that call declines its arguments, the same step is composed op by op (:func:`scores` and
+:func:`weighted_values` dispatch per bit group to the kernel's :meth:`~ratequant.native.PreparedDecode.attend`,
+with a decode-then-``matmul`` branch as a safety net; a GPU kernel would be one more branch there). A
 cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
 tensors, the rotated designs (``quarot``, ``turbo``) and a missing kernel keep the decode path, which is
 faster there. Longer forward passes (prefill pieces) attend block by block on the CPU
@@ -38,6 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ratequant import native
 from ratequant.cache.storage import PackedView
 from ratequant.compat import (
     attention_is_causal,
@@ -197,19 +200,48 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     scaling = kwargs.get("scaling")
     scale = d**-0.5 if scaling is None else scaling
     rows = (query.float() * scale).reshape(b, hk, g * t, d)  # query head j of kv head h is head h * g + j
-    logits = scores(kv, rows)
     softcap = kwargs.get("softcap")
+    n = kv.length
+    # one query after every key sees them all (transformers' sdpa rule): no mask
+    mask = None if attention_mask is None and t == 1 else _mask(attention_mask, b, t, n, query.device, True)
+    keys, values = _layer_kind(kv), _layer_kind(vv)
+    out = None
+    if keys is not None and values is not None:
+        out = native.attend_layer(rows, t, keys, values, None if mask is None else mask[:, 0].contiguous(), softcap)
+    if out is None:
+        out = _attend_step(kv, vv, rows, mask, softcap)
+    out = out.view(b, hk, g, t, d).reshape(b, hq, t, d)
+    return out.transpose(1, 2).to(query.dtype), None
+
+
+def _layer_kind(view: PackedView) -> native.LayerKind | None:
+    """A view as :func:`ratequant.native.attend_layer` reads it (sinks, prepared bit groups, tail), or None
+    when a group has no kernel."""
+    store = view.store
+    groups = []
+    for group in store.groups if view.chunks else ():
+        prepared = group.attend_block(store.quantizer, 0, view.chunks, store.residual.dtype)
+        if prepared is None:
+            return None
+        groups.append((prepared, group.heads))
+    return store.sink, groups, view.tail
+
+
+def _attend_step(kv: PackedView, vv: PackedView, rows: torch.Tensor, mask: torch.Tensor | None, softcap):
+    """The step :func:`ratequant.native.attend_layer` computes in one call, composed op by op (per bit group:
+    the kernel's scores or weighted values, else decode-then-matmul): ``rows [B, H, R, D]`` scaled float32 ->
+    ``[B, H, R, D]`` float32."""
+    logits = scores(kv, rows)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    n = kv.length
-    if attention_mask is None and t == 1:  # one query after every key sees them all (transformers' sdpa rule)
+    if mask is None:
         weights = torch.softmax(logits, dim=-1)
     else:
-        mask = _mask(attention_mask, b, t, n, query.device, True)
-        logits = logits.view(b, hk, g, t, n).masked_fill(~mask[:, :, None], float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hk, g * t, n)  # rows seeing nothing: 0
-    out = weighted_values(vv, weights).view(b, hk, g, t, d).reshape(b, hq, t, d)
-    return out.transpose(1, 2).to(query.dtype), None
+        b, h, r, n = logits.shape
+        t = mask.shape[2]
+        logits = logits.view(b, h, r // t, t, n).masked_fill(~mask[:, :, None], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, h, r, n)  # rows seeing nothing: 0
+    return weighted_values(vv, weights)
 
 
 @contextmanager
