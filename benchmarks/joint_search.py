@@ -12,7 +12,7 @@ really cause, without the additive model, on the embedded default model:
    component (kind, layer, kv head) to another, at equal or fewer true bytes; a move is kept when the KL on the
    search text falls. Donors and receivers are drawn (seeded) with weights from the fitted curves: the donor
    among the components whose next bit down the curve says costs least, the receiver among those whose next
-   bit up it says gains most;
+   bit up it says gains most (:func:`ratequant.kl_search.search_allocation`, the search of ``calibrate --search``);
 3. the fixed split, RateQuant and the searched allocation scored on the evaluation windows of ``compare``'s
    headline protocol (``--seq-len`` tokens x ``--windows``, second-half KL, simulated quantization with the
    128-token residual window), so the result says whether what the search found on calibration text holds
@@ -41,28 +41,6 @@ FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
 
 
-def proposal_weights(curves, bits: np.ndarray, step: int, low: int, high: int, temperature: float) -> np.ndarray:
-    """Sampling weights over components ``[2 * L * H]`` for a move of ``step`` (+1 receive, -1 give) from
-    ``bits [2, L, H]``: softmax of the fitted curve's predicted gain (receive) or negative cost (give) in units of
-    its spread; 0 where the width would leave ``low..high``."""
-    index = {b: i for i, b in enumerate(curves.bitset)}
-    values = curves.values
-    flat = bits.reshape(-1)
-    out = np.zeros(flat.size)
-    score = np.full(flat.size, -np.inf)
-    for c, b in enumerate(flat):
-        to = b + step
-        if low <= to <= high and to in index and b in index:
-            kind, layer, head = np.unravel_index(c, bits.shape)
-            now, then = values[kind, layer, head, index[b]], values[kind, layer, head, index[to]]
-            score[c] = np.log(max(now - then, 1e-30)) if step > 0 else -np.log(max(then - now, 1e-30))
-    finite = np.isfinite(score)
-    if finite.any():
-        s = score[finite]
-        out[finite] = np.exp((s - s.max()) / (temperature * (s.std() + 1e-12)))
-    return out / out.sum() if out.sum() > 0 else out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--designs", default="kivi,quarot,turbo")
@@ -77,14 +55,19 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=HERE.parent / "results" / "joint_search.json")
     args = parser.parse_args(argv)
+    if args.search_tokens <= 256 or args.seq_len <= 256:
+        parser.error(
+            "--search-tokens and --seq-len must exceed 256 (the 128-token residual window leaves less unquantized)"
+        )
 
     import torch
 
     from ratequant.allocation import Budget
     from ratequant.data import load_corpus
-    from ratequant.evaluation.conditions import FullPrecision, Simulated
-    from ratequant.evaluation.perplexity import score_conditions, token_kl
+    from ratequant.evaluation.conditions import Simulated
+    from ratequant.evaluation.perplexity import score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, make_windows
+    from ratequant.kl_search import kl_on, search_allocation
     from ratequant.models import load_model
     from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
 
@@ -95,21 +78,8 @@ def main(argv=None) -> int:
     search = make_windows(
         loaded.tokenizer, corpus.calibration, WindowProtocol(args.search_tokens, args.search_windows, "auto", "all")
     )
-    first = search.protocol.first_target
-    with torch.inference_mode():
-        references = [FullPrecision().log_probs(model, w.unsqueeze(0), first) for w in search.ids]
+    search_kl = kl_on(model, search)
 
-    def search_kl(quantized) -> float:
-        """Mean KL from full precision over the search windows' scored positions."""
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for window, ref in zip(search.ids, references):
-                log_probs = Simulated(quantized).log_probs(model, window.unsqueeze(0), first)
-                total += float(token_kl(ref, log_probs).sum())
-                count += ref.shape[0]
-        return total / count
-
-    rng = np.random.default_rng(args.seed)
     k_bits, v_bits = KEYS_WIDER_SPLITS[args.budget]
     conditions, designs = {}, []
     for design in args.designs.split(","):
@@ -122,25 +92,16 @@ def main(argv=None) -> int:
         starts = {f"K{k_bits}V{v_bits}": fixed, "RateQuant": np.array(spec.bits)}
         start_kl = {name: search_kl(replace(spec, bits=bits)) for name, bits in starts.items()}
         start = min(start_kl, key=start_kl.get)
-        bits, best = starts[start].copy(), start_kl[start]
-        limit = cost.bytes_per_token(bits) * (1 + 1e-9)
-        low, high = min(run.curves.bitset), max(run.curves.bitset)
-        accepted, trace = 0, [best]
-        for _ in range(args.evaluations):
-            give = proposal_weights(run.curves, bits, -1, low, high, args.temperature)
-            take = proposal_weights(run.curves, bits, +1, low, high, args.temperature)
-            if give.sum() == 0 or take.sum() == 0:
-                break
-            donor, receiver = rng.choice(give.size, p=give), rng.choice(take.size, p=take)
-            candidate = bits.copy().reshape(-1)
-            candidate[donor] -= 1
-            candidate[receiver] += 1
-            candidate = candidate.reshape(bits.shape)
-            if donor != receiver and cost.bytes_per_token(candidate) <= limit:
-                kl = search_kl(replace(spec, bits=candidate))
-                if kl < best:
-                    bits, best, accepted = candidate, kl, accepted + 1
-            trace.append(best)
+        found = search_allocation(
+            search_kl,
+            replace(spec, bits=starts[start]),
+            run.curves,
+            cost,
+            proposals=args.evaluations,
+            seed=args.seed,
+            temperature=args.temperature,
+        )
+        bits, best, accepted, trace = found.bits, found.kl, found.accepted, list(found.trace)
         allocations = {**starts, "searched": bits}
         for name, b in allocations.items():
             conditions[f"{design}/{name}"] = Simulated(replace(spec, bits=b))

@@ -155,6 +155,13 @@ def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus
     assert "keys" in out and "values" in out and "beta key" in out
     for png in (heatmap, curves):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # the KL search, and a bad count for it
+    assert main([*args, "--force", "--search", "3", "--search-tokens", "32"]) == 0
+    assert "KL search on 32 calibration tokens" in capsys.readouterr().out
+    assert Plan.load(plan_path).calibration["search_proposals"] == 3
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--force", "--search", "-1"])
+    assert refused.value.code == 2 and "--search" in capsys.readouterr().err
 
 
 def test_calibrate_rejects_unreachable_budgets(tmp_path, capsys, tiny_model_dir, corpus_file):
@@ -223,3 +230,51 @@ def test_sink_tokens_are_chosen_from_the_calibration_data():
     chosen, totals = choose_sink_tokens(sunk, kivi, metric="mse")
     assert chosen == 1 and totals[1] < 0.5 * totals[0]
     assert choose_sink_tokens(plain, kivi, metric="mse")[0] == 0
+
+
+def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corpus_file):
+    """``search_proposals`` moves bits between components on the KL they cause on the calibration text: the
+    search text's KL never rises, the budget and the allowed widths hold, and the plan records the search."""
+    loaded = load_model(str(tiny_model_dir))
+    corpus = load_corpus(str(corpus_file))
+    common = {"quantizer": "uniform", "budget": Budget.avg_bits(3.0), "seq_len": 32, "sequences": 2}
+    base = calibrate(loaded, corpus, CalibrationSettings(**common))
+    settings = CalibrationSettings(**common, search_proposals=12, search_tokens=48, b_max=5)
+    run = calibrate(loaded, corpus, settings)
+    c = run.plan.calibration
+    assert c["search_proposals"] == 12 and c["search_tokens"] == 48 and "search" in run.phases
+    assert c["search_kl"] <= c["search_kl_start"] and 0 <= c["search_moves_kept"] <= 12
+    assert run.plan.allocator == "ratequant+kl-search" and run.plan.avg_bits == 3.0
+    bits, start = run.plan.bits_array(), base.plan.bits_array()
+    assert bits.sum() == start.sum() and bits.max() <= max(5, start.max())
+    assert (c["search_moves_kept"] > 0) == bool((bits != start).any())
+    assert Plan.from_dict(json.loads(json.dumps(run.plan.to_dict()))) == run.plan  # the record survives a round trip
+
+
+def test_kl_search_keeps_a_move_only_when_the_kl_falls():
+    from ratequant.allocation import CostModel, Curves
+    from ratequant.geometry import Geometry
+    from ratequant.kl_search import search_allocation
+    from ratequant.quantizers import get_quantizer
+    from ratequant.spec import KVQuantSpec
+
+    geometry = Geometry(num_layers=2, num_kv_heads=2, head_dim=8)
+    widths = (2, 3, 4)
+    values = np.broadcast_to(2.0 ** -np.array(widths, dtype=float), (*geometry.shape, 3)).copy()
+    values[0, 0, 0] *= 100  # the curves point at the right move: keys of (0, 0) gain most from a bit,
+    values[1, 1, 1] /= 100  # values of (1, 1) lose least
+    curves = Curves(values, widths, "model")
+    spec = KVQuantSpec(np.full(geometry.shape, 3), get_quantizer("uniform"), residual_length=0)
+    cost = CostModel.from_policy(spec.policy, geometry, 256)
+    target = np.array(spec.bits)
+    target[0, 0, 0], target[1, 1, 1] = 4, 2  # the only better allocation: keys of (0, 0) wider, values of (1, 1)
+
+    def kl(s):  # a stand-in for the model's KL: the distance to the target
+        return float(np.abs(np.array(s.bits) - target).sum())
+
+    result = search_allocation(kl, spec, curves, cost, proposals=40, seed=1)
+    assert (result.bits == target).all() and result.kl == 0 and result.start_kl == 2
+    assert result.accepted == 1 and list(result.trace) == sorted(result.trace, reverse=True)
+    assert result.bits.sum() == spec.bits.sum()
+    with pytest.raises(RateQuantError, match="search proposals"):
+        search_allocation(kl, spec, curves, cost, proposals=-1)

@@ -30,11 +30,12 @@ from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
+from ratequant.kl_search import kl_on, search_allocation
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
 from ratequant.progress import progress_bar
 from ratequant.quantizers import Quantizer, get_quantizer
-from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, StoragePolicy
+from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, KVQuantSpec, StoragePolicy
 from ratequant.validation import check_bitset, check_int
 
 DEFAULT_CONTEXT = 4096
@@ -71,6 +72,9 @@ class CalibrationSettings:
     sequences: int = 4
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     sink_tokens: int | str = "auto"
+    search_proposals: int = 0  # > 0: refine the allocation on the KL it causes (ratequant.kl_search); slow
+    search_tokens: int = 1024
+    search_seed: int = 0
 
     def __post_init__(self) -> None:
         METRICS.get(self.metric)
@@ -80,6 +84,9 @@ class CalibrationSettings:
         object.__setattr__(self, "bitset", check_bitset(self.bitset))
         check_int(self.seq_len, "seq_len", lo=2)
         check_int(self.sequences, "sequences", lo=1)
+        check_int(self.search_proposals, "search proposals", lo=0, hi=1 << 20)
+        check_int(self.search_tokens, "search tokens", lo=2)
+        check_int(self.search_seed, "search seed", lo=0)
         self.policy()  # validates the design, its parameters, the residual window and the sinks
         if self.curves_from is not None:
             get_quantizer(self.curves_from)
@@ -208,6 +215,49 @@ def allocate_for(
     return allocate(curves, settings.budget, settings.strategy, options)
 
 
+def refine_allocation(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    settings: CalibrationSettings,
+    policy: StoragePolicy,
+    curves: Curves,
+    cost_model: CostModel,
+    allocation: Allocation,
+) -> tuple[Allocation, dict]:
+    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on the first ``search_tokens``
+    tokens of the calibration split (BOS first where the tokenizer adds one, every position scored), within the
+    widths the allocation could use; returns it with the search's record for the plan."""
+    windows = make_windows(
+        loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 1, "auto", "all")
+    )
+    spec = KVQuantSpec(
+        allocation.bits, policy.quantizer, residual_length=policy.residual_length, sink_tokens=policy.sink_tokens
+    )
+    allowed = [b for b in settings.bitset if b in curves.bitset] or list(curves.bitset)
+    low, high = settings.b_min or 1, settings.b_max or 8
+    lowest = curves.min_bits or (1, 1)
+    widths = tuple(tuple(b for b in allowed if max(low, lowest[k]) <= b <= high) for k in range(2))
+    result = search_allocation(
+        kl_on(loaded.model, windows),
+        spec,
+        curves,
+        cost_model,
+        proposals=settings.search_proposals,
+        widths=widths,
+        seed=settings.search_seed,
+    )
+    record = {**result.summary(), "search_tokens": int(windows.ids.numel())}
+    refined = Allocation(
+        bits=result.bits,
+        avg_bits=float(result.bits.mean()),
+        bytes_per_token=cost_model.bytes_per_token(result.bits),
+        predicted_distortion=curves.total(result.bits) if curves.predicts else None,
+        method=f"{allocation.method}+kl-search",
+        details={**allocation.details, "search": record},
+    )
+    return refined, record
+
+
 def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
     """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split."""
     phases: dict[str, float] = {}
@@ -237,6 +287,13 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     cost_model = cost_model_for(policy, loaded, context, settings.bitset)
     allocation = allocate_for(settings, fitted.curves, loaded.geometry, cost_model)
     phases["allocation"] = time.perf_counter() - start
+    searched = {}
+    if settings.search_proposals:
+        start = time.perf_counter()
+        allocation, searched = refine_allocation(
+            loaded, corpus, settings, policy, fitted.curves, cost_model, allocation
+        )
+        phases["search"] = time.perf_counter() - start
     table, fit = fitted.table, fitted.fit
     plan = Plan.from_allocation(
         allocation,
@@ -258,6 +315,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             "phases": dict(phases),
             "bos_token_id": bos_token_id(loaded.tokenizer),
             "sink_tokens_chosen": "auto" if sink_totals else "given",
+            **searched,
         },
     )
     return CalibrationRun(plan=plan, table=table, fit=fit, curves=fitted.curves, allocation=allocation, phases=phases)
