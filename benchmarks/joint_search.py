@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.kl_search import kl_on, search_allocation
+    from ratequant.kl_search import best_start, kl_on, search_allocation
     from ratequant.models import load_model
     from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
 
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
         fixed = np.empty_like(spec.bits)
         fixed[0], fixed[1] = k_bits, v_bits
         starts = {f"K{k_bits}V{v_bits}": fixed, "RateQuant": np.array(spec.bits)}
-        start_kl = {name: search_kl(replace(spec, bits=bits)) for name, bits in starts.items()}
-        start = min(start_kl, key=start_kl.get)
+        start, start_kl = best_start(search_kl, spec, starts)
         found = search_allocation(
             search_kl,
             replace(spec, bits=starts[start]),
@@ -100,6 +99,7 @@ def main(argv=None) -> int:
             proposals=args.evaluations,
             seed=args.seed,
             temperature=args.temperature,
+            start_kl=start_kl[start],
         )
         bits, best, accepted, trace = found.bits, found.kl, found.accepted, list(found.trace)
         allocations = {**starts, "searched": bits}

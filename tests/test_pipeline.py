@@ -159,6 +159,8 @@ def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus
     assert main([*args, "--force", "--search", "3", "--search-tokens", "32"]) == 0
     assert "KL search on 32 calibration tokens" in capsys.readouterr().out
     assert Plan.load(plan_path).calibration["search_proposals"] == 3
+    assert main(["inspect", str(plan_path)]) == 0
+    assert "KL search: from " in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
         main([*args, "--force", "--search", "-1"])
     assert refused.value.code == 2 and "--search" in capsys.readouterr().err
@@ -245,8 +247,17 @@ def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corp
     assert c["search_proposals"] == 12 and c["search_tokens"] == 48 and "search" in run.phases
     assert c["search_kl"] <= c["search_kl_start"] and 0 <= c["search_moves_kept"] <= 12
     assert run.plan.allocator == "ratequant+kl-search" and run.plan.avg_bits == 3.0
-    bits, start = run.plan.bits_array(), base.plan.bits_array()
-    assert bits.sum() == start.sum() and bits.max() <= max(5, start.max())
+    # it starts from the allocation or a fixed split of the same size, whichever causes less KL there
+    starts = {k.removeprefix("search_kl_"): v for k, v in c.items() if k.startswith("search_kl_") and k[10:] != "start"}
+    assert {"ratequant", "K3V3", "K4V2", "K2V4"} <= set(starts) and c["search_start"] in starts
+    assert c["search_kl_start"] == min(starts.values()) == starts[c["search_start"]]
+    bits, base_bits = run.plan.bits_array(), base.plan.bits_array()
+    start = (
+        base_bits
+        if c["search_start"] == "ratequant"
+        else np.array([[[int(c["search_start"][1])]], [[int(c["search_start"][3])]]])
+    )
+    assert bits.sum() == base_bits.sum() and bits.max() <= 5
     assert (c["search_moves_kept"] > 0) == bool((bits != start).any())
     assert Plan.from_dict(json.loads(json.dumps(run.plan.to_dict()))) == run.plan  # the record survives a round trip
 

@@ -1,7 +1,8 @@
 """Refine an allocation on the KL divergence it really causes: a local search of one-bit moves.
 
 RateQuant allocates on fitted curves of a proxy (the Fisher-weighted error) under an additive model: it never
-sees how the damages of components combine. This search starts from an allocation and proposes moving one bit
+sees how the damages of components combine. This search starts from an allocation (in ``calibrate``, the better
+of RateQuant's and the fixed key/value splits of the same size on the search text) and proposes moving one bit
 from one component (kind, layer, kv head) to another at equal or fewer true bytes; a move is kept when the mean
 KL divergence from full precision over the search windows (simulated quantization, every position scored)
 falls. Donors and receivers are drawn (seeded) with weights from the fitted curves: the donor among the
@@ -93,6 +94,27 @@ def kl_on(model: torch.nn.Module, windows: Windows) -> Callable[[KVQuantSpec], f
     return kl
 
 
+def fixed_splits(bits: np.ndarray, widths, cost_model: CostModel) -> dict[str, np.ndarray]:
+    """``{"K{k}V{v}": bits}``: every split of one key width and one value width (among ``widths[kind]``) with the
+    same mean width as ``bits [2, L, H]`` and no more true bytes per token, the fixed schemes a search may start
+    from instead."""
+    limit = cost_model.bytes_per_token(bits) * (1 + 1e-9)
+    out = {}
+    for k in widths[0]:
+        for v in widths[1]:
+            split = np.empty_like(bits)
+            split[0], split[1] = k, v
+            if abs(split.mean() - bits.mean()) < 1e-12 and cost_model.bytes_per_token(split) <= limit:
+                out[f"K{k}V{v}"] = split
+    return out
+
+
+def best_start(kl: Callable[[KVQuantSpec], float], spec: KVQuantSpec, starts: dict[str, np.ndarray]):
+    """``(name, {name: KL})``: which of ``starts`` (widths for ``spec``) causes the least KL."""
+    values = {name: kl(replace(spec, bits=bits)) for name, bits in starts.items()}
+    return min(values, key=values.get), values
+
+
 def search_allocation(
     kl: Callable[[KVQuantSpec], float],
     spec: KVQuantSpec,
@@ -103,9 +125,11 @@ def search_allocation(
     widths: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     seed: int = 0,
     temperature: float = 1.0,
+    start_kl: float | None = None,
 ) -> SearchResult:
     """``proposals`` one-bit moves from ``spec.bits``, each kept when ``kl`` (see :func:`kl_on`) falls and the true
-    bytes per token do not grow; a component's width stays among ``widths[kind]`` (default: the curves')."""
+    bytes per token do not grow; a component's width stays among ``widths[kind]`` (default: the curves').
+    ``start_kl``: ``kl(spec)`` where the caller knows it already."""
     proposals = check_int(proposals, "search proposals", lo=0)
     if curves.shape != tuple(spec.bits.shape):
         raise RateQuantError(f"the curves cover components {curves.shape} but the widths are {spec.bits.shape}")
@@ -113,7 +137,7 @@ def search_allocation(
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     bits = np.array(spec.bits)
-    best = start_kl = kl(spec)
+    best = start_kl = kl(spec) if start_kl is None else start_kl
     limit = cost_model.bytes_per_token(bits) * (1 + 1e-9)
     accepted, trace = 0, [best]
     for _ in range(proposals):
@@ -134,4 +158,4 @@ def search_allocation(
     return SearchResult(bits, start_kl, best, len(trace) - 1, accepted, tuple(trace), time.perf_counter() - start)
 
 
-__all__ = ["SearchResult", "kl_on", "proposal_weights", "search_allocation"]
+__all__ = ["SearchResult", "best_start", "fixed_splits", "kl_on", "proposal_weights", "search_allocation"]

@@ -8,7 +8,7 @@ cost model the same way (:func:`cost_model_for`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
-from ratequant.kl_search import kl_on, search_allocation
+from ratequant.kl_search import best_start, fixed_splits, kl_on, search_allocation
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
 from ratequant.progress import progress_bar
@@ -226,7 +226,9 @@ def refine_allocation(
 ) -> tuple[Allocation, dict]:
     """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on the first ``search_tokens``
     tokens of the calibration split (BOS first where the tokenizer adds one, every position scored), within the
-    widths the allocation could use; returns it with the search's record for the plan."""
+    widths the allocation could use, from the allocation or the fixed key/value split of its size that causes
+    less KL there (so the plan is never worse there than the best such split); returns it with the search's
+    record for the plan."""
     windows = make_windows(
         loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 1, "auto", "all")
     )
@@ -237,16 +239,25 @@ def refine_allocation(
     low, high = settings.b_min or 1, settings.b_max or 8
     lowest = curves.min_bits or (1, 1)
     widths = tuple(tuple(b for b in allowed if max(low, lowest[k]) <= b <= high) for k in range(2))
+    kl = kl_on(loaded.model, windows)
+    starts = {allocation.method: np.array(allocation.bits), **fixed_splits(allocation.bits, widths, cost_model)}
+    first, start_kls = best_start(kl, spec, starts)
     result = search_allocation(
-        kl_on(loaded.model, windows),
-        spec,
+        kl,
+        replace(spec, bits=starts[first]),
         curves,
         cost_model,
         proposals=settings.search_proposals,
         widths=widths,
         seed=settings.search_seed,
+        start_kl=start_kls[first],
     )
-    record = {**result.summary(), "search_tokens": int(windows.ids.numel())}
+    record = {
+        **result.summary(),
+        "search_tokens": int(windows.ids.numel()),
+        "search_start": first,
+        **{f"search_kl_{name}": value for name, value in start_kls.items()},
+    }
     refined = Allocation(
         bits=result.bits,
         avg_bits=float(result.bits.mean()),

@@ -396,6 +396,12 @@ class Plan:
             c = self.calibration
             sha = c["corpus_sha256"][:12] if c["corpus_sha256"] else "none"
             lines.append(f"calibration: {c['corpus']} (sha256 {sha}), {c['tokens']} tokens, {c['seconds']:.2f} s")
+            if isinstance(c.get("search_kl"), float) and isinstance(c.get("search_kl_start"), float):
+                lines.append(
+                    f"KL search: from {c.get('search_start')} {c['search_kl_start']:.4f} to {c['search_kl']:.4f} on "
+                    f"{c.get('search_tokens')} tokens, {c.get('search_moves_kept')} of {c.get('search_proposals')} "
+                    "moves kept"
+                )
         return "\n".join(lines)
 
 

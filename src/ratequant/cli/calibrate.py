@@ -162,10 +162,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
             )
     c = plan.calibration
     if "search_kl" in c:
+        starts = ", ".join(
+            f"{k.removeprefix('search_kl_')} {v:.4f}"
+            for k, v in c.items()
+            if k.startswith("search_kl_") and k != "search_kl_start"
+        )
         print(
-            f"  KL search on {c['search_tokens']} calibration tokens: {c['search_kl_start']:.4f} -> "
-            f"{c['search_kl']:.4f} ({c['search_moves_kept']} of {c['search_proposals']} moves kept, "
-            f"{c['phases']['search']:.0f} s)"
+            f"  KL search on {c['search_tokens']} calibration tokens (starts: {starts}): from {c['search_start']} "
+            f"{c['search_kl_start']:.4f} to {c['search_kl']:.4f} ({c['search_moves_kept']} of "
+            f"{c['search_proposals']} moves kept, {c['phases']['search']:.0f} s)"
         )
     print(f"  beta  key {fit.beta_key:.3f}   value {fit.beta_value:.3f}")
     print(f"  R^2   overall {fit.r2_overall:.4f}   worst component {float(np.min(fit.r2)):.4f}")
