@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ratequant import pipeline
 from ratequant.allocation import Budget
 from ratequant.cli import main
 from ratequant.data import load_corpus
@@ -234,7 +235,7 @@ def test_sink_tokens_are_chosen_from_the_calibration_data():
     assert choose_sink_tokens(plain, kivi, metric="mse")[0] == 0
 
 
-def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corpus_file):
+def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corpus_file, monkeypatch):
     """``search_proposals`` moves bits between components on the KL they cause on the calibration text: the
     search text's KL never rises, the budget and the allowed widths hold, and the plan records the search."""
     loaded = load_model(str(tiny_model_dir))
@@ -260,6 +261,10 @@ def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corp
     assert bits.sum() == base_bits.sum() and bits.max() <= 5
     assert (c["search_moves_kept"] > 0) == bool((bits != start).any())
     assert Plan.from_dict(json.loads(json.dumps(run.plan.to_dict()))) == run.plan  # the record survives a round trip
+    # a search text the corpus cannot fill is refused before any measurement
+    monkeypatch.setattr(pipeline, "collect_statistics", lambda *a, **k: pytest.fail("measured before the check"))
+    with pytest.raises(RateQuantError, match="token"):
+        calibrate(loaded, corpus, CalibrationSettings(**common, search_proposals=1, search_tokens=10**6))
 
 
 def test_kl_search_keeps_a_move_only_when_the_kl_falls():

@@ -27,7 +27,7 @@ from ratequant.calibration import CalibrationStats, capture
 from ratequant.data import Corpus
 from ratequant.distortion import DEFAULT_METRIC, METRICS, DistortionTable, measure_distortion
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
+from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.kl_search import best_start, fixed_splits, kl_on, search_allocation
@@ -215,23 +215,25 @@ def allocate_for(
     return allocate(curves, settings.budget, settings.strategy, options)
 
 
+def search_windows(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> Windows:
+    """The text the KL search scores: the first ``search_tokens`` tokens of the calibration split (BOS first
+    where the tokenizer adds one), every position scored."""
+    return make_windows(loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 1, "auto", "all"))
+
+
 def refine_allocation(
     loaded: LoadedModel,
-    corpus: Corpus,
+    windows: Windows,
     settings: CalibrationSettings,
     policy: StoragePolicy,
     curves: Curves,
     cost_model: CostModel,
     allocation: Allocation,
 ) -> tuple[Allocation, dict]:
-    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on the first ``search_tokens``
-    tokens of the calibration split (BOS first where the tokenizer adds one, every position scored), within the
-    widths the allocation could use, from the allocation or the fixed key/value split of its size that causes
-    less KL there (so the plan is never worse there than the best such split); returns it with the search's
-    record for the plan."""
-    windows = make_windows(
-        loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 1, "auto", "all")
-    )
+    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on ``windows``
+    (:func:`search_windows`), within the widths the allocation could use, from the allocation or the fixed
+    key/value split of its size that causes less KL there (so the plan is never worse there than the best such
+    split); returns it with the search's record for the plan."""
     spec = KVQuantSpec(
         allocation.bits, policy.quantizer, residual_length=policy.residual_length, sink_tokens=policy.sink_tokens
     )
@@ -272,6 +274,7 @@ def refine_allocation(
 def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
     """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split."""
     phases: dict[str, float] = {}
+    search = search_windows(loaded, corpus, settings) if settings.search_proposals else None  # checked first
     start = time.perf_counter()
     stats = collect_statistics(
         loaded, corpus, seq_len=settings.seq_len, sequences=settings.sequences, metric=settings.metric
@@ -302,7 +305,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     if settings.search_proposals:
         start = time.perf_counter()
         allocation, searched = refine_allocation(
-            loaded, corpus, settings, policy, fitted.curves, cost_model, allocation
+            loaded, search, settings, policy, fitted.curves, cost_model, allocation
         )
         phases["search"] = time.perf_counter() - start
     table, fit = fitted.table, fitted.fit
