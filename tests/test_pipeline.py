@@ -240,17 +240,23 @@ def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corp
     search text's KL never rises, the budget and the allowed widths hold, and the plan records the search."""
     loaded = load_model(str(tiny_model_dir))
     corpus = load_corpus(str(corpus_file))
-    common = {"quantizer": "uniform", "budget": Budget.avg_bits(3.0), "seq_len": 32, "sequences": 2}
-    base = calibrate(loaded, corpus, CalibrationSettings(**common))
-    settings = CalibrationSettings(**common, search_proposals=12, search_tokens=48, b_max=5)
+    common = {
+        "quantizer": "uniform",
+        "budget": Budget.avg_bits(3.5),
+        "seq_len": 32,
+        "sequences": 2,
+        "residual_length": 0,
+    }
+    base = calibrate(loaded, corpus, CalibrationSettings(**common, b_max=5))  # the allocation the search starts from
+    settings = CalibrationSettings(**common, search_proposals=30, search_tokens=48, b_max=5)
     run = calibrate(loaded, corpus, settings)
     c = run.plan.calibration
-    assert c["search_proposals"] == 12 and c["search_tokens"] == 48 and "search" in run.phases
-    assert c["search_kl"] <= c["search_kl_start"] and 0 <= c["search_moves_kept"] <= 12
-    assert run.plan.allocator == "ratequant+kl-search" and run.plan.avg_bits == 3.0
+    assert c["search_proposals"] == 30 and c["search_tokens"] == 48 and "search" in run.phases
+    assert c["search_kl"] < c["search_kl_start"] and 0 < c["search_moves_kept"] <= 30  # this case finds moves
+    assert run.plan.allocator == "ratequant+kl-search" and run.plan.avg_bits == 3.5
     # it starts from the allocation or a fixed split of the same size, whichever causes less KL there
     starts = {k.removeprefix("search_kl_"): v for k, v in c.items() if k.startswith("search_kl_") and k[10:] != "start"}
-    assert {"ratequant", "K3V3", "K4V2", "K2V4"} <= set(starts) and c["search_start"] in starts
+    assert {"ratequant", "K3V4", "K4V3", "K2V5", "K5V2"} <= set(starts) and c["search_start"] in starts
     assert c["search_kl_start"] == min(starts.values()) == starts[c["search_start"]]
     bits, base_bits = run.plan.bits_array(), base.plan.bits_array()
     start = (
@@ -259,8 +265,39 @@ def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corp
         else np.array([[[int(c["search_start"][1])]], [[int(c["search_start"][3])]]])
     )
     assert bits.sum() == base_bits.sum() and bits.max() <= 5
-    assert (c["search_moves_kept"] > 0) == bool((bits != start).any())
+    # the moves stay only if they help on the held-out window too
+    assert ("search_kept" in c) == (c["search_moves_kept"] > 0)
+    assert c.get("search_kept", False) == bool((bits != start).any())
+    if c.get("search_kept") is not None:
+        assert c["search_kept"] == (c["search_held_out_kl"] < c["search_held_out_kl_start"])
     assert Plan.from_dict(json.loads(json.dumps(run.plan.to_dict()))) == run.plan  # the record survives a round trip
+
+    # moves that do not help on the held-out window are dropped: the plan is the start
+    def kl_on(model, windows):  # the search window rewards every move away from RateQuant, the held-out one
+        held_out = windows.ids.data_ptr() == held_out_ptr[0]  # punishes them (fixed splits: worst on both)
+
+        def kl(spec):
+            bits = np.array(spec.bits)
+            split = len(set(bits[0].flat)) == 1 and len(set(bits[1].flat)) == 1 and (bits != base_bits).any()
+            distance = float(np.abs(bits - base_bits).sum())
+            return 100.0 if split else distance if held_out else -distance
+
+        return kl
+
+    held_out_ptr = [None]
+    real_windows = pipeline.search_windows
+
+    def windows_noting_held_out(*args):
+        windows = real_windows(*args)
+        held_out_ptr[0] = windows.ids[1:].data_ptr()
+        return windows
+
+    monkeypatch.setattr(pipeline, "kl_on", kl_on)
+    monkeypatch.setattr(pipeline, "search_windows", windows_noting_held_out)
+    dropped = calibrate(loaded, corpus, settings).plan
+    d = dropped.calibration
+    assert d["search_moves_kept"] > 0 and d["search_kept"] is False and d["search_start"] == "ratequant"
+    assert (dropped.bits_array() == base_bits).all()
     # a search text the corpus cannot fill is refused before any measurement
     monkeypatch.setattr(pipeline, "collect_statistics", lambda *a, **k: pytest.fail("measured before the check"))
     with pytest.raises(RateQuantError, match="token"):

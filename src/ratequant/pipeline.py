@@ -216,9 +216,10 @@ def allocate_for(
 
 
 def search_windows(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> Windows:
-    """The text the KL search scores: the first ``search_tokens`` tokens of the calibration split (BOS first
-    where the tokenizer adds one), every position scored."""
-    return make_windows(loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 1, "auto", "all"))
+    """The text the KL search scores: the first two windows of ``search_tokens`` tokens of the calibration split
+    (BOS first where the tokenizer adds one), every position scored; the search moves on the first and keeps
+    its moves only if they help on the second too."""
+    return make_windows(loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 2, "auto", "all"))
 
 
 def refine_allocation(
@@ -230,10 +231,10 @@ def refine_allocation(
     cost_model: CostModel,
     allocation: Allocation,
 ) -> tuple[Allocation, dict]:
-    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on ``windows``
+    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on the first of ``windows``
     (:func:`search_windows`), within the widths the allocation could use, from the allocation or the fixed
-    key/value split of its size that causes less KL there (so the plan is never worse there than the best such
-    split); returns it with the search's record for the plan."""
+    key/value split of its size that causes less KL there; the moves found are kept only if they also lower the
+    KL on the second window (else the plan is that start). Returns it with the search's record for the plan."""
     spec = KVQuantSpec(
         allocation.bits, policy.quantizer, residual_length=policy.residual_length, sink_tokens=policy.sink_tokens
     )
@@ -241,7 +242,8 @@ def refine_allocation(
     low, high = settings.b_min or 1, settings.b_max or 8
     lowest = curves.min_bits or (1, 1)
     widths = tuple(tuple(b for b in allowed if max(low, lowest[k]) <= b <= high) for k in range(2))
-    kl = kl_on(loaded.model, windows)
+    search, held_out = (Windows(ids, windows.protocol, windows.bos_token_id) for ids in windows.ids.split(1))
+    kl = kl_on(loaded.model, search)
     starts = {allocation.method: np.array(allocation.bits), **fixed_splits(allocation.bits, widths, cost_model)}
     first, start_kls = best_start(kl, spec, starts)
     result = search_allocation(
@@ -254,17 +256,24 @@ def refine_allocation(
         seed=settings.search_seed,
         start_kl=start_kls[first],
     )
+    bits, record = starts[first], {}
+    if result.accepted:  # the moves are kept only if they also lower the KL on the held-out window
+        check = kl_on(loaded.model, held_out)
+        before, after = check(replace(spec, bits=bits)), check(replace(spec, bits=result.bits))
+        record = {"search_held_out_kl_start": before, "search_held_out_kl": after, "search_kept": after < before}
+        bits = result.bits if after < before else bits
     record = {
         **result.summary(),
-        "search_tokens": int(windows.ids.numel()),
+        **record,
+        "search_tokens": int(search.ids.numel()),
         "search_start": first,
         **{f"search_kl_{name}": value for name, value in start_kls.items()},
     }
     refined = Allocation(
-        bits=result.bits,
-        avg_bits=float(result.bits.mean()),
-        bytes_per_token=cost_model.bytes_per_token(result.bits),
-        predicted_distortion=curves.total(result.bits) if curves.predicts else None,
+        bits=bits,
+        avg_bits=float(bits.mean()),
+        bytes_per_token=cost_model.bytes_per_token(bits),
+        predicted_distortion=curves.total(bits) if curves.predicts else None,
         method=f"{allocation.method}+kl-search",
         details={**allocation.details, "search": record},
     )

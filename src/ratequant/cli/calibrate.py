@@ -90,15 +90,16 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
         type=nonnegative_int,
         default=0,
         metavar="N",
-        help="then refine the widths by N one-bit moves, each kept when the KL from full precision on the "
-        "calibration text falls (slow: one simulated pass per move, about 5 s per 1,024 tokens on a 135M "
-        "model; default 0: off)",
+        help="then refine the widths by N one-bit moves, each kept when the KL from full precision on a "
+        "window of calibration text falls, all kept only if they help on a held-out window too (slow: one "
+        "simulated pass per move, about 2.5 s per 1,024 tokens on a 135M model; default 0: off)",
     )
     parser.add_argument(
         "--search-tokens",
         type=positive_int,
         default=1024,
-        help="with --search: tokens of the calibration split it scores (default 1024)",
+        help="with --search: tokens of each of its two windows of the calibration split, the one it searches "
+        "and the held-out one its moves must also help (default 1024)",
     )
     parser.add_argument("--out", required=True, metavar="PLAN", help="where to write the plan (JSON)")
     parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")
@@ -172,6 +173,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
             f"{c['search_kl_start']:.4f} to {c['search_kl']:.4f} ({c['search_moves_kept']} of "
             f"{c['search_proposals']} moves kept, {c['phases']['search']:.0f} s)"
         )
+        if "search_kept" in c:
+            verdict = "kept" if c["search_kept"] else f"dropped: the plan is {c['search_start']}"
+            print(
+                f"  on a held-out window: {c['search_held_out_kl_start']:.4f} -> {c['search_held_out_kl']:.4f}, "
+                f"the moves {verdict}"
+            )
     print(f"  beta  key {fit.beta_key:.3f}   value {fit.beta_value:.3f}")
     print(f"  R^2   overall {fit.r2_overall:.4f}   worst component {float(np.min(fit.r2)):.4f}")
     bits = plan.bits_array()
