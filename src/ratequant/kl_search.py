@@ -2,7 +2,8 @@
 
 RateQuant allocates on fitted curves of a proxy (the Fisher-weighted error) under an additive model: it never
 sees how the damages of components combine. This search starts from an allocation (in ``calibrate``, the better
-of RateQuant's and the fixed key/value splits of the same size on the search text) and proposes moving one bit
+of RateQuant's and the fixed key/value splits of the same size on the search text, and the moves found are kept
+only if they also help on a held-out window: :func:`ratequant.pipeline.refine_allocation`) and proposes moving one bit
 from one component (kind, layer, kv head) to another at equal or fewer true bytes; a move is kept when the mean
 KL divergence from full precision over the search windows (simulated quantization, every position scored)
 falls. Donors and receivers are drawn (seeded) with weights from the fitted curves: the donor among the
