@@ -204,14 +204,20 @@ def cost_model_for(
     return CostModel.from_policy(policy, loaded.geometry, context_tokens, itemsize=loaded.dtype.itemsize, bitset=bitset)
 
 
+def _allocation_widths(settings: CalibrationSettings, curves: Curves) -> tuple[int, ...]:
+    """The settings' widths the curves cover (all of the curves' when none is)."""
+    return tuple(b for b in settings.bitset if b in curves.bitset) or curves.bitset
+
+
 def allocate_for(
     settings: CalibrationSettings, curves: Curves, geometry: Geometry, cost_model: CostModel
 ) -> Allocation:
     """Run the settings' strategy on ``curves`` within the settings' widths."""
     if curves.shape != geometry.shape:
         raise RateQuantError(f"the curves cover components {curves.shape} but the model has {geometry.shape}")
-    widths = tuple(b for b in settings.bitset if b in curves.bitset) or curves.bitset
-    options = AllocationOptions(bitset=widths, b_min=settings.b_min, b_max=settings.b_max, cost_model=cost_model)
+    options = AllocationOptions(
+        bitset=_allocation_widths(settings, curves), b_min=settings.b_min, b_max=settings.b_max, cost_model=cost_model
+    )
     return allocate(curves, settings.budget, settings.strategy, options)
 
 
@@ -238,10 +244,7 @@ def refine_allocation(
     spec = KVQuantSpec(
         allocation.bits, policy.quantizer, residual_length=policy.residual_length, sink_tokens=policy.sink_tokens
     )
-    allowed = [b for b in settings.bitset if b in curves.bitset] or list(curves.bitset)
-    low, high = settings.b_min or 1, settings.b_max or 8
-    lowest = curves.min_bits or (1, 1)
-    widths = tuple(tuple(b for b in allowed if max(low, lowest[k]) <= b <= high) for k in range(2))
+    widths = curves.restrict(_allocation_widths(settings, curves), settings.b_min, settings.b_max).kind_widths()
     search, held_out = (Windows(ids, windows.protocol, windows.bos_token_id) for ids in windows.ids.split(1))
     kl = kl_on(loaded.model, search)
     starts = {allocation.method: np.array(allocation.bits), **fixed_splits(allocation.bits, widths, cost_model)}
