@@ -520,3 +520,45 @@ def test_a_budget_at_the_narrowest_width_is_a_tie_by_construction_not_a_loss(set
     assert "No allocator has a choice in 1 cell(s) (kivi at 2 bits)" in text
     assert "in 1 of 1 (design, budget) cells" in text or "in 0 of 1 (design, budget) cells" in text
     assert "for kivi at 2 bits**" not in text
+
+
+def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):
+    """``search_proposals`` adds ``RateQuant + KL search`` to every design and budget: the same mean width and no
+    more bytes than RateQuant, widths among the design's, its plan RateQuant's or a same-size split unless the
+    moves were kept, and the report shows it beside RateQuant."""
+    from ratequant.report.findings import findings
+
+    loaded, corpus = setup
+    config = CompareConfig(
+        model="tiny", corpus="tiny", budgets=(2.5,), designs=("kivi", "uniform"), seq_len=48, windows=2,
+        calibration_seq_len=48, calibration_sequences=2, search_proposals=4, search_tokens=40,
+    )  # fmt: skip
+    assert "--search 4 --search-tokens 40" in config.command("out")
+    assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with one_thread():
+        results = run_compare(loaded, corpus, config, progress=False)
+    for design in config.designs:
+        (searched,) = results.select(method="ratequant-search", design=design)
+        (alone,) = results.select(method="ratequant", design=design)
+        record = searched.details["search"]
+        assert record["search_proposals"] == 4 and record["search_tokens"] == 40
+        assert searched.avg_bits == 2.5 and searched.kv_bytes_per_token <= alone.kv_bytes_per_token * (1 + 1e-9)
+        assert set(np.unique(searched.bits)) <= set(results.designs[design].fit.bitset)
+        if not record.get("search_kept"):  # the start: RateQuant's widths or a fixed split's
+            start = record["search_start"]
+            expected = alone.bits if start == "ratequant" else np.array([int(start[1]), int(start[3])])[:, None, None]
+            assert (searched.bits == expected).all()
+        assert math.isfinite(searched.score().kl)
+    text = "\n".join(findings(results))
+    assert "RateQuant + KL search (RateQuant's widths" in text and "proposals) beats the best fixed" in text
+    report = write_report(results, tmp_path / "r").report.read_text()
+    assert "RateQuant + KL search" in report
+
+
+def test_a_search_text_inside_the_residual_window_is_refused():
+    """A search window no longer than the residual window plus the sinks is never quantized: refused."""
+    with pytest.raises(RateQuantError, match="residual window"):
+        CompareConfig(search_proposals=2, search_tokens=128, residual=128)
+    with pytest.raises(RateQuantError, match="sink tokens"):
+        CompareConfig(search_proposals=2, search_tokens=130, residual=128, sink_tokens="auto")
+    assert CompareConfig(search_proposals=0, search_tokens=16, residual=128).search_tokens == 16  # off: unused

@@ -157,7 +157,9 @@ def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus
     for png in (heatmap, curves):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     # the KL search, and a bad count for it
-    assert main([*args, "--force", "--search", "3", "--search-tokens", "32"]) == 0
+    assert main([*args, "--force", "--search", "3", "--search-tokens", "32"]) == 2  # never quantized: refused
+    assert "residual window (128)" in capsys.readouterr().err
+    assert main([*args, "--force", "--search", "3", "--search-tokens", "32", "--residual", "0"]) == 0
     assert "KL search on 32 calibration tokens" in capsys.readouterr().out
     assert Plan.load(plan_path).calibration["search_proposals"] == 3
     assert main(["inspect", str(plan_path)]) == 0

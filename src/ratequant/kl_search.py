@@ -95,6 +95,20 @@ def kl_on(model: torch.nn.Module, windows: Windows) -> Callable[[KVQuantSpec], f
     return kl
 
 
+def check_search_tokens(tokens: int, residual_length: int, sink_tokens: int = 0) -> int:
+    """``tokens`` if a search window of that many tokens has any quantized position: a window no longer than the
+    residual window plus the sink tokens is never quantized, so every KL on it would be 0 and no move would be
+    kept."""
+    tokens = check_int(tokens, "search tokens", lo=2)
+    if tokens <= residual_length + sink_tokens:
+        raise RateQuantError(
+            f"the KL search's text ({tokens} tokens) is no longer than the full-precision residual window "
+            f"({residual_length}) plus sink tokens ({sink_tokens}), so nothing in it is quantized; give more "
+            f"search tokens (e.g. {max(1024, 2 * (residual_length + sink_tokens))}) or a smaller residual window"
+        )
+    return tokens
+
+
 def fixed_splits(bits: np.ndarray, widths, cost_model: CostModel) -> dict[str, np.ndarray]:
     """``{"K{k}V{v}": bits}``: every split of one key width and one value width (among ``widths[kind]``) with the
     same mean width as ``bits [2, L, H]`` and no more true bytes per token, the fixed schemes a search may start
@@ -159,4 +173,12 @@ def search_allocation(
     return SearchResult(bits, start_kl, best, len(trace) - 1, accepted, tuple(trace), time.perf_counter() - start)
 
 
-__all__ = ["SearchResult", "best_start", "fixed_splits", "kl_on", "proposal_weights", "search_allocation"]
+__all__ = [
+    "SearchResult",
+    "best_start",
+    "check_search_tokens",
+    "fixed_splits",
+    "kl_on",
+    "proposal_weights",
+    "search_allocation",
+]

@@ -30,7 +30,7 @@ from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
-from ratequant.kl_search import best_start, fixed_splits, kl_on, search_allocation
+from ratequant.kl_search import best_start, check_search_tokens, fixed_splits, kl_on, search_allocation
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
 from ratequant.progress import progress_bar
@@ -85,7 +85,11 @@ class CalibrationSettings:
         check_int(self.seq_len, "seq_len", lo=2)
         check_int(self.sequences, "sequences", lo=1)
         check_int(self.search_proposals, "search proposals", lo=0, hi=1 << 20)
-        check_int(self.search_tokens, "search tokens", lo=2)
+        if self.search_proposals:  # "auto" sinks are not chosen yet: the most they can be
+            sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
+            check_search_tokens(self.search_tokens, self.residual_length, sinks)
+        else:
+            check_int(self.search_tokens, "search tokens", lo=2)
         check_int(self.search_seed, "search seed", lo=0)
         self.policy()  # validates the design, its parameters, the residual window and the sinks
         if self.curves_from is not None:
@@ -204,9 +208,9 @@ def cost_model_for(
     return CostModel.from_policy(policy, loaded.geometry, context_tokens, itemsize=loaded.dtype.itemsize, bitset=bitset)
 
 
-def _allocation_widths(settings: CalibrationSettings, curves: Curves) -> tuple[int, ...]:
-    """The settings' widths the curves cover (all of the curves' when none is)."""
-    return tuple(b for b in settings.bitset if b in curves.bitset) or curves.bitset
+def covered_widths(bitset, curves: Curves) -> tuple[int, ...]:
+    """The widths of ``bitset`` the curves cover (all of the curves' when none is)."""
+    return tuple(b for b in bitset if b in curves.bitset) or curves.bitset
 
 
 def allocate_for(
@@ -216,35 +220,48 @@ def allocate_for(
     if curves.shape != geometry.shape:
         raise RateQuantError(f"the curves cover components {curves.shape} but the model has {geometry.shape}")
     options = AllocationOptions(
-        bitset=_allocation_widths(settings, curves), b_min=settings.b_min, b_max=settings.b_max, cost_model=cost_model
+        bitset=covered_widths(settings.bitset, curves),
+        b_min=settings.b_min,
+        b_max=settings.b_max,
+        cost_model=cost_model,
     )
     return allocate(curves, settings.budget, settings.strategy, options)
 
 
-def search_windows(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> Windows:
-    """The text the KL search scores: the first two windows of ``search_tokens`` tokens of the calibration split
-    (BOS first where the tokenizer adds one), every position scored; the search moves on the first and keeps
-    its moves only if they help on the second too."""
-    return make_windows(loaded.tokenizer, corpus.calibration, WindowProtocol(settings.search_tokens, 2, "auto", "all"))
+def search_windows(loaded: LoadedModel, corpus: Corpus, tokens: int) -> Windows:
+    """The text the KL search scores: the first two windows of ``tokens`` tokens of the calibration split (BOS
+    first where the tokenizer adds one), every position scored; the search moves on the first and keeps its
+    moves only if they help on the second too."""
+    return make_windows(loaded.tokenizer, corpus.calibration, WindowProtocol(tokens, 2, "auto", "all"))
+
+
+def search_widths(curves: Curves, bitset, b_min: int | None = None, b_max: int | None = None):
+    """``(key widths, value widths)`` a search may move among: those of ``bitset`` the curves cover, within
+    ``b_min..b_max``, each kind's informative ones."""
+    return curves.restrict(covered_widths(bitset, curves), b_min, b_max).kind_widths()
 
 
 def refine_allocation(
     loaded: LoadedModel,
     windows: Windows,
-    settings: CalibrationSettings,
     policy: StoragePolicy,
     curves: Curves,
     cost_model: CostModel,
     allocation: Allocation,
+    *,
+    proposals: int,
+    widths: tuple[tuple[int, ...], tuple[int, ...]],
+    seed: int = 0,
 ) -> tuple[Allocation, dict]:
-    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` on the first of ``windows``
-    (:func:`search_windows`), within the widths the allocation could use, from the allocation or the fixed
-    key/value split of its size that causes less KL there; the moves found are kept only if they also lower the
-    KL on the second window (else the plan is that start). Returns it with the search's record for the plan."""
+    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` (``proposals`` moves, ``seed``)
+    on the first of ``windows`` (:func:`search_windows`), within ``widths`` (:func:`search_widths`), from the
+    allocation or the fixed key/value split of its size that causes less KL there; the moves found are kept only
+    if they also lower the KL on the second window (else the result is that start). Returns it with the
+    search's record (for a plan's calibration record)."""
+    check_search_tokens(windows.protocol.seq_len, policy.residual_length, policy.sink_tokens)
     spec = KVQuantSpec(
         allocation.bits, policy.quantizer, residual_length=policy.residual_length, sink_tokens=policy.sink_tokens
     )
-    widths = curves.restrict(_allocation_widths(settings, curves), settings.b_min, settings.b_max).kind_widths()
     search, held_out = (Windows(ids, windows.protocol, windows.bos_token_id) for ids in windows.ids.split(1))
     kl = kl_on(loaded.model, search)
     starts = {allocation.method: np.array(allocation.bits), **fixed_splits(allocation.bits, widths, cost_model)}
@@ -254,9 +271,9 @@ def refine_allocation(
         replace(spec, bits=starts[first]),
         curves,
         cost_model,
-        proposals=settings.search_proposals,
+        proposals=proposals,
         widths=widths,
-        seed=settings.search_seed,
+        seed=seed,
         start_kl=start_kls[first],
     )
     bits, record = starts[first], {}
@@ -286,7 +303,7 @@ def refine_allocation(
 def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
     """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split."""
     phases: dict[str, float] = {}
-    search = search_windows(loaded, corpus, settings) if settings.search_proposals else None  # checked first
+    search = search_windows(loaded, corpus, settings.search_tokens) if settings.search_proposals else None
     start = time.perf_counter()
     stats = collect_statistics(
         loaded, corpus, seq_len=settings.seq_len, sequences=settings.sequences, metric=settings.metric
@@ -317,7 +334,15 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     if settings.search_proposals:
         start = time.perf_counter()
         allocation, searched = refine_allocation(
-            loaded, search, settings, policy, fitted.curves, cost_model, allocation
+            loaded,
+            search,
+            policy,
+            fitted.curves,
+            cost_model,
+            allocation,
+            proposals=settings.search_proposals,
+            widths=search_widths(fitted.curves, settings.bitset, settings.b_min, settings.b_max),
+            seed=settings.search_seed,
         )
         phases["search"] = time.perf_counter() - start
     table, fit = fitted.table, fitted.fit

@@ -123,6 +123,20 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         help="designs whose components' damage is measured alone, for the measured-damage allocator (slow)",
     )
     parser.add_argument(
+        "--search",
+        dest="search_proposals",
+        type=nonnegative_int,
+        metavar="N",
+        help="also score 'RateQuant + KL search': RateQuant's widths refined by N one-bit moves on the KL they "
+        "cause on calibration text, as calibrate --search does (slow: one simulated pass per move; default 0: off)",
+    )
+    parser.add_argument(
+        "--search-tokens",
+        type=positive_int,
+        metavar="T",
+        help="with --search: tokens of each of its two calibration windows (default 1024)",
+    )
+    parser.add_argument(
         "--sink-study",
         type=lambda t: tuple(int(x) for x in t.split(",")),
         metavar="S,S,...",

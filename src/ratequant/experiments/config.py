@@ -84,13 +84,15 @@ SCALAR_FLAGS = (
     "passkey_context",
     "passkey_trials",
     "side_windows",
+    "search_proposals",
+    "search_tokens",
 )
 """Fields the command line sets with ``--name value`` (see :meth:`CompareConfig.command`)."""
 LIST_FLAGS = ("peers", "headroom_designs", "sink_study", "passkey_depths")
 """List fields the command line sets with ``--flag a,b,...``."""
 EXPERIMENT_FIELDS = ("budgets", "designs", *SCALAR_FLAGS, "eval_corpora", *LIST_FLAGS)
 """Every field ``ratequant compare`` sets from an option (refused beside ``--config``)."""
-_FLAG_NAMES = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom"}
+_FLAG_NAMES = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom", "search_proposals": "--search"}
 
 
 def flag_of(field: str) -> str:
@@ -126,7 +128,10 @@ class CompareConfig:
     uniform and RateQuant methods of ``focus_design`` at ``passkey_budgets``; ``sink_study`` re-scores the
     fixed schemes and RateQuant of ``focus_design`` with each of these sink counts, with and without BOS.
     ``side_windows`` (None: ``windows``) is how many windows the side evaluations use: the ``eval_corpora`` and
-    the sink study (the headline evaluation always uses ``windows``).
+    the sink study (the headline evaluation always uses ``windows``). ``search_proposals`` > 0 adds
+    ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on
+    the KL they cause on ``search_tokens`` tokens of calibration text, kept only if they also help on a second
+    window (:func:`ratequant.pipeline.refine_allocation`; slow: a simulated forward pass per move).
     """
 
     model: str = "default"
@@ -157,6 +162,8 @@ class CompareConfig:
     headroom_max_bits: int = 5
     sink_study: tuple[int, ...] = ()
     side_windows: int | None = None
+    search_proposals: int = 0
+    search_tokens: int = 1024
     context_tokens: int = 4096
     bitset: tuple[int, ...] = DEFAULT_WIDTHS
     split_max_gap: int = 2
@@ -218,6 +225,8 @@ class CompareConfig:
             ("passkey_trials", 1),
             ("headroom_tokens", 2),
             ("headroom_max_bits", 1),
+            ("search_proposals", 0),
+            ("search_tokens", 2),
         ):
             object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
         for name in ("prefill_chunk", "passkey_context", "side_windows"):
@@ -266,6 +275,12 @@ class CompareConfig:
                 f"compare config: context_tokens ({self.context_tokens}) must exceed the residual window "
                 f"({self.residual})"
             )
+        if self.search_proposals:
+            from ratequant.kl_search import check_search_tokens
+            from ratequant.pipeline import SINK_CANDIDATES
+
+            sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
+            check_search_tokens(self.search_tokens, self.residual, sinks)
         if self.preset not in PRESETS:
             raise RateQuantError(f"compare config: preset must be one of {PRESETS}, got {self.preset!r}")
 

@@ -10,6 +10,8 @@ At every budget (average code bits) and for every quantizer design:
   D(b) = alpha * beta^-b (RateQuant, arXiv:2605.06675);
 * ``mismatched`` -- the same allocation on *another* design's curves, stored with this design: the paper's
   distortion-model-mismatch failure mode (the curves' provenance, :class:`~ratequant.allocation.Curves`);
+* ``ratequant-search`` (when asked for) -- RateQuant's widths refined on the KL they cause on calibration text
+  (:func:`ratequant.pipeline.refine_allocation`, what ``calibrate --search`` does);
 
 and, per budget (design-independent), rank reduction ("Quantization dominates rank reduction for KV-cache
 compression"): ``rank`` keeps ``r = floor(budget * head_dim / 16)`` PCA coefficients per token at 16 bits,
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ratequant.allocation import AllocationOptions, Budget, Curves, allocate, get_strategy
+from ratequant.allocation import Allocation, AllocationOptions, Budget, CostModel, Curves, allocate, get_strategy
 from ratequant.errors import BudgetError
 from ratequant.evaluation.conditions import Condition, Simulated, Streaming, Within
 from ratequant.experiments.config import CompareConfig, budget_text
@@ -38,8 +41,16 @@ from ratequant.spec import KVQuantSpec, StoragePolicy
 
 FULL_PRECISION = "full-precision"
 FIXED_METHODS = ("uniform", "kv-split")
-ALLOCATED_METHODS = ("layerwise", "ratequant", "mismatched", "norms", "ratequant-component", "measured")
-"""Methods that choose widths from curves; the last three are peers and diagnostics run when asked for."""
+ALLOCATED_METHODS = (
+    "layerwise",
+    "ratequant",
+    "mismatched",
+    "ratequant-search",
+    "norms",
+    "ratequant-component",
+    "measured",
+)
+"""Methods that choose widths from curves (or refine them); the last four run when asked for."""
 QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
 RANK_METHODS = ("rank", "rank+quant")
 
@@ -107,6 +118,11 @@ class Allocated:
     strategy: str
 
 
+Refine = Callable[[Allocation, Curves, CostModel, StoragePolicy], tuple[Allocation, dict]]
+"""``(allocation, curves, cost model, policy) -> (refined allocation, record)``: how ``ratequant-search`` refines
+RateQuant's widths."""
+
+
 def quantized_methods(
     config: CompareConfig,
     loaded: LoadedModel,
@@ -115,23 +131,35 @@ def quantized_methods(
     source: DesignFit | None,
     skipped: list[Skipped],
     extra: tuple[Allocated, ...] = (),
+    refine: Refine | None = None,
 ) -> list[Method]:
     """Every quantized method of ``design`` stored under ``policy``, at every budget (``source``: the design whose
-    curves the mismatched allocation uses; ``extra``: peers and diagnostics); methods that cannot meet a budget
-    go to ``skipped``."""
+    curves the mismatched allocation uses; ``extra``: peers and diagnostics; ``refine``: how ``ratequant-search``
+    refines RateQuant's widths, None: not scored); methods that cannot meet a budget go to ``skipped``."""
     cost = cost_model_for(policy, loaded, config.context_tokens, config.bitset)
     fixed = AllocationOptions(bitset=config.bitset, cost_model=cost)  # fixed schemes use the widths they name
     allocated = AllocationOptions(bitset=tuple(b for b in config.bitset if b in design.curves.bitset), cost_model=cost)
     plain = Curves.from_fit(design.fit, config.bitset, design=design.design, label=config.metric)
     methods: list[Method] = []
 
-    def add(method: str, label: str, budget: float, curves: Curves, strategy, options: AllocationOptions) -> None:
+    def add(
+        method: str,
+        label: str,
+        budget: float,
+        curves: Curves,
+        strategy,
+        options: AllocationOptions,
+        refined: Refine | None = None,
+    ) -> None:
         start = time.perf_counter()
         try:
             alloc = allocate(curves, Budget.avg_bits(budget), strategy, options)
         except BudgetError as exc:
             skipped.append(Skipped(method, label, design.design, budget, str(exc)))
             return
+        search = {}
+        if refined is not None:
+            alloc, search = refined(alloc, curves, cost, policy)
         spec = KVQuantSpec(alloc.bits, policy.quantizer, policy.residual_length, policy.sink_tokens)
         details = {
             "allocation_seconds": time.perf_counter() - start,
@@ -141,6 +169,7 @@ def quantized_methods(
             "context_tokens": config.context_tokens,
             "predicted_distortion": alloc.predicted_distortion,
             "curves": alloc.details["curves"],
+            **({"search": search} if search else {}),
         }
         methods.append(
             Method(
@@ -175,6 +204,8 @@ def quantized_methods(
             add("kv-split", f"K{k}V{v}", budget, plain, get_strategy("kv-split", key_bits=k, value_bits=v), fixed)
         add("layerwise", "layerwise", budget, design.curves, "layerwise", allocated)
         add("ratequant", "RateQuant", budget, design.curves, "ratequant", allocated)
+        if refine is not None:
+            add("ratequant-search", "RateQuant + KL search", budget, design.curves, "ratequant", allocated, refine)
         if source is None:
             skipped.append(
                 Skipped("mismatched", "mismatched", design.design, budget, "needs a second design whose curves to use")
@@ -275,6 +306,7 @@ __all__ = [
     "RANK_METHODS",
     "Allocated",
     "Method",
+    "Refine",
     "Skipped",
     "hybrid_rank",
     "pick_mismatch_sources",

@@ -32,7 +32,14 @@ from ratequant.experiments.methods import (
 from ratequant.experiments.results import CompareResults, DesignResult, MethodResult
 from ratequant.experiments.studies import extra_methods, passkey_study, sink_study
 from ratequant.models import LoadedModel
-from ratequant.pipeline import choose_sink_tokens, collect_statistics, fit_design
+from ratequant.pipeline import (
+    choose_sink_tokens,
+    collect_statistics,
+    fit_design,
+    refine_allocation,
+    search_widths,
+    search_windows,
+)
 from ratequant.placement import describe_placement
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
@@ -70,6 +77,7 @@ def run_compare(
     side = WindowProtocol(config.seq_len, config.side_windows or config.windows, config.bos, config.scoring)
     windows = {corpus.name: make_windows(loaded.tokenizer, corpus.evaluation, protocol)}
     windows |= {c.name: make_windows(loaded.tokenizer, c.evaluation, side) for c in eval_corpora.values()}
+    search_text = search_windows(loaded, corpus, config.search_tokens) if config.search_proposals else None
     say(
         f"compare: {loaded.name}, calibrated on {corpus.name}; designs {', '.join(config.designs)}; budgets "
         f"{', '.join(map(budget_text, config.budgets))} bits; {config.mode} evaluation on "
@@ -110,13 +118,35 @@ def run_compare(
     calibration_tokens = int(stats.token_count)
     del stats
 
+    def refine(allocation, curves, cost_model, policy):
+        say(f"{policy.quantizer.name}: KL search from RateQuant at {allocation.avg_bits:g} bits")
+        return refine_allocation(
+            loaded,
+            search_text,
+            policy,
+            curves,
+            cost_model,
+            allocation,
+            proposals=config.search_proposals,
+            widths=search_widths(curves, config.bitset),
+        )
+
     t = time.perf_counter()
     skipped: list[Skipped] = []
     methods: list[Method] = []
     for design in config.designs:
         source = fitted[sources[design]] if sources[design] else None
         policy = StoragePolicy(get_quantizer(design), config.residual, sinks[design])
-        methods += quantized_methods(config, loaded, fitted[design], policy, source, skipped, side[design][0])
+        methods += quantized_methods(
+            config,
+            loaded,
+            fitted[design],
+            policy,
+            source,
+            skipped,
+            side[design][0],
+            refine if search_text is not None else None,
+        )
     ranked, rank_info = rank_methods(config, loaded, bases)
     methods += ranked
     timings["allocation"] = time.perf_counter() - t

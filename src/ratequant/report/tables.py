@@ -16,6 +16,7 @@ METHOD_NAMES = {
     "layerwise": "layerwise",
     "ratequant": "RateQuant",
     "mismatched": "mismatched",
+    "ratequant-search": "RateQuant + KL search",
     "norms": "weight norms",
     "ratequant-component": "RateQuant, beta per component",
     "measured": "measured damage",
@@ -355,15 +356,19 @@ def sink_study_table(results: CompareResults) -> str:
     )
 
 
+HEADROOM_ROWS = ("ratequant", "ratequant-search", "ratequant-component", "measured")
+
+
 def headroom_table(results: CompareResults) -> str:
-    """Per headroom design and budget: KL of the best fixed scheme, RateQuant, the per-component-beta fit and the
-    allocation on measured damage, with the share of the best fixed scheme's KL damage each recovers."""
+    """Per headroom design and budget: KL of the best fixed scheme, RateQuant, its KL-searched refinement, the
+    per-component-beta fit and the allocation on measured damage, with the share of the best fixed scheme's KL
+    damage each recovers."""
     designs = list(results.extra.get("headroom", {}))
     if not designs:
         return ""
     rows = []
     for r in results.recovered(None, "kl"):
-        if r["design"] not in designs or r["method"] not in ("ratequant", "ratequant-component", "measured"):
+        if r["design"] not in designs or r["method"] not in HEADROOM_ROWS:
             continue
         rows.append(
             [
