@@ -90,6 +90,12 @@ def test_config_round_trips_through_json_and_is_validated(tmp_path, config):
         QUICK_SIZES["calibration_sequences"],
     )
     assert quick.command("results/demo") == "ratequant compare --quick --out results/demo"
+    for no_flags in (
+        CompareConfig.full(passkey_context=None),
+        CompareConfig.full(peers=()),
+        CompareConfig(hybrid_bits=3),
+    ):
+        assert no_flags.command("r") == "ratequant compare --config r/config.json --out r"  # no flag makes it
     assert CompareConfig(budgets=(3, 2, 3)).budgets == (2.0, 3.0)  # sorted, unique, floats
     bad = [
         {**data, "format_version": 3},

@@ -331,27 +331,33 @@ class CompareConfig:
 
     def command(self, out_dir: str | Path) -> str:
         """The ``ratequant compare`` command line that makes this configuration (options that differ from its
-        preset only); ``--config`` with the saved ``config.json`` repeats any configuration exactly."""
+        preset only), or where no options can (a field without one, or one turned off that its preset turns
+        on), the ``--config`` line that repeats it from the ``config.json`` saved in ``out_dir``."""
         base = CompareConfig.preset_base(self.preset)
+        out = Path(out_dir).as_posix()
+        flagged = {"model", "corpus", "dtype", "budgets", "designs", "eval_corpora", *SCALAR_FLAGS, *LIST_FLAGS}
+        differs = [f.name for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)]
+        if any(name not in flagged or getattr(self, name) in (None, ()) for name in differs):
+            return f"ratequant compare --config {out}/config.json --out {out}"
         parts = ["ratequant compare"]
         if self.preset != "default":
             parts.append(f"--{self.preset}")
         for name, flag in (("model", "--model"), ("corpus", "--corpus"), ("dtype", "--dtype")):
-            if getattr(self, name) != getattr(base, name):
+            if name in differs:
                 parts.append(f"{flag} {shlex.quote(str(getattr(self, name)))}")
-        if self.budgets != base.budgets:
+        if "budgets" in differs:
             parts.append("--budgets " + ",".join(map(budget_text, self.budgets)))
-        if self.designs != base.designs:
+        if "designs" in differs:
             parts.append("--designs " + ",".join(self.designs))
         for name in SCALAR_FLAGS:
-            if getattr(self, name) != getattr(base, name):
+            if name in differs:
                 parts.append(f"{flag_of(name)} {getattr(self, name)}")
-        for corpus in self.eval_corpora if self.eval_corpora != base.eval_corpora else ():
+        for corpus in self.eval_corpora if "eval_corpora" in differs else ():
             parts.append(f"--eval-corpus {shlex.quote(corpus)}")
         for name in LIST_FLAGS:
-            if getattr(self, name) != getattr(base, name):
+            if name in differs:
                 parts.append(f"{flag_of(name)} {','.join(map(str, getattr(self, name)))}")
-        parts.append(f"--out {shlex.quote(Path(out_dir).as_posix())}")
+        parts.append(f"--out {shlex.quote(out)}")
         return " ".join(parts)
 
     def kv_splits(self, budget: float) -> list[tuple[int, int]]:
