@@ -103,7 +103,7 @@ def check_search_tokens(tokens: int, residual_length: int, sink_tokens: int = 0)
     if tokens <= residual_length + sink_tokens:
         raise RateQuantError(
             f"the KL search's text ({tokens} tokens) is no longer than the full-precision residual window "
-            f"({residual_length}) plus sink tokens ({sink_tokens}), so nothing in it is quantized; give more "
+            f"({residual_length}) plus the sink tokens (up to {sink_tokens}), so nothing in it is quantized; give more "
             f"search tokens (e.g. {max(1024, 2 * (residual_length + sink_tokens))}) or a smaller residual window"
         )
     return tokens

@@ -49,6 +49,12 @@ SINK_GAIN = 4.0
 """How informative widths are decided: ``"kind"`` (keys and values each) or ``"pooled"`` (both must pass)."""
 
 
+def check_search_text(tokens: int, residual_length: int, sink_tokens: int | str) -> int:
+    """:func:`ratequant.kl_search.check_search_tokens` before the sinks are chosen: ``"auto"`` counts as the most
+    it can choose."""
+    return check_search_tokens(tokens, residual_length, max(SINK_CANDIDATES) if sink_tokens == "auto" else sink_tokens)
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """Everything that decides a plan besides the model and corpus (validated on construction).
@@ -85,9 +91,8 @@ class CalibrationSettings:
         check_int(self.seq_len, "seq_len", lo=2)
         check_int(self.sequences, "sequences", lo=1)
         check_int(self.search_proposals, "search proposals", lo=0, hi=1 << 20)
-        if self.search_proposals:  # "auto" sinks are not chosen yet: the most they can be
-            sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
-            check_search_tokens(self.search_tokens, self.residual_length, sinks)
+        if self.search_proposals:
+            check_search_text(self.search_tokens, self.residual_length, self.sink_tokens)
         else:
             check_int(self.search_tokens, "search tokens", lo=2)
         check_int(self.search_seed, "search seed", lo=0)

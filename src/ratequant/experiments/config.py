@@ -276,11 +276,9 @@ class CompareConfig:
                 f"({self.residual})"
             )
         if self.search_proposals:
-            from ratequant.kl_search import check_search_tokens
-            from ratequant.pipeline import SINK_CANDIDATES
+            from ratequant.pipeline import check_search_text
 
-            sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
-            check_search_tokens(self.search_tokens, self.residual, sinks)
+            check_search_text(self.search_tokens, self.residual, self.sink_tokens)
         if self.preset not in PRESETS:
             raise RateQuantError(f"compare config: preset must be one of {PRESETS}, got {self.preset!r}")
 
