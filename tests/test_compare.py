@@ -558,7 +558,7 @@ def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):
     text = "\n".join(findings(results))
     assert "RateQuant + KL search (RateQuant's widths" in text and "proposals) beats the best fixed" in text
     report = write_report(results, tmp_path / "r").report.read_text()
-    assert "RateQuant + KL search" in report
+    assert "RateQuant + KL search beats best fixed (KL)" in report and "refined by 4 one-bit moves" in report
 
 
 def test_a_search_text_inside_the_residual_window_is_refused():

@@ -114,7 +114,22 @@ def setup_lines(results: CompareResults) -> list[str]:
         f"head_dim / 16) coefficients at 16 bits, `rank + quant` the largest r whose {cfg.hybrid_design} "
         f"{cfg.hybrid_bits}-bit coefficients plus per-token metadata fit the same bits; the bases are a per-model "
         f"constant, not counted per token. No residual window.",
+        *(
+            [
+                f"- RateQuant + KL search: RateQuant's widths, or the fixed key/value split of the same size if it "
+                f"causes less KL, refined by {cfg.search_proposals} one-bit moves on the KL they cause on a "
+                f"{cfg.search_tokens}-token window of the calibration split, all kept only if they also lower the KL "
+                f"on a second, held-out window of it (else the start is kept); the evaluation text is never seen."
+            ]
+            if cfg.search_proposals
+            else []
+        ),
     ]
+
+
+def _search_seconds(results: CompareResults) -> float:
+    """Seconds the ``ratequant-search`` methods spent on their searches (their allocation time)."""
+    return sum(m.details["allocation_seconds"] for m in results.select(method="ratequant-search"))
 
 
 def _noise_line(results: CompareResults) -> str:
@@ -283,7 +298,8 @@ def report_markdown(
         "## Time",
         "",
         f"- Calibration capture (shared by all designs): {t['capture']:.1f} s; distortion measurement and fit: "
-        f"{per_design}; rank bases: {t['rank_bases']:.1f} s; allocations: {t['allocation']:.1f} s.",
+        f"{per_design}; rank bases: {t['rank_bases']:.1f} s; allocations: {t['allocation']:.1f} s"
+        + (f" (the KL searches' {_search_seconds(results):.0f} s included)." if cfg.search_proposals else "."),
         f"- Evaluation: {evaluation}; total {t['total']:.1f} s (ratequant {env['ratequant_version']}, "
         f"torch {env['torch_version']}, {env['threads']} threads, {env['device']}).",
         "",

@@ -258,37 +258,34 @@ def rank_table(results: CompareResults, evaluation: str | None = None) -> str:
 
 
 def evaluations_table(results: CompareResults) -> str:
-    """One row per evaluation (corpus and scoring): its tokens, full precision, and how RateQuant fares against
-    the best fixed scheme there, on KL."""
+    """One row per evaluation (corpus and scoring): its tokens, full precision, and how RateQuant (and its KL
+    search, when run) fares against the best fixed scheme there, on KL."""
+    present = {r["method"] for r in results.recovered(None, "kl")}
+    methods = [m for m in ("ratequant", "ratequant-search") if m in present] or ["ratequant"]
     rows = []
     for name, ev in results.evaluations.items():
         fp = results.full_precision.score(name)
-        rq = [r for r in results.recovered(name, "kl") if r["method"] == "ratequant" and not r["no_choice"]]
-        wins = sum(r["value"] < r["best_fixed_value"] for r in rq)
-        shares = [r["share"] for r in rq if r["share"] is not None]
-        share = (
-            f"{fmt_share(float(np.median(shares)))} ({fmt_share(min(shares))} to {fmt_share(max(shares))})"
-            if shares
-            else "—"
-        )
         mark = " (headline)" if name == results.primary else ""
-        rows.append(
-            [
-                f"{ev['corpus']}, {ev['scoring']}{mark}",
-                f"{ev['scored_tokens']:,}",
-                f"{fmt_ppl(fp.ppl)} ± {fmt_ppl(fp.ppl_se)}",
-                f"{wins} of {len(rq)}",
-                share,
-            ]
-        )
-    header = [
-        "evaluation",
-        "scored tokens",
-        "full-precision PPL",
-        "RateQuant beats best fixed (KL)",
-        "KL damage recovered: median (range)",
-    ]
-    return md_table(header, rows, "lrrrr")
+        row = [
+            f"{ev['corpus']}, {ev['scoring']}{mark}",
+            f"{ev['scored_tokens']:,}",
+            f"{fmt_ppl(fp.ppl)} ± {fmt_ppl(fp.ppl_se)}",
+        ]
+        for method in methods:
+            cells = [r for r in results.recovered(name, "kl") if r["method"] == method and not r["no_choice"]]
+            wins = sum(r["value"] < r["best_fixed_value"] for r in cells)
+            shares = [r["share"] for r in cells if r["share"] is not None]
+            row.append(f"{wins} of {len(cells)}")
+            row.append(
+                f"{fmt_share(float(np.median(shares)))} ({fmt_share(min(shares))} to {fmt_share(max(shares))})"
+                if shares
+                else "—"
+            )
+        rows.append(row)
+    header = ["evaluation", "scored tokens", "full-precision PPL"]
+    for method in methods:
+        header += [f"{METHOD_NAMES[method]} beats best fixed (KL)", "KL damage recovered: median (range)"]
+    return md_table(header, rows, "lrr" + "rr" * len(methods))
 
 
 def passkey_table(results: CompareResults) -> str:
