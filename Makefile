@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ratequant-installed
 
-.PHONY: demo test lint bench results clean-venv
+.PHONY: demo test lint bench results results-search clean-venv
 
 $(STAMP): pyproject.toml setup.py src/ratequant/_native.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 # the README's results (1 h 10 min to 2 h 15 min on a 2-core CPU): the full comparison into docs/results
 results: $(STAMP)
 	$(BIN)/ratequant compare --full --out docs/results --force
+
+# RateQuant + KL search beside RateQuant at 2.5 and 3 bits, on both corpora (about 40 min): docs/search
+results-search: $(STAMP)
+	$(BIN)/ratequant compare --config docs/search/config.json --out docs/search --force
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,lm-eval,bench]'
