@@ -176,6 +176,13 @@ def test_8_a_compare_config_with_nested_designs_is_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, ["compare", "--config", str(path), "--out", str(tmp_path / "out")], "design names")
 
 
+def test_8_a_compare_search_on_text_that_is_never_quantized_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compare", "--residual", "128", "--search", "2", "--search-tokens", "100", "--out", str(out)]
+    assert_one_line_error(capsys, argv, "residual window (128)")
+    assert not out.exists()  # refused before the report folder is made
+
+
 def test_8_an_interrupt_while_the_parser_is_built_exits_130(monkeypatch, capsys):
     import ratequant.cli as cli
 
