@@ -526,6 +526,19 @@ def test_a_budget_at_the_narrowest_width_is_a_tie_by_construction_not_a_loss(set
     assert "No allocator has a choice in 1 cell(s) (kivi at 2 bits)" in text
     assert "in 1 of 1 (design, budget) cells" in text or "in 0 of 1 (design, budget) cells" in text
     assert "for kivi at 2 bits**" not in text
+    # a design whose narrowest informative key width is 3 (as the uniform design's): at 2.5 bits the only
+    # allocation that fits is K3V2, so that cell is a tie by construction too, and 2 bits is no longer one
+    from dataclasses import replace
+
+    k3v2 = np.stack([np.full(results.designs["kivi"].measured.shape[1:-1], w) for w in (3, 2)])
+    floored = replace(
+        results,
+        designs={"kivi": replace(results.designs["kivi"], min_bits=(3, 2))},
+        methods=tuple(
+            replace(m, bits=k3v2) if (m.method, m.budget) == ("ratequant", 2.5) else m for m in results.methods
+        ),
+    )
+    assert floored.no_choice("kivi", 2.5) and not floored.no_choice("kivi", 2.0)
 
 
 def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):

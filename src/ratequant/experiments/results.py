@@ -224,14 +224,19 @@ class CompareResults:
         return out
 
     def no_choice(self, design: str, budget: float) -> bool:
-        """True when the budget leaves an allocator nothing to choose: it equals the design's narrowest width, so
-        the only allocation that fits is every component at that width (RateQuant, layer-wise and the fixed
-        uniform scheme are then the same allocation, a tie by construction, not a result)."""
+        """True when the budget leaves an allocator nothing to choose: it is the mean of the design's narrowest
+        informative key and value widths, so the only allocation that fits is every component at its kind's
+        narrowest width (at 2 bits for most designs: RateQuant, layer-wise and uniform 2-bit are then the same
+        allocation; for the ``uniform`` design, whose 2-bit keys are uninformative, at 2.5 bits K3V2). A tie there
+        is by construction, not a result."""
         found = self.select(method="ratequant", design=design, budget=budget)
         if not found or found[0].bits is None:
             return False
         bits = np.asarray(found[0].bits)
-        return float(budget) == float(min(self.designs[design].fit.bitset)) and bool((bits == bits.flat[0]).all())
+        fit = self.designs[design]
+        floors = fit.min_bits or (min(fit.fit.bitset),) * 2
+        at_floors = all(bool((bits[kind] == floors[kind]).all()) for kind in range(2))
+        return float(budget) == (floors[0] + floors[1]) / 2 and at_floors
 
     def best_fixed(
         self, design: str, budget: float, evaluation: str | None = None, metric: str = "kl"

@@ -45,9 +45,9 @@ def versus_best_fixed(results: CompareResults, metric: str, evaluation: str | No
     if forced:
         cells = ", ".join(f"{r['design']} at {budget_text(r['budget'])} bits" for r in forced)
         out.append(
-            f"No allocator has a choice in {len(forced)} cell(s) ({cells}): the budget equals the narrowest width, "
-            "so every component sits at it and RateQuant, layer-wise and uniform are the same allocation. They are "
-            "left out of the counts below."
+            f"No allocator has a choice in {len(forced)} cell(s) ({cells}): the budget is the mean of the narrowest "
+            "informative key and value widths, so every component sits at its kind's narrowest width and the "
+            "allocators return that fixed scheme itself. They are left out of the counts below."
         )
     if not rq:
         return out
