@@ -133,14 +133,17 @@ class Curves:
         )
         return Curves(values, widths, self.source, self.design, None, self.label, self.min_bits)
 
+    def lowest_widths(self) -> tuple[int, int]:
+        """The lowest width each kind may take (keys, values): ``min_bits``, else the narrowest of ``bitset``."""
+        return (self.bitset[0], self.bitset[0]) if self.min_bits is None else tuple(self.min_bits)
+
     def kind_widths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The widths of ``bitset`` each kind may take (keys, values): from its lowest informative width up."""
-        low = (self.bitset[0], self.bitset[0]) if self.min_bits is None else self.min_bits
-        return tuple(tuple(w for w in self.bitset if w >= b) for b in low)  # type: ignore[return-value]
+        return tuple(tuple(w for w in self.bitset if w >= b) for b in self.lowest_widths())  # type: ignore[return-value]
 
     def floors(self) -> np.ndarray:
         """Index into ``bitset`` of every component's lowest allowed width ``[2, L, H]`` (from ``min_bits``)."""
-        low = (self.bitset[0], self.bitset[0]) if self.min_bits is None else self.min_bits
+        low = self.lowest_widths()
         out = np.empty(self.shape, dtype=np.int64)
         for k, b in enumerate(low):
             allowed = [j for j, w in enumerate(self.bitset) if w >= b]

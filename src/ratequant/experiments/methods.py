@@ -35,7 +35,7 @@ from ratequant.experiments.config import CompareConfig, budget_text
 from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS
 from ratequant.models import LoadedModel
-from ratequant.pipeline import DesignFit, cost_model_for
+from ratequant.pipeline import DesignFit, cost_model_for, covered_widths
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
@@ -138,7 +138,7 @@ def quantized_methods(
     refines RateQuant's widths, None: not scored); methods that cannot meet a budget go to ``skipped``."""
     cost = cost_model_for(policy, loaded, config.context_tokens, config.bitset)
     fixed = AllocationOptions(bitset=config.bitset, cost_model=cost)  # fixed schemes use the widths they name
-    allocated = AllocationOptions(bitset=tuple(b for b in config.bitset if b in design.curves.bitset), cost_model=cost)
+    allocated = AllocationOptions(bitset=covered_widths(config.bitset, design.curves), cost_model=cost)
     plain = Curves.from_fit(design.fit, config.bitset, design=design.design, label=config.metric)
     methods: list[Method] = []
 
