@@ -22,7 +22,14 @@ If the search cannot recover much of the fixed split's damage even on the text i
 allocation reachable by such moves can on this model; if it can there but not on the evaluation text, the
 gain does not transfer; if it can on both, RateQuant's gap is its proxy's or the additive model's.
 
+``--search-text evaluation`` is the oracle bound: the search runs on the first ``--search-windows``
+evaluation windows themselves (their protocol: ``--seq-len`` tokens, second-half KL), so it is told the answer
+it is scored on; the rest of the evaluation windows are reported apart as unseen text. What it reaches on the
+windows it searched is a per-head allocation that does that well there; what it cannot reach, this search does
+not find even when told the answer (a local search: evidence, not a proof that no allocation can).
+
     python benchmarks/joint_search.py --output results/joint_search.json
+    python benchmarks/joint_search.py --search-text evaluation --output results/joint_search_oracle.json
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--designs", default="kivi,quarot,turbo")
     parser.add_argument("--budget", type=float, default=2.5, choices=sorted(KEYS_WIDER_SPLITS))
     parser.add_argument("--evaluations", type=int, default=60, help="search proposals per design (default 60)")
-    parser.add_argument("--search-tokens", type=int, default=512)
+    parser.add_argument("--search-text", choices=("calibration", "evaluation"), default="calibration")
+    parser.add_argument("--search-tokens", type=int, default=512, help="calibration search windows' length")
     parser.add_argument("--search-windows", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=1.0, help="spread of the proposal softmax")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,6 +67,9 @@ def main(argv=None) -> int:
         parser.error(
             "--search-tokens and --seq-len must exceed 256 (the 128-token residual window leaves less unquantized)"
         )
+    oracle = args.search_text == "evaluation"
+    if oracle and not 0 < args.search_windows < args.windows:
+        parser.error("--search-text evaluation needs --search-windows below --windows (the rest are the unseen text)")
 
     import torch
 
@@ -66,7 +77,7 @@ def main(argv=None) -> int:
     from ratequant.data import load_corpus
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import score_conditions
-    from ratequant.evaluation.protocol import WindowProtocol, make_windows
+    from ratequant.evaluation.protocol import WindowProtocol, Windows, make_windows
     from ratequant.kl_search import best_start, kl_on, search_allocation
     from ratequant.models import load_model
     from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
@@ -75,9 +86,16 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     loaded, corpus = load_model(), load_corpus()
     model = loaded.model
-    search = make_windows(
-        loaded.tokenizer, corpus.calibration, WindowProtocol(args.search_tokens, args.search_windows, "auto", "all")
+    windows = make_windows(
+        loaded.tokenizer, corpus.evaluation, WindowProtocol(args.seq_len, args.windows, "auto", "second-half")
     )
+    if oracle:
+        searched_ids, unseen_ids = windows.ids.split([args.search_windows, windows.count - args.search_windows])
+        search = Windows(searched_ids, windows.protocol, windows.bos_token_id)
+        unseen = Windows(unseen_ids, windows.protocol, windows.bos_token_id)
+    else:
+        protocol = WindowProtocol(args.search_tokens, args.search_windows, "auto", "all")
+        search, unseen = make_windows(loaded.tokenizer, corpus.calibration, protocol), None
     search_kl = kl_on(model, search)
 
     k_bits, v_bits = KEYS_WIDER_SPLITS[args.budget]
@@ -125,38 +143,40 @@ def main(argv=None) -> int:
             f"({accepted} of {args.evaluations} moves kept, {time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    windows = make_windows(
-        loaded.tokenizer, corpus.evaluation, WindowProtocol(args.seq_len, args.windows, "auto", "second-half")
-    )
-    scores = score_conditions(model, windows, conditions)["second-half"]
+    scored = {"evaluation": windows} | ({"unseen": unseen} if oracle else {})
+    scores = {where: score_conditions(model, w, conditions)["second-half"] for where, w in scored.items()}
     fixed_name = f"K{k_bits}V{v_bits}"
     for row in designs:
         d = row["design"]
-        row["evaluation"] = {
-            name: {
-                "kl": scores[f"{d}/{name}"].kl,
-                "kl_se": scores[f"{d}/{name}"].kl_se,
-                "ppl": scores[f"{d}/{name}"].ppl,
+        kls = {"search": row["search_kl"]}
+        for where, by_condition in scores.items():
+            row[where] = {
+                name: {
+                    "kl": by_condition[f"{d}/{name}"].kl,
+                    "kl_se": by_condition[f"{d}/{name}"].kl_se,
+                    "ppl": by_condition[f"{d}/{name}"].ppl,
+                }
+                for name in (fixed_name, "RateQuant", "searched")
             }
-            for name in (fixed_name, "RateQuant", "searched")
-        }
-        evaluation_kl = {name: e["kl"] for name, e in row["evaluation"].items()}
-        for where, kls in (("search", row["search_kl"]), ("evaluation", evaluation_kl)):
-            row[f"recovered_{where}"] = {name: 1 - kls[name] / kls[fixed_name] for name in ("RateQuant", "searched")}
+            kls[where] = {name: e["kl"] for name, e in row[where].items()}
+        for where, kl in kls.items():
+            row[f"recovered_{where}"] = {name: 1 - kl[name] / kl[fixed_name] for name in ("RateQuant", "searched")}
     result = {
         "format_version": FORMAT_VERSION,
         "benchmark": "joint_search",
         "args": args_dict(args),
         "machine": machine_info(args.threads),
+        "search_text": args.search_text,
         "search_windows": search.describe(),
         "evaluation_windows": windows.describe(),
+        **({"unseen_windows": unseen.describe()} if oracle else {}),
         "designs": designs,
         "seconds": time.perf_counter() - started,
     }
     write_result(args.output, result)
     for row in designs:
         print(f"{row['design']} at {args.budget:g} bits (share of {fixed_name}'s KL damage recovered):")
-        for where in ("search", "evaluation"):
+        for where in ("search", *scores):
             rec = row[f"recovered_{where}"]
             print(f"  {where:10s} RateQuant {rec['RateQuant']:+.0%}  searched {rec['searched']:+.0%}")
         for name, e in row["evaluation"].items():
