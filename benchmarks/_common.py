@@ -224,6 +224,31 @@ def subprocess_env(threads: int) -> dict:
     return env
 
 
+def design_scores(by_condition: dict, design: str, names) -> dict:
+    """``{name: {"kl", "kl_se", "ppl"}}`` of the conditions ``"{design}/{name}"`` of a ``score_conditions`` result
+    (one scoring)."""
+    return {
+        name: {key: getattr(by_condition[f"{design}/{name}"], key) for key in ("kl", "kl_se", "ppl")} for name in names
+    }
+
+
+def recovered(kl: dict, fixed: str, names) -> dict:
+    """``{name: share of the fixed scheme's KL damage recovered}`` (1 - KL / KL of ``fixed``) from ``{name: KL}``."""
+    return {name: 1 - kl[name] / kl[fixed] for name in names}
+
+
+def print_recovered(rows: list[dict], budget: float, fixed: str, method: str, wheres) -> None:
+    """Print, per design row, the share of ``fixed``'s KL damage that RateQuant and ``method`` recover on each text
+    of ``wheres`` (``row[f"recovered_{where}"]``), then the evaluation's KL, perplexity and widths of each."""
+    for row in rows:
+        print(f"{row['design']} at {budget:g} bits (share of {fixed}'s KL damage recovered):")
+        for where in wheres:
+            rec = row[f"recovered_{where}"]
+            print(f"  {where:11s} RateQuant {rec['RateQuant']:+.0%}  {method} {rec[method]:+.0%}")
+        for name, e in row["evaluation"].items():
+            print(f"  {name:15s} KL {e['kl']:.4f} ± {e['kl_se']:.4f}  PPL {e['ppl']:.3f}  {row['widths'][name]}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------

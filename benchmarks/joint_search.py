@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import KEYS_WIDER_SPLITS, args_dict, machine_info, write_result
+from _common import KEYS_WIDER_SPLITS, args_dict, design_scores, machine_info, print_recovered, recovered, write_result
 
 FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
@@ -150,17 +150,10 @@ def main(argv=None) -> int:
         d = row["design"]
         kls = {"search": row["search_kl"]}
         for where, by_condition in scores.items():
-            row[where] = {
-                name: {
-                    "kl": by_condition[f"{d}/{name}"].kl,
-                    "kl_se": by_condition[f"{d}/{name}"].kl_se,
-                    "ppl": by_condition[f"{d}/{name}"].ppl,
-                }
-                for name in (fixed_name, "RateQuant", "searched")
-            }
+            row[where] = design_scores(by_condition, d, (fixed_name, "RateQuant", "searched"))
             kls[where] = {name: e["kl"] for name, e in row[where].items()}
         for where, kl in kls.items():
-            row[f"recovered_{where}"] = {name: 1 - kl[name] / kl[fixed_name] for name in ("RateQuant", "searched")}
+            row[f"recovered_{where}"] = recovered(kl, fixed_name, ("RateQuant", "searched"))
     result = {
         "format_version": FORMAT_VERSION,
         "benchmark": "joint_search",
@@ -174,13 +167,7 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - started,
     }
     write_result(args.output, result)
-    for row in designs:
-        print(f"{row['design']} at {args.budget:g} bits (share of {fixed_name}'s KL damage recovered):")
-        for where in ("search", *scores):
-            rec = row[f"recovered_{where}"]
-            print(f"  {where:10s} RateQuant {rec['RateQuant']:+.0%}  searched {rec['searched']:+.0%}")
-        for name, e in row["evaluation"].items():
-            print(f"  {name:10s} KL {e['kl']:.4f} ± {e['kl_se']:.4f}  PPL {e['ppl']:.3f}  {row['widths'][name]}")
+    print_recovered(designs, args.budget, fixed_name, "searched", ("search", *scores))
     return 0
 
 
