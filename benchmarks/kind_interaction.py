@@ -12,8 +12,8 @@ whether an allocation told the difference does better:
    *interaction factor* ``J_k(b) / sum_i d_i(b)`` is constant across widths where the damages add up (the
    proxy is in its own units, so only its change with the width and between kinds says something);
 3. *kind-calibrated* curves ``d_i(b) * J_k(b) / sum_i d_i(b)``: the proxy's split among the components of a
-   kind, rescaled so that each kind's curve is its measured joint damage (widths whose joint damage is below
-   ``--noise-floor`` keep the factor of the narrowest one above it), allocated by the same exact solver;
+   kind, rescaled so that each kind's curve is its measured joint damage (a width whose joint damage is below
+   ``--noise-floor`` takes the factor of the nearest narrower width above it), allocated by the same exact solver;
 4. the budget's fixed split with keys wider, RateQuant and the kind-calibrated allocation scored on the
    evaluation windows of ``compare``'s headline protocol (``--seq-len`` x ``--windows``, second-half KL,
    simulated quantization with the 128-token residual window and the plan's sink tokens).
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     for row in designs:
         row["evaluation"] = design_scores(scores, row["design"], row["calibration_kl"])
         kls = {"calibration": row["calibration_kl"], "evaluation": {n: e["kl"] for n, e in row["evaluation"].items()}}
-        for where, kl in kls.items():
-            row[f"recovered_{where}"] = recovered(kl, fixed_name, ("RateQuant", "kind-calibrated"))
+        for where, by_name in kls.items():
+            row[f"recovered_{where}"] = recovered(by_name, fixed_name, ("RateQuant", "kind-calibrated"))
     result = {
         "format_version": FORMAT_VERSION,
         "benchmark": "kind_interaction",
