@@ -224,6 +224,16 @@ def subprocess_env(threads: int) -> dict:
     return env
 
 
+def kv_split(like, key_bits: int, value_bits: int):
+    """Widths ``[2, L, H]`` shaped like ``like``: every key at ``key_bits``, every value at ``value_bits`` (a fixed
+    key/value split such as :data:`KEYS_WIDER_SPLITS`' K3V2)."""
+    import numpy as np
+
+    bits = np.empty_like(like)
+    bits[0], bits[1] = key_bits, value_bits
+    return bits
+
+
 def design_scores(by_condition: dict, design: str, names) -> dict:
     """``{name: {"kl", "kl_se", "ppl"}}`` of the conditions ``"{design}/{name}"`` of a ``score_conditions`` result
     (one scoring)."""

@@ -42,7 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import KEYS_WIDER_SPLITS, args_dict, design_scores, machine_info, print_recovered, recovered, write_result
+from _common import (
+    KEYS_WIDER_SPLITS,
+    args_dict,
+    design_scores,
+    kv_split,
+    machine_info,
+    print_recovered,
+    recovered,
+    write_result,
+)
 
 FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
@@ -80,7 +89,7 @@ def main(argv=None) -> int:
     from ratequant.evaluation.protocol import WindowProtocol, Windows, make_windows
     from ratequant.kl_search import best_start, kl_on, search_allocation
     from ratequant.models import load_model
-    from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
+    from ratequant.pipeline import DEFAULT_CONTEXT, CalibrationSettings, calibrate, cost_model_for
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -99,15 +108,14 @@ def main(argv=None) -> int:
     search_kl = kl_on(model, search)
 
     k_bits, v_bits = KEYS_WIDER_SPLITS[args.budget]
+    fixed_name = f"K{k_bits}V{v_bits}"
     conditions, designs = {}, []
     for design in args.designs.split(","):
         t0 = time.perf_counter()
         run = calibrate(loaded, corpus, CalibrationSettings(quantizer=design, budget=Budget.avg_bits(args.budget)))
         spec = run.plan.resolve(model)
-        cost = cost_model_for(spec.policy, loaded, 4096)
-        fixed = np.empty_like(spec.bits)
-        fixed[0], fixed[1] = k_bits, v_bits
-        starts = {f"K{k_bits}V{v_bits}": fixed, "RateQuant": np.array(spec.bits)}
+        cost = cost_model_for(spec.policy, loaded, DEFAULT_CONTEXT)
+        starts = {fixed_name: kv_split(spec.bits, k_bits, v_bits), "RateQuant": np.array(spec.bits)}
         start, start_kl = best_start(search_kl, spec, starts)
         found = search_allocation(
             search_kl,
@@ -145,7 +153,6 @@ def main(argv=None) -> int:
         )
     scored = {"evaluation": windows} | ({"unseen": unseen} if oracle else {})
     scores = {where: score_conditions(model, w, conditions)["second-half"] for where, w in scored.items()}
-    fixed_name = f"K{k_bits}V{v_bits}"
     for row in designs:
         d = row["design"]
         kls = {"search": row["search_kl"]}

@@ -34,7 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import KEYS_WIDER_SPLITS, args_dict, design_scores, machine_info, print_recovered, recovered, write_result
+from _common import (
+    KEYS_WIDER_SPLITS,
+    args_dict,
+    design_scores,
+    kv_split,
+    machine_info,
+    print_recovered,
+    recovered,
+    write_result,
+)
 
 FORMAT_VERSION = 1
 HERE = Path(__file__).resolve().parent
@@ -54,6 +63,12 @@ def kind_calibrated(values: np.ndarray, joint: np.ndarray, floor: float) -> tupl
             last = j if reliable[j] else last
             factors[k, j] = joint[k, last] / max(sums[k, last], 1e-300)
     return values * factors[:, None, None, :], factors
+
+
+def split_kl(kl, spec, key_bits: int, value_bits: int) -> float:
+    """``kl`` (see :func:`ratequant.kl_search.kl_on`) of ``spec`` with every key at ``key_bits`` and every value at
+    ``value_bits``."""
+    return kl(replace(spec, bits=kv_split(spec.bits, key_bits, value_bits)))
 
 
 def main(argv=None) -> int:
@@ -79,7 +94,14 @@ def main(argv=None) -> int:
     from ratequant.evaluation.protocol import WindowProtocol, make_windows
     from ratequant.kl_search import kl_on
     from ratequant.models import load_model
-    from ratequant.pipeline import CalibrationSettings, allocate_for, bits_histogram, calibrate, cost_model_for
+    from ratequant.pipeline import (
+        DEFAULT_CONTEXT,
+        CalibrationSettings,
+        allocate_for,
+        bits_histogram,
+        calibrate,
+        cost_model_for,
+    )
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -97,23 +119,17 @@ def main(argv=None) -> int:
         settings = CalibrationSettings(quantizer=design, budget=Budget.avg_bits(args.budget))
         run = calibrate(loaded, corpus, settings)
         spec, curves = run.plan.resolve(model), run.curves
-        reference = np.full_like(spec.bits, REFERENCE_BITS)
-        reference_kl = kl(replace(spec, bits=reference))
-        joint = np.zeros((2, len(curves.bitset)))
-        for k in range(2):
-            for j, b in enumerate(curves.bitset):
-                bits = reference.copy()
-                bits[k] = b
-                joint[k, j] = kl(replace(spec, bits=bits)) - reference_kl
+        reference_kl = split_kl(kl, spec, REFERENCE_BITS, REFERENCE_BITS)
+        key_kls = [split_kl(kl, spec, b, REFERENCE_BITS) for b in curves.bitset]
+        value_kls = [split_kl(kl, spec, REFERENCE_BITS, b) for b in curves.bitset]
+        joint = np.array([key_kls, value_kls]) - reference_kl
         values, factors = kind_calibrated(curves.values, joint, args.noise_floor)
         calibrated = Curves.measured(
             values, curves.bitset, design=design, label="fisher x kind joint KL", min_bits=curves.min_bits
         )
-        cost = cost_model_for(spec.policy, loaded, 4096, settings.bitset)
-        fixed = np.empty_like(spec.bits)
-        fixed[0], fixed[1] = k_bits, v_bits
+        cost = cost_model_for(spec.policy, loaded, DEFAULT_CONTEXT, settings.bitset)
         allocations = {
-            fixed_name: fixed,
+            fixed_name: kv_split(spec.bits, k_bits, v_bits),
             "RateQuant": np.array(spec.bits),
             "kind-calibrated": np.array(allocate_for(settings, calibrated, loaded.geometry, cost).bits),
         }
