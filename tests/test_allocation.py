@@ -525,7 +525,7 @@ def test_floors_are_validated():
     with pytest.raises(RateQuantError, match="min_bits"):
         Curves.measured(table, FLOOR_WIDTHS, min_bits=(0, 2))
     curves = Curves.measured(table, FLOOR_WIDTHS, min_bits=(3, 2))
-    with pytest.raises(BudgetError, match="lowest informative key width"):
+    with pytest.raises(BudgetError, match="lowest informative width of layer 0 kv-head 0's keys"):
         allocate(curves, Budget.avg_bits(2.0), options=AllocationOptions(b_max=2))
 
 

@@ -533,12 +533,18 @@ def test_a_budget_at_the_narrowest_width_is_a_tie_by_construction_not_a_loss(set
     k3v2 = np.stack([np.full(results.designs["kivi"].measured.shape[1:-1], w) for w in (3, 2)])
     floored = replace(
         results,
-        designs={"kivi": replace(results.designs["kivi"], min_bits=(3, 2))},
+        designs={"kivi": replace(results.designs["kivi"], min_bits=(3, 2), floors=k3v2)},
         methods=tuple(
             replace(m, bits=k3v2) if (m.method, m.budget) == ("ratequant", 2.5) else m for m in results.methods
         ),
     )
     assert floored.no_choice("kivi", 2.5) and not floored.no_choice("kivi", 2.0)
+    # per-component floors: one key component floored at 4 leaves a choice at 2.5 bits (others may go to 2)
+    mixed = k3v2.copy()
+    mixed[0] = 2
+    mixed[0, 0, 0] = 4
+    one_high = replace(floored, designs={"kivi": replace(floored.designs["kivi"], min_bits=(2, 2), floors=mixed)})
+    assert not one_high.no_choice("kivi", 2.5) and not one_high.no_choice("kivi", 2.0)
 
 
 def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):

@@ -245,6 +245,21 @@ def test_informative_widths_per_kind_and_pooled():
     assert fine.informative_widths("kind") == fine.informative_widths("pooled") == ((1, 2, 3, 4),) * 2
 
 
+def test_component_floors_are_decided_per_component():
+    """Each component starts at its own lowest informative width: one outlier does not floor its whole kind."""
+    table = _synthetic_table(key_error=[0.8, 0.4, 0.1, 0.01], value_error=[0.8, 0.4, 0.1, 0.01])
+    error = np.array(table.error)
+    error[0, 1, 0] = [0.5, 0.4, 0.3, 0.01]  # layer 1 kv-head 0's keys: only 4 bits beat their mean (0.25)
+    error[1, 0, 1] = [0.1, 0.3, 0.27, 0.01]  # 1 bit passes alone (noise), 2 and 3 fail: starts at 4
+    error[1, 1, 1] = [9.0, 8.0, 7.0, 6.0]  # never passes: the widest
+    noisy = DistortionTable(table.values, table.bitset, "mse", table.quantizer, error=error, spread=table.spread)
+    floors = noisy.component_floors()
+    assert floors.shape == (2, 2, 2) and floors.dtype == np.int64
+    assert floors[0, 1, 0] == 4 and floors[1, 0, 1] == 4 and floors[1, 1, 1] == 4
+    assert floors[0, 0, 0] == floors[0, 0, 1] == floors[0, 1, 1] == floors[1, 0, 0] == 1
+    assert noisy.informative_widths("kind")[0][0] == 2  # summed over the kind, the outlier floors every key at 2
+
+
 def test_informative_widths_needs_the_evidence():
     table = _synthetic_table(key_error=[3.0, 1.5, 0.4, 0.1], value_error=[2.0, 0.5, 0.1, 0.02])
     with pytest.raises(RateQuantError, match="per must be"):

@@ -34,7 +34,11 @@ def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model
     assert run.table.values.shape == (2, 3, 2, 7) and (np.diff(run.table.values, axis=-1) < 0).mean() > 0.9  # 2..8
     assert 2.0 < run.fit.beta_key < 8.0 and 2.0 < run.fit.beta_value < 8.0
     assert run.plan.calibration["tokens"] == 64 and run.plan.calibration["corpus_sha256"] == corpus.sha256
-    assert set(run.phases) == {"capture", "sink_tokens", "distortion", "fit", "allocation"}
+    assert set(run.phases) == {"capture", "sink_tokens", "distortion", "fit", "allocation", "choice"}
+    # the plan is the candidate with the least held-out KL: RateQuant's widths or a fixed split of the budget
+    assert {"ratequant", "K4V3", "K3V4"} <= set(run.candidates) and run.plan.calibration["choice"] == run.chosen
+    assert run.candidates[run.chosen] == min(run.candidates.values())
+    assert run.plan.calibration[f"choice_kl_{run.chosen}"] == run.candidates[run.chosen]
     assert run.plan.sink_tokens in (0, 1, 2, 4, 8) and run.plan.calibration["sink_tokens_chosen"] == "auto"
     assert run.plan.calibration["bos_token_id"] is None  # the tiny tokenizer adds no BOS
     # the plan carries the measured table behind the fit
@@ -60,16 +64,16 @@ def test_uninformative_widths_are_left_out_of_the_allocation(tiny_model_dir, cor
     # fit_design drops them from the fit and floors the curves at them; the table keeps every width
     design = fit_design(stats, uniform, metric="mse")
     assert design.design == "uniform" and design.table.bitset == (1, 2, 3, 4, 5, 6, 7, 8)
-    assert design.fit.bitset == (2, 3, 4, 5, 6, 7, 8) and design.curves.min_bits == (2, 2)
+    assert design.fit.bitset == (2, 3, 4, 5, 6, 7, 8) and design.curves.lowest_widths() == (2, 2)
     assert design.curves.design == "uniform" and design.curves.label == "mse"
     assert set(design.seconds) == {"distortion", "fit"}
     every = fit_design(stats, uniform, metric="mse", informative_only=False)
-    assert every.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8) and every.curves.min_bits == (1, 1)
+    assert every.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8) and every.curves.lowest_widths() == (1, 1)
     corpus = load_corpus(str(corpus_file))
     base = dict(quantizer="uniform", budget=Budget.avg_bits(2.5), seq_len=32, sequences=2, residual_length=0)
     base["bitset"] = tuple(range(1, 9))  # the default widths start at 2 anyway
     run = calibrate(loaded, corpus, CalibrationSettings(**base))
-    assert run.plan.bits_array().min() >= 2 and run.curves.min_bits == (2, 2)
+    assert run.plan.bits_array().min() >= 2 and run.curves.lowest_widths() == (2, 2)
     kept = calibrate(loaded, corpus, CalibrationSettings(**base, informative_only=False))
     assert kept.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -333,3 +337,115 @@ def test_kl_search_keeps_a_move_only_when_the_kl_falls():
     assert result.bits.sum() == spec.bits.sum()
     with pytest.raises(RateQuantError, match="search proposals"):
         search_allocation(kl, spec, curves, cost, proposals=-1)
+
+
+def _biased_qwen2(tokenizer, bias: float = 60.0):
+    """A tiny Qwen2 model whose layer 0 has a large constant bias on kv-head 1's key projection (as real Qwen2
+    models carry in a few layers), wrapped as a LoadedModel."""
+    from conftest import tiny_model
+    from ratequant.compat import model_geometry
+    from ratequant.models import LoadedModel
+
+    model = tiny_model("qwen2", seed=5)
+    with torch.no_grad():
+        k_bias = model.model.layers[0].self_attn.k_proj.bias
+        # kv-head 1 (head dim 16): the channels RoPE turns slowest (pairs 6, 7 of 8), so the bias stays a near
+        # constant offset over the sequence, as Qwen2's large key biases do
+        k_bias[[22, 23, 30, 31]] = torch.tensor([bias, -bias, bias, -bias])
+    return LoadedModel(model, tokenizer, "biased-qwen2", "test", model_geometry(model))
+
+
+def test_per_component_floors_single_out_the_biased_head(corpus_file):
+    """One head's key bias makes its narrow per-token widths uninformative; only that head starts higher, and the
+    allocation gives it more bits instead of forcing every key up (the pooled rule did)."""
+    from conftest import tiny_tokenizer
+
+    loaded = _biased_qwen2(tiny_tokenizer())
+    corpus = load_corpus(str(corpus_file))
+    settings = CalibrationSettings(
+        quantizer="uniform",
+        budget=Budget.avg_bits(3.0),
+        metric="mse",
+        seq_len=32,
+        sequences=2,
+        residual_length=0,
+        sink_tokens=0,
+        choose=False,
+    )
+    run = calibrate(loaded, corpus, settings)
+    floors = run.curves.component_min_bits()
+    assert floors[0, 0, 1] > floors[0, 0, 0] and floors[0, 0, 1] > floors[0, 1:].max()  # only the biased head
+    assert floors[0, 0, 1] > run.table.component_floors()[0, 1:].max()
+    pooled = run.table.informative_widths("kind")[0][0]
+    assert pooled == floors[0].max() > floors[0].min()  # the pooled rule would have floored every key there
+    bits = run.plan.bits_array()
+    assert bits[0, 0, 1] >= floors[0, 0, 1] and bits[0, 0, 1] > np.median(bits[0])
+    assert (bits >= floors).all() and bits.mean() == 3.0
+    assert run.allocation.details["curves"]["floors"]["key"][0][1] == int(floors[0, 0, 1])
+
+
+def test_the_plan_is_the_candidate_with_the_least_held_out_kl(tiny_model_dir, corpus_file, monkeypatch):
+    """A stand-in KL that prefers each fixed split in turn: the plan follows it and records every candidate's KL;
+    without the choice the plan is RateQuant's allocation."""
+    loaded = load_model(str(tiny_model_dir))
+    corpus = load_corpus(str(corpus_file))
+    settings = CalibrationSettings(
+        quantizer="kivi",
+        budget=Budget.avg_bits(2.5),
+        metric="mse",
+        seq_len=32,
+        sequences=2,
+        residual_length=0,
+        sink_tokens=0,
+    )
+    for key, value in ((3, 2), (2, 3)):
+
+        def stand_in(model, windows, key=key, value=value):
+            return lambda spec: 0.1 if (spec.bits[0] == key).all() and (spec.bits[1] == value).all() else 0.3
+
+        monkeypatch.setattr(pipeline, "kl_on", stand_in)
+        run = calibrate(loaded, corpus, settings)
+        bits = run.plan.bits_array()
+        assert (bits[0] == key).all() and (bits[1] == value).all() and run.plan.avg_bits == 2.5
+        assert {"ratequant", "K3V2", "K2V3"} == set(run.candidates) and run.candidates[run.chosen] == 0.1
+        assert run.plan.calibration["choice"] == run.chosen and run.plan.calibration["choice_kl_K3V2"] in (0.1, 0.3)
+    off = calibrate(loaded, corpus, replace_settings(settings, choose=False))
+    assert off.candidates == {} and "choice" not in off.plan.calibration and off.plan.allocator == "ratequant"
+
+
+def replace_settings(settings, **changes):
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+def test_auto_compares_every_design_at_the_same_true_bytes(tiny_model_dir, corpus_file, monkeypatch):
+    """``quantizer="auto"``: every design is calibrated and allocated at the bytes the reference design takes at
+    the budget; the plan is the candidate the KL prefers, of whichever design."""
+    from ratequant.quantizers import available
+
+    loaded = load_model(str(tiny_model_dir))
+    corpus = load_corpus(str(corpus_file))
+
+    def prefer_turbo(model, windows):
+        return lambda spec: 0.05 if spec.quantizer.name == "turbo" and spec.bits.std() > 0 else 0.3
+
+    monkeypatch.setattr(pipeline, "kl_on", prefer_turbo)
+    settings = CalibrationSettings(
+        quantizer="auto",
+        budget=Budget.avg_bits(3.0),
+        metric="mse",
+        seq_len=32,
+        sequences=2,
+        residual_length=0,
+        sink_tokens=0,
+    )
+    run = calibrate(loaded, corpus, settings)
+    plan = run.plan
+    designs = {name.split("/")[0] for name in run.candidates}
+    assert designs == set(available()) and "kivi/ratequant" in run.candidates
+    assert plan.quantizer["name"] == "turbo" and run.chosen.startswith("turbo/")
+    assert plan.budget["kind"] == "bytes_per_token" and plan.bytes_per_token <= plan.budget["value"] * (1 + 1e-9)
+    assert plan.calibration["quantizer_chosen"] == "auto" and "3" in plan.calibration["requested_budget"]
+    with pytest.raises(RateQuantError, match="auto"):
+        CalibrationSettings(quantizer="auto", quantizer_params={"group_size": 64})

@@ -139,6 +139,23 @@ class DistortionTable:
             out.append(self.bitset[first:])
         return out[0], out[1]
 
+    def component_floors(self) -> np.ndarray:
+        """The lowest informative width of every component ``[2, L, H]`` (int): the narrowest width from which
+        on the design reconstructs that component's calibration tensor better than storing each channel's mean
+        (``sum (X - Q_b(X))^2 < sum (X - mean_tokens(X))^2``) at that width and every wider one.
+
+        The per-component form of :meth:`informative_widths`: one outlier head (a Qwen2 layer's key bias) no
+        longer decides for every head of its kind; it simply starts higher. A component that passes at no width
+        starts at the widest.
+        """
+        if self.error is None or self.spread is None:
+            raise RateQuantError("this distortion table holds no reconstruction error; measure it again")
+        passing = self.error < self.spread[..., None]  # [2, L, H, nb]
+        # the lowest index from which every wider width passes too (noise can make one narrow width pass alone)
+        from_here = np.flip(np.logical_and.accumulate(np.flip(passing, -1), axis=-1), -1)
+        first = np.where(from_here.any(-1), from_here.argmax(-1), len(self.bitset) - 1)
+        return np.asarray(self.bitset, dtype=np.int64)[first]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(2, num_layers, num_kv_heads)``."""

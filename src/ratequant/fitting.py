@@ -265,15 +265,15 @@ def fit_distortion(
     *,
     shared_beta: str = "kind",
     rel_floor: float = REL_FLOOR,
-    min_bits: tuple[int, int] | None = None,
+    min_bits: tuple[int, int] | np.ndarray | None = None,
 ) -> DistortionFit:
     """Fit ``d_i(b) = alpha_i * beta^(-b)`` to ``table`` ``[2, L, H, nb]`` measured at ``bitset``.
 
     ``shared_beta`` is ``"kind"`` (one beta for keys, one for values), ``"global"`` or ``"component"``.
     ``beta_key``/``beta_value`` always report the per-kind pooled fit; with ``"component"`` each
     component also gets its own slope (falling back to its kind's beta where it has fewer than two usable
-    points or its own slope does not decrease). ``min_bits`` (lowest width of keys, of values) leaves the
-    entries below a kind's lowest informative width out of the regression. Raises :class:`RateQuantError` when
+    points or its own slope does not decrease). ``min_bits`` (lowest width of keys and of values, or of every
+    component ``[2, L, H]``) leaves the entries below a component's lowest informative width out of the regression. Raises :class:`RateQuantError` when
     a kind's distortion does not decrease with bits (beta <= 1): the measurement or the metric is broken.
     """
     arr, bitset = check_table(table, bitset)
@@ -288,9 +288,10 @@ def fit_distortion(
     floor = rel_floor * np.maximum(cmax, 0.0)
     valid = (arr > floor) & (cmax > 0)
     n_clipped = int((~valid).sum())
-    if min_bits is not None:  # widths below a kind's lowest informative width carry no information: left out
-        low = np.asarray(min_bits, dtype=np.float64)[:, None, None, None]
-        valid &= np.asarray(bitset, dtype=np.float64)[None, None, None, :] >= low
+    if min_bits is not None:  # widths below a component's lowest informative width carry no information: left out
+        low = np.asarray(min_bits, dtype=np.float64)
+        low = low[:, None, None] if low.ndim == 1 else low
+        valid &= np.asarray(bitset, dtype=np.float64) >= low[..., None]
     w = valid.astype(np.float64)
     y = np.log(np.where(valid, arr, 1.0))  # never log of a non-positive number; masked entries weigh 0
 

@@ -58,14 +58,15 @@ class SearchResult:
 def proposal_weights(curves: Curves, bits: np.ndarray, step: int, widths, temperature: float) -> np.ndarray:
     """Sampling weights over components ``[2 * L * H]`` for a move of ``step`` (+1 receive, -1 give) from
     ``bits [2, L, H]``: softmax of the fitted curve's predicted gain (receive) or negative cost (give) in units of
-    its spread; 0 where the new width is not among ``widths[kind]`` (those of keys, of values)."""
+    its spread; 0 where the new width is not among ``widths[kind]`` (those of keys, of values) or lies below the
+    component's lowest allowed width (the curves' ``min_bits``)."""
     index = {b: i for i, b in enumerate(curves.bitset)}
-    flat = bits.reshape(-1)
+    flat, floors = bits.reshape(-1), curves.component_min_bits().reshape(-1)
     score = np.full(flat.size, -np.inf)
     for c, b in enumerate(flat):
         kind, layer, head = np.unravel_index(c, bits.shape)
         to = b + step
-        if to in widths[kind] and to in index and b in index:
+        if to in widths[kind] and to >= floors[c] and to in index and b in index:
             now, then = curves.values[kind, layer, head, index[b]], curves.values[kind, layer, head, index[to]]
             score[c] = np.log(max(now - then, 1e-30)) if step > 0 else -np.log(max(then - now, 1e-30))
     out = np.zeros(flat.size)

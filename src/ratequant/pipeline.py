@@ -24,29 +24,39 @@ from ratequant.allocation import (
 )
 from ratequant.allocation.strategies import STRATEGIES
 from ratequant.calibration import CalibrationStats, capture
+from ratequant.candidates import (
+    CHOICE_WINDOWS,
+    Candidate,
+    choice_tokens_for,
+    choose_candidate,
+    held_out_windows,
+    split_allocations,
+)
 from ratequant.data import Corpus
 from ratequant.distortion import DEFAULT_METRIC, METRICS, DistortionTable, measure_distortion
-from ratequant.errors import RateQuantError
+from ratequant.errors import BudgetError, RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.kl_search import best_start, check_search_tokens, fixed_splits, kl_on, search_allocation
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
-from ratequant.progress import progress_bar
-from ratequant.quantizers import Quantizer, get_quantizer
+from ratequant.progress import note, progress_bar
+from ratequant.quantizers import Quantizer, available, get_quantizer
 from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, KVQuantSpec, StoragePolicy
 from ratequant.validation import check_bitset, check_int
 
 DEFAULT_CONTEXT = 4096
+AUTO = "auto"
+"""``quantizer="auto"``: calibrate every registered design and keep the best plan at the same true bytes."""
+AUTO_REFERENCE = "kivi"
+"""The design whose true bytes at an average-bits budget are every design's budget under ``"auto"``."""
 CAPTURE_BATCH_SIZE = 1
 """Calibration windows per forward/backward pass: one keeps the backward's activations small."""
-INFORMATIVE_PER = "kind"
 SINK_CANDIDATES = (0, 1, 2, 4, 8, 16)
 """The sink-token counts ``sink_tokens="auto"`` chooses from."""
 SINK_REFERENCE_BITS = 2
 SINK_GAIN = 4.0
-"""How informative widths are decided: ``"kind"`` (keys and values each) or ``"pooled"`` (both must pass)."""
 
 
 def check_search_text(tokens: int, residual_length: int, sink_tokens: int | str) -> int:
@@ -81,10 +91,25 @@ class CalibrationSettings:
     search_proposals: int = 0  # > 0: refine the allocation on the KL it causes (ratequant.kl_search); slow
     search_tokens: int = 1024
     search_seed: int = 0
+    choose: bool = True  # keep the candidate (RateQuant, fixed splits) with the least held-out KL
+    choice_tokens: int | None = None  # None: ratequant.candidates.choice_tokens_for
+    choice_windows: int = CHOICE_WINDOWS
 
     def __post_init__(self) -> None:
         METRICS.get(self.metric)
         STRATEGIES.get(self.strategy)
+        if self.quantizer == AUTO:
+            if self.quantizer_params:
+                raise RateQuantError("--quantizer auto tries every design with its defaults; drop the --param options")
+            if self.curves_from is not None:
+                raise RateQuantError("--curves-from needs one design; pass --quantizer NAME instead of auto")
+        if self.choice_tokens is not None:
+            check_int(self.choice_tokens, "choice tokens", lo=2, hi=1 << 20)
+        check_int(self.choice_windows, "choice windows", lo=1, hi=64)
+        sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
+        if self.choose or self.quantizer == AUTO:
+            tokens = choice_tokens_for(self.choice_tokens, self.residual_length, sinks)
+            object.__setattr__(self, "choice_tokens", tokens)
         if self.sink_tokens != "auto":
             check_int(self.sink_tokens, "sink tokens (a count, or 'auto')", lo=0, hi=1 << 16)
         object.__setattr__(self, "bitset", check_bitset(self.bitset))
@@ -96,18 +121,27 @@ class CalibrationSettings:
         else:
             check_int(self.search_tokens, "search tokens", lo=2)
         check_int(self.search_seed, "search seed", lo=0)
-        self.policy()  # validates the design, its parameters, the residual window and the sinks
+        for name in self.designs():  # validates the designs, their parameters, the residual window and the sinks
+            self.policy(design=name)
         if self.curves_from is not None:
             get_quantizer(self.curves_from)
         check_reachable(self.budget, self.bitset, self.b_min, self.b_max)  # before any measurement
 
-    def design(self) -> Quantizer:
-        return get_quantizer(self.quantizer, **self.quantizer_params)
+    def designs(self) -> tuple[str, ...]:
+        """The designs calibration tries: every registered one for ``"auto"`` (the reference design first)."""
+        if self.quantizer != AUTO:
+            return (self.quantizer,)
+        return (AUTO_REFERENCE, *(d for d in available() if d != AUTO_REFERENCE))
 
-    def policy(self, sink_tokens: int | None = None) -> StoragePolicy:
-        """The storage policy; ``sink_tokens`` stands in for ``"auto"`` (0 until one is chosen)."""
+    def design(self, name: str | None = None) -> Quantizer:
+        """The quantizer design ``name`` (default: the settings' one) with the settings' parameters."""
+        name = name or self.designs()[0]
+        return get_quantizer(name, **self.quantizer_params)
+
+    def policy(self, sink_tokens: int | None = None, design: str | None = None) -> StoragePolicy:
+        """The storage policy of ``design``; ``sink_tokens`` stands in for ``"auto"`` (0 until one is chosen)."""
         chosen = self.sink_tokens if sink_tokens is None else sink_tokens
-        return StoragePolicy(self.design(), self.residual_length, 0 if chosen == "auto" else chosen)
+        return StoragePolicy(self.design(design), self.residual_length, 0 if chosen == "auto" else chosen)
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +165,9 @@ class CalibrationRun:
     curves: Curves
     allocation: Allocation
     phases: dict[str, float]
+    candidates: dict[str, float] = field(default_factory=dict)
+    """Every candidate's KL on the held-out calibration text (empty when only one was built)."""
+    chosen: str = "ratequant"
 
 
 def collect_statistics(
@@ -189,16 +226,16 @@ def fit_design(
 ) -> DesignFit:
     """Measure ``quantizer``'s distortion table on ``stats`` over ``bitset`` and fit D(b) = alpha * beta^-b.
 
-    With ``informative_only`` the fit, and so the widths an allocation may use (the curves' ``min_bits``),
-    leave out the widths :meth:`DistortionTable.informative_widths` rejects; the table covers all of ``bitset``.
+    With ``informative_only`` the fit, and so the widths an allocation may use (the curves' per-component
+    ``min_bits``), leave out the widths below each component's lowest informative width
+    (:meth:`DistortionTable.component_floors`); the table covers all of ``bitset``.
     """
     start = time.perf_counter()
     table = measure_distortion(stats, quantizer, bitset, metric, sink_tokens=sink_tokens)
     measured = time.perf_counter()
-    widths = table.informative_widths(INFORMATIVE_PER) if informative_only else (table.bitset, table.bitset)
-    # a kind needs two widths to fit its slope: fall back to the two widest
-    low = tuple(min(w[0], table.bitset[-2]) for w in widths)
-    fitted = tuple(b for b in table.bitset if b >= min(low))
+    low = table.component_floors() if informative_only else np.full(table.shape, table.bitset[0])
+    low = np.minimum(low, table.bitset[-2])  # a component needs two widths to fit its curve: the two widest
+    fitted = tuple(b for b in table.bitset if b >= int(low.min()))
     fit = fit_distortion(table.values[..., [table.bitset.index(b) for b in fitted]], fitted, min_bits=low)
     curves = Curves.from_fit(fit, fitted, design=quantizer.name, label=metric, min_bits=low)
     seconds = {"distortion": measured - start, "fit": time.perf_counter() - measured}
@@ -219,9 +256,13 @@ def covered_widths(bitset, curves: Curves) -> tuple[int, ...]:
 
 
 def allocate_for(
-    settings: CalibrationSettings, curves: Curves, geometry: Geometry, cost_model: CostModel
+    settings: CalibrationSettings,
+    curves: Curves,
+    geometry: Geometry,
+    cost_model: CostModel,
+    budget: Budget | None = None,
 ) -> Allocation:
-    """Run the settings' strategy on ``curves`` within the settings' widths."""
+    """Run the settings' strategy on ``curves`` within the settings' widths, at ``budget`` (default the settings')."""
     if curves.shape != geometry.shape:
         raise RateQuantError(f"the curves cover components {curves.shape} but the model has {geometry.shape}")
     options = AllocationOptions(
@@ -230,7 +271,17 @@ def allocate_for(
         b_max=settings.b_max,
         cost_model=cost_model,
     )
-    return allocate(curves, settings.budget, settings.strategy, options)
+    return allocate(curves, budget or settings.budget, settings.strategy, options)
+
+
+def equal_bytes_budget(settings: CalibrationSettings, geometry: Geometry, cost_model: CostModel) -> Budget:
+    """The settings' budget in true bytes per token under ``cost_model`` (the reference design's): how
+    ``--quantizer auto`` compares designs whose scales and zeros cost different bytes at the same width."""
+    if settings.budget.kind == "bytes_per_token":
+        return settings.budget
+    options = AllocationOptions(bitset=settings.bitset, b_min=settings.b_min, b_max=settings.b_max)
+    bits = allocate(Curves.flat(geometry, settings.bitset), settings.budget, "ratequant", options).bits
+    return Budget.bytes_per_token(cost_model.bytes_per_token(bits), cost_model.context_tokens)
 
 
 def search_windows(loaded: LoadedModel, corpus: Corpus, tokens: int) -> Windows:
@@ -305,21 +356,33 @@ def refine_allocation(
     return refined, record
 
 
-def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
-    """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split."""
-    phases: dict[str, float] = {}
-    search = search_windows(loaded, corpus, settings.search_tokens) if settings.search_proposals else None
-    start = time.perf_counter()
-    stats = collect_statistics(
-        loaded, corpus, seq_len=settings.seq_len, sequences=settings.sequences, metric=settings.metric
-    )
-    phases["capture"] = time.perf_counter() - start
-    sinks, sink_totals = settings.sink_tokens, None
+@dataclass(frozen=True, eq=False)
+class DesignCalibration:
+    """One design's calibration: its storage policy (with the sinks chosen), fitted curves, cost model and the
+    allocation of the settings' strategy at the budget."""
+
+    policy: StoragePolicy
+    fitted: DesignFit
+    curves_design: Quantizer
+    cost_model: CostModel
+    allocation: Allocation
+
+
+def calibrate_design(
+    loaded: LoadedModel,
+    stats: CalibrationStats,
+    settings: CalibrationSettings,
+    design: str,
+    phases: dict[str, float],
+    budget: Budget | None = None,
+) -> DesignCalibration:
+    """Sinks, distortion table, fit, cost model and allocation of ``design`` on ``stats`` (times into ``phases``)."""
+    sinks = settings.sink_tokens
     if sinks == "auto":
         start = time.perf_counter()
-        sinks, sink_totals = choose_sink_tokens(stats, settings.design(), settings.metric)
-        phases["sink_tokens"] = time.perf_counter() - start
-    policy = settings.policy(sinks)
+        sinks = choose_sink_tokens(stats, settings.design(design), settings.metric)[0]
+        phases["sink_tokens"] = phases.get("sink_tokens", 0.0) + time.perf_counter() - start
+    policy = settings.policy(sinks, design)
     curves_design = get_quantizer(settings.curves_from) if settings.curves_from else policy.quantizer
     fitted = fit_design(
         stats,
@@ -329,52 +392,136 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         informative_only=settings.informative_only,
         sink_tokens=policy.sink_tokens,
     )
-    phases.update(fitted.seconds)
+    for name, seconds in fitted.seconds.items():
+        phases[name] = phases.get(name, 0.0) + seconds
     start = time.perf_counter()
     context = settings.budget.context_tokens or DEFAULT_CONTEXT
     cost_model = cost_model_for(policy, loaded, context, settings.bitset)
-    allocation = allocate_for(settings, fitted.curves, loaded.geometry, cost_model)
-    phases["allocation"] = time.perf_counter() - start
-    searched = {}
+    allocation = allocate_for(settings, fitted.curves, loaded.geometry, cost_model, budget)
+    phases["allocation"] = phases.get("allocation", 0.0) + time.perf_counter() - start
+    return DesignCalibration(policy, fitted, curves_design, cost_model, allocation)
+
+
+def candidates_of(
+    settings: CalibrationSettings, calibrated: DesignCalibration, budget: Budget, qualified: bool
+) -> list[Candidate]:
+    """RateQuant's allocation of ``calibrated`` and, when the settings choose, the fixed key/value splits of the
+    same ``budget`` (names prefixed by the design when ``qualified``)."""
+    prefix = f"{calibrated.policy.quantizer.name}/" if qualified else ""
+    c = calibrated
+    out = [Candidate(prefix + c.allocation.method, c.allocation, c.policy, c.fitted.curves, c.cost_model)]
+    if settings.choose and settings.strategy == "ratequant":
+        widths = c.fitted.curves.restrict(
+            covered_widths(settings.bitset, c.fitted.curves), settings.b_min, settings.b_max
+        ).bitset
+        for name, split in split_allocations(budget, c.fitted.curves, c.cost_model, widths).items():
+            out.append(Candidate(prefix + name, split, c.policy, c.fitted.curves, c.cost_model))
+    return out
+
+
+def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
+    """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split.
+
+    Every design of the settings (all of them for ``"auto"``, at the true bytes the reference design takes at the
+    budget) is fitted on the same statistics; with ``settings.choose`` RateQuant's allocation and the fixed
+    key/value splits of the budget are scored on held-out calibration text (:mod:`ratequant.candidates`) and the
+    plan is the one with the least KL; ``settings.search_proposals`` then refines it by the KL search.
+    """
+    phases: dict[str, float] = {}
+    search = search_windows(loaded, corpus, settings.search_tokens) if settings.search_proposals else None
+    start = time.perf_counter()
+    stats = collect_statistics(
+        loaded, corpus, seq_len=settings.seq_len, sequences=settings.sequences, metric=settings.metric
+    )
+    phases["capture"] = time.perf_counter() - start
+    auto = settings.quantizer == AUTO
+    calibrated: dict[str, DesignCalibration] = {}
+    candidates: list[Candidate] = []
+    budget = settings.budget
+    for design in settings.designs():
+        try:
+            calibrated[design] = calibrate_design(loaded, stats, settings, design, phases, budget)
+        except BudgetError as exc:
+            if not auto:
+                raise
+            note(f"{design} left out of the automatic choice: {exc}")
+            continue
+        if auto and design == AUTO_REFERENCE:  # the other designs get the reference design's true bytes
+            budget = equal_bytes_budget(settings, loaded.geometry, calibrated[design].cost_model)
+        candidates += candidates_of(settings, calibrated[design], budget, auto)
+    tokens = stats.token_count
+    del stats
+    chosen, scores = candidates[0], {}
+    if len(candidates) > 1:
+        start = time.perf_counter()
+        windows = held_out_windows(
+            loaded.tokenizer,
+            corpus,
+            settings.seq_len * settings.sequences,
+            settings.choice_tokens,
+            settings.choice_windows,
+        )
+        chosen, scores = choose_candidate(kl_on(loaded.model, windows), candidates)
+        phases["choice"] = time.perf_counter() - start
+    design = calibrated[chosen.policy.quantizer.name]
+    allocation, searched = chosen.allocation, {}
     if settings.search_proposals:
         start = time.perf_counter()
         allocation, searched = refine_allocation(
             loaded,
             search,
-            policy,
-            fitted.curves,
-            cost_model,
+            chosen.policy,
+            chosen.curves,
+            chosen.cost_model,
             allocation,
             proposals=settings.search_proposals,
-            widths=search_widths(fitted.curves, settings.bitset, settings.b_min, settings.b_max),
+            widths=search_widths(chosen.curves, settings.bitset, settings.b_min, settings.b_max),
             seed=settings.search_seed,
         )
         phases["search"] = time.perf_counter() - start
-    table, fit = fitted.table, fitted.fit
+    table, fit = design.fitted.table, design.fitted.fit
+    choice = {}
+    if scores:
+        choice = {
+            "choice": chosen.name,
+            "choice_tokens": int(windows.ids.numel()),
+            **{f"choice_kl_{name}": value for name, value in scores.items()},
+        }
     plan = Plan.from_allocation(
         allocation,
         model_name=loaded.name,
         geometry=loaded.geometry,
-        quantizer=policy.quantizer,
-        budget=settings.budget,
+        quantizer=chosen.policy.quantizer,
+        budget=budget if auto else settings.budget,
         fit=fit,
         metric=settings.metric,
-        fit_design=curves_design.name,
+        fit_design=design.curves_design.name,
         measured=table.values[..., [table.bitset.index(b) for b in fit.bitset]],
-        residual_length=policy.residual_length,
-        sink_tokens=policy.sink_tokens,
+        residual_length=chosen.policy.residual_length,
+        sink_tokens=chosen.policy.sink_tokens,
         calibration={
             "corpus": corpus.name,
             "corpus_sha256": corpus.sha256,
-            "tokens": stats.token_count,
+            "tokens": tokens,
             "seconds": sum(phases.values()),
             "phases": dict(phases),
             "bos_token_id": bos_token_id(loaded.tokenizer),
-            "sink_tokens_chosen": "auto" if sink_totals else "given",
+            "sink_tokens_chosen": "auto" if settings.sink_tokens == "auto" else "given",
+            **({"quantizer_chosen": "auto", "requested_budget": settings.budget.describe()} if auto else {}),
+            **choice,
             **searched,
         },
     )
-    return CalibrationRun(plan=plan, table=table, fit=fit, curves=fitted.curves, allocation=allocation, phases=phases)
+    return CalibrationRun(
+        plan=plan,
+        table=table,
+        fit=fit,
+        curves=design.fitted.curves,
+        allocation=allocation,
+        phases=phases,
+        candidates=scores,
+        chosen=chosen.name,
+    )
 
 
 def bits_histogram(bits: np.ndarray) -> dict[int, int]:

@@ -29,8 +29,9 @@ class Curves:
     ``source``: ``"fit"`` (predicted by ``fit``), ``"measured"`` (a measured table), ``"model"`` (an analytical
     error model, e.g. from weight norms) or ``"none"`` (zeros: no prediction); ``design``: the quantizer design
     whose distortion it is (None when unknown); ``label``: a free description of the measurement (e.g.
-    ``"fisher"`` or ``"measured KL"``); ``min_bits``: the lowest width an allocation may give (keys, values),
-    e.g. the design's informative widths (None: any).
+    ``"fisher"`` or ``"measured KL"``); ``min_bits``: the lowest width an allocation may give, per kind
+    ``(keys, values)`` or per component (an integer array ``[2, L, H]``), e.g. the design's informative widths
+    (None: any).
     """
 
     values: np.ndarray
@@ -39,7 +40,7 @@ class Curves:
     design: str | None = None
     fit: DistortionFit | None = None
     label: str = ""
-    min_bits: tuple[int, int] | None = None
+    min_bits: tuple[int, int] | np.ndarray | None = None
 
     def __post_init__(self) -> None:
         bitset = check_bitset(self.bitset, name="curve widths")
@@ -56,10 +57,7 @@ class Curves:
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "bitset", bitset)
         if self.min_bits is not None:
-            low = tuple(check_int(b, "min_bits", lo=1, hi=8) for b in self.min_bits)
-            if len(low) != 2:
-                raise RateQuantError(f"min_bits must give the lowest width for keys and values, got {self.min_bits!r}")
-            object.__setattr__(self, "min_bits", low)
+            object.__setattr__(self, "min_bits", _check_min_bits(self.min_bits, values.shape[:3]))
 
     @classmethod
     def from_fit(
@@ -69,7 +67,7 @@ class Curves:
         *,
         design: str | None = None,
         label: str = "",
-        min_bits: tuple[int, int] | None = None,
+        min_bits: tuple[int, int] | np.ndarray | None = None,
     ) -> Curves:
         """The fitted ``alpha * beta^-b`` at ``bitset`` (default: the widths the fit used)."""
         if not isinstance(fit, DistortionFit):
@@ -85,7 +83,7 @@ class Curves:
         *,
         design: str | None = None,
         label: str = "",
-        min_bits: tuple[int, int] | None = None,
+        min_bits: tuple[int, int] | np.ndarray | None = None,
     ) -> Curves:
         """A measured table ``[2, L, H, nb]`` at ``bitset``, used as it is."""
         return cls(table, tuple(bitset), "measured", design, None, label, min_bits)
@@ -133,9 +131,17 @@ class Curves:
         )
         return Curves(values, widths, self.source, self.design, None, self.label, self.min_bits)
 
+    def component_min_bits(self) -> np.ndarray:
+        """The lowest width every component may take ``[2, L, H]``: ``min_bits``, else the narrowest of ``bitset``."""
+        low = self.bitset[0] if self.min_bits is None else self.min_bits
+        if isinstance(low, tuple):
+            low = np.asarray(low)[:, None, None]
+        return np.broadcast_to(np.asarray(low, dtype=np.int64), self.shape)
+
     def lowest_widths(self) -> tuple[int, int]:
-        """The lowest width each kind may take (keys, values): ``min_bits``, else the narrowest of ``bitset``."""
-        return (self.bitset[0], self.bitset[0]) if self.min_bits is None else tuple(self.min_bits)
+        """The lowest width any component of each kind may take (keys, values)."""
+        low = self.component_min_bits()
+        return int(low[0].min()), int(low[1].min())
 
     def kind_widths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The widths of ``bitset`` each kind may take (keys, values): from its lowest informative width up."""
@@ -143,17 +149,14 @@ class Curves:
 
     def floors(self) -> np.ndarray:
         """Index into ``bitset`` of every component's lowest allowed width ``[2, L, H]`` (from ``min_bits``)."""
-        low = self.lowest_widths()
-        out = np.empty(self.shape, dtype=np.int64)
-        for k, b in enumerate(low):
-            allowed = [j for j, w in enumerate(self.bitset) if w >= b]
-            if not allowed:
-                kind = ("key", "value")[k]
-                raise BudgetError(
-                    f"no allowed width in {self.bitset} is at least {b}, the lowest informative {kind} width"
-                )
-            out[k] = allowed[0]
-        return out
+        low = self.component_min_bits()
+        if int(low.max()) > self.bitset[-1]:
+            kind, layer, head = np.unravel_index(int(low.argmax()), low.shape)
+            raise BudgetError(
+                f"no allowed width in {self.bitset} is at least {int(low.max())}, the lowest informative width of "
+                f"layer {layer} kv-head {head}'s {('keys', 'values')[kind]}"
+            )
+        return np.searchsorted(np.asarray(self.bitset), low).astype(np.int64)
 
     def total(self, bits: np.ndarray) -> float:
         """Summed distortion of integer widths ``bits [2, L, H]`` under these curves (any width for a fit)."""
@@ -169,13 +172,33 @@ class Curves:
         return float(np.take_along_axis(self.values, lookup[bits][..., None], axis=-1).sum())
 
     def provenance(self) -> dict:
-        """JSON-ready description: source, design, label and the lowest widths allowed."""
-        return {
+        """JSON-ready description: source, design, label and the lowest widths allowed (per kind; per component
+        as ``floors {"key": [[b] * H] * L, "value": ...}`` where they differ within a kind)."""
+        out = {
             "source": self.source,
             "design": self.design,
             "label": self.label,
-            "min_bits": None if self.min_bits is None else list(self.min_bits),
+            "min_bits": None if self.min_bits is None else list(self.lowest_widths()),
         }
+        low = self.component_min_bits()
+        if self.min_bits is not None and any(int(low[k].min()) != int(low[k].max()) for k in range(2)):
+            out["floors"] = {kind: low[k].tolist() for k, kind in enumerate(("key", "value"))}
+        return out
+
+
+def _check_min_bits(min_bits, shape: tuple[int, int, int]) -> tuple[int, int] | np.ndarray:
+    """``(key, value)`` widths, or a read-only int array ``[2, L, H]``, each in 1..8."""
+    if isinstance(min_bits, np.ndarray) and min_bits.ndim == 3:
+        low = np.asarray(min_bits)
+        if low.shape != shape or not np.issubdtype(low.dtype, np.integer) or low.min() < 1 or low.max() > 8:
+            raise RateQuantError(f"min_bits per component must be integers in 1..8 shaped {shape}, got {low.shape}")
+        low = low.astype(np.int64)
+        low.setflags(write=False)
+        return low
+    low = tuple(check_int(b, "min_bits", lo=1, hi=8) for b in min_bits)
+    if len(low) != 2:
+        raise RateQuantError(f"min_bits must give the lowest width for keys and values, got {min_bits!r}")
+    return low
 
 
 __all__ = ["SOURCES", "Curves"]

@@ -30,7 +30,12 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
 
     add_model_options(parser)
     add_corpus_options(parser)
-    add_quantizer_options(parser)
+    add_quantizer_options(
+        parser,
+        help="quantizer design (default kivi); auto: calibrate every design and keep the plan with the least "
+        "held-out KL at the same true bytes",
+        extra_choices=("auto",),
+    )
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--avg-bits", type=positive_float, help="budget: average code bits per element")
     budget.add_argument(
@@ -101,6 +106,18 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
         help="with --search: tokens of each of its two windows of the calibration split, the one it searches "
         "and the held-out one its moves must also help (default 1024)",
     )
+    parser.add_argument(
+        "--no-choice",
+        action="store_true",
+        help="keep RateQuant's allocation without scoring it against the fixed key/value splits of the budget on "
+        "held-out calibration text (faster; by default the candidate with the least KL there is the plan)",
+    )
+    parser.add_argument(
+        "--choice-tokens",
+        type=positive_int,
+        help="tokens of each of the two held-out windows that score the candidates (default 1024, more with a "
+        "long residual window)",
+    )
     parser.add_argument("--out", required=True, metavar="PLAN", help="where to write the plan (JSON)")
     parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")
 
@@ -138,6 +155,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         informative_only=not args.keep_all_widths,
         search_proposals=args.search,
         search_tokens=args.search_tokens,
+        choose=not args.no_choice,
+        choice_tokens=args.choice_tokens,
     )
     corpus = load_corpus(args.corpus)
     loaded = load_model_from(args)
@@ -153,15 +172,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"  fitted on {plan.calibration['tokens']} calibration tokens, metric {settings.metric}"
         + (f", curves of {settings.curves_from}" if settings.curves_from else "")
     )
-    low = run.curves.min_bits or (fit.bitset[0], fit.bitset[0])
-    for kind, lowest in zip(("keys", "values"), low):
-        dropped = [b for b in settings.bitset if b < lowest]
-        if dropped:
-            print(
-                f"  {kind}: widths {', '.join(map(str, dropped))} left out: on the calibration data they reconstruct "
-                f"the {kind} worse than their mean (--keep-all-widths to allow them)"
-            )
+    for line in floor_lines(run.curves.component_min_bits(), settings.bitset[0]):
+        print(f"  {line}")
     c = plan.calibration
+    if run.candidates:
+        scored = ", ".join(f"{name} {kl:.4f}" for name, kl in sorted(run.candidates.items(), key=lambda kv: kv[1]))
+        print(
+            f"  candidates by KL on {c['choice_tokens']} held-out calibration tokens (second halves scored): {scored}"
+        )
+        print(
+            f"  chosen: {run.chosen}"
+            + (f" (requested budget {c['requested_budget']})" if "requested_budget" in c else "")
+        )
     if "search_kl" in c:
         starts = ", ".join(
             f"{k.removeprefix('search_kl_')} {v:.4f}"
@@ -201,6 +223,22 @@ def run_calibrate(args: argparse.Namespace) -> int:
     plan.to_json(args.out, overwrite=args.force)
     print(f"plan written to {args.out}")
     return 0
+
+
+def floor_lines(floors: np.ndarray, narrowest: int, shown: int = 4) -> list[str]:
+    """What the per-component floors ``[2, L, H]`` leave out, a line per kind that has any above ``narrowest``."""
+    lines = []
+    for k, kind in enumerate(("keys", "values")):
+        high = np.argwhere(floors[k] > narrowest)
+        if not len(high):
+            continue
+        named = ", ".join(f"layer {layer} kv-head {head} at {floors[k, layer, head]}" for layer, head in high[:shown])
+        more = f" and {len(high) - shown} more" if len(high) > shown else ""
+        lines.append(
+            f"{kind}: {len(high)} of {floors[k].size} components start above {narrowest} bits ({named}{more}): "
+            "narrower widths reconstruct them worse than their mean (--keep-all-widths to allow them)"
+        )
+    return lines
 
 
 # -- inspect ---------------------------------------------------------------------------------------------

@@ -200,11 +200,12 @@ def add_quantizer_options(
     default: str | None = "kivi",
     help: str = "quantizer design (default kivi)",
     param_help: str = "quantizer parameter, e.g. group_size=64 (repeatable)",
+    extra_choices: tuple[str, ...] = (),
 ) -> None:
-    """``--quantizer`` (a registered design) and the repeatable ``--param KEY=VALUE``."""
+    """``--quantizer`` (a registered design, or one of ``extra_choices``) and the repeatable ``--param KEY=VALUE``."""
     from ratequant.quantizers import available
 
-    parser.add_argument("--quantizer", default=default, choices=available(), help=help)
+    parser.add_argument("--quantizer", default=default, choices=[*available(), *extra_choices], help=help)
     parser.add_argument("--param", type=param_arg, action="append", default=[], metavar="KEY=VALUE", help=param_help)
 
 

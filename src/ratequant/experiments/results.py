@@ -122,7 +122,8 @@ class DesignResult:
     """A quantizer design's fitted distortion model on the shared calibration statistics.
 
     ``measured`` ``[2, L, H, nb]`` is the distortion table at ``fit.bitset``; ``min_bits`` the lowest informative
-    width of keys and values; ``seconds`` the time to measure and fit.
+    width of any key and any value; ``floors`` ``[2, L, H]`` every component's own; ``seconds`` the time to measure
+    and fit.
     """
 
     name: str
@@ -132,6 +133,14 @@ class DesignResult:
     mismatch_source: str | None
     seconds: dict
     min_bits: tuple[int, int] | None = None
+    floors: np.ndarray | None = None
+
+    def component_floors(self) -> np.ndarray:
+        """Every component's lowest informative width ``[2, L, H]`` (from ``min_bits`` where none were kept)."""
+        if self.floors is not None:
+            return np.asarray(self.floors)
+        low = self.min_bits or (min(self.fit.bitset),) * 2
+        return np.broadcast_to(np.asarray(low)[:, None, None], self.fit.shape)
 
     @property
     def beta_key(self) -> float:
@@ -159,6 +168,9 @@ class DesignResult:
             "fit": self.fit.to_dict(),
             "measured": {kind: self.measured[k].tolist() for k, kind in enumerate(KINDS)},
             "min_bits": None if self.min_bits is None else list(self.min_bits),
+            "floors": None
+            if self.floors is None
+            else {k: np.asarray(self.floors)[i].tolist() for i, k in enumerate(KINDS)},
         }
 
     @classmethod
@@ -172,6 +184,7 @@ class DesignResult:
                 mismatch_source=d["mismatch_source"],
                 seconds=dict(d["seconds"]),
                 min_bits=None if d.get("min_bits") is None else tuple(d["min_bits"]),
+                floors=None if d.get("floors") is None else np.array([d["floors"][k] for k in KINDS], dtype=np.int64),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RateQuantError(f"compare results: malformed design record ({exc})") from exc
@@ -224,19 +237,17 @@ class CompareResults:
         return out
 
     def no_choice(self, design: str, budget: float) -> bool:
-        """True when the budget leaves an allocator nothing to choose: it is the mean of the design's narrowest
-        informative key and value widths, so the only allocation that fits is every component at its kind's
-        narrowest width (at 2 bits for most designs: RateQuant, layer-wise and uniform 2-bit are then the same
+        """True when the budget leaves an allocator nothing to choose: it is the mean of the design's per-component
+        floors (each component's narrowest informative width), so the only allocation that fits is every component
+        at its floor (at 2 bits for most designs: RateQuant, layer-wise and uniform 2-bit are then the same
         allocation; for the ``uniform`` design, whose 2-bit keys are uninformative, at 2.5 bits K3V2). A tie there
         is by construction, not a result."""
         found = self.select(method="ratequant", design=design, budget=budget)
         if not found or found[0].bits is None:
             return False
         bits = np.asarray(found[0].bits)
-        fit = self.designs[design]
-        floors = fit.min_bits or (min(fit.fit.bitset),) * 2
-        at_floors = all(bool((bits[kind] == floors[kind]).all()) for kind in range(2))
-        return float(budget) == (floors[0] + floors[1]) / 2 and at_floors
+        floors = self.designs[design].component_floors()
+        return float(budget) == float(floors.mean()) and bool((bits == floors).all())
 
     def best_fixed(
         self, design: str, budget: float, evaluation: str | None = None, metric: str = "kl"

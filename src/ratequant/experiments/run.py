@@ -228,7 +228,8 @@ def run_compare(
             measured=np.asarray(f.table.values[..., [f.table.bitset.index(b) for b in f.fit.bitset]]),
             mismatch_source=sources[name],
             seconds=f.seconds,
-            min_bits=f.curves.min_bits,
+            min_bits=None if f.curves.min_bits is None else f.curves.lowest_widths(),
+            floors=None if f.curves.min_bits is None else np.array(f.curves.component_min_bits()),
         )
         for name, f in fitted.items()
     }

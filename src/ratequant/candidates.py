@@ -1,0 +1,144 @@
+"""The safe default plan: build candidate allocations at one budget and keep the one with the lowest held-out KL.
+
+RateQuant's allocation is the optimum of an additive model of fitted curves; on some models and designs the
+damages of many narrow components combine worse than the model says and a fixed key/value split such as K3V2
+does better. So ``calibrate`` does not trust one candidate: it builds RateQuant's allocation and the fixed
+splits of the same budget (for ``--quantizer auto``, those of every design at the same true bytes), measures
+the KL divergence from full precision each causes on calibration text that the capture did not see (simulated
+quantization with the plan's residual window and sinks, the second half of each window scored as the
+evaluation protocol does), and keeps the lowest. Every candidate's KL goes into the plan's calibration record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ratequant.allocation import Allocation, Budget, CostModel, Curves
+from ratequant.data import Corpus
+from ratequant.errors import RateQuantError
+from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, encode_prefix, make_windows
+from ratequant.spec import KVQuantSpec, StoragePolicy
+
+CHOICE_TOKENS = 1024
+"""Tokens of each held-out window the candidates are scored on (the second half of each is scored)."""
+CHOICE_WINDOWS = 2
+"""Held-out windows the candidates are scored on."""
+
+
+def choice_tokens_for(tokens: int | None, residual_length: int, sink_tokens: int) -> int:
+    """Tokens per held-out window: ``tokens``, or by default :data:`CHOICE_TOKENS` grown (in steps of 256) until the
+    scored second half of a window lies past the residual window and the sinks, so it reads quantized history.
+    Raises :class:`RateQuantError` when a given length is too short for that."""
+    least = 2 * (residual_length + sink_tokens) + 2
+    if tokens is None:
+        return max(CHOICE_TOKENS, -(-least // 256) * 256)
+    if tokens < least:
+        raise RateQuantError(
+            f"the held-out windows that choose the plan ({tokens} tokens) must be longer than twice the residual "
+            f"window plus the sinks ({residual_length} + {sink_tokens}), or their scored half reads nothing "
+            f"quantized; give at least {least} tokens, or turn the choice off"
+        )
+    return tokens
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """One way to store the cache at the budget: ``name`` (e.g. ``"kivi/ratequant"``, ``"kivi/K3V2"``), the
+    widths ``allocation`` (with their true bytes), the storage ``policy``, and the ``curves`` and ``cost_model`` it
+    was made with."""
+
+    name: str
+    allocation: Allocation
+    policy: StoragePolicy
+    curves: Curves
+    cost_model: CostModel
+
+    @property
+    def spec(self) -> KVQuantSpec:
+        p = self.policy
+        return KVQuantSpec(
+            self.allocation.bits, p.quantizer, residual_length=p.residual_length, sink_tokens=p.sink_tokens
+        )
+
+
+def split_allocations(
+    budget: Budget, curves: Curves, cost_model: CostModel, widths: tuple[int, ...]
+) -> dict[str, Allocation]:
+    """``{"K{k}V{v}": Allocation}``: every fixed split of one key width and one value width among ``widths`` that
+    meets ``budget`` (an average-bits budget exactly; a byte budget as the largest splits under it: no kind
+    could take one more bit and still fit)."""
+    shape = curves.shape
+    fits: dict[tuple[int, int], float] = {}
+    for k in widths:
+        for v in widths:
+            bits = np.empty(shape, dtype=np.int64)
+            bits[0], bits[1] = k, v
+            nbytes = cost_model.bytes_per_token(bits)
+            if budget.kind == "avg_bits":
+                if abs((k + v) / 2 - budget.value) <= 1e-9 * budget.value:
+                    fits[(k, v)] = nbytes
+            elif nbytes <= budget.value * (1 + 1e-9):
+                fits[(k, v)] = nbytes
+    if budget.kind != "avg_bits":  # keep the maximal ones
+        fits = {kv: b for kv, b in fits.items() if (kv[0] + 1, kv[1]) not in fits and (kv[0], kv[1] + 1) not in fits}
+    out = {}
+    for (k, v), nbytes in sorted(fits.items(), key=lambda item: (-item[0][0], item[0][1])):
+        bits = np.empty(shape, dtype=np.int64)
+        bits[0], bits[1] = k, v
+        out[f"K{k}V{v}"] = Allocation(
+            bits=bits,
+            avg_bits=float(bits.mean()),
+            bytes_per_token=nbytes,
+            predicted_distortion=curves.total(bits)
+            if curves.predicts and k in curves.bitset and v in curves.bitset
+            else None,
+            method="kv-split",
+            details={"split": f"K{k}V{v}", "solver": "fixed", "budget": budget.to_dict()},
+        )
+    return out
+
+
+def held_out_windows(
+    tokenizer, corpus: Corpus, skip_tokens: int, tokens: int = CHOICE_TOKENS, windows: int = CHOICE_WINDOWS
+) -> Windows:
+    """``windows`` windows of ``tokens`` tokens of ``corpus``'s calibration split after its first ``skip_tokens``
+    (the text the capture used), BOS first where the tokenizer adds one, the second half of each scored. Where the
+    split is too short, the last windows it holds (which may overlap the capture's text), and where it holds not
+    even one, one window of all of it."""
+    skip = -(-skip_tokens // tokens)
+    try:
+        cut = make_windows(tokenizer, corpus.calibration, WindowProtocol(tokens, skip + windows, "auto", "second-half"))
+    except RateQuantError:
+        available = encode_prefix(tokenizer, corpus.calibration, tokens).numel()
+        tokens, windows = available + (bos_token_id(tokenizer) is not None), 1
+        cut = make_windows(tokenizer, corpus.calibration, WindowProtocol(tokens, 1, "auto", "second-half"))
+    ids = cut.ids[-windows:]
+    return Windows(ids, WindowProtocol(tokens, ids.shape[0], "auto", "second-half"), cut.bos_token_id)
+
+
+def choose_candidate(
+    kl: Callable[[KVQuantSpec], float], candidates: list[Candidate]
+) -> tuple[Candidate, dict[str, float]]:
+    """The candidate whose spec causes the least ``kl`` (:func:`ratequant.kl_search.kl_on`), with every candidate's
+    KL ``{name: kl}``; the first listed wins a tie. One candidate is returned unscored."""
+    if not candidates:
+        raise RateQuantError("no candidate allocation meets the budget")
+    if len(candidates) == 1:
+        return candidates[0], {}
+    scores = {c.name: kl(c.spec) for c in candidates}
+    best = min(candidates, key=lambda c: scores[c.name])
+    return best, scores
+
+
+__all__ = [
+    "CHOICE_TOKENS",
+    "CHOICE_WINDOWS",
+    "Candidate",
+    "choose_candidate",
+    "choice_tokens_for",
+    "held_out_windows",
+    "split_allocations",
+]
