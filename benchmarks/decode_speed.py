@@ -10,9 +10,15 @@ For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation 
   metadata of groups of 32);
 * ``rq-mixed-2.5``: ``RateQuantCache`` with a RateQuant plan at 2.5 average code bits, calibrated on the
   default model before the run (KIVI, Fisher metric, 4 x 512 calibration tokens; ``--plan`` loads one
-  instead), decoded by the native kernel where it is built;
+  instead), decoded by the native kernel where it is built (``attention="decode"``: the history decoded on
+  every step);
 * ``rq-mixed-2.5-packed`` and ``rq-uniform-2-packed``: the same caches with decode steps attending straight
-  from the packed codes (:func:`ratequant.cache.packed_attention`), the history never decoded;
+  from the packed codes inside the context manager :func:`ratequant.cache.packed_attention`, the history never
+  decoded;
+* ``rq-mixed-2.5-plain``: the same plan's cache made for the model (``RateQuantCache.from_plan(plan, model)``,
+  which routes the model's attention to the packed path) and used with no context manager at all, as a user's
+  own code would: the prompt by ``model.generate(ids, cache=cache, max_new_tokens=1)`` (with
+  ``prefill_chunk_size`` when ``--prefill-chunk`` is given), the steps by plain forwards;
 * ``rq-mixed-2.5-torch``: the same plan decoded by the PyTorch path (the kernel switched off), to show
   what the kernel buys;
 * ``rq-mixed-2.5+buffer``: the same plan with a working buffer of dequantized chunks large enough for the
@@ -21,6 +27,10 @@ For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation 
   context: the cost of a step without attention over a long history. ``speed_vs_dynamic`` of this row is the
   most any cache could speed a step up at that context (its attention and cache reads free), the ceiling
   against which the cache's ratios are read.
+
+Once ``rq-mixed-2.5-plain`` has made its cache, every forward of the model (all conditions) goes through
+ratequant's attention dispatcher, which hands calls without packed handles to the model's own implementation
+(the same result; a few microseconds per layer and step).
 
 It measures time to first token (the prefill forward over the prompt), decode tokens per second (the
 median step time of ``--new-tokens`` greedy single-token forwards, after ``--warmup`` untimed ones), the
@@ -65,6 +75,8 @@ from ratequant.prefill import prefill as chunked_prefill
 FORMAT_VERSION = 1
 HQQ_GROUP = 64
 NO_HISTORY_TOKENS = 16
+PLAIN_CALLS = frozenset({"rq-mixed-2.5-plain"})
+"""Conditions prefilled by a plain ``model.generate`` instead of :func:`ratequant.prefill.prefill`."""
 
 
 def cache_bytes(name: str, cache) -> dict:
@@ -121,11 +133,14 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
         "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=128),
         "rq-uniform-2": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
         "rq-uniform-2-g64": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi64, 128)),
-        "rq-mixed-2.5": lambda: RateQuantCache.from_plan(plan, model),
-        "rq-mixed-2.5-packed": lambda: RateQuantCache.from_plan(plan, model),
+        "rq-mixed-2.5": lambda: RateQuantCache.from_plan(plan, model, attention="decode"),
+        "rq-mixed-2.5-packed": lambda: RateQuantCache.from_plan(plan, model, attention="decode"),
+        "rq-mixed-2.5-plain": lambda: RateQuantCache.from_plan(plan, model),
         "rq-uniform-2-packed": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
-        "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model),
-        "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(plan, model, buffer_bytes=full_history),
+        "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model, attention="decode"),
+        "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(
+            plan, model, buffer_bytes=full_history, attention="decode"
+        ),
         "no-history": lambda: DynamicCache(config=cfg),
     }
     contexts = {
@@ -173,14 +188,33 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def generate_first(model, ids: torch.Tensor, cache, chunk: int | None) -> torch.Tensor:
+    """The first new token ``[B, 1]`` of a plain ``model.generate`` over the prompt ``ids [B, T]`` (greedy,
+    transformers' ``prefill_chunk_size=chunk`` when given), no context manager: the user's call path."""
+    extra = {} if chunk is None else {"prefill_chunk_size": chunk}
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        **cache_argument(model, cache),
+        max_new_tokens=1,
+        do_sample=False,
+        pad_token_id=model.generation_config.eos_token_id,
+        **extra,
+    )
+    return out[:, -1:]
+
+
 @torch.inference_mode()
-def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int, chunk: int | None) -> dict:
+def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int, chunk: int | None, plain: bool) -> dict:
     """A new cache, the prompt's forward (timed: time to first token; ``chunk`` tokens per pass, one pass when
-    None) and ``warmup`` untimed steps."""
+    None; by :func:`generate_first` where ``plain``) and ``warmup`` untimed steps."""
     cache = make_cache()
     with PeakRSS() as mem, around(cache):
         start = time.perf_counter()
-        token = chunked_prefill(model, ids, cache, chunk).argmax(-1, keepdim=True)
+        if plain:
+            token = generate_first(model, ids, cache, chunk)
+        else:
+            token = chunked_prefill(model, ids, cache, chunk).argmax(-1, keepdim=True)
         ttft = time.perf_counter() - start
         generated = []
         for _ in range(warmup):
@@ -215,7 +249,8 @@ def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int)
     for name in names[rotation % len(names) :] + names[: rotation % len(names)]:
         make_cache, around = conditions[name]
         prompt = ids[:, :NO_HISTORY_TOKENS] if name == "no-history" else ids
-        states[name] = prefill(model, make_cache, around, prompt, args.warmup, args.prefill_chunk or None)
+        chunk = args.prefill_chunk or None
+        states[name] = prefill(model, make_cache, around, prompt, args.warmup, chunk, plain=name in PLAIN_CALLS)
     for step in range(args.new_tokens):
         for name in names[step % len(names) :] + names[: step % len(names)]:
             decode_step(model, states[name])
@@ -316,6 +351,7 @@ def main(argv=None) -> int:
             "rq-uniform-2-packed",
             "rq-mixed-2.5",
             "rq-mixed-2.5-packed",
+            "rq-mixed-2.5-plain",
             "rq-mixed-2.5-torch",
             "rq-mixed-2.5+buffer",
             "no-history",

@@ -541,6 +541,31 @@ def test_crop_after_the_sinks_keeps_them_and_reset_clears_them():
     assert torch.equal(cache.layers[0].read()[0], x)
 
 
+def test_from_plan_takes_a_path_and_a_cache_made_for_the_model_routes_its_attention(tmp_path):
+    """A cache made with the model (from_plan always is) routes the model's attention to read the packed stores,
+    its layers fed by the model's attention modules; ``attention="decode"`` and no model leave the model alone;
+    restore_attention gives the implementation name back."""
+    from ratequant.cache import restore_attention
+    from ratequant.compat import attention_modules
+
+    model = tiny_model("llama", seed=2)
+    bits = random_bits(model_geometry(model).shape, 2, 5)
+    path = make_plan(model, bits, KIVI).to_json(tmp_path / "plan.json")
+    decode = RateQuantCache.from_plan(str(path), model, attention="decode")
+    assert np.array_equal(decode.bits, bits) and not any(layer.attend_packed for layer in decode.layers)
+    RateQuantCache(decode.spec)  # no model: nothing routed either
+    assert model.config._attn_implementation == "sdpa"
+    cache = RateQuantCache.from_plan(path, model)
+    assert np.array_equal(cache.bits, bits) and model.config._attn_implementation == "ratequant_sdpa"
+    modules = attention_modules(model)
+    assert all(layer.attend_packed and layer.attention_module is m for layer, m in zip(cache.layers, modules))
+    with pytest.raises(RateQuantError, match="attention must be one of packed, decode"):
+        RateQuantCache(cache.spec, model=model, attention="fast")
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not cache.layers[0]._hands_over(1)  # the names restored: the cache decodes the history
+
+
 # ---------------------------------------------------------------------------------------------------------
 # refusals: the spec against the model, the cache dtype
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 
 import pytest
 import torch
@@ -158,8 +159,11 @@ def test_modifying_attention_changes_output_and_state_is_restored_after_error():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    assert not [k for k in ALL_ATTENTION_FUNCTIONS if k.startswith("ratequant")]
-    assert not [k for k in ALL_MASK_ATTENTION_FUNCTIONS if k.startswith("ratequant")]
+    # one dispatcher per implementation stays registered (no name is removed under a running forward); contexts
+    # add no names of their own
+    ours = {k for k in ALL_ATTENTION_FUNCTIONS if k.startswith("ratequant")}
+    assert ours == {k for k in ALL_MASK_ATTENTION_FUNCTIONS if k.startswith("ratequant")}
+    assert ours <= {"ratequant_sdpa", "ratequant_eager"}
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=mask).logits, reference)
 
@@ -325,3 +329,136 @@ def test_grouped_attention_equals_the_models_sdpa(mask_kind):
     want, _ = original_attention(module, q, k, v, mask, scaling=d**-0.5)
     assert got.shape == (b, t, hq, d)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# -- two threads, one model: an interception belongs to the thread that entered it ------------------------------
+
+
+def _in_two_threads(first, second) -> list:
+    """Run ``first()`` and ``second()`` in two threads at once; their results (an error in either is raised)."""
+    results, errors = [None, None], []
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_a_plain_forward_in_another_thread_is_exact_while_one_thread_quantizes():
+    import numpy as np
+
+    from ratequant.quantizers import get_quantizer
+    from ratequant.simulate import simulated_quantization
+    from ratequant.spec import KVQuantSpec
+
+    model = tiny_model("llama", seed=3)
+    spec = KVQuantSpec(np.full(model_geometry(model).shape, 2), get_quantizer("kivi", group_size=4), 4)
+    ids = torch.randint(2, 300, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with simulated_quantization(model, spec):
+            quantized = model(ids).logits
+    assert (plain - quantized).abs().max() > 1e-3
+    both_inside = threading.Barrier(2, timeout=60)
+
+    def quantizing():
+        with torch.no_grad(), simulated_quantization(model, spec):
+            both_inside.wait()  # the context is open before the other thread's forwards ...
+            out = [model(ids).logits for _ in range(3)]
+            both_inside.wait()  # ... and stays open until they are done
+        return out
+
+    def full_precision():
+        both_inside.wait()
+        with torch.no_grad():
+            out = [model(ids).logits for _ in range(3)]
+        both_inside.wait()
+        return out
+
+    got_quantized, got_plain = _in_two_threads(quantizing, full_precision)
+    assert all(torch.equal(x, plain) for x in got_plain)
+    assert all(torch.equal(x, quantized) for x in got_quantized)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_interceptions_of_two_threads_end_in_any_order():
+    """Thread A opens, thread B opens, A closes, B runs and closes: B keeps its own interception to the end, and the
+    model has its own implementation back afterwards (before, B restored a name A had already unregistered)."""
+    model = _model("llama", "sdpa")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+    before = _attn_state(model)
+    calls = {"a": 0, "b": 0}
+    step = threading.Barrier(2, timeout=60)
+
+    def counting(name):
+        def fn(module, *args, **kwargs):
+            calls[name] += 1
+            return original_attention(module, *args, **kwargs)
+
+        return fn
+
+    def first():
+        with intercept_attention(model, counting("a")):
+            step.wait()  # both contexts open
+        step.wait()  # A closed before B's forward
+
+    def second():
+        with intercept_attention(model, counting("b")):
+            step.wait()
+            step.wait()
+            with torch.no_grad():
+                return model(ids, attention_mask=mask).logits
+
+    _, out = _in_two_threads(first, second)
+    assert torch.equal(out, reference)
+    assert calls == {"a": 0, "b": 3}
+    assert _attn_state(model) == before and model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, reference)
+
+
+def test_a_routed_model_keeps_other_calls_exact_and_is_restored():
+    """route_attention (what a RateQuantCache made for the model installs) sends calls to its function in every
+    thread, but an interception of the calling thread wins; unroute_attention gives the names back."""
+    from ratequant.compat import current_attention, route_attention, unroute_attention
+
+    model = _model("qwen2", "eager")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+    routed, inner = [], []
+
+    def route(module, *args, **kwargs):
+        routed.append(module.layer_idx)
+        return original_attention(module, *args, **kwargs)
+
+    def intercept(module, *args, **kwargs):
+        inner.append(module.layer_idx)
+        return original_attention(module, *args, **kwargs)
+
+    modules = route_attention(model, route)
+    assert [m.layer_idx for m in modules] == [0, 1, 2] and model.config._attn_implementation == "ratequant_eager"
+    assert current_attention(modules[0]) is route
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, reference)
+        with intercept_attention(model, intercept):
+            assert current_attention(modules[0]) is intercept
+            assert torch.equal(model(ids, attention_mask=mask).logits, reference)
+            other, _ = _in_two_threads(lambda: current_attention(modules[0]), lambda: None)
+    assert other is route and routed == [0, 1, 2] and inner == [0, 1, 2]
+    unroute_attention(model)
+    unroute_attention(model)  # twice: nothing more to undo
+    assert model.config._attn_implementation == "eager" and current_attention(modules[0]) is None

@@ -17,7 +17,7 @@ import torch
 
 from conftest import TINY, tiny_model, tiny_tokenizer
 from ratequant import native
-from ratequant.cache import RateQuantCache, attention, packed_attention
+from ratequant.cache import RateQuantCache, attention, packed_attention, restore_attention
 from ratequant.cache.attention import MAX_QUERY
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.quantizers import available, get_quantizer
@@ -34,8 +34,9 @@ def spec_for(model, quantizer, *, seed=0, low=1, residual=8, sinks=1):
 @torch.no_grad()
 def decode_logits(model, spec, ids, mask=None, *, packed, prompt=24, step=1):
     """Prefill ``ids[:, :prompt]`` (one pass), then feed the rest ``step`` tokens at a time; the logits of the
-    fed tokens. With ``packed`` the steps run inside :func:`packed_attention`."""
-    cache = RateQuantCache(spec, model=model)
+    fed tokens. With ``packed`` the steps run inside :func:`packed_attention`; without it the cache decodes the
+    history (``attention="decode"``)."""
+    cache = RateQuantCache(spec, model=model, attention="decode")
 
     def run(lo, hi):
         kw = {} if mask is None else {"attention_mask": mask[:, :hi]}
@@ -362,3 +363,151 @@ def test_float64_models_keep_the_decode_path(monkeypatch):
             model, spec_for(model, KIVI4, seed=10), ids_for(tokens=24 + 2 * step, seed=10), step=step, tol=1e-12
         )
     assert not calls
+
+
+# -- a plain model.generate with a cache made for the model: the packed path without a context manager ------------
+
+
+def _count_packed_calls(monkeypatch) -> dict:
+    """Count the packed paths' entry points: a prompt's pass block by block, and each decode step's one native call
+    per layer (or its composition op by op where the kernel is missing)."""
+    calls = {"blocks": 0, "steps": 0}
+    real_blocks, real_layer, real_step = attention.attention_in_blocks, native.attend_layer, attention._attend_step
+
+    def counted(key, real):
+        def fn(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        return fn
+
+    monkeypatch.setattr(attention, "attention_in_blocks", counted("blocks", real_blocks))
+    monkeypatch.setattr(native, "attend_layer", counted("steps", real_layer))
+    monkeypatch.setattr(attention, "_attend_step", counted("steps", real_step))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_plain_generate_with_a_cache_made_for_the_model_reads_the_packed_codes(family, monkeypatch):
+    """``model.generate(..., cache=RateQuantCache(spec, model=model))`` with no context manager: the prompt's pass
+    attends block by block (blocks of 4 tokens here: the diagonal bands of a causal pass without a mask), every
+    decode step from the packed codes, and the tokens are those of the decode path and of packed_attention."""
+    model = tiny_model(family, seed=11)
+    spec = spec_for(model, KIVI4, seed=11, low=2)
+    ids = ids_for(tokens=40, seed=11)
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain_before = model(ids).logits
+    want = model.generate(ids, **cache_argument(model, RateQuantCache(spec, model=model, attention="decode")), **kw)
+    context_cache = RateQuantCache(spec)  # made without the model: decodes unless inside the context
+    with packed_attention(model, context_cache):
+        in_context = model.generate(ids, **cache_argument(model, context_cache), **kw)
+    monkeypatch.setattr(attention, "BLOCK_TOKENS", 4)
+    calls = _count_packed_calls(monkeypatch)
+    cache = RateQuantCache(spec, model=model)
+    got = model.generate(ids, **cache_argument(model, cache), **kw)
+    layers = model.config.num_hidden_layers
+    assert calls == {"blocks": layers, "steps": 19 * layers}  # one prompt pass, 19 decode steps
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(in_context.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert cache.nbytes() == context_cache.nbytes() and cache.layers[0].stored_lengths()[0] > 0
+    # every other call of the model is exactly what it was, and restore_attention gives the name back
+    assert model.config._attn_implementation == "ratequant_sdpa"
+    assert torch.equal(model(ids).logits, plain_before)
+    calls.update(blocks=0, steps=0)
+    with torch.no_grad():
+        from transformers import DynamicCache
+
+        dynamic = model(ids, **cache_argument(model, DynamicCache(config=model.config)), use_cache=True).logits
+    assert torch.equal(dynamic, plain_before) and calls == {"blocks": 0, "steps": 0}
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    restored = model.generate(ids, **cache_argument(model, RateQuantCache(spec, model=model, attention="decode")), **kw)
+    assert torch.equal(restored.sequences, want.sequences) and calls == {"blocks": 0, "steps": 0}
+    restore_attention(model)
+
+
+def test_simulated_quantization_inside_a_routed_model_gets_decoded_keys():
+    """An interception of the calling thread wins over the route: a routed cache then hands it real keys and
+    values (the decode path), not packed handles it could not read."""
+    from ratequant.simulate import simulated_quantization
+
+    model = tiny_model("llama", seed=12)
+    spec = spec_for(model, KIVI4, seed=12, low=2)
+    ids = ids_for(tokens=30, seed=12)
+    with torch.no_grad():
+        want = decode_logits(model, spec, ids, packed=False, prompt=20)
+        with simulated_quantization(model, spec):  # quantizes the already quantized history once more
+            got = decode_logits(model, spec, ids, packed=False, prompt=20)
+            routed = RateQuantCache(spec, model=model)
+            model(ids[:, :20], **cache_argument(model, routed), use_cache=True)
+            assert not routed.layers[0]._hands_over(1)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert routed.layers[0]._hands_over(1) == native.available()  # outside the interception: packed again
+    restore_attention(model)
+
+
+@pytest.mark.parametrize("t", [1, 5, 17])
+def test_blocks_of_a_causal_pass_without_a_mask_cover_exactly_the_causal_mask(t):
+    """The bands :func:`attention_in_blocks` attends for a pass without a mask, put together, are the causal mask
+    aligned to the end of the keys (what transformers means by no mask), block by block."""
+    from ratequant.compat import boolean_attention_mask
+
+    n = 23
+    want = boolean_attention_mask(None, t, n)[0, 0]
+    for lo, hi in ((0, 4), (4, 9), (9, 23), (20, 23), (0, 23)):
+        got = torch.zeros(t, hi - lo, dtype=torch.bool)
+        for r0, r1, seen in attention._bands(None, True, t, n, lo, hi, "cpu"):
+            assert not got[r0:r1].any()  # bands do not overlap
+            got[r0:r1] = True if seen is None else seen[0, 0]
+            assert seen is None or (seen.shape[-1] == hi - lo and r1 - r0 <= hi - lo)  # masks only on the diagonal
+        assert torch.equal(got, want[:, lo:hi]), (lo, hi)
+
+
+def test_two_generates_in_two_threads_on_one_model_give_the_single_threaded_results():
+    """Two ``rq.generate`` calls at once on one model, one through a quantized cache and one at full precision, in
+    lock step through their prompts (each thread's prefill intercepts the model meanwhile): both equal their
+    single-threaded results (before, one thread's interception ended the other's, or restored an unregistered
+    name: KeyError)."""
+    import threading
+
+    from ratequant.generation import generate
+    from ratequant.models import LoadedModel
+
+    model = tiny_model("llama", seed=8)
+    loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
+    spec = spec_for(model, KIVI4, seed=8, low=2)
+    prompt = "the quick brown fox jumps over the lazy dog " * 4
+    kw = dict(max_new_tokens=12, prefill_chunk=8)
+    want = [generate(loaded, prompt, spec, **kw).text, generate(loaded, prompt, None, **kw).text]
+    lock_step, seen = threading.Barrier(2, timeout=60), {}
+
+    def in_lock_step(module, args):  # the first forwards of both threads (prefill pieces) run side by side
+        me = threading.get_ident()
+        seen[me] = seen.get(me, 0) + 1
+        if seen[me] <= 4:
+            lock_step.wait()
+
+    results, errors = [None, None], []
+
+    def run(i, s):
+        try:
+            results[i] = generate(loaded, prompt, s, **kw).text
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+            lock_step.abort()
+
+    hook = model.register_forward_pre_hook(in_lock_step)
+    try:
+        threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate((spec, None))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        hook.remove()
+    if errors:
+        raise errors[0]
+    assert results == want
+    assert model.config._attn_implementation == "ratequant_sdpa"  # routed by the packed cache: other calls exact
+    restore_attention(model)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from ratequant.cache import RateQuantCache
+from ratequant.cache import RateQuantCache, restore_attention
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import RateQuantError
 from ratequant.generation import generate
@@ -133,3 +133,26 @@ def test_prefill_allocates_each_packed_store_once_and_leaves_no_slack(sinks, mon
         for lo in range(0, 61, 8):
             model(x[:, lo : lo + 8], **cache_argument(model, grown_chunk_by_chunk), use_cache=True)
     assert cache.nbytes() == grown_chunk_by_chunk.nbytes()
+
+
+def test_generates_own_chunked_prefill_through_a_cache_made_for_the_model_equals_prefill():
+    """``model.generate(..., prefill_chunk_size=P)`` with no context manager: its pieces (from token 0) through a
+    cache made for the model give what :func:`prefill` gives with the same pieces (no sinks), bit for bit, and
+    the same stored bytes."""
+    model, x = tiny_model("llama", seed=9), ids(43)
+    spec = spec_for(model, sinks=0)
+    reference = RateQuantCache(spec, model=model)
+    want = prefill(model, x, reference, 8)
+    cache = RateQuantCache(spec, model=model)
+    out = model.generate(
+        x,
+        **cache_argument(model, cache),
+        prefill_chunk_size=8,
+        max_new_tokens=1,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    torch.testing.assert_close(out.logits[0], want, rtol=0, atol=0)
+    assert cache.get_seq_length() == 43 and cache.nbytes().codes == reference.nbytes().codes > 0
+    restore_attention(model)

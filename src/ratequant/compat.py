@@ -5,27 +5,46 @@ Sections:
 1. Model inspection: :func:`check_supported`, :func:`model_geometry`, :func:`attention_modules`,
    :func:`sliding_window_layers`.
 2. Attention interception: :func:`intercept_attention` (a context manager routing every attention layer's
-   core attention through a user function) and :func:`original_attention` (the model's own implementation),
-   plus :func:`boolean_attention_mask` to read the mask an attention function receives.
+   core attention through a user function, for the calling thread), :func:`route_attention` (a lasting default
+   for every thread, what a :class:`~ratequant.cache.RateQuantCache` made for a model installs) and
+   :func:`original_attention` (the model's own implementation), plus :func:`boolean_attention_mask` to read the
+   mask an attention function receives.
 3. Caches: :func:`cache_base_classes` (the layered Cache API) and :func:`cache_argument` (the keyword a
    model takes its cache by).
 
 Written against transformers 5.x, whose decoder attention modules compute ``query``, ``key`` and ``value``
 (after RoPE and the cache update, before ``repeat_kv``) and then call
-``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``. The
-interception registers a private implementation name in that registry and in the attention-mask registry,
-points the model's config(s) at it for the duration of the context, and restores the previous names exactly
-on exit (also when the body raises).
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``.
+
+How interception works, and what holds with threads. For each implementation a model runs (``sdpa``,
+``eager``, ...) one dispatcher ``ratequant_<implementation>`` is registered, once and for good, in transformers'
+attention registry and, with that implementation's own mask builder, in the mask registry. While a model is
+intercepted or routed its config(s) name the dispatcher; a count per config restores the previous names exactly
+when the last context or route ends (also when the body raises). The dispatcher decides per call: the
+innermost :func:`intercept_attention` context *of the calling thread* (a :class:`contextvars.ContextVar`)
+covering the module, else the model's :func:`route_attention` function, else the implementation itself with
+the same arguments. Hence:
+
+* an interception is scoped to the thread (or asyncio task) that entered it, never to the model: another
+  thread's forward of the same model meanwhile gets exactly the result of the model's own implementation (the
+  mask is built by the same function, the same attention function runs on it), and threads started inside a
+  context do not inherit it;
+* any number of threads may enter and leave contexts on one model in any order; each sees only its own, and
+  the names come back when the last one ends (no name is ever unregistered under a running forward);
+* contexts nest within a thread (the inner one wins), and several models may be intercepted at once;
+* a model's config reads ``ratequant_sdpa`` (say) instead of ``sdpa`` while intercepted or routed: code that
+  compares ``config._attn_implementation`` with a name sees the difference, results do not.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 
@@ -250,18 +269,30 @@ AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 """``fn(module, query [B,Hq,T,D], key [B,Hkv,S,D], value [B,Hkv,S,D], attention_mask, *, scaling, dropout,
 **kwargs) -> (attn_output [B,T,Hq,D], attn_weights or None)``."""
 
-_INTERCEPT_PREFIX = "ratequant_intercept_"
+_DISPATCH_PREFIX = "ratequant_"
+_BASES: dict[str, str] = {}
+"""Dispatcher names registered in transformers' two registries -> the implementation each stands in for."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Interception:
+    modules: frozenset[int]  # id() of the attention modules covered (alive: the context holds the model)
     attention_fn: AttentionFn
-    original: str  # the implementation name the model had before the context
 
 
-_ACTIVE: dict[str, _Interception] = {}
-_LOCK = threading.Lock()
-_COUNTER = itertools.count()
+@dataclass(eq=False)
+class _Hold:
+    config: weakref.ref
+    saved: str | None  # the implementation name the config had before the first hold
+    count: int
+
+
+_INTERCEPTIONS: ContextVar[tuple[_Interception, ...]] = ContextVar("ratequant_interceptions", default=())
+"""The interceptions the current thread (or asyncio task) has entered, innermost last."""
+_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its route (all threads)
+_ROUTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the configs its route holds
+_HOLDS: dict[int, _Hold] = {}  # id(config) -> how many interceptions and routes hold it on its dispatcher
+_LOCK = threading.RLock()
 
 
 def _registries():
@@ -304,6 +335,101 @@ def _resolve(module: nn.Module, implementation: str | None) -> Callable:
     return all_attention.get_interface(implementation, _eager_function(module))
 
 
+def _base(config) -> str:
+    """The implementation a config runs, seen through a dispatcher standing in for it (None means eager)."""
+    name = config._attn_implementation_internal
+    return _BASES.get(name, name) or "eager"
+
+
+def _mask_function(base: str) -> Callable | None:
+    """The attention-mask builder transformers uses for implementation ``base`` (None: it builds no mask)."""
+    all_attention, _, _, mask_interface = _registries()
+    if base != "eager" and base not in all_attention:
+        return None
+    return mask_interface._global_mapping.get(base)
+
+
+def _check_implementation(base: str) -> None:
+    all_attention, _, _, _ = _registries()
+    if base != "eager" and base not in all_attention:
+        raise UnsupportedModelError(
+            f"attention implementation {base!r} is not registered in transformers' AttentionInterface; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    # The mask must be built exactly as for the original implementation: transformers skips mask creation
+    # for names it does not know, which would silently drop padding masks.
+    if _mask_function(base) is None:
+        raise UnsupportedModelError(
+            f"attention implementation {base!r} has no mask function in transformers' AttentionMaskInterface; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+
+
+def _switchable_configs(model: nn.Module) -> list:
+    """The configs of ``model`` to point at dispatchers: every one whose implementation has a mask function
+    (the decoder's must, else :class:`UnsupportedModelError`)."""
+    check_supported(model)
+    _check_implementation(_base(_text_config(model)))
+    return [config for config in _model_configs(model) if _mask_function(_base(config)) is not None]
+
+
+def _dispatch_name(base: str) -> str:
+    """The dispatcher standing in for implementation ``base``, registered once and for good in transformers'
+    attention and mask registries (never removed: a thread may have read the name just before a restore)."""
+    name = _DISPATCH_PREFIX + base
+    with _LOCK:
+        if name not in _BASES:
+            _, attention_interface, _, mask_interface = _registries()
+            attention_interface.register(name, _dispatcher(base))
+            mask_interface.register(name, _mask_function(base))
+            _BASES[name] = base
+    return name
+
+
+def _hold(configs: list) -> None:
+    """Point each config at the dispatcher of its implementation (the first hold saves the name it had)."""
+    with _LOCK:
+        for config in configs:
+            key = id(config)
+            hold = _HOLDS.get(key)
+            if hold is not None:
+                hold.count += 1
+                continue
+            ref = weakref.ref(config, lambda _, key=key: _HOLDS.pop(key, None))
+            _HOLDS[key] = _Hold(ref, config._attn_implementation_internal, 1)
+            config._attn_implementation_internal = _dispatch_name(_base(config))
+
+
+def _release(configs: list) -> None:
+    """Undo one :func:`_hold`: the last one restores each config's name (unless someone has changed it since)."""
+    with _LOCK:
+        for config in configs:
+            hold = _HOLDS.get(id(config))
+            if hold is None or hold.config() is not config:
+                continue
+            hold.count -= 1
+            if hold.count == 0:
+                del _HOLDS[id(config)]
+                if config._attn_implementation_internal in _BASES:
+                    config._attn_implementation_internal = hold.saved
+
+
+def _selected(module: nn.Module) -> AttentionFn | None:
+    for entry in reversed(_INTERCEPTIONS.get()):
+        if id(module) in entry.modules:
+            return entry.attention_fn
+    return _ROUTES.get(module)
+
+
+def current_attention(module: nn.Module) -> AttentionFn | None:
+    """The function the core attention of ``module`` runs now in the calling thread: that of the innermost
+    :func:`intercept_attention` covering it, else its model's :func:`route_attention`; None when the model's own
+    implementation runs (:func:`original_attention`)."""
+    if getattr(getattr(module, "config", None), "_attn_implementation_internal", None) not in _BASES:
+        return None
+    return _selected(module)
+
+
 def original_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -322,11 +448,9 @@ def original_attention(
     return _resolve(module, _original_name(module))(module, query, key, value, attention_mask, **kwargs)
 
 
-def _original_name(module: nn.Module) -> str | None:
-    """The attention implementation ``module`` had before any :func:`intercept_attention` context."""
-    implementation = module.config._attn_implementation
-    active = _ACTIVE.get(implementation) if isinstance(implementation, str) else None
-    return active.original if active is not None else implementation
+def _original_name(module: nn.Module) -> str:
+    """The attention implementation ``module`` runs outside any interception or route."""
+    return _base(module.config)
 
 
 def attention_is_causal(module: nn.Module, kwargs: dict) -> bool:
@@ -369,20 +493,22 @@ def grouped_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dispatcher(name: str) -> Callable:
-    def dispatch(module, query, key, value, attention_mask, **kwargs):
-        active = _ACTIVE.get(name)
-        if active is None:  # the context has ended but a stale reference survived
-            raise RuntimeError(f"attention interception {name!r} is no longer active")
-        return active.attention_fn(module, query, key, value, attention_mask, **kwargs)
+def _dispatcher(base: str) -> Callable:
+    """The attention function registered for a dispatcher name: the calling thread's interception or the
+    model's route where there is one, else implementation ``base`` itself, called with the same arguments."""
 
-    dispatch.__name__ = f"dispatch_{name}"
+    def dispatch(module, query, key, value, attention_mask, **kwargs):
+        fn = _selected(module) or _resolve(module, base)
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    dispatch.__name__ = f"ratequant_dispatch_{base}"
     return dispatch
 
 
 @contextmanager
 def intercept_attention(model: nn.Module, attention_fn: AttentionFn) -> Iterator[nn.Module]:
-    """Route the core attention of every layer of ``model`` through ``attention_fn`` inside the context.
+    """Route the core attention of every layer of ``model`` through ``attention_fn`` inside the context, for
+    the calling thread only.
 
     ``attention_fn(module, query, key, value, attention_mask, *, scaling, dropout, **kwargs)`` receives
     ``query`` ``[B, Hq, T, D]`` and ``key``/``value`` ``[B, Hkv, S, D]`` exactly as the cache stores them
@@ -391,50 +517,50 @@ def intercept_attention(model: nn.Module, attention_fn: AttentionFn) -> Iterator
     :func:`boolean_attention_mask`). It returns ``(attn_output [B, T, Hq, D], attn_weights or None)``;
     :func:`original_attention` computes the unmodified result.
 
-    The model's attention implementation names (on every config it holds) are restored exactly on exit,
-    also when the body raises; the private registry entries are removed. Contexts may nest (the inner one
-    wins) and several models may be intercepted at once.
+    The context points the model's config(s) at a dispatcher (see the module docstring) and records the
+    interception in a context variable of the calling thread; the last context or route of the model to end
+    restores the implementation names exactly, also when the body raises. Contexts may nest (the inner one
+    wins), several models may be intercepted at once, and other threads' forwards of the same model run
+    unintercepted meanwhile.
     """
-    check_supported(model)
-    all_attention, attention_interface, _, mask_interface = _registries()
-    configs = _model_configs(model)
-    text_config = _text_config(model)
-    original = text_config._attn_implementation
-    if original in _ACTIVE:  # nested interception: masks and "original" refer to the outer model setup
-        original = _ACTIVE[original].original
-    if original not in (None, "eager") and original not in all_attention:
-        raise UnsupportedModelError(
-            f"attention implementation {original!r} is not registered in transformers' AttentionInterface; "
-            "load the model with attn_implementation='sdpa' or 'eager'"
-        )
-    # The mask must be built exactly as for the original implementation: transformers skips mask creation
-    # for names it does not know, which would silently drop padding masks.
-    mask_key = "eager" if original is None else original
+    configs = _switchable_configs(model)
+    entry = _Interception(frozenset(id(m) for m in attention_modules(model)), attention_fn)
+    _hold(configs)
+    _INTERCEPTIONS.set((*_INTERCEPTIONS.get(), entry))
     try:
-        mask_fn = mask_interface._global_mapping[mask_key]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"attention implementation {original!r} has no mask function in transformers' "
-            "AttentionMaskInterface; load the model with attn_implementation='sdpa' or 'eager'"
-        ) from None
-
-    with _LOCK:
-        name = f"{_INTERCEPT_PREFIX}{next(_COUNTER)}"
-        _ACTIVE[name] = _Interception(attention_fn=attention_fn, original=original or "eager")
-        attention_interface.register(name, _dispatcher(name))
-        mask_interface.register(name, mask_fn)
-    saved = [(config, config._attn_implementation_internal) for config in configs]
-    try:
-        for config, _ in saved:
-            config._attn_implementation_internal = name
         yield model
     finally:
-        for config, value in saved:
-            config._attn_implementation_internal = value
-        with _LOCK:
-            attention_interface._global_mapping.pop(name, None)
-            mask_interface._global_mapping.pop(name, None)
-            _ACTIVE.pop(name, None)
+        _INTERCEPTIONS.set(tuple(e for e in _INTERCEPTIONS.get() if e is not entry))  # exits in any order
+        _release(configs)
+
+
+def route_attention(model: nn.Module, attention_fn: AttentionFn) -> list[nn.Module]:
+    """Until :func:`unroute_attention`, send every attention call of ``model`` that no interception covers to
+    ``attention_fn`` (same signature as for :func:`intercept_attention`), in every thread. The function decides
+    per call and runs :func:`original_attention` for calls it leaves alone, so the model's results stay those
+    of its own implementation for them. Routing a routed model again replaces its function. Returns the
+    attention modules, ordered by ``layer_idx``."""
+    configs = _switchable_configs(model)
+    modules = attention_modules(model)
+    with _LOCK:
+        if model not in _ROUTED:
+            _hold(configs)
+            _ROUTED[model] = configs
+        for module in modules:
+            _ROUTES[module] = attention_fn
+    return modules
+
+
+def unroute_attention(model: nn.Module) -> None:
+    """Undo :func:`route_attention` (nothing when ``model`` is not routed): the model's own implementation
+    names come back once no interception of it is active either."""
+    with _LOCK:
+        configs = _ROUTED.pop(model, None)
+        if configs is None:
+            return
+        for module in attention_modules(model):
+            _ROUTES.pop(module, None)
+        _release(configs)
 
 
 def boolean_attention_mask(
@@ -471,13 +597,16 @@ __all__ = [
     "attention_modules",
     "boolean_attention_mask",
     "check_supported",
+    "current_attention",
     "grouped_attention",
     "intercept_attention",
     "kv_projections",
     "max_positions",
     "model_geometry",
     "original_attention",
+    "route_attention",
     "sliding_window_layers",
+    "unroute_attention",
 ]
 
 

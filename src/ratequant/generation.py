@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 
+from ratequant.cache.attention import ATTENTION_PATHS
 from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
 from ratequant.models import LoadedModel
 from ratequant.prefill import DEFAULT_PREFILL_CHUNK, prefill
 from ratequant.spec import KVQuantSpec
 from ratequant.validation import check_float, check_int
-
-ATTENTION_PATHS = ("packed", "decode")
 
 
 @dataclass(frozen=True)
@@ -92,16 +90,17 @@ def generate(
     prompt's; ``None`` prefills in one pass. With a full-precision cache the chunking changes nothing but
     rounding; with a quantized one each prompt token sees its own chunk at full precision.
 
-    ``attention="packed"`` (default) computes decode steps' attention straight from the packed codes
-    (:func:`ratequant.cache.packed_attention`); ``"decode"`` decodes the history on every step first. Prefill
-    pieces read the history one block at a time either way (:func:`ratequant.prefill.piece_attention`): that
-    is what bounds their memory.
+    ``attention="packed"`` (default) computes decode steps' attention straight from the packed codes (the cache
+    is made with ``attention=`` and the model, which routes the model's attention: ``model.generate`` runs with
+    no context manager, as a user's own call would); ``"decode"`` decodes the history on every step first.
+    Prefill pieces read the history one block at a time either way (:func:`ratequant.prefill.piece_attention`):
+    that is what bounds their memory. Calls from several threads on one model are safe (each its own cache).
 
     ``max_new_tokens`` must fit the model's context after the prompt; sampling takes ``temperature`` in
     [0.01, 100] and ``top_p`` in (0, 1]."""
     from transformers import DynamicCache
 
-    from ratequant.cache import RateQuantCache, packed_attention
+    from ratequant.cache import RateQuantCache
 
     if not prompt:
         raise RateQuantError("the prompt is empty; pass some text to continue")
@@ -131,7 +130,10 @@ def generate(
             f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the model's context of {limit} "
             f"tokens; ask for at most {max(limit - prompt_tokens, 0)} new tokens"
         )
-    cache = DynamicCache(config=model.config) if spec is None else RateQuantCache(spec, model=model)
+    if spec is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = RateQuantCache(spec, model=model, attention=attention)
     torch.manual_seed(seed)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -142,11 +144,9 @@ def generate(
         options["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if prefill_chunk is not None and prompt_tokens > 1:
         prefill(model, encoded["input_ids"][:, :-1], cache, prefill_chunk)
-    packed = spec is not None and attention == "packed"
-    with packed_attention(model, cache) if packed else contextlib.nullcontext():
-        output = model.generate(
-            **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
-        )
+    output = model.generate(
+        **encoded, **cache_argument(model, cache), max_new_tokens=max_new_tokens, pad_token_id=pad, **options
+    )
     seconds = time.perf_counter() - start
     new = output[0, prompt_tokens:]
     g = loaded.geometry

@@ -10,6 +10,16 @@ history one block at a time (:func:`ratequant.cache.attention.attention_in_block
 hands grouped-query keys to SDPA once per kv head (:func:`ratequant.compat.grouped_attention`); otherwise the
 decoded or repeated history would be the largest tensors of a late piece. (Importing this module does not
 import torch, so the command line can show the default.)
+
+A plain ``model.generate(..., cache=RateQuantCache(spec, model=model))`` runs the prompt in one pass instead. Its
+attention still reads the history block by block (the cache routes the model's attention, see
+:class:`~ratequant.cache.RateQuantCache`) and each layer's keys and values are quantized right after that layer's
+update, so the float history of all layers never exists; but the pass holds ``T`` tokens of activations and one
+layer's ``T`` keys and values. ``model.generate(..., prefill_chunk_size=P)`` (transformers' chunked prefill)
+bounds those to ``P`` tokens; its pieces start at token 0 rather than after the sinks, so a query's view of the
+prompt follows :meth:`~ratequant.spec.StoragePolicy.quantized_end` only without sink tokens and with ``P``
+dividing, or a multiple of, the quantization chunks (what :func:`prefill` checks; its pieces start after the
+sinks).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 On the decode path every step decodes the whole stored history into a ``[B, H, n, D]`` tensor in the model's
 dtype and hands it to SDPA, which reads it again (and, for grouped-query attention, repeats it per query
-head). Inside :func:`packed_attention` a step of at most :data:`MAX_QUERY` tokens instead computes, per layer
+head). Reading the stores themselves, a step of at most :data:`MAX_QUERY` tokens instead computes, per layer
 and kv head,
 
 * scores from the packed keys: each stored row is read once and dotted with every query row that kv head
@@ -25,9 +25,18 @@ faster there. Longer forward passes (prefill pieces) attend block by block on th
 (:func:`attention_in_blocks`): each block of the history is decoded to float32 and attended with PyTorch's
 fused kernel, the blocks merged by their log-sum-exp, so a piece late in a long prompt never holds the decoded
 history (two float32 copies of every key and value) nor a float mask over it. Attention calls that do not
-come from a cache in this mode take the model's own attention, with grouped keys handed to SDPA once per kv
-head instead of repeated per query head (:func:`~ratequant.compat.grouped_attention`, the same result to
-float rounding).
+come from a cache in this mode take the model's own attention.
+
+How a pass gets here. ``RateQuantCache(spec, model=model)`` (and :meth:`~ratequant.cache.RateQuantCache.from_plan`)
+routes the model's attention through :func:`cache_attention` (:func:`route_packed`), for every thread and for
+good (:func:`restore_attention` undoes it): a plain ``model.generate(..., cache=cache)`` or forward loop then
+reads the stores, and calls without packed handles (other caches, no cache) run the model's own implementation
+bit for bit. The cache layer hands over handles only where the attention the call will reach reads them
+(:func:`reads_handles`: not inside another interception such as simulated quantization in the same thread).
+:func:`packed_attention` does the same for one cache inside a context, also for caches made without a model,
+and there hands grouped keys of other passes to SDPA once per kv head instead of repeated per query head
+(:func:`~ratequant.compat.grouped_attention`, the same result to float rounding).
+
 Results equal the decode path to float32 rounding (the tests state the tolerance): the arithmetic is float32
 whatever the model's dtype, where the decode path rounds the decoded history to the model's dtype first.
 """
@@ -44,12 +53,20 @@ from ratequant import native
 from ratequant.cache.storage import PackedView
 from ratequant.compat import (
     attention_is_causal,
+    attention_modules,
     boolean_attention_mask,
+    current_attention,
     grouped_attention,
     intercept_attention,
     original_attention,
+    route_attention,
+    unroute_attention,
 )
-from ratequant.errors import RateQuantError
+from ratequant.errors import RateQuantError, UnsupportedModelError
+
+ATTENTION_PATHS = ("packed", "decode")
+"""How a :class:`~ratequant.cache.RateQuantCache` made for a model attends: ``packed`` reads the stores
+themselves (this module), ``decode`` decodes the history for the model's own attention on every step."""
 
 MAX_QUERY = 16
 """Forward passes of at most this many new tokens attend from the packed codes; longer ones in blocks."""
@@ -143,38 +160,70 @@ def _block_bounds(kv: PackedView, vv: PackedView) -> list[int]:
     return sorted({0, *range(s, n, step), n})
 
 
+def _bands(mask: torch.Tensor | None, causal: bool, t: int, n: int, lo: int, hi: int, device) -> list[tuple]:
+    """The bands of query rows that see keys ``lo..hi-1`` as ``(first row, end row, seen)``, ``seen`` the boolean
+    mask ``[B or 1, 1, rows, hi - lo]`` over the block or None where every row of the band sees all of it.
+
+    With a mask, one band: the rows that see any key of the block (causal and sliding masks make them a band).
+    Without one (a causal pass, keys aligned to the end), the masked band is at most a block's width of rows on
+    the diagonal, the rows after it see the whole block: no mask over the pass is ever built."""
+    if mask is not None:
+        rows = mask[..., lo:hi].any(-1).flatten(0, 1).any(0).nonzero()
+        if rows.numel() == 0:
+            return []
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        return [(r0, r1, mask[..., r0:r1, lo:hi])]
+    if not causal:
+        return [(0, t, None)]
+    offset = n - t  # query row i sits at key position offset + i and sees the keys up to it
+    first = min(t, max(0, lo - offset))
+    full = min(t, max(first, hi - 1 - offset))
+    bands = []
+    if full > first:
+        keys = torch.arange(lo, hi, device=device)[None, :]
+        seen = keys <= torch.arange(first + offset, full + offset, device=device)[:, None]
+        bands.append((first, full, seen[None, None]))
+    if t > full:
+        bands.append((full, t, None))
+    return bands
+
+
 def attention_in_blocks(module, query, kv: PackedView, vv: PackedView, attention_mask, **kwargs):
     """Attention of a long pass (``query [B, Hq, T, D]``) over the views, :data:`BLOCK_TOKENS` keys at a time:
     each block's stored chunks are decoded to float32, attended with PyTorch's fused CPU kernel (grouped-query
     heads served without repeating keys), and the blocks' outputs merged by their log-sum-exp, so the decoded
     history, its per-head copies and the float mask over it never exist whole. Each block is attended only by
     the band of query rows the mask lets see it (causal passes skip the blocks after a row, sliding windows
-    those before its window). Returns ``(output [B, T, Hq, D], None)`` in the query's dtype."""
+    those before its window); a causal pass without a mask (a whole prompt in one pass) builds a mask only over
+    the block's diagonal rows. Returns ``(output [B, T, Hq, D], None)`` in the query's dtype."""
     b, hq, t, d = query.shape
     n = kv.length
-    mask = _mask(attention_mask, b, t, n, query.device, attention_is_causal(module, kwargs))
+    causal = attention_is_causal(module, kwargs)
+    mask = None if attention_mask is None else _mask(attention_mask, b, t, n, query.device, causal)
     q = query.float()
     flash = _flash_attention()
     out = torch.zeros(b, hq, t, d, dtype=torch.float32, device=query.device)
     total = torch.full((b, hq, t), float("-inf"), dtype=torch.float32, device=query.device)  # log-sum-exp so far
     bounds = _block_bounds(kv, vv)
     for lo, hi in zip(bounds, bounds[1:]):
-        rows = mask[..., lo:hi].any(-1).flatten(0, 1).any(0).nonzero()  # query rows that see any key of the block
-        if rows.numel() == 0:
+        bands = _bands(mask, causal, t, n, lo, hi, query.device)
+        if not bands:
             continue
-        r0, r1 = int(rows[0]), int(rows[-1]) + 1  # causal and sliding masks: a band of rows
-        seen = mask[..., r0:r1, lo:hi]  # [B or 1, 1, r1 - r0, hi - lo]
-        bias = torch.zeros(seen.shape, dtype=torch.float32, device=query.device).masked_fill_(~seen, float("-inf"))
-        part, lse = flash(
-            q[:, :, r0:r1], kv.read(lo, hi), vv.read(lo, hi), 0.0, False, attn_mask=bias, scale=kwargs.get("scaling")
-        )
-        lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # the kernel reports 0 for rows that see nothing
-        before = total[:, :, r0:r1]
-        merged = torch.logaddexp(before, lse)
-        keep = torch.exp(before - merged).nan_to_num_(0.0)  # NaN only where neither side saw anything
-        add = torch.exp(lse - merged).nan_to_num_(0.0)
-        out[:, :, r0:r1].mul_(keep[..., None]).add_(part.mul_(add[..., None]))  # in place: no band-sized copies
-        total[:, :, r0:r1] = merged
+        keys, values = kv.read(lo, hi), vv.read(lo, hi)
+        for r0, r1, seen in bands:  # seen: [B or 1, 1, r1 - r0, hi - lo] or None (all of the block)
+            bias = None
+            if seen is not None:
+                bias = torch.zeros(seen.shape, dtype=torch.float32, device=query.device)
+                bias.masked_fill_(~seen, float("-inf"))
+            part, lse = flash(q[:, :, r0:r1], keys, values, 0.0, False, attn_mask=bias, scale=kwargs.get("scaling"))
+            if seen is not None:
+                lse = lse.masked_fill(~seen.any(-1), float("-inf"))  # the kernel reports 0 for rows seeing nothing
+            before = total[:, :, r0:r1]
+            merged = torch.logaddexp(before, lse)
+            keep = torch.exp(before - merged).nan_to_num_(0.0)  # NaN only where neither side saw anything
+            add = torch.exp(lse - merged).nan_to_num_(0.0)
+            out[:, :, r0:r1].mul_(keep[..., None]).add_(part.mul_(add[..., None]))  # in place: no band-sized copies
+            total[:, :, r0:r1] = merged
     return out.transpose(1, 2).to(query.dtype), None
 
 
@@ -244,31 +293,77 @@ def _attend_step(kv: PackedView, vv: PackedView, rows: torch.Tensor, mask: torch
     return weighted_values(vv, weights)
 
 
+def cache_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention of a model a :class:`~ratequant.cache.RateQuantCache` was made for (:func:`route_packed`):
+    calls given packed handles go to :func:`attention_from_codes`; every other call (another cache, no cache,
+    the decode path) runs the model's own implementation unchanged, bit for bit. Returns ``(output [B, T, Hq, D],
+    attention weights or None)``."""
+    if getattr(key, VIEW, None) is None and getattr(value, VIEW, None) is None:
+        return original_attention(module, query, key, value, attention_mask, **kwargs)
+    return attention_from_codes(module, query, key, value, attention_mask, **kwargs)
+
+
+def reads_handles(module: torch.nn.Module) -> bool:
+    """Whether the attention ``module`` runs now, in the calling thread, reads packed handles: inside
+    :func:`packed_attention` or on a model :func:`route_packed` routed, unless another interception (say
+    :func:`ratequant.simulate.simulated_quantization`) covers it in this thread."""
+    return current_attention(module) in (attention_from_codes, cache_attention)
+
+
+def route_packed(model: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """Make every later forward of ``model`` (``model.generate`` included, any thread) read the stores of a
+    RateQuantCache it is given, with no context manager: the model's attention goes through
+    :func:`cache_attention` (:func:`ratequant.compat.route_attention`), which leaves calls without packed handles
+    to the model's own implementation, so other caches give exactly the results they gave before. What
+    ``RateQuantCache(spec, model=model)`` does; :func:`restore_attention` undoes it. Returns the attention
+    modules by layer, or None where the model's attention cannot be routed (its caches then decode)."""
+    try:
+        return route_attention(model, cache_attention)
+    except UnsupportedModelError:
+        return None
+
+
+def restore_attention(model: torch.nn.Module) -> None:
+    """Undo :func:`route_packed`: ``model`` gets its own attention implementation name back, and the caches made
+    for it decode the history on every step (their results agree to float32 rounding)."""
+    unroute_attention(model)
+
+
 @contextmanager
 def packed_attention(model: torch.nn.Module, cache) -> Iterator[torch.nn.Module]:
-    """Inside the context, passes of ``model`` with ``cache`` (a :class:`~ratequant.cache.RateQuantCache`) read
-    the cache's stores themselves: decode steps straight from the packed codes, longer passes block by block
-    (:func:`attention_in_blocks`); everything else runs as before. Restores the model on exit."""
+    """Inside the context, passes of ``model`` with ``cache`` (a :class:`~ratequant.cache.RateQuantCache`) in the
+    calling thread read the cache's stores themselves: decode steps straight from the packed codes, longer
+    passes block by block (:func:`attention_in_blocks`); other passes of the thread keep grouped keys unrepeated
+    (:func:`~ratequant.compat.grouped_attention`). A cache made with ``model=`` does the former without it
+    (:func:`route_packed`); this context also serves caches made without a model or with ``attention="decode"``.
+    Restores the model and the cache on exit."""
     layers = list(cache.layers)
-    before = [layer.attend_packed for layer in layers]
+    before = [(layer.attend_packed, layer.attention_module) for layer in layers]
     with intercept_attention(model, attention_from_codes):
-        for layer in layers:
+        for layer, module in zip(layers, attention_modules(model)):
             layer.attend_packed = True
+            layer.bind(module)
         try:
             yield model
         finally:
-            for layer, value in zip(layers, before):
-                layer.attend_packed = value
+            for layer, (packed, module) in zip(layers, before):
+                layer.attend_packed = packed
+                layer.bind(module)
 
 
 __all__ = [
+    "ATTENTION_PATHS",
     "BLOCK_TOKENS",
     "MAX_QUERY",
     "attention_from_codes",
     "attention_in_blocks",
+    "cache_attention",
     "packed_attention",
     "packed_handle",
+    "reads_handles",
     "reads_in_blocks",
+    "restore_attention",
+    "route_packed",
     "scores",
     "weighted_values",
 ]

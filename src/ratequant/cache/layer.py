@@ -30,9 +30,16 @@ Reads. Each update returns keys and values ``[batch, kv_heads, seq, head_dim]`` 
 model's dtype: the sinks, all stored chunks decoded straight into that output by one prepared decoder per
 bit group (:meth:`Quantizer.prepare_decode`: the native kernel of :mod:`ratequant.native` for min-max designs
 on the CPU), then the residual. No dequantized copy is kept between steps unless ``buffer_bytes`` asks for one
-(it costs full-precision memory). Inside :func:`ratequant.cache.attention.packed_attention` updates return
-handles instead and attention reads the stores itself: short passes from the packed codes without decoding
-the history, long ones (prefill pieces) decoding one block of it at a time.
+(it costs full-precision memory). Where the attention reads the stores itself (a cache made with ``model=``,
+which routes that model's attention, or inside :func:`ratequant.cache.attention.packed_attention`) updates
+return handles instead: short passes attend from the packed codes without decoding the history, long ones
+(prefill pieces, a whole prompt) decode one block of it at a time.
+
+Memory of a prompt in one pass (a plain ``model.generate``): each layer's keys and values of the pass are
+quantized right after that layer's update, so the float history of all layers never exists; the pass does hold
+its own activations (``T`` tokens of hidden states and MLP) and one layer's ``T`` keys and values at a time. Pass
+``prefill_chunk_size=P`` to ``generate`` (or use :func:`ratequant.prefill.prefill`, whose pieces follow the
+token rule exactly) to bound those to ``P`` tokens.
 
 Sliding-window layers (Mistral with ``sliding_window``, Gemma2/3) keep their whole history here and the
 attention mask applies the window, which is correct; memory then grows like a full-attention layer (the
@@ -41,11 +48,20 @@ byte formula counts every token, so it still matches).
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Sequence
 
 import torch
 
-from ratequant.cache.attention import MAX_QUERY, packed_handle, reads_in_blocks
+from ratequant.cache.attention import (
+    ATTENTION_PATHS,
+    MAX_QUERY,
+    packed_handle,
+    reads_handles,
+    reads_in_blocks,
+    route_packed,
+)
 from ratequant.cache.storage import KindStore
 from ratequant.compat import cache_base_classes
 from ratequant.errors import PlanError, RateQuantError
@@ -67,9 +83,9 @@ class RateQuantLayer(CacheLayerMixin):
             first stored chunks, as many as fit, so those are copied instead of decoded on every step. It is
             full-precision memory, reported as :attr:`CacheBytes.buffer`.
 
-    ``update`` returns keys/values ``[batch, kv_heads, seq, head_dim]`` in head order and the model's dtype
-    (inside :func:`ratequant.cache.attention.packed_attention`, where that attention can read the stores
-    itself: empty handles to them).
+    ``update`` returns keys/values ``[batch, kv_heads, seq, head_dim]`` in head order and the model's dtype, or
+    empty handles to the stores where :attr:`attend_packed` is set and the attention of the bound module
+    (:meth:`bind`) reads them in the calling thread (:func:`ratequant.cache.attention.reads_handles`).
     All tensors live on the device of the first ``update`` (so models spread with ``device_map`` work).
     """
 
@@ -101,12 +117,23 @@ class RateQuantLayer(CacheLayerMixin):
         self.value_bits = tuple(int(b) for b in value_bits)
         self.cumulative_length = 0
         self.lossy_crop = False
-        self.attend_packed = False  # set inside ratequant.cache.attention.packed_attention
+        self.attend_packed = False  # may hand packed handles over (a cache routed for its model, packed_attention)
+        self._module: weakref.ref | None = None  # the attention module this layer feeds (bind)
         self._make_stores()
 
     @property
     def quantizer(self):
         return self.policy.quantizer
+
+    @property
+    def attention_module(self) -> torch.nn.Module | None:
+        """The attention module this layer feeds (held weakly), None when unbound or gone."""
+        return None if self._module is None else self._module()
+
+    def bind(self, module: torch.nn.Module | None) -> None:
+        """Feed ``module`` (the model's attention of this layer): whether its attention reads packed handles is
+        asked of it at every update."""
+        self._module = None if module is None else weakref.ref(module)
 
     def _make_stores(self) -> None:
         self._stores = (
@@ -161,7 +188,7 @@ class RateQuantLayer(CacheLayerMixin):
                 "KV tensors must be finite to quantize (this update was refused and the cache is unchanged; a "
                 "float16 model may overflow: try bfloat16 or float32)"
             )
-        if self.attend_packed and self._reads_from_codes(t):
+        if self._hands_over(t):
             # the attention reads the stores' packed codes itself (ratequant.cache.attention)
             views = [store.append(x) for store, x in zip(self._stores, (key_states, value_states))]
             out = packed_handle(views[0], key_states), packed_handle(views[1], value_states)
@@ -169,6 +196,14 @@ class RateQuantLayer(CacheLayerMixin):
             out = self._stores[0].update(key_states), self._stores[1].update(value_states)
         self.cumulative_length += t
         return out
+
+    def _hands_over(self, tokens: int) -> bool:
+        """Whether this update returns handles: the layer may, the bound module's attention reads them in this
+        thread now, and the stores suit a pass of ``tokens`` tokens (:meth:`_reads_from_codes`)."""
+        if not self.attend_packed:
+            return False
+        module = self.attention_module
+        return module is not None and reads_handles(module) and self._reads_from_codes(tokens)
 
     def _reads_from_codes(self, tokens: int) -> bool:
         """Whether attention over a pass of ``tokens`` new tokens reads the stores itself: short passes where
@@ -278,23 +313,45 @@ class RateQuantCache(Cache):
 
     Args:
         spec: widths, design, residual window and sink tokens (:class:`ratequant.spec.KVQuantSpec`).
-        model: when given, the spec is checked against the model's layers and kv heads now, not at first use.
+        model: when given, the spec is checked against the model's layers and kv heads now, not at first use,
+            and (with ``attention="packed"``) the model's attention is routed to read this cache's stores.
         growth: extra capacity reserved when a packed store grows (default 0: exact size).
         buffer_bytes: byte limit of an optional working buffer of dequantized chunks, split evenly over the
             layers (default 0: none, the packed store is decoded on every step). A buffer trades memory for
             decode speed and is counted in :meth:`nbytes` as ``buffer``.
+        attention: ``"packed"`` (default) or ``"decode"``, how a cache made with ``model`` attends (below).
 
-    Use ``model.generate(..., cache=RateQuantCache(spec))`` (``past_key_values=`` before transformers 5.24;
-    :func:`ratequant.compat.cache_argument` picks the keyword) or :meth:`from_plan`. Works with greedy and
-    sampled decoding, beam search, batches with padding, ``crop`` and ``reset``.
+    Use ``model.generate(..., cache=RateQuantCache(spec, model=model))`` (``past_key_values=`` before
+    transformers 5.24; :func:`ratequant.compat.cache_argument` picks the keyword) or :meth:`from_plan`. Works with
+    greedy and sampled decoding, beam search, batches with padding, ``crop`` and ``reset``.
+
+    Attention. Made with ``model`` and ``attention="packed"``, the cache switches that model's attention
+    implementation name to a ratequant dispatcher (``ratequant_sdpa`` for ``sdpa``; once per model, for every
+    thread, until :func:`ratequant.cache.restore_attention`): in any plain forward or ``generate`` with this
+    cache, decode steps then attend straight from the packed codes where the native kernel serves the design (the
+    min-max designs on the CPU) and prompt passes block by block on the CPU; elsewhere, and for float64 models,
+    the history is decoded as with ``"decode"``. Calls with any other cache or none run the model's own
+    implementation with the same arguments, so their results are exactly what they were. ``"decode"``, or no
+    ``model``, decodes the history on every step (:func:`ratequant.cache.packed_attention` still switches such a
+    cache to the packed path for a ``with`` block). The two paths agree to float32 rounding.
     """
 
-    def __init__(self, spec: KVQuantSpec, *, model=None, growth: float = 0.0, buffer_bytes: int = 0):
+    def __init__(
+        self,
+        spec: KVQuantSpec,
+        *,
+        model=None,
+        growth: float = 0.0,
+        buffer_bytes: int = 0,
+        attention: str = "packed",
+    ):
         if not isinstance(spec, KVQuantSpec):
             raise RateQuantError(
                 "RateQuantCache needs a KVQuantSpec (ratequant.KVQuantSpec(bits, quantizer, ...)), "
                 f"got {type(spec).__name__}"
             )
+        if attention not in ATTENTION_PATHS:
+            raise RateQuantError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {attention!r}")
         if model is not None:
             spec.check_model(model)
         per_layer = check_int(buffer_bytes, "buffer_bytes (0 = no working buffer)", lo=0) // spec.num_layers
@@ -304,6 +361,10 @@ class RateQuantCache(Cache):
         ]
         super().__init__(layers=layers)
         self.spec = spec
+        modules = route_packed(model) if model is not None and attention == "packed" else None
+        for layer, module in zip(layers, modules or ()):
+            layer.bind(module)
+            layer.attend_packed = True
 
     @classmethod
     def from_plan(
@@ -317,12 +378,19 @@ class RateQuantCache(Cache):
         allow_mismatch: bool = False,
         growth: float = 0.0,
         buffer_bytes: int = 0,
+        attention: str = "packed",
     ) -> RateQuantCache:
-        """A cache for ``model`` following ``plan`` (a :class:`ratequant.plan.Plan`; see :meth:`Plan.resolve`)."""
+        """A cache for ``model`` following ``plan``: a :class:`ratequant.plan.Plan` or the path of its JSON file
+        (see :meth:`Plan.resolve` for the other arguments). Made with the model: see the class docstring for
+        ``attention``."""
+        if isinstance(plan, (str, os.PathLike)):
+            from ratequant.plan import Plan
+
+            plan = Plan.load(plan)
         spec = plan.resolve(
             model, quantizer, residual_length=residual_length, sink_tokens=sink_tokens, allow_mismatch=allow_mismatch
         )
-        return cls(spec, growth=growth, buffer_bytes=buffer_bytes)
+        return cls(spec, model=model, growth=growth, buffer_bytes=buffer_bytes, attention=attention)
 
     @property
     def quantizer(self):
