@@ -148,11 +148,21 @@ def test_every_method_is_run_for_every_design_and_budget(results, setup):
         source = results.designs[design].mismatch_source
         assert source in DESIGNS and source != design
         for budget in BUDGETS:
-            records = results.select(design=design, budget=budget)
+            records = [m for m in results.select(design=design, budget=budget) if m.method != "auto"]
             expected = {"layerwise", "RateQuant", f"mismatched ({source} curves)"} | SPLITS[budget]
             if budget == 3.0:
                 expected.add("uniform 3")
-            assert {m.label for m in records} == expected
+            (default,) = [m for m in records if m.method == "default"]
+            assert {m.label for m in records if m.method != "default"} == expected
+            # the default plan is the candidate (RateQuant or a split of the budget) with the least held-out KL
+            candidates = default.details["held_out_kl"]
+            chosen = default.details["chosen"]
+            assert set(candidates) == {"ratequant", *SPLITS[budget], *(["K3V3"] if budget == 3.0 else [])}
+            assert default.label == f"default plan ({chosen})" and candidates[chosen] == min(candidates.values())
+            same = "RateQuant" if chosen == "ratequant" else ("uniform 3" if chosen == "K3V3" else chosen)
+            (twin,) = [m for m in records if m.label == same]
+            np.testing.assert_array_equal(default.bits, twin.bits if twin.bits is not None else default.bits)
+            assert default.kl == pytest.approx(twin.kl, rel=1e-9)  # the same widths score the same
             for m in records:
                 assert math.isfinite(m.ppl) and m.ppl > 1 and math.isfinite(m.kl) and m.kl > 0
                 assert m.avg_bits == budget and len(m.window_nll) == 3
@@ -170,6 +180,18 @@ def test_every_method_is_run_for_every_design_and_budget(results, setup):
             hybrid[0].details["rank"] == r_h and hybrid[0].kv_bytes_per_token == g.num_components * (r_h * 4 + 32) / 8
         )
         assert all(math.isfinite(m.ppl) and m.kl > 0 for m in rank + hybrid)
+    # auto: one plan per budget, of whichever design held out best at the reference design's true bytes
+    for budget in BUDGETS:
+        (auto,) = results.select(method="auto", budget=budget)
+        pool = auto.details["held_out_kl"]
+        assert {name.split("/")[0] for name in pool} == set(DESIGNS) and pool[auto.details["chosen"]] == min(
+            pool.values()
+        )
+        assert auto.design == auto.details["chosen"].split("/")[0]
+        reference = results.extra["choice"][f"{budget:g}"]["auto"]["bytes_per_token"]
+        assert auto.kv_bytes_per_token <= reference * (1 + 1e-9)
+        (kivi_rq,) = results.select(method="ratequant", design="kivi", budget=budget)
+        assert reference == pytest.approx(kivi_rq.kv_bytes_per_token, rel=1e-12)
     # uniform at 2.5 bits is not a width: reported as skipped, with the reason, for every design
     skipped = {(s["design"], s["method"], s["budget"]) for s in results.skipped}
     assert skipped == {(d, "uniform", 2.5) for d in DESIGNS}
@@ -232,8 +254,9 @@ def test_ratequant_is_optimal_under_its_own_curves_and_mismatch_reuses_the_other
 def test_recovered_damage_follows_its_definition(results, metric):
     fp = results.full_precision.ppl
     rows = results.recovered(metric=metric)
-    assert {(r["design"], r["budget"], r["method"]) for r in rows} == {
-        (d, b, m) for d in DESIGNS for b in BUDGETS for m in ("layerwise", "ratequant", "mismatched")
+    autos = {(results.select(method="auto", budget=b)[0].design, b, "auto") for b in BUDGETS}
+    assert {(r["design"], r["budget"], r["method"]) for r in rows} == autos | {
+        (d, b, m) for d in DESIGNS for b in BUDGETS for m in ("layerwise", "ratequant", "default", "mismatched")
     }
     for r in rows:
         fixed = [
@@ -414,6 +437,7 @@ def test_compare_on_the_default_model(default_model, tmp_path):
         windows=1,
         calibration_seq_len=128,
         calibration_sequences=1,
+        choice_tokens=256,
     )
     with one_thread():  # two threads on a loaded 2-core machine spin against each other (170 s against 30 s)
         results = run_compare(default_model, load_corpus(), config, progress=False)
@@ -423,7 +447,7 @@ def test_compare_on_the_default_model(default_model, tmp_path):
         d = results.designs[design]
         assert 3.0 < d.beta_key < 6.5 and 3.0 < d.beta_value < 6.5 and d.r2 > 0.9  # paper: beta 3.6 to 5.3
         records = results.select(design=design, budget=3.0)
-        assert len(records) == 6
+        assert len([m for m in records if m.method not in ("default", "auto")]) == 6
         for m in records:
             assert m.kl > 0 and m.ppl > 0.99 * fp.ppl
             assert m.kv_bytes_per_token < fp.details["fp16_kv_bytes_per_token"] * 4.5 / 16  # 3 code bits + metadata

@@ -20,11 +20,12 @@ from ratequant.allocation import Allocation, Budget, CostModel, Curves
 from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, encode_prefix, make_windows
+from ratequant.progress import progress_bar
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
 CHOICE_TOKENS = 1024
 """Tokens of each held-out window the candidates are scored on (the second half of each is scored)."""
-CHOICE_WINDOWS = 2
+CHOICE_WINDOWS = 1
 """Held-out windows the candidates are scored on."""
 
 
@@ -128,7 +129,11 @@ def choose_candidate(
         raise RateQuantError("no candidate allocation meets the budget")
     if len(candidates) == 1:
         return candidates[0], {}
-    scores = {c.name: kl(c.spec) for c in candidates}
+    scores = {}
+    with progress_bar(total=len(candidates), desc="plan choice", unit="candidate") as bar:
+        for c in candidates:
+            scores[c.name] = kl(c.spec)
+            bar.update(1)
     best = min(candidates, key=lambda c: scores[c.name])
     return best, scores
 

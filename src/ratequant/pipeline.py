@@ -395,11 +395,25 @@ def calibrate_design(
     for name, seconds in fitted.seconds.items():
         phases[name] = phases.get(name, 0.0) + seconds
     start = time.perf_counter()
+    calibrated = allocate_design(loaded, settings, policy, fitted, curves_design, budget)
+    phases["allocation"] = phases.get("allocation", 0.0) + time.perf_counter() - start
+    return calibrated
+
+
+def allocate_design(
+    loaded: LoadedModel,
+    settings: CalibrationSettings,
+    policy: StoragePolicy,
+    fitted: DesignFit,
+    curves_design: Quantizer | None = None,
+    budget: Budget | None = None,
+) -> DesignCalibration:
+    """The cost model of ``policy`` and the settings' allocation on ``fitted``'s curves at ``budget`` (default the
+    settings'): a design's calibration once its curves are fitted."""
     context = settings.budget.context_tokens or DEFAULT_CONTEXT
     cost_model = cost_model_for(policy, loaded, context, settings.bitset)
     allocation = allocate_for(settings, fitted.curves, loaded.geometry, cost_model, budget)
-    phases["allocation"] = phases.get("allocation", 0.0) + time.perf_counter() - start
-    return DesignCalibration(policy, fitted, curves_design, cost_model, allocation)
+    return DesignCalibration(policy, fitted, curves_design or policy.quantizer, cost_model, allocation)
 
 
 def candidates_of(

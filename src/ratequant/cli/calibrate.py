@@ -115,7 +115,7 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--choice-tokens",
         type=positive_int,
-        help="tokens of each of the two held-out windows that score the candidates (default 1024, more with a "
+        help="tokens of the held-out window that scores the candidates (default 1024, more with a "
         "long residual window)",
     )
     parser.add_argument("--out", required=True, metavar="PLAN", help="where to write the plan (JSON)")

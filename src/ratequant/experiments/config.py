@@ -132,6 +132,8 @@ class CompareConfig:
     ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on
     the KL they cause on ``search_tokens`` tokens of calibration text, kept only if they also help on a second
     window (:func:`ratequant.pipeline.refine_allocation`; slow: a simulated forward pass per move).
+    ``choice_tokens`` is the length of the held-out calibration window on which the ``default`` and ``auto`` plans
+    are chosen (None: as ``calibrate`` chooses, :func:`ratequant.candidates.choice_tokens_for`).
     """
 
     model: str = "default"
@@ -164,6 +166,7 @@ class CompareConfig:
     side_windows: int | None = None
     search_proposals: int = 0
     search_tokens: int = 1024
+    choice_tokens: int | None = None
     context_tokens: int = 4096
     bitset: tuple[int, ...] = DEFAULT_WIDTHS
     split_max_gap: int = 2
@@ -229,7 +232,7 @@ class CompareConfig:
             ("search_tokens", 2),
         ):
             object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
-        for name in ("prefill_chunk", "passkey_context", "side_windows"):
+        for name in ("prefill_chunk", "passkey_context", "side_windows", "choice_tokens"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), f"compare config: {name}", lo=1, hi=1 << 20)
         if self.sink_tokens != "auto":

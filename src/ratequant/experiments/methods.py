@@ -44,13 +44,16 @@ FIXED_METHODS = ("uniform", "kv-split")
 ALLOCATED_METHODS = (
     "layerwise",
     "ratequant",
+    "default",
+    "auto",
     "mismatched",
     "ratequant-search",
     "norms",
     "ratequant-component",
     "measured",
 )
-"""Methods that choose widths from curves (or refine them); the last four run when asked for."""
+"""Methods that choose widths from curves (or refine them, or choose among candidates: ``default`` and ``auto``,
+:mod:`ratequant.experiments.choice`); the last four run when asked for."""
 QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
 RANK_METHODS = ("rank", "rank+quant")
 

@@ -256,6 +256,36 @@ class CompareResults:
         fixed = [m for m in self.select(design=design, budget=budget) if m.method in FIXED_METHODS]
         return min(fixed, key=lambda m: getattr(m.score(evaluation), metric)) if fixed else None
 
+    def auto_against_all(self, budget: float, evaluation: str | None = None) -> dict | None:
+        """The ``auto`` plan at ``budget`` against the best of every method of every design that takes no more true
+        bytes (an oracle choice on the evaluation itself): both KLs with their standard errors over tokens, and
+        whether auto's KL is within one standard error (the best's) of the best."""
+        found = self.select(method="auto", budget=budget)
+        if not found:
+            return None
+        auto = found[0]
+        limit = auto.kv_bytes_per_token * (1 + 1e-9)
+        rivals = [
+            m
+            for m in self.methods
+            if m.method not in (FULL_PRECISION, "auto") and m.design is not None and m.kv_bytes_per_token <= limit
+        ]
+        best = min(rivals, key=lambda m: m.score(evaluation).kl, default=None)
+        if best is None:
+            return None
+        a, b = auto.score(evaluation), best.score(evaluation)
+        return {
+            "budget": budget,
+            "auto": auto.label,
+            "auto_kl": a.kl,
+            "auto_kl_se": a.kl_se,
+            "best": f"{best.design} {best.label}",
+            "best_kl": b.kl,
+            "best_kl_se": b.kl_se,
+            "within_one_se": a.kl - b.kl <= b.kl_se,
+            "compared": len(rivals),
+        }
+
     def recovered(self, evaluation: str | None = None, metric: str = "kl") -> list[dict]:
         """Share of the best fixed scheme's damage each allocator recovers, on ``metric`` (``"kl"`` or ``"ppl"``).
 

@@ -20,6 +20,7 @@ from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.perplexity import REFERENCE, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
+from ratequant.experiments.choice import chosen_methods
 from ratequant.experiments.config import SCORINGS, CompareConfig, budget_text
 from ratequant.experiments.methods import (
     FULL_PRECISION,
@@ -147,6 +148,8 @@ def run_compare(
             side[design][0],
             refine if search_text is not None else None,
         )
+    chosen, choice_info = chosen_methods(config, loaded, corpus, fitted, sinks, skipped, say)
+    methods += chosen
     ranked, rank_info = rank_methods(config, loaded, bases)
     methods += ranked
     timings["allocation"] = time.perf_counter() - t
@@ -209,7 +212,7 @@ def run_compare(
             bits=m.bits,
         )
 
-    extra: dict = {"sink_tokens": sinks, "weight_norms": weight_norms(loaded.model).to_dict()}
+    extra: dict = {"sink_tokens": sinks, "weight_norms": weight_norms(loaded.model).to_dict(), "choice": choice_info}
     extra["headroom"] = {d: info for d, (_, info) in side.items() if info}
     if config.sink_study:
         t = time.perf_counter()

@@ -1,0 +1,134 @@
+"""The plans ``calibrate`` would hand a user, as methods of a comparison: each design's default plan and ``auto``.
+
+* ``default`` -- per design and budget, the candidate (RateQuant's allocation or a fixed key/value split of the
+  budget) with the least KL on held-out calibration text (:mod:`ratequant.candidates`), exactly as
+  ``ratequant calibrate`` chooses it;
+* ``auto`` -- per budget, the best candidate of every design at the true bytes the reference design takes at the
+  budget (``ratequant calibrate --quantizer auto``); its ``design`` is the design it chose.
+
+The candidates are built by the pipeline's own steps (:func:`ratequant.pipeline.allocate_design`,
+:func:`ratequant.pipeline.candidates_of`) on the comparison's fitted curves, and scored once each on the same
+held-out windows; the choice uses no evaluation text.
+"""
+
+from __future__ import annotations
+
+from ratequant.allocation import Budget
+from ratequant.candidates import Candidate, choice_tokens_for, choose_candidate, held_out_windows
+from ratequant.errors import BudgetError
+from ratequant.experiments.config import CompareConfig, budget_text
+from ratequant.experiments.methods import Method, Skipped, condition_for
+from ratequant.kl_search import kl_on
+from ratequant.models import LoadedModel
+from ratequant.pipeline import (
+    AUTO_REFERENCE,
+    CalibrationSettings,
+    DesignFit,
+    allocate_design,
+    candidates_of,
+    equal_bytes_budget,
+)
+from ratequant.progress import Stages
+from ratequant.quantizers import get_quantizer
+from ratequant.spec import StoragePolicy
+
+CHOSEN_METHODS = ("default", "auto")
+
+
+def chosen_methods(
+    config: CompareConfig,
+    loaded: LoadedModel,
+    corpus,
+    fitted: dict[str, DesignFit],
+    sinks: dict[str, int],
+    skipped: list[Skipped],
+    say: Stages,
+) -> tuple[list[Method], dict]:
+    """The ``default`` plan of every design and the ``auto`` plan at every budget, with every candidate's held-out
+    KL ``{budget: {"default": {design: {name: kl}}, "auto": {name: kl}}}`` for the report."""
+    most_sinks = max(sinks.values(), default=0)
+    tokens = choice_tokens_for(config.choice_tokens, config.residual, most_sinks)
+    capture_tokens = config.calibration_seq_len * config.calibration_sequences
+    windows = held_out_windows(loaded.tokenizer, corpus, capture_tokens, tokens)
+    say(f"plan choice: candidates scored on {windows.summary()} of held-out calibration text")
+    kl = kl_on(loaded.model, windows)
+    seen: dict[tuple, float] = {}
+
+    def scored(spec) -> float:  # a candidate met twice (kivi's under auto) is scored once
+        key = (spec.quantizer.name, spec.sink_tokens, spec.bits.tobytes())
+        if key not in seen:
+            seen[key] = kl(spec)
+        return seen[key]
+
+    def settings_for(design: str, budget: Budget) -> CalibrationSettings:
+        return CalibrationSettings(
+            quantizer=design,
+            budget=budget,
+            metric=config.metric,
+            bitset=config.bitset,
+            residual_length=config.residual,
+            sink_tokens=sinks[design],
+        )
+
+    def method(kind: str, best: Candidate, budget: float, scores: dict) -> Method:
+        label = f"{'default plan' if kind == 'default' else 'auto'} ({best.name})"
+        alloc = best.allocation
+        return Method(
+            kind,
+            label,
+            best.policy.quantizer.name,
+            budget,
+            alloc.avg_bits,
+            float(alloc.bits[0].mean()),
+            float(alloc.bits[1].mean()),
+            float(alloc.bytes_per_token),
+            condition_for(best.spec, config, label),
+            {
+                "chosen": best.name,
+                "held_out_kl": scores,
+                "quantizer": best.policy.quantizer.to_config(),
+                "residual": best.policy.residual_length,
+                "sink_tokens": best.policy.sink_tokens,
+                "context_tokens": config.context_tokens,
+            },
+            alloc.bits,
+        )
+
+    methods, info = [], {}
+    for value in config.budgets:
+        budget = Budget.avg_bits(value)
+        record: dict = {"default": {}}
+        by_design: dict[str, tuple] = {}  # design -> (settings, policy, calibration) at the budget
+        for design in config.designs:
+            settings = settings_for(design, budget)
+            policy = StoragePolicy(get_quantizer(design), config.residual, sinks[design])
+            try:
+                calibrated = allocate_design(loaded, settings, policy, fitted[design])
+            except BudgetError as exc:
+                skipped.append(Skipped("default", "default plan", design, value, str(exc)))
+                continue
+            candidates = candidates_of(settings, calibrated, budget, qualified=False)
+            best, scores = choose_candidate(scored, candidates)
+            record["default"][design] = scores or {best.name: scored(best.spec)}
+            methods.append(method("default", best, value, record["default"][design]))
+            by_design[design] = (settings, policy, calibrated)
+        if AUTO_REFERENCE in by_design and len(config.designs) > 1:
+            settings, _, reference = by_design[AUTO_REFERENCE]
+            equal = equal_bytes_budget(settings, loaded.geometry, reference.cost_model)
+            pool: list[Candidate] = []
+            for design, (settings, policy, _) in by_design.items():
+                try:
+                    calibrated = allocate_design(loaded, settings, policy, fitted[design], budget=equal)
+                except BudgetError as exc:
+                    say(f"auto at {budget_text(value)} bits: {design} left out ({exc})")
+                    continue
+                pool += candidates_of(settings, calibrated, equal, qualified=True)
+            best, scores = choose_candidate(scored, pool)
+            record["auto"] = {"bytes_per_token": equal.value, "held_out_kl": scores}
+            methods.append(method("auto", best, value, scores))
+            say(f"auto at {budget_text(value)} bits: {best.name} (held-out KL {scores.get(best.name, 0.0):.4f})")
+        info[budget_text(value)] = record
+    return methods, info
+
+
+__all__ = ["CHOSEN_METHODS", "chosen_methods"]
