@@ -158,6 +158,32 @@ def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
     assert_usage_error(capsys, argv, fragment)
 
 
+MISTYPED = [
+    (["calibrate", "--avg_bits", "3"], "unrecognized argument: --avg_bits; did you mean --avg-bits?"),
+    ([*CAL, "--avg-bits", "3", "--seqlen", "64"], "unrecognized argument: --seqlen; did you mean --seq-len?"),
+    (["eval", "--Plan", "p.json"], "unrecognized argument: --Plan; did you mean --plan?"),
+    (["eval", "--windws=3"], "unrecognized argument: --windws=3; did you mean --windows?"),
+    (["eval", "--zzzz"], "unrecognized argument: --zzzz (see"),
+    (["eval", "plan.json", "extra.json"], "unrecognized argument: extra.json (see"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", MISTYPED, ids=[" ".join(a) for a, _ in MISTYPED])
+def test_a_mistyped_option_is_one_line_naming_the_closest_one(capsys, argv, fragment):
+    """Not twenty lines of usage: one line with the option meant, and where the rest are listed."""
+    code, out, err = run(capsys, argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"ratequant {argv[0]}: error: ") and fragment in lines[0], err
+    assert lines[0].endswith(f"(see ratequant {argv[0]} --help)")
+
+
+def test_every_argument_error_is_one_line(capsys):
+    for argv, _ in USAGE_ERRORS[:6]:
+        code, _, err = run(capsys, argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "usage:" not in err, err
+
+
 # --------------------------------------------------------------------------------------------------------
 # errors found while running: one line
 # --------------------------------------------------------------------------------------------------------
@@ -363,7 +389,7 @@ def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, 
 def test_calibration_failing_while_writing_the_plan_leaves_no_file(
     tmp_path, capsys, monkeypatch, corpus, tiny_model_dir, error, status
 ):
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise error
 
     out = tmp_path / "plan.json"
@@ -387,7 +413,8 @@ def test_calibration_failing_while_writing_the_plan_leaves_no_file(
     ]
     assert main([*argv, "--out", str(previous)]) == 0
     kept = previous.read_bytes()
-    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)  # publishing over a file
+    monkeypatch.setattr(os, "link", fail)  # publishing a new file exclusively
     for target, force in ((out, []), (previous, ["--force"])):
         code, _, err = run(capsys, [*argv, "--out", str(target), *force])
         assert code == status, err
@@ -402,6 +429,7 @@ def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpu
 
     out = tmp_path / "eval.json"
     monkeypatch.setattr(os, "replace", interrupted)
+    monkeypatch.setattr(os, "link", interrupted)  # a new file is published by a hard link
     code, _, err = run(
         capsys,
         [

@@ -137,3 +137,47 @@ def test_a_300_mb_corpus_file_is_read_in_bounded_memory(tmp_path):
     chars, peak_kib = map(int, out.stdout.split())
     assert chars > 1_000_000
     assert peak_kib < 200 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 300 MB file"
+
+
+def corpus_text(n: int = 12) -> str:
+    return "\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog" for i in range(n))
+
+
+def test_a_path_object_loads_like_its_string_and_other_types_are_refused(tmp_path):
+    from pathlib import Path
+
+    path = tmp_path / "text.txt"
+    path.write_text(corpus_text())
+    assert load_corpus(path) == load_corpus(str(path)) == load_corpus(Path(str(path)))
+    for bad in (123, b"text.txt", ["text.txt"]):
+        with pytest.raises(TypeError, match="load_corpus needs a corpus name or a file path"):
+            load_corpus(bad)
+    with pytest.raises(RateQuantError, match="calibration_fraction"):
+        load_corpus(path, calibration_fraction="half")
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(corpus_text(), encoding="utf-8")
+    marked.write_text(corpus_text(), encoding="utf-8-sig")
+    assert load_corpus(marked).calibration == load_corpus(plain).calibration
+
+
+def test_unreadable_files_are_one_clear_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    if Path("/proc/self/mem").is_file():  # claims 0 bytes and fails on read
+        with pytest.raises(RateQuantError, match="cannot read corpus file /proc/self/mem: Input/output error"):
+            load_corpus("/proc/self/mem")
+    path = tmp_path / "secret.txt"
+    path.write_text(corpus_text())
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(RateQuantError, match=f"cannot read corpus file {path}: Permission denied"):
+        load_corpus(path)

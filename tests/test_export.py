@@ -550,3 +550,71 @@ def test_cli_import_needs_a_model_or_a_geometry(tmp_path, capsys):
         main(["import", "t.json", "--format", "kvtuner", "--out", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit):
         main(["import", "t.json", "--format", "kvtuner", "--model", "m", "--geometry", "4,2,16", "--out", "p.json"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile sizes, names, encodings and paths
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "geometry, fragment",
+    [
+        ("1000000000,1,64", "num_layers must be from 1 to 4096"),
+        ("1,1000000000,64", "num_kv_heads must be from 1 to 4096"),
+        ("4,2,1000000000", "head_dim must be from 1 to 65536"),
+        ("4096,4096,64", "more than 1048576 (layer, kv-head) pairs"),
+        ("4,2,16," + "9" * 5000, "expected LAYERS,KV_HEADS,HEAD_DIM"),
+    ],
+)
+def test_import_bounds_the_geometry_as_plans_are_bounded(tmp_path, capsys, geometry, fragment):
+    """A stated geometry is held to a plan's limits before anything is allocated for it (a billion layers used to
+    allocate until memory ran out), on the command line and in the library."""
+    with pytest.raises(SystemExit) as info:
+        main(["import", "t.json", "--format", "kvtuner", "--geometry", geometry, "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and "--geometry" in err and fragment in err
+    if "9999" not in geometry:
+        with pytest.raises(PlanError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            do_import({}, geometry=Geometry(*(int(x) for x in geometry.split(","))))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_byte_order_mark_is_read_the_same_in_json_and_yaml(tmp_path, suffix):
+    if suffix == ".yaml":
+        pytest.importorskip("yaml")
+    plan = make_plan()
+    text = kvtuner_text(plan, yaml=suffix == ".yaml")
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"bom{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text(text, encoding="utf-8-sig")
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert read_kvtuner(marked) == read_kvtuner(plain)
+    np.testing.assert_array_equal(do_import(read_kvtuner(marked)).bits_array(), plan.bits_array())
+
+
+def test_export_does_not_replace_a_dangling_link_without_force(tmp_path, plan_file, capsys):
+    link = tmp_path / "table.json"
+    link.symlink_to(tmp_path / "nowhere" / "target.json")
+    err = run_error(capsys, "export", plan_file, "--format", "kvtuner", "--out", link)
+    assert "already exists" in err and link.is_symlink() and not link.exists()
+    with pytest.raises(PlanError, match="already exists"):  # the library refuses it too
+        Plan.load(plan_file).to_json(link)
+    run_ok("export", plan_file, "--format", "kvtuner", "--out", link, "--force")
+    assert not link.is_symlink() and json.loads(link.read_text()) == export_kvtuner(Plan.load(plan_file))
+
+
+def test_names_from_files_and_arguments_print_inert(tmp_path, capsys):
+    """A model name with terminal escapes and line breaks (``import --name``, then ``export``) prints on one line
+    with the escapes shown, never sent to the terminal."""
+    hostile = "evil\x1b]0;owned\x07\x1b[2J\nratequant: fake line"
+    table = tmp_path / "kvtuner.json"
+    table.write_text(json.dumps(export_kvtuner(make_plan())))
+    plan = tmp_path / "plan.json"
+    capsys.readouterr()
+    run_ok("import", table, "--format", "kvtuner", "--geometry", "4,2,16", "--param", "group_size=16",
+           "--residual", "32", "--name", hostile, "--out", plan)  # fmt: skip
+    run_ok("export", plan, "--format", "kvtuner", "--out", tmp_path / "again.json")
+    out = capsys.readouterr().out
+    assert Plan.load(plan).model["name"] == hostile  # stored as given
+    assert "\x1b" not in out and "\x07" not in out
+    assert r"evil\x1b]0;owned\x07\x1b[2J ratequant: fake line" in out
+    assert not any(line.startswith("ratequant: fake line") for line in out.splitlines())

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,11 +112,10 @@ def test_truncated_files_are_refused(tmp_path, capsys, fraction):
         (b'"a plan"', "must be a JSON object"),
         (VALID_TEXT.encode("utf-16"), "not UTF-8"),  # a text editor's "Unicode"
         (VALID_TEXT.replace('"tiny-llama"', '"tiny-llam\u00e9"').encode("latin-1"), "not UTF-8"),
-        (b"\xef\xbb\xbf" + VALID_TEXT.encode(), "BOM"),
         (VALID_TEXT.encode().replace(b"{", b"{\x00", 1), "not valid JSON"),
         (bytes(range(256)) * 4, "not UTF-8"),
     ],
-    ids=["empty", "whitespace", "null", "string", "utf16", "latin1", "bom", "nul", "binary"],
+    ids=["empty", "whitespace", "null", "string", "utf16", "latin1", "nul", "binary"],
 )
 def test_corrupted_and_non_utf8_files_are_refused(tmp_path, capsys, content, match):
     assert_refused(write(tmp_path, content), match, capsys)
@@ -417,9 +418,14 @@ def test_replacing_results_json_failing_mid_write_keeps_the_old_file(tmp_path, m
     assert os.listdir(tmp_path) == ["results.json"]
 
 
-def test_rename_failure_and_unwritable_folder_leave_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fail", [("link",), ("link", "replace")], ids=["link", "link-then-claim"])
+def test_rename_failure_and_unwritable_folder_leave_nothing(tmp_path, monkeypatch, fail):
+    """Publishing a new file (a hard link, or an exclusive claim then a rename where links are refused) fails:
+    nothing is left, not even the claim."""
     target = tmp_path / "results.json"
-    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    error = OSError(18 if len(fail) == 1 else 1, "Invalid cross-device link")  # EPERM: no hard links here
+    for name in fail:
+        monkeypatch.setattr(os, name, lambda *a, **k: (_ for _ in ()).throw(error))
     with pytest.raises(RateQuantError, match="cross-device"):
         jsonio.write_json(target, RESULT)
     with pytest.raises(PlanError, match="cross-device"):
@@ -486,3 +492,140 @@ def test_cli_results_json_write_failure_is_one_line_and_leaves_nothing(tmp_path,
         f"ratequant: error: cannot write {out}: No space left on device; nothing was written"
     ]
     assert os.listdir(out.parent) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# unreadable files, byte-order marks, numbers JSON cannot hold
+# --------------------------------------------------------------------------------------------------------
+def test_unreadable_plans_are_one_line(tmp_path, capsys, monkeypatch):
+    if Path("/proc/self/mem").is_file():  # a "regular file" of 0 bytes whose read fails
+        assert_refused(Path("/proc/self/mem"), "cannot read plan file /proc/self/mem: Input/output error", capsys)
+    path = write(tmp_path, VALID_TEXT)
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    assert_refused(path, "cannot read plan file .*: Permission denied", capsys)
+
+
+def test_a_plan_with_a_byte_order_mark_is_the_same_plan(tmp_path):
+    """UTF-8 with a BOM (what some Windows editors write) reads as the same plan, as YAML files do."""
+    path = write(tmp_path, b"\xef\xbb\xbf" + VALID_TEXT.encode())
+    assert Plan.load(path) == make_plan()
+    assert Plan.load(path).to_json_text() == VALID_TEXT  # and re-saves without it
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"model.layers.0": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+        ('{"model.layers.0": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit"),
+        ('{"model.layers.0": ' + "9" * 4000 + "}", "too large to store"),
+        ('{"model.layers.0": [[0]]}', "nested more than 1 levels deep"),
+        ('{"a": 0, "a": 1}', "duplicate field"),
+    ],
+    ids=["deep", "5000-digits", "4000-digits", "nested", "duplicate"],
+)
+@pytest.mark.parametrize("where", ["file", "inline"])
+def test_hostile_device_maps_are_one_line(tmp_path, capsys, content, match, where):
+    value = content
+    if where == "file":
+        value = str(write(tmp_path, content, name="map.json"))
+    capsys.readouterr()
+    code = main(["info", "--device-map", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ratequant: error: "), err
+    assert re.search(match, err[0]) and len(err[0]) < 400
+
+
+# --------------------------------------------------------------------------------------------------------
+# compare results read back: missing fields, hostile names
+# --------------------------------------------------------------------------------------------------------
+SAVED_RESULTS = Path(__file__).parents[1] / "docs" / "results" / "results.json"
+
+
+def saved_results(edit) -> dict:
+    data = json.loads(SAVED_RESULTS.read_text(encoding="utf-8"))
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, fragment",
+    [
+        (("model", "name"), "lack the field 'name'"),
+        (("model", "dtype"), "lack the field 'dtype'"),
+        (("environment",), "environment"),
+        (("timings",), "timings"),
+        (("primary",), "primary"),
+    ],
+)
+def test_rebuilding_a_report_with_a_field_missing_is_one_line(tmp_path, capsys, monkeypatch, path, fragment):
+    from ratequant.report import __main__ as report_main
+    from ratequant.report import writer
+
+    monkeypatch.setattr(writer, "draw_figures", lambda results, folder: [])  # the figures are not what is tested
+
+    def drop(d):
+        for key in path[:-1]:
+            d = d[key]
+        del d[path[-1]]
+
+    if not SAVED_RESULTS.exists():
+        pytest.skip("docs/results/results.json is not in this checkout")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(saved_results(drop)))
+    capsys.readouterr()
+    assert report_main.main([str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ratequant: error: ") and re.search(fragment, err[0]), err
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]  # nothing written
+
+
+def test_names_from_results_are_inert_in_the_report(tmp_path, capsys, monkeypatch):
+    """A model or corpus name holding HTML, markdown, backticks and terminal escapes is shown as its characters:
+    no tag, link, code-span break or escape reaches report.md or the terminal (in running text the name is a code
+    span longer than any run of backticks it holds, where HTML is literal; in tables and titles it is escaped)."""
+    from ratequant.report import __main__ as report_main
+    from ratequant.report import writer
+
+    monkeypatch.setattr(writer, "draw_figures", lambda results, folder: [])  # figure titles: the test below
+
+    if not SAVED_RESULTS.exists():
+        pytest.skip("docs/results/results.json is not in this checkout")
+    model = "<script>alert(1)</script> [x](http://evil) `a``b` $\\frac$ **bold**\x1b[2J\nnext"
+    corpus = "<img src=x onerror=alert(1)>|col`"
+
+    def rename(d):
+        d["model"]["name"] = model
+        d["corpus"]["name"] = corpus
+        for evaluation in d["evaluations"].values():
+            evaluation["corpus"] = corpus
+
+    (tmp_path / "results.json").write_text(json.dumps(saved_results(rename)))
+    capsys.readouterr()
+    assert report_main.main([str(tmp_path / "results.json")]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "report.md").read_text()
+    assert "\x1b" not in report and "\x1b" not in out
+    title = report.splitlines()[0]
+    assert title.startswith("# ratequant compare: &lt;script&gt;") and r"\[x\]" in title and r"\$" in title
+    setup = next(line for line in report.splitlines() if line.startswith("- Model: "))
+    span = "```<script>alert(1)</script> [x](http://evil) `a``b` $\\frac$ **bold**\\x1b[2J next```"
+    assert setup.startswith(f"- Model: {span} (") and "corpus `` <img src=x onerror=alert(1)>|col` `` (" in setup
+    assert report.count("<script>") == report.count(span) == 1  # HTML only inside code spans, where it is literal
+    assert report.count("<img") == report.count("`` <img src=x onerror=alert(1)>|col` ``") == 2
+    row = next(line for line in report.splitlines() if "(headline)" in line)
+    assert row.startswith("| &lt;img src=x onerror=alert(1)&gt;\\|col\\`, ") and len(re.findall(r"(?<!\\)\|", row)) == 6
+
+
+def test_figure_titles_draw_names_as_they_are(tmp_path):
+    """Dollar signs in a name are not matplotlib mathtext (which refuses what it cannot parse)."""
+    from ratequant.report.plots import bits_heatmap
+
+    path = bits_heatmap(BITS, tmp_path / "bits.png", title="model $\\frac$ a$b$ \x1b[2J\nnext")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

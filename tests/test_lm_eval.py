@@ -330,3 +330,38 @@ def test_the_command_without_lm_eval_says_how_to_install_it(capsys, monkeypatch)
     assert main(["lm-eval", "--model", "ratequant", "--tasks", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ratequant: error: lm-evaluation-harness is not installed: pip install 'ratequant[lm-eval]'"
+
+
+# -- model arguments that would be dropped silently -------------------------------------------------------------
+def test_unknown_and_empty_model_args_are_refused_naming_the_accepted_ones(tiny_model_dir, plans):
+    plan = str(plans[2, 0])
+    with pytest.raises(RateQuantError, match=r"unknown model argument resdiual \(did you mean residual\?\)") as exc:
+        RateQuantLM(pretrained=str(tiny_model_dir), plan=plan, resdiual=0)
+    assert "residual, sink_tokens" in str(exc.value) and "add_bos_token" in str(exc.value)
+    with pytest.raises(RateQuantError, match="unknown model argument revision"):  # HFLM ignores it for our model
+        RateQuantLM(pretrained=str(tiny_model_dir), revision="main")
+    for empty in ({"plan": ""}, {"plan": "  "}, {"residual": ""}, {"pretrained": ""}, {"add_bos_token": ""}):
+        with pytest.raises(RateQuantError, match=f"model argument {next(iter(empty))} is empty"):
+            RateQuantLM(**{"pretrained": str(tiny_model_dir), **empty})
+    lm = RateQuantLM(pretrained=str(tiny_model_dir), plan=plan, residual=0, add_bos_token=True)
+    assert lm.rq_spec.residual_length == 0 and lm.rq_spec.avg_bits == 2.0
+
+
+@pytest.mark.parametrize(
+    "model_args, fragment",
+    [("resdiual=0", "unknown model argument resdiual (did you mean residual?)"), ("plan=", "plan is empty")],
+)
+def test_the_command_refuses_bad_model_args_in_one_line(
+    tiny_model_dir, plans, task_dir, capsys, monkeypatch, model_args, fragment
+):
+    import lm_eval.tasks
+
+    import ratequant.cli.lm_eval  # noqa: F401
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    argv = ["lm-eval", "--model", "ratequant", "--model_args", f"pretrained={tiny_model_dir},{model_args}"]
+    capsys.readouterr()
+    assert main([*argv, "--include_path", str(task_dir), "--tasks", "ratequant_mc", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # (lm-eval's logging handlers may complain about an earlier test's closed stream: only our error matters)
+    assert err[-1].startswith("ratequant: error: ") and fragment in err[-1] and "RateQuantError" not in "".join(err)

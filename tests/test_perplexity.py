@@ -89,3 +89,31 @@ def test_scoring_records_no_autograd_graph():
     assert any(p.requires_grad for p in model.parameters())
     score_conditions(model, windows_of(ids), {"probe": Within(recording)}, progress=False)
     assert seen == [False, False]
+
+
+@pytest.mark.parametrize("residual", [0, 8, 32])
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("prefill_chunk", [1, 16])
+def test_quantized_predictions_agree_with_the_simulation_masks(residual, sinks, prefill_chunk):
+    """The count eval prints (predictions that read quantized storage) against the masks simulated quantization
+    applies: a scored query counts when either of its masks has a key or value in quantized storage."""
+    import numpy as np
+
+    from ratequant.evaluation.conditions import quantized_predictions
+    from ratequant.quantizers import get_quantizer
+    from ratequant.simulate import quantized_masks
+    from ratequant.spec import KVQuantSpec
+
+    spec = KVQuantSpec(np.full((2, 1, 1), 2), get_quantizer("kivi", group_size=8), residual, sinks)
+    if prefill_chunk != 1 and any(prefill_chunk % f and f % prefill_chunk for f in spec.chunks):
+        pytest.skip("a prefill chunk the spec refuses")
+    for seq_len in (2, 9, 40, 64):
+        keys, values = quantized_masks(seq_len, seq_len, spec.policy, "cpu", prefill_chunk)
+        reads = (keys | values).any(dim=1)
+        for first in (1, seq_len // 2):
+            expected = int(reads[first - 1 : seq_len - 1].sum())
+            assert quantized_predictions(spec, seq_len, first, prefill_chunk) == expected, (seq_len, first)
+    # the first query that reads quantized storage sits one chunk after the sinks: a window ending before it has none
+    first_chunk = min(max(f, prefill_chunk) for f in spec.chunks)
+    assert quantized_predictions(spec, sinks + first_chunk + 1, 1, prefill_chunk) == 0
+    assert quantized_predictions(spec, sinks + first_chunk + 2, 1, prefill_chunk) == 1

@@ -17,6 +17,7 @@ from ratequant.errors import PlanError
 from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
+from ratequant.plan_fields import PLAN_CONTEXT_TOKENS
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import StoragePolicy
 
@@ -396,3 +397,73 @@ def test_resolve_gives_the_spec_the_cache_and_simulation_take():
         plan.resolve(tiny_model("llama", num_hidden_layers=3, num_attention_heads=8, hidden_size=128))
     with pytest.raises(PlanError, match="allow the mismatch"):
         plan.resolve(model, get_quantizer("uniform"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what a plan states is recomputed on load
+# ---------------------------------------------------------------------------------------------------------
+KIVI16 = get_quantizer("kivi", group_size=16)
+
+
+def costed_plan(itemsize: int = 2, budget: Budget | None = None) -> Plan:
+    """A plan whose bytes per token come from its own design, residual window and sinks (as calibrate makes)."""
+    budget = budget or Budget.avg_bits(2.75)
+    policy = StoragePolicy(KIVI16, 32, 2)
+    context = budget.context_tokens or PLAN_CONTEXT_TOKENS
+    cost = CostModel.from_policy(policy, G, context, itemsize=itemsize)
+    alloc = allocate(Curves.from_fit(make_fit()), budget, options=AllocationOptions(cost_model=cost))
+    return Plan.from_allocation(
+        alloc, model_name="m", geometry=G, quantizer=KIVI16, budget=budget, residual_length=32, sink_tokens=2
+    )
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_stored_bytes_per_token_must_be_what_the_widths_take(itemsize):
+    plan = costed_plan(itemsize)
+    assert plan.recomputed_bytes_per_token(itemsize) == pytest.approx(plan.bytes_per_token, rel=1e-12)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    d = plan.to_dict()
+    d["bytes_per_token"] *= 1 + 1e-9  # rounding is not a disagreement
+    Plan.from_dict(d)
+    for factor in (0.5, 0.99, 1.01, 3.0):
+        d["bytes_per_token"] = plan.bytes_per_token * factor
+        with pytest.raises(PlanError, match="plan field bytes_per_token is .* but its widths, quantizer, residual"):
+            Plan.from_dict(d)
+    d = plan.to_dict()
+    d["bits"]["key"][0][0] = 8 if d["bits"]["key"][0][0] != 8 else 1  # widths edited, the figures left as they were
+    d["avg_bits"] = float(np.mean([d["bits"]["key"], d["bits"]["value"]]))
+    d["budget"]["value"] = d["avg_bits"]
+    with pytest.raises(PlanError, match="bytes_per_token"):
+        Plan.from_dict(d)
+
+
+def test_a_byte_budget_plan_is_checked_at_its_own_context():
+    plan = costed_plan(budget=Budget.bytes_per_token(160.0, 512))
+    assert plan.stated_context_tokens == 512 and plan.bytes_per_token <= 160.0
+    d = plan.to_dict()
+    d["budget"]["context_tokens"] = 1024  # the same bytes claimed at another context
+    with pytest.raises(PlanError, match="at 1024 tokens of context"):
+        Plan.from_dict(d)
+
+
+def test_plans_state_bytes_at_the_context_calibration_uses():
+    from ratequant.pipeline import DEFAULT_CONTEXT
+
+    assert DEFAULT_CONTEXT == PLAN_CONTEXT_TOKENS
+
+
+def test_load_needs_a_path_and_says_so():
+    for bad in (123, None, ["plan.json"], b"plan.json"):
+        with pytest.raises(TypeError, match="Plan.load needs a file path"):
+            Plan.load(bad)
+
+
+def test_names_in_messages_and_summaries_are_inert():
+    plan = make_plan(model_name="m\x1b[31m\nred\x9b\u202e")
+    with pytest.raises(PlanError) as exc:
+        plan.check_matches(Geometry(2, 2, 16, 8))
+    message = str(exc.value)
+    assert r"made for m\x1b[31m red\x9b\u202e (" in message and not any(c in message for c in "\x1b\n\x9b\u202e")
+    summary = plan.summary()
+    assert r"model: m\x1b[31m red" in summary and "\x1b" not in summary
+    assert len(summary.splitlines()) == len(make_plan(model_name="m").summary().splitlines())

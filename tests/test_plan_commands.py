@@ -170,3 +170,49 @@ def test_generate_reports_real_cache_bytes(tmp_path, tiny_model_dir, plan_path, 
     assert "KV cache" in capsys.readouterr().err
     plan = Plan.load(plan_path)
     assert plan.residual_length == 8
+
+
+# -- how much of what eval scores the plan touches ------------------------------------------------------------
+def test_eval_counts_the_scored_predictions_that_read_quantized_storage(
+    tmp_path, tiny_model_dir, corpus_file, plan_path, capsys
+):
+    """The plan's uniform design quantizes whole chunks of its residual window (8 tokens) after its S sink tokens:
+    a query at position t sees a quantized key once t >= S + 8, so 31 - S of a 40-token window's 39 predictions
+    (all scored) read quantized storage; with a residual window of 32, 7 - S (a warning); with 40, none (refused)."""
+    sinks = Plan.load(plan_path).sink_tokens
+    assert sinks < 7
+    capsys.readouterr()
+    result = run_eval(tmp_path, tiny_model_dir, corpus_file, plan_path)
+    assert (result["quantized_predictions"], result["scored_predictions"]) == (2 * (31 - sinks), 2 * 39)
+    assert result["quantized_share"] == pytest.approx((31 - sinks) / 39)
+    out, err = capsys.readouterr()
+    assert f"{(31 - sinks) / 39:.0%} of the scored predictions read quantized storage" in out and "warning" not in err
+    # bytes of the plan beside a full-precision cache of the same tokens (3 layers x 2 kv heads x 16 dims, K and V)
+    assert result["kv_bytes_per_token_float16"] == 3 * 2 * 2 * 16 * 2
+    assert result["kv_bytes_per_token_model_dtype"] == 3 * 2 * 2 * 16 * 4  # the tiny model is float32
+    assert 0 < result["kv_bytes_per_token"] < result["kv_bytes_per_token_float16"]
+    assert "full precision 384 in float16, 768 in float32" in out
+
+    mostly_full = run_eval(tmp_path, tiny_model_dir, corpus_file, plan_path, "--residual", "32")
+    assert mostly_full["quantized_share"] == pytest.approx((7 - sinks) / 39)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith(f"ratequant: warning: only {7 - sinks} of the 39 scored")]
+
+    argv = ["eval", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--plan", str(plan_path)]
+    json_out = tmp_path / "none.json"
+    assert main([*argv, "--seq-len", "40", "--residual", "40", "--json", str(json_out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ratequant: error: nothing would be quantized") and "--seq-len" in err[0]
+    assert not json_out.exists()
+
+
+def test_eval_takes_the_plan_as_its_positional_argument(tmp_path, tiny_model_dir, corpus_file, plan_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--seq-len", "40", "--windows", "1"]
+    positional, named = tmp_path / "positional.json", tmp_path / "named.json"
+    assert main(["eval", str(plan_path), *common, "--json", str(positional)]) == 0
+    assert main(["eval", "--plan", str(plan_path), *common, "--json", str(named)]) == 0
+    a, b = json.loads(positional.read_text()), json.loads(named.read_text())
+    assert a["plan"] == b["plan"] == str(plan_path) and a["kl"] == b["kl"] > 0
+    capsys.readouterr()
+    assert main(["eval", str(plan_path), "--plan", str(tmp_path / "other.json"), *common]) == 2
+    assert "two plans given" in capsys.readouterr().err

@@ -58,6 +58,7 @@ from ratequant.spec import KVQuantSpec, StoragePolicy
 
 KIVI4 = get_quantizer("kivi", group_size=4)
 UNIFORM = get_quantizer("uniform")
+TINY_GEOMETRY = Geometry(3, 2, 16, 4)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -492,3 +493,86 @@ def test_unpack_of_arbitrary_bytes_is_in_range_and_round_trips(bits, n, rows, da
         assert torch.equal(again, packed & keep)
     with pytest.raises(RateQuantError, match="take"):
         unpack(torch.zeros(rows, size + 1, dtype=torch.uint8), bits, n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# outputs: two writers racing for one new path
+# --------------------------------------------------------------------------------------------------------
+def race(monkeypatch, module, name, work):
+    """Run ``work(0)`` and ``work(1)`` in two threads that both stop at ``module.name`` (a step after the
+    "does the output exist?" check and before the output is published) until the other arrives there too.
+    Returns what each returned or raised."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=30)
+    original = getattr(module, name)
+
+    def meet(*args, **kwargs):
+        barrier.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, meet)
+    outcomes = [None, None]
+
+    def run(i):
+        try:
+            outcomes[i] = work(i)
+        except Exception as exc:  # the outcome is what the test checks
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcomes
+
+
+def test_two_writers_racing_for_one_new_plan_path_one_is_refused(tmp_path, monkeypatch):
+    """Both pass the "exists?" check before either publishes: the publish itself is exclusive (a hard link),
+    so exactly one plan is written, whole, and the other writer gets the one-line refusal."""
+    import os
+
+    from ratequant.errors import PlanError
+    from ratequant.plan import Plan
+
+    def plan(name):
+        widths = [[2, 3]] * 3
+        return Plan(
+            model={"name": name, **TINY_GEOMETRY.to_dict()},
+            quantizer=UNIFORM.to_config(),
+            budget={"kind": "avg_bits", "value": 2.5},
+            allocator="test",
+            avg_bits=2.5,
+            bits={"key": widths, "value": widths},
+        )
+
+    plans = [plan("first"), plan("second")]
+    path = tmp_path / "plan.json"
+    outcomes = race(monkeypatch, os, "fsync", lambda i: plans[i].to_json(path))
+    written = [i for i, o in enumerate(outcomes) if o == path]
+    refused = [o for o in outcomes if isinstance(o, PlanError)]
+    assert len(written) == 1 and len(refused) == 1, outcomes
+    assert "already exists" in str(refused[0]) and "--force" in str(refused[0])
+    assert Plan.load(path) == plans[written[0]]
+    assert os.listdir(tmp_path) == ["plan.json"]  # no temporary file left by the loser
+
+
+def test_two_compare_runs_racing_for_one_new_report_folder_one_is_refused(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ratequant.experiments.results import CompareResults
+    from ratequant.report import writer
+
+    saved = Path(__file__).parents[1] / "docs" / "results" / "results.json"
+    if not saved.exists():
+        pytest.skip("docs/results/results.json is not in this checkout")
+    results = CompareResults.load(saved)
+    monkeypatch.setattr(writer, "draw_figures", lambda results, folder: [])  # the race is about the files
+    out = tmp_path / "report"
+    outcomes = race(monkeypatch, writer, "_remove_stale", lambda i: writer.write_report(results, out, command=str(i)))
+    done = [o for o in outcomes if isinstance(o, writer.ReportFiles)]
+    refused = [o for o in outcomes if isinstance(o, RateQuantError)]
+    assert len(done) == 1 and len(refused) == 1, outcomes
+    assert "already holds a report" in str(refused[0])
+    assert sorted(p.name for p in out.iterdir()) == sorted(done[0].files)  # one whole report, no staging left

@@ -360,3 +360,53 @@ def test_default_model_conversion_cache_holds_no_pickle(default_model):
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     assert files and {p.suffix for p in files} <= SAFE_SUFFIXES, files
     check_safetensors(folder / "model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------
+# what ratequant prints of names it reads is inert
+# --------------------------------------------------------------------------------------------------------
+HOSTILE_NAME = "m\x1b]0;pwned\x07\x1b[2J\r\nratequant: error: fake\x9b31m\u202eevil\x00"
+
+
+def test_inert_escapes_control_characters_and_collapses_line_breaks():
+    from ratequant.validation import inert
+
+    shown = inert(HOSTILE_NAME)
+    assert shown == r"m\x1b]0;pwned\x07\x1b[2J ratequant: error: fake\x9b31m\u202eevil\x00"
+    assert shown.isprintable() and inert(shown) == shown  # idempotent
+    assert inert("plain name, ünïcödé, 中文 and  two  spaces") == "plain name, ünïcödé, 中文 and  two  spaces"
+    assert inert("a\n\n  \r\nb\u2028c\td") == r"a b c\x09d"
+
+
+def test_cli_prints_names_from_plans_and_errors_inert(tmp_path, capsys):
+    """``inspect`` of a plan whose model and corpus names hold escapes, and the error of applying it to another
+    model: one line each, the escapes shown, never sent to the terminal."""
+    from ratequant.plan import Plan
+    from ratequant.progress import Stages, note
+
+    widths = [[3, 3]] * 3
+    plan = Plan(
+        model={"name": HOSTILE_NAME, "num_layers": 3, "num_kv_heads": 2, "head_dim": 16, "num_heads": 4},
+        quantizer={"name": "uniform", "params": {}},
+        budget={"kind": "avg_bits", "value": 3.0},
+        allocator="test\x1b[31m",
+        avg_bits=3.0,
+        bits={"key": widths, "value": widths},
+        calibration={"corpus": HOSTILE_NAME, "corpus_sha256": None, "tokens": 1, "seconds": 0.0},
+    ).to_json(tmp_path / "plan.json")
+    capsys.readouterr()
+    assert main(["inspect", str(plan)]) == 0
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\x07" not in out and "\x9b" not in out and "\u202e" not in out
+    assert not any(line.startswith("ratequant: error: fake") for line in out.splitlines())
+    assert r"m\x1b]0;pwned\x07" in out
+    other = tmp_path / "other"
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    assert main(["eval", "--model", str(other), "--plan", str(plan), "--seq-len", "40", "--windows", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "\x1b" not in err[0] and r"made for m\x1b]0;pwned" in err[0]
+    Stages(True)(f"loaded {HOSTILE_NAME}")
+    note(HOSTILE_NAME)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and len(err.strip().splitlines()) == 2

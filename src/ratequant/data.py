@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ratequant.errors import RateQuantError
+from ratequant.validation import finite_real, show_value
 
 DEFAULT_CORPUS = "pydoc-topics"
 FORTUNES = "fortunes"
@@ -73,11 +74,15 @@ class Corpus:
         }
 
 
-def load_corpus(spec: str | None = None, *, calibration_fraction: float = 0.25) -> Corpus:
+def load_corpus(spec: str | os.PathLike | None = None, *, calibration_fraction: float = 0.25) -> Corpus:
     """Load ``spec``: None or ``"default"`` (pydoc topics), ``"fortunes"`` (Debian's fortunes), a UTF-8 text file
-    path, or ``hf:NAME[:CONFIG]``."""
-    if not 0.0 < calibration_fraction < 1.0:
-        raise RateQuantError(f"calibration_fraction must be between 0 and 1, got {calibration_fraction}")
+    path (a string or a :class:`~pathlib.Path`), or ``hf:NAME[:CONFIG]``."""
+    if not finite_real(calibration_fraction) or not 0.0 < calibration_fraction < 1.0:
+        raise RateQuantError(f"calibration_fraction must be between 0 and 1, got {show_value(calibration_fraction)}")
+    if isinstance(spec, os.PathLike):
+        return _file_corpus(Path(spec).expanduser(), calibration_fraction)
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"load_corpus needs a corpus name or a file path (str or Path), got {type(spec).__name__}")
     spec = spec or "default"
     if spec in ("default", DEFAULT_CORPUS):
         return _pydoc_corpus()
@@ -129,7 +134,11 @@ def fortune_entries(folder: Path | None = None) -> list[str]:
         )
     entries = []
     for path in files:
-        text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise RateQuantError(f"cannot read fortune file {path}: {exc.strerror or exc}") from None
+        text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
         entries += [e.strip("\n") for e in re.split(r"^%$", text, flags=re.M) if e.strip()]
     return _dedup([entries])[0]
 
@@ -146,10 +155,17 @@ def _file_corpus(path: Path, calibration_fraction: float) -> Corpus:
         raise RateQuantError(f"corpus file not found: {path}")
     if not path.is_file():
         raise RateQuantError(f"corpus path is not a regular file: {path}")
-    size = path.stat().st_size
-    if size > LARGE_FILE_BYTES:
-        return _large_file_corpus(path, size, calibration_fraction)
-    (paras,) = _dedup([paragraphs(_decode(path.read_bytes(), path, 0))])
+    try:
+        size = path.stat().st_size
+        if size > LARGE_FILE_BYTES:
+            return _large_file_corpus(path, size, calibration_fraction)
+        with path.open("rb") as f:
+            raw = f.read(LARGE_FILE_BYTES + 1)  # a file that claims a small size (/proc) is read in bounds too
+    except OSError as exc:
+        raise RateQuantError(f"cannot read corpus file {path}: {exc.strerror or exc}") from None
+    if len(raw) > LARGE_FILE_BYTES:
+        raise RateQuantError(f"corpus file {path} grew past {LARGE_FILE_BYTES >> 20} MiB while it was read")
+    (paras,) = _dedup([paragraphs(_decode(raw, path, 0))])
     if not paras:
         raise RateQuantError(f"corpus file {path} is empty; pass a file with text in it")
     if len(paras) < 2:
@@ -170,11 +186,12 @@ def _decode(raw: bytes, path: Path, offset: int) -> str:
     if b"\0" in raw:
         raise RateQuantError(f"corpus file {path} holds NUL bytes: it looks binary; pass a UTF-8 text file")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RateQuantError(
             f"corpus file {path} is not valid UTF-8 (byte {offset + exc.start}); pass a UTF-8 text file"
         ) from None
+    return text.removeprefix("\ufeff") if offset == 0 else text  # a byte-order mark is not text
 
 
 def _large_file_corpus(path: Path, size: int, calibration_fraction: float) -> Corpus:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 from ratequant.errors import RateQuantError
 
 MAX_JSON_BYTES = 64 * 2**20
+BOM = "\ufeff"
+"""A UTF-8 byte-order mark, which some editors put at the start of a text file: skipped when reading."""
 
 
 def write_json(path: str | os.PathLike, obj: dict, *, overwrite: bool = False) -> Path:
@@ -28,17 +31,19 @@ def write_json(path: str | os.PathLike, obj: dict, *, overwrite: bool = False) -
 def write_text_atomic(
     path: str | os.PathLike, text: str, *, overwrite: bool = False, what: str = "", error=RateQuantError
 ) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, synced, then renamed.
+    """Write ``text`` to ``path`` through a temporary file in the same folder, synced, then published.
 
-    Refuses to replace an existing file unless ``overwrite``; a failure or an interrupt leaves no partial
-    file behind (an existing file stays as it was). The file gets the usual permissions (``0o666`` less
-    the umask). Errors are ``error`` (a :class:`RateQuantError` subclass) naming ``what`` and the path.
+    Refuses to replace an existing file (or a link, even a dangling one) unless ``overwrite``; without
+    ``overwrite`` the file is published exclusively (:func:`publish`), so of two writers racing for the same new
+    path exactly one succeeds. A failure or an interrupt leaves no partial file behind (an existing file stays
+    as it was). The file gets the usual permissions (``0o666`` less the umask). Errors are ``error`` (a
+    :class:`RateQuantError` subclass) naming ``what`` and the path.
     """
     path = Path(path)
     name = f"{what} {path}" if what else str(path)
     if path.is_dir():
         raise error(f"{path} is a directory; pass a file path" + (f" for the {what}" if what else ""))
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise error(f"{path} already exists; pass --force to overwrite it")
     folder = path.parent if str(path.parent) else Path(".")
     try:
@@ -50,8 +55,11 @@ def write_text_atomic(
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())  # the rename must not publish a file whose data is not on disk yet
-        publish(tmp, path)
+            os.fsync(handle.fileno())  # publishing must not show a file whose data is not on disk yet
+        publish(tmp, path, overwrite=overwrite)
+    except FileExistsError:
+        Path(tmp).unlink(missing_ok=True)
+        raise error(f"{path} already exists (written meanwhile); pass --force to overwrite it") from None
     except BaseException as exc:  # including KeyboardInterrupt: never leave a partial file behind
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -60,29 +68,68 @@ def write_text_atomic(
     return path
 
 
-def publish(tmp: str | os.PathLike, path: Path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and rename it to ``path``."""
+def publish(tmp: str | os.PathLike, path: Path, *, overwrite: bool = True) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and move it to ``path``.
+
+    With ``overwrite`` it is renamed over whatever is there; without, it is hard-linked to ``path``, which fails
+    with :class:`FileExistsError` when anything, even a dangling link, holds that name (no check-then-rename
+    race), and the temporary name is then removed. Where the file system has no hard links, an empty file is
+    created exclusively at ``path`` and renamed over.
+    """
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # claims the name, or FileExistsError
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(path)  # the empty claim, never a file of someone else's
+            raise
+        return
+    os.unlink(tmp)
 
 
-def read_json(path: str | os.PathLike, *, what: str = "file", error=RateQuantError) -> dict:
-    """Read a JSON object from ``path``: UTF-8, at most 64 MiB, no NaN/Infinity, no duplicate keys.
+def read_text(
+    path: str | os.PathLike, *, what: str = "file", error=RateQuantError, max_bytes: int = MAX_JSON_BYTES
+) -> str:
+    """The UTF-8 text of the regular file ``path`` (at most ``max_bytes``; a leading BOM is dropped).
 
-    Every failure is ``error`` (a :class:`RateQuantError` subclass) naming ``what`` and the path.
+    Every failure (missing, not a regular file, too large, unreadable, not UTF-8) is ``error`` naming ``what``
+    and the path. At most ``max_bytes + 1`` bytes are ever read, whatever the file claims its size is.
     """
     path = Path(path)
     if not path.is_file():
-        raise error(f"{what} not found: {path}")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise error(f"{what} {path} is {size} bytes, over the {MAX_JSON_BYTES // 2**20} MiB limit")
+        raise error(f"{what} not found: {path}" + (" (not a regular file)" if path.exists() else ""))
     try:
-        text = path.read_bytes().decode("utf-8")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{what} {path} is {size} bytes, over the {max_bytes // 2**20} MiB limit")
+        with path.open("rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise error(f"{what} {path} is over the {max_bytes // 2**20} MiB limit")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    return text.removeprefix(BOM)
+
+
+def parse_json(text: str, *, what: str = "file", error=RateQuantError) -> object:
+    """Parse JSON ``text`` strictly: no NaN/Infinity, no duplicate keys, no integer longer than Python converts,
+    bounded nesting; a leading BOM is dropped. Every failure is ``error`` naming ``what``."""
 
     def refuse_constant(name: str) -> float:
         raise ValueError(f"{name} is not valid JSON (finite numbers only)")
@@ -96,13 +143,23 @@ def read_json(path: str | os.PathLike, *, what: str = "file", error=RateQuantErr
         return out
 
     try:
-        data = json.loads(text, parse_constant=refuse_constant, object_pairs_hook=refuse_duplicates)
+        return json.loads(text.removeprefix(BOM), parse_constant=refuse_constant, object_pairs_hook=refuse_duplicates)
     except RecursionError:
-        raise error(f"{what} {path} is nested too deeply to be a valid {what}") from None
-    except ValueError as exc:
-        raise error(f"{what} {path} is not valid JSON: {exc}") from None
+        raise error(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, a refused constant or key, or an integer too long to convert
+        first = " ".join(str(exc).split())[:200]
+        raise error(f"{what} is not valid JSON: {first}") from None
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file", error=RateQuantError) -> dict:
+    """Read a JSON object from ``path``: UTF-8, at most 64 MiB, no NaN/Infinity, no duplicate keys.
+
+    Every failure is ``error`` (a :class:`RateQuantError` subclass) naming ``what`` and the path.
+    """
+    text = read_text(path, what=what, error=error)
+    data = parse_json(text, what=f"{what} {Path(path)}", error=error)
     if not isinstance(data, dict):
-        raise error(f"{what} {path} must be a JSON object, found {type(data).__name__}")
+        raise error(f"{what} {Path(path)} must be a JSON object, found {type(data).__name__}")
     return data
 
 

@@ -3,8 +3,10 @@
 A plan records the model geometry it was made for, the quantizer design (name and parameters), the
 budget, the allocator, the integer widths ``bits = {"key": [[b per kv-head] per layer], "value": ...}``,
 the fitted distortion model (betas, alphas, R^2) and the calibration run (corpus identity and hash,
-tokens, seconds). Loading validates every field (types, ranges, shapes, sizes) so a damaged or hostile
-file is refused with a :class:`~ratequant.errors.PlanError` naming the path, and :meth:`Plan.check_matches`
+tokens, seconds). Loading validates every field (types, ranges, shapes, sizes) and recomputes what can be
+recomputed (``avg_bits`` from the widths; ``bytes_per_token`` by the cost model from the widths, design, residual
+window and sinks at the context it is stated for), so a damaged or hostile file is refused with a
+:class:`~ratequant.errors.PlanError` naming the path, and :meth:`Plan.check_matches`
 / :meth:`Plan.check_quantizer` refuse to apply a plan to another model or quantizer. Plans are JSON only,
 never pickled; writing is atomic and a saved plan re-saves byte-identically.
 
@@ -36,13 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from ratequant import __version__
-from ratequant.allocation import Allocation, Budget
+from ratequant.allocation import Allocation, Budget, CostModel
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS, Geometry
 from ratequant.jsonio import read_json, write_text_atomic
 from ratequant.plan_fields import (
+    FULL_PRECISION_ITEMSIZES,
     MAX_PLAN_BYTES,
+    PLAN_CONTEXT_TOKENS,
     REQUIRED,
     TOP_LEVEL,
     bits_field,
@@ -58,9 +62,7 @@ from ratequant.plan_fields import (
     str_field,
 )
 from ratequant.spec import MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
-from ratequant.validation import (
-    show_value,
-)
+from ratequant.validation import inert, show_value
 
 FORMAT_VERSION = 2
 """Version of the plan format this library writes and the newest it reads (version 2 added ``sink_tokens``;
@@ -137,6 +139,37 @@ class Plan:
             raise PlanError("plan field allocator must be at most 64 characters")
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        if nbytes is not None:
+            self._check_bytes_per_token(nbytes)
+
+    def _check_bytes_per_token(self, stored: float) -> None:
+        """Refuse a stored ``bytes_per_token`` that the widths, design, residual window and sinks do not give
+        (for any full-precision dtype); skipped when the design does not build (that fails on use)."""
+        try:
+            figures = {size: self.recomputed_bytes_per_token(size) for size in FULL_PRECISION_ITEMSIZES}
+        except RateQuantError:
+            return
+        if any(abs(stored - value) <= 1e-6 * max(value, 1.0) for value in figures.values()):
+            return
+        shown = ", ".join(f"{value:.6g} ({size}-byte values)" for size, value in figures.items())
+        raise PlanError(
+            f"plan field bytes_per_token is {stored:.6g} but its widths, quantizer, residual window and sinks take "
+            f"{shown} at {self.stated_context_tokens} tokens of context; the file was edited or damaged: "
+            "calibrate it again"
+        )
+
+    @property
+    def stated_context_tokens(self) -> int:
+        """The context at which ``bytes_per_token`` is stated: the byte budget's, else :data:`PLAN_CONTEXT_TOKENS`."""
+        return self.budget.get("context_tokens") or PLAN_CONTEXT_TOKENS
+
+    def recomputed_bytes_per_token(self, itemsize: int = 2, context_tokens: int | None = None) -> float:
+        """True bytes per token of context of this plan's cache at ``context_tokens`` (default
+        :attr:`stated_context_tokens`), with full-precision tokens of ``itemsize`` bytes, by the cost model."""
+        used = tuple(int(b) for b in np.unique(self.bits_array()))
+        context = self.stated_context_tokens if context_tokens is None else context_tokens
+        cost = CostModel.from_policy(self.policy(), self.geometry, context, itemsize=itemsize, bitset=used)
+        return cost.bytes_per_token(self.bits_array())
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -230,6 +263,8 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         """Read and validate a plan file; every failure is a :class:`PlanError` that names ``path``."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"Plan.load needs a file path (str or os.PathLike), got {type(path).__name__}")
         data = read_json(path, what="plan file", error=PlanError)
         try:
             return cls.from_dict(data)
@@ -332,7 +367,7 @@ class Plan:
             same = mine.num_heads == geometry.num_heads
         if not same:
             raise PlanError(
-                f"this plan was made for {self.model['name']} ({self._describe_geometry(mine)}) but the model "
+                f"this plan was made for {inert(self.model['name'])} ({self._describe_geometry(mine)}) but the model "
                 f"it is applied to has {self._describe_geometry(geometry)}; calibrate a plan for this model"
             )
 
@@ -370,7 +405,8 @@ class Plan:
         warnings.warn(msg, UserWarning, stacklevel=2)
 
     def summary(self) -> str:
-        """Human-readable report: model, quantizer, budget, width histograms, fit and calibration."""
+        """Human-readable report: model, quantizer, budget, width histograms, fit and calibration (every line
+        :func:`~ratequant.validation.inert`: safe to print)."""
         bits = self.bits_array()
         lines = [
             f"plan (format {self.format_version}, {self.created_by}): allocator {self.allocator}",
@@ -402,7 +438,7 @@ class Plan:
                     f"{c.get('search_tokens')} tokens, {c.get('search_moves_kept')} of {c.get('search_proposals')} "
                     "moves kept"
                 )
-        return "\n".join(lines)
+        return "\n".join(inert(line) for line in lines)  # names and notes from a file print inert
 
 
 def _dumps(obj: object, level: int = 0) -> str:

@@ -34,6 +34,12 @@ MAX_HEAD_DIM = 2**16
 MAX_EXTRA_FIELDS = 64
 MAX_PARAM_DEPTH = 4
 MAX_PARAM_ITEMS = 4096
+PLAN_CONTEXT_TOKENS = 4096
+"""The context at which a plan states its ``bytes_per_token`` unless its budget names one (a byte budget's
+``context_tokens``): the tokens the sinks and the residual window are amortised over."""
+FULL_PRECISION_ITEMSIZES = (2, 4, 8)
+"""Bytes per value of the dtypes a model may hold its full-precision tokens in (float16 and bfloat16, float32,
+float64): a plan does not record its model's dtype, so its ``bytes_per_token`` must match one of them."""
 
 TOP_LEVEL = (
     "format_version",
@@ -96,25 +102,38 @@ def scalar_extras(d: dict, name: str, known: tuple[str, ...]) -> dict:
     return out
 
 
+def bounded_geometry(
+    num_layers: object,
+    num_kv_heads: object,
+    head_dim: object,
+    num_heads: object = None,
+    *,
+    name: str = "plan field model",
+    error=PlanError,
+) -> Geometry:
+    """The :class:`Geometry` of these sizes when each lies within a plan's limits (:data:`MAX_LAYERS`,
+    :data:`MAX_KV_HEADS`, :data:`MAX_HEAD_DIM`, :data:`MAX_COMPONENTS_PER_KIND` pairs), else ``error``: whatever
+    states a geometry (a plan, ``import --geometry``) is bounded before anything is allocated for it."""
+    layers = check_int(num_layers, f"{name}.num_layers", lo=1, hi=MAX_LAYERS, error=error)
+    kv_heads = check_int(num_kv_heads, f"{name}.num_kv_heads", lo=1, hi=MAX_KV_HEADS, error=error)
+    dim = check_int(head_dim, f"{name}.head_dim", lo=1, hi=MAX_HEAD_DIM, error=error)
+    heads = None
+    if num_heads is not None:
+        heads = check_int(num_heads, f"{name}.num_heads", lo=1, hi=MAX_KV_HEADS * 1024, error=error)
+    if layers * kv_heads > MAX_COMPONENTS_PER_KIND:
+        raise error(f"{name} has more than {MAX_COMPONENTS_PER_KIND} (layer, kv-head) pairs")
+    try:
+        return Geometry(layers, kv_heads, dim, heads)
+    except RateQuantError as exc:
+        raise error(f"{name}: {exc}") from None
+
+
 def model_field(v: object) -> dict:
     d = dict_field(v, "model")
     known = ("name", "num_layers", "num_kv_heads", "head_dim", "num_heads")
     keys_field({k: d[k] for k in d if k in known}, "model", known[:4], known[4:])
-    out = {
-        "name": str_field(d["name"], "model.name"),
-        "num_layers": int_field(d["num_layers"], "model.num_layers", 1, MAX_LAYERS),
-        "num_kv_heads": int_field(d["num_kv_heads"], "model.num_kv_heads", 1, MAX_KV_HEADS),
-        "head_dim": int_field(d["head_dim"], "model.head_dim", 1, MAX_HEAD_DIM),
-        "num_heads": None,
-    }
-    if d.get("num_heads") is not None:
-        out["num_heads"] = int_field(d["num_heads"], "model.num_heads", 1, MAX_KV_HEADS * 1024)
-    if out["num_layers"] * out["num_kv_heads"] > MAX_COMPONENTS_PER_KIND:
-        raise PlanError(f"plan model has more than {MAX_COMPONENTS_PER_KIND} (layer, kv-head) pairs")
-    try:
-        Geometry(out["num_layers"], out["num_kv_heads"], out["head_dim"], out["num_heads"])
-    except RateQuantError as exc:
-        raise PlanError(f"plan field model: {exc}") from None
+    geometry = bounded_geometry(d["num_layers"], d["num_kv_heads"], d["head_dim"], d.get("num_heads"))
+    out = {"name": str_field(d["name"], "model.name"), **geometry.to_dict()}
     out.update(scalar_extras(d, "model", known))
     return out
 
@@ -236,6 +255,7 @@ def calibration_field(v: object) -> dict | None:
 
 
 __all__ = [
+    "FULL_PRECISION_ITEMSIZES",
     "MAX_COMPONENTS_PER_KIND",
     "MAX_EXTRA_FIELDS",
     "MAX_HEAD_DIM",
@@ -244,9 +264,11 @@ __all__ = [
     "MAX_PARAM_DEPTH",
     "MAX_PARAM_ITEMS",
     "MAX_PLAN_BYTES",
+    "PLAN_CONTEXT_TOKENS",
     "REQUIRED",
     "TOP_LEVEL",
     "bits_field",
+    "bounded_geometry",
     "budget_field",
     "calibration_field",
     "dict_field",

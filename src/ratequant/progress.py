@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ratequant.validation import inert
+
 PLAIN_EVERY_S = 15.0
 """Without a terminal, a progress line at most this often (and at the end)."""
 
@@ -31,8 +33,9 @@ class _PlainBar:
             elapsed = now - self.start
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
             note = f"; {self.note}" if self.note else ""
+            line = f"{self.desc}: {self.done}/{self.total} {self.unit} ({elapsed:.0f} s, about {eta:.0f} s left{note})"
             print(
-                f"{self.desc}: {self.done}/{self.total} {self.unit} ({elapsed:.0f} s, about {eta:.0f} s left{note})",
+                inert(line),
                 file=sys.stderr,
                 flush=True,
             )
@@ -59,7 +62,7 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = Tru
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        bar = tqdm(total=total, desc=inert(desc), unit=unit, leave=False)
         try:
             yield bar
         finally:
@@ -70,7 +73,12 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = Tru
 
 def note(message: str) -> None:
     """One line on standard error for something the user should know but that does not stop the work."""
-    print(f"ratequant: note: {message}", file=sys.stderr, flush=True)
+    print(f"ratequant: note: {inert(message)}", file=sys.stderr, flush=True)
+
+
+def warning(message: str) -> None:
+    """One line on standard error for a result the user should not take at face value."""
+    print(f"ratequant: warning: {inert(message)}", file=sys.stderr, flush=True)
 
 
 class Stages:
@@ -82,7 +90,7 @@ class Stages:
 
     def __call__(self, message: str) -> None:
         if self.enabled:
-            print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", file=sys.stderr, flush=True)
+            print(f"[{time.perf_counter() - self.start:7.1f} s] {inert(message)}", file=sys.stderr, flush=True)
 
 
-__all__ = ["PLAIN_EVERY_S", "Stages", "note", "progress_bar"]
+__all__ = ["PLAIN_EVERY_S", "Stages", "note", "progress_bar", "warning"]

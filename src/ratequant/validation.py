@@ -9,6 +9,7 @@ range that is right.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +37,18 @@ def show_value(v: object) -> str:
     """``v`` for an error message: its repr for scalars (cut at 60 characters), else its type name."""
     text = repr(v) if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_LINE_BREAKS = re.compile(r"[ \t]*(?:[\r\n\v\f\x85\u2028\u2029][ \t]*)+")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def inert(text: object) -> str:
+    """``text`` safe to print on one terminal line: line breaks collapse to one space, and every other control
+    character (escape sequences, C1 controls, bidirectional overrides, a BOM) is shown as ``\\xNN`` or
+    ``\\uNNNN``. Use it on everything read from a file or given as a name before printing it."""
+    text = _LINE_BREAKS.sub(" ", str(text))
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 def check_int(v: object, name: str, *, lo: int | None = None, hi: int | None = MAX_INT, error=RateQuantError) -> int:
@@ -203,5 +216,6 @@ __all__ = [
     "check_object",
     "check_str",
     "finite_real",
+    "inert",
     "show_value",
 ]

@@ -9,12 +9,14 @@ from ratequant.cli.options import (
     add_corpus_options,
     add_model_options,
     budget_list,
+    device_map_from,
     float_list,
     nonnegative_int,
     positive_int,
     sink_arg,
 )
 from ratequant.errors import RateQuantError
+from ratequant.validation import inert
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -198,7 +200,7 @@ def run_compare(args: argparse.Namespace) -> int:
         config.model,
         dtype=config.dtype,
         device=args.device,
-        device_map=args.device_map,
+        device_map=device_map_from(args.device_map),
         offload_folder=args.offload_folder,
         trust_remote_code=args.trust_remote_code,
     )
@@ -206,11 +208,12 @@ def run_compare(args: argparse.Namespace) -> int:
     results = compare(loaded, corpus, config, progress=say, eval_corpora=others)
     files = write_report(results, args.out, overwrite=args.force, command=config.command(args.out))
     fp = results.full_precision.score()
-    print(
+    lines = [
         f"full precision: perplexity {fp.ppl:.3f} ± {fp.ppl_se:.3f} on {len(fp.window_nll)} windows of the evaluation "
-        f"split ({results.evaluation['scored_tokens']} scored tokens, {results.evaluation['scoring']})"
-    )
-    for line in findings(results):
-        print(f"- {line}")
-    print(f"report written to {files.report} (numbers in {files.results}, {len(files.files)} files)")
+        f"split ({results.evaluation['scored_tokens']} scored tokens, {results.evaluation['scoring']})",
+        *(f"- {line}" for line in findings(results)),
+        f"report written to {files.report} (numbers in {files.results}, {len(files.files)} files)",
+    ]
+    for line in lines:
+        print(inert(line))  # names of the model, the corpora and the folder print inert
     return 0

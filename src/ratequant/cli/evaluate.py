@@ -24,6 +24,7 @@ from ratequant.cli.options import (
 )
 from ratequant.errors import RateQuantError
 from ratequant.prefill import DEFAULT_PREFILL_CHUNK
+from ratequant.validation import inert
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
 
     add_model_options(parser)
     add_corpus_options(parser)
-    add_plan_options(parser)
+    add_plan_options(parser, positional=True)
     parser.add_argument(
         "--task", choices=tuple(TASKS), default="perplexity", help="what to measure (default perplexity)"
     )
@@ -99,11 +100,15 @@ def run_eval(args: argparse.Namespace) -> int:
     loaded = load_model_from(args)
     spec = spec_for(args, plan, loaded.model)
     conditions = {}
+    coverage = None
     if spec is not None:
         condition = (
             Simulated(spec) if args.mode == "simulated" else Streaming(spec, args.prefill_chunk, label="streaming")
         )
         conditions["plan"] = condition
+        if args.task == "perplexity":
+            protocol = WindowProtocol(args.seq_len, args.windows, args.bos, args.scoring)
+            coverage = quantized_coverage(spec, condition, protocol)
     if args.task == "passkey":
         task = PasskeyTask(
             context=args.context,
@@ -127,25 +132,72 @@ def run_eval(args: argparse.Namespace) -> int:
         "device": loaded.describe()["device"],
         "ratequant_version": __version__,
     }
+    storage = None
     if spec is not None:
         payload.update(plan=str(args.plan), mode=args.mode, avg_bits=spec.avg_bits, **spec.to_dict())
+        if plan.bytes_per_token is not None:  # what the plan states, at the context it states it for
+            payload.update(plan_bytes_per_token=plan.bytes_per_token, plan_bytes_context=plan.stated_context_tokens)
         if outcome.task == "perplexity":
-            payload.update(kv_bytes(conditions["plan"], spec, loaded, args.seq_len))
-    for line in describe_outcome(outcome, loaded, spec, args):
-        print(line)
+            storage = kv_bytes(conditions["plan"], spec, loaded, args.seq_len)
+            windows = outcome.settings["windows"]["windows"]
+            payload.update(storage)
+            payload.update(
+                quantized_predictions=coverage[0] * windows,
+                scored_predictions=coverage[1] * windows,
+                quantized_share=coverage[0] / coverage[1],
+            )
+    for line in describe_outcome(outcome, loaded, spec, args, coverage, storage):
+        print(inert(line))
     emit_json(args, payload)
     return 0
 
 
+def quantized_coverage(spec, condition, protocol) -> tuple[int, int]:
+    """``(quantized, scored)`` predictions per window of ``protocol`` under ``condition``: refuses (one line) a
+    window that the residual window and the sinks keep wholly at full precision, and warns when they keep most of
+    it so (the KL would then say little about the plan)."""
+    from ratequant.evaluation.conditions import Simulated, quantized_predictions
+    from ratequant.progress import warning
+
+    prefill = condition.prefill_chunk if isinstance(condition, Simulated) else condition.piece
+    first, seq_len = protocol.first_target, protocol.seq_len
+    scored = seq_len - first
+    quantized = quantized_predictions(spec, seq_len, first, prefill)
+    chunk = min(max(f, prefill) for f in spec.chunks)
+    kept = f"a residual window of {spec.residual_length} tokens" + (
+        f" and {spec.sink_tokens} sink token(s)" if spec.sink_tokens else ""
+    )
+    if quantized == 0:
+        raise RateQuantError(
+            f"nothing would be quantized: with {kept} every scored prediction of a {seq_len}-token window sees only "
+            f"full-precision keys and values; use --seq-len {4 * (spec.sink_tokens + chunk)} or more, or a smaller "
+            "--residual"
+        )
+    if quantized < scored / 2:
+        warning(
+            f"only {quantized} of the {scored} scored predictions per window ({quantized / scored:.0%}) read quantized "
+            f"keys or values; {kept} keep the rest at full precision, so the KL understates the plan's damage: use a "
+            "longer --seq-len"
+        )
+    return quantized, scored
+
+
 def kv_bytes(condition, spec, loaded, context: int) -> dict:
     """True KV bytes per token at ``context`` tokens: read from the real cache after the last window (streaming),
-    or from the byte formula (simulated)."""
+    or from the byte formula (simulated); beside them the bytes per token of a full-precision cache of the same
+    tokens in float16 and in the model's dtype."""
     if getattr(condition, "last_cache", None) is not None:
         total, source = condition.last_cache.nbytes().total, "measured from the cache's tensors"
     else:
         expected = spec.expected_bytes(loaded.geometry.head_dim, context, dtype=loaded.dtype)
         total, source = expected.total, "byte formula"
-    return {"kv_bytes_per_token": total / context, "kv_bytes_context": context, "kv_bytes_source": source}
+    return {
+        "kv_bytes_per_token": total / context,
+        "kv_bytes_context": context,
+        "kv_bytes_source": source,
+        "kv_bytes_per_token_float16": loaded.geometry.kv_bytes_per_token(2),
+        "kv_bytes_per_token_model_dtype": loaded.geometry.kv_bytes_per_token(loaded.dtype.itemsize),
+    }
 
 
 def headline(outcome) -> dict:
@@ -159,8 +211,9 @@ def headline(outcome) -> dict:
     return {**{key: result[key] for key in keys}, "windows": w["windows"], "seq_len": w["seq_len"]}
 
 
-def describe_outcome(outcome, loaded, spec, args) -> list[str]:
-    """The lines ``eval`` prints for a task result."""
+def describe_outcome(outcome, loaded, spec, args, coverage=None, storage=None) -> list[str]:
+    """The lines ``eval`` prints for a task result (``coverage``: quantized and scored predictions per window;
+    ``storage``: :func:`kv_bytes`)."""
     lines = []
     if outcome.task == "passkey":
         for name, r in outcome.scores.items():
@@ -181,10 +234,19 @@ def describe_outcome(outcome, loaded, spec, args) -> list[str]:
             if name == "full-precision"
             else f", KL {score.kl:.4f} ± {score.kl_se:.4f}, top-1 agreement {score.top1:.3f}"
         )
+        if name != "full-precision" and coverage is not None:
+            what += f"; {coverage[0] / coverage[1]:.0%} of the scored predictions read quantized storage"
         lines.append(
             f"perplexity {score.ppl:.3f} ± {score.ppl_se:.3f}{kl} on {score.tokens} tokens ({w['windows']} windows "
             f"of {w['seq_len']}, {'BOS first' if w['bos'] else 'no BOS'}, {w['scoring']} scored) in "
             f"{score.seconds:.1f} s; model {loaded.name}, corpus {outcome.settings['corpus']}; {what}"
+        )
+    if storage is not None:
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        lines.append(
+            f"KV cache at {storage['kv_bytes_context']} tokens: {storage['kv_bytes_per_token']:,.1f} bytes per token "
+            f"({storage['kv_bytes_source']}); full precision {storage['kv_bytes_per_token_float16']:,} in float16, "
+            f"{storage['kv_bytes_per_token_model_dtype']:,} in {dtype}"
         )
     return lines
 
@@ -253,7 +315,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.quiet:
         print(out.text)
     print("---", file=sys.stderr)
-    print(out.describe(), file=sys.stderr)
+    print(inert(out.describe()), file=sys.stderr)
     emit_json(
         args,
         {
@@ -286,14 +348,14 @@ def run_info(args: argparse.Namespace) -> int:
     model_info = loaded.describe()
     g = loaded.geometry
     fp16_bytes = g.kv_bytes_per_token(2)
-    print(f"model      {loaded.name}  ({loaded.source})")
+    print(inert(f"model      {loaded.name}  ({loaded.source})"))
     print(f"  layers {g.num_layers}, query heads {g.num_heads}, kv heads {g.num_kv_heads}, head dim {g.head_dim}")
     print(f"  {g.num_components} components (key and value of each kv head of each layer)")
     print(f"  dtype {model_info['dtype']}, device {model_info['device']}, {model_info['parameters']:,} parameters")
     print(f"  float16 KV cache: {fp16_bytes:,} bytes per token")
     print(f"decode     {native.describe()}")
     splits = {}
-    print(f"corpus     {corpus.name}  (sha256 {corpus.sha256[:16]}...)")
+    print(inert(f"corpus     {corpus.name}  (sha256 {corpus.sha256[:16]}...)"))
     for split in ("calibration", "evaluation"):
         text = corpus.split(split)
         tokens = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # the whole split

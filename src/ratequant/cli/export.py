@@ -15,26 +15,27 @@ from pathlib import Path
 from ratequant.cli import command
 from ratequant.cli.options import add_quantizer_options, check_output_path, nonnegative_int
 from ratequant.errors import RateQuantError
+from ratequant.validation import inert
 
 EXPORT_FORMATS = ("kvtuner", "layers")
 IMPORT_FORMATS = ("kvtuner",)
 
 
 def geometry_arg(text: str):
-    """'LAYERS,KV_HEADS,HEAD_DIM[,HEADS]' -> a Geometry."""
-    from ratequant.geometry import Geometry
+    """'LAYERS,KV_HEADS,HEAD_DIM[,HEADS]' -> a Geometry within a plan's limits (before anything is allocated)."""
+    from ratequant.plan_fields import bounded_geometry
 
     parts = text.split(",")
     try:
-        numbers = [int(p) for p in parts]
+        numbers = [int(p) for p in parts if len(p.strip()) <= 20]  # no 5,000-digit conversions
     except ValueError:
         numbers = []
     if len(numbers) not in (3, 4) or len(numbers) != len(parts):
         raise argparse.ArgumentTypeError(
-            f"expected LAYERS,KV_HEADS,HEAD_DIM[,HEADS] (positive integers, e.g. 30,3,64,9), got {text!r}"
+            f"expected LAYERS,KV_HEADS,HEAD_DIM[,HEADS] (positive integers, e.g. 30,3,64,9), got {text[:60]!r}"
         )
     try:
-        return Geometry(*numbers)
+        return bounded_geometry(*numbers, name="geometry", error=RateQuantError)
     except RateQuantError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -77,19 +78,19 @@ def run_export(args: argparse.Namespace) -> int:
         yaml = Path(args.out).suffix.lower() in YAML_SUFFIXES
         text = kvtuner_text(plan, yaml=yaml)
         path = write_text_atomic(args.out, text, overwrite=args.force, what="KVTuner file")
-        print(f"KVTuner per-head table of {name} ({shape}, average {plan.avg_bits:.4f} bits)")
-        print(
+        say(f"KVTuner per-head table of {name} ({shape}, average {plan.avg_bits:.4f} bits)")
+        say(
             "  it holds widths only: set KVTuner's quantizer, residual window and group size to match "
             f"(this plan: {plan.quantizer['name']}, residual {plan.residual_length})"
         )
         if not yaml:
-            print("  KVTuner's per_head_config_path reads YAML with integer keys: write a .yaml FILE to pass it there")
-        print(f"written to {path}")
+            say("  KVTuner's per_head_config_path reads YAML with integer keys: write a .yaml FILE to pass it there")
+        say(f"written to {path}")
         return 0
     table = export_layers(plan, strategy=args.strategy or "layer-kind")
     path = write_json(args.out, table, overwrite=args.force)
     layers = table["layers"]
-    print(f"per-layer widths of {name} ({table['strategy']}, {len(layers)} layers)")
+    say(f"per-layer widths of {name} ({table['strategy']}, {len(layers)} layers)")
     print("  key bits   " + " ".join(str(row["key_bits"]) for row in layers))
     print("  value bits " + " ".join(str(row["value_bits"]) for row in layers))
     below = "" if table["avg_bits"] == table["plan_avg_bits"] else " (the nearest this grouping reaches below it)"
@@ -102,7 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
         )
     else:
         print("  no predicted distortion: the plan has no fitted curves")
-    print(f"written to {path}")
+    say(f"written to {path}")
     return 0
 
 
@@ -171,12 +172,17 @@ def run_import(args: argparse.Namespace) -> int:
     except PlanError as exc:
         raise PlanError(f"KVTuner file {args.file}: {exc}") from None
     bits = plan.bits_array()
-    print(
+    say(
         f"plan for {plan.model['name']} from KVTuner table {args.file}: {geometry.num_layers} layers x "
         f"{geometry.num_kv_heads} kv heads, average {plan.avg_bits:.4f} bits (keys {bits[0].mean():.3f}, values "
         f"{bits[1].mean():.3f})"
     )
-    print(f"  quantizer {plan.quantizer['name']} {plan.quantizer['params']}, residual window {plan.residual_length}")
+    say(f"  quantizer {plan.quantizer['name']} {plan.quantizer['params']}, residual window {plan.residual_length}")
     path = plan.to_json(args.out, overwrite=args.force)
-    print(f"plan written to {path}")
+    say(f"plan written to {path}")
     return 0
+
+
+def say(line: str) -> None:
+    """Print a line that quotes names and paths from files or the command line, inert (one terminal line)."""
+    print(inert(line))

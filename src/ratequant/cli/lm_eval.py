@@ -22,7 +22,8 @@ EPILOG = (
     "Everything from the first argument that is not an option of this command on goes to lm-eval verbatim. "
     "lm-eval's own help: ratequant lm-eval run --help. Model arguments of --model ratequant: pretrained (default, "
     "a model directory, a .gguf file), plan (a plan file; none: full precision), mode (simulated or streaming), "
-    "dtype, max_length, residual, sink_tokens."
+    "dtype, max_length, residual, sink_tokens, allow_mismatch, trust_remote_code, and lm-eval's HFLM arguments that "
+    "apply to a loaded model (add_bos_token, truncation, ...); an unknown or empty one is refused."
 )
 
 

@@ -138,6 +138,25 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite output files that exist")
 
 
+def device_map_from(text: str | None) -> str | dict | None:
+    """``--device-map``: a strategy name as given, else the JSON object it holds or names, read by the strict
+    parser of plans (bounded size and nesting, finite numbers, no repeated keys; one-line errors)."""
+    from ratequant.jsonio import parse_json, read_json
+    from ratequant.placement import STRATEGIES
+    from ratequant.validation import check_json_value
+
+    if text is None or text.strip() in STRATEGIES:
+        return text
+    path = Path(text.strip()).expanduser()
+    if text.strip().startswith("{"):
+        data = parse_json(text, what="the --device-map value")
+    elif path.exists():
+        data = read_json(path, what="device map file")
+    else:
+        return text  # placement says what it takes
+    return check_json_value(data, "the device map", max_depth=1, max_items=1 << 16)  # flat, bounded numbers
+
+
 def load_model_from(args: argparse.Namespace):
     from ratequant.models import load_model
 
@@ -145,7 +164,7 @@ def load_model_from(args: argparse.Namespace):
         args.model,
         dtype=args.dtype,
         device=args.device,
-        device_map=args.device_map,
+        device_map=device_map_from(args.device_map),
         offload_folder=args.offload_folder,
         trust_remote_code=args.trust_remote_code,
     )
@@ -167,7 +186,7 @@ def check_output_path(path: str | None, force: bool, *, what: str = "output", fi
         from ratequant.report.plots import check_figure_path
 
         check_figure_path(target)
-    if target.exists() and not force:
+    if (target.exists() or target.is_symlink()) and not force:  # a dangling link too: writing would replace it
         raise RateQuantError(f"{target} already exists; pass --force to overwrite it")
     folder = target.parent if str(target.parent) else Path(".")
     while not folder.exists() and folder != folder.parent:
@@ -190,9 +209,10 @@ def check_output(args: argparse.Namespace) -> None:
 def emit_json(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
         from ratequant.jsonio import write_json
+        from ratequant.validation import inert
 
         path = write_json(args.json, payload, overwrite=args.force)
-        print(f"results written to {path}")
+        print(inert(f"results written to {path}"))
 
 
 def add_quantizer_options(
@@ -209,7 +229,11 @@ def add_quantizer_options(
     parser.add_argument("--param", type=param_arg, action="append", default=[], metavar="KEY=VALUE", help=param_help)
 
 
-def add_plan_options(parser: argparse.ArgumentParser) -> None:
+def add_plan_options(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    """``--plan`` and the overrides of the plan's storage; with ``positional`` the plan may also be given as the
+    command's one positional argument (``ratequant eval plan.json``), as ``inspect`` takes it."""
+    if positional:
+        parser.add_argument("plan_file", nargs="?", metavar="PLAN", help="plan file (JSON), the same as --plan PLAN")
     parser.add_argument("--plan", metavar="PLAN", help="plan file (JSON) from ratequant calibrate")
     add_quantizer_options(
         parser,
@@ -238,6 +262,11 @@ def read_plan(args: argparse.Namespace):
     bad combination or a bad file fails at once."""
     from ratequant.plan import Plan
 
+    positional = getattr(args, "plan_file", None)
+    if positional is not None:
+        if args.plan is not None and args.plan != positional:
+            raise RateQuantError(f"two plans given ({positional} and --plan {args.plan}); pass one")
+        args.plan = positional
     if args.plan is None:
         if (
             args.quantizer

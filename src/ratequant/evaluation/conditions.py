@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ratequant.compat import cache_argument, logits_to_keep_argument
+from ratequant.geometry import KINDS
 from ratequant.prefill import piece_attention, piece_bounds
 from ratequant.spec import KVQuantSpec
 
@@ -114,9 +115,31 @@ class Streaming(Condition):
         return torch.cat(parts)
 
 
+def quantized_predictions(spec: KVQuantSpec, seq_len: int, first: int, prefill_chunk: int = 1) -> int:
+    """How many of a window's scored predictions (of tokens ``first .. seq_len - 1``, made by the queries at
+    positions ``first - 1 .. seq_len - 2``) read at least one key or value from quantized storage, by the token
+    rule of :class:`~ratequant.spec.StoragePolicy` (sinks and the query's own chunk stay at full precision;
+    ``prefill_chunk`` as :class:`Simulated` and :class:`Streaming` take it). 0 means the plan changed nothing."""
+    queries = torch.arange(max(first - 1, 0), seq_len - 1)
+    sinks = queries.clamp(max=spec.sink_tokens)
+    seen = torch.zeros_like(queries, dtype=torch.bool)
+    for kind in KINDS:
+        seen |= spec.policy.quantized_end(kind, queries, prefill_chunk) > sinks
+    return int(seen.sum())
+
+
 def whole_window(model: torch.nn.Module, ids: torch.Tensor, first: int) -> torch.Tensor:
     """One pass over ``ids [1, S]`` without a cache: log-probabilities predicting tokens ``first .. S - 1``."""
     return forward_log_probs(model, ids, ids.shape[1] - first + 1, use_cache=False)[:-1]
 
 
-__all__ = ["Condition", "FullPrecision", "Simulated", "Streaming", "Within", "forward_log_probs", "whole_window"]
+__all__ = [
+    "Condition",
+    "FullPrecision",
+    "Simulated",
+    "Streaming",
+    "Within",
+    "forward_log_probs",
+    "quantized_predictions",
+    "whole_window",
+]

@@ -33,8 +33,9 @@ import numpy as np
 from ratequant.allocation import Budget, Curves, allocate, get_strategy
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import Geometry
-from ratequant.jsonio import MAX_JSON_BYTES, read_json
+from ratequant.jsonio import read_json, read_text
 from ratequant.plan import Plan
+from ratequant.plan_fields import bounded_geometry
 from ratequant.validation import show_value
 
 KVTUNER_ALLOCATOR = "kvtuner-import"
@@ -134,6 +135,7 @@ def kvtuner_bits(data: object, geometry: Geometry) -> np.ndarray:
     """The widths ``[2, L, H]`` of a KVTuner per-head table checked against ``geometry`` (PlanError otherwise)."""
     if not isinstance(geometry, Geometry):
         raise PlanError(f"a KVTuner table is read against a Geometry, got {type(geometry).__name__}")
+    bounded_geometry(*geometry.to_dict().values(), name="geometry")  # a plan's limits, before anything is allocated
     num_layers, num_heads = geometry.num_layers, geometry.num_kv_heads
     layers = _indexed(data, "KVTuner table", num_layers, "layer")
     bits = np.empty((2, num_layers, num_heads), dtype=np.int64)
@@ -202,15 +204,7 @@ def read_kvtuner(path: str | os.PathLike) -> object:
     path = Path(path)
     if path.suffix.lower() not in YAML_SUFFIXES:
         return read_json(path, what="KVTuner file", error=PlanError)
-    if not path.is_file():
-        raise PlanError(f"KVTuner file not found: {path}")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise PlanError(f"KVTuner file {path} is {size} bytes, over the {MAX_JSON_BYTES // 2**20} MiB limit")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PlanError(f"KVTuner file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    text = read_text(path, what="KVTuner file", error=PlanError)  # bounded, UTF-8, a leading BOM dropped as in JSON
     try:
         import yaml
     except ImportError:

@@ -72,6 +72,21 @@ MODES = ("simulated", "streaming")
 """How the plan is applied: one simulated pass, or the real cache fed in pieces of its quantization chunk."""
 
 _NONE_STRINGS = ("", "none", "null")
+HFLM_ARGUMENTS = (
+    "backend",
+    "truncation",
+    "logits_cache",
+    "softmax_dtype",
+    "mixed_precision_dtype",
+    "max_batch_size",
+    "add_bos_token",
+    "prefix_token_id",
+    "think_end_token",
+    "enable_thinking",
+    "chat_template_args",
+)
+"""lm-eval ``HFLM`` arguments passed on: those that act on a model this class has loaded (HFLM ignores the rest,
+such as ``revision``, ``parallelize`` or ``peft``, for a model it is handed; they are refused, not dropped)."""
 _DTYPES = ("float32", "float16", "bfloat16")
 _HF_WARNINGS = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
 
@@ -124,6 +139,41 @@ def _dtype(value: object) -> str | torch.dtype | None:
     if text not in _DTYPES:
         raise RateQuantError(f"dtype must be auto, {', '.join(_DTYPES)}, got {value!r}")
     return text
+
+
+def accepted_model_args() -> tuple[str, ...]:
+    """Every model argument ``--model ratequant`` takes: :class:`RateQuantLM`'s own, then :data:`HFLM_ARGUMENTS`."""
+    import inspect
+
+    own = [
+        name
+        for name, p in inspect.signature(RateQuantLM.__init__).parameters.items()
+        if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    return (*own, *HFLM_ARGUMENTS)
+
+
+def check_model_args(named: dict, extra: dict) -> None:
+    """Refuse, in one line naming the accepted ones, a model argument this model does not take (a misspelling such
+    as ``resdiual=0`` would otherwise be dropped silently) or one given empty (``plan=`` would run at full
+    precision); ``none`` or leaving it out says "not set"."""
+    accepted = accepted_model_args()
+    unknown = [name for name in extra if name not in HFLM_ARGUMENTS]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise RateQuantError(
+            f"unknown model argument {', '.join(map(str, unknown))}{hint}; --model ratequant takes "
+            f"{', '.join(accepted)}"
+        )
+    empty = [name for name, value in {**named, **extra}.items() if isinstance(value, str) and not value.strip()]
+    if empty:
+        raise RateQuantError(
+            f"model argument {', '.join(empty)} is empty; give a value (none to leave it unset) or leave it out. "
+            f"--model ratequant takes {', '.join(accepted)}"
+        )
 
 
 def resolve_device(device: object) -> str:
@@ -192,6 +242,12 @@ class RateQuantLM(HFLM):
     ) -> None:
         from ratequant.models import load_model
 
+        check_model_args(
+            {"pretrained": pretrained, "plan": plan, "mode": mode, "dtype": dtype, "device": device}
+            | {"batch_size": batch_size, "max_length": max_length, "residual": residual, "sink_tokens": sink_tokens}
+            | {"tokenizer": tokenizer, "trust_remote_code": trust_remote_code, "allow_mismatch": allow_mismatch},
+            kwargs,
+        )
         mode = str(mode).strip().lower()
         if mode not in MODES:
             raise RateQuantError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -337,4 +393,4 @@ class RateQuantLM(HFLM):
         }
 
 
-__all__ = ["MODES", "RateQuantLM", "resolve_device"]
+__all__ = ["HFLM_ARGUMENTS", "MODES", "RateQuantLM", "accepted_model_args", "check_model_args", "resolve_device"]

@@ -7,6 +7,7 @@ import sys
 
 from ratequant.errors import RateQuantError
 from ratequant.report.writer import rebuild_report
+from ratequant.validation import inert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = rebuild_report(args.results, args.out, summary_image_prefix=args.summary_image_prefix)
     except RateQuantError as exc:
-        print(f"ratequant: error: {exc}", file=sys.stderr)
+        print(f"ratequant: error: {inert(exc)}", file=sys.stderr)
         return 2
-    print(f"report written to {files.report}")
+    print(inert(f"report written to {files.report}"))
     return 0
 
 

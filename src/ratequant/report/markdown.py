@@ -14,6 +14,9 @@ from ratequant.report.tables import (
     fmt_kl,
     fmt_ppl,
     headroom_table,
+    md_code,
+    md_fenced,
+    md_text,
     metric_table,
     norms_table,
     passkey_table,
@@ -59,7 +62,7 @@ def _evaluation_line(results: CompareResults) -> str:
     )
     others = sorted({e["corpus"] for e in results.evaluations.values()} - {ev["corpus"]})
     also = (
-        f"; every method is also scored on the evaluation split of {', '.join(f'`{c}`' for c in others)}"
+        f"; every method is also scored on the evaluation split of {', '.join(md_code(c) for c in others)}"
         if others
         else ""
     )
@@ -71,7 +74,7 @@ def _evaluation_line(results: CompareResults) -> str:
     head = (
         f"- Evaluation: {ev['windows']} non-overlapping window{'s' if ev['windows'] != 1 else ''} of {ev['seq_len']} "
         "tokens of the evaluation split "
-        f"of `{ev['corpus']}`, {bos}, {mode}"
+        f"of {md_code(ev['corpus'])}, {bos}, {mode}"
     )
     if ev["scoring"] == "second-half":
         scored = (
@@ -87,8 +90,9 @@ def setup_lines(results: CompareResults) -> list[str]:
     cfg, m = results.config, results.model
     fp = results.full_precision
     return [
-        f"- Model: `{m['name']}` ({m['num_layers']} layers, {m['num_kv_heads']} KV heads, head dim {m['head_dim']}, "
-        f"{m['dtype']}); corpus `{results.corpus['name']}` (sha256 `{results.corpus['sha256'][:12]}…`).",
+        f"- Model: {md_code(m['name'])} ({m['num_layers']} layers, {m['num_kv_heads']} KV heads, head dim "
+        f"{m['head_dim']}, {md_text(m['dtype'])}); corpus {md_code(results.corpus['name'])} (sha256 "
+        f"{md_code(str(results.corpus['sha256'])[:12] + '…')}).",
         f"- Calibration: {cfg.calibration_sequences} sequence(s) of {cfg.calibration_seq_len} tokens of the "
         "calibration "
         f"split, metric `{cfg.metric}`, widths {cfg.bitset[0]}..{cfg.bitset[-1]}; the allocators use each design's "
@@ -108,7 +112,8 @@ def setup_lines(results: CompareResults) -> list[str]:
         )
         + f" and {_sinks(results)} kept at full precision"
         + f". True bytes count codes, scales/zeros and the tokens kept at full precision at {cfg.context_tokens} "
-        f"tokens of context; the model's own dtype ({m['dtype']}) is {fp.kv_bytes_per_token:,.0f} bytes per token, "
+        f"tokens of context; the model's own dtype ({md_text(m['dtype'])}) is {fp.kv_bytes_per_token:,.0f} bytes per "
+        "token, "
         f"float16 would be {fp.details['fp16_kv_bytes_per_token']:,} bytes.",
         f"- Rank reduction: per-component PCA of the calibration keys and values; `rank` keeps r = floor(bits x "
         f"head_dim / 16) coefficients at 16 bits, `rank + quant` the largest r whose {cfg.hybrid_design} "
@@ -201,11 +206,11 @@ def report_markdown(
 ) -> str:
     """The full report (``report.md``)."""
     cfg = results.config
-    lines = [f"# ratequant compare: {results.model['name']}", ""]
+    lines = [f"# ratequant compare: {md_text(results.model['name'])}", ""]
     if command:
-        lines += ["Made by:", "", "```", command, "```", ""]
+        lines += ["Made by:", "", *md_fenced(command), ""]
     if repeat:
-        lines += ["Repeat exactly (the configuration is saved beside the results):", "", "```", repeat, "```", ""]
+        lines += ["Repeat exactly (the configuration is saved beside the results):", "", *md_fenced(repeat), ""]
     lines += ["## Setup", "", *setup_lines(results), _noise_line(results), "", "## Findings", ""]
     lines += [f"- {f}" for f in findings(results)]
     lines += [
@@ -284,14 +289,14 @@ def report_markdown(
         for s in results.skipped:
             grouped.setdefault((s["label"], s["budget"], s["reason"]), []).append(s["design"] or "-")
         lines += [
-            f"- {label} at {budget_text(b)} bits ({', '.join(designs)}): {reason}"
+            f"- {md_text(label)} at {budget_text(b)} bits ({md_text(', '.join(map(str, designs)))}): {md_text(reason)}"
             for (label, b, reason), designs in grouped.items()
         ]
         lines += [""]
     t = results.timings
-    per_design = ", ".join(f"{d} {s:.1f} s" for d, s in t["calibration"]["per_design"].items())
+    per_design = ", ".join(f"{md_text(d)} {s:.1f} s" for d, s in t["calibration"]["per_design"].items())
     env = results.environment
-    evaluation = ", ".join(f"{name} {sec:.1f} s" for name, sec in t["evaluation"].items())
+    evaluation = ", ".join(f"{md_text(name)} {sec:.1f} s" for name, sec in t["evaluation"].items())
     if "passkey" in t:
         evaluation += f"; passkey {t['passkey']:.1f} s"
     lines += [
@@ -300,8 +305,8 @@ def report_markdown(
         f"- Calibration capture (shared by all designs): {t['capture']:.1f} s; distortion measurement and fit: "
         f"{per_design}; rank bases: {t['rank_bases']:.1f} s; allocations: {t['allocation']:.1f} s"
         + (f" (the KL searches' {_search_seconds(results):.0f} s included)." if cfg.search_proposals else "."),
-        f"- Evaluation: {evaluation}; total {t['total']:.1f} s (ratequant {env['ratequant_version']}, "
-        f"torch {env['torch_version']}, {env['threads']} threads, {env['device']}).",
+        f"- Evaluation: {evaluation}; total {t['total']:.1f} s (ratequant {md_text(env['ratequant_version'])}, "
+        f"torch {md_text(env['torch_version'])}, {env['threads']} threads, {md_text(env['device'])}).",
         "",
     ]
     return "\n".join(lines)
@@ -314,7 +319,7 @@ def summary_markdown(
     cfg = results.config
     lines = [heading, ""]
     if command:
-        lines += ["Generated by `ratequant compare` with:", "", "```", command, "```", ""]
+        lines += ["Generated by `ratequant compare` with:", "", *md_fenced(command), ""]
     lines += [
         *setup_lines(results),
         _noise_line(results),

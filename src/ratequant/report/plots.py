@@ -56,7 +56,7 @@ def bits_heatmap(bits: np.ndarray, path: str | Path, title: str = "") -> Path:
                 ax.text(head, layer, str(b), ha="center", va="center", fontsize=6, color="w")
     fig.colorbar(image, ax=axes[0].tolist(), ticks=range(lo, hi + 1), label="bits")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain_title(title))
     return _save(fig, path)
 
 
@@ -94,8 +94,16 @@ def distortion_curves(
         ax.set_title(f"{KINDS[k]}s: beta = {betas[k]:.2f}")
     axes[0].set_ylabel("distortion")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain_title(title))
     return _save(fig, path)
+
+
+def plain_title(text: str) -> str:
+    """``text`` drawn as it is: one line (:func:`~ratequant.validation.inert`), with ``$`` escaped so that a name
+    holding dollar signs is not read as matplotlib mathtext (which refuses what it cannot parse)."""
+    from ratequant.validation import inert
+
+    return inert(text).replace("$", r"\$")
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -198,7 +206,7 @@ def method_panels(
         frameon=False,
     )
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain_title(title))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -249,5 +257,5 @@ def bits_heatmap_grid(rows: dict[str, np.ndarray], path: str | Path, title: str 
         ax.set_xlabel("layer")
     fig.colorbar(image, ax=axes.ravel().tolist(), ticks=range(lo, hi + 1), label="bits", fraction=0.03, pad=0.01)
     if title:
-        fig.suptitle(title + " (kv heads down, layers across)", fontsize=10)
+        fig.suptitle(plain_title(title + " (kv heads down, layers across)"), fontsize=10)
     return _save(fig, path)

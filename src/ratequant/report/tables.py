@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,12 +10,15 @@ import numpy as np
 from ratequant.experiments.config import budget_text
 from ratequant.experiments.methods import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS
 from ratequant.experiments.results import CompareResults, MethodResult
+from ratequant.validation import inert
 
 METHOD_NAMES = {
     "uniform": "uniform",
     "kv-split": "K/V split",
     "layerwise": "layerwise",
     "ratequant": "RateQuant",
+    "default": "default plan",
+    "auto": "auto (any design)",
     "mismatched": "mismatched",
     "ratequant-search": "RateQuant + KL search",
     "norms": "weight norms",
@@ -40,6 +44,33 @@ def fmt_metric(metric: str, x: float) -> str:
 
 def fmt_share(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.0%}"
+
+
+_MD_SPECIALS = str.maketrans({c: "\\" + c for c in "\\`*_[]|~$"})
+_HTML = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def md_text(text: object) -> str:
+    """``text`` (a name read from a file or a model) as inert markdown: one line, control characters shown
+    (:func:`~ratequant.validation.inert`), markdown specials backslash-escaped and ``& < >`` as HTML entities,
+    so it renders as the characters it holds, in running text and in table cells alike."""
+    return inert(text).translate(_MD_SPECIALS).translate(_HTML)
+
+
+def md_code(text: object) -> str:
+    """``text`` as an inline code span that holds it literally: fenced by more backticks than it contains in a
+    row, padded when it starts or ends with one (CommonMark). Not for table cells (use :func:`md_text`)."""
+    text = inert(text)
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_fenced(text: object) -> list[str]:
+    """``text`` as the lines of a fenced code block whose fence no line of it can close."""
+    lines = [inert(line) for line in str(text).splitlines()] or [""]
+    fence = "`" * max(3, max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0) + 1)
+    return [fence, *lines, fence]
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
@@ -267,7 +298,7 @@ def evaluations_table(results: CompareResults) -> str:
         fp = results.full_precision.score(name)
         mark = " (headline)" if name == results.primary else ""
         row = [
-            f"{ev['corpus']}, {ev['scoring']}{mark}",
+            f"{md_text(ev['corpus'])}, {md_text(ev['scoring'])}{mark}",
             f"{ev['scored_tokens']:,}",
             f"{fmt_ppl(fp.ppl)} ± {fmt_ppl(fp.ppl_se)}",
         ]

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from ratequant.errors import RateQuantError
 from ratequant.experiments.results import CompareResults
-from ratequant.jsonio import read_json, write_json
+from ratequant.jsonio import publish, read_json, write_json
 from ratequant.report.figures import draw_figures
 from ratequant.report.markdown import report_markdown, summary_markdown
+from ratequant.validation import inert, show_value
 
 CORE_FILES = ("results.json", "config.json", "report.md", "summary.md")
 OWN_NAMES = re.compile(r"^(?:(?:kl|ppl)_vs_bits|quant_vs_rank|curves_[A-Za-z0-9_-]{1,64}|bits_[0-9.]{1,16})\.png$")
@@ -134,8 +135,15 @@ def write_report(
         write_json(staging / "results.json", payload)
         names = ["results.json", *written]
         _remove_stale(out, previous, set(names))
-        for name in names:
+        # without overwrite, results.json is published exclusively first: it claims the folder, so of two runs
+        # racing for one new report folder exactly one writes it
+        publish(staging / "results.json", out / "results.json", overwrite=overwrite)
+        for name in names[1:]:
             os.replace(staging / name, out / name)
+    except FileExistsError:
+        raise RateQuantError(
+            f"{out} already holds a report (written meanwhile by another run); pass --force to overwrite it"
+        ) from None
     except OSError as exc:
         raise RateQuantError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     finally:
@@ -148,10 +156,25 @@ def rebuild_report(
 ) -> ReportFiles:
     """Redraw the report from a saved ``results.json`` (into its own folder unless ``out_dir``)."""
     data = read_json(results_json, what="compare results")
-    results = CompareResults.from_dict(data)
-    command = (data.get("report") or {}).get("command")
     out = Path(results_json).parent if out_dir is None else Path(out_dir)
-    return write_report(results, out, overwrite=True, command=command, summary_image_prefix=summary_image_prefix)
+    try:  # the file is someone's: a field missing or of the wrong type anywhere is one clear error
+        results = CompareResults.from_dict(data)
+        command = (data.get("report") or {}).get("command")
+        if command is not None and not isinstance(command, str):
+            raise TypeError(f"report.command must be a string, got {type(command).__name__}")
+        return write_report(results, out, overwrite=True, command=command, summary_image_prefix=summary_image_prefix)
+    except (KeyError, IndexError) as exc:
+        raise RateQuantError(
+            f"compare results {results_json} lack the field {inert(show_value(exc.args[0] if exc.args else '?'))}; "
+            "rewrite them with ratequant compare"
+        ) from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, RateQuantError):
+            raise
+        raise RateQuantError(
+            f"compare results {results_json} hold a malformed value ({inert(str(exc)[:200])}); "
+            "rewrite them with ratequant compare"
+        ) from None
 
 
 __all__ = ["CORE_FILES", "ReportFiles", "check_output", "rebuild_report", "repeat_command", "write_report"]
