@@ -611,3 +611,33 @@ def test_a_search_text_inside_the_residual_window_is_refused():
     with pytest.raises(RateQuantError, match="sink tokens"):
         CompareConfig(search_proposals=2, search_tokens=130, residual=128, sink_tokens="auto")
     assert CompareConfig(search_proposals=0, search_tokens=16, residual=128).search_tokens == 16  # off: unused
+
+
+def test_findings_state_the_default_plan_and_auto_against_their_rivals(results):
+    from ratequant.report.findings import choice_findings
+
+    text = "\n".join(choice_findings(results))
+    cells = len(DESIGNS) * len(BUDGETS)
+    assert re.search(rf"standard error in \d+ of {cells} \(design, budget\) cells", text)
+    for budget in BUDGETS:
+        check = results.auto_against_all(budget)
+        (auto,) = results.select(method="auto", budget=budget)
+        assert check["auto_kl"] == auto.kl and auto.kv_bytes_per_token <= check["auto_bytes"] * (1 + 1e-12)
+        assert check["within_one_se"] == (auto.kl - check["best_kl"] <= check["best_kl_se"])
+        assert f"auto at {budget:g} bits chose {auto.details['chosen']}" in text
+
+
+def test_methods_limits_what_is_scored(setup):
+    config = CompareConfig(
+        model="tiny", corpus="tiny", budgets=(2.5,), designs=("kivi", "uniform"), seq_len=48, windows=1,
+        calibration_seq_len=48, calibration_sequences=1, methods=("kv-split", "default", "auto"),
+    )  # fmt: skip
+    assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "--config" in config.command("out")  # no option sets it: the saved config repeats the run
+    with pytest.raises(RateQuantError, match="methods must be"):
+        CompareConfig(methods=("ratequant", "oracle"))
+    with one_thread():
+        results = run_compare(*setup, config, progress=False)
+    scored = {m.method for m in results.methods}
+    assert scored == {"full-precision", "kv-split", "default", "auto"}
+    assert CompareConfig.from_dict(json.loads(json.dumps(CompareConfig().to_dict()))).methods is None

@@ -95,6 +95,8 @@ def chosen_methods(
         )
 
     methods, info = [], {}
+    if not (config.scores("default") or config.scores("auto")):
+        return methods, info
     for value in config.budgets:
         budget = Budget.avg_bits(value)
         record: dict = {"default": {}}
@@ -110,9 +112,10 @@ def chosen_methods(
             candidates = candidates_of(settings, calibrated, budget, qualified=False)
             best, scores = choose_candidate(scored, candidates)
             record["default"][design] = scores or {best.name: scored(best.spec)}
-            methods.append(method("default", best, value, record["default"][design]))
+            if config.scores("default"):
+                methods.append(method("default", best, value, record["default"][design]))
             by_design[design] = (settings, policy, calibrated)
-        if AUTO_REFERENCE in by_design and len(config.designs) > 1:
+        if AUTO_REFERENCE in by_design and len(config.designs) > 1 and config.scores("auto"):
             settings, _, reference = by_design[AUTO_REFERENCE]
             equal = equal_bytes_budget(settings, loaded.geometry, reference.cost_model)
             pool: list[Candidate] = []

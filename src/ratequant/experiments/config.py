@@ -59,6 +59,7 @@ MODES = ("simulated", "streaming")
 
 LIST_FIELDS = (
     "budgets",
+    "methods",
     "designs",
     "bitset",
     "eval_corpora",
@@ -132,8 +133,10 @@ class CompareConfig:
     ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on
     the KL they cause on ``search_tokens`` tokens of calibration text, kept only if they also help on a second
     window (:func:`ratequant.pipeline.refine_allocation`; slow: a simulated forward pass per move).
-    ``choice_tokens`` is the length of the held-out calibration window on which the ``default`` and ``auto`` plans
-    are chosen (None: as ``calibrate`` chooses, :func:`ratequant.candidates.choice_tokens_for`).
+    ``methods`` (None: all) limits the methods scored to those named (e.g. ``["uniform", "kv-split", "ratequant",
+    "default", "auto"]``), for long runs on large models. ``choice_tokens`` is the length of the held-out
+    calibration window on which the ``default`` and ``auto`` plans are chosen (None: as ``calibrate`` chooses,
+    :func:`ratequant.candidates.choice_tokens_for`).
     """
 
     model: str = "default"
@@ -167,6 +170,7 @@ class CompareConfig:
     search_proposals: int = 0
     search_tokens: int = 1024
     choice_tokens: int | None = None
+    methods: tuple[str, ...] | None = None
     context_tokens: int = 4096
     bitset: tuple[int, ...] = DEFAULT_WIDTHS
     split_max_gap: int = 2
@@ -282,6 +286,16 @@ class CompareConfig:
             from ratequant.pipeline import check_search_text
 
             check_search_text(self.search_tokens, self.residual, self.sink_tokens)
+        if self.methods is not None:
+            from ratequant.experiments.methods import METHODS
+
+            chosen = tuple(self.methods)
+            unknown = [m for m in chosen if m not in METHODS]
+            if not chosen or unknown:
+                raise RateQuantError(
+                    f"compare config: methods must be a non-empty list of {', '.join(METHODS)}, got {self.methods!r}"
+                )
+            object.__setattr__(self, "methods", chosen)
         if self.preset not in PRESETS:
             raise RateQuantError(f"compare config: preset must be one of {PRESETS}, got {self.preset!r}")
 
@@ -302,7 +316,7 @@ class CompareConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         for name in LIST_FIELDS:
-            d[name] = list(getattr(self, name))
+            d[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return {"format_version": d.pop("format_version"), **d}
 
     @classmethod
@@ -317,7 +331,7 @@ class CompareConfig:
             raise RateQuantError("compare config has no format_version; it was not written by ratequant compare")
         kwargs = dict(d)
         for name in LIST_FIELDS:
-            if name in kwargs:
+            if name in kwargs and not (name == "methods" and kwargs[name] is None):
                 if not isinstance(kwargs[name], list):
                     raise RateQuantError(f"compare config: {name} must be a list")
                 kwargs[name] = tuple(kwargs[name])
@@ -360,6 +374,10 @@ class CompareConfig:
                 parts.append(f"{flag_of(name)} {','.join(map(str, getattr(self, name)))}")
         parts.append(f"--out {shlex.quote(out)}")
         return " ".join(parts)
+
+    def scores(self, method: str) -> bool:
+        """Whether ``method`` is scored (every method unless ``methods`` names some)."""
+        return self.methods is None or method in self.methods
 
     def kv_splits(self, budget: float) -> list[tuple[int, int]]:
         """Every ``(key_bits, value_bits)`` with ``k != v``, ``|k - v| <= split_max_gap``, mean ``budget``,

@@ -56,6 +56,8 @@ ALLOCATED_METHODS = (
 :mod:`ratequant.experiments.choice`); the last four run when asked for."""
 QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
 RANK_METHODS = ("rank", "rank+quant")
+METHODS = (*QUANTIZED_METHODS, *RANK_METHODS)
+"""Every method a comparison can score (:attr:`CompareConfig.methods` picks among them)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,6 +156,8 @@ def quantized_methods(
         options: AllocationOptions,
         refined: Refine | None = None,
     ) -> None:
+        if not config.scores(method):
+            return
         start = time.perf_counter()
         try:
             alloc = allocate(curves, Budget.avg_bits(budget), strategy, options)
@@ -303,6 +307,7 @@ def rank_methods(config: CompareConfig, loaded: LoadedModel, bases) -> tuple[lis
 
 __all__ = [
     "ALLOCATED_METHODS",
+    "METHODS",
     "FIXED_METHODS",
     "FULL_PRECISION",
     "QUANTIZED_METHODS",

@@ -279,6 +279,7 @@ class CompareResults:
             "auto": auto.label,
             "auto_kl": a.kl,
             "auto_kl_se": a.kl_se,
+            "auto_bytes": auto.kv_bytes_per_token,
             "best": f"{best.design} {best.label}",
             "best_kl": b.kl,
             "best_kl_se": b.kl_se,

@@ -151,7 +151,7 @@ def run_compare(
     chosen, choice_info = chosen_methods(config, loaded, corpus, fitted, sinks, skipped, say)
     methods += chosen
     ranked, rank_info = rank_methods(config, loaded, bases)
-    methods += ranked
+    methods += [m for m in ranked if config.scores(m.method)]
     timings["allocation"] = time.perf_counter() - t
     say(f"allocations: {len(methods)} methods ({timings['allocation']:.1f} s); {len(skipped)} skipped")
     timings["calibration"] = {

@@ -174,9 +174,64 @@ def study_findings(results: CompareResults) -> list[str]:
     return out
 
 
+def choice_findings(results: CompareResults, evaluation: str | None = None) -> list[str]:
+    """The plans ``calibrate`` hands a user: each design's default plan against the best fixed scheme (chosen on
+    the evaluation itself), and ``auto`` against the best method of any design at no more bytes, on KL."""
+    out = []
+    rows = [r for r in results.recovered(evaluation, "kl") if r["method"] == "default"]
+    if rows:
+        worse = []
+        for r in rows:
+            (fixed,) = [m for m in results.select(design=r["design"], budget=r["budget"]) if m.label == r["best_fixed"]]
+            if r["value"] - r["best_fixed_value"] > fixed.score(evaluation).kl_se:
+                worse.append(r)
+        shares = [r["share"] for r in rows if r["share"] is not None and not r["no_choice"]]
+        text = (
+            f"The default plan (RateQuant's allocation or a fixed split of the budget, whichever has the least KL on "
+            f"held-out calibration text) is worse than the best fixed scheme by more than one standard error in "
+            f"{len(worse)} of {len(rows)} (design, budget) cells"
+        )
+        text += (
+            ": "
+            + "; ".join(
+                f"{r['design']} at {budget_text(r['budget'])} bits ({r['label']}: "
+                f"{fmt_kl(r['value'])} against {fmt_kl(r['best_fixed_value'])} for {r['best_fixed']})"
+                for r in worse
+            )
+            + "."
+            if worse
+            else "."
+        )
+        if shares:
+            text += (
+                f" Share of the best fixed scheme's KL damage it recovers: median {fmt_share(float(np.median(shares)))}"
+                f", from {fmt_share(min(shares))} to {fmt_share(max(shares))}; by cell: "
+                + "; ".join(
+                    f"{r['design']} {budget_text(r['budget'])} bits {fmt_share(r['share'])}"
+                    for r in rows
+                    if r["share"] is not None and not r["no_choice"]
+                )
+                + "."
+            )
+        out.append(text)
+    for budget in results.config.budgets:
+        check = results.auto_against_all(budget, evaluation)
+        if check is None:
+            continue
+        verdict = "within one standard error of" if check["within_one_se"] else "**more than one standard error above**"
+        out.append(
+            f"auto at {budget_text(budget)} bits chose {check['auto'].removeprefix('auto (').removesuffix(')')}: KL "
+            f"{fmt_kl(check['auto_kl'])} ± {fmt_kl(check['auto_kl_se'])}, {verdict} the best of the "
+            f"{check['compared']} methods of every design at no more bytes ({check['best']}, "
+            f"{fmt_kl(check['best_kl'])} ± {fmt_kl(check['best_kl_se'])})."
+        )
+    return out
+
+
 def findings(results: CompareResults, evaluation: str | None = None) -> list[str]:
     """Plain-language bullets derived from the numbers of ``evaluation`` (default: the primary one)."""
-    out = versus_best_fixed(results, "kl", evaluation) + search_findings(results, evaluation)
+    out = choice_findings(results, evaluation) + versus_best_fixed(results, "kl", evaluation)
+    out += search_findings(results, evaluation)
     shares = [
         r["share"]
         for r in results.recovered(evaluation, "ppl")
@@ -280,4 +335,4 @@ def findings(results: CompareResults, evaluation: str | None = None) -> list[str
     return out
 
 
-__all__ = ["findings", "low_width_note", "search_findings", "versus_best_fixed"]
+__all__ = ["choice_findings", "findings", "low_width_note", "search_findings", "versus_best_fixed"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from ratequant.experiments.config import budget_text
 from ratequant.experiments.results import CompareResults
 from ratequant.report.findings import findings
@@ -45,11 +47,22 @@ def _sinks(results) -> str:
     return "sink tokens " + ", ".join(f"{d} {n}" for d, n in sinks.items()) + how
 
 
-def _informative(results: CompareResults) -> str:
+def _informative(results: CompareResults, shown: int = 4) -> str:
+    """Each design's lowest informative widths, with the components whose own floor lies above their kind's."""
     parts = []
     for name, d in results.designs.items():
-        low = d.min_bits or (d.fit.bitset[0], d.fit.bitset[0])
-        parts.append(f"{name} {low[0]}..8" if low[0] == low[1] else f"{name} keys {low[0]}..8, values {low[1]}..8")
+        floors = d.component_floors()
+        low = [int(floors[k].min()) for k in range(2)]
+        text = f"{name} {low[0]}..8" if low[0] == low[1] else f"{name} keys {low[0]}..8, values {low[1]}..8"
+        higher = [
+            f"layer {layer} kv-head {head} {('keys', 'values')[k]} from {int(floors[k, layer, head])}"
+            for k in range(2)
+            for layer, head in np.argwhere(floors[k] > low[k])
+        ]
+        if higher:
+            more = f" and {len(higher) - shown} more" if len(higher) > shown else ""
+            text += f" ({', '.join(higher[:shown])}{more})"
+        parts.append(text)
     return "; ".join(parts)
 
 
