@@ -74,13 +74,13 @@ def main(argv=None) -> int:
     from ratequant.models import load_model
     from ratequant.pipeline import (
         CAPTURE_BATCH_SIZE,
-        DEFAULT_CONTEXT,
         CalibrationSettings,
         allocate_for,
         cost_model_for,
         fit_design,
     )
     from ratequant.plan import Plan
+    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     loaded = load_model()
     corpus = load_corpus()
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         runs[phase] = [float(d.seconds[phase]) for d in designs]
         phases[phase] = float(np.median(runs[phase]))
     table, fit = fitted.table, fitted.fit
-    context = settings.budget.context_tokens or DEFAULT_CONTEXT
+    context = settings.budget.context_tokens or DEFAULT_CONTEXT_TOKENS
 
     def allocation():
         cost = cost_model_for(policy, loaded, context, settings.bitset)

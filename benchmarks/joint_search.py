@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     from ratequant.evaluation.protocol import WindowProtocol, Windows, make_windows
     from ratequant.kl_search import best_start, kl_on, search_allocation
     from ratequant.models import load_model
-    from ratequant.pipeline import DEFAULT_CONTEXT, CalibrationSettings, calibrate, cost_model_for
+    from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
+    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         run = calibrate(loaded, corpus, CalibrationSettings(quantizer=design, budget=Budget.avg_bits(args.budget)))
         spec = run.plan.resolve(model)
-        cost = cost_model_for(spec.policy, loaded, DEFAULT_CONTEXT)
+        cost = cost_model_for(spec.policy, loaded, DEFAULT_CONTEXT_TOKENS)
         starts = {fixed_name: kv_split(spec.bits, k_bits, v_bits), "RateQuant": np.array(spec.bits)}
         start, start_kl = best_start(search_kl, spec, starts)
         found = search_allocation(

@@ -95,13 +95,13 @@ def main(argv=None) -> int:
     from ratequant.kl_search import kl_on
     from ratequant.models import load_model
     from ratequant.pipeline import (
-        DEFAULT_CONTEXT,
         CalibrationSettings,
         allocate_for,
         bits_histogram,
         calibrate,
         cost_model_for,
     )
+    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         calibrated = Curves.measured(
             values, curves.bitset, design=design, label="fisher x kind joint KL", min_bits=curves.min_bits
         )
-        cost = cost_model_for(spec.policy, loaded, DEFAULT_CONTEXT, settings.bitset)
+        cost = cost_model_for(spec.policy, loaded, DEFAULT_CONTEXT_TOKENS, settings.bitset)
         allocations = {
             fixed_name: kv_split(spec.bits, k_bits, v_bits),
             "RateQuant": np.array(spec.bits),

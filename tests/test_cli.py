@@ -41,12 +41,14 @@ def test_eval_on_local_model_writes_json(tmp_path, capsys, tiny_model_dir):
     )
     assert code == 0 and "perplexity" in out
     result = json.loads(out_json.read_text())
-    assert result["seq_len"] == 32 and result["tokens"] == 3 * 31
+    assert result["seq_len"] == 32 and result["tokens"] == 3 * 16  # the second half of each window, by default
     assert isinstance(result["ppl"], float) and result["ppl"] > 1
     assert result["model"] == tiny_model_dir.name and result["corpus"] == str(corpus)
     assert isinstance(result["seconds"], float) and result["format_version"] == 2
     assert (
-        result["task"] == "perplexity" and result["windows"]["bos"] is False and result["windows"]["scoring"] == "all"
+        result["task"] == "perplexity"
+        and result["windows"]["bos"] is False
+        and result["windows"]["scoring"] == "second-half"
     )
     # an existing output is not overwritten without --force
     code, _, err = run_cli(
@@ -114,7 +116,7 @@ def test_eval_default_model_json(tmp_path, capsys):
     result = json.loads(out_json.read_text())
     assert {"ppl", "tokens", "seq_len", "windows", "model", "corpus", "seconds"} <= set(result)
     assert result["model"] == "smollm2-135m" and result["corpus"] == "pydoc-topics"
-    assert result["tokens"] == 2 * 255 and 5 < result["ppl"] < 40
+    assert result["tokens"] == 2 * 128 and 5 < result["ppl"] < 40  # the second half of each window
 
 
 def test_info_names_the_decode_path(tmp_path, capsys, tiny_model_dir):

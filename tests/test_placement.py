@@ -149,7 +149,20 @@ def test_cli_eval_and_calibrate_with_a_device_map_file(tmp_path, capsys, tiny_mo
     calibrate = ["calibrate", *common, "--avg-bits", "3", "--seq-len", "32", "--sequences", "2", "--out", str(plan)]
     assert main(calibrate) == 0
     out = tmp_path / "eval.json"
-    argv = ["eval", *common, "--plan", str(plan), "--seq-len", "32", "--windows", "2", "--residual", "0", "--json", str(out)]
+    argv = [
+        "eval",
+        *common,
+        "--plan",
+        str(plan),
+        "--seq-len",
+        "32",
+        "--windows",
+        "2",
+        "--residual",
+        "0",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu:5, disk:2"

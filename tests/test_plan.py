@@ -17,9 +17,8 @@ from ratequant.errors import PlanError
 from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
-from ratequant.plan_fields import PLAN_CONTEXT_TOKENS
 from ratequant.quantizers import get_quantizer
-from ratequant.spec import StoragePolicy
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, StoragePolicy
 
 G = Geometry(num_layers=4, num_kv_heads=2, head_dim=16, num_heads=8)
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -409,7 +408,7 @@ def costed_plan(itemsize: int = 2, budget: Budget | None = None) -> Plan:
     """A plan whose bytes per token come from its own design, residual window and sinks (as calibrate makes)."""
     budget = budget or Budget.avg_bits(2.75)
     policy = StoragePolicy(KIVI16, 32, 2)
-    context = budget.context_tokens or PLAN_CONTEXT_TOKENS
+    context = budget.context_tokens or DEFAULT_CONTEXT_TOKENS
     cost = CostModel.from_policy(policy, G, context, itemsize=itemsize)
     alloc = allocate(Curves.from_fit(make_fit()), budget, options=AllocationOptions(cost_model=cost))
     return Plan.from_allocation(
@@ -444,12 +443,6 @@ def test_a_byte_budget_plan_is_checked_at_its_own_context():
     d["budget"]["context_tokens"] = 1024  # the same bytes claimed at another context
     with pytest.raises(PlanError, match="at 1024 tokens of context"):
         Plan.from_dict(d)
-
-
-def test_plans_state_bytes_at_the_context_calibration_uses():
-    from ratequant.pipeline import DEFAULT_CONTEXT
-
-    assert DEFAULT_CONTEXT == PLAN_CONTEXT_TOKENS
 
 
 def test_load_needs_a_path_and_says_so():

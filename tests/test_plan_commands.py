@@ -63,6 +63,8 @@ def run_eval(tmp_path, tiny_model_dir, corpus_file, plan_path, *extra):
                 "40",
                 "--windows",
                 "2",
+                "--scoring",
+                "all",
                 "--json",
                 str(out),
                 *extra,
@@ -200,7 +202,7 @@ def test_eval_counts_the_scored_predictions_that_read_quantized_storage(
 
     argv = ["eval", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--plan", str(plan_path)]
     json_out = tmp_path / "none.json"
-    assert main([*argv, "--seq-len", "40", "--residual", "40", "--json", str(json_out)]) == 2
+    assert main([*argv, "--seq-len", "40", "--scoring", "all", "--residual", "40", "--json", str(json_out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ratequant: error: nothing would be quantized") and "--seq-len" in err[0]
     assert not json_out.exists()

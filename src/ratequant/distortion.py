@@ -38,6 +38,7 @@ from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
 from ratequant.quantizers.base import Quantizer, from_config
 from ratequant.registry import Registry
+from ratequant.spec import MAX_SINK_TOKENS
 from ratequant.validation import check_bitset, check_int
 
 
@@ -279,7 +280,7 @@ def measure_distortions(
             seconds["attention"] = time.perf_counter() - t0
         # the tensor pass always runs: it measures mse and the informative-width evidence (and fisher)
         t0 = time.perf_counter()
-        sinks = check_int(sink_tokens, "sink tokens", lo=0, hi=1 << 16)
+        sinks = check_int(sink_tokens, "sink tokens", lo=0, hi=MAX_SINK_TOKENS)
         tensor = _tensor_errors(stats, quantizer, bitset, "fisher" in metrics, keep, chunk_elements, sinks)
         elapsed = time.perf_counter() - t0
         for m in ("mse", "fisher"):

@@ -273,8 +273,9 @@ def fit_distortion(
     ``beta_key``/``beta_value`` always report the per-kind pooled fit; with ``"component"`` each
     component also gets its own slope (falling back to its kind's beta where it has fewer than two usable
     points or its own slope does not decrease). ``min_bits`` (lowest width of keys and of values, or of every
-    component ``[2, L, H]``) leaves the entries below a component's lowest informative width out of the regression. Raises :class:`RateQuantError` when
-    a kind's distortion does not decrease with bits (beta <= 1): the measurement or the metric is broken.
+    component ``[2, L, H]``) leaves the entries below a component's lowest informative width out of the
+    regression. Raises :class:`RateQuantError` when a kind's distortion does not decrease with bits (beta <= 1):
+    the measurement or the metric is broken.
     """
     arr, bitset = check_table(table, bitset)
     if len(bitset) < 2:

@@ -55,3 +55,13 @@ class Geometry:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def against_full_precision(self, nbytes: float, dtype: str | None = None, itemsize: int | None = None) -> str:
+        """``nbytes`` per token beside a full-precision cache's: ``"6,322 bytes per token (27.4% of float16's
+        23,040)"``, and of the model's ``dtype`` (``itemsize`` bytes a value) too when that is not 2 bytes."""
+        fp16 = self.kv_bytes_per_token(2)
+        text = f"{nbytes:,.0f} bytes per token ({nbytes / fp16:.1%} of float16's {fp16:,}"
+        if dtype is not None and itemsize is not None and itemsize != 2:
+            full = self.kv_bytes_per_token(itemsize)
+            text += f"; {nbytes / full:.1%} of the model's {dtype}, {full:,}"
+        return text + ")"

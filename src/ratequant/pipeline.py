@@ -43,10 +43,9 @@ from ratequant.models import LoadedModel
 from ratequant.plan import Plan
 from ratequant.progress import note, progress_bar
 from ratequant.quantizers import Quantizer, available, get_quantizer
-from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, KVQuantSpec, StoragePolicy
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH, MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
 from ratequant.validation import check_bitset, check_int
 
-DEFAULT_CONTEXT = 4096
 AUTO = "auto"
 """``quantizer="auto"``: calibrate every registered design and keep the best plan at the same true bytes."""
 AUTO_REFERENCE = "kivi"
@@ -111,7 +110,7 @@ class CalibrationSettings:
             tokens = choice_tokens_for(self.choice_tokens, self.residual_length, sinks)
             object.__setattr__(self, "choice_tokens", tokens)
         if self.sink_tokens != "auto":
-            check_int(self.sink_tokens, "sink tokens (a count, or 'auto')", lo=0, hi=1 << 16)
+            check_int(self.sink_tokens, "sink tokens (a count, or 'auto')", lo=0, hi=MAX_SINK_TOKENS)
         object.__setattr__(self, "bitset", check_bitset(self.bitset))
         check_int(self.seq_len, "seq_len", lo=2)
         check_int(self.sequences, "sequences", lo=1)
@@ -410,7 +409,7 @@ def allocate_design(
 ) -> DesignCalibration:
     """The cost model of ``policy`` and the settings' allocation on ``fitted``'s curves at ``budget`` (default the
     settings'): a design's calibration once its curves are fitted."""
-    context = settings.budget.context_tokens or DEFAULT_CONTEXT
+    context = settings.budget.context_tokens or DEFAULT_CONTEXT_TOKENS
     cost_model = cost_model_for(policy, loaded, context, settings.bitset)
     allocation = allocate_for(settings, fitted.curves, loaded.geometry, cost_model, budget)
     return DesignCalibration(policy, fitted, curves_design or policy.quantizer, cost_model, allocation)

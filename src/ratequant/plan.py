@@ -46,7 +46,6 @@ from ratequant.jsonio import read_json, write_text_atomic
 from ratequant.plan_fields import (
     FULL_PRECISION_ITEMSIZES,
     MAX_PLAN_BYTES,
-    PLAN_CONTEXT_TOKENS,
     REQUIRED,
     TOP_LEVEL,
     bits_field,
@@ -61,7 +60,7 @@ from ratequant.plan_fields import (
     quantizer_field,
     str_field,
 )
-from ratequant.spec import MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
 from ratequant.validation import inert, show_value
 
 FORMAT_VERSION = 2
@@ -160,8 +159,9 @@ class Plan:
 
     @property
     def stated_context_tokens(self) -> int:
-        """The context at which ``bytes_per_token`` is stated: the byte budget's, else :data:`PLAN_CONTEXT_TOKENS`."""
-        return self.budget.get("context_tokens") or PLAN_CONTEXT_TOKENS
+        """The context at which ``bytes_per_token`` is stated: the byte budget's, else
+        :data:`~ratequant.spec.DEFAULT_CONTEXT_TOKENS`."""
+        return self.budget.get("context_tokens") or DEFAULT_CONTEXT_TOKENS
 
     def recomputed_bytes_per_token(self, itemsize: int = 2, context_tokens: int | None = None) -> float:
         """True bytes per token of context of this plan's cache at ``context_tokens`` (default
@@ -413,7 +413,12 @@ class Plan:
             f"model: {self.model['name']} ({self._describe_geometry(self.model)})",
             f"quantizer: {self.quantizer['name']} {json.dumps(self.quantizer['params'], sort_keys=True)}",
             f"budget: {self.budget_object().describe()}; average code bits {self.avg_bits:.4f}"
-            + (f"; {self.bytes_per_token:.1f} bytes per token" if self.bytes_per_token is not None else "")
+            + (
+                f"; {self.geometry.against_full_precision(self.bytes_per_token)} at {self.stated_context_tokens:,} "
+                "tokens of context"
+                if self.bytes_per_token is not None
+                else ""
+            )
             + (f"; residual window {self.residual_length} tokens" if self.residual_length else "")
             + (f"; {self.sink_tokens} sink token(s) at full precision" if self.sink_tokens else ""),
         ]

@@ -34,9 +34,6 @@ MAX_HEAD_DIM = 2**16
 MAX_EXTRA_FIELDS = 64
 MAX_PARAM_DEPTH = 4
 MAX_PARAM_ITEMS = 4096
-PLAN_CONTEXT_TOKENS = 4096
-"""The context at which a plan states its ``bytes_per_token`` unless its budget names one (a byte budget's
-``context_tokens``): the tokens the sinks and the residual window are amortised over."""
 FULL_PRECISION_ITEMSIZES = (2, 4, 8)
 """Bytes per value of the dtypes a model may hold its full-precision tokens in (float16 and bfloat16, float32,
 float64): a plan does not record its model's dtype, so its ``bytes_per_token`` must match one of them."""
@@ -264,7 +261,6 @@ __all__ = [
     "MAX_PARAM_DEPTH",
     "MAX_PARAM_ITEMS",
     "MAX_PLAN_BYTES",
-    "PLAN_CONTEXT_TOKENS",
     "REQUIRED",
     "TOP_LEVEL",
     "bits_field",

@@ -42,6 +42,9 @@ from ratequant.validation import check_bits_array, check_int
 DEFAULT_RESIDUAL_LENGTH = 128
 """KIVI's full-precision residual window (Liu et al., ICML 2024), in tokens."""
 MAX_SINK_TOKENS = 1 << 16
+DEFAULT_CONTEXT_TOKENS = 4096
+"""The context length at which true bytes per token are stated by default (the residual window and the sink
+tokens are amortised over it)."""
 
 
 @dataclass(frozen=True)
@@ -263,4 +266,12 @@ class KVQuantSpec:
         )
 
 
-__all__ = ["DEFAULT_RESIDUAL_LENGTH", "CacheBytes", "KVQuantSpec", "StoragePolicy", "bit_groups"]
+__all__ = [
+    "DEFAULT_CONTEXT_TOKENS",
+    "DEFAULT_RESIDUAL_LENGTH",
+    "MAX_SINK_TOKENS",
+    "CacheBytes",
+    "KVQuantSpec",
+    "StoragePolicy",
+    "bit_groups",
+]

@@ -21,6 +21,7 @@ from ratequant.cli.options import (
 )
 from ratequant.errors import RateQuantError
 from ratequant.progress import note
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH
 
 
 def configure_calibrate(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
         "--context",
         type=positive_int,
         help="with --bytes-per-token: the context length over which the residual window and the sink tokens are "
-        "amortised (default 4096)",
+        f"amortised (default {DEFAULT_CONTEXT_TOKENS})",
     )
     parser.add_argument(
         "--metric", choices=METRICS, default=DEFAULT_METRIC, help=f"distortion metric (default {DEFAULT_METRIC})"
@@ -81,7 +82,10 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sequences", type=positive_int, default=4, help="calibration sequences (default 4)")
     parser.add_argument(
-        "--residual", type=int, default=128, help="full-precision residual window the cache will keep (default 128)"
+        "--residual",
+        type=int,
+        default=DEFAULT_RESIDUAL_LENGTH,
+        help=f"full-precision residual window the cache will keep (default {DEFAULT_RESIDUAL_LENGTH})",
     )
     parser.add_argument(
         "--sink-tokens",
@@ -137,7 +141,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             )
         budget = Budget.avg_bits(args.avg_bits)
     else:
-        budget = Budget.bytes_per_token(args.bytes_per_token, args.context or 4096)
+        budget = Budget.bytes_per_token(args.bytes_per_token, args.context or DEFAULT_CONTEXT_TOKENS)
     settings = CalibrationSettings(
         quantizer=args.quantizer,
         quantizer_params=dict(args.param),
@@ -208,7 +212,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         hist = "  ".join(f"{w}b:{n}" for w, n in bits_histogram(bits[k]).items())
         print(f"  {kind:<5} bits mean {bits[k].mean():.3f}   {hist}")
     bytes_text = (
-        f", {plan.bytes_per_token:,.0f} bytes/token at {settings.budget.context_tokens or 4096} tokens"
+        f", {plan.bytes_per_token:,.0f} bytes/token at {plan.stated_context_tokens} tokens"
         if plan.bytes_per_token
         else ""
     )

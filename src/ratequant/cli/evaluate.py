@@ -28,8 +28,10 @@ from ratequant.validation import inert
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
-    from ratequant.evaluation.protocol import BOS_CHOICES, SCORING
-    from ratequant.evaluation.tasks import TASKS
+    from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, SCORING
+    from ratequant.evaluation.tasks import TASKS, PasskeyTask
+
+    PASSKEY = PasskeyTask()  # its defaults
 
     add_model_options(parser)
     add_corpus_options(parser)
@@ -43,8 +45,10 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
         default="simulated",
         help="with --plan: simulated quantization on whole windows (fast, default) or through the real cache",
     )
-    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
-    parser.add_argument("--windows", type=positive_int, default=20, help="number of windows to evaluate (default 20)")
+    parser.add_argument("--seq-len", type=positive_int, help=f"tokens per window (default {DEFAULT_SEQ_LEN})")
+    parser.add_argument(
+        "--windows", type=positive_int, help=f"number of windows to evaluate (default {DEFAULT_WINDOWS})"
+    )
     parser.add_argument(
         "--bos",
         choices=BOS_CHOICES,
@@ -54,8 +58,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scoring",
         choices=SCORING,
-        default="all",
-        help="score every prediction (all, default) or the second half of each window (as llama.cpp)",
+        help="score the second half of each window (second-half, default, as llama.cpp's perplexity tool and "
+        "ratequant compare do) or every prediction (all)",
     )
     parser.add_argument(
         "--prefill-chunk",
@@ -64,7 +68,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
         help="streaming: tokens per forward pass through the cache (default: the quantization chunk)",
     )
     parser.add_argument(
-        "--context", type=positive_int, default=4096, help="passkey: prompt length in tokens (default 4096)"
+        "--context", type=positive_int, help=f"passkey: prompt length in tokens (default {PASSKEY.context})"
     )
     parser.add_argument(
         "--depths",
@@ -73,8 +77,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
         metavar="D,D,...",
         help="passkey: needle depths in [0, 1]",
     )
-    parser.add_argument("--trials", type=positive_int, default=2, help="passkey: trials per depth (default 2)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="passkey: seed of the keys (default 0)")
+    parser.add_argument("--trials", type=positive_int, help=f"passkey: trials per depth (default {PASSKEY.trials})")
+    parser.add_argument("--seed", type=nonnegative_int, help=f"passkey: seed of the keys (default {PASSKEY.seed})")
     add_output_options(parser)
 
 
@@ -83,15 +87,26 @@ def run_eval(args: argparse.Namespace) -> int:
     check_output(args)
     from ratequant.data import load_corpus
     from ratequant.evaluation.conditions import Simulated, Streaming
+    from ratequant.evaluation.protocol import DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
+    from ratequant.evaluation.tasks import PasskeyTask
+
+    PASSKEY = PasskeyTask()  # its defaults
 
     if args.plan is None and args.mode != "simulated":
         raise RateQuantError(
             "--mode streaming runs a plan's cache; pass --plan (without one the model runs at full precision)"
         )
-    if args.task == "passkey" and (args.seq_len != 512 or args.windows != 20 or args.scoring != "all"):
+    windows_given = any(getattr(args, name) is not None for name in ("seq_len", "windows", "scoring"))
+    if args.task == "passkey" and windows_given:
         raise RateQuantError("--seq-len, --windows and --scoring apply to --task perplexity; passkey takes --context")
-    if args.task != "passkey" and (args.context != 4096 or args.trials != 2 or args.seed != 0):
+    if args.task != "passkey" and any(getattr(args, name) is not None for name in ("context", "trials", "seed")):
         raise RateQuantError("--context, --depths, --trials and --seed apply to --task passkey")
+    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
+    args.windows = args.windows or DEFAULT_WINDOWS
+    args.scoring = args.scoring or DEFAULT_SCORING
+    args.context = args.context or PASSKEY.context
+    args.trials = args.trials or PASSKEY.trials
+    args.seed = PASSKEY.seed if args.seed is None else args.seed
     from ratequant.evaluation.protocol import WindowProtocol
     from ratequant.evaluation.tasks import PasskeyTask, PerplexityTask
 

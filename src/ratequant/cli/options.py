@@ -57,12 +57,14 @@ def nonnegative_int(text: str) -> int:
 
 
 def sink_arg(text: str) -> int | str:
-    """'auto' or a non-negative number of sink tokens (at most 65536)."""
+    """'auto' or a non-negative number of sink tokens (at most :data:`~ratequant.spec.MAX_SINK_TOKENS`)."""
+    from ratequant.spec import MAX_SINK_TOKENS
+
     if text == "auto":
         return text
     value = nonnegative_int(text)
-    if value > 1 << 16:
-        raise argparse.ArgumentTypeError(f"at most 65536 sink tokens, got {value}")
+    if value > MAX_SINK_TOKENS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SINK_TOKENS} sink tokens, got {value}")
     return value
 
 

@@ -25,6 +25,12 @@ from ratequant.validation import check_choice, check_int
 
 BOS_CHOICES = ("auto", "yes", "no")
 SCORING = ("all", "second-half")
+DEFAULT_SEQ_LEN = 512
+DEFAULT_WINDOWS = 8
+DEFAULT_SCORING = "second-half"
+"""The evaluation every command defaults to (``eval``, ``compare``): windows of :data:`DEFAULT_SEQ_LEN` tokens,
+:data:`DEFAULT_WINDOWS` of them, the second half of each scored as llama.cpp's perplexity tool does (every scored
+token has a long context, and reads quantized history past the residual window)."""
 MAX_TEXT_FACTOR = 8
 """Characters of text read per token needed (generous; English averages about 4)."""
 
@@ -151,4 +157,15 @@ def encode_prefix(tokenizer, text: str, needed_tokens: int) -> torch.Tensor:
         size *= 2
 
 
-__all__ = ["BOS_CHOICES", "SCORING", "WindowProtocol", "Windows", "bos_token_id", "encode_prefix", "make_windows"]
+__all__ = [
+    "BOS_CHOICES",
+    "DEFAULT_SCORING",
+    "DEFAULT_SEQ_LEN",
+    "DEFAULT_WINDOWS",
+    "SCORING",
+    "WindowProtocol",
+    "Windows",
+    "bos_token_id",
+    "encode_prefix",
+    "make_windows",
+]

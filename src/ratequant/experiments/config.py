@@ -14,8 +14,9 @@ from pathlib import Path
 from ratequant.allocation.cost import DEFAULT_WIDTHS
 from ratequant.distortion import DEFAULT_METRIC, METRICS
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.protocol import BOS_CHOICES
+from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from ratequant.jsonio import read_json, write_json
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, MAX_SINK_TOKENS
 from ratequant.validation import check_bitset, check_choice, check_int, finite_real
 
 FORMAT_VERSION = 2
@@ -145,10 +146,10 @@ class CompareConfig:
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     designs: tuple[str, ...] = DEFAULT_DESIGNS
     metric: str = DEFAULT_METRIC
-    seq_len: int = 512
-    windows: int = 8
+    seq_len: int = DEFAULT_SEQ_LEN
+    windows: int = DEFAULT_WINDOWS
     bos: str = "auto"
-    scoring: str = "second-half"
+    scoring: str = DEFAULT_SCORING
     calibration_seq_len: int = 512
     calibration_sequences: int = 4
     residual: int = 0
@@ -171,7 +172,7 @@ class CompareConfig:
     search_tokens: int = 1024
     choice_tokens: int | None = None
     methods: tuple[str, ...] | None = None
-    context_tokens: int = 4096
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
     bitset: tuple[int, ...] = DEFAULT_WIDTHS
     split_max_gap: int = 2
     hybrid_design: str = "uniform"
@@ -240,13 +241,15 @@ class CompareConfig:
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), f"compare config: {name}", lo=1, hi=1 << 20)
         if self.sink_tokens != "auto":
-            sinks = check_int(self.sink_tokens, "compare config: sink_tokens ('auto' or a count)", lo=0, hi=1 << 16)
+            sinks = check_int(
+                self.sink_tokens, "compare config: sink_tokens ('auto' or a count)", lo=0, hi=MAX_SINK_TOKENS
+            )
             object.__setattr__(self, "sink_tokens", sinks)
         object.__setattr__(self, "peers", tuple(self.peers))
         if any(p not in PEERS for p in self.peers):
             raise RateQuantError(f"compare config: peers must be among {', '.join(PEERS)}, got {self.peers!r}")
         study = tuple(self.sink_study)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 16 for v in study):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SINK_TOKENS for v in study):
             raise RateQuantError(f"compare config: sink_study must be sink-token counts, got {self.sink_study!r}")
         object.__setattr__(self, "sink_study", tuple(sorted(set(study))))
         object.__setattr__(self, "headroom_designs", tuple(self.headroom_designs))

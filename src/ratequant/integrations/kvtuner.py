@@ -36,6 +36,7 @@ from ratequant.geometry import Geometry
 from ratequant.jsonio import read_json, read_text
 from ratequant.plan import Plan
 from ratequant.plan_fields import bounded_geometry
+from ratequant.spec import DEFAULT_RESIDUAL_LENGTH
 from ratequant.validation import show_value
 
 KVTUNER_ALLOCATOR = "kvtuner-import"
@@ -162,7 +163,7 @@ def import_kvtuner(
     model_name: str,
     geometry: Geometry,
     quantizer_config,
-    residual_length: int = 128,
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH,
     sink_tokens: int = 0,
 ) -> Plan:
     """A plan holding the widths of KVTuner table ``data`` for a model of ``geometry``.
@@ -252,7 +253,7 @@ def load_kvtuner(
     model_name: str,
     geometry: Geometry,
     quantizer_config,
-    residual_length: int = 128,
+    residual_length: int = DEFAULT_RESIDUAL_LENGTH,
     sink_tokens: int = 0,
 ) -> Plan:
     """:func:`import_kvtuner` of the file at ``path`` (:func:`read_kvtuner`); errors name the path."""
