@@ -10,8 +10,8 @@ For each context length (default 512, 1024, 2048, 4096 tokens of the evaluation 
   metadata of groups of 32);
 * ``rq-mixed-2.5``: ``RateQuantCache`` with a RateQuant plan at 2.5 average code bits, calibrated on the
   default model before the run (KIVI, Fisher metric, 4 x 512 calibration tokens; ``--plan`` loads one
-  instead), decoded by the native kernel where it is built (``attention="decode"``: the history decoded on
-  every step);
+  instead; ``--design quarot`` calibrates it for that design, or applies a loaded plan's widths with it),
+  decoded by the native kernel where it is built (``attention="decode"``: the history decoded on every step);
 * ``rq-mixed-2.5-packed`` and ``rq-uniform-2-packed``: the same caches with decode steps attending straight
   from the packed codes inside the context manager :func:`ratequant.cache.packed_attention`, the history never
   decoded;
@@ -90,8 +90,9 @@ def cache_bytes(name: str, cache) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int):
-    """The RateQuant plan of the mixed conditions: loaded from ``path``, or calibrated now (default settings)."""
+def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int, design: str | None = None):
+    """The RateQuant plan of the mixed conditions: loaded from ``path``, or calibrated now (default settings,
+    for ``design`` when given)."""
     from ratequant.allocation import Budget
     from ratequant.data import load_corpus
     from ratequant.pipeline import CalibrationSettings, calibrate
@@ -100,7 +101,8 @@ def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int):
     if path is not None:
         return Plan.load(path), 0.0
     start = time.perf_counter()
-    settings = CalibrationSettings(budget=Budget.avg_bits(avg_bits), sequences=sequences)
+    extra = {} if design is None else {"quantizer": design}
+    settings = CalibrationSettings(budget=Budget.avg_bits(avg_bits), sequences=sequences, **extra)
     run = calibrate(loaded, load_corpus(), settings)
     return run.plan, time.perf_counter() - start
 
@@ -122,7 +124,15 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
     layers, heads, head_dim = g.num_layers, g.num_kv_heads, g.head_dim
     kivi, kivi64 = get_quantizer("kivi"), get_quantizer("kivi", group_size=HQQ_GROUP)
     uniform2 = np.full((2, layers, heads), 2)
-    plan, plan_seconds = calibrated_plan(loaded, 2.5, args.plan, args.calib_sequences)
+    plan, plan_seconds = calibrated_plan(loaded, 2.5, args.plan, args.calib_sequences, args.design)
+    design = None if args.design is None else get_quantizer(args.design)
+    other = {}  # a loaded plan's widths with another design: a distortion-model mismatch, fine for speed
+    if design is not None and design.name != plan.quantizer["name"]:
+        other = {"quantizer": design, "allow_mismatch": True}
+
+    def from_plan(**kw) -> RateQuantCache:
+        return RateQuantCache.from_plan(plan, model, **other, **kw)
+
     elem = next(model.parameters()).element_size()
     full_history = 2 * layers * heads * head_dim * elem * (max(args.contexts) + args.new_tokens + args.warmup)
     conditions = {
@@ -133,14 +143,12 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
         "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=128),
         "rq-uniform-2": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
         "rq-uniform-2-g64": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi64, 128)),
-        "rq-mixed-2.5": lambda: RateQuantCache.from_plan(plan, model, attention="decode"),
-        "rq-mixed-2.5-packed": lambda: RateQuantCache.from_plan(plan, model, attention="decode"),
-        "rq-mixed-2.5-plain": lambda: RateQuantCache.from_plan(plan, model),
+        "rq-mixed-2.5": lambda: from_plan(attention="decode"),
+        "rq-mixed-2.5-packed": lambda: from_plan(attention="decode"),
+        "rq-mixed-2.5-plain": lambda: from_plan(),
         "rq-uniform-2-packed": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
-        "rq-mixed-2.5-torch": lambda: RateQuantCache.from_plan(plan, model, attention="decode"),
-        "rq-mixed-2.5+buffer": lambda: RateQuantCache.from_plan(
-            plan, model, buffer_bytes=full_history, attention="decode"
-        ),
+        "rq-mixed-2.5-torch": lambda: from_plan(attention="decode"),
+        "rq-mixed-2.5+buffer": lambda: from_plan(buffer_bytes=full_history, attention="decode"),
         "no-history": lambda: DynamicCache(config=cfg),
     }
     contexts = {
@@ -168,6 +176,7 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
             if args.plan
             else f"calibrated in this run (default settings, 2.5 bits, {args.calib_sequences} x 512 tokens)",
             "calibration_seconds": plan_seconds,
+            "design": plan.quantizer["name"] if design is None else design.name,
             "mean_bits": float(bits.mean()),
             "key_mean_bits": float(bits[0].mean()),
             "value_mean_bits": float(bits[1].mean()),
@@ -358,6 +367,11 @@ def main(argv=None) -> int:
         ],
     )
     parser.add_argument("--plan", type=Path, help="plan JSON for the mixed conditions (default: calibrate one now)")
+    parser.add_argument(
+        "--design",
+        help="quantizer design of the mixed conditions (e.g. quarot): calibrate the plan for it, or apply a "
+        "--plan's widths with it (default: kivi, or the loaded plan's own)",
+    )
     parser.add_argument("--calib-sequences", type=int, default=4, help="512-token calibration windows (default 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("results/decode_speed.json"))

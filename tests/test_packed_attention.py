@@ -24,6 +24,9 @@ from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec
 
 KIVI4 = get_quantizer("kivi", group_size=4)
+QUAROT = get_quantizer("quarot")
+PACKED = {"kivi": KIVI4, "quarot": QUAROT}
+"""A min-max design and a rotated one (attending in the rotated space): the designs the fused call serves."""
 
 
 def spec_for(model, quantizer, *, seed=0, low=1, residual=8, sinks=1):
@@ -54,20 +57,39 @@ def ids_for(batch=1, tokens=56, seed=0):
     return torch.randint(2, 300, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-def assert_same(model, spec, ids, mask=None, tol=1e-4, **kw):
+def assert_same(model, spec, ids, mask=None, tol=1e-4, *, served=False, **kw):
     """Packed attention equals the decode path, by the fused native call (which must then serve every step
-    it is given) and, with that call switched off, by the step composed op by op."""
+    it is given) and, with that call switched off, by the step composed op by op. With ``served``, the steps
+    must really have read the packed stores (not fallen back to the decode path)."""
     want = decode_logits(model, spec, ids, mask, packed=False, **kw)
+    steps = []
 
     def composed_step_refused(*args):
         raise AssertionError("a step the fused native call should serve was composed op by op")
 
-    fused = mock.patch.object(attention, "_attend_step", composed_step_refused)
-    composed = mock.patch.object(native, "attend_layer", lambda *args: None)
-    for path in (fused, composed) if native.available() else (contextlib.nullcontext(),):
-        with path:
+    def counted(real):
+        def fn(*args, **kwargs):
+            steps.append(1)
+            return real(*args, **kwargs)
+
+        return fn
+
+    fused = (
+        mock.patch.object(attention, "_attend_step", composed_step_refused),
+        mock.patch.object(native, "attend_layer", counted(native.attend_layer)),
+    )
+    composed = (
+        mock.patch.object(native, "attend_layer", lambda *args: None),
+        mock.patch.object(attention, "_attend_step", counted(attention._attend_step)),
+    )
+    for patches in (fused, composed) if native.available() else ((),):
+        steps.clear()
+        with contextlib.ExitStack() as path:
+            for patch in patches:
+                path.enter_context(patch)
             got = decode_logits(model, spec, ids, mask, packed=True, **kw)
         assert (got - want).abs().max() <= tol, float((got - want).abs().max())
+        assert steps or not (served and native.available()), "the steps took the decode path"
 
 
 @pytest.mark.parametrize("design", available())
@@ -78,10 +100,23 @@ def test_every_design_and_width_equals_the_decode_path(design, family):
     assert_same(model, spec_for(model, quantizer), ids_for())
 
 
+@pytest.mark.parametrize("design", sorted(PACKED))
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_grouped_query_ratios(kv_heads):
+def test_grouped_query_ratios(kv_heads, design):
     model = tiny_model("llama", seed=2, num_key_value_heads=kv_heads)
-    assert_same(model, spec_for(model, KIVI4, seed=2), ids_for(seed=2))
+    assert_same(model, spec_for(model, PACKED[design], seed=2), ids_for(seed=2), served=True)
+
+
+@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize(("sinks", "residual"), [(0, 0), (1, 8), (3, 16), (4, 0)])
+def test_rotated_design_with_sinks_and_residual_windows(sinks, residual, group_size):
+    """quarot attends in the rotated space: the query rotated once, the full-precision sinks and tail rotated per
+    step, the output rotated back; every width (low=1), with and without sinks and a residual window."""
+    model = tiny_model("llama", seed=13)
+    quantizer = get_quantizer("quarot", group_size=group_size)
+    spec = spec_for(model, quantizer, seed=13, residual=residual, sinks=sinks)
+    assert_same(model, spec, ids_for(seed=13), served=True)
+    assert_same(model, spec, ids_for(seed=14), step=3, served=True)  # several query tokens, a causal mask
 
 
 def test_sliding_window_softcapping_and_several_query_tokens():
@@ -98,26 +133,34 @@ def test_sliding_window_softcapping_and_several_query_tokens():
         assert_same(model, spec, ids_for(seed=4), step=4)  # pieces of 4 tokens: a causal mask among them
 
 
-def test_left_padded_batch():
+@pytest.mark.parametrize("design", ["uniform", "quarot"])
+def test_left_padded_batch(design):
     model = tiny_model("llama", seed=5)
     ids = ids_for(batch=3, seed=5)
     mask = torch.ones_like(ids)
     mask[1, :7], mask[2, :13] = 0, 0
-    assert_same(model, spec_for(model, get_quantizer("uniform"), seed=5, residual=0, sinks=0), ids, mask)
+    spec = spec_for(model, get_quantizer(design), seed=5, residual=0, sinks=0)
+    assert_same(model, spec, ids, mask, served=True)
 
 
+@pytest.mark.parametrize("design", sorted(PACKED))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sixteen_bit_models(dtype):
+def test_sixteen_bit_models(dtype, design):
     model = tiny_model("llama", seed=6).to(dtype)
-    assert_same(model, spec_for(model, KIVI4, seed=6, low=2), ids_for(seed=6), tol=3e-2)
+    assert_same(model, spec_for(model, PACKED[design], seed=6, low=2), ids_for(seed=6), tol=3e-2, served=True)
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernel not built")
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("kind", ["key", "value"])
-@pytest.mark.parametrize("design", ["kivi", "uniform"])
+@pytest.mark.parametrize("design", ["kivi", "uniform", "quarot", "quarot-g8"])
 def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design, kind):
-    quantizer = KIVI4 if design == "kivi" else get_quantizer("uniform", group_size=8)
+    quantizer = {
+        "kivi": KIVI4,
+        "uniform": get_quantizer("uniform", group_size=8),
+        "quarot": QUAROT,
+        "quarot-g8": get_quantizer("quarot", group_size=8, clip_ratio=0.9),
+    }[design]
     check_kernel(quantizer, bits, kind, tokens=8)
 
 
@@ -145,6 +188,8 @@ def test_kernel_paths_for_rows_of_64_codes(bits, d, group, kind):
 
 
 def check_kernel(quantizer, bits: int, kind: str, tokens: int, d: int = 16) -> None:
+    """The kernel's scores and weighted values against decode-then-matmul; a rotated design's kernel reads the
+    decoded rows times its rotation ``R`` (``decoded @ R``, what it stores), and ``R`` is orthogonal."""
     chunks, batch, heads, rows = 3, 2, 2, 5
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(chunks * batch, heads, tokens, d, generator=gen)
@@ -153,6 +198,10 @@ def check_kernel(quantizer, bits: int, kind: str, tokens: int, d: int = 16) -> N
     assert prepared is not None
     decoded = quantizer.dequantize(q).view(chunks, batch, heads, tokens, d).permute(1, 2, 0, 3, 4)
     decoded = decoded.reshape(batch, heads, chunks * tokens, d)
+    rotation = quantizer.attend_rotation(d)
+    if rotation is not None:
+        torch.testing.assert_close(rotation @ rotation.T, torch.eye(d), rtol=0, atol=1e-6)
+        decoded = decoded @ rotation
     queries = torch.randn(batch, heads, rows, d, generator=gen)
     scores = torch.empty(batch, heads, rows, chunks * tokens)
     assert prepared.attend(batch, queries, scores, weighted=False)
@@ -231,7 +280,7 @@ def test_fused_layer_call_equals_its_definition(case):
 def test_only_stores_the_kernel_serves_are_read_packed():
     model = tiny_model("llama", seed=9)
     ids = ids_for(tokens=30, seed=9)
-    for design, served in (("kivi", native.available()), ("quarot", False)):
+    for design, served in (("kivi", native.available()), ("quarot", native.available()), ("turbo", False)):
         quantizer = KIVI4 if design == "kivi" else get_quantizer(design)
         cache = RateQuantCache(spec_for(model, quantizer, seed=9, low=2), model=model)
         with torch.no_grad():
@@ -239,13 +288,14 @@ def test_only_stores_the_kernel_serves_are_read_packed():
         assert all(store.reads_packed() == served for layer in cache.layers for store in layer._stores), design
 
 
-def test_generate_gives_the_same_tokens_with_either_attention():
+@pytest.mark.parametrize("design", sorted(PACKED))
+def test_generate_gives_the_same_tokens_with_either_attention(design):
     from ratequant.generation import generate
     from ratequant.models import LoadedModel
 
     model = tiny_model("llama", seed=8)
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
-    spec = spec_for(model, KIVI4, seed=8, low=2)
+    spec = spec_for(model, PACKED[design], seed=8, low=2)
     prompt = "the quick brown fox jumps over the lazy dog " * 4
     decode = generate(loaded, prompt, spec, max_new_tokens=24, attention="decode")
     packed = generate(loaded, prompt, spec, max_new_tokens=24, attention="packed")

@@ -15,13 +15,22 @@ and kv head,
   groups as ``(p * s) * c``, the ``p * z`` terms summed apart).
 
 A step is one native call per layer (:func:`ratequant.native.attend_layer`: every bit group of both kinds,
-sinks, tail, mask, soft-capping and softmax) for the min-max designs (``uniform``, ``kivi``) on the CPU; where
-that call declines its arguments, the same step is composed op by op (:func:`scores` and
-:func:`weighted_values` dispatch per bit group to the kernel's :meth:`~ratequant.native.PreparedDecode.attend`,
-with a decode-then-``matmul`` branch as a safety net; a GPU kernel would be one more branch there). A
-cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
-tensors, the rotated designs (``quarot``, ``turbo``) and a missing kernel keep the decode path, which is
-faster there. Longer forward passes (prefill pieces) attend block by block on the CPU
+sinks, tail, mask, soft-capping and softmax) for the min-max designs (``uniform``, ``kivi``; ``quarot`` in its
+rotated space, below) on the CPU; where that call declines its arguments, the same step is composed op by op
+(:func:`scores` and :func:`weighted_values` dispatch per bit group to the kernel's
+:meth:`~ratequant.native.PreparedDecode.attend`, with a decode-then-``matmul`` branch as a safety net; a GPU
+kernel would be one more branch there).
+
+Rotated designs whose stored rows are a min-max layout (``quarot``: a Hadamard rotation ``H``, then per-token
+min-max) attend in the rotated space, exactly as orthogonality allows (:meth:`KindStore.rotation`): the query
+rows are rotated once, ``q' = q R_k``, the full-precision sinks and tail once per step (``R`` is orthogonal, so
+``q' . (k R_k) = q . k``), the kernel scores ``q'`` against the stored rotated codes and accumulates the rotated
+values, and the output is rotated back once per step and kv head, ``o = o' R_v^T``. The history is never
+decoded nor unrotated.
+
+A cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
+tensors, ``turbo`` (a Lloyd-Max codebook, not a min-max grid the kernel reads) and a missing kernel keep the
+decode path, which is faster there. Longer forward passes (prefill pieces) attend block by block on the CPU
 (:func:`attention_in_blocks`): each block of the history is decoded to float32 and attended with PyTorch's
 fused kernel, the blocks merged by their log-sum-exp, so a piece late in a long prompt never holds the decoded
 history (two float32 copies of every key and value) nor a float mask over it. Attention calls that do not
@@ -87,48 +96,58 @@ def _heads(group) -> slice | list[int]:
     return group.head_slice if group.head_slice is not None else list(group.heads)
 
 
-def scores(view: PackedView, queries: torch.Tensor) -> torch.Tensor:
+def _rotated(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Tokens ``x`` ``[B, H, n, D]`` in the space of the stored rows: ``x @ R`` float32, or ``x`` itself (its
+    dtype kept) without a rotation (:meth:`KindStore.rotation`)."""
+    return x if rotation is None else x.float() @ rotation
+
+
+def scores(view: PackedView, queries: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
     """``queries`` ``[B, H, R, D]`` float32 (R query rows per kv head, scaled) against every key of ``view``:
-    ``[B, H, R, n]`` float32 in token order (sinks, stored chunks, tail)."""
+    ``[B, H, R, n]`` float32 in token order (sinks, stored chunks, tail). With ``rotation`` (the keys'
+    :meth:`KindStore.rotation` ``R``) the queries are already rotated (``q R``) and the keys are read rotated."""
     store = view.store
     s, p = store.sink_len, view.chunks * store.chunk
     b, h, r, _ = queries.shape
     out = queries.new_empty(b, h, r, view.length)
-    out[..., :s] = queries @ store.sink.float().transpose(-1, -2)
-    out[..., s + p :] = queries @ view.tail.float().transpose(-1, -2)
+    out[..., :s] = queries @ _rotated(store.sink, rotation).float().transpose(-1, -2)
+    out[..., s + p :] = queries @ _rotated(view.tail, rotation).float().transpose(-1, -2)
     for group in store.groups if p else ():
         heads = _heads(group)
         q = queries[:, heads].contiguous()
         part = q.new_empty(b, q.shape[1], r, p)
         prepared = group.attend_block(store.quantizer, 0, view.chunks, store.residual.dtype)
         if prepared is None or not prepared.attend(b, q, part, weighted=False):
-            part = q @ _decoded(store, group, view.chunks).transpose(-1, -2)
+            part = q @ _decoded(store, group, view.chunks, rotation).transpose(-1, -2)
         out[:, heads, :, s : s + p] = part
     return out
 
 
-def weighted_values(view: PackedView, weights: torch.Tensor) -> torch.Tensor:
-    """``weights`` ``[B, H, R, n]`` float32 over the values of ``view``: ``[B, H, R, D]`` float32."""
+def weighted_values(view: PackedView, weights: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """``weights`` ``[B, H, R, n]`` float32 over the values of ``view``: ``[B, H, R, D]`` float32 (with
+    ``rotation``, the values' :meth:`KindStore.rotation` ``R``: in the rotated space, to be multiplied by ``R.T``)."""
     store = view.store
     s, p = store.sink_len, view.chunks * store.chunk
-    out = weights[..., :s] @ store.sink.float() + weights[..., s + p :] @ view.tail.float()
+    out = weights[..., :s] @ _rotated(store.sink, rotation).float()
+    out += weights[..., s + p :] @ _rotated(view.tail, rotation).float()
     for group in store.groups if p else ():
         heads = _heads(group)
         w = weights[:, heads, :, s : s + p].contiguous()
         part = torch.zeros_like(out[:, heads])
         prepared = group.attend_block(store.quantizer, 0, view.chunks, store.residual.dtype)
         if prepared is None or not prepared.attend(w.shape[0], w, part, weighted=True):
-            part = w @ _decoded(store, group, view.chunks)
+            part = w @ _decoded(store, group, view.chunks, rotation)
         out[:, heads] += part
     return out
 
 
-def _decoded(store, group, chunks: int) -> torch.Tensor:
-    """The group's first ``chunks`` stored chunks decoded, ``[B, Hg, chunks * F, D]`` float32."""
+def _decoded(store, group, chunks: int, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """The group's first ``chunks`` stored chunks decoded, ``[B, Hg, chunks * F, D]`` float32 (times ``rotation``
+    when given: the space the kernel reads them in)."""
     b, _, _, d = store.residual.shape
     out = torch.empty(b, len(group.heads), chunks * store.chunk, d, dtype=torch.float32, device=store.residual.device)
     group.dequantize_into(store.quantizer, out, 0, chunks)
-    return out
+    return _rotated(out, rotation)
 
 
 def _mask(attention_mask, batch: int, queries: int, keys: int, device, is_causal: bool) -> torch.Tensor:
@@ -253,19 +272,24 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
     n = kv.length
     # one query after every key sees them all (transformers' sdpa rule): no mask
     mask = None if attention_mask is None and t == 1 else _mask(attention_mask, b, t, n, query.device, True)
-    keys, values = _layer_kind(kv), _layer_kind(vv)
+    rk, rv = kv.store.rotation(), vv.store.rotation()  # rotated designs attend in the rotated space
+    if rk is not None:
+        rows = rows @ rk
+    keys, values = _layer_kind(kv, rk), _layer_kind(vv, rv)
     out = None
     if keys is not None and values is not None:
         out = native.attend_layer(rows, t, keys, values, None if mask is None else mask[:, 0].contiguous(), softcap)
     if out is None:
-        out = _attend_step(kv, vv, rows, mask, softcap)
+        out = _attend_step(kv, vv, rows, mask, softcap, rk, rv)
+    if rv is not None:
+        out = out @ rv.T  # back from the values' rotated space, once per step and kv head
     out = out.view(b, hk, g, t, d).reshape(b, hq, t, d)
     return out.transpose(1, 2).to(query.dtype), None
 
 
-def _layer_kind(view: PackedView) -> native.LayerKind | None:
-    """A view as :func:`ratequant.native.attend_layer` reads it (sinks, prepared bit groups, tail), or None
-    when a group has no kernel."""
+def _layer_kind(view: PackedView, rotation: torch.Tensor | None = None) -> native.LayerKind | None:
+    """A view as :func:`ratequant.native.attend_layer` reads it (sinks, prepared bit groups, tail; the sinks and
+    tail rotated into the stored rows' space by ``rotation`` when given), or None when a group has no kernel."""
     store = view.store
     groups = []
     for group in store.groups if view.chunks else ():
@@ -273,14 +297,22 @@ def _layer_kind(view: PackedView) -> native.LayerKind | None:
         if prepared is None:
             return None
         groups.append((prepared, group.heads))
-    return store.sink, groups, view.tail
+    return _rotated(store.sink, rotation), groups, _rotated(view.tail, rotation)
 
 
-def _attend_step(kv: PackedView, vv: PackedView, rows: torch.Tensor, mask: torch.Tensor | None, softcap):
+def _attend_step(
+    kv: PackedView,
+    vv: PackedView,
+    rows: torch.Tensor,
+    mask: torch.Tensor | None,
+    softcap,
+    key_rotation: torch.Tensor | None = None,
+    value_rotation: torch.Tensor | None = None,
+):
     """The step :func:`ratequant.native.attend_layer` computes in one call, composed op by op (per bit group:
-    the kernel's scores or weighted values, else decode-then-matmul): ``rows [B, H, R, D]`` scaled float32 ->
-    ``[B, H, R, D]`` float32."""
-    logits = scores(kv, rows)
+    the kernel's scores or weighted values, else decode-then-matmul): ``rows [B, H, R, D]`` scaled float32
+    (rotated by ``key_rotation`` when given) -> ``[B, H, R, D]`` float32 (in ``value_rotation``'s space)."""
+    logits = scores(kv, rows, key_rotation)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if mask is None:
@@ -290,7 +322,7 @@ def _attend_step(kv: PackedView, vv: PackedView, rows: torch.Tensor, mask: torch
         t = mask.shape[2]
         logits = logits.view(b, h, r // t, t, n).masked_fill(~mask[:, :, None], float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, h, r, n)  # rows seeing nothing: 0
-    return weighted_values(vv, weights)
+    return weighted_values(vv, weights, value_rotation)
 
 
 def cache_attention(module, query, key, value, attention_mask, **kwargs):

@@ -287,11 +287,20 @@ class KindStore:
 
     def reads_packed(self) -> bool:
         """True when attention can read every stored chunk straight from its codes with the native kernel (CPU
-        tensors, a min-max design); otherwise the decode path is the faster one."""
+        tensors, a min-max design, or a min-max layout after a rotation as ``quarot``'s: :meth:`rotation`);
+        otherwise the decode path is the faster one."""
         if self.residual is None or self.residual.device.type != "cpu" or not native.available():
             return False
         n, dtype = self.num_chunks, self.residual.dtype
         return n == 0 or all(g.attend_block(self.quantizer, 0, n, dtype) is not None for g in self.groups)
+
+    def rotation(self) -> torch.Tensor | None:
+        """``R`` ``[D, D]`` float32 when the rows :meth:`GroupStore.attend_block` serves are the stored tokens
+        rotated (``decoded == rows @ R.T``; the design's ``attend_rotation``, e.g. ``quarot``'s Hadamard), else
+        None (the rows are the decoded tokens themselves)."""
+        if self.residual is None:
+            return None
+        return self.quantizer.attend_rotation(self.residual.shape[-1], self.residual.device)
 
     def _fill_buffer(self) -> None:
         """Dequantize newly stored chunks once into the working buffer, as far as its byte limit allows."""

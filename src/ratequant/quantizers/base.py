@@ -113,7 +113,13 @@ class Quantizer(ABC):
     def prepare_attend(self, q: QuantizedTensor):
         """A :class:`ratequant.native.PreparedDecode` that computes attention straight from ``q``'s packed rows
         (:meth:`~ratequant.native.PreparedDecode.attend`), or None where the design's decode is not a plain
-        ``codes * scale + zero`` or the native kernel is missing (then attention decodes the block first)."""
+        ``codes * scale + zero`` or the native kernel is missing (then attention decodes the block first). The rows
+        it serves may be rotated (``dequantize(q) == rows @ R.T`` with ``R`` from :meth:`attend_rotation`)."""
+        return None
+
+    def attend_rotation(self, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The orthogonal ``R [head_dim, head_dim]`` of the rows :meth:`prepare_attend` serves (attention rotates the
+        queries by ``R`` and its output back by ``R.T``), or None when they are not rotated."""
         return None
 
     # -- derived ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from functools import cache
 
 import torch
 
+from ratequant import native
 from ratequant.errors import RateQuantError
 from ratequant.quantizers._minmax import (
     PerTokenGroups,
@@ -22,7 +23,7 @@ from ratequant.quantizers._minmax import (
     encode_token_groups,
     group_along_dim,
 )
-from ratequant.quantizers.base import register
+from ratequant.quantizers.base import QuantizedTensor, register
 
 
 def hadamard_block_size(head_dim: int) -> int:
@@ -91,3 +92,19 @@ class Quarot(PerTokenGroups):
     def _decode(self, codes, meta, bits, kind):
         xr = decode_token_groups(codes, meta)
         return torch.matmul(xr, hadamard(codes.shape[-1], codes.device))
+
+    def attend_rotation(self, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``R`` ``[head_dim, head_dim]`` float32, orthogonal: ``dequantize(q) == rows @ R.T`` for the rows
+        :meth:`prepare_attend` reads (here the Hadamard ``H``, with ``H.T == H``)."""
+        return hadamard(head_dim, device)
+
+    def prepare_attend(self, q: QuantizedTensor):
+        """The native kernel over the *rotated* rows ``codes * scale + zero`` (per-token groups along head_dim),
+        i.e. ``dequantize(q) @ R`` with ``R = attend_rotation(...)``: callers rotate the queries by ``R`` and the
+        weighted values back by ``R.T``. None where the kernel is missing or the block does not fit it."""
+        if q.kind not in ("key", "value") or not {"codes", "scale", "zero"} <= q.tensors.keys():
+            return None
+        b, h, t, d = q.shape
+        g = group_along_dim(self.name, self.group_size, d)
+        codes = q.tensors["codes"].view(b, h, t, -1)
+        return native.prepare_minmax_decode(codes, q.bits, d, q.tensors["scale"], q.tensors["zero"], 1, g)
