@@ -204,7 +204,7 @@ def test_9_flags_that_would_be_ignored_are_refused(capsys, tmp_path, corpus):
         "--context applies to --bytes-per-token",
     )
     assert_one_line_error(capsys, ["eval", "--task", "passkey", "--windows", "3"], "passkey takes --context")
-    assert_one_line_error(capsys, ["eval", "--trials", "5"], "apply to --task passkey")
+    assert_one_line_error(capsys, ["eval", "--trials", "5"], "apply to the retrieval tasks")
 
 
 def test_9_calibration_says_when_the_split_holds_fewer_sequences_than_asked(capsys, tmp_path, tiny_model_dir, corpus):

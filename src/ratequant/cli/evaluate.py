@@ -68,21 +68,29 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
         help="streaming: tokens per forward pass through the cache (default: the quantization chunk)",
     )
     parser.add_argument(
-        "--context", type=positive_int, help=f"passkey: prompt length in tokens (default {PASSKEY.context})"
+        "--context", type=positive_int, help=f"retrieval tasks: prompt length in tokens (default {PASSKEY.context})"
     )
     parser.add_argument(
         "--depths",
         type=float_list,
         default=(0.1, 0.3, 0.5, 0.7, 0.9),
         metavar="D,D,...",
-        help="passkey: needle depths in [0, 1]",
+        help="retrieval tasks: needle depths in [0, 1]",
     )
-    parser.add_argument("--trials", type=positive_int, help=f"passkey: trials per depth (default {PASSKEY.trials})")
-    parser.add_argument("--seed", type=nonnegative_int, help=f"passkey: seed of the keys (default {PASSKEY.seed})")
+    parser.add_argument(
+        "--trials", type=positive_int, help=f"retrieval tasks: trials per depth (default {PASSKEY.trials})"
+    )
+    parser.add_argument(
+        "--seed", type=nonnegative_int, help=f"retrieval tasks: seed of the needles (default {PASSKEY.seed})"
+    )
     add_output_options(parser)
 
 
-@command("eval", "perplexity and KL (or passkey retrieval) at full precision or under a plan", configure_eval)
+@command(
+    "eval",
+    "perplexity and KL (or retrieval: passkey, RULER-style needles) at full precision or under a plan",
+    configure_eval,
+)
 def run_eval(args: argparse.Namespace) -> int:
     check_output(args)
     from ratequant.data import load_corpus
@@ -97,10 +105,13 @@ def run_eval(args: argparse.Namespace) -> int:
             "--mode streaming runs a plan's cache; pass --plan (without one the model runs at full precision)"
         )
     windows_given = any(getattr(args, name) is not None for name in ("seq_len", "windows", "scoring"))
-    if args.task == "passkey" and windows_given:
-        raise RateQuantError("--seq-len, --windows and --scoring apply to --task perplexity; passkey takes --context")
-    if args.task != "passkey" and any(getattr(args, name) is not None for name in ("context", "trials", "seed")):
-        raise RateQuantError("--context, --depths, --trials and --seed apply to --task passkey")
+    retrieval = args.task != "perplexity"  # passkey and the RULER-style tasks: needles at depths of one context
+    if retrieval and windows_given:
+        raise RateQuantError(
+            f"--seq-len, --windows and --scoring apply to --task perplexity; {args.task} takes --context"
+        )
+    if not retrieval and any(getattr(args, name) is not None for name in ("context", "trials", "seed")):
+        raise RateQuantError("--context, --depths, --trials and --seed apply to the retrieval tasks (e.g. passkey)")
     args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
     args.windows = args.windows or DEFAULT_WINDOWS
     args.scoring = args.scoring or DEFAULT_SCORING
@@ -108,7 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
     args.trials = args.trials or PASSKEY.trials
     args.seed = PASSKEY.seed if args.seed is None else args.seed
     from ratequant.evaluation.protocol import WindowProtocol
-    from ratequant.evaluation.tasks import PasskeyTask, PerplexityTask
+    from ratequant.evaluation.tasks import TASKS, PerplexityTask
 
     plan = read_plan(args)
     corpus = load_corpus(args.corpus)
@@ -124,8 +135,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.task == "perplexity":
             protocol = WindowProtocol(args.seq_len, args.windows, args.bos, args.scoring)
             coverage = quantized_coverage(spec, condition, protocol)
-    if args.task == "passkey":
-        task = PasskeyTask(
+    if retrieval:
+        task = TASKS.get(args.task)(
             context=args.context,
             depths=tuple(args.depths),
             trials=args.trials,
@@ -219,8 +230,8 @@ def headline(outcome) -> dict:
     """The numbers of the measured condition (the plan's, else full precision) at the top of the JSON."""
     name = next(reversed(outcome.results))
     result = outcome.results[name]
-    if outcome.task == "passkey":
-        return {key: result[key] for key in ("context", "trials", "accuracy", "mean_logprob")}
+    if outcome.task != "perplexity":
+        return {key: result[key] for key in ("context", "trials", "accuracy", "mean_logprob") if key in result}
     w = outcome.settings["windows"]
     keys = ("ppl", "ppl_se", "kl", "kl_se", "top1", "tokens", "seconds")
     return {**{key: result[key] for key in keys}, "windows": w["windows"], "seq_len": w["seq_len"]}
@@ -230,11 +241,12 @@ def describe_outcome(outcome, loaded, spec, args, coverage=None, storage=None) -
     """The lines ``eval`` prints for a task result (``coverage``: quantized and scored predictions per window;
     ``storage``: :func:`kv_bytes`)."""
     lines = []
-    if outcome.task == "passkey":
-        for name, r in outcome.scores.items():
+    if outcome.task != "perplexity":
+        for name, r in outcome.results.items():
+            interval = f" (95% {r['accuracy_low']:.2f}-{r['accuracy_high']:.2f})" if "accuracy_low" in r else ""
             lines.append(
-                f"passkey at {r.context} tokens ({name}): accuracy {r.accuracy:.2f} over {r.trials} trials, "
-                f"mean key log-probability {r.mean_logprob:.3f} nats ({r.seconds:.0f} s)"
+                f"{outcome.task} at {r['context']} tokens ({name}): accuracy {r['accuracy']:.2f}{interval} over "
+                f"{r['trials']} trials, mean answer log-probability {r['mean_logprob']:.3f} nats ({r['seconds']:.0f} s)"
             )
         return lines
     w = outcome.settings["windows"]

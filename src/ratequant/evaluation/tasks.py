@@ -3,7 +3,10 @@
 * ``perplexity`` -- next-token perplexity and KL divergence from full precision on windows of a corpus
   (:mod:`ratequant.evaluation.perplexity`, under the protocol of :mod:`ratequant.evaluation.protocol`);
 * ``passkey`` -- retrieval of a key hidden in a long filler context, through the real cache
-  (:mod:`ratequant.evaluation.passkey`).
+  (:mod:`ratequant.evaluation.passkey`);
+* ``niah-single``, ``niah-single-word``, ``niah-multikey``, ``niah-multivalue``, ``niah-multiquery``,
+  ``variable-tracking`` -- RULER's synthetic retrieval in the corpus's evaluation text, through the real cache
+  (:mod:`ratequant.evaluation.retrieval`).
 
 Every task runs with ``run(loaded, corpus, conditions)`` over named :class:`Condition` objects and returns a
 :class:`TaskResult` whose ``to_dict()`` is the JSON the command line writes. Adding a task is one class with
@@ -22,6 +25,7 @@ from ratequant.evaluation.conditions import Condition, FullPrecision, Simulated,
 from ratequant.evaluation.passkey import DEFAULT_DEPTHS, PasskeyResult, run_passkey
 from ratequant.evaluation.perplexity import REFERENCE, ConditionScore, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
+from ratequant.evaluation.retrieval import KINDS, RetrievalResult, run_retrieval
 from ratequant.models import LoadedModel
 from ratequant.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.registry import Registry
@@ -125,6 +129,98 @@ class PasskeyTask(Task):
         return self.prefill_chunk
 
 
+@dataclass(frozen=True)
+class RetrievalTask(Task):
+    """A RULER-style retrieval task (:mod:`ratequant.evaluation.retrieval`) at ``context`` tokens over ``depths`` x
+    ``trials`` (seeded), its haystack cut from the corpus's evaluation split, through each condition's real cache
+    prefilled ``prefill_chunk`` tokens at a time, as :class:`PasskeyTask`. A subclass names the task."""
+
+    context: int = 4096
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    trials: int = 2
+    seed: int = 0
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+
+    def __post_init__(self) -> None:
+        check_int(self.context, f"{self.name} context", lo=16, hi=1 << 20)
+        check_int(self.trials, f"{self.name} trials", lo=1, hi=10_000)
+        check_int(self.seed, f"{self.name} seed", lo=0)
+        depths = tuple(check_float(d, f"{self.name} depth", lo=0.0, hi=1.0) for d in self.depths)
+        object.__setattr__(self, "depths", depths)
+        if self.prefill_chunk is not None:
+            check_int(self.prefill_chunk, "prefill chunk", lo=1, hi=1 << 20)
+
+    prefill_for = PasskeyTask.prefill_for
+
+    def run(self, loaded, corpus, conditions, *, progress=True):
+        runs = dict(conditions) or {REFERENCE: FullPrecision()}
+        results: dict[str, RetrievalResult] = {}
+        for name, condition in runs.items():
+            results[name] = run_retrieval(
+                loaded.model,
+                loaded.tokenizer,
+                corpus.evaluation,
+                kind=self.name,
+                context=self.context,
+                depths=self.depths,
+                trials=self.trials,
+                seed=self.seed,
+                make_cache=cache_factory(condition, loaded.model),
+                prefill_chunk=self.prefill_for(condition),
+                progress=progress,
+            )
+        settings = {
+            "context": self.context,
+            "depths": list(self.depths),
+            "trials_per_depth": self.trials,
+            "seed": self.seed,
+            "corpus": corpus.name,
+        }
+        return TaskResult(self.name, settings, {n: r.to_dict() for n, r in results.items()}, results)
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class NiahSingleTask(RetrievalTask):
+    name = "niah-single"
+    summary = KINDS.get(name).summary
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class NiahSingleWordTask(RetrievalTask):
+    name = "niah-single-word"
+    summary = KINDS.get(name).summary
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class NiahMultikeyTask(RetrievalTask):
+    name = "niah-multikey"
+    summary = KINDS.get(name).summary
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class NiahMultivalueTask(RetrievalTask):
+    name = "niah-multivalue"
+    summary = KINDS.get(name).summary
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class NiahMultiqueryTask(RetrievalTask):
+    name = "niah-multiquery"
+    summary = KINDS.get(name).summary
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class VariableTrackingTask(RetrievalTask):
+    name = "variable-tracking"
+    summary = KINDS.get(name).summary
+
+
 def cache_factory(condition: Condition, model):
     """The real cache a condition decodes with: ``RateQuantCache`` of its spec, or None (``DynamicCache``)."""
     if isinstance(condition, (Simulated, Streaming)):
@@ -149,6 +245,7 @@ __all__ = [
     "ConditionScore",
     "PasskeyTask",
     "PerplexityTask",
+    "RetrievalTask",
     "Task",
     "TaskResult",
     "cache_factory",
