@@ -12,7 +12,7 @@ from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
 from ratequant.models import LoadedModel
 from ratequant.prefill import DEFAULT_PREFILL_CHUNK, prefill
-from ratequant.spec import KVQuantSpec
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, KVQuantSpec
 from ratequant.validation import check_float, check_int
 
 
@@ -48,6 +48,13 @@ class GenerationResult:
             f"{self.model_dtype_cache_bytes:,} "
             f"in the model's dtype, {self.fp16_cache_bytes:,} in float16 "
             f"({b['total'] / self.fp16_cache_bytes:.1%} of it)"
+            + (
+                "\nthe newest tokens (the residual window) stay at full precision until a whole chunk of them is "
+                "quantized, so a context this short is mostly that window; the saving shows in long contexts (the "
+                f"plan's bytes per token are stated at {DEFAULT_CONTEXT_TOKENS:,} tokens)"
+                if b["residual"] > b["codes"]
+                else ""
+            )
         )
 
     def to_dict(self) -> dict:

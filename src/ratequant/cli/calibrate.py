@@ -21,13 +21,14 @@ from ratequant.cli.options import (
 )
 from ratequant.errors import RateQuantError
 from ratequant.progress import note
-from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH
+from ratequant.validation import inert
 
 
 def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     from ratequant.allocation import STRATEGIES
     from ratequant.distortion import DEFAULT_METRIC, METRICS
     from ratequant.quantizers import available
+    from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH
 
     add_model_options(parser)
     add_corpus_options(parser)
@@ -132,6 +133,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ratequant.allocation import Budget
     from ratequant.data import load_corpus
     from ratequant.pipeline import CalibrationSettings, bits_histogram, calibrate
+    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     check_output_path(args.out, args.force, what="plan")
     if args.avg_bits is not None:
@@ -164,10 +166,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )
     corpus = load_corpus(args.corpus)
     loaded = load_model_from(args)
+    for what, name in (("corpus", corpus.name), ("model", loaded.name)):  # the plan records both: check before work
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RateQuantError(
+                f"the {what} name {inert(name)} is not valid UTF-8 and cannot be written into a plan; rename it"
+            ) from None
     run = calibrate(loaded, corpus, settings)
     plan, fit = run.plan, run.fit
     print(
-        f"plan for {loaded.name} with {plan.quantizer['name']}, allocator {plan.allocator}, budget {budget.describe()}"
+        f"plan for {inert(loaded.name)} with {plan.quantizer['name']}, allocator {plan.allocator}, budget "
+        f"{budget.describe()}"
     )
     used = plan.calibration["tokens"] // settings.seq_len
     if used < settings.sequences:
@@ -211,12 +221,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for k, kind in enumerate(("key", "value")):
         hist = "  ".join(f"{w}b:{n}" for w, n in bits_histogram(bits[k]).items())
         print(f"  {kind:<5} bits mean {bits[k].mean():.3f}   {hist}")
-    bytes_text = (
-        f", {plan.bytes_per_token:,.0f} bytes/token at {plan.stated_context_tokens} tokens"
-        if plan.bytes_per_token
-        else ""
-    )
-    print(f"  average code bits {plan.avg_bits:.4f}{bytes_text}")
+    print(f"  average code bits {plan.avg_bits:.4f}")
+    if plan.bytes_per_token:
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        print(
+            f"  memory: {loaded.geometry.against_full_precision(plan.bytes_per_token, dtype, loaded.dtype.itemsize)} "
+            f"at {plan.stated_context_tokens:,} tokens of context, codes, scales and zeros, the {plan.residual_length} "
+            "newest tokens (the residual window) and the sinks at full precision included"
+        )
     chosen = " (chosen from the calibration data)" if settings.sink_tokens == "auto" else ""
     print(f"  sink tokens kept at full precision: {plan.sink_tokens}{chosen}")
     print(
