@@ -641,3 +641,19 @@ def test_methods_limits_what_is_scored(setup):
     scored = {m.method for m in results.methods}
     assert scored == {"full-precision", "kv-split", "default", "auto"}
     assert CompareConfig.from_dict(json.loads(json.dumps(CompareConfig().to_dict()))).methods is None
+
+
+def test_a_rank_method_that_cannot_exist_at_a_budget_is_left_out_with_its_reason(setup, tmp_path):
+    """Heads of 16 dimensions at 2 bits: 32 bits per token, less than one 4-bit coefficient plus its 32 bits of
+    metadata, so rank + quant would store nothing. It is skipped before the evaluation, and the report is written."""
+    config = CompareConfig(
+        model="tiny", corpus="tiny", budgets=(2.0,), designs=("kivi",), seq_len=48, windows=1,
+        calibration_seq_len=48, calibration_sequences=1, methods=("uniform", "rank", "rank+quant"),
+    )  # fmt: skip
+    with one_thread():
+        results = run_compare(*setup, config, progress=False)
+    assert not results.select(method="rank+quant") and len(results.select(method="rank")) == 1
+    (skip,) = [s for s in results.skipped if s["method"] == "rank+quant"]
+    assert skip["budget"] == 2.0 and "not one 4-bit coefficient" in skip["reason"]
+    write_report(results, tmp_path / "report", command="ratequant compare (test)")
+    assert "not one 4-bit coefficient" in (tmp_path / "report" / "report.md").read_text()

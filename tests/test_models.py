@@ -66,8 +66,34 @@ def test_conversion_cache_is_verified_by_a_manifest_written_last(tmp_path, capsy
     weights = target / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     assert "wrong size" in _conversion_problem(target)
+    for shape in ([], {"files": ["model.safetensors"]}, {"files": {"model.safetensors": 12}}):  # parses, wrong shape
+        (target / MANIFEST).write_text(json.dumps(shape))
+        assert _conversion_problem(target) in (
+            "no readable manifest: an interrupted write, or an older ratequant",
+            "a manifest of the wrong shape",
+        )
     (target / MANIFEST).unlink()
     assert "no readable manifest" in _conversion_problem(target)
+
+
+def test_a_full_disk_while_converting_is_one_note_and_the_model_still_loads(tmp_path, capsys, monkeypatch):
+    """safetensors reports a failed write (ENOSPC) as its own error, not OSError: still one note, no traceback,
+    and nothing half-written is left in the cache."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from conftest import tiny_model, tiny_tokenizer
+    from ratequant.models import _store_conversion
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    target = tmp_path / "gguf" / "entry"
+    _store_conversion(tiny_model("llama"), tiny_tokenizer(), target)  # no exception
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and err[0].startswith("ratequant: note:")
+    assert not target.exists() and not list((tmp_path / "gguf").glob(".tmp-*"))
 
 
 def test_stale_temporary_conversions_are_removed_and_an_unwritable_cache_is_said(tmp_path, capsys):

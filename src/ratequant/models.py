@@ -420,6 +420,10 @@ def _conversion_problem(folder: Path) -> str | None:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return "no readable manifest: an interrupted write, or an older ratequant"
+    if not isinstance(files, dict) or not all(
+        isinstance(name, str) and isinstance(entry, dict) for name, entry in files.items()
+    ):
+        return "a manifest of the wrong shape"
     if "model.safetensors" not in files:
         return "no weights in the manifest"
     for name, entry in files.items():
@@ -451,6 +455,7 @@ def _store_conversion(model, tokenizer, target: Path) -> None:
     ``target`` atomically (temp dir + rename). A cache that cannot be written is reported in one line."""
     import json
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     try:
@@ -469,8 +474,9 @@ def _store_conversion(model, tokenizer, target: Path) -> None:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk reaches safetensors' writer as its own error
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         note(
-            f"cannot write the model conversion cache in {target.parent} ({exc.strerror or exc}); the GGUF file will "
+            f"cannot write the model conversion cache in {target.parent} ({reason}); the GGUF file will "
             "be converted again next time (set RATEQUANT_CACHE_DIR to a writable folder)"
         )

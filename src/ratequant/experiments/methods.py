@@ -241,8 +241,11 @@ def hybrid_rank(budget_bits_per_token: float, quantizer, coefficient_bits: int, 
     return 0
 
 
-def rank_methods(config: CompareConfig, loaded: LoadedModel, bases) -> tuple[list[Method], dict]:
-    """Rank reduction (16-bit coefficients) and the rank-plus-quantization hybrid at every budget."""
+def rank_methods(
+    config: CompareConfig, loaded: LoadedModel, bases, skipped: list[Skipped] | None = None
+) -> tuple[list[Method], dict]:
+    """Rank reduction (16-bit coefficients) and the rank-plus-quantization hybrid at every budget; a method whose
+    rank would be 0 at a budget (small heads: not one coefficient fits) goes to ``skipped`` instead."""
     from ratequant.rank import rank_for_bits, simulated_rank_reduction
 
     g = loaded.geometry
@@ -262,46 +265,56 @@ def rank_methods(config: CompareConfig, loaded: LoadedModel, bases) -> tuple[lis
         def quantize(c, hb=hb):
             return hybrid.fake_quantize(c, hb, "value")
 
-        label = f"rank {r} (16-bit)"
-        methods.append(
-            Method(
-                "rank",
-                label,
-                None,
-                budget,
-                r * 16 / d,
-                None,
-                None,
-                n * r * 2.0,
-                Within(lambda r=r: simulated_rank_reduction(model, bases, r), label=label),
-                {"rank": r, "coefficient_bits": 16, "basis_bytes": basis_bytes(r)},
-            )
-        )
-        hybrid_bytes = sum(hybrid.bits_per_token(r_h, hb, kind) for kind in KINDS) / 8 * (n // 2) if r_h else 0.0
-        label = f"rank {r_h} + {config.hybrid_design} {hb}-bit"
-        methods.append(
-            Method(
-                "rank+quant",
-                label,
-                None,
-                budget,
-                r_h * hb / d,
-                None,
-                None,
-                hybrid_bytes,
-                Within(
-                    lambda r_h=r_h: simulated_rank_reduction(model, bases, r_h, quantize=quantize if r_h else None),
-                    label=label,
-                ),
-                {
-                    "rank": r_h,
-                    "coefficient_bits": hb,
-                    "coefficient_design": config.hybrid_design,
-                    "basis_bytes": basis_bytes(r_h),
-                },
-            )
-        )
         info[budget_text(budget)] = {"rank": r, "hybrid_rank": r_h, "bits_per_token_per_component": bits_per_token}
+        for method, rank, coefficient in (("rank", r, 16), ("rank+quant", r_h, hb)):
+            if rank == 0:  # small heads: a method that would store nothing is left out, before any evaluation
+                reason = (
+                    f"not one {coefficient}-bit coefficient (with its metadata) fits the {bits_per_token:g} bits per "
+                    f"token of a {d}-dimensional head"
+                )
+                if skipped is not None:
+                    skipped.append(Skipped(method, method, None, budget, reason))
+        if r:
+            label = f"rank {r} (16-bit)"
+            methods.append(
+                Method(
+                    "rank",
+                    label,
+                    None,
+                    budget,
+                    r * 16 / d,
+                    None,
+                    None,
+                    n * r * 2.0,
+                    Within(lambda r=r: simulated_rank_reduction(model, bases, r), label=label),
+                    {"rank": r, "coefficient_bits": 16, "basis_bytes": basis_bytes(r)},
+                )
+            )
+        if r_h:
+            hybrid_bytes = sum(hybrid.bits_per_token(r_h, hb, kind) for kind in KINDS) / 8 * (n // 2)
+            label = f"rank {r_h} + {config.hybrid_design} {hb}-bit"
+            methods.append(
+                Method(
+                    "rank+quant",
+                    label,
+                    None,
+                    budget,
+                    r_h * hb / d,
+                    None,
+                    None,
+                    hybrid_bytes,
+                    Within(
+                        lambda r_h=r_h: simulated_rank_reduction(model, bases, r_h, quantize=quantize),
+                        label=label,
+                    ),
+                    {
+                        "rank": r_h,
+                        "coefficient_bits": hb,
+                        "coefficient_design": config.hybrid_design,
+                        "basis_bytes": basis_bytes(r_h),
+                    },
+                )
+            )
     return methods, info
 
 

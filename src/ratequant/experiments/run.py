@@ -150,8 +150,10 @@ def run_compare(
         )
     chosen, choice_info = chosen_methods(config, loaded, corpus, fitted, sinks, skipped, say)
     methods += chosen
-    ranked, rank_info = rank_methods(config, loaded, bases)
+    rank_skipped: list[Skipped] = []
+    ranked, rank_info = rank_methods(config, loaded, bases, rank_skipped)
     methods += [m for m in ranked if config.scores(m.method)]
+    skipped += [s for s in rank_skipped if config.scores(s.method)]
     timings["allocation"] = time.perf_counter() - t
     say(f"allocations: {len(methods)} methods ({timings['allocation']:.1f} s); {len(skipped)} skipped")
     timings["calibration"] = {
