@@ -482,3 +482,15 @@ def test_existing_results_path_is_refused_before_the_run(tmp_path, capsys, monke
 
     monkeypatch.setattr(ratequant.models, "load_model", must_not_load)
     assert_one_line_error(capsys, ["eval", "--json", str(out)], "already exists; pass --force")
+
+
+def test_a_corpus_name_a_plan_cannot_hold_is_refused_before_the_calibration(tmp_path, tiny_model_dir, capsys):
+    """A corpus file whose name is not UTF-8 would calibrate, then fail to write the plan: refused before."""
+    import os
+
+    name = os.fsdecode(b"text-\xff.txt")  # a byte no UTF-8 name holds (kept as a lone surrogate)
+    (tmp_path / name).write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
+    plan = tmp_path / "plan.json"
+    argv = ["calibrate", "--model", str(tiny_model_dir), "--corpus", str(tmp_path / name), "--avg-bits", "3"]
+    assert_one_line_error(capsys, [*argv, "--out", str(plan)], "is not valid UTF-8")
+    assert not plan.exists()

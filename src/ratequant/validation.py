@@ -40,13 +40,14 @@ def show_value(v: object) -> str:
 
 
 _LINE_BREAKS = re.compile(r"[ \t]*(?:[\r\n\v\f\x85\u2028\u2029][ \t]*)+")
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 
 
 def inert(text: object) -> str:
     """``text`` safe to print on one terminal line: line breaks collapse to one space, and every other control
-    character (escape sequences, C1 controls, bidirectional overrides, a BOM) is shown as ``\\xNN`` or
-    ``\\uNNNN``. Use it on everything read from a file or given as a name before printing it."""
+    character (escape sequences, C1 controls, bidirectional overrides, a BOM) and lone surrogate (a byte of a
+    file name that is not UTF-8) is shown as ``\\xNN`` or ``\\uNNNN``. Use it on everything read from a file
+    or given as a name before printing it."""
     text = _LINE_BREAKS.sub(" ", str(text))
     return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
