@@ -43,13 +43,3 @@ def test_readme_example_uses_only_the_top_level_api():
     code = readme_example()
     assert "import ratequant as rq" in code
     assert not re.search(r"from ratequant\.", code), "the README example should need the top-level API only"
-
-
-@pytest.mark.slow
-def test_readme_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(readme_example(), "README.md", "exec"), namespace)  # the README's own code, as a user runs it
-    assert (tmp_path / "plan.json").is_file()
-    cache = namespace["cache"]
-    assert cache.nbytes().total > 0 and cache.get_seq_length() > 0

@@ -1,4 +1,4 @@
-"""What the tool reads, what it executes, and what it never does (see the Security section of the README).
+"""What the tool reads, what it executes, and what it never does (see docs/reliability.md).
 
 * The source never unpickles: no ``pickle``-family imports, no ``torch.load`` without ``weights_only=True``,
   no ``numpy.load(allow_pickle=True)``, no ``eval``/``exec``, no shell, no literal ``trust_remote_code=True``

@@ -40,13 +40,13 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"small run (budgets {bits(QUICK_SIZES['budgets'])}, {QUICK_SIZES['windows']} windows of "
-        f"{QUICK_SIZES['seq_len']} tokens, {QUICK_SIZES['calibration_sequences']} calibration sequences): what "
-        "make demo runs",
+        f"{QUICK_SIZES['seq_len']} tokens, {QUICK_SIZES['calibration_sequences']} calibration sequences), every design "
+        "in a few minutes",
     )
     preset.add_argument(
         "--full",
         action="store_true",
-        help="the README's results (2048-token windows, residual 128, four budgets, the fortunes corpus too, "
+        help="the results of docs/results.md (2048-token windows, residual 128, four budgets, the fortunes corpus too, "
         "passkey at 4096 tokens): what make results runs",
     )
     parser.add_argument(

@@ -26,7 +26,7 @@ PRESETS = ("default", "quick", "full")
 QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_len=512, calibration_sequences=2)
 """What ``--quick`` (and ``make demo``) runs: 2 budgets, 3 evaluation windows of 512 tokens (the second half of
 each scored), 2 calibration sequences of 512 tokens, every design. About four minutes on the project's 2-core CPU
-for the default model (4 min 32 s for the whole ``make demo`` on a quiet day, 8 min on a slow one); the report
+for the default model (4 min 32 s on a quiet day, 8 min on a slow one, 2026-12); the report
 gives the standard errors that say how much of a difference is noise."""
 FULL_SIZES = dict(
     budgets=(2.0, 2.5, 3.0),
@@ -46,7 +46,7 @@ FULL_SIZES = dict(
     sink_study=(0, 1, 4),
     passkey_budgets=(2.0, 2.5),
 )
-"""What ``--full`` (and ``make results``) runs: the README's results. Two 2048-token windows with the cache's
+"""What ``--full`` (and ``make results``) runs: ``docs/results.md``. Two 2048-token windows with the cache's
 real 128-token residual window and sink tokens, budgets 2, 2.5 and 3 bits, the second corpus and the sink
 study on one window, the measured-damage headroom of three designs (128 tokens), passkey retrieval at 4096
 tokens for full precision, uniform 2-bit and RateQuant 2.5-bit. On the project's 2-core CPU: the headroom takes
