@@ -657,3 +657,23 @@ def test_a_rank_method_that_cannot_exist_at_a_budget_is_left_out_with_its_reason
     assert skip["budget"] == 2.0 and "not one 4-bit coefficient" in skip["reason"]
     write_report(results, tmp_path / "report", command="ratequant compare (test)")
     assert "not one 4-bit coefficient" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_every_series_of_a_figure_has_its_own_colour_and_marker(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from matplotlib.colors import to_hex
+
+    from ratequant.report.plots import method_panels
+
+    drawn = {}
+    plot = matplotlib.axes.Axes.plot
+
+    def recording(self, *args, **kwargs):
+        if "label" in kwargs:
+            drawn[kwargs["label"]] = (to_hex(kwargs["color"]), kwargs["marker"])
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    series = {f"method {i}": ([2.0, 3.0], [1.0 + i, 2.0 + i]) for i in range(24)}
+    method_panels({"kivi": series}, tmp_path / "f.png", xlabel="bits")
+    assert len(drawn) == 24 and len(set(drawn.values())) == 24

@@ -154,7 +154,8 @@ def method_panels(
     for series in panels.values():
         labels += [label for label in series if label not in labels]
     colors = dict(zip(labels, plt.cm.tab10(np.arange(len(labels)) % 10)))
-    markers = dict(zip(labels, ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"] * (len(labels) // 10 + 1)))
+    shapes = ["o", "s", "^", "D", "v", "P", "X"]  # 7 shapes against 10 colours: no two of 70 series look alike
+    markers = {label: shapes[i % len(shapes)] for i, label in enumerate(labels)}
     n = max(1, len(panels))
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
