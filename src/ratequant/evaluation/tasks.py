@@ -229,7 +229,9 @@ def cache_factory(condition: Condition, model):
         return lambda: RateQuantCache(condition.spec, model=model)
     if isinstance(condition, FullPrecision):
         return None
-    raise RateQuantError(f"condition {condition.label!r} has no real cache; passkey runs through a cache only")
+    raise RateQuantError(
+        f"condition {condition.label!r} has no real cache; the retrieval tasks run through a cache only"
+    )
 
 
 def get_task(name: str, **settings) -> Task:
