@@ -49,16 +49,39 @@ def test_the_candidate_with_the_least_kl_wins_each_in_turn():
         keyed = {c.name: c for c in candidates}
         fav = keyed[favourite].allocation.bits
 
-        def kl(spec, fav=fav):
+        def kl(spec, window, fav=fav):
             return 0.1 if np.array_equal(spec.bits, fav) else 0.5
 
-        best, scores = choose_candidate(kl, candidates)
-        assert best.name == favourite and scores[favourite] == 0.1 and set(scores) == set("abc")
+        choice = choose_candidate(kl, candidates, windows=3)
+        assert choice.best.name == favourite and choice.kl[favourite] == 0.1 and set(choice.kl) == set("abc")
+        assert choice.windows == dict.fromkeys("abc", 1)  # a clear winner costs one window
     # a tie keeps the first listed; one candidate is not scored at all
-    assert choose_candidate(lambda spec: 0.2, candidates)[0].name == "a"
-    assert choose_candidate(lambda spec: pytest.fail("scored"), candidates[:1]) == (candidates[0], {})
+    assert choose_candidate(lambda spec, window: 0.2, candidates).best.name == "a"
+    single = choose_candidate(lambda spec, window: pytest.fail("scored"), candidates[:1])
+    assert single.best is candidates[0] and single.kl == single.windows == {}
     with pytest.raises(RateQuantError, match="no candidate"):
-        choose_candidate(lambda spec: 0.0, [])
+        choose_candidate(lambda spec, window: 0.0, [])
+
+
+def test_a_close_call_is_settled_on_more_windows_and_only_among_the_close():
+    a, b, c = _candidate("a", 3, 2), _candidate("b", 2, 3), _candidate("c", 4, 2)
+    table = {"a": [0.100, 0.140, 0.150], "b": [0.110, 0.100, 0.100], "c": [0.200, 0.0, 0.0]}
+    calls = []
+
+    def kl(spec, window):
+        name = next(x.name for x in (a, b, c) if np.array_equal(spec.bits, x.allocation.bits))
+        calls.append((name, window))
+        return table[name][window]
+
+    choice = choose_candidate(kl, [a, b, c], windows=3, margin=0.25)
+    # c is 100% above the best after window 0 and never scored again; b overtakes a on the later windows
+    assert choice.best.name == "b" and choice.windows == {"a": 3, "b": 3, "c": 1}
+    assert ("c", 1) not in calls and choice.kl["b"] == pytest.approx(0.31 / 3)
+    # after window 1, a's mean is 14% above b's: close at 25%; at 10% a drops out and b, alone, needs no window 2
+    narrow = choose_candidate(kl, [a, b, c], windows=3, margin=0.1)
+    assert narrow.best.name == "b" and narrow.windows == {"a": 2, "b": 2, "c": 1}
+    # one window is the old rule: the least KL on window 0 wins
+    assert choose_candidate(kl, [a, b, c], windows=1).best.name == "a"
 
 
 def test_held_out_windows_must_read_quantized_history():

@@ -78,6 +78,42 @@ def test_uninformative_widths_are_left_out_of_the_allocation(tiny_model_dir, cor
     assert kept.fit.bitset == (1, 2, 3, 4, 5, 6, 7, 8)
 
 
+def test_the_measured_distortions_give_a_candidate_where_the_fit_misleads(tiny_model_dir, corpus_file, monkeypatch):
+    """One component whose distortion does not fall until 5 bits, then collapses: the shared-beta fit cannot
+    follow it, the same allocator on the measured table can, and that allocation becomes a candidate."""
+    from dataclasses import replace
+
+    from ratequant.distortion import measure_distortion
+    from ratequant.pipeline import allocate_design, candidates_of, collect_statistics, fit_design
+    from ratequant.quantizers import get_quantizer
+    from ratequant.spec import StoragePolicy
+
+    def cliff(*args, **kwargs):
+        table = measure_distortion(*args, **kwargs)
+        values = np.array(table.values)
+        top = values[..., table.bitset.index(2)].max() * 50
+        values[0, 0, 0] = [top if b < 5 else top * 1e-3 * 2.0 ** (5 - b) for b in table.bitset]
+        return replace(table, values=values)
+
+    monkeypatch.setattr(pipeline, "measure_distortion", cliff)
+    loaded = load_model(str(tiny_model_dir))
+    stats = collect_statistics(loaded, load_corpus(str(corpus_file)), seq_len=32, sequences=2, metric="mse")
+    fitted = fit_design(stats, get_quantizer("kivi"), metric="mse", bitset=range(2, 9))
+    measured = fitted.measured_curves()
+    assert measured.source == "measured" and measured.bitset == fitted.curves.bitset
+    assert (np.diff(measured.values, axis=-1) <= 0).all()  # never worse at a wider width
+    settings = CalibrationSettings(budget=Budget.avg_bits(3.0), metric="mse", residual_length=0, sink_tokens=0)
+    calibrated = allocate_design(loaded, settings, StoragePolicy(get_quantizer("kivi"), 0, 0), fitted)
+    found = calibrated.measured_allocation
+    assert found is not None and found.method == "ratequant-measured" and found.avg_bits == 3.0
+    assert found.bits[0, 0, 0] >= 5 and not np.array_equal(found.bits, calibrated.allocation.bits)
+    assert measured.total(found.bits) < measured.total(calibrated.allocation.bits)  # optimal on what was measured
+    names = [c.name for c in candidates_of(settings, calibrated, settings.budget, qualified=False)]
+    assert names[:2] == ["ratequant", "ratequant-measured"] and "K3V3" in names
+    plain = allocate_design(loaded, replace(settings, choose=False), calibrated.policy, fitted)
+    assert plain.measured_allocation is None
+
+
 def test_curves_from_another_design_and_settings_validation(tiny_model_dir, corpus_file):
     """The paper's mismatch: any strategy allocates with another design's curves; the run records whose."""
     with pytest.raises(RateQuantError, match="unknown allocation strategy 'mismatched'"):
@@ -149,7 +185,7 @@ def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus
     out = capsys.readouterr().out
     assert "beta  key" in out and "R^2" in out and "average code bits 2.5000" in out and "time capture" in out
     plan = Plan.load(plan_path)
-    assert plan.avg_bits == 2.5 and plan.quantizer["name"] == "kivi" and plan.allocator == "ratequant"
+    assert plan.avg_bits == 2.5 and plan.quantizer["name"] == "kivi" and plan.allocator.startswith("ratequant")
     assert json.loads(plan_path.read_text())["format_version"] == 2
     # refusing to overwrite, then overwriting with --force
     assert main(args) == 2
@@ -401,14 +437,15 @@ def test_the_plan_is_the_candidate_with_the_least_held_out_kl(tiny_model_dir, co
     for key, value in ((3, 2), (2, 3)):
 
         def stand_in(model, windows, key=key, value=value):
-            return lambda spec: 0.1 if (spec.bits[0] == key).all() and (spec.bits[1] == value).all() else 0.3
+            return lambda spec, window: 0.1 if (spec.bits[0] == key).all() and (spec.bits[1] == value).all() else 0.3
 
-        monkeypatch.setattr(pipeline, "kl_on", stand_in)
+        monkeypatch.setattr(pipeline, "window_kl", stand_in)
         run = calibrate(loaded, corpus, settings)
         bits = run.plan.bits_array()
         assert (bits[0] == key).all() and (bits[1] == value).all() and run.plan.avg_bits == 2.5
         assert {"ratequant", "K3V2", "K2V3"} == set(run.candidates) and run.candidates[run.chosen] == 0.1
         assert run.plan.calibration["choice"] == run.chosen and run.plan.calibration["choice_kl_K3V2"] in (0.1, 0.3)
+        assert run.plan.calibration["choice_windows"] == 1 and set(run.candidate_windows.values()) == {1}
     off = calibrate(loaded, corpus, replace_settings(settings, choose=False))
     assert off.candidates == {} and "choice" not in off.plan.calibration and off.plan.allocator == "ratequant"
 

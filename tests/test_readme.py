@@ -60,11 +60,14 @@ def check_calibrate(line: str, out: str, err: str, cwd: Path) -> None:
     plan = Plan.load(cwd / option(line, "--out"))
     assert abs(plan.avg_bits - float(option(line, "--avg-bits"))) < 1e-9
     assert f"plan written to {option(line, '--out')}" in out
-    scores = re.search(r"candidates by KL on \d+ held-out calibration tokens.*?: (.*)", out).group(1)
-    names = {name: float(kl) for name, kl in re.findall(r"(\S+) (\d+\.\d+)", scores)}
+    scores = re.search(r"candidates by mean KL on held-out calibration windows of \d+ tokens.*?: (.*)", out).group(1)
+    found = re.findall(r"(\S+) (\d+\.\d+)(?: \((\d+) windows\))?", scores)
+    names = {name: float(kl) for name, kl, _ in found}
+    windows = {name: int(n or 1) for name, _, n in found}
     assert {"ratequant", "K3V2", "K2V3"} <= set(names), scores
     chosen = re.search(r"chosen: (\S+)", out).group(1)
-    assert names[chosen] == min(names.values()) and plan.calibration["choice"] == chosen
+    longest = [name for name in names if windows[name] == max(windows.values())]
+    assert chosen == min(longest, key=names.get) and plan.calibration["choice"] == chosen
 
 
 def check_inspect(line: str, out: str, err: str, cwd: Path) -> None:

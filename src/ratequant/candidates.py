@@ -2,11 +2,14 @@
 
 RateQuant's allocation is the optimum of an additive model of fitted curves; on some models and designs the
 damages of many narrow components combine worse than the model says and a fixed key/value split such as K3V2
-does better. So ``calibrate`` does not trust one candidate: it builds RateQuant's allocation and the fixed
+does better, and where one shared beta per kind fits some components poorly the same allocator does better on
+the measured distortions themselves. So ``calibrate`` does not trust one candidate: it builds RateQuant's
+allocation, the same allocator's on the measured distortions (:data:`MEASURED`, where it differs) and the fixed
 splits of the same budget (for ``--quantizer auto``, those of every design at the same true bytes), measures
 the KL divergence from full precision each causes on calibration text that the capture did not see (simulated
 quantization with the plan's residual window and sinks, the second half of each window scored as the
-evaluation protocol does), and keeps the lowest. Every candidate's KL goes into the plan's calibration record.
+evaluation protocol does), and keeps the lowest. A close call is settled on more windows (:data:`CHOICE_WINDOWS`,
+:data:`CHOICE_MARGIN`). Every candidate's KL goes into the plan's calibration record.
 """
 
 from __future__ import annotations
@@ -23,10 +26,17 @@ from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id,
 from ratequant.progress import progress_bar
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
+MEASURED = "ratequant-measured"
+"""The candidate (and allocator) name of RateQuant's allocator run on the measured distortion table instead of the
+fitted curves."""
 CHOICE_TOKENS = 1024
 """Tokens of each held-out window the candidates are scored on (the second half of each is scored)."""
-CHOICE_WINDOWS = 1
-"""Held-out windows the candidates are scored on."""
+CHOICE_WINDOWS = 3
+"""Most held-out windows the candidates are scored on: every candidate on the first, and on each further window only
+the candidates still within :data:`CHOICE_MARGIN` of the best mean KL so far (a close call gets more text, a clear
+one costs one window)."""
+CHOICE_MARGIN = 0.25
+"""A candidate whose mean held-out KL is within this fraction above the best one's is scored on the next window."""
 
 
 def choice_tokens_for(tokens: int | None, residual_length: int, sink_tokens: int) -> int:
@@ -120,28 +130,53 @@ def held_out_windows(
     return Windows(ids, WindowProtocol(tokens, ids.shape[0], "auto", "second-half"), cut.bos_token_id)
 
 
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """The ``best`` candidate, every scored candidate's mean held-out KL ``{name: kl}`` and how many windows each
+    was scored on ``{name: windows}`` (both empty when one candidate was not scored)."""
+
+    best: Candidate
+    kl: dict[str, float]
+    windows: dict[str, int]
+
+
 def choose_candidate(
-    kl: Callable[[KVQuantSpec], float], candidates: list[Candidate]
-) -> tuple[Candidate, dict[str, float]]:
-    """The candidate whose spec causes the least ``kl`` (:func:`ratequant.kl_search.kl_on`), with every candidate's
-    KL ``{name: kl}``; the first listed wins a tie. One candidate is returned unscored."""
+    kl: Callable[[KVQuantSpec, int], float],
+    candidates: list[Candidate],
+    windows: int = 1,
+    margin: float = CHOICE_MARGIN,
+) -> Choice:
+    """The candidate whose spec causes the least mean ``kl(spec, window)`` (:func:`ratequant.kl_search.window_kl`)
+    over up to ``windows`` windows: every candidate is scored on window 0, and on each further window only those
+    whose mean so far is within ``margin`` (a fraction) above the best mean; the winner is the least mean among the
+    candidates scored on the most windows. The first listed wins a tie. One candidate is returned unscored."""
     if not candidates:
         raise RateQuantError("no candidate allocation meets the budget")
     if len(candidates) == 1:
-        return candidates[0], {}
-    scores = {}
-    with progress_bar(total=len(candidates), desc="plan choice", unit="candidate") as bar:
-        for c in candidates:
-            scores[c.name] = kl(c.spec)
-            bar.update(1)
-    best = min(candidates, key=lambda c: scores[c.name])
-    return best, scores
+        return Choice(candidates[0], {}, {})
+    scores: dict[str, list[float]] = {c.name: [] for c in candidates}
+    contenders = list(candidates)
+    for window in range(windows):
+        if window:
+            least = min(np.mean(scores[c.name]) for c in contenders)
+            contenders = [c for c in contenders if np.mean(scores[c.name]) <= least * (1 + margin)]
+            if len(contenders) == 1:
+                break
+        with progress_bar(total=len(contenders), desc=f"plan choice, window {window + 1}", unit="candidate") as bar:
+            for c in contenders:
+                scores[c.name].append(kl(c.spec, window))
+                bar.update(1)
+    best = min(contenders, key=lambda c: np.mean(scores[c.name]))
+    return Choice(best, {n: float(np.mean(v)) for n, v in scores.items()}, {n: len(v) for n, v in scores.items()})
 
 
 __all__ = [
+    "CHOICE_MARGIN",
     "CHOICE_TOKENS",
     "CHOICE_WINDOWS",
+    "MEASURED",
     "Candidate",
+    "Choice",
     "choose_candidate",
     "choice_tokens_for",
     "held_out_windows",

@@ -77,21 +77,31 @@ def proposal_weights(curves: Curves, bits: np.ndarray, step: int, widths, temper
     return out / out.sum() if out.sum() > 0 else out
 
 
-def kl_on(model: torch.nn.Module, windows: Windows) -> Callable[[KVQuantSpec], float]:
-    """``spec -> mean KL from full precision`` over every scored position of ``windows`` (the references computed
-    once, here)."""
+def window_kl(model: torch.nn.Module, windows: Windows) -> Callable[[KVQuantSpec, int], float]:
+    """``(spec, i) -> mean KL from full precision`` over the scored positions of window ``i`` of ``windows``; each
+    window's full-precision reference is computed once, when it is first needed."""
     first = windows.protocol.first_target
-    with torch.inference_mode():
-        references = [FullPrecision().log_probs(model, w.unsqueeze(0), first) for w in windows.ids]
+    references: dict[int, torch.Tensor] = {}
+
+    def kl(spec: KVQuantSpec, i: int) -> float:
+        window = windows.ids[i].unsqueeze(0)
+        with torch.inference_mode():
+            if i not in references:
+                references[i] = FullPrecision().log_probs(model, window, first)
+            log_probs = Simulated(spec).log_probs(model, window, first)
+            return float(token_kl(references[i], log_probs).mean())
+
+    return kl
+
+
+def kl_on(model: torch.nn.Module, windows: Windows) -> Callable[[KVQuantSpec], float]:
+    """``spec -> mean KL from full precision`` over every scored position of ``windows`` (every window scores as
+    many positions, so this is the mean of :func:`window_kl` over the windows)."""
+    per_window = window_kl(model, windows)
+    count = windows.ids.shape[0]
 
     def kl(spec: KVQuantSpec) -> float:
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for window, reference in zip(windows.ids, references):
-                log_probs = Simulated(spec).log_probs(model, window.unsqueeze(0), first)
-                total += float(token_kl(reference, log_probs).sum())
-                count += reference.shape[0]
-        return total / count
+        return sum(per_window(spec, i) for i in range(count)) / count
 
     return kl
 
@@ -182,4 +192,5 @@ __all__ = [
     "kl_on",
     "proposal_weights",
     "search_allocation",
+    "window_kl",
 ]

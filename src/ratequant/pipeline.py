@@ -26,6 +26,7 @@ from ratequant.allocation.strategies import STRATEGIES
 from ratequant.calibration import CalibrationStats, capture
 from ratequant.candidates import (
     CHOICE_WINDOWS,
+    MEASURED,
     Candidate,
     choice_tokens_for,
     choose_candidate,
@@ -38,7 +39,7 @@ from ratequant.errors import BudgetError, RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
-from ratequant.kl_search import best_start, check_search_tokens, fixed_splits, kl_on, search_allocation
+from ratequant.kl_search import best_start, check_search_tokens, fixed_splits, kl_on, search_allocation, window_kl
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
 from ratequant.progress import note, progress_bar
@@ -153,6 +154,20 @@ class DesignFit:
     curves: Curves
     seconds: dict[str, float]
 
+    def measured_curves(self) -> Curves:
+        """The measured distortions at the allocation curves' widths and floors, made non-increasing in the width
+        (a wider code that measured worse counts as the narrower one's value): what RateQuant allocates on
+        without the fit's smoothing."""
+        widths = self.curves.bitset
+        values = self.table.values[..., [self.table.bitset.index(b) for b in widths]]
+        return Curves.measured(
+            np.minimum.accumulate(values, axis=-1),
+            widths,
+            design=self.design,
+            label=f"{self.table.metric} measured",
+            min_bits=self.curves.min_bits,
+        )
+
 
 @dataclass
 class CalibrationRun:
@@ -165,7 +180,9 @@ class CalibrationRun:
     allocation: Allocation
     phases: dict[str, float]
     candidates: dict[str, float] = field(default_factory=dict)
-    """Every candidate's KL on the held-out calibration text (empty when only one was built)."""
+    """Every candidate's mean KL on the held-out calibration windows (empty when only one was built)."""
+    candidate_windows: dict[str, int] = field(default_factory=dict)
+    """How many held-out windows each candidate was scored on (close calls get more)."""
     chosen: str = "ratequant"
 
 
@@ -365,6 +382,7 @@ class DesignCalibration:
     curves_design: Quantizer
     cost_model: CostModel
     allocation: Allocation
+    measured_allocation: Allocation | None = None  # the same strategy on the measured distortions, when choosing
 
 
 def calibrate_design(
@@ -412,17 +430,26 @@ def allocate_design(
     context = settings.budget.context_tokens or DEFAULT_CONTEXT_TOKENS
     cost_model = cost_model_for(policy, loaded, context, settings.bitset)
     allocation = allocate_for(settings, fitted.curves, loaded.geometry, cost_model, budget)
-    return DesignCalibration(policy, fitted, curves_design or policy.quantizer, cost_model, allocation)
+    measured = None
+    if settings.choose and settings.strategy == "ratequant" and fitted.curves.source == "fit":
+        found = allocate_for(settings, fitted.measured_curves(), loaded.geometry, cost_model, budget)
+        if not np.array_equal(found.bits, allocation.bits):
+            measured = replace(found, method=MEASURED)  # its details name the measured curves
+    return DesignCalibration(policy, fitted, curves_design or policy.quantizer, cost_model, allocation, measured)
 
 
 def candidates_of(
     settings: CalibrationSettings, calibrated: DesignCalibration, budget: Budget, qualified: bool
 ) -> list[Candidate]:
-    """RateQuant's allocation of ``calibrated`` and, when the settings choose, the fixed key/value splits of the
-    same ``budget`` (names prefixed by the design when ``qualified``)."""
+    """RateQuant's allocation of ``calibrated``, its allocation on the measured distortions where that differs, and,
+    when the settings choose, the fixed key/value splits of the same ``budget`` (names prefixed by the design when
+    ``qualified``)."""
     prefix = f"{calibrated.policy.quantizer.name}/" if qualified else ""
     c = calibrated
     out = [Candidate(prefix + c.allocation.method, c.allocation, c.policy, c.fitted.curves, c.cost_model)]
+    if c.measured_allocation is not None:
+        measured = c.measured_allocation
+        out.append(Candidate(prefix + measured.method, measured, c.policy, c.fitted.measured_curves(), c.cost_model))
     if settings.choose and settings.strategy == "ratequant":
         widths = c.fitted.curves.restrict(
             covered_widths(settings.bitset, c.fitted.curves), settings.b_min, settings.b_max
@@ -464,7 +491,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         candidates += candidates_of(settings, calibrated[design], budget, auto)
     tokens = stats.token_count
     del stats
-    chosen, scores = candidates[0], {}
+    chosen, choice = candidates[0], None
     if len(candidates) > 1:
         start = time.perf_counter()
         windows = held_out_windows(
@@ -474,7 +501,8 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             settings.choice_tokens,
             settings.choice_windows,
         )
-        chosen, scores = choose_candidate(kl_on(loaded.model, windows), candidates)
+        choice = choose_candidate(window_kl(loaded.model, windows), candidates, windows.ids.shape[0])
+        chosen = choice.best
         phases["choice"] = time.perf_counter() - start
     design = calibrated[chosen.policy.quantizer.name]
     allocation, searched = chosen.allocation, {}
@@ -493,12 +521,13 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         )
         phases["search"] = time.perf_counter() - start
     table, fit = design.fitted.table, design.fitted.fit
-    choice = {}
-    if scores:
-        choice = {
+    record = {}
+    if choice is not None:
+        record = {
             "choice": chosen.name,
-            "choice_tokens": int(windows.ids.numel()),
-            **{f"choice_kl_{name}": value for name, value in scores.items()},
+            "choice_tokens": windows.protocol.seq_len,
+            "choice_windows": choice.windows[chosen.name],
+            **{f"choice_kl_{name}": value for name, value in choice.kl.items()},
         }
     plan = Plan.from_allocation(
         allocation,
@@ -521,7 +550,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             "bos_token_id": bos_token_id(loaded.tokenizer),
             "sink_tokens_chosen": "auto" if settings.sink_tokens == "auto" else "given",
             **({"quantizer_chosen": "auto", "requested_budget": settings.budget.describe()} if auto else {}),
-            **choice,
+            **record,
             **searched,
         },
     )
@@ -532,7 +561,8 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         curves=design.fitted.curves,
         allocation=allocation,
         phases=phases,
-        candidates=scores,
+        candidates=choice.kl if choice else {},
+        candidate_windows=choice.windows if choice else {},
         chosen=chosen.name,
     )
 

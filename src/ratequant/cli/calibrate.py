@@ -190,9 +190,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"  {line}")
     c = plan.calibration
     if run.candidates:
-        scored = ", ".join(f"{name} {kl:.4f}" for name, kl in sorted(run.candidates.items(), key=lambda kv: kv[1]))
+        windows = run.candidate_windows
+        scored = ", ".join(
+            f"{name} {kl:.4f}" + (f" ({windows[name]} windows)" if windows[name] > 1 else "")
+            for name, kl in sorted(run.candidates.items(), key=lambda kv: kv[1])
+        )
         print(
-            f"  candidates by KL on {c['choice_tokens']} held-out calibration tokens (second halves scored): {scored}"
+            f"  candidates by mean KL on held-out calibration windows of {c['choice_tokens']} tokens (second halves "
+            f"scored; close ones on more windows): {scored}"
         )
         print(
             f"  chosen: {run.chosen}"

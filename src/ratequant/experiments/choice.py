@@ -14,11 +14,18 @@ held-out windows; the choice uses no evaluation text.
 from __future__ import annotations
 
 from ratequant.allocation import Budget
-from ratequant.candidates import Candidate, choice_tokens_for, choose_candidate, held_out_windows
+from ratequant.candidates import (
+    CHOICE_WINDOWS,
+    Candidate,
+    Choice,
+    choice_tokens_for,
+    choose_candidate,
+    held_out_windows,
+)
 from ratequant.errors import BudgetError
 from ratequant.experiments.config import CompareConfig, budget_text
 from ratequant.experiments.methods import Method, Skipped, condition_for
-from ratequant.kl_search import kl_on
+from ratequant.kl_search import window_kl
 from ratequant.models import LoadedModel
 from ratequant.pipeline import (
     AUTO_REFERENCE,
@@ -49,15 +56,16 @@ def chosen_methods(
     most_sinks = max(sinks.values(), default=0)
     tokens = choice_tokens_for(config.choice_tokens, config.residual, most_sinks)
     capture_tokens = config.calibration_seq_len * config.calibration_sequences
-    windows = held_out_windows(loaded.tokenizer, corpus, capture_tokens, tokens)
-    say(f"plan choice: candidates scored on {windows.summary()} of held-out calibration text")
-    kl = kl_on(loaded.model, windows)
+    windows = held_out_windows(loaded.tokenizer, corpus, capture_tokens, tokens, CHOICE_WINDOWS)
+    count = windows.ids.shape[0]
+    say(f"plan choice: candidates scored on up to {windows.summary()} of held-out calibration text")
+    kl = window_kl(loaded.model, windows)
     seen: dict[tuple, float] = {}
 
-    def scored(spec) -> float:  # a candidate met twice (kivi's under auto) is scored once
-        key = (spec.quantizer.name, spec.sink_tokens, spec.bits.tobytes())
+    def scored(spec, window: int) -> float:  # a candidate met twice (kivi's under auto) is scored once a window
+        key = (spec.quantizer.name, spec.sink_tokens, spec.bits.tobytes(), window)
         if key not in seen:
-            seen[key] = kl(spec)
+            seen[key] = kl(spec, window)
         return seen[key]
 
     def settings_for(design: str, budget: Budget) -> CalibrationSettings:
@@ -70,7 +78,8 @@ def chosen_methods(
             sink_tokens=sinks[design],
         )
 
-    def method(kind: str, best: Candidate, budget: float, scores: dict) -> Method:
+    def method(kind: str, choice: Choice, budget: float) -> Method:
+        best = choice.best
         label = f"{'default plan' if kind == 'default' else 'auto'} ({best.name})"
         alloc = best.allocation
         return Method(
@@ -85,7 +94,8 @@ def chosen_methods(
             condition_for(best.spec, config, label),
             {
                 "chosen": best.name,
-                "held_out_kl": scores,
+                "held_out_kl": choice.kl or {best.name: scored(best.spec, 0)},
+                "held_out_windows": choice.windows or {best.name: 1},
                 "quantizer": best.policy.quantizer.to_config(),
                 "residual": best.policy.residual_length,
                 "sink_tokens": best.policy.sink_tokens,
@@ -110,10 +120,10 @@ def chosen_methods(
                 skipped.append(Skipped("default", "default plan", design, value, str(exc)))
                 continue
             candidates = candidates_of(settings, calibrated, budget, qualified=False)
-            best, scores = choose_candidate(scored, candidates)
-            record["default"][design] = scores or {best.name: scored(best.spec)}
+            choice = choose_candidate(scored, candidates, count)
+            record["default"][design] = choice.kl or {choice.best.name: scored(choice.best.spec, 0)}
             if config.scores("default"):
-                methods.append(method("default", best, value, record["default"][design]))
+                methods.append(method("default", choice, value))
             by_design[design] = (settings, policy, calibrated)
         if AUTO_REFERENCE in by_design and len(config.designs) > 1 and config.scores("auto"):
             settings, _, reference = by_design[AUTO_REFERENCE]
@@ -126,10 +136,11 @@ def chosen_methods(
                     say(f"auto at {budget_text(value)} bits: {design} left out ({exc})")
                     continue
                 pool += candidates_of(settings, calibrated, equal, qualified=True)
-            best, scores = choose_candidate(scored, pool)
-            record["auto"] = {"bytes_per_token": equal.value, "held_out_kl": scores}
-            methods.append(method("auto", best, value, scores))
-            say(f"auto at {budget_text(value)} bits: {best.name} (held-out KL {scores.get(best.name, 0.0):.4f})")
+            choice = choose_candidate(scored, pool, count)
+            record["auto"] = {"bytes_per_token": equal.value, "held_out_kl": choice.kl}
+            methods.append(method("auto", choice, value))
+            best = choice.best.name
+            say(f"auto at {budget_text(value)} bits: {best} (held-out KL {choice.kl.get(best, 0.0):.4f})")
         info[budget_text(value)] = record
     return methods, info
 
