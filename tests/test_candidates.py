@@ -22,6 +22,8 @@ def test_splits_of_an_average_bits_budget_are_every_pair_with_that_mean():
     assert all(s.avg_bits == 3.0 and s.method == "kv-split" for s in splits.values())
     assert (splits["K4V2"].bits[0] == 4).all() and (splits["K4V2"].bits[1] == 2).all()
     assert split_allocations(Budget.avg_bits(2.5), curves, _cost(), (3, 4)) == {}  # K3V2 needs width 2
+    # widths per kind: keys from 3 (a floor), values among 2..3
+    assert list(split_allocations(Budget.avg_bits(3.0), curves, _cost(), (3, 4, 5), (2, 3))) == ["K4V2", "K3V3"]
 
 
 def test_splits_of_a_byte_budget_are_the_largest_that_fit():

@@ -76,15 +76,19 @@ class Candidate:
 
 
 def split_allocations(
-    budget: Budget, curves: Curves, cost_model: CostModel, widths: tuple[int, ...]
+    budget: Budget,
+    curves: Curves,
+    cost_model: CostModel,
+    widths: tuple[int, ...],
+    value_widths: tuple[int, ...] | None = None,
 ) -> dict[str, Allocation]:
-    """``{"K{k}V{v}": Allocation}``: every fixed split of one key width and one value width among ``widths`` that
-    meets ``budget`` (an average-bits budget exactly; a byte budget as the largest splits under it: no kind
-    could take one more bit and still fit)."""
+    """``{"K{k}V{v}": Allocation}``: every fixed split of one key width among ``widths`` and one value width among
+    ``value_widths`` (default the same) that meets ``budget`` (an average-bits budget exactly; a byte budget as the
+    largest splits under it: no kind could take one more bit and still fit)."""
     shape = curves.shape
     fits: dict[tuple[int, int], float] = {}
     for k in widths:
-        for v in widths:
+        for v in widths if value_widths is None else value_widths:
             bits = np.empty(shape, dtype=np.int64)
             bits[0], bits[1] = k, v
             nbytes = cost_model.bytes_per_token(bits)

@@ -120,21 +120,6 @@ def check_search_tokens(tokens: int, residual_length: int, sink_tokens: int = 0)
     return tokens
 
 
-def fixed_splits(bits: np.ndarray, widths, cost_model: CostModel) -> dict[str, np.ndarray]:
-    """``{"K{k}V{v}": bits}``: every split of one key width and one value width (among ``widths[kind]``) with the
-    same mean width as ``bits [2, L, H]`` and no more true bytes per token, the fixed schemes a search may start
-    from instead."""
-    limit = cost_model.bytes_per_token(bits) * (1 + 1e-9)
-    out = {}
-    for k in widths[0]:
-        for v in widths[1]:
-            split = np.empty_like(bits)
-            split[0], split[1] = k, v
-            if abs(split.mean() - bits.mean()) < 1e-12 and cost_model.bytes_per_token(split) <= limit:
-                out[f"K{k}V{v}"] = split
-    return out
-
-
 def best_start(kl: Callable[[KVQuantSpec], float], spec: KVQuantSpec, starts: dict[str, np.ndarray]):
     """``(name, {name: KL})``: which of ``starts`` (widths for ``spec``) causes the least KL."""
     values = {name: kl(replace(spec, bits=bits)) for name, bits in starts.items()}
@@ -188,7 +173,6 @@ __all__ = [
     "SearchResult",
     "best_start",
     "check_search_tokens",
-    "fixed_splits",
     "kl_on",
     "proposal_weights",
     "search_allocation",

@@ -39,7 +39,7 @@ from ratequant.errors import BudgetError, RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, make_windows
 from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
-from ratequant.kl_search import best_start, check_search_tokens, fixed_splits, kl_on, search_allocation, window_kl
+from ratequant.kl_search import best_start, check_search_tokens, kl_on, search_allocation, window_kl
 from ratequant.models import LoadedModel
 from ratequant.plan import Plan
 from ratequant.progress import note, progress_bar
@@ -336,7 +336,10 @@ def refine_allocation(
     )
     search, held_out = (Windows(ids, windows.protocol, windows.bos_token_id) for ids in windows.ids.split(1))
     kl = kl_on(loaded.model, search)
-    starts = {allocation.method: np.array(allocation.bits), **fixed_splits(allocation.bits, widths, cost_model)}
+    splits = split_allocations(Budget.avg_bits(allocation.avg_bits), curves, cost_model, *widths)
+    limit = allocation.bytes_per_token * (1 + 1e-9)
+    starts = {allocation.method: np.array(allocation.bits)}
+    starts.update({name: a.bits for name, a in splits.items() if a.bytes_per_token <= limit})
     first, start_kls = best_start(kl, spec, starts)
     result = search_allocation(
         kl,
