@@ -17,16 +17,8 @@ from ratequant.compat import cache_argument, model_geometry
 from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import FullPrecision, Streaming
-from ratequant.evaluation.retrieval import (
-    KINDS,
-    make_puzzle,
-    make_retrieval_prompt,
-    run_retrieval,
-    score_answer,
-    score_retrieval,
-    trial_seed,
-    wilson_interval,
-)
+from ratequant.evaluation.needles import KINDS, make_puzzle, make_retrieval_prompt, score_answer
+from ratequant.evaluation.retrieval import run_retrieval, score_retrieval, trial_seed, wilson_interval
 from ratequant.evaluation.tasks import TASKS, RetrievalTask, get_task
 from ratequant.models import LoadedModel
 from ratequant.prefill import prefill

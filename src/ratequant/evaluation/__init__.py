@@ -3,8 +3,9 @@
 :mod:`~ratequant.evaluation.protocol` cuts text into windows as the field does; :mod:`~ratequant.evaluation.conditions`
 runs a window at full precision, under simulated quantization or through the real cache;
 :mod:`~ratequant.evaluation.perplexity` scores conditions against full precision (PPL, KL, top-token agreement);
-:mod:`~ratequant.evaluation.passkey` and :mod:`~ratequant.evaluation.retrieval` (RULER's needle tasks) are the
-retrieval tasks; :mod:`~ratequant.evaluation.tasks` the registry.
+:mod:`~ratequant.evaluation.passkey` and :mod:`~ratequant.evaluation.retrieval` (RULER's needle tasks, their text
+made by :mod:`~ratequant.evaluation.needles`) are the retrieval tasks; :mod:`~ratequant.evaluation.tasks` the
+registry.
 """
 
 from ratequant.evaluation.conditions import Condition, FullPrecision, Simulated, Streaming, Within

@@ -22,10 +22,11 @@ from typing import ClassVar
 from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import Condition, FullPrecision, Simulated, Streaming
+from ratequant.evaluation.needles import KINDS
 from ratequant.evaluation.passkey import DEFAULT_DEPTHS, PasskeyResult, run_passkey
 from ratequant.evaluation.perplexity import REFERENCE, ConditionScore, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
-from ratequant.evaluation.retrieval import KINDS, RetrievalResult, run_retrieval
+from ratequant.evaluation.retrieval import RetrievalResult, run_retrieval
 from ratequant.models import LoadedModel
 from ratequant.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.registry import Registry
