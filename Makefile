@@ -65,3 +65,9 @@ qwen-model: $(STAMP)
 .PHONY: results-qwen
 results-qwen: qwen-model
 	$(BIN)/ratequant compare --config docs/qwen/config.json --out docs/qwen --force
+
+# the default plan and --quantizer auto on the embedded model, with the Qwen run's protocol (every design at 2.5 and
+# 3 bits, 2 x 1,024-token windows, fortunes beside the Python reference) into docs/choice
+.PHONY: results-choice
+results-choice: $(STAMP)
+	$(BIN)/ratequant compare --config docs/choice/config.json --out docs/choice --force
