@@ -33,7 +33,8 @@ ratequant's attention dispatcher, which hands calls without packed handles to th
 (the same result; a few microseconds per layer and step).
 
 It measures time to first token (the prefill forward over the prompt), decode tokens per second (the
-median step time of ``--new-tokens`` greedy single-token forwards, after ``--warmup`` untimed ones), the
+median step time of ``--new-tokens`` greedy single-token forwards, after ``--warmup`` untimed ones; with
+``--batch N``, N distinct windows decoded together and tokens per second counting all of them), the
 cache's real bytes after decoding (every tensor it holds: packed codes, metadata, residual windows, buffers)
 against a float16 ``DynamicCache`` of the same length, and the process's peak resident memory during the
 prefill and warm-up above its level before them (sampled from ``/proc/self/statm``; Linux only, else null).
@@ -228,7 +229,7 @@ def prefill(model, make_cache, around, ids: torch.Tensor, warmup: int, chunk: in
         generated = []
         for _ in range(warmup):
             token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
-            generated.append(int(token))
+            generated.append(int(token[0]))
     return {
         "cache": cache,
         "token": token,
@@ -248,7 +249,7 @@ def decode_step(model, state: dict) -> None:
         out = model(state["token"], **cache_argument(model, state["cache"]), use_cache=True)
         state["token"] = out.logits[:, -1:].argmax(-1)
         state["steps"].append(time.perf_counter() - start)
-    state["tokens"].append(int(state["token"]))
+    state["tokens"].append(int(state["token"][0]))  # the first sequence's, for the agreement check
 
 
 def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int) -> list[dict]:
@@ -274,7 +275,7 @@ def run_context(model, conditions: dict, ids: torch.Tensor, args, rotation: int)
                 "step_s_median": float(np.median(steps)),
                 "step_s_q25": float(np.quantile(steps, 0.25)),
                 "step_s_q75": float(np.quantile(steps, 0.75)),
-                "tokens_per_s": float(1.0 / np.median(steps)),
+                "tokens_per_s": float(ids.shape[0] / np.median(steps)),  # every sequence of the batch
                 "seq_len": int(st["cache"].get_seq_length()),
                 "cache_bytes": cache_bytes(name, st["cache"]),
                 "peak_rss_extra_bytes": st["peak"],
@@ -344,6 +345,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="sequences decoded together (distinct windows of the corpus; tokens per second count all of them)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps before the timed ones")
     parser.add_argument(
         "--prefill-chunk", type=int, default=0, help="prefill the prompt this many tokens at a time (0: one pass)"
@@ -399,11 +406,11 @@ def main(argv=None) -> int:
     names = list(conditions)
     started = time.perf_counter()
     for ci, context in enumerate(sorted(args.contexts)):
-        ids = corpus_windows(loaded.tokenizer, text, context, 1)
+        ids = corpus_windows(loaded.tokenizer, text, context, args.batch)
         for result in run_context(model, conditions, ids, args, rotation=ci):
             rows.append({"context": context, **result})
             print(
-                f"ctx {context:5d} {result['condition']:22s} ttft {result['ttft_s']:7.2f} s  decode "
+                f"ctx {context:5d} x{args.batch} {result['condition']:22s} ttft {result['ttft_s']:7.2f} s  decode "
                 f"{result['tokens_per_s']:6.2f} tok/s  cache {result['cache_bytes']['total'] / 2**20:8.2f} MiB  "
                 f"peak+ {(result['peak_rss_extra_bytes'] or 0) / 2**20:8.1f} MiB",
                 flush=True,
