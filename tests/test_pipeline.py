@@ -100,7 +100,7 @@ def test_the_measured_distortions_give_a_candidate_where_the_fit_misleads(tiny_m
     stats = collect_statistics(loaded, load_corpus(str(corpus_file)), seq_len=32, sequences=2, metric="mse")
     fitted = fit_design(stats, get_quantizer("kivi"), metric="mse", bitset=range(2, 9))
     measured = fitted.measured_curves()
-    assert measured.source == "measured" and measured.bitset == fitted.curves.bitset
+    assert measured.source == "measured" and measured.bitset == fitted.curves.bitset and measured.min_bits is None
     assert (np.diff(measured.values, axis=-1) <= 0).all()  # never worse at a wider width
     settings = CalibrationSettings(budget=Budget.avg_bits(3.0), metric="mse", residual_length=0, sink_tokens=0)
     calibrated = allocate_design(loaded, settings, StoragePolicy(get_quantizer("kivi"), 0, 0), fitted)

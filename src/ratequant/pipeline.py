@@ -155,17 +155,14 @@ class DesignFit:
     seconds: dict[str, float]
 
     def measured_curves(self) -> Curves:
-        """The measured distortions at the allocation curves' widths and floors, made non-increasing in the width
-        (a wider code that measured worse counts as the narrower one's value): what RateQuant allocates on
-        without the fit's smoothing."""
+        """The measured distortions at the allocation curves' widths, made non-increasing in the width (a wider
+        code that measured worse counts as the narrower one's value): what RateQuant allocates on without the
+        fit's smoothing. No per-component floors: they keep the fit off widths it cannot follow, while the
+        measured damage already prices a width that reconstructs worse than the mean."""
         widths = self.curves.bitset
         values = self.table.values[..., [self.table.bitset.index(b) for b in widths]]
         return Curves.measured(
-            np.minimum.accumulate(values, axis=-1),
-            widths,
-            design=self.design,
-            label=f"{self.table.metric} measured",
-            min_bits=self.curves.min_bits,
+            np.minimum.accumulate(values, axis=-1), widths, design=self.design, label=f"{self.table.metric} measured"
         )
 
 
