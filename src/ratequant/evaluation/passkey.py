@@ -312,6 +312,16 @@ def score_passkey(
     )
 
 
+def _check_depths(depths: Sequence[float], task: str) -> list[float]:
+    """``depths`` as a list of distinct depths in ``[0, 1]``, at least one; errors name ``task``."""
+    out = [_check_depth(d) for d in depths]
+    if not out:
+        raise RateQuantError(f"{task} needs at least one depth")
+    if len(set(out)) != len(out):
+        raise RateQuantError(f"{task} depths must be distinct, got {out}")
+    return out
+
+
 def trial_seed(seed: int, depth_index: int, trial_index: int) -> int:
     """The prompt seed of trial ``trial_index`` at depth ``depth_index`` of a run seeded ``seed``."""
     return random.Random(f"passkey:{seed}:{depth_index}:{trial_index}").getrandbits(62)
@@ -337,11 +347,7 @@ def run_passkey(
     context = _check_context(context)
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise RateQuantError(f"passkey trials must be a positive integer, got {trials!r}")
-    depths = [_check_depth(d) for d in depths]
-    if not depths:
-        raise RateQuantError("passkey needs at least one depth")
-    if len(set(depths)) != len(depths):
-        raise RateQuantError(f"passkey depths must be distinct, got {depths}")
+    depths = _check_depths(depths, "passkey")
     _check_positions(model, context)
     start = time.perf_counter()
     detail: list[PasskeyTrial] = []

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ratequant.errors import RateQuantError
 from ratequant.evaluation.needles import (
     FIRST,
     KINDS,
@@ -30,7 +29,7 @@ from ratequant.evaluation.needles import (
     make_retrieval_prompt,
     score_answer,
 )
-from ratequant.evaluation.passkey import DEFAULT_DEPTHS, _check_context, _check_depth, _check_positions, _last_logprobs
+from ratequant.evaluation.passkey import DEFAULT_DEPTHS, _check_context, _check_depths, _check_positions, _last_logprobs
 from ratequant.placement import input_device
 from ratequant.prefill import prefill
 from ratequant.progress import progress_bar
@@ -275,11 +274,7 @@ def run_retrieval(
     KINDS.get(kind)
     context = _check_context(context)
     trials = check_int(trials, f"{kind} trials", lo=1, hi=10_000)
-    depths = [_check_depth(d) for d in depths]
-    if not depths:
-        raise RateQuantError(f"{kind} needs at least one depth")
-    if len(set(depths)) != len(depths):
-        raise RateQuantError(f"{kind} depths must be distinct, got {depths}")
+    depths = _check_depths(depths, kind)
     _check_positions(model, context)
     start = time.perf_counter()
     detail: list[RetrievalTrial] = []

@@ -180,46 +180,16 @@ class RetrievalTask(Task):
         return TaskResult(self.name, settings, {n: r.to_dict() for n, r in results.items()}, results)
 
 
-@TASKS.register
-@dataclass(frozen=True)
-class NiahSingleTask(RetrievalTask):
-    name = "niah-single"
-    summary = KINDS.get(name).summary
-
-
-@TASKS.register
-@dataclass(frozen=True)
-class NiahSingleWordTask(RetrievalTask):
-    name = "niah-single-word"
-    summary = KINDS.get(name).summary
-
-
-@TASKS.register
-@dataclass(frozen=True)
-class NiahMultikeyTask(RetrievalTask):
-    name = "niah-multikey"
-    summary = KINDS.get(name).summary
-
-
-@TASKS.register
-@dataclass(frozen=True)
-class NiahMultivalueTask(RetrievalTask):
-    name = "niah-multivalue"
-    summary = KINDS.get(name).summary
-
-
-@TASKS.register
-@dataclass(frozen=True)
-class NiahMultiqueryTask(RetrievalTask):
-    name = "niah-multiquery"
-    summary = KINDS.get(name).summary
-
-
-@TASKS.register
-@dataclass(frozen=True)
-class VariableTrackingTask(RetrievalTask):
-    name = "variable-tracking"
-    summary = KINDS.get(name).summary
+for _kind in KINDS:  # one registered task per retrieval kind, named and summarised as the kind
+    TASKS.register(
+        dataclass(frozen=True)(
+            type(
+                f"{_kind.title().replace('-', '')}Task",
+                (RetrievalTask,),
+                {"name": _kind, "summary": KINDS.get(_kind).summary},
+            )
+        )
+    )
 
 
 def cache_factory(condition: Condition, model):
