@@ -66,6 +66,11 @@ qwen-model: $(STAMP)
 results-qwen: qwen-model
 	$(BIN)/ratequant compare --config docs/qwen/config.json --out docs/qwen --force
 
+# the same comparison calibrated on fortunes, with the Python reference beside it, into docs/qwen-fortunes (about an hour)
+.PHONY: results-qwen-fortunes
+results-qwen-fortunes: qwen-model
+	$(BIN)/ratequant compare --config docs/qwen-fortunes/config.json --out docs/qwen-fortunes --force
+
 # the default plan and --quantizer auto on the embedded model, with the Qwen run's protocol (every design at 2.5 and
 # 3 bits, 2 x 1,024-token windows, fortunes beside the Python reference) into docs/choice
 .PHONY: results-choice
