@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ratequant-installed
 
 .PHONY: demo test lint bench results results-search clean-venv
 
-$(STAMP): pyproject.toml setup.py src/ratequant/_native.c
+$(STAMP): pyproject.toml setup.py src/ratequant/kernels/_native.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

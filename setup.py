@@ -12,6 +12,6 @@ FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-std=c1
 
 setup(
     ext_modules=[
-        Extension("ratequant._native", ["src/ratequant/_native.c"], extra_compile_args=FLAGS, optional=True)
+        Extension("ratequant.kernels._native", ["src/ratequant/kernels/_native.c"], extra_compile_args=FLAGS, optional=True)
     ]
 )

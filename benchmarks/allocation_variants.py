@@ -50,12 +50,12 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import AllocationOptions, Budget, Curves, allocate, get_strategy
-    from ratequant.data import load_corpus
+    from ratequant.calibration.pipeline import choose_sink_tokens, collect_statistics, cost_model_for, fit_design
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.models import load_model
-    from ratequant.pipeline import choose_sink_tokens, collect_statistics, cost_model_for, fit_design
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
     from ratequant.quantizers import get_quantizer
     from ratequant.spec import KVQuantSpec, StoragePolicy
 

@@ -89,8 +89,8 @@ def fill(cache: RateQuantCache, args, geometry: Geometry) -> float:
             layer.update(k, v)
     else:
         from _common import corpus_windows
-        from ratequant.data import load_corpus
-        from ratequant.models import load_model
+        from ratequant.inputs.corpora import load_corpus
+        from ratequant.inputs.models import load_model
 
         loaded = load_model(dtype=args.dtype)
         ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, args.tokens, args.batch_size)

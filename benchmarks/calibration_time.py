@@ -9,8 +9,8 @@ metric, 2.5 average bits unless ``--avg-bits``), it times in one process:
   as ``ratequant calibrate`` runs it);
 * ``sensitivity``: the extra time of recording the loss gradients too (capture with ``gradients=True``
   minus ``capture``), i.e. the backward pass the Fisher metric needs;
-* ``distortion`` and ``fit``: the two phases of :func:`ratequant.pipeline.fit_design`, as its
-  :class:`~ratequant.pipeline.DesignFit` times them: ``distortion`` is the distortion table (every component
+* ``distortion`` and ``fit``: the two phases of :func:`ratequant.calibration.pipeline.fit_design`, as its
+  :class:`~ratequant.calibration.pipeline.DesignFit` times them: ``distortion`` is the distortion table (every component
   at every width; ``measure_distortion``), ``fit`` the choice of widths and the curve fit (``fit_distortion``
   and the allocation curves). The informative-width test now rides on the measurement pass:
   ``measure_distortion`` records each width's reconstruction error and the tensor's spread in the same pass,
@@ -69,16 +69,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from ratequant.allocation import Budget
-    from ratequant.calibration import capture
-    from ratequant.data import load_corpus
-    from ratequant.models import load_model
-    from ratequant.pipeline import (
+    from ratequant.calibration.pipeline import (
         CAPTURE_BATCH_SIZE,
         CalibrationSettings,
         allocate_for,
         cost_model_for,
         fit_design,
     )
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
+    from ratequant.measure.capture import capture
     from ratequant.plan import Plan
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 

@@ -70,14 +70,14 @@ from _common import (
     trim,
     write_result,
 )
+from ratequant.cache.prefill import prefill as chunked_prefill
 from ratequant.compat import cache_argument
-from ratequant.prefill import prefill as chunked_prefill
 
 FORMAT_VERSION = 1
 HQQ_GROUP = 64
 NO_HISTORY_TOKENS = 16
 PLAIN_CALLS = frozenset({"rq-mixed-2.5-plain"})
-"""Conditions prefilled by a plain ``model.generate`` instead of :func:`ratequant.prefill.prefill`."""
+"""Conditions prefilled by a plain ``model.generate`` instead of :func:`ratequant.cache.prefill.prefill`."""
 
 
 def cache_bytes(name: str, cache) -> dict:
@@ -95,8 +95,8 @@ def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int, 
     """The RateQuant plan of the mixed conditions: loaded from ``path``, or calibrated now (default settings,
     for ``design`` when given)."""
     from ratequant.allocation import Budget
-    from ratequant.data import load_corpus
-    from ratequant.pipeline import CalibrationSettings, calibrate
+    from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+    from ratequant.inputs.corpora import load_corpus
     from ratequant.plan import Plan
 
     if path is not None:
@@ -116,8 +116,8 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
 
     from transformers import DynamicCache, QuantizedCache
 
-    from ratequant import native
     from ratequant.cache import RateQuantCache, packed_attention
+    from ratequant.kernels import native
     from ratequant.quantizers import get_quantizer
     from ratequant.spec import KVQuantSpec
 
@@ -391,8 +391,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ratequant.data import load_corpus
-    from ratequant.models import load_model
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
 
     loaded = load_model()
     model = loaded.model.eval()

@@ -12,7 +12,8 @@ really cause, without the additive model, on the embedded default model:
    component (kind, layer, kv head) to another, at equal or fewer true bytes; a move is kept when the KL on the
    search text falls. Donors and receivers are drawn (seeded) with weights from the fitted curves: the donor
    among the components whose next bit down the curve says costs least, the receiver among those whose next
-   bit up it says gains most (:func:`ratequant.kl_search.search_allocation`, the search of ``calibrate --search``);
+   bit up it says gains most (:func:`ratequant.calibration.search.search_allocation`, the search of
+   ``calibrate --search``);
 3. the fixed split, RateQuant and the searched allocation scored on the evaluation windows of ``compare``'s
    headline protocol (``--seq-len`` tokens x ``--windows``, second-half KL, simulated quantization with the
    128-token residual window), so the result says whether what the search found on calibration text holds
@@ -83,13 +84,13 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import Budget
-    from ratequant.data import load_corpus
+    from ratequant.calibration.pipeline import CalibrationSettings, calibrate, cost_model_for
+    from ratequant.calibration.search import best_start, kl_on, search_allocation
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, Windows, make_windows
-    from ratequant.kl_search import best_start, kl_on, search_allocation
-    from ratequant.models import load_model
-    from ratequant.pipeline import CalibrationSettings, calibrate, cost_model_for
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     torch.set_num_threads(args.threads)

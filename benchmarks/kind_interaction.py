@@ -66,8 +66,8 @@ def kind_calibrated(values: np.ndarray, joint: np.ndarray, floor: float) -> tupl
 
 
 def split_kl(kl, spec, key_bits: int, value_bits: int) -> float:
-    """``kl`` (see :func:`ratequant.kl_search.kl_on`) of ``spec`` with every key at ``key_bits`` and every value at
-    ``value_bits``."""
+    """``kl`` (see :func:`ratequant.calibration.search.kl_on`) of ``spec`` with every key at ``key_bits`` and every
+    value at ``value_bits``."""
     return kl(replace(spec, bits=kv_split(spec.bits, key_bits, value_bits)))
 
 
@@ -88,19 +88,19 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import Budget, Curves
-    from ratequant.data import load_corpus
-    from ratequant.evaluation.conditions import Simulated
-    from ratequant.evaluation.perplexity import score_conditions
-    from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.kl_search import kl_on
-    from ratequant.models import load_model
-    from ratequant.pipeline import (
+    from ratequant.calibration.pipeline import (
         CalibrationSettings,
         allocate_for,
         bits_histogram,
         calibrate,
         cost_model_for,
     )
+    from ratequant.calibration.search import kl_on
+    from ratequant.evaluation.conditions import Simulated
+    from ratequant.evaluation.perplexity import score_conditions
+    from ratequant.evaluation.protocol import WindowProtocol, make_windows
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ after loading (the weights), prefills the prompt and greedily decodes ``--new-to
 the peak resident memory above that level, the cache's real bytes at the end and the time taken:
 
 * ``dynamic``: transformers' ``DynamicCache``, the prompt in one forward pass;
-* ``dynamic-chunked``: the same cache, prefilled ``--chunk`` tokens at a time (:mod:`ratequant.prefill`);
+* ``dynamic-chunked``: the same cache, prefilled ``--chunk`` tokens at a time (:mod:`ratequant.cache.prefill`);
 * ``rq-2.5``: ``RateQuantCache`` with a 2.5-bit RateQuant plan (calibrated once before the children start,
   or ``--plan``), one forward pass;
 * ``rq-2.5-chunked``: the same plan prefilled ``--chunk`` tokens at a time (each piece attending to the
@@ -52,11 +52,11 @@ def child(args) -> dict:
     from transformers import DynamicCache
 
     from ratequant.cache import RateQuantCache, packed_attention
+    from ratequant.cache.prefill import piece_attention, prefill
     from ratequant.compat import cache_argument
-    from ratequant.data import load_corpus
-    from ratequant.models import load_model
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
     from ratequant.plan import Plan
-    from ratequant.prefill import piece_attention, prefill
 
     torch.set_num_threads(args.threads)
     loaded = load_model(dtype="float32")
@@ -111,9 +111,9 @@ def child(args) -> dict:
 def calibrated_plan_file(folder: Path) -> Path:
     """A 2.5-bit RateQuant plan of the default model with the default calibration settings, written to ``folder``."""
     from ratequant.allocation import Budget
-    from ratequant.data import load_corpus
-    from ratequant.models import load_model
-    from ratequant.pipeline import CalibrationSettings, calibrate
+    from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
 
     run = calibrate(load_model(), load_corpus(), CalibrationSettings(budget=Budget.avg_bits(2.5)))
     return run.plan.to_json(folder / "plan-2.5.json")

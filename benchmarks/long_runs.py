@@ -3,7 +3,7 @@
 Two measurements, one JSON file (``--output``, default ``results/long_runs.json``):
 
 1. **Repeated generations.** ``--generations`` (default 200) consecutive greedy generations with
-   :func:`ratequant.generation.generate` on the embedded default model (SmolLM2-135M), each with a fresh
+   :func:`ratequant.cache.generation.generate` on the embedded default model (SmolLM2-135M), each with a fresh
    :class:`~ratequant.cache.RateQuantCache` built from the same plan (``plan.resolve(model)``, a
    :class:`~ratequant.spec.KVQuantSpec`) (KIVI, widths alternating 2 and 3 bits,
    2.5 on average, ``--residual`` 32 so that chunks are quantized during prefill *and* decoding). Prompts
@@ -96,7 +96,7 @@ def make_plan(name: str, geometry: Geometry, bits: np.ndarray, quantizer, residu
 
 def load(args):
     """``LoadedModel`` of the default model, or of a random model with its geometry (``--model random``)."""
-    from ratequant.models import LoadedModel, load_model
+    from ratequant.inputs.models import LoadedModel, load_model
 
     if args.model == "default":
         return load_model()
@@ -130,7 +130,7 @@ def _corpus_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ratequant.data import load_corpus
+    from ratequant.inputs.corpora import load_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -141,14 +141,14 @@ def _corpus_tokenizer(vocab_size: int):
 
 
 def corpus_ids(loaded, tokens: int) -> torch.Tensor:
-    from ratequant.data import load_corpus
+    from ratequant.inputs.corpora import load_corpus
 
     return corpus_windows(loaded.tokenizer, load_corpus().evaluation, tokens, 1)
 
 
 # -- part 1 ------------------------------------------------------------------------------------------------
 def repeated_generations(loaded, args) -> dict:
-    from ratequant.generation import generate
+    from ratequant.cache.generation import generate
 
     quantizer = get_quantizer("kivi")
     bits = alternating_bits(loaded.geometry)

@@ -1,9 +1,9 @@
-"""Which distortion metric predicts model damage? Evidence for ``ratequant.distortion.DEFAULT_METRIC``.
+"""Which distortion metric predicts model damage? Evidence for ``ratequant.measure.distortion.DEFAULT_METRIC``.
 
 On the embedded default model (SmolLM2-135M) and corpus, this
 
 1. captures calibration statistics (keys, values, queries, loss gradients) on calibration windows,
-2. measures every metric of :data:`ratequant.distortion.METRICS` for every component at bits 1..4,
+2. measures every metric of :data:`ratequant.measure.distortion.METRICS` for every component at bits 1..4,
 3. draws a random sample of (kind, layer, kv-head, bits) pairs and measures the *true damage* of
    fake-quantizing only that component on held-out evaluation windows: the KL divergence from the
    full-precision next-token distribution and the increase of the next-token cross-entropy,
@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
 
-    from ratequant.calibration import capture
-    from ratequant.data import load_corpus
-    from ratequant.distortion import DEFAULT_METRIC, METRICS, measure_distortion, measure_distortions, spearman
     from ratequant.geometry import KINDS
-    from ratequant.models import load_model
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
+    from ratequant.measure.capture import capture
+    from ratequant.measure.distortion import DEFAULT_METRIC, METRICS, measure_distortion, measure_distortions, spearman
     from ratequant.quantizers import get_quantizer
 
     started = time.perf_counter()

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 def samples_of(corpus, count: int):
     """``count`` corpora whose calibration text is one disjoint part of ``corpus``'s (same evaluation text)."""
-    from ratequant.data import Corpus
+    from ratequant.inputs.corpora import Corpus
 
     paragraphs = corpus.calibration.split("\n\n")
     size = -(-len(paragraphs) // count)
@@ -57,12 +57,12 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import Budget
-    from ratequant.data import load_corpus
+    from ratequant.calibration.pipeline import CalibrationSettings, calibrate
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import REFERENCE, score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.models import load_model
-    from ratequant.pipeline import CalibrationSettings, calibrate
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -115,6 +115,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded default model (SmolLM2-135M), loaded once per session."""
-    from ratequant.models import load_model
+    from ratequant.inputs.models import load_model
 
     return load_model()

@@ -28,9 +28,9 @@ from ratequant.allocation import (
     is_convex,
     solve_integer,
 )
+from ratequant.allocation.fitting import fit_distortion
 from ratequant.allocation.solvers import _dp
 from ratequant.errors import BudgetError, RateQuantError
-from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.quantizers import get_quantizer
 from ratequant.quantizers.base import Quantizer
@@ -757,7 +757,7 @@ def test_cost_model_agrees_with_the_spec_formula(design, residual, sinks, tokens
 
 
 def test_a_residual_that_is_not_a_multiple_of_the_token_group_is_refused_everywhere():
-    from ratequant.pipeline import CalibrationSettings
+    from ratequant.calibration.pipeline import CalibrationSettings
 
     kivi = get_quantizer("kivi", group_size=32)
     with pytest.raises(RateQuantError) as direct:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MambaConfig, Qwen3Config
 
-from ratequant.calibration import CalibrationStats, Recorder, capture, next_token_loss_sum
 from ratequant.compat import intercept_attention, original_attention
 from ratequant.errors import RateQuantError, UnsupportedModelError
 from ratequant.geometry import Geometry
+from ratequant.measure.capture import CalibrationStats, Recorder, capture, next_token_loss_sum
 
 VOCAB = 101
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ratequant.allocation import Budget, CostModel, Curves
-from ratequant.candidates import Candidate, choice_tokens_for, choose_candidate, split_allocations
+from ratequant.calibration.candidates import Candidate, choice_tokens_for, choose_candidate, split_allocations
 from ratequant.errors import RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.quantizers import get_quantizer

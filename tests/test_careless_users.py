@@ -106,8 +106,8 @@ def test_4_a_seed_too_large_is_refused_on_the_command_line_and_in_a_plan(tmp_pat
 # -- 6: sizes bounded by the model's context ------------------------------------------------------------------
 def test_6_a_group_larger_than_anything_or_than_the_models_context_is_refused_before_allocating():
     from ratequant.cache import RateQuantCache
+    from ratequant.cache.simulate import simulated_quantization
     from ratequant.quantizers import get_quantizer
-    from ratequant.simulate import simulated_quantization
     from ratequant.spec import KVQuantSpec
 
     with pytest.raises(RateQuantError, match="group_size must be an integer from 1 to 65536"):
@@ -167,7 +167,7 @@ def test_7_generate_streams_its_output(capsys, tiny_model_dir):
 
 # -- 8: hostile configs, interrupts --------------------------------------------------------------------------
 def test_8_a_compare_config_with_nested_designs_is_one_line(tmp_path, capsys):
-    from ratequant.experiments import CompareConfig
+    from ratequant.lab import CompareConfig
 
     data = CompareConfig().to_dict()
     data["designs"] = [["kivi"]]

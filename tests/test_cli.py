@@ -120,7 +120,7 @@ def test_eval_default_model_json(tmp_path, capsys):
 
 
 def test_info_names_the_decode_path(tmp_path, capsys, tiny_model_dir):
-    from ratequant import native
+    from ratequant.kernels import native
 
     corpus = tmp_path / "text.txt"
     corpus.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))

@@ -352,12 +352,12 @@ def leftovers(folder) -> list[str]:
 
 
 def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, monkeypatch, corpus, tiny_model_dir):
-    import ratequant.pipeline
+    import ratequant.calibration.pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ratequant.pipeline, "calibrate", interrupted)
+    monkeypatch.setattr(ratequant.calibration.pipeline, "calibrate", interrupted)
     out = tmp_path / "plans" / "plan.json"
     code, _, err = run(
         capsys,
@@ -456,7 +456,7 @@ def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpu
 def test_interrupted_picture_leaves_no_partial_png(tmp_path, capsys, monkeypatch):
     from matplotlib.figure import Figure
 
-    from ratequant.report.plots import bits_heatmap
+    from ratequant.lab.report.plots import bits_heatmap
 
     def half_then_interrupt(self, fname, *args, **kwargs):
         with open(fname, "wb") as handle:
@@ -472,7 +472,7 @@ def test_interrupted_picture_leaves_no_partial_png(tmp_path, capsys, monkeypatch
 
 
 def test_existing_results_path_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
-    import ratequant.models
+    import ratequant.inputs.models
 
     out = tmp_path / "eval.json"
     out.write_text("{}")
@@ -480,7 +480,7 @@ def test_existing_results_path_is_refused_before_the_run(tmp_path, capsys, monke
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded although the output path exists")
 
-    monkeypatch.setattr(ratequant.models, "load_model", must_not_load)
+    monkeypatch.setattr(ratequant.inputs.models, "load_model", must_not_load)
     assert_one_line_error(capsys, ["eval", "--json", str(out)], "already exists; pass --force")
 
 

@@ -12,11 +12,11 @@ import torch
 
 from ratequant.cli import main
 from ratequant.errors import RateQuantError
-from ratequant.experiments import QUICK_SIZES, CompareConfig, CompareResults, run_compare
-from ratequant.experiments.methods import hybrid_rank, pick_mismatch_sources
+from ratequant.lab import QUICK_SIZES, CompareConfig, CompareResults, run_compare
+from ratequant.lab.methods import hybrid_rank, pick_mismatch_sources
+from ratequant.lab.report import check_output, repeat_command, write_report
+from ratequant.lab.report.markdown import report_markdown
 from ratequant.quantizers import get_quantizer
-from ratequant.report import check_output, repeat_command, write_report
-from ratequant.report.markdown import report_markdown
 
 BUDGETS = (2.5, 3.0)
 DESIGNS = ("kivi", "quarot", "turbo", "uniform")
@@ -40,8 +40,8 @@ class one_thread:
 def setup():
     from conftest import tiny_model, tiny_tokenizer
     from ratequant.compat import model_geometry
-    from ratequant.data import Corpus
-    from ratequant.models import LoadedModel
+    from ratequant.inputs.corpora import Corpus
+    from ratequant.inputs.models import LoadedModel
 
     model = tiny_model("llama", num_hidden_layers=2)  # 2 layers x 2 kv heads: N = 8 components, head_dim 16
     corpus = Corpus("tiny", TEXT[: len(TEXT) // 3], TEXT[len(TEXT) // 3 :])
@@ -436,7 +436,7 @@ def test_cli_compare_then_rerun_from_the_saved_config(tmp_path, tiny_model_dir, 
 # -- the default model ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compare_on_the_default_model(default_model, tmp_path):
-    from ratequant.data import load_corpus
+    from ratequant.inputs.corpora import load_corpus
 
     config = CompareConfig(
         budgets=(3.0,),
@@ -466,7 +466,7 @@ def test_compare_on_the_default_model(default_model, tmp_path):
 def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
     """Through the real cache (streaming) the scores equal the simulated ones; a second corpus is scored beside
     the first; passkey retrieval runs full precision and the chosen methods through their caches."""
-    from ratequant.data import Corpus
+    from ratequant.inputs.corpora import Corpus
 
     loaded, corpus = setup
     other_text = "\n\n".join(f"a different text, number {i}: ships sail over the sea at dawn." * 3 for i in range(40))
@@ -543,7 +543,7 @@ def test_peers_headroom_and_sink_study(setup, tmp_path):
 def test_a_budget_at_the_narrowest_width_is_a_tie_by_construction_not_a_loss(setup):
     """At a 2-bit budget with widths from 2 every allocator returns uniform 2: the report says no allocator had a
     choice there and leaves the cell out of RateQuant's wins and losses; the 2.5-bit cell still counts."""
-    from ratequant.report.findings import findings
+    from ratequant.lab.report.findings import findings
 
     loaded, corpus = setup
     config = CompareConfig(
@@ -583,7 +583,7 @@ def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):
     """``search_proposals`` adds ``RateQuant + KL search`` to every design and budget: the same mean width and no
     more bytes than RateQuant, widths among the design's, its plan RateQuant's or a same-size split unless the
     moves were kept, and the report shows it beside RateQuant."""
-    from ratequant.report.findings import findings
+    from ratequant.lab.report.findings import findings
 
     loaded, corpus = setup
     config = CompareConfig(
@@ -622,7 +622,7 @@ def test_a_search_text_inside_the_residual_window_is_refused():
 
 
 def test_findings_state_the_default_plan_and_auto_against_their_rivals(results):
-    from ratequant.report.findings import choice_findings
+    from ratequant.lab.report.findings import choice_findings
 
     text = "\n".join(choice_findings(results))
     cells = len(DESIGNS) * len(BUDGETS)
@@ -671,7 +671,7 @@ def test_every_series_of_a_figure_has_its_own_colour_and_marker(tmp_path, monkey
     import matplotlib.axes
     from matplotlib.colors import to_hex
 
-    from ratequant.report.plots import method_panels
+    from ratequant.lab.report.plots import method_panels
 
     drawn = {}
     plot = matplotlib.axes.Axes.plot

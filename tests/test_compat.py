@@ -358,8 +358,8 @@ def _in_two_threads(first, second) -> list:
 def test_a_plain_forward_in_another_thread_is_exact_while_one_thread_quantizes():
     import numpy as np
 
+    from ratequant.cache.simulate import simulated_quantization
     from ratequant.quantizers import get_quantizer
-    from ratequant.simulate import simulated_quantization
     from ratequant.spec import KVQuantSpec
 
     model = tiny_model("llama", seed=3)

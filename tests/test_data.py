@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from ratequant.data import DEFAULT_CORPUS, load_corpus, paragraphs
 from ratequant.errors import RateQuantError
+from ratequant.inputs.corpora import DEFAULT_CORPUS, load_corpus, paragraphs
 
 
 def shingles(text: str, width: int) -> set[str]:
@@ -62,14 +62,14 @@ def test_missing_corpus_file(tmp_path):
         load_corpus(str(tmp_path / "nope.txt"))
 
 
-FORTUNES_INSTALLED = __import__("ratequant.data", fromlist=["fortunes_dir"]).fortunes_dir().is_dir()
+FORTUNES_INSTALLED = __import__("ratequant.inputs.corpora", fromlist=["fortunes_dir"]).fortunes_dir().is_dir()
 
 
 @pytest.mark.skipif(
     not FORTUNES_INSTALLED, reason="Debian's fortunes package is not installed (apt-get install fortunes)"
 )
 def test_fortunes_is_a_second_corpus_split_without_shared_entries():
-    from ratequant.data import fortune_entries
+    from ratequant.inputs.corpora import fortune_entries
 
     a, b = load_corpus("fortunes"), load_corpus("fortunes")
     assert a == b and a.name == "fortunes"
@@ -98,7 +98,7 @@ def test_fortunes_from_a_folder_of_entries(tmp_path, monkeypatch):
 
 
 def test_a_large_file_is_sampled_at_paragraph_breaks(tmp_path, monkeypatch):
-    from ratequant import data
+    from ratequant.inputs import corpora as data
 
     monkeypatch.setattr(data, "LARGE_FILE_BYTES", 1000)
     monkeypatch.setattr(data, "PART_BYTES", 400)
@@ -130,7 +130,7 @@ def test_a_300_mb_corpus_file_is_read_in_bounded_memory(tmp_path):
         for start in range(0, 3_200_000, 1000):
             f.write(text.format(*range(start, start + 1000)))  # 3.2 million distinct paragraphs, 300 MB
     probe = (  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's, inherited at fork)
-        "import re, sys; from ratequant.data import load_corpus; c = load_corpus(sys.argv[1]); "
+        "import re, sys; from ratequant.inputs.corpora import load_corpus; c = load_corpus(sys.argv[1]); "
         "print(len(c.evaluation), re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)

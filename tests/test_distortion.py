@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ratequant.calibration import CalibrationStats, capture
 from ratequant.compat import intercept_attention, original_attention
-from ratequant.distortion import (
+from ratequant.errors import RateQuantError
+from ratequant.geometry import KINDS, Geometry
+from ratequant.measure.capture import CalibrationStats, capture
+from ratequant.measure.distortion import (
     DEFAULT_METRIC,
     METRICS,
     DistortionTable,
@@ -17,8 +19,6 @@ from ratequant.distortion import (
     measure_distortions,
     spearman,
 )
-from ratequant.errors import RateQuantError
-from ratequant.geometry import KINDS, Geometry
 from ratequant.quantizers import get_quantizer
 
 L, B, H, HQ, T, D = 3, 2, 2, 4, 12, 8

@@ -10,9 +10,9 @@ import pytest
 
 import ratequant.cli.export  # noqa: F401  (registers export and import until the package imports it)
 from ratequant.allocation import Budget, Curves, allocate, get_strategy
+from ratequant.allocation.fitting import fit_distortion
 from ratequant.cli import main
 from ratequant.errors import PlanError
-from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.integrations.kvtuner import (
     KVTUNER_ALLOCATOR,

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from ratequant.allocation.fitting import DistortionFit, fit_distortion
 from ratequant.errors import RateQuantError
-from ratequant.fitting import DistortionFit, fit_distortion
 
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 

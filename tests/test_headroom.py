@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from ratequant.allocation import Curves
-from ratequant.headroom import DamageTable, measure_component_damage, measured_curves
+from ratequant.measure.headroom import DamageTable, measure_component_damage, measured_curves
 from ratequant.quantizers import get_quantizer
 
 

@@ -30,13 +30,13 @@ from hypothesis import strategies as st
 from conftest import tiny_model
 from ratequant import jsonio
 from ratequant.cache import RateQuantCache
+from ratequant.cache.simulate import simulated_quantization
 from ratequant.cli import main
 from ratequant.compat import model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
-from ratequant.simulate import simulated_quantization
 
 # the geometry of conftest's tiny Llama (and of the tiny_model_dir fixture)
 TINY = Geometry(num_layers=3, num_kv_heads=2, head_dim=16, num_heads=4)
@@ -565,8 +565,8 @@ def saved_results(edit) -> dict:
     ],
 )
 def test_rebuilding_a_report_with_a_field_missing_is_one_line(tmp_path, capsys, monkeypatch, path, fragment):
-    from ratequant.report import __main__ as report_main
-    from ratequant.report import writer
+    from ratequant.lab.report import __main__ as report_main
+    from ratequant.lab.report import writer
 
     monkeypatch.setattr(writer, "draw_figures", lambda results, folder: [])  # the figures are not what is tested
 
@@ -590,8 +590,8 @@ def test_names_from_results_are_inert_in_the_report(tmp_path, capsys, monkeypatc
     """A model or corpus name holding HTML, markdown, backticks and terminal escapes is shown as its characters:
     no tag, link, code-span break or escape reaches report.md or the terminal (in running text the name is a code
     span longer than any run of backticks it holds, where HTML is literal; in tables and titles it is escaped)."""
-    from ratequant.report import __main__ as report_main
-    from ratequant.report import writer
+    from ratequant.lab.report import __main__ as report_main
+    from ratequant.lab.report import writer
 
     monkeypatch.setattr(writer, "draw_figures", lambda results, folder: [])  # figure titles: the test below
 
@@ -625,7 +625,7 @@ def test_names_from_results_are_inert_in_the_report(tmp_path, capsys, monkeypatc
 
 def test_figure_titles_draw_names_as_they_are(tmp_path):
     """Dollar signs in a name are not matplotlib mathtext (which refuses what it cannot parse)."""
-    from ratequant.report.plots import bits_heatmap
+    from ratequant.lab.report.plots import bits_heatmap
 
     path = bits_heatmap(BITS, tmp_path / "bits.png", title="model $\\frac$ a$b$ \x1b[2J\nnext")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

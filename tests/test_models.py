@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ratequant.errors import RateQuantError
-from ratequant.models import load_model
+from ratequant.inputs.models import load_model
 
 
 def test_local_directory_loads_with_geometry(tiny_model_dir):
@@ -51,7 +51,7 @@ def test_default_model_geometry(default_model):
 # -- the GGUF conversion cache: verified, rebuilt, cleaned ---------------------------------------------------
 def test_conversion_cache_is_verified_by_a_manifest_written_last(tmp_path, capsys):
     from conftest import tiny_model, tiny_tokenizer
-    from ratequant.models import MANIFEST, _conversion_problem, _store_conversion
+    from ratequant.inputs.models import MANIFEST, _conversion_problem, _store_conversion
 
     target = tmp_path / "gguf" / "entry"
     _store_conversion(tiny_model("llama"), tiny_tokenizer(), target)
@@ -83,7 +83,7 @@ def test_a_full_disk_while_converting_is_one_note_and_the_model_still_loads(tmp_
     from safetensors import SafetensorError
 
     from conftest import tiny_model, tiny_tokenizer
-    from ratequant.models import _store_conversion
+    from ratequant.inputs.models import _store_conversion
 
     def full_disk(*args, **kwargs):
         raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
@@ -101,7 +101,7 @@ def test_stale_temporary_conversions_are_removed_and_an_unwritable_cache_is_said
     import time
 
     from conftest import tiny_model, tiny_tokenizer
-    from ratequant.models import _remove_stale_conversions, _store_conversion
+    from ratequant.inputs.models import _remove_stale_conversions, _store_conversion
 
     old, fresh = tmp_path / ".tmp-old", tmp_path / ".tmp-fresh"
     old.mkdir()
@@ -124,7 +124,7 @@ def fake_split(tmp_path, monkeypatch, sizes=(3000, 2000, 1500), install=(0, 1, 2
     import hashlib
     import random
 
-    from ratequant import model_assembly as ma
+    from ratequant.inputs import assembly as ma
 
     site = tmp_path / "site"
     chunks = [random.Random(i).randbytes(n) for i, n in enumerate(sizes)]
@@ -164,7 +164,7 @@ def fake_split(tmp_path, monkeypatch, sizes=(3000, 2000, 1500), install=(0, 1, 2
 
 def test_chunked_model_is_assembled_once_verified_and_loaded_under_its_name(tmp_path, monkeypatch):
     from conftest import tiny_model, tiny_tokenizer
-    from ratequant import models
+    from ratequant.inputs import models
 
     entry, _, whole = fake_split(tmp_path, monkeypatch)
     seen = []
@@ -181,7 +181,7 @@ def test_chunked_model_is_assembled_once_verified_and_loaded_under_its_name(tmp_
 def test_assembled_file_is_reused_without_rehashing_and_rebuilt_when_damaged(tmp_path, monkeypatch, capsys):
     import os
 
-    from ratequant import model_assembly as ma
+    from ratequant.inputs import assembly as ma
 
     entry, _, whole = fake_split(tmp_path, monkeypatch)
     folder = tmp_path / "cache" / "assembled"
@@ -253,7 +253,7 @@ def test_missing_qwen_packages_name_the_real_pip_command_and_make_target(tmp_pat
 
 
 def test_full_disk_is_said_in_one_line(tmp_path, monkeypatch):
-    from ratequant import model_assembly as ma
+    from ratequant.inputs import assembly as ma
 
     fake_split(tmp_path, monkeypatch)
     monkeypatch.setattr(ma, "_free_bytes", lambda folder: 1000)
@@ -343,7 +343,7 @@ def test_empty_or_truncated_safetensors_is_refused_in_one_line(model_copy, damag
 
 def test_every_tiny_family_passes_the_directory_check(family, tmp_path):
     from conftest import tiny_model
-    from ratequant.models import check_model_directory
+    from ratequant.inputs.models import check_model_directory
 
     tiny_model(family).save_pretrained(tmp_path)
     check_model_directory(tmp_path)  # raises on a false refusal
@@ -355,7 +355,7 @@ def test_every_tiny_family_passes_the_directory_check(family, tmp_path):
 
 @pytest.mark.parametrize("spec", ["./typo-model", "../typo-model", "~/no-such-model-here", "/abs/typo", "a/b/c"])
 def test_mistyped_paths_fail_at_once_without_the_hub(spec, monkeypatch):
-    from ratequant import models
+    from ratequant.inputs import models
 
     monkeypatch.setattr(models, "_load_pretrained", lambda *a, **k: pytest.fail("the hub was tried"))
     with pytest.raises(RateQuantError, match=f"^model path not found: {spec}$"):
@@ -363,7 +363,7 @@ def test_mistyped_paths_fail_at_once_without_the_hub(spec, monkeypatch):
 
 
 def test_typo_below_an_existing_local_folder_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
-    from ratequant import models
+    from ratequant.inputs import models
 
     (tmp_path / "checkpoints").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -374,7 +374,7 @@ def test_typo_below_an_existing_local_folder_is_a_path_not_a_hub_id(tmp_path, mo
 
 @pytest.mark.parametrize("spec", ["my model", "foo--bar", "name.", "-name", "x" * 97, "a/b..c", "owner/"])
 def test_bare_names_that_are_no_hub_id_fail_at_once(spec, monkeypatch):
-    from ratequant import models
+    from ratequant.inputs import models
 
     monkeypatch.setattr(models, "_load_pretrained", lambda *a, **k: pytest.fail("the hub was tried"))
     with pytest.raises(RateQuantError, match=r"model path not found: .*\(not a known name \(smollm2-135m, qwen2"):
@@ -382,7 +382,7 @@ def test_bare_names_that_are_no_hub_id_fail_at_once(spec, monkeypatch):
 
 
 def test_hub_id_shapes_still_reach_the_hub(monkeypatch):
-    from ratequant import models
+    from ratequant.inputs import models
 
     class Reached(Exception):
         pass

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ratequant import native
 from ratequant.cache import RateQuantCache, RateQuantLayer
+from ratequant.kernels import native
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
@@ -183,12 +183,12 @@ def test_a_stale_or_missing_build_is_refused_with_the_reason(monkeypatch):
     import sys
     import types
 
-    stale = types.ModuleType("ratequant._native")
+    stale = types.ModuleType("ratequant.kernels._native")
     stale.__file__ = "/somewhere/_native.so"
-    import ratequant
+    from ratequant import kernels
 
-    monkeypatch.setitem(sys.modules, "ratequant._native", stale)
-    monkeypatch.setattr(ratequant, "_native", stale, raising=False)
+    monkeypatch.setitem(sys.modules, "ratequant.kernels._native", stale)
+    monkeypatch.setattr(kernels, "_native", stale, raising=False)
     module, why = native._load()
     assert module is None and "stale build at /somewhere/_native.so" in why and "reinstall" in why
     monkeypatch.setenv("RATEQUANT_NATIVE", "0")

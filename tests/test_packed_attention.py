@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_model, tiny_tokenizer
-from ratequant import native
 from ratequant.cache import RateQuantCache, attention, packed_attention, restore_attention
 from ratequant.cache.attention import MAX_QUERY
 from ratequant.compat import cache_argument, model_geometry
+from ratequant.kernels import native
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec
 
@@ -290,8 +290,8 @@ def test_only_stores_the_kernel_serves_are_read_packed():
 
 @pytest.mark.parametrize("design", sorted(PACKED))
 def test_generate_gives_the_same_tokens_with_either_attention(design):
-    from ratequant.generation import generate
-    from ratequant.models import LoadedModel
+    from ratequant.cache.generation import generate
+    from ratequant.inputs.models import LoadedModel
 
     model = tiny_model("llama", seed=8)
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
@@ -305,9 +305,9 @@ def test_generate_gives_the_same_tokens_with_either_attention(design):
 
 @pytest.mark.slow
 def test_default_model_generates_the_same_64_tokens_after_a_1k_prompt(default_model):
-    from ratequant.data import load_corpus
+    from ratequant.cache.generation import generate
     from ratequant.evaluation.protocol import encode_prefix
-    from ratequant.generation import generate
+    from ratequant.inputs.corpora import load_corpus
 
     g = default_model.geometry
     bits = np.where(np.arange(g.num_components).reshape(g.shape) % 2, 3, 2)  # 2.5 bits on average
@@ -480,7 +480,7 @@ def test_plain_generate_with_a_cache_made_for_the_model_reads_the_packed_codes(f
 def test_simulated_quantization_inside_a_routed_model_gets_decoded_keys():
     """An interception of the calling thread wins over the route: a routed cache then hands it real keys and
     values (the decode path), not packed handles it could not read."""
-    from ratequant.simulate import simulated_quantization
+    from ratequant.cache.simulate import simulated_quantization
 
     model = tiny_model("llama", seed=12)
     spec = spec_for(model, KIVI4, seed=12, low=2)
@@ -521,8 +521,8 @@ def test_two_generates_in_two_threads_on_one_model_give_the_single_threaded_resu
     name: KeyError)."""
     import threading
 
-    from ratequant.generation import generate
-    from ratequant.models import LoadedModel
+    from ratequant.cache.generation import generate
+    from ratequant.inputs.models import LoadedModel
 
     model = tiny_model("llama", seed=8)
     loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))

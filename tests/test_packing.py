@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from ratequant.errors import RateQuantError
-from ratequant.packing import LAYOUTS, layout, pack, packed_size, unpack
+from ratequant.kernels.packing import LAYOUTS, layout, pack, packed_size, unpack
 
 WIDTHS = range(1, 9)
 

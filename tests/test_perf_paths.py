@@ -16,7 +16,7 @@ import torch
 
 from ratequant.cache import RateQuantCache, RateQuantLayer
 from ratequant.cache.storage import _progression
-from ratequant.packing import pack, unpack
+from ratequant.kernels.packing import pack, unpack
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import CacheBytes, KVQuantSpec, StoragePolicy
 

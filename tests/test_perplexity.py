@@ -99,9 +99,9 @@ def test_quantized_predictions_agree_with_the_simulation_masks(residual, sinks, 
     applies: a scored query counts when either of its masks has a key or value in quantized storage."""
     import numpy as np
 
+    from ratequant.cache.simulate import quantized_masks
     from ratequant.evaluation.conditions import quantized_predictions
     from ratequant.quantizers import get_quantizer
-    from ratequant.simulate import quantized_masks
     from ratequant.spec import KVQuantSpec
 
     spec = KVQuantSpec(np.full((2, 1, 1), 2), get_quantizer("kivi", group_size=8), residual, sinks)

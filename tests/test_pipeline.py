@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from ratequant import pipeline
 from ratequant.allocation import Budget
+from ratequant.calibration import pipeline
+from ratequant.calibration.pipeline import CalibrationSettings, calibrate
 from ratequant.cli import main
-from ratequant.data import load_corpus
 from ratequant.errors import RateQuantError
-from ratequant.models import load_model
-from ratequant.pipeline import CalibrationSettings, calibrate
+from ratequant.inputs.corpora import load_corpus
+from ratequant.inputs.models import load_model
 from ratequant.plan import Plan
 
 
@@ -50,8 +50,8 @@ def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model
 
 def test_uninformative_widths_are_left_out_of_the_allocation(tiny_model_dir, corpus_file):
     """1-bit min-max keeps only each group's extremes: worse than the mean, so not allocatable by default."""
-    from ratequant.distortion import measure_distortion
-    from ratequant.pipeline import collect_statistics, fit_design
+    from ratequant.calibration.pipeline import collect_statistics, fit_design
+    from ratequant.measure.distortion import measure_distortion
     from ratequant.quantizers import get_quantizer
 
     loaded = load_model(str(tiny_model_dir))
@@ -83,8 +83,8 @@ def test_the_measured_distortions_give_a_candidate_where_the_fit_misleads(tiny_m
     follow it, the same allocator on the measured table can, and that allocation becomes a candidate."""
     from dataclasses import replace
 
-    from ratequant.distortion import measure_distortion
-    from ratequant.pipeline import allocate_design, candidates_of, collect_statistics, fit_design
+    from ratequant.calibration.pipeline import allocate_design, candidates_of, collect_statistics, fit_design
+    from ratequant.measure.distortion import measure_distortion
     from ratequant.quantizers import get_quantizer
     from ratequant.spec import StoragePolicy
 
@@ -144,9 +144,9 @@ def test_curves_from_another_design_and_settings_validation(tiny_model_dir, corp
 
 def test_allocate_for_checks_shapes_and_uses_the_settings_widths():
     from ratequant.allocation import CostModel, Curves
-    from ratequant.fitting import fit_distortion
+    from ratequant.allocation.fitting import fit_distortion
+    from ratequant.calibration.pipeline import allocate_for
     from ratequant.geometry import Geometry
-    from ratequant.pipeline import allocate_for
 
     g = Geometry(2, 2, 16)
     rng = np.random.default_rng(0)
@@ -245,9 +245,9 @@ def test_default_model_kivi_at_2_5_bits(tmp_path, capsys):
 
 def test_sink_tokens_are_chosen_from_the_calibration_data():
     """A first token far out of range (an attention sink's key) dominates the error until it is kept aside."""
-    from ratequant.calibration import CalibrationStats
+    from ratequant.calibration.pipeline import choose_sink_tokens
     from ratequant.geometry import Geometry
-    from ratequant.pipeline import choose_sink_tokens
+    from ratequant.measure.capture import CalibrationStats
     from ratequant.quantizers import get_quantizer
 
     g = torch.Generator().manual_seed(0)
@@ -348,8 +348,8 @@ def test_kl_search_refines_the_allocation_within_the_budget(tiny_model_dir, corp
 
 def test_kl_search_keeps_a_move_only_when_the_kl_falls():
     from ratequant.allocation import CostModel, Curves
+    from ratequant.calibration.search import search_allocation
     from ratequant.geometry import Geometry
-    from ratequant.kl_search import search_allocation
     from ratequant.quantizers import get_quantizer
     from ratequant.spec import KVQuantSpec
 
@@ -380,7 +380,7 @@ def _biased_qwen2(tokenizer, bias: float = 60.0):
     models carry in a few layers), wrapped as a LoadedModel."""
     from conftest import tiny_model
     from ratequant.compat import model_geometry
-    from ratequant.models import LoadedModel
+    from ratequant.inputs.models import LoadedModel
 
     model = tiny_model("qwen2", seed=5)
     with torch.no_grad():

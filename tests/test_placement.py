@@ -16,14 +16,14 @@ import torch
 
 from conftest import tiny_model
 from ratequant.cache import RateQuantCache
-from ratequant.calibration import capture
+from ratequant.cache.simulate import simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
+from ratequant.compat.placement import describe_placement, dispatch, input_device, parse_device_map
 from ratequant.errors import RateQuantError
-from ratequant.placement import describe_placement, dispatch, input_device, parse_device_map
+from ratequant.measure.capture import capture
+from ratequant.measure.weight_norms import weight_norms
 from ratequant.quantizers import get_quantizer
-from ratequant.simulate import simulated_quantization
 from ratequant.spec import KVQuantSpec
-from ratequant.weight_norms import weight_norms
 
 SPLIT = {
     "model.embed_tokens": "cpu",

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratequant.allocation import AllocationOptions, Budget, CostModel, Curves, allocate, get_strategy
+from ratequant.allocation.fitting import fit_distortion
 from ratequant.errors import PlanError
-from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
 from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
 from ratequant.quantizers import get_quantizer

@@ -9,13 +9,13 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from ratequant.cache import RateQuantCache, restore_attention
+from ratequant.cache.generation import generate
+from ratequant.cache.prefill import piece_bounds, prefill
+from ratequant.cache.simulate import simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import RateQuantError
-from ratequant.generation import generate
-from ratequant.models import LoadedModel
-from ratequant.prefill import piece_bounds, prefill
+from ratequant.inputs.models import LoadedModel
 from ratequant.quantizers import get_quantizer
-from ratequant.simulate import simulated_quantization
 from ratequant.spec import KVQuantSpec
 
 

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_model
 from ratequant.errors import RateQuantError
-from ratequant.rank import RankBases, rank_for_bits, simulated_rank_reduction
+from ratequant.measure.rank import RankBases, rank_for_bits, simulated_rank_reduction
 
 
 def low_rank_data(L=2, B=2, H=3, T=200, D=8, true_rank=3, seed=0):
@@ -44,7 +44,7 @@ def test_rank_for_bits_matches_storage():
 def test_full_rank_simulation_is_lossless_and_low_rank_changes_logits():
     model = tiny_model("qwen2")
     ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
-    from ratequant.calibration import capture
+    from ratequant.measure.capture import capture
 
     stats = capture(model, ids, gradients=False, queries=False)
     bases = RankBases.fit(stats.keys, stats.values, stats.attention_mask)

@@ -45,15 +45,15 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import TINY, tiny_model, tiny_tokenizer
 from ratequant.allocation import STRATEGIES, AllocationOptions, Budget, CostModel, Curves, allocate, check_reachable
+from ratequant.allocation.fitting import fit_distortion
 from ratequant.cache import RateQuantCache, RateQuantLayer
+from ratequant.cache.simulate import simulated_quantization
 from ratequant.compat import model_geometry
 from ratequant.errors import BudgetError, RateQuantError, UnsupportedModelError
-from ratequant.fitting import fit_distortion
 from ratequant.geometry import Geometry
-from ratequant.packing import pack, packed_size, unpack
+from ratequant.kernels.packing import pack, packed_size, unpack
 from ratequant.quantizers import available, get_quantizer
 from ratequant.quantizers.turbo import lloyd_max_gaussian
-from ratequant.simulate import simulated_quantization
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
 KIVI4 = get_quantizer("kivi", group_size=4)
@@ -371,7 +371,7 @@ def test_unsupported_attention_is_refused_by_load_model_and_the_cli(tmp_path, ca
     from transformers import MambaConfig
 
     from ratequant.cli import main
-    from ratequant.models import load_model
+    from ratequant.inputs.models import load_model
 
     path = tmp_path / "mamba"
     AutoModelForCausalLM.from_config(
@@ -561,8 +561,8 @@ def test_two_writers_racing_for_one_new_plan_path_one_is_refused(tmp_path, monke
 def test_two_compare_runs_racing_for_one_new_report_folder_one_is_refused(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from ratequant.experiments.results import CompareResults
-    from ratequant.report import writer
+    from ratequant.lab.report import writer
+    from ratequant.lab.results import CompareResults
 
     saved = Path(__file__).parents[1] / "docs" / "results" / "results.json"
     if not saved.exists():

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
+from ratequant.cache.prefill import prefill
 from ratequant.compat import cache_argument, model_geometry
-from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import FullPrecision, Streaming
 from ratequant.evaluation.needles import KINDS, make_retrieval_prompt, score_answer
 from ratequant.evaluation.retrieval import run_retrieval, score_retrieval, trial_seed, wilson_interval
 from ratequant.evaluation.tasks import TASKS, RetrievalTask, get_task
-from ratequant.models import LoadedModel
-from ratequant.prefill import prefill
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec
 from test_needles import ANSWERS, NEEDLES, haystack

@@ -3,7 +3,7 @@
 * The source never unpickles: no ``pickle``-family imports, no ``torch.load`` without ``weights_only=True``,
   no ``numpy.load(allow_pickle=True)``, no ``eval``/``exec``, no shell, no literal ``trust_remote_code=True``
   (checked on the syntax tree of every module, with a self-test that the checker catches each pattern).
-* ``trust_remote_code`` is False unless the user asks, through :func:`ratequant.models.load_model` (local
+* ``trust_remote_code`` is False unless the user asks, through :func:`ratequant.inputs.models.load_model` (local
   directory, hub id, GGUF file, conversion cache) and through every CLI command that loads a model.
 * A model directory whose config points at its own Python code never gets that code imported; a pickle
   checkpoint that would run code is refused with a clear error and the code never runs.
@@ -24,9 +24,9 @@ import pytest
 
 import ratequant
 from conftest import tiny_config, tiny_model, tiny_tokenizer
-from ratequant import models
 from ratequant.cli import COMMANDS, build_parser, main
 from ratequant.errors import RateQuantError
+from ratequant.inputs import models
 
 SRC = Path(ratequant.__file__).resolve().parent
 BENCHMARKS = SRC.parents[1] / "benchmarks"

@@ -15,10 +15,10 @@ import torch
 
 from conftest import tiny_model
 from ratequant.cache import RateQuantCache
+from ratequant.cache.simulate import fake_quantize_range, quantized_masks, simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import available, get_quantizer
-from ratequant.simulate import fake_quantize_range, quantized_masks, simulated_quantization
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
 KIVI4 = get_quantizer("kivi", group_size=4)
@@ -363,8 +363,8 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def test_streaming_and_simulated_perplexity_agree_on_default_model(default_model):
     """Two 512-token windows, KIVI (G=32) with the 128-token residual, 4 and 2.5 average bits: the real cache,
     prefilled in pieces of its 128-token chunk, against the simulation of token-by-token decoding."""
-    from ratequant.data import load_corpus
     from ratequant.evaluation import Simulated, Streaming, WindowProtocol, make_windows, score_conditions
+    from ratequant.inputs.corpora import load_corpus
 
     model, geometry = default_model.model, default_model.geometry
     windows = make_windows(default_model.tokenizer, load_corpus().evaluation, WindowProtocol(512, 2))

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from ratequant.allocation import Budget, allocate
 from ratequant.compat import kv_projections
-from ratequant.weight_norms import norm_curves, weight_norms
+from ratequant.measure.weight_norms import norm_curves, weight_norms
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])

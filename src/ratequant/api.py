@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from ratequant import _API
 from ratequant.allocation import STRATEGIES, Allocation, AllocationOptions, Budget, CostModel, Curves, allocate
+from ratequant.allocation.fitting import DistortionFit, fit_distortion
 from ratequant.cache import RateQuantCache
-from ratequant.calibration import capture
-from ratequant.data import Corpus, load_corpus
-from ratequant.distortion import METRICS, measure_distortion
+from ratequant.cache.generation import generate
+from ratequant.cache.simulate import simulated_quantization
+from ratequant.calibration.pipeline import CalibrationSettings, calibrate
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.evaluation import TASKS, WindowProtocol, make_windows, perplexity, score_conditions
-from ratequant.experiments import CompareConfig, run_compare
-from ratequant.fitting import DistortionFit, fit_distortion
-from ratequant.generation import generate
 from ratequant.geometry import Geometry
-from ratequant.models import LoadedModel, load_model
-from ratequant.pipeline import CalibrationSettings, calibrate
+from ratequant.inputs.corpora import Corpus, load_corpus
+from ratequant.inputs.models import LoadedModel, load_model
+from ratequant.lab import CompareConfig, run_compare
+from ratequant.measure.capture import capture
+from ratequant.measure.distortion import METRICS, measure_distortion
 from ratequant.plan import Plan
 from ratequant.quantizers import DESIGNS, get_quantizer
-from ratequant.simulate import simulated_quantization
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
 __all__ = list(_API)

@@ -39,8 +39,8 @@ import numpy as np
 
 from ratequant import __version__
 from ratequant.allocation import Allocation, Budget, CostModel
+from ratequant.allocation.fitting import DistortionFit
 from ratequant.errors import PlanError, RateQuantError
-from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS, Geometry
 from ratequant.jsonio import read_json, write_text_atomic
 from ratequant.plan_fields import (

@@ -12,8 +12,8 @@ import re
 import numpy as np
 
 from ratequant.allocation import Budget
+from ratequant.allocation.fitting import DistortionFit
 from ratequant.errors import PlanError, RateQuantError
-from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS, Geometry
 from ratequant.validation import (
     check_float,

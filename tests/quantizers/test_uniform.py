@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 
 from ratequant.errors import RateQuantError
-from ratequant.packing import unpack
+from ratequant.kernels.packing import unpack
 from ratequant.quantizers import get_quantizer
 
 from ._helpers import arithmetic_slack, assert_stored_exactly, kv_tensors

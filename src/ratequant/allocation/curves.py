@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ratequant.allocation.fitting import DistortionFit
 from ratequant.errors import BudgetError, RateQuantError
-from ratequant.fitting import DistortionFit
 from ratequant.geometry import Geometry
 from ratequant.validation import check_bitset, check_int
 

@@ -14,11 +14,11 @@ and kv head,
 * the output from the packed values, each row read once and accumulated with its weights (for per-token
   groups as ``(p * s) * c``, the ``p * z`` terms summed apart).
 
-A step is one native call per layer (:func:`ratequant.native.attend_layer`: every bit group of both kinds,
+A step is one native call per layer (:func:`ratequant.kernels.native.attend_layer`: every bit group of both kinds,
 sinks, tail, mask, soft-capping and softmax) for the min-max designs (``uniform``, ``kivi``; ``quarot`` in its
 rotated space, below) on the CPU; where that call declines its arguments, the same step is composed op by op
 (:func:`scores` and :func:`weighted_values` dispatch per bit group to the kernel's
-:meth:`~ratequant.native.PreparedDecode.attend`, with a decode-then-``matmul`` branch as a safety net; a GPU
+:meth:`~ratequant.kernels.native.PreparedDecode.attend`, with a decode-then-``matmul`` branch as a safety net; a GPU
 kernel would be one more branch there).
 
 Rotated designs whose stored rows are a min-max layout (``quarot``: a Hadamard rotation ``H``, then per-token
@@ -58,7 +58,6 @@ from contextlib import contextmanager
 
 import torch
 
-from ratequant import native
 from ratequant.cache.storage import PackedView
 from ratequant.compat import (
     attention_is_causal,
@@ -72,6 +71,7 @@ from ratequant.compat import (
     unroute_attention,
 )
 from ratequant.errors import RateQuantError, UnsupportedModelError
+from ratequant.kernels import native
 
 ATTENTION_PATHS = ("packed", "decode")
 """How a :class:`~ratequant.cache.RateQuantCache` made for a model attends: ``packed`` reads the stores
@@ -288,7 +288,7 @@ def attention_from_codes(module, query, key, value, attention_mask, **kwargs):
 
 
 def _layer_kind(view: PackedView, rotation: torch.Tensor | None = None) -> native.LayerKind | None:
-    """A view as :func:`ratequant.native.attend_layer` reads it (sinks, prepared bit groups, tail; the sinks and
+    """A view as :func:`ratequant.kernels.native.attend_layer` reads it (sinks, prepared bit groups, tail; the sinks and
     tail rotated into the stored rows' space by ``rotation`` when given), or None when a group has no kernel."""
     store = view.store
     groups = []
@@ -309,7 +309,7 @@ def _attend_step(
     key_rotation: torch.Tensor | None = None,
     value_rotation: torch.Tensor | None = None,
 ):
-    """The step :func:`ratequant.native.attend_layer` computes in one call, composed op by op (per bit group:
+    """The step :func:`ratequant.kernels.native.attend_layer` computes in one call, composed op by op (per bit group:
     the kernel's scores or weighted values, else decode-then-matmul): ``rows [B, H, R, D]`` scaled float32
     (rotated by ``key_rotation`` when given) -> ``[B, H, R, D]`` float32 (in ``value_rotation``'s space)."""
     logits = scores(kv, rows, key_rotation)
@@ -338,7 +338,7 @@ def cache_attention(module, query, key, value, attention_mask, **kwargs):
 def reads_handles(module: torch.nn.Module) -> bool:
     """Whether the attention ``module`` runs now, in the calling thread, reads packed handles: inside
     :func:`packed_attention` or on a model :func:`route_packed` routed, unless another interception (say
-    :func:`ratequant.simulate.simulated_quantization`) covers it in this thread."""
+    :func:`ratequant.cache.simulate.simulated_quantization`) covers it in this thread."""
     return current_attention(module) in (attention_from_codes, cache_attention)
 
 

@@ -5,7 +5,7 @@
 class). Every kv-head's keys and values have their own bit width; within a layer, the heads that share a
 width (separately for keys and values) are quantized and stored together (:mod:`ratequant.cache.storage`).
 
-Token policy: the rule of :mod:`ratequant.spec`, which :mod:`ratequant.simulate` reproduces for whole
+Token policy: the rule of :mod:`ratequant.spec`, which :mod:`ratequant.cache.simulate` reproduces for whole
 sequences. Positions are cache indices ``0, 1, ...`` (left padding included). The first ``sink_tokens``
 tokens stay in the model's dtype for good; after them tokens are quantized in aligned chunks of ``F`` tokens,
 each chunk exactly once, right after the forward pass that delivered its last token, and its stored codes are
@@ -20,7 +20,7 @@ window, so the residual holds at most ``F`` tokens. Consequences:
   new tokens at full precision (the convention of KIVI and of ``QuantizedCache``). Feeding a prompt in
   pieces of ``F`` tokens aligned after the sinks gives exactly the token-by-token result above.
 * The quantized value of a token depends only on its chunk, so it is deterministic: streaming and
-  :func:`ratequant.simulate.simulated_quantization` agree to floating-point tolerance.
+  :func:`ratequant.cache.simulate.simulated_quantization` agree to floating-point tolerance.
 
 Padding. Left-padded positions hold the keys/values the model computed for the pad token (finite numbers,
 masked out of attention). They are quantized like any token; with per-token designs they affect nothing
@@ -28,7 +28,7 @@ else, with token-grouped designs (KIVI keys) they share a group's range with rea
 
 Reads. Each update returns keys and values ``[batch, kv_heads, seq, head_dim]`` in head order and in the
 model's dtype: the sinks, all stored chunks decoded straight into that output by one prepared decoder per
-bit group (:meth:`Quantizer.prepare_decode`: the native kernel of :mod:`ratequant.native` for min-max designs
+bit group (:meth:`Quantizer.prepare_decode`: the native kernel of :mod:`ratequant.kernels.native` for min-max designs
 on the CPU), then the residual. No dequantized copy is kept between steps unless ``buffer_bytes`` asks for one
 (it costs full-precision memory). Where the attention reads the stores itself (a cache made with ``model=``,
 which routes that model's attention, or inside :func:`ratequant.cache.attention.packed_attention`) updates
@@ -38,7 +38,7 @@ return handles instead: short passes attend from the packed codes without decodi
 Memory of a prompt in one pass (a plain ``model.generate``): each layer's keys and values of the pass are
 quantized right after that layer's update, so the float history of all layers never exists; the pass does hold
 its own activations (``T`` tokens of hidden states and MLP) and one layer's ``T`` keys and values at a time. Pass
-``prefill_chunk_size=P`` to ``generate`` (or use :func:`ratequant.prefill.prefill`, whose pieces follow the
+``prefill_chunk_size=P`` to ``generate`` (or use :func:`ratequant.cache.prefill.prefill`, whose pieces follow the
 token rule exactly) to bound those to ``P`` tokens.
 
 Sliding-window layers (Mistral with ``sliding_window``, Gemma2/3) keep their whole history here and the
@@ -418,7 +418,7 @@ class RateQuantCache(Cache):
 
     def reserve(self, tokens: int) -> None:
         """Allocate the packed stores for a sequence of ``tokens`` tokens in all (cached ones included) when they
-        next grow, instead of growing chunk by chunk: :func:`ratequant.prefill.prefill` calls it for the prompt.
+        next grow, instead of growing chunk by chunk: :func:`ratequant.cache.prefill.prefill` calls it for the prompt.
         Growing a store copies it, and the freed smaller copies stay in the process's heap; a long prompt in
         pieces would otherwise leave dozens of them. Until filled, the reserved chunks are real memory, counted
         in :meth:`nbytes`; after the prompt they are exactly the stored chunks."""

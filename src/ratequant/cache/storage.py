@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ratequant import native
 from ratequant.errors import RateQuantError
+from ratequant.kernels import native
 from ratequant.quantizers.base import QuantizedTensor, Quantizer
 from ratequant.spec import CacheBytes, StoragePolicy, bit_groups
 

@@ -26,7 +26,7 @@ from ratequant.validation import inert
 
 def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     from ratequant.allocation import STRATEGIES
-    from ratequant.distortion import DEFAULT_METRIC, METRICS
+    from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
     from ratequant.quantizers import available
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH
 
@@ -131,8 +131,8 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
 
     from ratequant.allocation import Budget
-    from ratequant.data import load_corpus
-    from ratequant.pipeline import CalibrationSettings, bits_histogram, calibrate
+    from ratequant.calibration.pipeline import CalibrationSettings, bits_histogram, calibrate
+    from ratequant.inputs.corpora import load_corpus
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     check_output_path(args.out, args.force, what="plan")
@@ -273,8 +273,8 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
 @command("inspect", "summarise a plan file and draw its bits and curves", configure_inspect)
 def run_inspect(args: argparse.Namespace) -> int:
 
+    from ratequant.lab.report.plots import bits_heatmap, distortion_curves
     from ratequant.plan import Plan
-    from ratequant.report.plots import bits_heatmap, distortion_curves
 
     plan = Plan.load(args.plan)
     plan.design()  # refuses a quantizer design that cannot be built or does not fit the plan

@@ -25,10 +25,10 @@ def name_list(text: str) -> tuple[str, ...]:
 
 
 def configure_compare(parser: argparse.ArgumentParser) -> None:
-    from ratequant.distortion import DEFAULT_METRIC, METRICS
     from ratequant.evaluation.protocol import BOS_CHOICES
-    from ratequant.experiments import DEFAULT_BUDGETS, DEFAULT_DESIGNS, QUICK_SIZES
-    from ratequant.experiments.config import MODES, SCORINGS
+    from ratequant.lab import DEFAULT_BUDGETS, DEFAULT_DESIGNS, QUICK_SIZES
+    from ratequant.lab.config import MODES, SCORINGS
+    from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
 
     def bits(values) -> str:
         return ",".join(f"{v:g}" for v in values)
@@ -155,8 +155,8 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace):
     """The :class:`CompareConfig` the options describe (or the saved one ``--config`` names)."""
-    from ratequant.experiments import CompareConfig
-    from ratequant.experiments.config import EXPERIMENT_FIELDS, flag_of
+    from ratequant.lab import CompareConfig
+    from ratequant.lab.config import EXPERIMENT_FIELDS, flag_of
 
     experiment = {name: getattr(args, name) for name in EXPERIMENT_FIELDS if getattr(args, name) is not None}
     if args.config:
@@ -185,11 +185,11 @@ def config_from(args: argparse.Namespace):
 def run_compare(args: argparse.Namespace) -> int:
     import time
 
-    from ratequant.data import load_corpus
-    from ratequant.experiments import run_compare as compare
-    from ratequant.models import load_model
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.inputs.models import load_model
+    from ratequant.lab import run_compare as compare
+    from ratequant.lab.report import check_output, findings, write_report
     from ratequant.progress import Stages
-    from ratequant.report import check_output, findings, write_report
 
     config = config_from(args)
     check_output(args.out, args.force)

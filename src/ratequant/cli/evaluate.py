@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ratequant import __version__
+from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.cli import command
 from ratequant.cli.options import (
     add_corpus_options,
@@ -23,7 +24,6 @@ from ratequant.cli.options import (
     spec_for,
 )
 from ratequant.errors import RateQuantError
-from ratequant.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.validation import inert
 
 
@@ -93,10 +93,10 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
 )
 def run_eval(args: argparse.Namespace) -> int:
     check_output(args)
-    from ratequant.data import load_corpus
     from ratequant.evaluation.conditions import Simulated, Streaming
     from ratequant.evaluation.protocol import DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
     from ratequant.evaluation.tasks import PasskeyTask
+    from ratequant.inputs.corpora import load_corpus
 
     PASSKEY = PasskeyTask()  # its defaults
 
@@ -316,7 +316,7 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
 @command("generate", "continue a prompt with the plan's mixed-precision KV cache", configure_generate)
 def run_generate(args: argparse.Namespace) -> int:
     check_output(args)
-    from ratequant.generation import generate
+    from ratequant.cache.generation import generate
 
     try:
         args.prompt.encode("utf-8")
@@ -367,8 +367,8 @@ def configure_info(parser: argparse.ArgumentParser) -> None:
 @command("info", "attention geometry of a model and sizes of the corpus splits", configure_info)
 def run_info(args: argparse.Namespace) -> int:
     check_output(args)
-    from ratequant import native
-    from ratequant.data import load_corpus
+    from ratequant.inputs.corpora import load_corpus
+    from ratequant.kernels import native
 
     corpus = load_corpus(args.corpus)
     loaded = load_model_from(args)

@@ -154,7 +154,7 @@ def run_import(args: argparse.Namespace) -> int:
     quantizer = get_quantizer(args.quantizer, **dict(args.param))
     data = read_kvtuner(args.file)  # a file that does not parse fails before any model is loaded
     if args.model is not None:
-        from ratequant.models import load_model
+        from ratequant.inputs.models import load_model
 
         loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
         geometry, default_name = loaded.geometry, loaded.name

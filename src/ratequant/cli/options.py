@@ -143,8 +143,8 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def device_map_from(text: str | None) -> str | dict | None:
     """``--device-map``: a strategy name as given, else the JSON object it holds or names, read by the strict
     parser of plans (bounded size and nesting, finite numbers, no repeated keys; one-line errors)."""
+    from ratequant.compat.placement import STRATEGIES
     from ratequant.jsonio import parse_json, read_json
-    from ratequant.placement import STRATEGIES
     from ratequant.validation import check_json_value
 
     if text is None or text.strip() in STRATEGIES:
@@ -160,7 +160,7 @@ def device_map_from(text: str | None) -> str | dict | None:
 
 
 def load_model_from(args: argparse.Namespace):
-    from ratequant.models import load_model
+    from ratequant.inputs.models import load_model
 
     return load_model(
         args.model,
@@ -185,7 +185,7 @@ def check_output_path(path: str | None, force: bool, *, what: str = "output", fi
     if target.is_dir():
         raise RateQuantError(f"{target} is a directory; pass a file path for the {what}")
     if figure:
-        from ratequant.report.plots import check_figure_path
+        from ratequant.lab.report.plots import check_figure_path
 
         check_figure_path(target)
     if (target.exists() or target.is_symlink()) and not force:  # a dangling link too: writing would replace it

@@ -9,9 +9,9 @@ from functools import cache
 import torch
 from torch import nn
 
+from ratequant.compat.placement import module_weight
 from ratequant.errors import UnsupportedModelError
 from ratequant.geometry import Geometry
-from ratequant.placement import module_weight
 
 SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 """``config.layer_types`` entries whose layers run standard softmax attention over a full K/V cache."""

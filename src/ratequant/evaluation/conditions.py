@@ -2,10 +2,10 @@
 
 * :class:`FullPrecision` -- the model as it is (the reference every other condition is scored against);
 * :class:`Simulated` -- simulated quantization of a :class:`~ratequant.spec.KVQuantSpec` over the whole
-  window in one pass (:mod:`ratequant.simulate`): fast, and what the cache would give token by token;
+  window in one pass (:mod:`ratequant.cache.simulate`): fast, and what the cache would give token by token;
 * :class:`Streaming` -- the window fed through a real :class:`~ratequant.cache.RateQuantCache`, prefilled in
   pieces of ``prefill_chunk`` tokens after the sinks, with the attention generation uses
-  (:func:`ratequant.prefill.piece_attention`; bounded activation memory);
+  (:func:`ratequant.cache.prefill.piece_attention`; bounded activation memory);
 * :class:`Within` -- any context manager around one pass (e.g. rank reduction).
 
 :meth:`Condition.log_probs` returns float32 log-probabilities ``[seq_len - first, vocab]`` of the tokens
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ratequant.cache.prefill import piece_attention, piece_bounds
 from ratequant.compat import cache_argument, logits_to_keep_argument
 from ratequant.geometry import KINDS
-from ratequant.prefill import piece_attention, piece_bounds
 from ratequant.spec import KVQuantSpec
 
 
@@ -72,7 +72,7 @@ class Simulated(Condition):
     label: str = "simulated"
 
     def log_probs(self, model, ids, first):
-        from ratequant.simulate import simulated_quantization
+        from ratequant.cache.simulate import simulated_quantization
 
         with simulated_quantization(model, self.spec, prefill_chunk=self.prefill_chunk):
             return whole_window(model, ids, first)

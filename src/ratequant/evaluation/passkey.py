@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ratequant.cache.prefill import prefill
 from ratequant.compat import cache_argument, max_positions
+from ratequant.compat.placement import input_device
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import forward_log_probs
 from ratequant.evaluation.protocol import bos_token_id
-from ratequant.placement import input_device
-from ratequant.prefill import prefill
 from ratequant.progress import progress_bar
 from ratequant.validation import check_int
 
@@ -273,7 +273,7 @@ def score_passkey(
     """Score one prompt through a fresh cache from ``make_cache()`` (default ``transformers.DynamicCache()``).
 
     The prompt ``[1, n]`` is prefilled in pieces of ``prefill_chunk`` tokens after the cache's sink tokens
-    (None: one pass; :func:`ratequant.prefill.prefill`); the key is then
+    (None: one pass; :func:`ratequant.cache.prefill.prefill`); the key is then
     teacher-forced one token at a time through the same cache, recording ``log p(key_i)`` and whether the
     argmax is ``key_i`` at each step. ``correct`` means every argmax is the key token (greedy decoding yields
     the key); ``greedy_text`` decodes the argmax tokens (with ``tokenizer``; their ids otherwise).

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ratequant.compat.placement import input_device
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import Condition, FullPrecision
 from ratequant.evaluation.protocol import WindowProtocol, Windows
-from ratequant.placement import input_device
 from ratequant.progress import progress_bar
 
 REFERENCE = "full-precision"

@@ -2,7 +2,7 @@
 :mod:`ratequant.evaluation.needles`.
 
 Scoring goes through a real KV cache, as passkey does: the prompt is prefilled (chunked after the cache's sinks,
-:func:`ratequant.prefill.prefill`), the canonical answer (" v1, v2, ...") is teacher-forced one token at a time
+:func:`ratequant.cache.prefill.prefill`), the canonical answer (" v1, v2, ...") is teacher-forced one token at a time
 (its log-probability, which moves before accuracy does), and the greedy continuation is read: when every argmax
 of the teacher-forced pass is the answer token, greedy decoding yields the answer; at the first miss the cache is
 rolled back to that point (re-prefilled when it cannot be rolled back exactly) and greedy decoding goes on from
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ratequant.cache.prefill import prefill
+from ratequant.compat.placement import input_device
 from ratequant.evaluation.needles import (
     FIRST,
     KINDS,
@@ -30,8 +32,6 @@ from ratequant.evaluation.needles import (
     score_answer,
 )
 from ratequant.evaluation.passkey import DEFAULT_DEPTHS, _check_context, _check_depths, _check_positions, _last_logprobs
-from ratequant.placement import input_device
-from ratequant.prefill import prefill
 from ratequant.progress import progress_bar
 from ratequant.validation import check_int
 

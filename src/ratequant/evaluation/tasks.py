@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ratequant.data import Corpus
+from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import Condition, FullPrecision, Simulated, Streaming
 from ratequant.evaluation.needles import KINDS
@@ -27,8 +27,8 @@ from ratequant.evaluation.passkey import DEFAULT_DEPTHS, PasskeyResult, run_pass
 from ratequant.evaluation.perplexity import REFERENCE, ConditionScore, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
 from ratequant.evaluation.retrieval import RetrievalResult, run_retrieval
-from ratequant.models import LoadedModel
-from ratequant.prefill import DEFAULT_PREFILL_CHUNK
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
 from ratequant.registry import Registry
 from ratequant.validation import check_float, check_int
 

@@ -23,7 +23,7 @@ inside the pass:
 
 * ``mode="simulated"`` (default): every forward (``_model_call``: loglikelihood, multiple choice, rolling
   loglikelihood, the batch-size probe) and every ``generate`` runs inside
-  :func:`ratequant.simulate.simulated_quantization`, so each query sees the keys and values it would see when
+  :func:`ratequant.cache.simulate.simulated_quantization`, so each query sees the keys and values it would see when
   decoding token by token through a :class:`~ratequant.cache.RateQuantCache` of the plan (sinks and its own
   quantization chunk at full precision, every earlier chunk quantized as stored). One pass, no decode loop.
 * ``mode="streaming"``: every forward feeds the input through a fresh, real :class:`~ratequant.cache.RateQuantCache`
@@ -209,7 +209,7 @@ class RateQuantLM(HFLM):
 
     Args:
         pretrained: a ratequant model spec (``"default"``: the embedded SmolLM2-135M, a model directory, a ``.gguf``
-            file, a hub id), loaded with :func:`ratequant.models.load_model`; or an already-loaded model object,
+            file, a hub id), loaded with :func:`ratequant.inputs.models.load_model`; or an already-loaded model object,
             with ``tokenizer=`` (then ``dtype`` and ``device`` are not applied: the model stays as it is).
         plan: a plan file from ``ratequant calibrate`` (a path), a :class:`~ratequant.plan.Plan` or a
             :class:`~ratequant.spec.KVQuantSpec`; None (default) runs at full precision.
@@ -240,7 +240,7 @@ class RateQuantLM(HFLM):
         allow_mismatch: object = False,
         **kwargs,
     ) -> None:
-        from ratequant.models import load_model
+        from ratequant.inputs.models import load_model
 
         check_model_args(
             {"pretrained": pretrained, "plan": plan, "mode": mode, "dtype": dtype, "device": device}
@@ -324,7 +324,7 @@ class RateQuantLM(HFLM):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         if self.rq_mode == "streaming" and attn_mask is None and labels is None:
             return self._streaming_call(inps)
-        from ratequant.simulate import simulated_quantization
+        from ratequant.cache.simulate import simulated_quantization
 
         with simulated_quantization(self.model, spec):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
@@ -332,7 +332,7 @@ class RateQuantLM(HFLM):
     def _streaming_call(self, inps: torch.Tensor) -> torch.Tensor:
         """Logits of ``inps`` fed through a fresh RateQuantCache: the sinks and one chunk, then a chunk at a time."""
         from ratequant.cache import RateQuantCache
-        from ratequant.prefill import piece_bounds
+        from ratequant.cache.prefill import piece_bounds
 
         spec = self.rq_spec
         cache = RateQuantCache(spec, model=self.model)
@@ -362,7 +362,7 @@ class RateQuantLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         from transformers import DynamicCache
 
-        from ratequant.simulate import simulated_quantization
+        from ratequant.cache.simulate import simulated_quantization
 
         # a cache that keeps every position: simulated quantization reads positions as cache indices, which a
         # sliding-window cache layer (built from the config of Mistral, Gemma2/3) would shift

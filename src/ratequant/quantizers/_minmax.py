@@ -5,7 +5,7 @@ Every design here is written as two pure functions on float32 tensors:
 * ``_encode(x [B, H, T, D]) -> (codes [B, H, T, D] holding integers 0..2**b-1, metadata)``
 * ``_decode(codes, metadata) -> x_hat float32 [B, H, T, D]``
 
-``quantize`` packs the codes (:mod:`ratequant.packing`) and stores the metadata; ``dequantize`` unpacks
+``quantize`` packs the codes (:mod:`ratequant.kernels.packing`) and stores the metadata; ``dequantize`` unpacks
 and decodes; ``fake_quantize`` decodes the codes directly. The code values and metadata seen by
 ``_decode`` are identical on both paths (only the integer/float type of the codes may differ, and
 ``_decode`` converts it first), so ``fake_quantize(x) == dequantize(quantize(x))`` exactly.
@@ -27,9 +27,9 @@ from functools import partial
 
 import torch
 
-from ratequant import native
 from ratequant.errors import RateQuantError
-from ratequant.packing import pack, unpack
+from ratequant.kernels import native
+from ratequant.kernels.packing import pack, unpack
 from ratequant.quantizers.base import QuantizedTensor, Quantizer
 from ratequant.validation import show_value
 
@@ -213,7 +213,7 @@ class PackedDesign(Quantizer):
 
         ``out`` has ``q``'s elements as ``[*lead, heads, tokens, head_dim]`` where the leading dims multiply
         to ``q``'s batch (e.g. the cache's ``[chunks, batch, ...]`` view of its output); it may be strided.
-        Min-max designs decode with the native kernel when it is built (:mod:`ratequant.native`); designs
+        Min-max designs decode with the native kernel when it is built (:mod:`ratequant.kernels.native`); designs
         with a fused PyTorch decode override :meth:`_decode_into`; the others decode then copy.
         """
         if not isinstance(q, QuantizedTensor) or "codes" not in q.tensors:
@@ -235,7 +235,7 @@ class PackedDesign(Quantizer):
 
     def _minmax_layout(self, q: QuantizedTensor) -> tuple[int, int] | None:
         """``(meta_rows, meta_group)`` when ``q`` decodes as plain ``codes * scale + zero`` (see
-        :func:`ratequant.native.prepare_minmax_decode`), else None (the default: a decode that does more)."""
+        :func:`ratequant.kernels.native.prepare_minmax_decode`), else None (the default: a decode that does more)."""
         return None
 
     def prepare_attend(self, q: QuantizedTensor):

@@ -111,8 +111,8 @@ class Quantizer(ABC):
         return partial(self.dequantize_into, q)
 
     def prepare_attend(self, q: QuantizedTensor):
-        """A :class:`ratequant.native.PreparedDecode` that computes attention straight from ``q``'s packed rows
-        (:meth:`~ratequant.native.PreparedDecode.attend`), or None where the design's decode is not a plain
+        """A :class:`ratequant.kernels.native.PreparedDecode` that computes attention straight from ``q``'s packed rows
+        (:meth:`~ratequant.kernels.native.PreparedDecode.attend`), or None where the design's decode is not a plain
         ``codes * scale + zero`` or the native kernel is missing (then attention decodes the block first). The rows
         it serves may be rotated (``dequantize(q) == rows @ R.T`` with ``R`` from :meth:`attend_rotation`)."""
         return None

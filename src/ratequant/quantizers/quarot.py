@@ -14,8 +14,8 @@ from functools import cache
 
 import torch
 
-from ratequant import native
 from ratequant.errors import RateQuantError
+from ratequant.kernels import native
 from ratequant.quantizers._minmax import (
     PerTokenGroups,
     check_group_size,

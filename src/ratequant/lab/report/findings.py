@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ratequant.experiments.config import budget_text
-from ratequant.experiments.methods import RANK_METHODS
-from ratequant.experiments.results import CompareResults
-from ratequant.report.tables import fit_ratios, fmt_kl, fmt_metric, fmt_ppl, fmt_share
+from ratequant.lab.config import budget_text
+from ratequant.lab.methods import RANK_METHODS
+from ratequant.lab.report.tables import fit_ratios, fmt_kl, fmt_metric, fmt_ppl, fmt_share
+from ratequant.lab.results import CompareResults
 
 WHAT = {"kl": "KL divergence", "ppl": "perplexity"}
 
@@ -162,7 +162,7 @@ def study_findings(results: CompareResults) -> list[str]:
             )
         damage, proxy = np.asarray(info["damage"]["values"]), np.asarray(info["proxy"])
         if damage.shape == proxy.shape and damage.shape[-1]:
-            from ratequant.distortion import spearman
+            from ratequant.measure.distortion import spearman
 
             rho = [spearman(proxy[..., j].ravel(), damage[..., j].ravel()) for j in range(damage.shape[-1])]
             widths = info["damage"]["bitset"]

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ratequant.allocation import Allocation, Budget, CostModel, Curves
-from ratequant.data import Corpus
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, encode_prefix, make_windows
+from ratequant.inputs.corpora import Corpus
 from ratequant.progress import progress_bar
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
@@ -150,10 +150,11 @@ def choose_candidate(
     windows: int = 1,
     margin: float = CHOICE_MARGIN,
 ) -> Choice:
-    """The candidate whose spec causes the least mean ``kl(spec, window)`` (:func:`ratequant.kl_search.window_kl`)
-    over up to ``windows`` windows: every candidate is scored on window 0, and on each further window only those
-    whose mean so far is within ``margin`` (a fraction) above the best mean; the winner is the least mean among the
-    candidates scored on the most windows. The first listed wins a tie. One candidate is returned unscored."""
+    """The candidate whose spec causes the least mean ``kl(spec, window)``
+    (:func:`ratequant.calibration.search.window_kl`) over up to ``windows`` windows: every candidate is scored on window
+    0, and on each further window only those whose mean so far is within ``margin`` (a fraction) above the best mean;
+    the winner is the least mean among the candidates scored on the most windows. The first listed wins a tie. One
+    candidate is returned unscored."""
     if not candidates:
         raise RateQuantError("no candidate allocation meets the budget")
     if len(candidates) == 1:

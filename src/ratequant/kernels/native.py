@@ -1,6 +1,6 @@
 """The optional native decode kernel and the one switch that chooses it.
 
-``ratequant._native`` (C, built from ``_native.c`` when the package is installed with a C compiler) decodes
+``ratequant.kernels._native`` (C, built from ``_native.c`` when the package is installed with a C compiler) decodes
 bit-packed min-max blocks in one pass: it reads each packed byte once, unpacks, scales, shifts and writes
 the output dtype straight into the cache's (strided) output, where the PyTorch path needs four passes
 (unpack, multiply, add, copy). Both paths give bit-identical results (``tests/test_native.py``). It also
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ratequant.packing import packed_size
+from ratequant.kernels.packing import packed_size
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ABI = 3  # NATIVE_ABI in _native.c
@@ -32,7 +32,7 @@ def _load():
     if os.environ.get("RATEQUANT_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
         return None, "switched off by RATEQUANT_NATIVE=0"
     try:
-        from ratequant import _native
+        from ratequant.kernels import _native
     except ImportError as exc:
         return None, (
             f"not built ({exc}); reinstall ratequant with a C compiler available (e.g. `pip install -e .` "
@@ -243,7 +243,7 @@ def prepare_minmax_decode(
     The block decodes to ``codes * scale + zero`` (float32 arithmetic, rounded to the output dtype).
 
     Args:
-        codes: packed ``uint8 [N, H, T, ceil(D * bits / 8)]``, contiguous (:mod:`ratequant.packing`).
+        codes: packed ``uint8 [N, H, T, ceil(D * bits / 8)]``, contiguous (:mod:`ratequant.kernels.packing`).
         d: head_dim ``D``, the codes per row.
         scale, zero: contiguous metadata, one pair per ``meta_rows`` consecutive tokens (rows ordered
             ``(N, H, T)``) and per ``meta_group`` consecutive elements along D: per-token groups of ``g``

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ratequant.compat import check_supported, intercept_attention, model_geometry, original_attention
+from ratequant.compat.placement import input_device
 from ratequant.errors import RateQuantError
 from ratequant.geometry import Geometry
-from ratequant.placement import input_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits [B, T, V], input_ids [B, T], attention_mask [B, T] bool) -> scalar``."""

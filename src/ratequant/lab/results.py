@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ratequant.allocation.fitting import DistortionFit
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.perplexity import ConditionScore
-from ratequant.experiments.config import FORMAT_VERSION, CompareConfig
-from ratequant.experiments.methods import ALLOCATED_METHODS, FIXED_METHODS, FULL_PRECISION
-from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS
 from ratequant.jsonio import read_json
+from ratequant.lab.config import FORMAT_VERSION, CompareConfig
+from ratequant.lab.methods import ALLOCATED_METHODS, FIXED_METHODS, FULL_PRECISION
 
 
 def _bits_to_json(bits: np.ndarray) -> dict:

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ratequant.allocation.cost import DEFAULT_WIDTHS
-from ratequant.distortion import DEFAULT_METRIC, METRICS
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from ratequant.jsonio import read_json, write_json
+from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, MAX_SINK_TOKENS
 from ratequant.validation import check_bitset, check_choice, check_int, finite_real
 
@@ -125,7 +125,7 @@ class CompareConfig:
     on (calibration stays on ``corpus``). ``peers`` adds peer baselines (``"norms"``: layer-wise K/V widths from
     the weight norms, as spectral-kv / ``kvq``). For the designs of ``headroom_designs`` two diagnostics run: the
     allocation on every component's *measured* damage (``headroom_tokens`` calibration tokens, widths up to
-    ``headroom_max_bits``, :mod:`ratequant.headroom`) and RateQuant with a beta per component.
+    ``headroom_max_bits``, :mod:`ratequant.measure.headroom`) and RateQuant with a beta per component.
     ``passkey_context`` (None: off) runs passkey retrieval through the real cache for full precision and the
     uniform and RateQuant methods of ``focus_design`` at ``passkey_budgets``; ``sink_study`` re-scores the
     fixed schemes and RateQuant of ``focus_design`` with each of these sink counts, with and without BOS.
@@ -133,11 +133,11 @@ class CompareConfig:
     the sink study (the headline evaluation always uses ``windows``). ``search_proposals`` > 0 adds
     ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on
     the KL they cause on ``search_tokens`` tokens of calibration text, kept only if they also help on a second
-    window (:func:`ratequant.pipeline.refine_allocation`; slow: a simulated forward pass per move).
+    window (:func:`ratequant.calibration.pipeline.refine_allocation`; slow: a simulated forward pass per move).
     ``methods`` (None: all) limits the methods scored to those named (e.g. ``["uniform", "kv-split", "ratequant",
     "default", "auto"]``), for long runs on large models. ``choice_tokens`` is the length of the held-out
     calibration window on which the ``default`` and ``auto`` plans are chosen (None: as ``calibrate`` chooses,
-    :func:`ratequant.candidates.choice_tokens_for`).
+    :func:`ratequant.calibration.candidates.choice_tokens_for`).
     """
 
     model: str = "default"
@@ -286,11 +286,11 @@ class CompareConfig:
                 f"({self.residual})"
             )
         if self.search_proposals:
-            from ratequant.pipeline import check_search_text
+            from ratequant.calibration.pipeline import check_search_text
 
             check_search_text(self.search_tokens, self.residual, self.sink_tokens)
         if self.methods is not None:
-            from ratequant.experiments.methods import METHODS
+            from ratequant.lab.methods import METHODS
 
             chosen = tuple(self.methods)
             unknown = [m for m in chosen if m not in METHODS]

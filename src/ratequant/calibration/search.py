@@ -1,14 +1,13 @@
 """Refine an allocation on the KL divergence it really causes: a local search of one-bit moves.
 
-RateQuant allocates on fitted curves of a proxy (the Fisher-weighted error) under an additive model: it never
-sees how the damages of components combine. This search starts from an allocation (in ``calibrate``, the better
-of RateQuant's and the fixed key/value splits of the same size on the search text, and the moves found are kept
-only if they also help on a held-out window: :func:`ratequant.pipeline.refine_allocation`) and proposes moving one bit
-from one component (kind, layer, kv head) to another at equal or fewer true bytes; a move is kept when the mean
-KL divergence from full precision over the search windows (simulated quantization, every position scored)
-falls. Donors and receivers are drawn (seeded) with weights from the fitted curves: the donor among the
-components whose next bit down the curve says costs least, the receiver among those whose next bit up it says
-gains most.
+RateQuant allocates on fitted curves of a proxy (the Fisher-weighted error) under an additive model: it never sees how
+the damages of components combine. This search starts from an allocation (in ``calibrate``, the better of RateQuant's
+and the fixed key/value splits of the same size on the search text, and the moves found are kept only if they also help
+on a held-out window: :func:`ratequant.calibration.pipeline.refine_allocation`) and proposes moving one bit from one
+component (kind, layer, kv head) to another at equal or fewer true bytes; a move is kept when the mean KL divergence
+from full precision over the search windows (simulated quantization, every position scored) falls. Donors and receivers
+are drawn (seeded) with weights from the fitted curves: the donor among the components whose next bit down the curve
+says costs least, the receiver among those whose next bit up it says gains most.
 
 Each proposal costs one simulated forward pass over the search windows: about 5.5 s for 1,024 tokens on the
 embedded default model with two threads, so it is off by default (``calibrate --search N``).

@@ -1,14 +1,14 @@
-"""The figures of a comparison report, drawn from the typed results with :mod:`ratequant.report.plots`."""
+"""The figures of a comparison report, drawn from the typed results with :mod:`ratequant.lab.report.plots`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ratequant.experiments.config import budget_text
-from ratequant.experiments.methods import FIXED_METHODS, RANK_METHODS
-from ratequant.experiments.results import CompareResults
-from ratequant.report.plots import bits_heatmap_grid, distortion_curves, method_panels
-from ratequant.report.tables import METHOD_NAMES, row_key
+from ratequant.lab.config import budget_text
+from ratequant.lab.methods import FIXED_METHODS, RANK_METHODS
+from ratequant.lab.report.plots import bits_heatmap_grid, distortion_curves, method_panels
+from ratequant.lab.report.tables import METHOD_NAMES, row_key
+from ratequant.lab.results import CompareResults
 
 METRIC_LABELS = {"kl": "KL divergence from full precision (nats per token)", "ppl": "perplexity"}
 

@@ -10,7 +10,7 @@ calibration sizes are comparable:
     much the model cares about a head; the baseline.
 ``"fisher"``
     gradient-weighted (diagonal Fisher) error: ``sum_{t,d} (g * (X - Q_b(X)))^2 / N`` with ``g = dL/dX`` the
-    gradient of the summed next-token loss (see :class:`~ratequant.calibration.CalibrationStats`). A
+    gradient of the summed next-token loss (see :class:`~ratequant.measure.capture.CalibrationStats`). A
     second-order estimate of the loss increase, as in KVQuant (Hooper et al., 2024) and the Fisher-based
     sensitivity of "Quantize What Counts".
 ``"attention"``
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ratequant.calibration import CalibrationStats
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
+from ratequant.measure.capture import CalibrationStats
 from ratequant.quantizers.base import Quantizer, from_config
 from ratequant.registry import Registry
 from ratequant.spec import MAX_SINK_TOKENS
@@ -243,7 +243,7 @@ def measure_distortions(
     """Several metrics at once, sharing each quantizer call: ``{metric: DistortionTable}``."""
     if not isinstance(stats, CalibrationStats):
         raise RateQuantError(
-            f"expected CalibrationStats (from ratequant.calibration.capture), got {type(stats).__name__}"
+            f"expected CalibrationStats (from ratequant.measure.capture.capture), got {type(stats).__name__}"
         )
     if not isinstance(quantizer, Quantizer):
         raise RateQuantError(

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ratequant.experiments.config import budget_text
-from ratequant.experiments.results import CompareResults
-from ratequant.report.findings import findings
-from ratequant.report.tables import (
+from ratequant.lab.config import budget_text
+from ratequant.lab.report.findings import findings
+from ratequant.lab.report.tables import (
     evaluations_table,
     fit_ratio_table,
     fit_table,
@@ -27,6 +26,7 @@ from ratequant.report.tables import (
     sink_study_table,
     storage_table,
 )
+from ratequant.lab.results import CompareResults
 
 SHARE_TEXT = (
     "share = (D_best_fixed - D_method) / D_best_fixed, with the damage D = KL for the KL table and D = PPL - "

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ratequant.experiments.config import budget_text
-from ratequant.experiments.methods import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS
-from ratequant.experiments.results import CompareResults, MethodResult
+from ratequant.lab.config import budget_text
+from ratequant.lab.methods import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS
+from ratequant.lab.results import CompareResults, MethodResult
 from ratequant.validation import inert
 
 METHOD_NAMES = {

@@ -1,4 +1,4 @@
-"""``python -m ratequant.report results.json``: redraw a compare report from its saved numbers."""
+"""``python -m ratequant.lab.report results.json``: redraw a compare report from its saved numbers."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from ratequant.errors import RateQuantError
-from ratequant.report.writer import rebuild_report
+from ratequant.lab.report.writer import rebuild_report
 from ratequant.validation import inert
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ratequant.report", description="Rebuild a compare report from its results.json."
+        prog="python -m ratequant.lab.report", description="Rebuild a compare report from its results.json."
     )
     parser.add_argument("results", help="results.json written by ratequant compare")
     parser.add_argument("--out", help="folder for the report (default: the folder of results.json)")

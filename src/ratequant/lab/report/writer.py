@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ratequant.errors import RateQuantError
-from ratequant.experiments.results import CompareResults
 from ratequant.jsonio import publish, read_json, write_json
-from ratequant.report.figures import draw_figures
-from ratequant.report.markdown import report_markdown, summary_markdown
+from ratequant.lab.report.figures import draw_figures
+from ratequant.lab.report.markdown import report_markdown, summary_markdown
+from ratequant.lab.results import CompareResults
 from ratequant.validation import inert, show_value
 
 CORE_FILES = ("results.json", "config.json", "report.md", "summary.md")

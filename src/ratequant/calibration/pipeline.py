@@ -22,9 +22,9 @@ from ratequant.allocation import (
     allocate,
     check_reachable,
 )
+from ratequant.allocation.fitting import DistortionFit, fit_distortion
 from ratequant.allocation.strategies import STRATEGIES
-from ratequant.calibration import CalibrationStats, capture
-from ratequant.candidates import (
+from ratequant.calibration.candidates import (
     CHOICE_WINDOWS,
     MEASURED,
     Candidate,
@@ -33,14 +33,14 @@ from ratequant.candidates import (
     held_out_windows,
     split_allocations,
 )
-from ratequant.data import Corpus
-from ratequant.distortion import DEFAULT_METRIC, METRICS, DistortionTable, measure_distortion
+from ratequant.calibration.search import best_start, check_search_tokens, kl_on, search_allocation, window_kl
 from ratequant.errors import BudgetError, RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, Windows, bos_token_id, make_windows
-from ratequant.fitting import DistortionFit, fit_distortion
 from ratequant.geometry import Geometry
-from ratequant.kl_search import best_start, check_search_tokens, kl_on, search_allocation, window_kl
-from ratequant.models import LoadedModel
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
+from ratequant.measure.capture import CalibrationStats, capture
+from ratequant.measure.distortion import DEFAULT_METRIC, METRICS, DistortionTable, measure_distortion
 from ratequant.plan import Plan
 from ratequant.progress import note, progress_bar
 from ratequant.quantizers import Quantizer, available, get_quantizer
@@ -60,8 +60,8 @@ SINK_GAIN = 4.0
 
 
 def check_search_text(tokens: int, residual_length: int, sink_tokens: int | str) -> int:
-    """:func:`ratequant.kl_search.check_search_tokens` before the sinks are chosen: ``"auto"`` counts as the most
-    it can choose."""
+    """:func:`ratequant.calibration.search.check_search_tokens` before the sinks are chosen: ``"auto"`` counts as the
+    most it can choose."""
     return check_search_tokens(tokens, residual_length, max(SINK_CANDIDATES) if sink_tokens == "auto" else sink_tokens)
 
 
@@ -88,11 +88,11 @@ class CalibrationSettings:
     sequences: int = 4
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     sink_tokens: int | str = "auto"
-    search_proposals: int = 0  # > 0: refine the allocation on the KL it causes (ratequant.kl_search); slow
+    search_proposals: int = 0  # > 0: refine the allocation on the KL it causes (ratequant.calibration.search); slow
     search_tokens: int = 1024
     search_seed: int = 0
     choose: bool = True  # keep the candidate (RateQuant, fixed splits) with the least held-out KL
-    choice_tokens: int | None = None  # None: ratequant.candidates.choice_tokens_for
+    choice_tokens: int | None = None  # None: ratequant.calibration.candidates.choice_tokens_for
     choice_windows: int = CHOICE_WINDOWS
 
     def __post_init__(self) -> None:
@@ -322,7 +322,7 @@ def refine_allocation(
     widths: tuple[tuple[int, ...], tuple[int, ...]],
     seed: int = 0,
 ) -> tuple[Allocation, dict]:
-    """``allocation`` refined by :func:`ratequant.kl_search.search_allocation` (``proposals`` moves, ``seed``)
+    """``allocation`` refined by :func:`ratequant.calibration.search.search_allocation` (``proposals`` moves, ``seed``)
     on the first of ``windows`` (:func:`search_windows`), within ``widths`` (:func:`search_widths`), from the
     allocation or the fixed key/value split of its size that causes less KL there; the moves found are kept only
     if they also lower the KL on the second window (else the result is that start). Returns it with the
@@ -463,9 +463,9 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split.
 
     Every design of the settings (all of them for ``"auto"``, at the true bytes the reference design takes at the
-    budget) is fitted on the same statistics; with ``settings.choose`` RateQuant's allocation and the fixed
-    key/value splits of the budget are scored on held-out calibration text (:mod:`ratequant.candidates`) and the
-    plan is the one with the least KL; ``settings.search_proposals`` then refines it by the KL search.
+    budget) is fitted on the same statistics; with ``settings.choose`` RateQuant's allocation and the fixed key/value
+    splits of the budget are scored on held-out calibration text (:mod:`ratequant.calibration.candidates`) and the plan
+    is the one with the least KL; ``settings.search_proposals`` then refines it by the KL search.
     """
     phases: dict[str, float] = {}
     search = search_windows(loaded, corpus, settings.search_tokens) if settings.search_proposals else None

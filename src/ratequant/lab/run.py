@@ -1,8 +1,8 @@
 """``run_compare``: calibrate every design once, build every method, score them all on the same windows.
 
 Calibration statistics (keys, values and loss gradients on the calibration split) are captured once and each
-design's distortion is measured and fitted on them (:func:`ratequant.pipeline.fit_design`); the rank bases come
-from the same statistics. Every method is then scored against one full-precision reference pass per window
+design's distortion is measured and fitted on them (:func:`ratequant.calibration.pipeline.fit_design`); the rank
+bases come from the same statistics. Every method is then scored against one full-precision reference pass per window
 (:func:`ratequant.evaluation.perplexity.score_conditions`), on the evaluation split of the calibration corpus
 and of every further corpus, whole-window and second-half scores from the same passes. Passkey retrieval, when
 asked for, runs a few of the methods through the real cache.
@@ -16,24 +16,7 @@ import numpy as np
 import torch
 
 from ratequant import __version__
-from ratequant.data import Corpus
-from ratequant.errors import RateQuantError
-from ratequant.evaluation.perplexity import REFERENCE, score_conditions
-from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
-from ratequant.experiments.choice import chosen_methods
-from ratequant.experiments.config import SCORINGS, CompareConfig, budget_text
-from ratequant.experiments.methods import (
-    FULL_PRECISION,
-    Method,
-    Skipped,
-    pick_mismatch_sources,
-    quantized_methods,
-    rank_methods,
-)
-from ratequant.experiments.results import CompareResults, DesignResult, MethodResult
-from ratequant.experiments.studies import extra_methods, passkey_study, sink_study
-from ratequant.models import LoadedModel
-from ratequant.pipeline import (
+from ratequant.calibration.pipeline import (
     choose_sink_tokens,
     collect_statistics,
     fit_design,
@@ -41,11 +24,28 @@ from ratequant.pipeline import (
     search_widths,
     search_windows,
 )
-from ratequant.placement import describe_placement
+from ratequant.compat.placement import describe_placement
+from ratequant.errors import RateQuantError
+from ratequant.evaluation.perplexity import REFERENCE, score_conditions
+from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
+from ratequant.lab.choice import chosen_methods
+from ratequant.lab.config import SCORINGS, CompareConfig, budget_text
+from ratequant.lab.methods import (
+    FULL_PRECISION,
+    Method,
+    Skipped,
+    pick_mismatch_sources,
+    quantized_methods,
+    rank_methods,
+)
+from ratequant.lab.results import CompareResults, DesignResult, MethodResult
+from ratequant.lab.studies import extra_methods, passkey_study, sink_study
+from ratequant.measure.weight_norms import weight_norms
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import StoragePolicy
-from ratequant.weight_norms import weight_norms
 
 
 def evaluation_name(corpus: str, scoring: str) -> str:
@@ -62,7 +62,7 @@ def run_compare(
 ) -> CompareResults:
     """Run every method of ``config`` on ``loaded``: calibrate on ``corpus``, score on its evaluation split and
     on those of ``eval_corpora`` (``{name: Corpus}``, the corpora ``config.eval_corpora`` names)."""
-    from ratequant.rank import RankBases
+    from ratequant.measure.rank import RankBases
 
     if not isinstance(config, CompareConfig):
         raise RateQuantError(f"config must be a CompareConfig, got {type(config).__name__}")

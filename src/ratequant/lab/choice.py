@@ -1,20 +1,20 @@
 """The plans ``calibrate`` would hand a user, as methods of a comparison: each design's default plan and ``auto``.
 
 * ``default`` -- per design and budget, the candidate (RateQuant's allocation or a fixed key/value split of the
-  budget) with the least KL on held-out calibration text (:mod:`ratequant.candidates`), exactly as
+  budget) with the least KL on held-out calibration text (:mod:`ratequant.calibration.candidates`), exactly as
   ``ratequant calibrate`` chooses it;
 * ``auto`` -- per budget, the best candidate of every design at the true bytes the reference design takes at the
   budget (``ratequant calibrate --quantizer auto``); its ``design`` is the design it chose.
 
-The candidates are built by the pipeline's own steps (:func:`ratequant.pipeline.allocate_design`,
-:func:`ratequant.pipeline.candidates_of`) on the comparison's fitted curves, and scored once each on the same
-held-out windows; the choice uses no evaluation text.
+The candidates are built by the pipeline's own steps (:func:`ratequant.calibration.pipeline.allocate_design`,
+:func:`ratequant.calibration.pipeline.candidates_of`) on the comparison's fitted curves, and scored once each on the
+same held-out windows; the choice uses no evaluation text.
 """
 
 from __future__ import annotations
 
 from ratequant.allocation import Budget
-from ratequant.candidates import (
+from ratequant.calibration.candidates import (
     CHOICE_WINDOWS,
     Candidate,
     Choice,
@@ -22,12 +22,7 @@ from ratequant.candidates import (
     choose_candidate,
     held_out_windows,
 )
-from ratequant.errors import BudgetError
-from ratequant.experiments.config import CompareConfig, budget_text
-from ratequant.experiments.methods import Method, Skipped, condition_for
-from ratequant.kl_search import window_kl
-from ratequant.models import LoadedModel
-from ratequant.pipeline import (
+from ratequant.calibration.pipeline import (
     AUTO_REFERENCE,
     CalibrationSettings,
     DesignFit,
@@ -35,6 +30,11 @@ from ratequant.pipeline import (
     candidates_of,
     equal_bytes_budget,
 )
+from ratequant.calibration.search import window_kl
+from ratequant.errors import BudgetError
+from ratequant.inputs.models import LoadedModel
+from ratequant.lab.config import CompareConfig, budget_text
+from ratequant.lab.methods import Method, Skipped, condition_for
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import StoragePolicy

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from ratequant.cache.attention import ATTENTION_PATHS
+from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK, prefill
 from ratequant.compat import cache_argument, max_positions
 from ratequant.errors import RateQuantError
-from ratequant.models import LoadedModel
-from ratequant.prefill import DEFAULT_PREFILL_CHUNK, prefill
+from ratequant.inputs.models import LoadedModel
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, KVQuantSpec
 from ratequant.validation import check_float, check_int
 
@@ -93,14 +93,14 @@ def generate(
     continuation is printed to standard output as it is generated.
 
     The prompt but its last token is prefilled through the cache ``prefill_chunk`` tokens at a time (after the
-    spec's sink tokens; :mod:`ratequant.prefill`), so the peak activation memory is one chunk's, not the
+    spec's sink tokens; :mod:`ratequant.cache.prefill`), so the peak activation memory is one chunk's, not the
     prompt's; ``None`` prefills in one pass. With a full-precision cache the chunking changes nothing but
     rounding; with a quantized one each prompt token sees its own chunk at full precision.
 
     ``attention="packed"`` (default) computes decode steps' attention straight from the packed codes (the cache
     is made with ``attention=`` and the model, which routes the model's attention: ``model.generate`` runs with
     no context manager, as a user's own call would); ``"decode"`` decodes the history on every step first.
-    Prefill pieces read the history one block at a time either way (:func:`ratequant.prefill.piece_attention`):
+    Prefill pieces read the history one block at a time either way (:func:`ratequant.cache.prefill.piece_attention`):
     that is what bounds their memory. Calls from several threads on one model are safe (each its own cache).
 
     ``max_new_tokens`` must fit the model's context after the prompt; sampling takes ``temperature`` in

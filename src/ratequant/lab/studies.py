@@ -13,22 +13,22 @@ from __future__ import annotations
 import time
 
 from ratequant.allocation import Curves
-from ratequant.calibration import CalibrationStats
-from ratequant.data import Corpus
+from ratequant.allocation.fitting import fit_distortion
+from ratequant.calibration.pipeline import DesignFit
 from ratequant.evaluation.conditions import FullPrecision
 from ratequant.evaluation.perplexity import score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
 from ratequant.evaluation.tasks import PasskeyTask
-from ratequant.experiments.config import CompareConfig, budget_text
-from ratequant.experiments.methods import FULL_PRECISION, Allocated, Method, condition_for
-from ratequant.fitting import fit_distortion
-from ratequant.headroom import measure_component_damage, measured_curves
-from ratequant.models import LoadedModel
-from ratequant.pipeline import DesignFit
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
+from ratequant.lab.config import CompareConfig, budget_text
+from ratequant.lab.methods import FULL_PRECISION, Allocated, Method, condition_for
+from ratequant.measure.capture import CalibrationStats
+from ratequant.measure.headroom import measure_component_damage, measured_curves
+from ratequant.measure.weight_norms import norm_curves, weight_norms
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec
-from ratequant.weight_norms import norm_curves, weight_norms
 
 
 def extra_methods(

@@ -11,7 +11,7 @@ At every budget (average code bits) and for every quantizer design:
 * ``mismatched`` -- the same allocation on *another* design's curves, stored with this design: the paper's
   distortion-model-mismatch failure mode (the curves' provenance, :class:`~ratequant.allocation.Curves`);
 * ``ratequant-search`` (when asked for) -- RateQuant's widths refined on the KL they cause on calibration text
-  (:func:`ratequant.pipeline.refine_allocation`, what ``calibrate --search`` does);
+  (:func:`ratequant.calibration.pipeline.refine_allocation`, what ``calibrate --search`` does);
 
 and, per budget (design-independent), rank reduction ("Quantization dominates rank reduction for KV-cache
 compression"): ``rank`` keeps ``r = floor(budget * head_dim / 16)`` PCA coefficients per token at 16 bits,
@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ratequant.allocation import Allocation, AllocationOptions, Budget, CostModel, Curves, allocate, get_strategy
+from ratequant.allocation.fitting import DistortionFit
+from ratequant.calibration.pipeline import DesignFit, cost_model_for, covered_widths
 from ratequant.errors import BudgetError
 from ratequant.evaluation.conditions import Condition, Simulated, Streaming, Within
-from ratequant.experiments.config import CompareConfig, budget_text
-from ratequant.fitting import DistortionFit
 from ratequant.geometry import KINDS
-from ratequant.models import LoadedModel
-from ratequant.pipeline import DesignFit, cost_model_for, covered_widths
+from ratequant.inputs.models import LoadedModel
+from ratequant.lab.config import CompareConfig, budget_text
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
 
@@ -53,7 +53,7 @@ ALLOCATED_METHODS = (
     "measured",
 )
 """Methods that choose widths from curves (or refine them, or choose among candidates: ``default`` and ``auto``,
-:mod:`ratequant.experiments.choice`); the last four run when asked for."""
+:mod:`ratequant.lab.choice`); the last four run when asked for."""
 QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
 RANK_METHODS = ("rank", "rank+quant")
 METHODS = (*QUANTIZED_METHODS, *RANK_METHODS)
@@ -246,7 +246,7 @@ def rank_methods(
 ) -> tuple[list[Method], dict]:
     """Rank reduction (16-bit coefficients) and the rank-plus-quantization hybrid at every budget; a method whose
     rank would be 0 at a budget (small heads: not one coefficient fits) goes to ``skipped`` instead."""
-    from ratequant.rank import rank_for_bits, simulated_rank_reduction
+    from ratequant.measure.rank import rank_for_bits, simulated_rank_reduction
 
     g = loaded.geometry
     model, d, n = loaded.model, g.head_dim, g.num_components

@@ -22,9 +22,9 @@ import torch
 
 from ratequant.allocation import Curves
 from ratequant.compat import intercept_attention, model_geometry, original_attention
+from ratequant.compat.placement import input_device
 from ratequant.errors import RateQuantError
 from ratequant.geometry import KINDS
-from ratequant.placement import input_device
 from ratequant.progress import progress_bar
 from ratequant.quantizers.base import Quantizer
 from ratequant.validation import check_bitset, check_int

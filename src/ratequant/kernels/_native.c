@@ -9,11 +9,11 @@
  * exactly as the PyTorch reference path (ratequant.quantizers._minmax.minmax_values_into) does, so both
  * paths are bit-identical. Build with -ffp-contract=off: a fused multiply-add would change the rounding.
  *
- * Layout (see ratequant/native.py for the Python side, which checks every assumption before calling):
+ * Layout (see ratequant/kernels/native.py for the Python side, which checks every assumption before calling):
  *   codes  uint8, contiguous rows of ceil(D * bits / 8) bytes; row r = ((i * H + h) * T + t) for block row
  *          i in 0..N-1 (N = n * B, i = c * B + b), head h in 0..H-1, token t in 0..T-1. Code j of a row is
  *          bits [j * bits, (j + 1) * bits) of the row read as a little-endian, LSB-first bit stream
- *          (ratequant.packing).
+ *          (ratequant.kernels.packing).
  *   scale, zero  contiguous, dtype meta_dtype; the pair for element (r, d) is at index
  *          (r / meta_rows) * meta_cols + d / meta_group. Per-token groups of g along D: meta_rows = 1,
  *          meta_cols = D / g, meta_group = g. Per channel over G tokens (KIVI keys): meta_rows = G,
@@ -101,7 +101,7 @@ static inline float meta_value(const void *p, Py_ssize_t i, int dtype) {
     }
 }
 
-/* Packed rows (ratequant.packing): code j of a row is bits [j * bits, (j + 1) * bits) of the row read as a
+/* Packed rows (ratequant.kernels.packing): code j of a row is bits [j * bits, (j + 1) * bits) of the row read as a
  * little-endian, LSB-first bit stream. The 8 codes 8m..8m+7 occupy exactly bytes [m * bits, (m + 1) * bits):
  * read as a little-endian word w, codes 0-3 lie in its low 4 * bits <= 32 bits and codes 4-7 in the next
  * 4 * bits, so two 32-bit halves shifted by 0, b, 2b, 3b give all eight (the AVX2 path). */
@@ -886,13 +886,13 @@ static PyObject *attend_layer(PyObject *self, PyObject *args) {
 static PyMethodDef METHODS[] = {
     {"decode_minmax", decode_minmax, METH_VARARGS,
      "decode_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
-     "out, out_dtype, (s_n, s_b, s_h, s_t)): fused unpack + min-max decode; see ratequant.native."},
+     "out, out_dtype, (s_n, s_b, s_h, s_t)): fused unpack + min-max decode; see ratequant.kernels.native."},
     {"attend_minmax", attend_minmax, METH_VARARGS,
      "attend_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
      "mode, G, q_or_p, out): attention scores (mode 0) or weighted values (mode 1) from packed rows."},
     {"attend_layer", attend_layer, METH_VARARGS,
      "attend_layer(q, out, (B, H, R, D, t, n), keys, values, mask, mask_batch_stride, softcap): one layer's "
-     "attention step from sinks, packed bit groups and tail; see ratequant.native."},
+     "attention step from sinks, packed bit groups and tail; see ratequant.kernels.native."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -904,7 +904,7 @@ static struct PyModuleDef MODULE = {
     .m_methods = METHODS,
 };
 
-/* Raised whenever the functions' arguments change, so that ratequant.native refuses a stale build. */
+/* Raised whenever the functions' arguments change, so that ratequant.kernels.native refuses a stale build. */
 #define NATIVE_ABI 3
 
 PyMODINIT_FUNC PyInit__native(void) {

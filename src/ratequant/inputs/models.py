@@ -6,7 +6,7 @@ GGUF file is slow (tens of seconds, mostly metadata parsing), so the first load 
 safetensors checkpoint in a local conversion cache (``$RATEQUANT_CACHE_DIR``, default
 ``~/.cache/ratequant``) and later loads read that (under a second). Nothing is downloaded. The second
 benchmark model, Qwen2.5-Coder-0.5B-Instruct (``qwen2.5-0.5b``), is a GGUF file split across chunk packages and
-assembled once into the same cache (:mod:`ratequant.model_assembly`).
+assembled once into the same cache (:mod:`ratequant.inputs.assembly`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from ratequant.compat.placement import check_device, describe_placement, dispatch, input_device, parse_device_map
 from ratequant.errors import RateQuantError
 from ratequant.geometry import Geometry
-from ratequant.model_assembly import CHUNKED_MODELS, assemble, find_chunked_model, sha256_file
-from ratequant.placement import check_device, describe_placement, dispatch, input_device, parse_device_map
+from ratequant.inputs.assembly import CHUNKED_MODELS, assemble, find_chunked_model, sha256_file
 from ratequant.progress import note
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -116,12 +116,12 @@ def load_model(
     use_conversion_cache: bool = True,
 ) -> LoadedModel:
     """Load a causal LM by ``spec``: None or ``"default"`` (embedded SmolLM2-135M), ``"qwen2.5-0.5b"`` (assembled
-    from its chunk packages, see :mod:`ratequant.model_assembly`), a ``.gguf`` file, a local Hugging Face model
+    from its chunk packages, see :mod:`ratequant.inputs.assembly`), a ``.gguf`` file, a local Hugging Face model
     directory (checked by :func:`check_model_directory` first), or a hub id (needs network).
 
     ``dtype`` ("float32", "float16", "bfloat16" or a torch dtype) converts the weights; by default the
     checkpoint's own dtype (float32 for GGUF files). ``device_map`` (``"auto"``, ``"balanced"``, a JSON
-    object or file; see :mod:`ratequant.placement`) spreads the model over devices and disk instead of
+    object or file; see :mod:`ratequant.compat.placement`) spreads the model over devices and disk instead of
     ``device``; ``offload_folder`` holds disk-offloaded weights (a temporary folder when None). Raises
     :class:`RateQuantError` with a one-line reason for missing paths, unreadable checkpoints and unreachable hubs.
     """

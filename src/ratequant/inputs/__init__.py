@@ -1,0 +1,1 @@
+"""What a run reads: models (local, hub, embedded, assembled from chunk packages) and text corpora."""

@@ -1,0 +1,1 @@
+"""Storage and kernels: bit packing of the codes and the optional native decode kernel."""
