@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from ratequant.inputs.corpora import load_corpus
     from ratequant.inputs.models import load_model
     from ratequant.quantizers import get_quantizer
-    from ratequant.spec import KVQuantSpec, StoragePolicy
+    from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH, KVQuantSpec, StoragePolicy
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         measured = Curves.measured(
             table.values[..., [table.bitset.index(b) for b in allowed]], allowed, min_bits=fitted.curves.min_bits
         )
-        cost = cost_model_for(StoragePolicy(quantizer, 128, sinks), loaded, 4096)
+        cost = cost_model_for(StoragePolicy(quantizer, DEFAULT_RESIDUAL_LENGTH, sinks), loaded, DEFAULT_CONTEXT_TOKENS)
         flat = Curves.flat(loaded.geometry, widths)
         for budget in (float(b) for b in args.budgets.split(",")):
             k, v = KEYS_WIDER_SPLITS[budget]
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                 options = AllocationOptions(bitset=curves.bitset, b_min=b_min, cost_model=cost)
                 bits = allocate(curves, Budget.avg_bits(budget), strategy, options).bits
                 key = f"{design}/{budget:g}/{name}"
-                conditions[key] = Simulated(KVQuantSpec(bits, quantizer, 128, sinks))
+                conditions[key] = Simulated(KVQuantSpec(bits, quantizer, DEFAULT_RESIDUAL_LENGTH, sinks))
                 widths_used[key] = {int(b): int((bits == b).sum()) for b in np.unique(bits)}
     scores = score_conditions(loaded.model, windows, conditions)["second-half"]
     rows = [

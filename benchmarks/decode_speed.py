@@ -119,6 +119,7 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
     from ratequant.cache import RateQuantCache, packed_attention
     from ratequant.kernels import native
     from ratequant.quantizers import get_quantizer
+    from ratequant.spec import DEFAULT_RESIDUAL_LENGTH as RESIDUAL
     from ratequant.spec import KVQuantSpec
 
     model, cfg, g = loaded.model, loaded.model.config, loaded.geometry
@@ -139,15 +140,15 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
     conditions = {
         "dynamic": lambda: DynamicCache(config=cfg),
         "hqq-2": lambda: QuantizedCache(
-            "hqq", cfg, nbits=2, axis_key=1, axis_value=1, q_group_size=HQQ_GROUP, residual_length=128
+            "hqq", cfg, nbits=2, axis_key=1, axis_value=1, q_group_size=HQQ_GROUP, residual_length=RESIDUAL
         ),
-        "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=128),
-        "rq-uniform-2": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
-        "rq-uniform-2-g64": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi64, 128)),
+        "quanto-2": lambda: QuantizedCache("quanto", cfg, nbits=2, q_group_size=HQQ_GROUP, residual_length=RESIDUAL),
+        "rq-uniform-2": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, RESIDUAL)),
+        "rq-uniform-2-g64": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi64, RESIDUAL)),
         "rq-mixed-2.5": lambda: from_plan(attention="decode"),
         "rq-mixed-2.5-packed": lambda: from_plan(attention="decode"),
         "rq-mixed-2.5-plain": lambda: from_plan(),
-        "rq-uniform-2-packed": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, 128)),
+        "rq-uniform-2-packed": lambda: RateQuantCache(KVQuantSpec(uniform2, kivi, RESIDUAL)),
         "rq-mixed-2.5-torch": lambda: from_plan(attention="decode"),
         "rq-mixed-2.5+buffer": lambda: from_plan(buffer_bytes=full_history, attention="decode"),
         "no-history": lambda: DynamicCache(config=cfg),

@@ -69,7 +69,7 @@ from ratequant.compat import cache_argument
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
-from ratequant.spec import KVQuantSpec
+from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, KVQuantSpec
 
 FORMAT_VERSION = 1
 MIB = 2**20
@@ -213,7 +213,7 @@ def long_context(loaded, args) -> dict:
     dtype = loaded.dtype
     quantizer = get_quantizer("kivi")
     bits = alternating_bits(g)
-    plan = make_plan(loaded.name, g, bits, quantizer, 128)
+    plan = make_plan(loaded.name, g, bits, quantizer, DEFAULT_RESIDUAL_LENGTH)
     gc.collect()
     rss_before = rss_or_peak()
     if args.context_source == "model":
@@ -357,7 +357,9 @@ def concurrent_processes(loaded, args) -> dict:
 
     from _common import subprocess_env
 
-    plan = make_plan(loaded.name, loaded.geometry, alternating_bits(loaded.geometry), get_quantizer("kivi"), 128)
+    plan = make_plan(
+        loaded.name, loaded.geometry, alternating_bits(loaded.geometry), get_quantizer("kivi"), DEFAULT_RESIDUAL_LENGTH
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         plan_path = plan.to_json(folder / "plan.json")

@@ -15,6 +15,7 @@ from pathlib import Path
 from ratequant.cli import command
 from ratequant.cli.options import add_quantizer_options, check_output_path, nonnegative_int
 from ratequant.errors import RateQuantError
+from ratequant.spec import DEFAULT_RESIDUAL_LENGTH
 from ratequant.validation import inert
 
 EXPORT_FORMATS = ("kvtuner", "layers")
@@ -131,9 +132,9 @@ def configure_import(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--residual",
         type=nonnegative_int,
-        default=128,
+        default=DEFAULT_RESIDUAL_LENGTH,
         metavar="N",
-        help="full-precision residual window (default 128, KVTuner's own default)",
+        help=f"full-precision residual window (default {DEFAULT_RESIDUAL_LENGTH}, as KVTuner's)",
     )
     parser.add_argument(
         "--sink-tokens", type=nonnegative_int, default=0, metavar="N", help="first tokens kept at full precision"

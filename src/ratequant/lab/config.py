@@ -97,6 +97,27 @@ EXPERIMENT_FIELDS = ("budgets", "designs", *SCALAR_FLAGS, "eval_corpora", *LIST_
 _FLAG_NAMES = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom", "search_proposals": "--search"}
 
 
+FULL_PRECISION = "full-precision"
+FIXED_METHODS = ("uniform", "kv-split")
+ALLOCATED_METHODS = (
+    "layerwise",
+    "ratequant",
+    "default",
+    "auto",
+    "mismatched",
+    "ratequant-search",
+    "norms",
+    "ratequant-component",
+    "measured",
+)
+"""Methods that choose widths from curves (or refine them, or choose among candidates: ``default`` and ``auto``,
+:mod:`ratequant.lab.choice`); the last four run when asked for."""
+QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
+RANK_METHODS = ("rank", "rank+quant")
+METHODS = (*QUANTIZED_METHODS, *RANK_METHODS)
+"""Every method a comparison can score (:attr:`CompareConfig.methods` picks among them)."""
+
+
 def flag_of(field: str) -> str:
     """The command-line option of a config field: ``"seq_len"`` -> ``"--seq-len"``."""
     return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
@@ -290,8 +311,6 @@ class CompareConfig:
 
             check_search_text(self.search_tokens, self.residual, self.sink_tokens)
         if self.methods is not None:
-            from ratequant.lab.methods import METHODS
-
             chosen = tuple(self.methods)
             unknown = [m for m in chosen if m not in METHODS]
             if not chosen or unknown:
@@ -394,6 +413,12 @@ class CompareConfig:
 
 
 __all__ = [
+    "ALLOCATED_METHODS",
+    "FIXED_METHODS",
+    "FULL_PRECISION",
+    "METHODS",
+    "QUANTIZED_METHODS",
+    "RANK_METHODS",
     "DEFAULT_BUDGETS",
     "DEFAULT_DESIGNS",
     "FORMAT_VERSION",

@@ -35,29 +35,13 @@ from ratequant.errors import BudgetError
 from ratequant.evaluation.conditions import Condition, Simulated, Streaming, Within
 from ratequant.geometry import KINDS
 from ratequant.inputs.models import LoadedModel
-from ratequant.lab.config import CompareConfig, budget_text
+from ratequant.lab.config import (
+    ALLOCATED_METHODS,
+    CompareConfig,
+    budget_text,
+)
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
-
-FULL_PRECISION = "full-precision"
-FIXED_METHODS = ("uniform", "kv-split")
-ALLOCATED_METHODS = (
-    "layerwise",
-    "ratequant",
-    "default",
-    "auto",
-    "mismatched",
-    "ratequant-search",
-    "norms",
-    "ratequant-component",
-    "measured",
-)
-"""Methods that choose widths from curves (or refine them, or choose among candidates: ``default`` and ``auto``,
-:mod:`ratequant.lab.choice`); the last four run when asked for."""
-QUANTIZED_METHODS = (*FIXED_METHODS, *ALLOCATED_METHODS)
-RANK_METHODS = ("rank", "rank+quant")
-METHODS = (*QUANTIZED_METHODS, *RANK_METHODS)
-"""Every method a comparison can score (:attr:`CompareConfig.methods` picks among them)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,12 +303,6 @@ def rank_methods(
 
 
 __all__ = [
-    "ALLOCATED_METHODS",
-    "METHODS",
-    "FIXED_METHODS",
-    "FULL_PRECISION",
-    "QUANTIZED_METHODS",
-    "RANK_METHODS",
     "Allocated",
     "Method",
     "Refine",

@@ -17,8 +17,7 @@ from ratequant.errors import RateQuantError
 from ratequant.evaluation.perplexity import ConditionScore
 from ratequant.geometry import KINDS
 from ratequant.jsonio import read_json
-from ratequant.lab.config import FORMAT_VERSION, CompareConfig
-from ratequant.lab.methods import ALLOCATED_METHODS, FIXED_METHODS, FULL_PRECISION
+from ratequant.lab.config import ALLOCATED_METHODS, FIXED_METHODS, FORMAT_VERSION, FULL_PRECISION, CompareConfig
 
 
 def _bits_to_json(bits: np.ndarray) -> dict:

@@ -31,9 +31,8 @@ from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_win
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.lab.choice import chosen_methods
-from ratequant.lab.config import SCORINGS, CompareConfig, budget_text
+from ratequant.lab.config import FULL_PRECISION, SCORINGS, CompareConfig, budget_text
 from ratequant.lab.methods import (
-    FULL_PRECISION,
     Method,
     Skipped,
     pick_mismatch_sources,

@@ -21,8 +21,8 @@ from ratequant.evaluation.protocol import WindowProtocol, make_windows
 from ratequant.evaluation.tasks import PasskeyTask
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
-from ratequant.lab.config import CompareConfig, budget_text
-from ratequant.lab.methods import FULL_PRECISION, Allocated, Method, condition_for
+from ratequant.lab.config import FULL_PRECISION, CompareConfig, budget_text
+from ratequant.lab.methods import Allocated, Method, condition_for
 from ratequant.measure.capture import CalibrationStats
 from ratequant.measure.headroom import measure_component_damage, measured_curves
 from ratequant.measure.weight_norms import norm_curves, weight_norms

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ratequant.lab.config import budget_text
-from ratequant.lab.methods import FIXED_METHODS, RANK_METHODS
+from ratequant.lab.config import FIXED_METHODS, RANK_METHODS, budget_text
 from ratequant.lab.report.plots import bits_heatmap_grid, distortion_curves, method_panels
 from ratequant.lab.report.tables import METHOD_NAMES, row_key
 from ratequant.lab.results import CompareResults

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ratequant.lab.config import budget_text
-from ratequant.lab.methods import RANK_METHODS
+from ratequant.lab.config import RANK_METHODS, budget_text
 from ratequant.lab.report.tables import fit_ratios, fmt_kl, fmt_metric, fmt_ppl, fmt_share
 from ratequant.lab.results import CompareResults
 

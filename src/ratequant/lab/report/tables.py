@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ratequant.lab.config import budget_text
-from ratequant.lab.methods import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS
+from ratequant.lab.config import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS, budget_text
 from ratequant.lab.results import CompareResults, MethodResult
 from ratequant.validation import inert
 
