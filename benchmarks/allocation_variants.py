@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import AllocationOptions, Budget, Curves, allocate, get_strategy
-    from ratequant.calibration.pipeline import choose_sink_tokens, collect_statistics, cost_model_for, fit_design
+    from ratequant.calibration import choose_sink_tokens, collect_statistics, cost_model_for, fit_design
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, make_windows

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from ratequant.allocation import Budget
-    from ratequant.calibration.pipeline import (
+    from ratequant.calibration import (
         CAPTURE_BATCH_SIZE,
         CalibrationSettings,
         allocate_for,

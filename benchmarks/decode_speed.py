@@ -95,7 +95,7 @@ def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int, 
     """The RateQuant plan of the mixed conditions: loaded from ``path``, or calibrated now (default settings,
     for ``design`` when given)."""
     from ratequant.allocation import Budget
-    from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+    from ratequant.calibration import CalibrationSettings, calibrate
     from ratequant.inputs.corpora import load_corpus
     from ratequant.plan import Plan
 

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import Budget
-    from ratequant.calibration.pipeline import CalibrationSettings, calibrate, cost_model_for
+    from ratequant.calibration import CalibrationSettings, calibrate, cost_model_for
     from ratequant.calibration.search import best_start, kl_on, search_allocation
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import score_conditions

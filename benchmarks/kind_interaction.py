@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import Budget, Curves
-    from ratequant.calibration.pipeline import (
+    from ratequant.calibration import (
         CalibrationSettings,
         allocate_for,
         bits_histogram,

@@ -111,7 +111,7 @@ def child(args) -> dict:
 def calibrated_plan_file(folder: Path) -> Path:
     """A 2.5-bit RateQuant plan of the default model with the default calibration settings, written to ``folder``."""
     from ratequant.allocation import Budget
-    from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+    from ratequant.calibration import CalibrationSettings, calibrate
     from ratequant.inputs.corpora import load_corpus
     from ratequant.inputs.models import load_model
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     import torch
 
     from ratequant.allocation import Budget
-    from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+    from ratequant.calibration import CalibrationSettings, calibrate
     from ratequant.evaluation.conditions import Simulated
     from ratequant.evaluation.perplexity import REFERENCE, score_conditions
     from ratequant.evaluation.protocol import WindowProtocol, make_windows

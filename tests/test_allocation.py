@@ -757,7 +757,7 @@ def test_cost_model_agrees_with_the_spec_formula(design, residual, sinks, tokens
 
 
 def test_a_residual_that_is_not_a_multiple_of_the_token_group_is_refused_everywhere():
-    from ratequant.calibration.pipeline import CalibrationSettings
+    from ratequant.calibration import CalibrationSettings
 
     kivi = get_quantizer("kivi", group_size=32)
     with pytest.raises(RateQuantError) as direct:

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from ratequant.allocation import Budget
-from ratequant.calibration import pipeline
-from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+from ratequant.calibration import CalibrationSettings, calibrate, pipeline
 from ratequant.cli import main
 from ratequant.errors import RateQuantError
 from ratequant.inputs.corpora import load_corpus
@@ -50,7 +49,7 @@ def test_calibrate_library_call_meets_the_budget_and_records_evidence(tiny_model
 
 def test_uninformative_widths_are_left_out_of_the_allocation(tiny_model_dir, corpus_file):
     """1-bit min-max keeps only each group's extremes: worse than the mean, so not allocatable by default."""
-    from ratequant.calibration.pipeline import collect_statistics, fit_design
+    from ratequant.calibration import collect_statistics, fit_design
     from ratequant.measure.distortion import measure_distortion
     from ratequant.quantizers import get_quantizer
 
@@ -83,7 +82,7 @@ def test_the_measured_distortions_give_a_candidate_where_the_fit_misleads(tiny_m
     follow it, the same allocator on the measured table can, and that allocation becomes a candidate."""
     from dataclasses import replace
 
-    from ratequant.calibration.pipeline import allocate_design, candidates_of, collect_statistics, fit_design
+    from ratequant.calibration import allocate_design, candidates_of, collect_statistics, fit_design
     from ratequant.measure.distortion import measure_distortion
     from ratequant.quantizers import get_quantizer
     from ratequant.spec import StoragePolicy
@@ -145,7 +144,7 @@ def test_curves_from_another_design_and_settings_validation(tiny_model_dir, corp
 def test_allocate_for_checks_shapes_and_uses_the_settings_widths():
     from ratequant.allocation import CostModel, Curves
     from ratequant.allocation.fitting import fit_distortion
-    from ratequant.calibration.pipeline import allocate_for
+    from ratequant.calibration import allocate_for
     from ratequant.geometry import Geometry
 
     g = Geometry(2, 2, 16)
@@ -245,7 +244,7 @@ def test_default_model_kivi_at_2_5_bits(tmp_path, capsys):
 
 def test_sink_tokens_are_chosen_from_the_calibration_data():
     """A first token far out of range (an attention sink's key) dominates the error until it is kept aside."""
-    from ratequant.calibration.pipeline import choose_sink_tokens
+    from ratequant.calibration import choose_sink_tokens
     from ratequant.geometry import Geometry
     from ratequant.measure.capture import CalibrationStats
     from ratequant.quantizers import get_quantizer

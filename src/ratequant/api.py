@@ -9,7 +9,7 @@ from ratequant.allocation.fitting import DistortionFit, fit_distortion
 from ratequant.cache import RateQuantCache
 from ratequant.cache.generation import generate
 from ratequant.cache.simulate import simulated_quantization
-from ratequant.calibration.pipeline import CalibrationSettings, calibrate
+from ratequant.calibration import CalibrationSettings, calibrate
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.evaluation import TASKS, WindowProtocol, make_windows, perplexity, score_conditions
 from ratequant.geometry import Geometry

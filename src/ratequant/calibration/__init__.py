@@ -1,2 +1,62 @@
-"""Calibration, the one home of the plan-making flow: settings, the stages from capture to a chosen plan, the
-candidate plans and their choice on held-out text, and the optional KL search."""
+"""Calibration, the one home of the plan-making flow.
+
+:mod:`~ratequant.calibration.settings` owns every calibration default and limit;
+:mod:`~ratequant.calibration.pipeline` holds :func:`calibrate` and its stages, each callable alone (capture, sinks,
+measure and fit, allocate, candidates, equal bytes for ``auto``, the KL search), which ``compare`` and the
+benchmarks call instead of rebuilding the flow; :mod:`~ratequant.calibration.candidates` builds the candidate plans
+and chooses among them on held-out text; :mod:`~ratequant.calibration.search` is the optional KL search.
+"""
+
+from ratequant.calibration.pipeline import (
+    CalibrationRun,
+    DesignCalibration,
+    DesignFit,
+    allocate_design,
+    allocate_for,
+    bits_histogram,
+    calibrate,
+    calibrate_design,
+    candidates_of,
+    choose_sink_tokens,
+    collect_statistics,
+    cost_model_for,
+    covered_widths,
+    equal_bytes_budget,
+    fit_design,
+    refine_allocation,
+    search_widths,
+    search_windows,
+)
+from ratequant.calibration.settings import (
+    AUTO,
+    AUTO_REFERENCE,
+    CAPTURE_BATCH_SIZE,
+    CalibrationSettings,
+    check_search_text,
+)
+
+__all__ = [
+    "AUTO",
+    "AUTO_REFERENCE",
+    "CAPTURE_BATCH_SIZE",
+    "CalibrationRun",
+    "CalibrationSettings",
+    "DesignCalibration",
+    "DesignFit",
+    "allocate_design",
+    "allocate_for",
+    "bits_histogram",
+    "calibrate",
+    "calibrate_design",
+    "candidates_of",
+    "check_search_text",
+    "choose_sink_tokens",
+    "collect_statistics",
+    "cost_model_for",
+    "covered_widths",
+    "equal_bytes_budget",
+    "fit_design",
+    "refine_allocation",
+    "search_widths",
+    "search_windows",
+]

@@ -131,7 +131,7 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
 
     from ratequant.allocation import Budget
-    from ratequant.calibration.pipeline import CalibrationSettings, bits_histogram, calibrate
+    from ratequant.calibration import CalibrationSettings, bits_histogram, calibrate
     from ratequant.inputs.corpora import load_corpus
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 

@@ -14,6 +14,14 @@ same held-out windows; the choice uses no evaluation text.
 from __future__ import annotations
 
 from ratequant.allocation import Budget
+from ratequant.calibration import (
+    AUTO_REFERENCE,
+    CalibrationSettings,
+    DesignFit,
+    allocate_design,
+    candidates_of,
+    equal_bytes_budget,
+)
 from ratequant.calibration.candidates import (
     CHOICE_WINDOWS,
     Candidate,
@@ -21,14 +29,6 @@ from ratequant.calibration.candidates import (
     choice_tokens_for,
     choose_candidate,
     held_out_windows,
-)
-from ratequant.calibration.pipeline import (
-    AUTO_REFERENCE,
-    CalibrationSettings,
-    DesignFit,
-    allocate_design,
-    candidates_of,
-    equal_bytes_budget,
 )
 from ratequant.calibration.search import window_kl
 from ratequant.errors import BudgetError

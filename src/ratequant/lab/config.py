@@ -307,7 +307,7 @@ class CompareConfig:
                 f"({self.residual})"
             )
         if self.search_proposals:
-            from ratequant.calibration.pipeline import check_search_text
+            from ratequant.calibration import check_search_text
 
             check_search_text(self.search_tokens, self.residual, self.sink_tokens)
         if self.methods is not None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ratequant.allocation import Allocation, AllocationOptions, Budget, CostModel, Curves, allocate, get_strategy
 from ratequant.allocation.fitting import DistortionFit
-from ratequant.calibration.pipeline import DesignFit, cost_model_for, covered_widths
+from ratequant.calibration import DesignFit, cost_model_for, covered_widths
 from ratequant.errors import BudgetError
 from ratequant.evaluation.conditions import Condition, Simulated, Streaming, Within
 from ratequant.geometry import KINDS

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ratequant import __version__
-from ratequant.calibration.pipeline import (
+from ratequant.calibration import (
     choose_sink_tokens,
     collect_statistics,
     fit_design,

@@ -14,7 +14,7 @@ import time
 
 from ratequant.allocation import Curves
 from ratequant.allocation.fitting import fit_distortion
-from ratequant.calibration.pipeline import DesignFit
+from ratequant.calibration import DesignFit
 from ratequant.evaluation.conditions import FullPrecision
 from ratequant.evaluation.perplexity import score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
