@@ -23,6 +23,9 @@ Example (abridged)::
              "metric": "fisher", "bitset": [1, 2, 3, 4, 5, 6, 7, 8], ...},
      "calibration": {"corpus": "pydoc_data.topics[calibration]", "corpus_sha256": "...", "tokens": 8192,
                      "seconds": 3.2, "phases": {"capture": 1.1, "measure": 2.0, "fit": 0.1}}}
+
+One module of this size because the file's fields, their validation on load and the byte-identical round trip
+are one format; the checks of single fields are in :mod:`ratequant.plan_fields`.
 """
 
 from __future__ import annotations

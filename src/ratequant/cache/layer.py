@@ -44,6 +44,8 @@ token rule exactly) to bound those to ``P`` tokens.
 Sliding-window layers (Mistral with ``sliding_window``, Gemma2/3) keep their whole history here and the
 attention mask applies the window, which is correct; memory then grows like a full-attention layer (the
 byte formula counts every token, so it still matches).
+
+One module of this size because the cache and its layer implement one transformers interface together.
 """
 
 from __future__ import annotations

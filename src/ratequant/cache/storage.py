@@ -13,6 +13,9 @@ step), and ``nbytes()`` equals the data with no slack. ``growth > 0`` reserves t
 when growing (amortised ``O(1)`` appends, e.g. for ``residual_length=0``); the reserved capacity is real
 memory and is counted. The residual window is a tensor holding exactly the tokens that wait for their chunk:
 each update writes it anew from the output it returns anyway, a copy of at most ``F`` tokens.
+
+One module of this size because the layout of one kind's tokens (sinks, packed groups, residual window) and
+its growth change together.
 """
 
 from __future__ import annotations

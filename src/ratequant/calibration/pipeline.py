@@ -3,6 +3,10 @@
 :func:`calibrate` is what ``ratequant calibrate`` runs. Its pieces are separate so that ``compare`` captures
 the statistics once and fits every quantizer design from them (:func:`fit_design`), and builds each design's
 cost model the same way (:func:`cost_model_for`).
+
+One module of this size because the stages pass each other a few shared types (:class:`DesignFit`,
+:class:`DesignCalibration`, :class:`CalibrationRun`) and each stage is a short function; the settings, the candidates
+and the search have modules of their own.
 """
 
 from __future__ import annotations

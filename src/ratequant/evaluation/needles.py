@@ -22,6 +22,9 @@ question, joined by newlines, at most ``context`` tokens (BOS first iff the toke
 A single-answer task is right when the greedy answer starts with the value (exact match); the others when every
 expected item is in it (RULER's ``string_match_all``, whose fraction is recorded as ``recall``). Scoring through
 a KV cache is :mod:`ratequant.evaluation.retrieval`.
+
+One module of this size because the six tasks share one seeded generator, one prompt layout and one answer
+matcher.
 """
 
 from __future__ import annotations

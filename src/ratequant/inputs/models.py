@@ -7,6 +7,9 @@ safetensors checkpoint in a local conversion cache (``$RATEQUANT_CACHE_DIR``, de
 ``~/.cache/ratequant``) and later loads read that (under a second). Nothing is downloaded. The second
 benchmark model, Qwen2.5-Coder-0.5B-Instruct (``qwen2.5-0.5b``), is a GGUF file split across chunk packages and
 assembled once into the same cache (:mod:`ratequant.inputs.assembly`).
+
+One module of this size because the four ways to load (embedded, local, GGUF, hub) share the conversion cache,
+the checks on what loads and :class:`LoadedModel`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 :class:`CompareConfig` is a versioned dataclass saved beside the results (``config.json``), so that
 ``ratequant compare --config config.json`` repeats a run exactly; :meth:`CompareConfig.command` gives the
 shorter command line that made it.
+
+One module of this size because it is one versioned dataclass, its validation and its presets.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ calibration sizes are comparable:
 
 One quantizer call per (kind, bit) covers every layer and head at once (layers are stacked along the batch
 axis; every design quantizes each (sequence, head) block independently). No loops over tokens or heads.
+
+One module of this size because the three metrics share the per-component loop, the table and its floors.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Markdown tables of a comparison: every number comes from the typed results, nothing is parsed from labels."""
+"""Markdown tables of a comparison: every number comes from the typed results, nothing is parsed from labels.
+
+One module of this size because every table reads the same typed results the same way.
+"""
 
 from __future__ import annotations
 
