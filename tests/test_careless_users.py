@@ -2,8 +2,8 @@
 lost or deleted file) and must now end in one clear line with exit status 2, or in the right result.
 
 The numbers in the test names follow the reliability issue's list. Item 1 (``compare --force`` deleting files
-it did not write) is in ``tests/test_compare.py``; items 10 and 11 (caches that do not fit the model, float32
-agreement of streaming and simulation) in ``tests/test_cache.py`` and ``tests/test_simulate.py``.
+it did not write) is in ``tests/lab/test_compare.py``; items 10 and 11 (caches that do not fit the model, float32
+agreement of streaming and simulation) in ``tests/cache/test_cache.py`` and ``tests/cache/test_simulate.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.cli import build_parser
 from ratequant.errors import PlanError, RateQuantError
-from test_cli_errors import assert_one_line_error, assert_usage_error, run
+from tests.cli.test_errors import assert_one_line_error, assert_usage_error, run
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")

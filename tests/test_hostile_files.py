@@ -27,7 +27,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_model
 from ratequant import jsonio
 from ratequant.cache import RateQuantCache
 from ratequant.cache.simulate import simulated_quantization
@@ -37,6 +36,7 @@ from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
+from tests.conftest import tiny_model
 
 # the geometry of conftest's tiny Llama (and of the tiny_model_dir fixture)
 TINY = Geometry(num_layers=3, num_kv_heads=2, head_dim=16, num_heads=4)
@@ -340,7 +340,7 @@ def test_design_of_a_good_plan_is_the_quantizer_it_names():
 
 
 def test_plan_for_another_quantizer_is_refused_unless_allowed():
-    """The mismatch refusal itself is tested in tests/test_cache.py and tests/test_plan_commands.py; here the
+    """The mismatch refusal itself is tested in tests/cache/test_cache.py and tests/cli/test_evaluate.py; here the
     plan file is a real file and the other design has the same parameters."""
     model = tiny_model("llama")
     plan = make_plan(quantizer=get_quantizer("uniform"))

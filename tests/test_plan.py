@@ -381,7 +381,7 @@ def test_version_1_plans_load_without_sink_tokens_and_version_2_keeps_them(tmp_p
 
 
 def test_resolve_gives_the_spec_the_cache_and_simulation_take():
-    from conftest import tiny_model
+    from tests.conftest import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=4, num_attention_heads=8, hidden_size=128)  # the plan's geometry
     plan = make_plan(quantizer={"name": "kivi", "params": {"group_size": 16}}, residual_length=32, sink_tokens=2)

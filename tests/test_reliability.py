@@ -3,7 +3,7 @@
 Tensors (quantizers, the cache and the simulation):
 
 * NaN or Inf in keys or values: never quantized into finite numbers. The quantizers refuse them
-  (``tests/quantizers/test_designs.py::test_errors_are_clear``); the cache raises in the update that
+  (``tests/quantizers/test_conformance.py::test_errors_are_clear``); the cache raises in the update that
   delivers them and stays unchanged; the simulation raises in the forward pass whose quantized prefix
   holds them, and restores the model.
 * All-equal groups (constant tokens, constant channels, all zeros): no division by zero, finite output.
@@ -18,7 +18,7 @@ Tensors (quantizers, the cache and the simulation):
   cache keeps the model's dtype and its exact byte formula, and streaming equals simulated evaluation
   (logits and perplexity) to within the dtype's own rounding noise.
 * Batches with left padding (token-grouped KIVI keys): the cache generates what the simulation does, and
-  the unpadded row is unaffected by its neighbour. (Per-token designs: ``tests/test_cache.py``.)
+  the unpadded row is unaffected by its neighbour. (Per-token designs: ``tests/cache/test_cache.py``.)
 * Sequences shorter than one group: nothing is quantized, the logits are bit-identical to full precision
   and the cache holds only its residual buffers. Longer than the residual window: every whole chunk is
   stored, at the exact chunk boundaries.
@@ -43,7 +43,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import TINY, tiny_model, tiny_tokenizer
 from ratequant.allocation import STRATEGIES, AllocationOptions, Budget, CostModel, Curves, allocate, check_reachable
 from ratequant.allocation.fitting import fit_distortion
 from ratequant.cache import RateQuantCache, RateQuantLayer
@@ -55,6 +54,7 @@ from ratequant.kernels.packing import pack, packed_size, unpack
 from ratequant.quantizers import available, get_quantizer
 from ratequant.quantizers.turbo import lloyd_max_gaussian
 from ratequant.spec import KVQuantSpec, StoragePolicy
+from tests.conftest import TINY, tiny_model, tiny_tokenizer
 
 KIVI4 = get_quantizer("kivi", group_size=4)
 UNIFORM = get_quantizer("uniform")

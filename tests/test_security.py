@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 import ratequant
-from conftest import tiny_config, tiny_model, tiny_tokenizer
 from ratequant.cli import COMMANDS, build_parser, main
 from ratequant.errors import RateQuantError
 from ratequant.inputs import models
+from tests.conftest import tiny_config, tiny_model, tiny_tokenizer
 
 SRC = Path(ratequant.__file__).resolve().parent
 BENCHMARKS = SRC.parents[1] / "benchmarks"

@@ -3,10 +3,10 @@
 ``ratequant.kernels._native`` (C, built from ``_native.c`` when the package is installed with a C compiler) decodes
 bit-packed min-max blocks in one pass: it reads each packed byte once, unpacks, scales, shifts and writes
 the output dtype straight into the cache's (strided) output, where the PyTorch path needs four passes
-(unpack, multiply, add, copy). Both paths give bit-identical results (``tests/test_native.py``). It also
+(unpack, multiply, add, copy). Both paths give bit-identical results (``tests/kernels/test_native.py``). It also
 computes attention straight from packed blocks: per block (:meth:`PreparedDecode.attend`) or a layer's whole
 decode step in one call (:func:`attend_layer`), equal to decode-then-attend to float32 rounding
-(``tests/test_packed_attention.py``).
+(``tests/cache/test_attention.py``).
 
 The kernel is used for CPU tensors whenever it is built and not switched off; everything else (CUDA
 tensors, layouts it does not cover) takes the PyTorch path. Switch it off with the environment variable

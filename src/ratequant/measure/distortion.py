@@ -64,7 +64,7 @@ DEFAULT_METRIC = "fisher"
 ``benchmarks/metric_validation.py`` on SmolLM2-135M, KIVI, 40 random (component, bits <= 4) pairs, true
 damage = KL from full precision on held-out text when only that component is quantized: Spearman 0.97
 (fisher) vs 0.88 (mse) and 0.88 (attention); among components at one fixed width 0.68 vs -0.08 and 0.38.
-``tests/test_distortion.py`` has a small version that fails if mse were as good."""
+``tests/measure/test_distortion.py`` has a small version that fails if mse were as good."""
 
 DEFAULT_BITSET = tuple(range(1, 9))
 DEFAULT_MAX_QUERIES = 256

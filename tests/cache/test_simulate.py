@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.cache import RateQuantCache
 from ratequant.cache.simulate import fake_quantize_range, quantized_masks, simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
+from tests.conftest import tiny_model
 
 KIVI4 = get_quantizer("kivi", group_size=4)
 UNIFORM = get_quantizer("uniform")
@@ -116,7 +116,7 @@ def test_sliding_window_and_softcapping_models():
     import transformers as tf
     from transformers import AutoModelForCausalLM
 
-    from conftest import TINY
+    from tests.conftest import TINY
 
     torch.manual_seed(8)
     gemma2 = AutoModelForCausalLM.from_config(

@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.passkey import (
     NEEDLE,
@@ -20,6 +19,7 @@ from ratequant.evaluation.passkey import (
     score_passkey,
     trial_seed,
 )
+from tests.conftest import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

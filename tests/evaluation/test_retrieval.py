@@ -1,5 +1,5 @@
 """RULER-style retrieval through a cache: the Wilson interval, scoring through a cache (agreement with plain greedy
-decoding), and every registered task end to end (the tasks' text: test_needles.py)."""
+decoding), and every registered task end to end (the tasks' text: tests/evaluation/test_needles.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
 from ratequant.cache.prefill import prefill
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import RateQuantError
@@ -23,7 +22,8 @@ from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec
-from test_needles import ANSWERS, NEEDLES, haystack
+from tests.conftest import tiny_model, tiny_tokenizer
+from tests.evaluation.test_needles import ANSWERS, NEEDLES, haystack
 
 RETRIEVAL = [name for name in TASKS if isinstance(TASKS.get(name), type) and issubclass(TASKS.get(name), RetrievalTask)]
 

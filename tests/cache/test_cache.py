@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import tiny_config, tiny_model
 from ratequant.cache import RateQuantCache, RateQuantLayer
 from ratequant.cache.simulate import simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import CacheBytes, KVQuantSpec, StoragePolicy, bit_groups
+from tests.conftest import tiny_config, tiny_model
 
 KIVI = get_quantizer("kivi", group_size=4)
 UNIFORM = get_quantizer("uniform")

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.needles import make_puzzle, make_retrieval_prompt, score_answer
+from tests.conftest import tiny_tokenizer
 
 NEEDLES = {
     "niah-single": 1,

@@ -9,8 +9,8 @@ Two kinds of refusal, both with status 2:
 The generic cases run over every command registered in :data:`ratequant.cli.COMMANDS` (so commands added
 later are covered); the tables below add bad values for the commands known when this was written.
 Interrupted runs (Ctrl-C) exit with status 130 and leave no partial output. Unreachable budgets name
-the reachable range. Cases already covered in ``tests/test_cli.py`` (missing model path, bad corpus files,
-``eval --seq-len 0``) and ``tests/test_plan_commands.py`` (quantizer mismatch) are not repeated.
+the reachable range. Cases already covered in ``tests/cli/test_cli.py`` (missing model path, bad corpus files,
+``eval --seq-len 0``) and ``tests/cli/test_evaluate.py`` (quantizer mismatch) are not repeated.
 """
 
 from __future__ import annotations

@@ -38,10 +38,10 @@ class one_thread:
 
 @pytest.fixture(scope="module")
 def setup():
-    from conftest import tiny_model, tiny_tokenizer
     from ratequant.compat import model_geometry
     from ratequant.inputs.corpora import Corpus
     from ratequant.inputs.models import LoadedModel
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", num_hidden_layers=2)  # 2 layers x 2 kv heads: N = 8 components, head_dim 16
     corpus = Corpus("tiny", TEXT[: len(TEXT) // 3], TEXT[len(TEXT) // 3 :])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.allocation import Budget, allocate
 from ratequant.compat import kv_projections
 from ratequant.measure.weight_norms import norm_curves, weight_norms
+from tests.conftest import tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])

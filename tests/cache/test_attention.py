@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, tiny_model, tiny_tokenizer
 from ratequant.cache import RateQuantCache, attention, packed_attention, restore_attention
 from ratequant.cache.attention import MAX_QUERY
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.kernels import native
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec
+from tests.conftest import TINY, tiny_model, tiny_tokenizer
 
 KIVI4 = get_quantizer("kivi", group_size=4)
 QUAROT = get_quantizer("quarot")

@@ -22,7 +22,6 @@ from transformers import (
     Qwen3NextConfig,
 )
 
-from conftest import tiny_model
 from ratequant.compat import (
     boolean_attention_mask,
     check_supported,
@@ -33,6 +32,7 @@ from ratequant.compat import (
 )
 from ratequant.errors import UnsupportedModelError
 from ratequant.geometry import Geometry
+from tests.conftest import tiny_model
 
 COMMON = dict(
     hidden_size=64,

@@ -50,8 +50,8 @@ def test_default_model_geometry(default_model):
 
 # -- the GGUF conversion cache: verified, rebuilt, cleaned ---------------------------------------------------
 def test_conversion_cache_is_verified_by_a_manifest_written_last(tmp_path, capsys):
-    from conftest import tiny_model, tiny_tokenizer
     from ratequant.inputs.models import MANIFEST, _conversion_problem, _store_conversion
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     target = tmp_path / "gguf" / "entry"
     _store_conversion(tiny_model("llama"), tiny_tokenizer(), target)
@@ -82,8 +82,8 @@ def test_a_full_disk_while_converting_is_one_note_and_the_model_still_loads(tmp_
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from conftest import tiny_model, tiny_tokenizer
     from ratequant.inputs.models import _store_conversion
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     def full_disk(*args, **kwargs):
         raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
@@ -100,8 +100,8 @@ def test_stale_temporary_conversions_are_removed_and_an_unwritable_cache_is_said
     import os
     import time
 
-    from conftest import tiny_model, tiny_tokenizer
     from ratequant.inputs.models import _remove_stale_conversions, _store_conversion
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     old, fresh = tmp_path / ".tmp-old", tmp_path / ".tmp-fresh"
     old.mkdir()
@@ -163,8 +163,8 @@ def fake_split(tmp_path, monkeypatch, sizes=(3000, 2000, 1500), install=(0, 1, 2
 
 
 def test_chunked_model_is_assembled_once_verified_and_loaded_under_its_name(tmp_path, monkeypatch):
-    from conftest import tiny_model, tiny_tokenizer
     from ratequant.inputs import models
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     entry, _, whole = fake_split(tmp_path, monkeypatch)
     seen = []
@@ -342,8 +342,8 @@ def test_empty_or_truncated_safetensors_is_refused_in_one_line(model_copy, damag
 
 
 def test_every_tiny_family_passes_the_directory_check(family, tmp_path):
-    from conftest import tiny_model
     from ratequant.inputs.models import check_model_directory
+    from tests.conftest import tiny_model
 
     tiny_model(family).save_pretrained(tmp_path)
     check_model_directory(tmp_path)  # raises on a false refusal

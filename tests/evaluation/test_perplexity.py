@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.evaluation import REFERENCE, Within, perplexity, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, Windows
+from tests.conftest import tiny_model
 
 
 @contextlib.contextmanager

@@ -133,7 +133,7 @@ def test_other_quantizer_is_refused_unless_allowed(tmp_path, tiny_model_dir, cor
 
 
 def test_plan_for_another_model_is_refused(tmp_path, corpus_file, plan_path, capsys):
-    from conftest import tiny_model, tiny_tokenizer
+    from tests.conftest import tiny_model, tiny_tokenizer
 
     other = tmp_path / "other"
     tiny_model("llama", num_hidden_layers=2).save_pretrained(other)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.allocation import Curves
 from ratequant.measure.headroom import DamageTable, measure_component_damage, measured_curves
 from ratequant.quantizers import get_quantizer
+from tests.conftest import tiny_model
 
 
 def test_damage_is_measured_per_component_and_does_not_depend_on_the_batching():

@@ -377,9 +377,9 @@ def test_kl_search_keeps_a_move_only_when_the_kl_falls():
 def _biased_qwen2(tokenizer, bias: float = 60.0):
     """A tiny Qwen2 model whose layer 0 has a large constant bias on kv-head 1's key projection (as real Qwen2
     models carry in a few layers), wrapped as a LoadedModel."""
-    from conftest import tiny_model
     from ratequant.compat import model_geometry
     from ratequant.inputs.models import LoadedModel
+    from tests.conftest import tiny_model
 
     model = tiny_model("qwen2", seed=5)
     with torch.no_grad():
@@ -393,7 +393,7 @@ def _biased_qwen2(tokenizer, bias: float = 60.0):
 def test_per_component_floors_single_out_the_biased_head(corpus_file):
     """One head's key bias makes its narrow per-token widths uninformative; only that head starts higher, and the
     allocation gives it more bits instead of forcing every key up (the pooled rule did)."""
-    from conftest import tiny_tokenizer
+    from tests.conftest import tiny_tokenizer
 
     loaded = _biased_qwen2(tiny_tokenizer())
     corpus = load_corpus(str(corpus_file))

@@ -27,14 +27,14 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from conftest import tiny_model, tiny_tokenizer  # noqa: E402
 from ratequant.cli import main  # noqa: E402
 from ratequant.errors import PlanError, RateQuantError  # noqa: E402
 from ratequant.integrations.lm_eval import RateQuantLM, resolve_device  # noqa: E402
 from ratequant.plan import Plan  # noqa: E402
+from tests.conftest import tiny_model, tiny_tokenizer  # noqa: E402
 
-DATA = Path(__file__).parent / "data" / "lm_eval"
-ROOT = Path(__file__).parents[1]  # the task YAMLs name their data files relative to the repository root
+DATA = Path(__file__).parents[1] / "data" / "lm_eval"
+ROOT = Path(__file__).parents[2]  # the task YAMLs name their data files relative to the repository root
 TASKS = ("ratequant_mc", "ratequant_rolling")
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
 from ratequant.cache import RateQuantCache, restore_attention
 from ratequant.cache.generation import generate
 from ratequant.cache.prefill import piece_bounds, prefill
@@ -17,6 +16,7 @@ from ratequant.errors import RateQuantError
 from ratequant.inputs.models import LoadedModel
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec
+from tests.conftest import tiny_model, tiny_tokenizer
 
 
 def ids(tokens=40, seed=0):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.cache import RateQuantCache
 from ratequant.cache.simulate import simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
@@ -24,6 +23,7 @@ from ratequant.measure.capture import capture
 from ratequant.measure.weight_norms import weight_norms
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import KVQuantSpec
+from tests.conftest import tiny_model
 
 SPLIT = {
     "model.embed_tokens": "cpu",

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import WindowProtocol, bos_token_id, make_windows
+from tests.conftest import tiny_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import tiny_model
 from ratequant.errors import RateQuantError
 from ratequant.measure.rank import RankBases, rank_for_bits, simulated_rank_reduction
+from tests.conftest import tiny_model
 
 
 def low_rank_data(L=2, B=2, H=3, T=200, D=8, true_rank=3, seed=0):
