@@ -1,4 +1,9 @@
-"""Writing and reading the JSON artifacts users keep (results, plans): atomic, versioned, never pickled."""
+"""Writing and reading the JSON artifacts users keep (results, plans): atomic, versioned, never pickled.
+
+:class:`JsonDocument` is the one serialiser of the versioned files users exchange (plans, compare configurations,
+compare results): the file, its version check and the errors that name the path; each class gives only its
+``to_dict`` and ``from_dict``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 from ratequant.errors import RateQuantError
 
@@ -161,6 +167,69 @@ def read_json(path: str | os.PathLike, *, what: str = "file", error=RateQuantErr
     if not isinstance(data, dict):
         raise error(f"{what} {Path(path)} must be a JSON object, found {type(data).__name__}")
     return data
+
+
+class JsonDocument:
+    """A versioned JSON file: a subclass names its ``DOCUMENT`` (``"plan"``), the ``FORMAT_VERSIONS`` it reads (the
+    last is the one it writes), its ``ERROR`` class, and defines ``to_dict()`` and ``from_dict(d)`` (which calls
+    :meth:`check_format` first)."""
+
+    DOCUMENT: ClassVar[str] = "file"
+    FORMAT_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    ERROR: ClassVar[type[RateQuantError]] = RateQuantError
+
+    @classmethod
+    def check_format(cls, d: object) -> dict:
+        """``d`` when it is a JSON object with a ``format_version`` this class reads; otherwise :attr:`ERROR` says
+        which of the three it is not."""
+        what, newest = cls.DOCUMENT, cls.FORMAT_VERSIONS[-1]
+        if not isinstance(d, dict):
+            raise cls.ERROR(f"a {what} must be a JSON object, got {type(d).__name__}")
+        if "format_version" not in d:
+            raise cls.ERROR(f"this is not a ratequant {what}: it has no format_version field")
+        version = d["format_version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise cls.ERROR(f"{what} format_version must be an integer, got {json.dumps(version)[:40]}")
+        if version > newest:
+            raise cls.ERROR(
+                f"{what} format_version {version} is newer than this ratequant reads ({newest}); upgrade ratequant "
+                f"to use this {what}"
+            )
+        if version not in cls.FORMAT_VERSIONS:
+            raise cls.ERROR(
+                f"{what} format_version {version} is no longer read (this ratequant reads "
+                f"{', '.join(map(str, cls.FORMAT_VERSIONS))}); re-create it with this version"
+            )
+        return d
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, d: object):
+        raise NotImplementedError
+
+    def to_json_text(self) -> str:
+        """The file's text: indented JSON, newline-terminated; NaN and infinities are refused (not JSON)."""
+        try:
+            return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        except ValueError as exc:
+            raise self.ERROR(f"refusing to write a {self.DOCUMENT}: {exc}") from exc
+
+    def to_json(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write atomically (:func:`write_text_atomic`); refuse to replace a file unless ``overwrite``."""
+        return write_text_atomic(path, self.to_json_text(), overwrite=overwrite, what=self.DOCUMENT, error=self.ERROR)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read and validate the file at ``path``; every failure is an :attr:`ERROR` that names the path."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{cls.__name__}.load needs a file path (str or os.PathLike), got {type(path).__name__}")
+        data = read_json(path, what=f"{cls.DOCUMENT} file", error=cls.ERROR)
+        try:
+            return cls.from_dict(data)
+        except cls.ERROR as exc:
+            raise cls.ERROR(f"{cls.DOCUMENT} file {path}: {exc}") from None
 
 
 def finite(x: float) -> float | None:

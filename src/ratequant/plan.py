@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +43,7 @@ from ratequant.allocation import Allocation, Budget, CostModel
 from ratequant.allocation.fitting import DistortionFit
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import KINDS, Geometry
-from ratequant.jsonio import read_json, write_text_atomic
+from ratequant.jsonio import JsonDocument
 from ratequant.plan_fields import (
     FULL_PRECISION_ITEMSIZES,
     MAX_PLAN_BYTES,
@@ -64,7 +62,7 @@ from ratequant.plan_fields import (
     str_field,
 )
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, MAX_SINK_TOKENS, KVQuantSpec, StoragePolicy
-from ratequant.validation import inert, show_value
+from ratequant.validation import inert
 
 FORMAT_VERSION = 2
 """Version of the plan format this library writes and the newest it reads (version 2 added ``sink_tokens``;
@@ -75,12 +73,17 @@ version 1 plans load with none)."""
 # The plan
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Plan:
-    """A validated allocation artifact. Construct with :meth:`from_allocation`, :meth:`from_dict` or :meth:`load`.
+class Plan(JsonDocument):
+    """A validated allocation artifact. Construct with :meth:`from_allocation`, :meth:`from_dict` or :meth:`load`
+    (files: :class:`~ratequant.jsonio.JsonDocument`).
 
     Every field is stored in canonical JSON form (plain dicts, lists, ints, floats), so equality,
     ``to_dict`` and JSON round trips are exact. ``bits`` is ``{"key": [[int]*H]*L, "value": ...}``.
     """
+
+    DOCUMENT = "plan"
+    FORMAT_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
+    ERROR = PlanError
 
     model: dict
     quantizer: dict
@@ -97,12 +100,7 @@ class Plan:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        version = int_field(self.format_version, "format_version", 1, 2**31)
-        if version > FORMAT_VERSION:
-            raise PlanError(
-                f"plan format version {version} is newer than this ratequant reads ({FORMAT_VERSION}); "
-                "upgrade ratequant to use this plan"
-            )
+        version = self.check_format({"format_version": self.format_version})["format_version"]
         model = model_field(self.model)
         shape = (2, model["num_layers"], model["num_kv_heads"])
         bits = bits_field(self.bits, model["num_layers"], model["num_kv_heads"])
@@ -237,16 +235,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: object) -> Plan:
         """Validate and build a plan from parsed JSON; anything malformed raises :class:`PlanError`."""
-        if not isinstance(d, dict):
-            raise PlanError(f"a plan must be a JSON object, got {show_value(d)}")
-        if "format_version" not in d:
-            raise PlanError("this is not a ratequant plan: it has no format_version field")
-        int_field(d["format_version"], "format_version", 1, 2**31)
-        if d["format_version"] > FORMAT_VERSION:
-            raise PlanError(
-                f"plan format version {d['format_version']} is newer than this ratequant reads "
-                f"({FORMAT_VERSION}); upgrade ratequant to use this plan"
-            )
+        d = cls.check_format(d)
         keys_field(d, "(top level)", REQUIRED, tuple(k for k in TOP_LEVEL if k not in REQUIRED))
         return cls(**d)
 
@@ -258,21 +247,6 @@ class Plan:
     def to_json_text(self) -> str:
         """The file text: indented JSON with each innermost list on one line, UTF-8, newline-terminated."""
         return _dumps(self.to_dict()) + "\n"
-
-    def to_json(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write atomically (temp file in the same folder, then rename); refuse to replace unless ``overwrite``."""
-        return write_text_atomic(path, self.to_json_text(), overwrite=overwrite, what="plan", error=PlanError)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Plan:
-        """Read and validate a plan file; every failure is a :class:`PlanError` that names ``path``."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"Plan.load needs a file path (str or os.PathLike), got {type(path).__name__}")
-        data = read_json(path, what="plan file", error=PlanError)
-        try:
-            return cls.from_dict(data)
-        except PlanError as exc:
-            raise PlanError(f"plan file {path}: {exc}") from None
 
     # -- use ------------------------------------------------------------------------------------------
     @property

@@ -352,12 +352,12 @@ def leftovers(folder) -> list[str]:
 
 
 def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, monkeypatch, corpus, tiny_model_dir):
-    import ratequant.calibration.pipeline
+    import ratequant.calibration
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ratequant.calibration.pipeline, "calibrate", interrupted)
+    monkeypatch.setattr(ratequant.calibration, "calibrate", interrupted)
     out = tmp_path / "plans" / "plan.json"
     code, _, err = run(
         capsys,

@@ -16,7 +16,7 @@ from pathlib import Path
 from ratequant.allocation.cost import DEFAULT_WIDTHS
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
-from ratequant.jsonio import read_json, write_json
+from ratequant.jsonio import JsonDocument
 from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, MAX_SINK_TOKENS
 from ratequant.validation import check_bitset, check_choice, check_int, finite_real
@@ -131,7 +131,7 @@ def budget_text(budget: float) -> str:
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(JsonDocument):
     """Everything that decides a comparison besides the device; saved beside the results (``config.json``).
 
     ``model``/``corpus`` are the specs the command line loads (``"default"``, a path, a hub id, ...);
@@ -162,6 +162,9 @@ class CompareConfig:
     calibration window on which the ``default`` and ``auto`` plans are chosen (None: as ``calibrate`` chooses,
     :func:`ratequant.calibration.candidates.choice_tokens_for`).
     """
+
+    DOCUMENT = "compare config"
+    FORMAT_VERSIONS = (FORMAT_VERSION,)
 
     model: str = "default"
     corpus: str = "default"
@@ -206,11 +209,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         from ratequant.quantizers import available
 
-        if self.format_version != FORMAT_VERSION:
-            raise RateQuantError(
-                f"compare config format_version {self.format_version!r} is not supported (this ratequant reads "
-                f"version {FORMAT_VERSION}); re-create the configuration with this version"
-            )
+        self.check_format({"format_version": self.format_version})
         for name in ("model", "corpus"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RateQuantError(f"compare config: {name} must be a non-empty string")
@@ -344,15 +343,12 @@ class CompareConfig:
         return {"format_version": d.pop("format_version"), **d}
 
     @classmethod
-    def from_dict(cls, d: dict) -> CompareConfig:
-        if not isinstance(d, dict):
-            raise RateQuantError(f"compare config must be a JSON object, got {type(d).__name__}")
+    def from_dict(cls, d: object) -> CompareConfig:
+        d = cls.check_format(d)
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise RateQuantError(f"compare config has unknown field(s): {', '.join(sorted(map(str, unknown)))}")
-        if "format_version" not in d:
-            raise RateQuantError("compare config has no format_version; it was not written by ratequant compare")
         kwargs = dict(d)
         for name in LIST_FIELDS:
             if name in kwargs and not (name == "methods" and kwargs[name] is None):
@@ -360,13 +356,6 @@ class CompareConfig:
                     raise RateQuantError(f"compare config: {name} must be a list")
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
-
-    def to_json(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return write_json(path, self.to_dict(), overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path: str | Path) -> CompareConfig:
-        return cls.from_dict(read_json(path, what="compare config"))
 
     def command(self, out_dir: str | Path) -> str:
         """The ``ratequant compare`` command line that makes this configuration (options that differ from its

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +15,7 @@ from ratequant.allocation.fitting import DistortionFit
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.perplexity import ConditionScore
 from ratequant.geometry import KINDS
-from ratequant.jsonio import read_json
+from ratequant.jsonio import JsonDocument
 from ratequant.lab.config import ALLOCATED_METHODS, FIXED_METHODS, FORMAT_VERSION, FULL_PRECISION, CompareConfig
 
 
@@ -190,12 +189,15 @@ class DesignResult:
 
 
 @dataclass(frozen=True, eq=False)
-class CompareResults:
+class CompareResults(JsonDocument):
     """Everything one comparison measured; :meth:`to_dict` is the report's JSON (``results.json``).
 
     ``evaluations`` describes every evaluation the methods were scored on (``{name: {corpus, windows...}}``),
     ``primary`` names the headline one.
     """
+
+    DOCUMENT = "compare results"
+    FORMAT_VERSIONS = (FORMAT_VERSION,)
 
     config: CompareConfig
     model: dict
@@ -356,14 +358,10 @@ class CompareResults:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> CompareResults:
-        if not isinstance(d, dict) or d.get("kind") != "compare":
+    def from_dict(cls, d: object) -> CompareResults:
+        d = cls.check_format(d)
+        if d.get("kind") != "compare":
             raise RateQuantError("not a ratequant compare results file (kind is not 'compare')")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise RateQuantError(
-                f"compare results format_version {d.get('format_version')!r} is not supported "
-                f"(expected {FORMAT_VERSION})"
-            )
         try:
             primary = d["primary"]
             return cls(
@@ -382,10 +380,6 @@ class CompareResults:
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise RateQuantError(f"compare results: malformed file ({exc})") from exc
-
-    @classmethod
-    def load(cls, path: str | Path) -> CompareResults:
-        return cls.from_dict(read_json(path, what="compare results"))
 
 
 __all__ = ["CompareResults", "DesignResult", "MethodResult"]
