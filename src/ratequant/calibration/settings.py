@@ -18,6 +18,12 @@ from ratequant.quantizers import Quantizer, available, get_quantizer
 from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, MAX_SINK_TOKENS, StoragePolicy
 from ratequant.validation import check_bitset, check_int
 
+DEFAULT_CALIBRATION_SEQ_LEN = 512
+"""Tokens per calibration sequence."""
+DEFAULT_CALIBRATION_SEQUENCES = 4
+"""Calibration sequences captured (each one forward and backward pass)."""
+DEFAULT_SEARCH_TOKENS = 1024
+"""Tokens of calibration text the KL search scores its moves on."""
 AUTO = "auto"
 """``quantizer="auto"``: calibrate every registered design and keep the best plan at the same true bytes."""
 AUTO_REFERENCE = "kivi"
@@ -55,12 +61,12 @@ class CalibrationSettings:
     b_min: int | None = None
     b_max: int | None = None
     informative_only: bool = True  # drop widths worse than storing the mean (DistortionTable.informative_widths)
-    seq_len: int = 512
-    sequences: int = 4
+    seq_len: int = DEFAULT_CALIBRATION_SEQ_LEN
+    sequences: int = DEFAULT_CALIBRATION_SEQUENCES
     residual_length: int = DEFAULT_RESIDUAL_LENGTH
     sink_tokens: int | str = "auto"
     search_proposals: int = 0  # > 0: refine the allocation on the KL it causes (ratequant.calibration.search); slow
-    search_tokens: int = 1024
+    search_tokens: int = DEFAULT_SEARCH_TOKENS
     search_seed: int = 0
     choose: bool = True  # keep the candidate (RateQuant, fixed splits) with the least held-out KL
     choice_tokens: int | None = None  # None: ratequant.calibration.candidates.choice_tokens_for
@@ -116,6 +122,9 @@ class CalibrationSettings:
 
 
 __all__ = [
+    "DEFAULT_CALIBRATION_SEQ_LEN",
+    "DEFAULT_CALIBRATION_SEQUENCES",
+    "DEFAULT_SEARCH_TOKENS",
     "AUTO",
     "AUTO_REFERENCE",
     "CAPTURE_BATCH_SIZE",

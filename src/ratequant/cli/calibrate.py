@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from ratequant.calibration.settings import DEFAULT_CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SEQUENCES
 from ratequant.cli import command
 from ratequant.cli.options import (
     add_corpus_options,
@@ -79,9 +80,17 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
         help="also allow widths whose reconstruction is worse than storing the mean (e.g. 1-bit min-max)",
     )
     parser.add_argument(
-        "--seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)"
+        "--seq-len",
+        type=positive_int,
+        default=DEFAULT_CALIBRATION_SEQ_LEN,
+        help=f"tokens per calibration sequence (default {DEFAULT_CALIBRATION_SEQ_LEN})",
     )
-    parser.add_argument("--sequences", type=positive_int, default=4, help="calibration sequences (default 4)")
+    parser.add_argument(
+        "--sequences",
+        type=positive_int,
+        default=DEFAULT_CALIBRATION_SEQUENCES,
+        help=f"calibration sequences (default {DEFAULT_CALIBRATION_SEQUENCES})",
+    )
     parser.add_argument(
         "--residual",
         type=int,

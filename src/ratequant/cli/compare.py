@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ratequant.calibration.settings import DEFAULT_CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SEQUENCES
 from ratequant.cli import command
 from ratequant.cli.options import (
     add_corpus_options,
@@ -67,9 +68,15 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scoring", choices=SCORINGS, help="the headline scores: second-half (default, as llama.cpp) or all"
     )
-    parser.add_argument("--calibration-sequences", type=positive_int, help="calibration sequences (default 4)")
     parser.add_argument(
-        "--calibration-seq-len", type=positive_int, help="tokens per calibration sequence (default 512)"
+        "--calibration-sequences",
+        type=positive_int,
+        help=f"calibration sequences (default {DEFAULT_CALIBRATION_SEQUENCES})",
+    )
+    parser.add_argument(
+        "--calibration-seq-len",
+        type=positive_int,
+        help=f"tokens per calibration sequence (default {DEFAULT_CALIBRATION_SEQ_LEN})",
     )
     parser.add_argument(
         "--residual",

@@ -30,6 +30,7 @@ from ratequant.evaluation.retrieval import RetrievalResult, run_retrieval
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.registry import Registry
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 from ratequant.validation import check_float, check_int
 
 TASKS: Registry[type[Task]] = Registry("evaluation task")
@@ -86,7 +87,7 @@ class PasskeyTask(Task):
 
     name = "passkey"
     summary = "a 5-digit key hidden in filler text at several depths, asked for at the end"
-    context: int = 4096
+    context: int = DEFAULT_CONTEXT_TOKENS
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     trials: int = 2
     seed: int = 0
@@ -136,7 +137,7 @@ class RetrievalTask(Task):
     ``trials`` (seeded), its haystack cut from the corpus's evaluation split, through each condition's real cache
     prefilled ``prefill_chunk`` tokens at a time, as :class:`PasskeyTask`. A subclass names the task."""
 
-    context: int = 4096
+    context: int = DEFAULT_CONTEXT_TOKENS
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     trials: int = 2
     seed: int = 0

@@ -14,11 +14,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ratequant.allocation.cost import DEFAULT_WIDTHS
+from ratequant.calibration.settings import (
+    DEFAULT_CALIBRATION_SEQ_LEN,
+    DEFAULT_CALIBRATION_SEQUENCES,
+    DEFAULT_SEARCH_TOKENS,
+)
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from ratequant.jsonio import JsonDocument
 from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
-from ratequant.spec import DEFAULT_CONTEXT_TOKENS, MAX_SINK_TOKENS
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH, MAX_SINK_TOKENS
 from ratequant.validation import check_bitset, check_choice, check_int, finite_real
 
 FORMAT_VERSION = 2
@@ -34,13 +39,13 @@ FULL_SIZES = dict(
     budgets=(2.0, 2.5, 3.0),
     seq_len=2048,
     windows=2,
-    calibration_seq_len=512,
-    calibration_sequences=4,
-    residual=128,
+    calibration_seq_len=DEFAULT_CALIBRATION_SEQ_LEN,
+    calibration_sequences=DEFAULT_CALIBRATION_SEQUENCES,
+    residual=DEFAULT_RESIDUAL_LENGTH,
     sink_tokens="auto",
     eval_corpora=("fortunes",),
     side_windows=1,
-    passkey_context=4096,
+    passkey_context=DEFAULT_CONTEXT_TOKENS,
     peers=("norms",),
     headroom_designs=("kivi", "quarot", "turbo"),
     headroom_tokens=128,
@@ -176,8 +181,8 @@ class CompareConfig(JsonDocument):
     windows: int = DEFAULT_WINDOWS
     bos: str = "auto"
     scoring: str = DEFAULT_SCORING
-    calibration_seq_len: int = 512
-    calibration_sequences: int = 4
+    calibration_seq_len: int = DEFAULT_CALIBRATION_SEQ_LEN
+    calibration_sequences: int = DEFAULT_CALIBRATION_SEQUENCES
     residual: int = 0
     sink_tokens: int | str = 0
     mode: str = "simulated"
@@ -195,7 +200,7 @@ class CompareConfig(JsonDocument):
     sink_study: tuple[int, ...] = ()
     side_windows: int | None = None
     search_proposals: int = 0
-    search_tokens: int = 1024
+    search_tokens: int = DEFAULT_SEARCH_TOKENS
     choice_tokens: int | None = None
     methods: tuple[str, ...] | None = None
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
