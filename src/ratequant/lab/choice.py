@@ -69,14 +69,7 @@ def chosen_methods(
         return seen[key]
 
     def settings_for(design: str, budget: Budget) -> CalibrationSettings:
-        return CalibrationSettings(
-            quantizer=design,
-            budget=budget,
-            metric=config.metric,
-            bitset=config.bitset,
-            residual_length=config.residual,
-            sink_tokens=sinks[design],
-        )
+        return config.calibration_settings(design, budget, sinks[design])
 
     def method(kind: str, choice: Choice, budget: float) -> Method:
         best = choice.best

@@ -13,11 +13,13 @@ import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ratequant.allocation import Budget
 from ratequant.allocation.cost import DEFAULT_WIDTHS
 from ratequant.calibration.settings import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_SEQUENCES,
     DEFAULT_SEARCH_TOKENS,
+    CalibrationSettings,
 )
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
@@ -392,6 +394,23 @@ class CompareConfig(JsonDocument):
                 parts.append(f"{flag_of(name)} {','.join(map(str, getattr(self, name)))}")
         parts.append(f"--out {shlex.quote(out)}")
         return " ".join(parts)
+
+    def calibration_settings(self, design: str, budget: Budget, sink_tokens: int | str | None = None):
+        """The :class:`~ratequant.calibration.CalibrationSettings` that ``calibrate`` would use for ``design`` at
+        ``budget`` under this comparison (``sink_tokens``: the count chosen for the design, default the config's):
+        the one place where compare's names (``residual``, ``calibration_seq_len``, ...) become calibration's."""
+        return CalibrationSettings(
+            quantizer=design,
+            budget=budget,
+            metric=self.metric,
+            bitset=self.bitset,
+            seq_len=self.calibration_seq_len,
+            sequences=self.calibration_sequences,
+            residual_length=self.residual,
+            sink_tokens=self.sink_tokens if sink_tokens is None else sink_tokens,
+            search_tokens=self.search_tokens,
+            choice_tokens=self.choice_tokens,
+        )
 
     def scores(self, method: str) -> bool:
         """Whether ``method`` is scored (every method unless ``methods`` names some)."""
