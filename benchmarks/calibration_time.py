@@ -75,11 +75,11 @@ def main(argv=None) -> int:
         allocate_for,
         cost_model_for,
         fit_design,
+        plan_of,
     )
     from ratequant.inputs.corpora import load_corpus
     from ratequant.inputs.models import load_model
     from ratequant.measure.capture import capture
-    from ratequant.plan import Plan
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     loaded = load_model()
@@ -124,7 +124,6 @@ def main(argv=None) -> int:
     for phase in ("distortion", "fit"):  # the library's own split of each fit_design call
         runs[phase] = [float(d.seconds[phase]) for d in designs]
         phases[phase] = float(np.median(runs[phase]))
-    table, fit = fitted.table, fitted.fit
     context = settings.budget.context_tokens or DEFAULT_CONTEXT_TOKENS
 
     def allocation():
@@ -134,24 +133,15 @@ def main(argv=None) -> int:
     phases["allocation"], runs["allocation"], alloc = timed(allocation, r)
 
     def plan():
-        return Plan.from_allocation(
+        return plan_of(
+            loaded,
+            corpus,
             alloc,
-            model_name=loaded.name,
-            geometry=loaded.geometry,
-            quantizer=quantizer,
+            policy,
+            fitted,
             budget=settings.budget,
-            fit=fit,
             metric=settings.metric,
-            fit_design=fitted.design,
-            measured=table.values[..., [table.bitset.index(b) for b in fit.bitset]],
-            residual_length=policy.residual_length,
-            sink_tokens=policy.sink_tokens,
-            calibration={
-                "corpus": corpus.name,
-                "corpus_sha256": corpus.sha256,
-                "tokens": int(ids.numel()),
-                "seconds": 0.0,
-            },
+            calibration={"tokens": int(ids.numel()), "seconds": 0.0},
         )
 
     phases["plan"], runs["plan"], _ = timed(plan, r)

@@ -370,6 +370,36 @@ def candidates_of(
     return out
 
 
+def plan_of(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    allocation: Allocation,
+    policy: StoragePolicy,
+    fitted: DesignFit,
+    *,
+    budget: Budget,
+    metric: str,
+    calibration: dict,
+) -> Plan:
+    """The plan of ``allocation`` stored under ``policy``: ``fitted``'s fit and its measured distortions at the
+    fitted widths, and a calibration record of the corpus (name, hash) followed by ``calibration``."""
+    table, fit = fitted.table, fitted.fit
+    return Plan.from_allocation(
+        allocation,
+        model_name=loaded.name,
+        geometry=loaded.geometry,
+        quantizer=policy.quantizer,
+        budget=budget,
+        fit=fit,
+        metric=metric,
+        fit_design=fitted.design,
+        measured=table.values[..., [table.bitset.index(b) for b in fit.bitset]],
+        residual_length=policy.residual_length,
+        sink_tokens=policy.sink_tokens,
+        calibration={"corpus": corpus.name, "corpus_sha256": corpus.sha256, **calibration},
+    )
+
+
 def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings) -> CalibrationRun:
     """Statistics, distortion table, fit, allocation and plan for ``loaded`` on ``corpus``'s calibration split.
 
@@ -431,7 +461,6 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             seed=settings.search_seed,
         )
         phases["search"] = time.perf_counter() - start
-    table, fit = design.fitted.table, design.fitted.fit
     record = {}
     if choice is not None:
         record = {
@@ -440,21 +469,15 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             "choice_windows": choice.windows[chosen.name],
             **{f"choice_kl_{name}": value for name, value in choice.kl.items()},
         }
-    plan = Plan.from_allocation(
+    plan = plan_of(
+        loaded,
+        corpus,
         allocation,
-        model_name=loaded.name,
-        geometry=loaded.geometry,
-        quantizer=chosen.policy.quantizer,
+        chosen.policy,
+        design.fitted,
         budget=budget if auto else settings.budget,
-        fit=fit,
         metric=settings.metric,
-        fit_design=design.curves_design.name,
-        measured=table.values[..., [table.bitset.index(b) for b in fit.bitset]],
-        residual_length=chosen.policy.residual_length,
-        sink_tokens=chosen.policy.sink_tokens,
         calibration={
-            "corpus": corpus.name,
-            "corpus_sha256": corpus.sha256,
             "tokens": tokens,
             "seconds": sum(phases.values()),
             "phases": dict(phases),
@@ -467,8 +490,8 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
     )
     return CalibrationRun(
         plan=plan,
-        table=table,
-        fit=fit,
+        table=design.fitted.table,
+        fit=design.fitted.fit,
         curves=design.fitted.curves,
         allocation=allocation,
         phases=phases,
