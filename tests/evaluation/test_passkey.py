@@ -195,7 +195,9 @@ def test_run_passkey_summary_and_json(model, tokenizer):
 
     result = run_passkey(model, tokenizer, context=320, depths=(0.2, 0.8), trials=2, seed=4, make_cache=make_cache)
     assert result.task == "passkey" and result.context == 320 and result.trials == 4 and len(calls) == 4
-    assert [t.seed for t in result.trials_detail] == [trial_seed(4, i, j) for i in range(2) for j in range(2)]
+    assert [t.seed for t in result.trials_detail] == [
+        trial_seed("passkey", 4, i, j) for i in range(2) for j in range(2)
+    ]
     assert [t.depth for t in result.trials_detail] == [0.2, 0.2, 0.8, 0.8]
     assert result.accuracy == sum(t.correct for t in result.trials_detail) / 4
     assert result.mean_logprob == pytest.approx(sum(t.logprob for t in result.trials_detail) / 4)

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -42,6 +43,9 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 _SENTENCES = [s if s.endswith(".") else s + "." for s in FILLER.split(". ")]
 _WORDS = FILLER.split(" ")
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,9 +326,36 @@ def _check_depths(depths: Sequence[float], task: str) -> list[float]:
     return out
 
 
-def trial_seed(seed: int, depth_index: int, trial_index: int) -> int:
-    """The prompt seed of trial ``trial_index`` at depth ``depth_index`` of a run seeded ``seed``."""
-    return random.Random(f"passkey:{seed}:{depth_index}:{trial_index}").getrandbits(62)
+def trial_seed(task: str, seed: int, depth_index: int, trial_index: int) -> int:
+    """The prompt seed of trial ``trial_index`` at depth ``depth_index`` of ``task`` in a run seeded ``seed``."""
+    return random.Random(f"{task}:{seed}:{depth_index}:{trial_index}").getrandbits(62)
+
+
+def run_trials(
+    model: torch.nn.Module,
+    task: str,
+    trial: Callable[[float, int], T],
+    *,
+    context: int,
+    depths: Sequence[float],
+    trials: int,
+    seed: int,
+    progress: bool,
+) -> tuple[list[T], list[float], float]:
+    """The trial loop of passkey and every retrieval task: check ``context``, ``depths`` and ``trials`` against
+    ``model``, then call ``trial(depth, prompt_seed)`` for every depth x trial in that order, each seed from
+    :func:`trial_seed`. Returns the trials' results, the checked depths and the seconds the loop took."""
+    _check_positions(model, _check_context(context))
+    trials = check_int(trials, f"{task} trials", lo=1, hi=10_000)
+    depths = _check_depths(depths, task)
+    start = time.perf_counter()
+    detail: list[T] = []
+    with progress_bar(total=len(depths) * trials, desc=task, unit="trial", enabled=progress) as bar:
+        for i, depth in enumerate(depths):
+            for j in range(trials):
+                detail.append(trial(depth, trial_seed(task, seed, i, j)))
+                bar.update(1)
+    return detail, depths, time.perf_counter() - start
 
 
 def run_passkey(
@@ -344,21 +375,14 @@ def run_passkey(
     Each trial builds its prompt with :func:`make_passkey_prompt` from :func:`trial_seed` and scores it with
     :func:`score_passkey` through a fresh cache from ``make_cache`` (None: ``DynamicCache``).
     """
-    context = _check_context(context)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise RateQuantError(f"passkey trials must be a positive integer, got {trials!r}")
-    depths = _check_depths(depths, "passkey")
-    _check_positions(model, context)
-    start = time.perf_counter()
-    detail: list[PasskeyTrial] = []
-    with progress_bar(total=len(depths) * trials, desc="passkey", unit="trial", enabled=progress) as bar:
-        for i, depth in enumerate(depths):
-            for j in range(trials):
-                prompt = make_passkey_prompt(tokenizer, context, depth, trial_seed(seed, i, j))
-                detail.append(
-                    score_passkey(model, prompt, make_cache, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
-                )
-                bar.update(1)
+
+    def trial(depth: float, prompt_seed: int) -> PasskeyTrial:
+        prompt = make_passkey_prompt(tokenizer, context, depth, prompt_seed)
+        return score_passkey(model, prompt, make_cache, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
+
+    detail, depths, seconds = run_trials(
+        model, "passkey", trial, context=context, depths=depths, trials=trials, seed=seed, progress=progress
+    )
     per_depth = {}
     for depth in depths:
         rows = [t for t in detail if t.depth == depth]
@@ -374,7 +398,7 @@ def run_passkey(
         mean_logprob=sum(t.logprob for t in detail) / len(detail),
         per_depth=per_depth,
         trials_detail=detail,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
 
 
@@ -385,6 +409,7 @@ __all__ = [
     "PasskeyTrial",
     "make_passkey_prompt",
     "run_passkey",
+    "run_trials",
     "score_passkey",
     "trial_seed",
 ]

@@ -13,7 +13,6 @@ Accuracy comes with a Wilson score interval.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +30,7 @@ from ratequant.evaluation.needles import (
     make_retrieval_prompt,
     score_answer,
 )
-from ratequant.evaluation.passkey import DEFAULT_DEPTHS, _check_context, _check_depths, _check_positions, _last_logprobs
-from ratequant.progress import progress_bar
+from ratequant.evaluation.passkey import DEFAULT_DEPTHS, _check_positions, _last_logprobs, run_trials
 from ratequant.validation import check_int
 
 Z_95 = 1.959963984540054
@@ -249,11 +247,6 @@ def score_retrieval(
     )
 
 
-def trial_seed(kind: str, seed: int, depth_index: int, trial_index: int) -> int:
-    """The prompt seed of trial ``trial_index`` at depth ``depth_index`` of task ``kind`` in a run seeded ``seed``."""
-    return random.Random(f"{kind}:{seed}:{depth_index}:{trial_index}").getrandbits(62)
-
-
 def run_retrieval(
     model: torch.nn.Module,
     tokenizer,
@@ -272,22 +265,14 @@ def run_retrieval(
     ``depths`` x ``trials``, each prompt built by :func:`make_retrieval_prompt` from :func:`trial_seed` with its
     haystack from ``corpus_text`` and scored by :func:`score_retrieval` through a fresh cache from ``make_cache``."""
     KINDS.get(kind)
-    context = _check_context(context)
-    trials = check_int(trials, f"{kind} trials", lo=1, hi=10_000)
-    depths = _check_depths(depths, kind)
-    _check_positions(model, context)
-    start = time.perf_counter()
-    detail: list[RetrievalTrial] = []
-    with progress_bar(total=len(depths) * trials, desc=kind, unit="trial", enabled=progress) as bar:
-        for i, depth in enumerate(depths):
-            for j in range(trials):
-                prompt = make_retrieval_prompt(
-                    tokenizer, corpus_text, kind, context, depth, trial_seed(kind, seed, i, j)
-                )
-                detail.append(
-                    score_retrieval(model, prompt, make_cache, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
-                )
-                bar.update(1)
+
+    def trial(depth: float, prompt_seed: int) -> RetrievalTrial:
+        prompt = make_retrieval_prompt(tokenizer, corpus_text, kind, context, depth, prompt_seed)
+        return score_retrieval(model, prompt, make_cache, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
+
+    detail, depths, seconds = run_trials(
+        model, kind, trial, context=context, depths=depths, trials=trials, seed=seed, progress=progress
+    )
     overall = _summary(detail)
     return RetrievalResult(
         task=kind,
@@ -301,7 +286,7 @@ def run_retrieval(
         mean_token_logprob=overall["mean_token_logprob"],
         per_depth={d: _summary([t for t in detail if t.depth == d]) for d in depths},
         trials_detail=detail,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
 
 
@@ -311,6 +296,5 @@ __all__ = [
     "generation_budget",
     "run_retrieval",
     "score_retrieval",
-    "trial_seed",
     "wilson_interval",
 ]
