@@ -78,64 +78,12 @@ class PerplexityTask(Task):
         return TaskResult(self.name, {"windows": windows.describe(), "corpus": corpus.name}, results, scores)
 
 
-@TASKS.register
 @dataclass(frozen=True)
-class PasskeyTask(Task):
-    """Passkey retrieval at ``context`` tokens over ``depths`` x ``trials`` (seeded), through the real cache:
-    each condition's cache (a :class:`RateQuantCache` of its spec; ``DynamicCache`` at full precision),
-    prefilled ``prefill_chunk`` tokens at a time (None: the spec's own chunk after its sinks)."""
-
-    name = "passkey"
-    summary = "a 5-digit key hidden in filler text at several depths, asked for at the end"
-    context: int = DEFAULT_CONTEXT_TOKENS
-    depths: tuple[float, ...] = DEFAULT_DEPTHS
-    trials: int = 2
-    seed: int = 0
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
-
-    def __post_init__(self) -> None:
-        check_int(self.context, "passkey context", lo=16, hi=1 << 20)
-        check_int(self.trials, "passkey trials", lo=1, hi=10_000)
-        check_int(self.seed, "passkey seed", lo=0)
-        object.__setattr__(self, "depths", tuple(check_float(d, "passkey depth", lo=0.0, hi=1.0) for d in self.depths))
-        if self.prefill_chunk is not None:
-            check_int(self.prefill_chunk, "prefill chunk", lo=1, hi=1 << 20)
-
-    def run(self, loaded, corpus, conditions, *, progress=True):
-        runs = dict(conditions) or {REFERENCE: FullPrecision()}
-        results: dict[str, PasskeyResult] = {}
-        for name, condition in runs.items():
-            results[name] = run_passkey(
-                loaded.model,
-                loaded.tokenizer,
-                context=self.context,
-                depths=self.depths,
-                trials=self.trials,
-                seed=self.seed,
-                make_cache=cache_factory(condition, loaded.model),
-                prefill_chunk=self.prefill_for(condition),
-                progress=progress,
-            )
-        settings = {
-            "context": self.context,
-            "depths": list(self.depths),
-            "trials_per_depth": self.trials,
-            "seed": self.seed,
-        }
-        return TaskResult(self.name, settings, {n: r.to_dict() for n, r in results.items()}, results)
-
-    def prefill_for(self, condition: Condition) -> int | None:
-        if isinstance(condition, (Simulated, Streaming)):
-            chunk = self.prefill_chunk or max(condition.spec.chunks)
-            return condition.spec.policy.check_prefill_chunk(chunk)
-        return self.prefill_chunk
-
-
-@dataclass(frozen=True)
-class RetrievalTask(Task):
-    """A RULER-style retrieval task (:mod:`ratequant.evaluation.retrieval`) at ``context`` tokens over ``depths`` x
-    ``trials`` (seeded), its haystack cut from the corpus's evaluation split, through each condition's real cache
-    prefilled ``prefill_chunk`` tokens at a time, as :class:`PasskeyTask`. A subclass names the task."""
+class NeedleTask(Task):
+    """A retrieval task at ``context`` tokens over ``depths`` x ``trials`` (seeded), through the real cache: each
+    condition's cache (a :class:`RateQuantCache` of its spec; ``DynamicCache`` at full precision), prefilled
+    ``prefill_chunk`` tokens at a time (None: the spec's own chunk after its sinks). A subclass runs one
+    condition (:meth:`run_condition`) and names the task."""
 
     context: int = DEFAULT_CONTEXT_TOKENS
     depths: tuple[float, ...] = DEFAULT_DEPTHS
@@ -152,33 +100,72 @@ class RetrievalTask(Task):
         if self.prefill_chunk is not None:
             check_int(self.prefill_chunk, "prefill chunk", lo=1, hi=1 << 20)
 
-    prefill_for = PasskeyTask.prefill_for
+    @abstractmethod
+    def run_condition(self, loaded: LoadedModel, corpus: Corpus, condition: Condition, progress: bool):
+        """The task's result under one condition (``to_dict()`` gives its JSON)."""
 
     def run(self, loaded, corpus, conditions, *, progress=True):
         runs = dict(conditions) or {REFERENCE: FullPrecision()}
-        results: dict[str, RetrievalResult] = {}
-        for name, condition in runs.items():
-            results[name] = run_retrieval(
-                loaded.model,
-                loaded.tokenizer,
-                corpus.evaluation,
-                kind=self.name,
-                context=self.context,
-                depths=self.depths,
-                trials=self.trials,
-                seed=self.seed,
-                make_cache=cache_factory(condition, loaded.model),
-                prefill_chunk=self.prefill_for(condition),
-                progress=progress,
-            )
+        results = {name: self.run_condition(loaded, corpus, condition, progress) for name, condition in runs.items()}
         settings = {
             "context": self.context,
             "depths": list(self.depths),
             "trials_per_depth": self.trials,
             "seed": self.seed,
-            "corpus": corpus.name,
+            **self.extra_settings(corpus),
         }
         return TaskResult(self.name, settings, {n: r.to_dict() for n, r in results.items()}, results)
+
+    def extra_settings(self, corpus: Corpus) -> dict:
+        return {}
+
+    def run_options(self, loaded: LoadedModel, condition: Condition, progress: bool) -> dict:
+        """The keyword arguments every runner takes for ``condition``."""
+        return {
+            "context": self.context,
+            "depths": self.depths,
+            "trials": self.trials,
+            "seed": self.seed,
+            "make_cache": cache_factory(condition, loaded.model),
+            "prefill_chunk": self.prefill_for(condition),
+            "progress": progress,
+        }
+
+    def prefill_for(self, condition: Condition) -> int | None:
+        if isinstance(condition, (Simulated, Streaming)):
+            chunk = self.prefill_chunk or max(condition.spec.chunks)
+            return condition.spec.policy.check_prefill_chunk(chunk)
+        return self.prefill_chunk
+
+
+@TASKS.register
+@dataclass(frozen=True)
+class PasskeyTask(NeedleTask):
+    """Passkey retrieval (:mod:`ratequant.evaluation.passkey`): a key in filler text, as :class:`NeedleTask`."""
+
+    name = "passkey"
+    summary = "a 5-digit key hidden in filler text at several depths, asked for at the end"
+
+    def run_condition(self, loaded, corpus, condition, progress) -> PasskeyResult:
+        return run_passkey(loaded.model, loaded.tokenizer, **self.run_options(loaded, condition, progress))
+
+
+@dataclass(frozen=True)
+class RetrievalTask(NeedleTask):
+    """A RULER-style retrieval task (:mod:`ratequant.evaluation.retrieval`), its haystack cut from the corpus's
+    evaluation split, as :class:`NeedleTask`. A subclass names the task."""
+
+    def run_condition(self, loaded, corpus, condition, progress) -> RetrievalResult:
+        return run_retrieval(
+            loaded.model,
+            loaded.tokenizer,
+            corpus.evaluation,
+            kind=self.name,
+            **self.run_options(loaded, condition, progress),
+        )
+
+    def extra_settings(self, corpus: Corpus) -> dict:
+        return {"corpus": corpus.name}
 
 
 for _kind in KINDS:  # one registered task per retrieval kind, named and summarised as the kind
@@ -217,6 +204,7 @@ def get_task(name: str, **settings) -> Task:
 __all__ = [
     "TASKS",
     "ConditionScore",
+    "NeedleTask",
     "PasskeyTask",
     "PerplexityTask",
     "RetrievalTask",
