@@ -140,7 +140,8 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
 
     from ratequant.allocation import Budget
-    from ratequant.calibration import CalibrationSettings, bits_histogram, calibrate
+    from ratequant.calibration import CalibrationSettings, calibrate
+    from ratequant.calibration.report import describe_run
     from ratequant.inputs.corpora import load_corpus
     from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
@@ -183,92 +184,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 f"the {what} name {inert(name)} is not valid UTF-8 and cannot be written into a plan; rename it"
             ) from None
     run = calibrate(loaded, corpus, settings)
-    plan, fit = run.plan, run.fit
-    print(
-        f"plan for {inert(loaded.name)} with {plan.quantizer['name']}, allocator {plan.allocator}, budget "
-        f"{budget.describe()}"
-    )
-    used = plan.calibration["tokens"] // settings.seq_len
+    used = run.plan.calibration["tokens"] // settings.seq_len
     if used < settings.sequences:
         note(f"the calibration split holds only {used} sequence(s) of {settings.seq_len} tokens; all of them were used")
-    print(
-        f"  fitted on {plan.calibration['tokens']} calibration tokens, metric {settings.metric}"
-        + (f", curves of {settings.curves_from}" if settings.curves_from else "")
-    )
-    for line in floor_lines(run.curves.component_min_bits(), settings.bitset[0]):
-        print(f"  {line}")
-    c = plan.calibration
-    if run.candidates:
-        windows = run.candidate_windows
-        scored = ", ".join(
-            f"{name} {kl:.4f}" + (f" ({windows[name]} windows)" if windows[name] > 1 else "")
-            for name, kl in sorted(run.candidates.items(), key=lambda kv: kv[1])
-        )
-        print(
-            f"  candidates by mean KL on held-out calibration windows of {c['choice_tokens']} tokens (second halves "
-            f"scored; close ones on more windows): {scored}"
-        )
-        print(
-            f"  chosen: {run.chosen}"
-            + (f" (requested budget {c['requested_budget']})" if "requested_budget" in c else "")
-        )
-    if "search_kl" in c:
-        starts = ", ".join(
-            f"{k.removeprefix('search_kl_')} {v:.4f}"
-            for k, v in c.items()
-            if k.startswith("search_kl_") and k != "search_kl_start"
-        )
-        print(
-            f"  KL search on {c['search_tokens']} calibration tokens (starts: {starts}): from {c['search_start']} "
-            f"{c['search_kl_start']:.4f} to {c['search_kl']:.4f} ({c['search_moves_kept']} of "
-            f"{c['search_proposals']} moves kept, {c['phases']['search']:.0f} s)"
-        )
-        if "search_kept" in c:
-            verdict = "kept" if c["search_kept"] else f"dropped: the plan is {c['search_start']}"
-            print(
-                f"  on a held-out window: {c['search_held_out_kl_start']:.4f} -> {c['search_held_out_kl']:.4f}, "
-                f"the moves {verdict}"
-            )
-    print(f"  beta  key {fit.beta_key:.3f}   value {fit.beta_value:.3f}")
-    print(f"  R^2   overall {fit.r2_overall:.4f}   worst component {float(np.min(fit.r2)):.4f}")
-    bits = plan.bits_array()
-    for k, kind in enumerate(("key", "value")):
-        hist = "  ".join(f"{w}b:{n}" for w, n in bits_histogram(bits[k]).items())
-        print(f"  {kind:<5} bits mean {bits[k].mean():.3f}   {hist}")
-    print(f"  average code bits {plan.avg_bits:.4f}")
-    if plan.bytes_per_token:
-        dtype = str(loaded.dtype).removeprefix("torch.")
-        print(
-            f"  memory: {loaded.geometry.against_full_precision(plan.bytes_per_token, dtype, loaded.dtype.itemsize)} "
-            f"at {plan.stated_context_tokens:,} tokens of context, codes, scales and zeros, the {plan.residual_length} "
-            "newest tokens (the residual window) and the sinks at full precision included"
-        )
-    chosen = " (chosen from the calibration data)" if settings.sink_tokens == "auto" else ""
-    print(f"  sink tokens kept at full precision: {plan.sink_tokens}{chosen}")
-    print(
-        "  time "
-        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run.phases.items())
-        + f"; total {sum(run.phases.values()):.2f} s"
-    )
-    plan.to_json(args.out, overwrite=args.force)
+    print("\n".join(describe_run(run, settings, loaded)))
+    run.plan.to_json(args.out, overwrite=args.force)
     print(f"plan written to {args.out}")
     return 0
-
-
-def floor_lines(floors: np.ndarray, narrowest: int, shown: int = 4) -> list[str]:
-    """What the per-component floors ``[2, L, H]`` leave out, a line per kind that has any above ``narrowest``."""
-    lines = []
-    for k, kind in enumerate(("keys", "values")):
-        high = np.argwhere(floors[k] > narrowest)
-        if not len(high):
-            continue
-        named = ", ".join(f"layer {layer} kv-head {head} at {floors[k, layer, head]}" for layer, head in high[:shown])
-        more = f" and {len(high) - shown} more" if len(high) > shown else ""
-        lines.append(
-            f"{kind}: {len(high)} of {floors[k].size} components start above {narrowest} bits ({named}{more}): "
-            "narrower widths reconstruct them worse than their mean (--keep-all-widths to allow them)"
-        )
-    return lines
 
 
 # -- inspect ---------------------------------------------------------------------------------------------
