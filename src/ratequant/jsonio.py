@@ -22,16 +22,18 @@ BOM = "\ufeff"
 """A UTF-8 byte-order mark, which some editors put at the start of a text file: skipped when reading."""
 
 
-def write_json(path: str | os.PathLike, obj: dict, *, overwrite: bool = False) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`write_text_atomic`).
-
-    NaN and infinities are refused (they are not JSON).
-    """
+def json_text(obj: object, *, what: str, error=RateQuantError) -> str:
+    """``obj`` as indented JSON text, newline-terminated; NaN and infinities (not JSON) are refused with ``error``
+    naming ``what``."""
     try:
-        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
     except ValueError as exc:
-        raise RateQuantError(f"refusing to write {path}: {exc}") from exc
-    return write_text_atomic(path, text, overwrite=overwrite)
+        raise error(f"refusing to write {what}: {exc}") from exc
+
+
+def write_json(path: str | os.PathLike, obj: dict, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`json_text`, :func:`write_text_atomic`)."""
+    return write_text_atomic(path, json_text(obj, what=str(path)), overwrite=overwrite)
 
 
 def write_text_atomic(
@@ -182,14 +184,20 @@ class JsonDocument:
     def check_format(cls, d: object) -> dict:
         """``d`` when it is a JSON object with a ``format_version`` this class reads; otherwise :attr:`ERROR` says
         which of the three it is not."""
-        what, newest = cls.DOCUMENT, cls.FORMAT_VERSIONS[-1]
         if not isinstance(d, dict):
-            raise cls.ERROR(f"a {what} must be a JSON object, got {type(d).__name__}")
+            raise cls.ERROR(f"a {cls.DOCUMENT} must be a JSON object, got {type(d).__name__}")
         if "format_version" not in d:
-            raise cls.ERROR(f"this is not a ratequant {what}: it has no format_version field")
-        version = d["format_version"]
+            raise cls.ERROR(f"this is not a ratequant {cls.DOCUMENT}: it has no format_version field")
+        cls.check_version(d["format_version"])
+        return d
+
+    @classmethod
+    def check_version(cls, version: object) -> int:
+        """``version`` when it is one of :attr:`FORMAT_VERSIONS`; otherwise :attr:`ERROR` says to upgrade (a newer
+        one) or to re-create the file (an older one)."""
+        what, newest = cls.DOCUMENT, cls.FORMAT_VERSIONS[-1]
         if isinstance(version, bool) or not isinstance(version, int):
-            raise cls.ERROR(f"{what} format_version must be an integer, got {json.dumps(version)[:40]}")
+            raise cls.ERROR(f"{what} format_version must be an integer, got {version!r:.40}")
         if version > newest:
             raise cls.ERROR(
                 f"{what} format_version {version} is newer than this ratequant reads ({newest}); upgrade ratequant "
@@ -200,21 +208,11 @@ class JsonDocument:
                 f"{what} format_version {version} is no longer read (this ratequant reads "
                 f"{', '.join(map(str, cls.FORMAT_VERSIONS))}); re-create it with this version"
             )
-        return d
-
-    def to_dict(self) -> dict:
-        raise NotImplementedError
-
-    @classmethod
-    def from_dict(cls, d: object):
-        raise NotImplementedError
+        return version
 
     def to_json_text(self) -> str:
-        """The file's text: indented JSON, newline-terminated; NaN and infinities are refused (not JSON)."""
-        try:
-            return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        except ValueError as exc:
-            raise self.ERROR(f"refusing to write a {self.DOCUMENT}: {exc}") from exc
+        """The file's text (:func:`json_text`)."""
+        return json_text(self.to_dict(), what=f"a {self.DOCUMENT}", error=self.ERROR)
 
     def to_json(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write atomically (:func:`write_text_atomic`); refuse to replace a file unless ``overwrite``."""

@@ -100,7 +100,7 @@ class Plan(JsonDocument):
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        version = self.check_format({"format_version": self.format_version})["format_version"]
+        version = self.check_version(self.format_version)
         model = model_field(self.model)
         shape = (2, model["num_layers"], model["num_kv_heads"])
         bits = bits_field(self.bits, model["num_layers"], model["num_kv_heads"])

@@ -37,6 +37,8 @@ from ratequant.calibration.settings import (
     AUTO,
     AUTO_REFERENCE,
     CAPTURE_BATCH_SIZE,
+    DEFAULT_CALIBRATION_SEQ_LEN,
+    DEFAULT_CALIBRATION_SEQUENCES,
     SINK_CANDIDATES,
     SINK_GAIN,
     SINK_REFERENCE_BITS,
@@ -95,7 +97,12 @@ class CalibrationRun:
 
 
 def collect_statistics(
-    loaded: LoadedModel, corpus: Corpus, *, seq_len: int = 512, sequences: int = 4, metric: str = DEFAULT_METRIC
+    loaded: LoadedModel,
+    corpus: Corpus,
+    *,
+    seq_len: int = DEFAULT_CALIBRATION_SEQ_LEN,
+    sequences: int = DEFAULT_CALIBRATION_SEQUENCES,
+    metric: str = DEFAULT_METRIC,
 ) -> CalibrationStats:
     """Capture keys and values (and the gradients or queries ``metric`` needs) on ``sequences`` windows of the
     calibration split, cut by the evaluation protocol (BOS first where the tokenizer adds one), in passes of

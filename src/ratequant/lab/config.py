@@ -32,7 +32,9 @@ FORMAT_VERSION = 2
 DEFAULT_DESIGNS = ("kivi", "quarot", "turbo", "uniform")
 DEFAULT_BUDGETS = (2.0, 2.5, 3.0, 4.0)
 PRESETS = ("default", "quick", "full")
-QUICK_SIZES = dict(budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_len=512, calibration_sequences=2)
+QUICK_SIZES = dict(
+    budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_len=DEFAULT_CALIBRATION_SEQ_LEN, calibration_sequences=2
+)
 """What ``--quick`` (and ``make demo``) runs: 2 budgets, 3 evaluation windows of 512 tokens (the second half of
 each scored), 2 calibration sequences of 512 tokens, every design. About four minutes on the project's 2-core CPU
 for the default model (4 min 32 s on a quiet day, 8 min on a slow one, 2026-12); the report
@@ -216,7 +218,7 @@ class CompareConfig(JsonDocument):
     def __post_init__(self) -> None:
         from ratequant.quantizers import available
 
-        self.check_format({"format_version": self.format_version})
+        self.check_version(self.format_version)
         for name in ("model", "corpus"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RateQuantError(f"compare config: {name} must be a non-empty string")
@@ -395,7 +397,9 @@ class CompareConfig(JsonDocument):
         parts.append(f"--out {shlex.quote(out)}")
         return " ".join(parts)
 
-    def calibration_settings(self, design: str, budget: Budget, sink_tokens: int | str | None = None):
+    def calibration_settings(
+        self, design: str, budget: Budget, sink_tokens: int | str | None = None
+    ) -> CalibrationSettings:
         """The :class:`~ratequant.calibration.CalibrationSettings` that ``calibrate`` would use for ``design`` at
         ``budget`` under this comparison (``sink_tokens``: the count chosen for the design, default the config's):
         the one place where compare's names (``residual``, ``calibration_seq_len``, ...) become calibration's."""
