@@ -17,8 +17,8 @@ from ratequant.evaluation.passkey import (
     make_passkey_prompt,
     run_passkey,
     score_passkey,
-    trial_seed,
 )
+from ratequant.evaluation.trials import trial_seed
 from tests.conftest import tiny_model, tiny_tokenizer
 
 

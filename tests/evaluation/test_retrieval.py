@@ -16,9 +16,9 @@ from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import FullPrecision, Streaming
 from ratequant.evaluation.needles import KINDS, make_retrieval_prompt, score_answer
-from ratequant.evaluation.passkey import trial_seed
 from ratequant.evaluation.retrieval import run_retrieval, score_retrieval, wilson_interval
 from ratequant.evaluation.tasks import TASKS, RetrievalTask, get_task
+from ratequant.evaluation.trials import trial_seed
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.quantizers import get_quantizer

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.passkey import _check_context, _check_depth
 from ratequant.evaluation.protocol import MAX_TEXT_FACTOR, bos_token_id
+from ratequant.evaluation.trials import check_context, check_depth
 from ratequant.registry import Registry
 
 MULTIKEY_KEYS = 4  # RULER niah_multikey_1: the asked key and 3 distractors
@@ -210,7 +210,7 @@ for _name, _summary, _build in (
 
 def make_puzzle(kind: str, depth: float, seed: int) -> Puzzle:
     """The puzzle of task ``kind`` with its first needle at ``depth``, drawn from ``random.Random(seed)``."""
-    return KINDS.get(kind).build(random.Random(seed), _check_depth(depth))
+    return KINDS.get(kind).build(random.Random(seed), check_depth(depth))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,8 +311,8 @@ def make_retrieval_prompt(tokenizer, corpus_text: str, kind: str, context: int, 
     only on ``(tokenizer, corpus_text, kind, context, depth, seed)``. The haystack is filled to within a few
     tokens of ``context``; each needle goes to the line or sentence boundary nearest its target token.
     """
-    context = _check_context(context)
-    depth = _check_depth(depth)
+    context = check_context(context)
+    depth = check_depth(depth)
     puzzle = make_puzzle(kind, depth, seed)
     rng = random.Random(f"haystack:{seed}")
     bos_id = bos_token_id(tokenizer)

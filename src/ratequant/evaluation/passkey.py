@@ -14,22 +14,18 @@ the argmax at every key position is the key token (exactly what greedy decoding 
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 
 from ratequant.cache.prefill import prefill
-from ratequant.compat import cache_argument, max_positions
 from ratequant.compat.placement import input_device
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.conditions import forward_log_probs
 from ratequant.evaluation.protocol import bos_token_id
-from ratequant.progress import progress_bar
+from ratequant.evaluation.trials import check_context, check_depth, check_positions, last_logprobs, run_trials
 from ratequant.validation import check_int
 
 TASK_DESCRIPTION = (
@@ -43,9 +39,6 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 _SENTENCES = [s if s.endswith(".") else s + "." for s in FILLER.split(". ")]
 _WORDS = FILLER.split(" ")
-
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,20 +136,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _check_depth(depth: float) -> float:
-    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not math.isfinite(depth):
-        raise RateQuantError(f"passkey depth must be a number in [0, 1], got {depth!r}")
-    if not 0.0 <= depth <= 1.0:
-        raise RateQuantError(f"passkey depth must be in [0, 1] (the needle's place in the context), got {depth}")
-    return float(depth)
-
-
-def _check_context(context: int) -> int:
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise RateQuantError(f"passkey context must be a positive number of tokens, got {context!r}")
-    return context
-
-
 def _text(prefix_sentences: int, suffix_words: int, needle: str) -> tuple[str, str]:
     """``(text up to the needle, whole prompt text)`` with the filler cycled sentence- and word-wise."""
     prefix = " ".join(_SENTENCES[i % len(_SENTENCES)] for i in range(prefix_sentences))
@@ -174,8 +153,8 @@ def make_passkey_prompt(tokenizer, context: int, depth: float, seed: int) -> Pas
     The filler after the needle is cut at word granularity so the prompt falls short of ``context`` by at
     most a few tokens. ``input_ids`` is ``[1, n]`` with ``n = prompt.context <= context``.
     """
-    context = _check_context(context)
-    depth = _check_depth(depth)
+    context = check_context(context)
+    depth = check_depth(depth)
     key = str(random.Random(seed).randint(10000, 99999))
     needle = NEEDLE.format(key=key)
     bos_id = bos_token_id(tokenizer)
@@ -252,20 +231,6 @@ def make_passkey_prompt(tokenizer, context: int, depth: float, seed: int) -> Pas
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_positions(model, positions: int) -> None:
-    limit = max_positions(model)
-    if limit is not None and positions > limit:
-        raise RateQuantError(
-            f"passkey context needs {positions} positions but the model's max_position_embeddings is {limit}; "
-            f"use a context of at most {limit} tokens minus the key's length"
-        )
-
-
-def _last_logprobs(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Run ``ids`` ``[1, t]`` through ``cache``; log-softmax of the last position's logits, ``[vocab]`` float32."""
-    return forward_log_probs(model, ids, 1, **cache_argument(model, cache), use_cache=True)[0]
-
-
 def score_passkey(
     model: torch.nn.Module,
     prompt: PasskeyPrompt,
@@ -284,7 +249,7 @@ def score_passkey(
     """
     if prefill_chunk is not None:
         check_int(prefill_chunk, "prefill_chunk", lo=1)
-    _check_positions(model, prompt.context + len(prompt.key_ids) - 1)
+    check_positions(model, prompt.context + len(prompt.key_ids) - 1)
     if make_cache is None:
         from transformers import DynamicCache
 
@@ -298,7 +263,7 @@ def score_passkey(
         total, argmax = 0.0, []
         for i, token in enumerate(prompt.key_ids):
             if i:
-                logprobs = _last_logprobs(model, torch.tensor([[prompt.key_ids[i - 1]]], device=device), cache)
+                logprobs = last_logprobs(model, torch.tensor([[prompt.key_ids[i - 1]]], device=device), cache)
             total += float(logprobs[token])
             argmax.append(int(logprobs.argmax()))
     seconds = time.perf_counter() - start
@@ -314,48 +279,6 @@ def score_passkey(
         context=prompt.context,
         seconds=seconds,
     )
-
-
-def _check_depths(depths: Sequence[float], task: str) -> list[float]:
-    """``depths`` as a list of distinct depths in ``[0, 1]``, at least one; errors name ``task``."""
-    out = [_check_depth(d) for d in depths]
-    if not out:
-        raise RateQuantError(f"{task} needs at least one depth")
-    if len(set(out)) != len(out):
-        raise RateQuantError(f"{task} depths must be distinct, got {out}")
-    return out
-
-
-def trial_seed(task: str, seed: int, depth_index: int, trial_index: int) -> int:
-    """The prompt seed of trial ``trial_index`` at depth ``depth_index`` of ``task`` in a run seeded ``seed``."""
-    return random.Random(f"{task}:{seed}:{depth_index}:{trial_index}").getrandbits(62)
-
-
-def run_trials(
-    model: torch.nn.Module,
-    task: str,
-    trial: Callable[[float, int], T],
-    *,
-    context: int,
-    depths: Sequence[float],
-    trials: int,
-    seed: int,
-    progress: bool,
-) -> tuple[list[T], list[float], float]:
-    """The trial loop of passkey and every retrieval task: check ``context``, ``depths`` and ``trials`` against
-    ``model``, then call ``trial(depth, prompt_seed)`` for every depth x trial in that order, each seed from
-    :func:`trial_seed`. Returns the trials' results, the checked depths and the seconds the loop took."""
-    _check_positions(model, _check_context(context))
-    trials = check_int(trials, f"{task} trials", lo=1, hi=10_000)
-    depths = _check_depths(depths, task)
-    start = time.perf_counter()
-    detail: list[T] = []
-    with progress_bar(total=len(depths) * trials, desc=task, unit="trial", enabled=progress) as bar:
-        for i, depth in enumerate(depths):
-            for j in range(trials):
-                detail.append(trial(depth, trial_seed(task, seed, i, j)))
-                bar.update(1)
-    return detail, depths, time.perf_counter() - start
 
 
 def run_passkey(
@@ -409,7 +332,5 @@ __all__ = [
     "PasskeyTrial",
     "make_passkey_prompt",
     "run_passkey",
-    "run_trials",
     "score_passkey",
-    "trial_seed",
 ]

@@ -30,7 +30,8 @@ from ratequant.evaluation.needles import (
     make_retrieval_prompt,
     score_answer,
 )
-from ratequant.evaluation.passkey import DEFAULT_DEPTHS, _check_positions, _last_logprobs, run_trials
+from ratequant.evaluation.passkey import DEFAULT_DEPTHS
+from ratequant.evaluation.trials import check_positions, last_logprobs, run_trials
 from ratequant.validation import check_int
 
 Z_95 = 1.959963984540054
@@ -190,7 +191,7 @@ def score_retrieval(
         check_int(prefill_chunk, "prefill_chunk", lo=1)
     budget = generation_budget(prompt) if max_new_tokens is None else check_int(max_new_tokens, "max_new_tokens", lo=1)
     answer = list(prompt.answer_ids)
-    _check_positions(model, prompt.context + max(len(answer), budget) - 1)
+    check_positions(model, prompt.context + max(len(answer), budget) - 1)
     if make_cache is None:
         from transformers import DynamicCache
 
@@ -201,7 +202,7 @@ def score_retrieval(
     start = time.perf_counter()
 
     def step(cache, token: int) -> torch.Tensor:
-        return _last_logprobs(model, torch.tensor([[token]], device=device), cache)
+        return last_logprobs(model, torch.tensor([[token]], device=device), cache)
 
     with torch.inference_mode():
         cache = make_cache()
