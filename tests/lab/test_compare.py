@@ -488,8 +488,8 @@ def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
         simulated = run_compare(loaded, corpus, CompareConfig(**base), progress=False, eval_corpora={"other": other})
         streaming = run_compare(
             loaded, corpus,
-            CompareConfig(**base, mode="streaming", passkey_context=300, passkey_depths=(0.5,), passkey_trials=1,
-                          passkey_budgets=(2.5,)),
+            CompareConfig(**base, mode="streaming", passkey_context=400, passkey_depths=(0.5,), passkey_trials=1,
+                          passkey_budgets=(2.5,), long_context_tasks=("passkey", "niah-single")),
             progress=False, eval_corpora={"other": other},
         )  # fmt: skip
     assert set(streaming.evaluations) == {"tiny/all", "tiny/second-half", "other/all", "other/second-half"}
@@ -501,13 +501,27 @@ def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
                 assert b.score(ev).kl == pytest.approx(a.score(ev).kl, rel=1e-9, abs=1e-12)
             else:  # float32: the keys of a prefill piece round differently from the whole window's
                 assert b.score(ev).kl == pytest.approx(a.score(ev).kl, rel=2e-2, abs=1e-7), (b.label, ev)
-    passkey = streaming.extra["passkey"]
-    assert set(passkey["results"]) == {"full precision", "RateQuant (2.5 bits)"}
-    for r in passkey["results"].values():
-        assert r["trials"] == 1 and 0 <= r["accuracy"] <= 1 and r["mean_logprob"] < 0
+    study = streaming.extra["long_context"]
+    assert set(study["tasks"]) == {"passkey", "niah-single"}
+    best_fixed = min(streaming.select(method="kv-split", design="kivi", budget=2.5), key=lambda m: m.kl)
+    expected = {"full precision", f"{best_fixed.label} (2.5 bits)", "RateQuant (2.5 bits)"}
+    default = streaming.select(method="default", design="kivi", budget=2.5)[0]
+    roles = {label: c["roles"] for label, c in study["conditions"].items()}
+    assert "best fixed" in roles[f"{best_fixed.label} (2.5 bits)"] and "ratequant" in roles["RateQuant (2.5 bits)"]
+    assert any("default" in r for r in roles.values())  # its own row, or a role of the row with its widths
+    if any(r == ["default"] for r in roles.values()):
+        expected.add(f"{default.label} (2.5 bits)")
+    for task in study["tasks"].values():
+        assert set(task["results"]) == expected
+        for label, r in task["results"].items():
+            assert r["trials"] == 1 and 0 <= r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] <= 1
+            assert r["mean_logprob"] < 0 and r["logprob_change"]["prompts"] == 1
+            if label == "full precision":
+                assert r["logprob_change"]["mean"] == 0
     files = write_report(streaming, tmp_path / "report")
     report = files.report.read_text()
-    assert "## Passkey retrieval through the real cache" in report and "| other, second-half |" in report
+    assert "## Long-context retrieval through the real cache" in report and "### niah-single" in report
+    assert "| other, second-half |" in report
 
 
 def test_peers_headroom_and_sink_study(setup, tmp_path):

@@ -112,7 +112,16 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         help="also score every method on this corpus's evaluation split, e.g. fortunes (repeatable)",
     )
     parser.add_argument(
-        "--passkey-context", type=positive_int, metavar="N", help="also run passkey retrieval at N tokens"
+        "--passkey-context",
+        type=positive_int,
+        metavar="N",
+        help="also run long-context retrieval (--long-context-tasks, default passkey) at N tokens",
+    )
+    parser.add_argument(
+        "--long-context-tasks",
+        type=name_list,
+        metavar="T,...",
+        help="retrieval tasks of the long-context study: passkey, niah-single, ..., variable-tracking",
     )
     parser.add_argument("--passkey-trials", type=positive_int, metavar="N", help="passkey trials per depth (default 2)")
     parser.add_argument(
@@ -122,7 +131,8 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         "--peers",
         type=name_list,
         metavar="P,...",
-        help="peer baselines to add: norms (layer-wise K/V from weight norms)",
+        help="peer baselines to add: norms (layer-wise K/V from weight norms), hqq (transformers' QuantizedCache "
+        "with HQQ at 2 bits in the long-context study; needs pip install -e '.[bench]')",
     )
     parser.add_argument(
         "--headroom",

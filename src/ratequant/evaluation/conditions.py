@@ -6,7 +6,8 @@
 * :class:`Streaming` -- the window fed through a real :class:`~ratequant.cache.RateQuantCache`, prefilled in
   pieces of ``prefill_chunk`` tokens after the sinks, with the attention generation uses
   (:func:`ratequant.cache.prefill.piece_attention`; bounded activation memory);
-* :class:`Within` -- any context manager around one pass (e.g. rank reduction).
+* :class:`Within` -- any context manager around one pass (e.g. rank reduction);
+* :class:`PeerCache` -- another library's cache (e.g. transformers' ``QuantizedCache``), the window in one pass.
 
 :meth:`Condition.log_probs` returns float32 log-probabilities ``[seq_len - first, vocab]`` of the tokens
 ``first .. seq_len - 1`` of a window ``ids [1, seq_len]`` (row ``i`` predicts token ``first + i``).
@@ -115,6 +116,20 @@ class Streaming(Condition):
         return torch.cat(parts)
 
 
+@dataclass
+class PeerCache(Condition):
+    """Another library's cache, a fresh one from ``make_cache()`` per window (e.g. transformers' ``QuantizedCache``
+    with the HQQ backend); the window goes through it in one pass, and the retrieval tasks decode with it."""
+
+    make_cache: Callable[[], object]
+    label: str = "peer cache"
+
+    def log_probs(self, model, ids, first):
+        cache = self.make_cache()
+        kwargs = {**cache_argument(model, cache), "use_cache": True}
+        return forward_log_probs(model, ids, ids.shape[1] - first + 1, **kwargs)[:-1]
+
+
 def quantized_predictions(spec: KVQuantSpec, seq_len: int, first: int, prefill_chunk: int = 1) -> int:
     """How many of a window's scored predictions (of tokens ``first .. seq_len - 1``, made by the queries at
     positions ``first - 1 .. seq_len - 2``) read at least one key or value from quantized storage, by the token
@@ -136,6 +151,7 @@ def whole_window(model: torch.nn.Module, ids: torch.Tensor, first: int) -> torch
 __all__ = [
     "Condition",
     "FullPrecision",
+    "PeerCache",
     "Simulated",
     "Streaming",
     "Within",

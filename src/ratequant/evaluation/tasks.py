@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.errors import RateQuantError
-from ratequant.evaluation.conditions import Condition, FullPrecision, Simulated, Streaming
+from ratequant.evaluation.conditions import Condition, FullPrecision, PeerCache, Simulated, Streaming
 from ratequant.evaluation.needles import KINDS
 from ratequant.evaluation.passkey import DEFAULT_DEPTHS, PasskeyResult, run_passkey
 from ratequant.evaluation.perplexity import REFERENCE, ConditionScore, score_conditions
@@ -181,11 +181,14 @@ for _kind in KINDS:  # one registered task per retrieval kind, named and summari
 
 
 def cache_factory(condition: Condition, model):
-    """The real cache a condition decodes with: ``RateQuantCache`` of its spec, or None (``DynamicCache``)."""
+    """The real cache a condition decodes with: ``RateQuantCache`` of its spec, a peer's cache, or None
+    (``DynamicCache``)."""
     if isinstance(condition, (Simulated, Streaming)):
         from ratequant.cache import RateQuantCache
 
         return lambda: RateQuantCache(condition.spec, model=model)
+    if isinstance(condition, PeerCache):
+        return condition.make_cache
     if isinstance(condition, FullPrecision):
         return None
     raise RateQuantError(

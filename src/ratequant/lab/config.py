@@ -23,6 +23,7 @@ from ratequant.calibration.settings import (
 )
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
+from ratequant.evaluation.tasks import TASKS
 from ratequant.jsonio import JsonDocument
 from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH, MAX_SINK_TOKENS
@@ -77,11 +78,14 @@ LIST_FIELDS = (
     "eval_corpora",
     "passkey_depths",
     "passkey_budgets",
+    "long_context_tasks",
     "peers",
     "headroom_designs",
     "sink_study",
 )
-PEERS = ("norms",)
+PEERS = ("norms", "hqq")
+"""``norms``: layer-wise K/V widths from the weight norms; ``hqq``: transformers' ``QuantizedCache`` with the HQQ
+backend at 2 bits in the long-context study (needs the ``hqq`` package: ``pip install -e '.[bench]'``)."""
 SCALAR_FLAGS = (
     "metric",
     "seq_len",
@@ -101,7 +105,7 @@ SCALAR_FLAGS = (
     "search_tokens",
 )
 """Fields the command line sets with ``--name value`` (see :meth:`CompareConfig.command`)."""
-LIST_FLAGS = ("peers", "headroom_designs", "sink_study", "passkey_depths")
+LIST_FLAGS = ("peers", "headroom_designs", "sink_study", "passkey_depths", "long_context_tasks")
 """List fields the command line sets with ``--flag a,b,...``."""
 EXPERIMENT_FIELDS = ("budgets", "designs", *SCALAR_FLAGS, "eval_corpora", *LIST_FLAGS)
 """Every field ``ratequant compare`` sets from an option (refused beside ``--config``)."""
@@ -158,9 +162,12 @@ class CompareConfig(JsonDocument):
     the weight norms, as spectral-kv / ``kvq``). For the designs of ``headroom_designs`` two diagnostics run: the
     allocation on every component's *measured* damage (``headroom_tokens`` calibration tokens, widths up to
     ``headroom_max_bits``, :mod:`ratequant.measure.headroom`) and RateQuant with a beta per component.
-    ``passkey_context`` (None: off) runs passkey retrieval through the real cache for full precision and the
-    uniform and RateQuant methods of ``focus_design`` at ``passkey_budgets``; ``sink_study`` re-scores the
-    fixed schemes and RateQuant of ``focus_design`` with each of these sink counts, with and without BOS.
+    ``passkey_context`` (None: off) runs the retrieval tasks ``long_context_tasks`` (passkey and the RULER-style
+    tasks of :data:`ratequant.evaluation.tasks.TASKS`) at that many tokens through the real cache, ``passkey_depths``
+    x ``passkey_trials`` prompts each, for full precision and, at each of ``passkey_budgets``, the best fixed
+    scheme, RateQuant and the default plan of ``focus_design`` (:mod:`ratequant.lab.long_context`);
+    ``sink_study`` re-scores the fixed schemes and RateQuant of ``focus_design`` with each of these sink counts,
+    with and without BOS.
     ``side_windows`` (None: ``windows``) is how many windows the side evaluations use: the ``eval_corpora`` and
     the sink study (the headline evaluation always uses ``windows``). ``search_proposals`` > 0 adds
     ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on
@@ -196,6 +203,7 @@ class CompareConfig(JsonDocument):
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_trials: int = 2
     passkey_budgets: tuple[float, ...] = (2.0, 2.5, 4.0)
+    long_context_tasks: tuple[str, ...] = ("passkey",)
     focus_design: str = "kivi"
     peers: tuple[str, ...] = ()
     headroom_designs: tuple[str, ...] = ()
@@ -309,6 +317,14 @@ class CompareConfig(JsonDocument):
                 f"compare config: passkey budgets {', '.join(map(budget_text, missing))} are not among the budgets "
                 f"{', '.join(map(budget_text, self.budgets))}; add them to the budgets or drop them from the passkey"
             )
+        tasks = tuple(self.long_context_tasks)
+        retrieval = [t for t in TASKS.names() if t != "perplexity"]
+        if not tasks or len(set(tasks)) != len(tasks) or any(t not in retrieval for t in tasks):
+            raise RateQuantError(
+                f"compare config: long_context_tasks must be distinct names among {', '.join(retrieval)}, "
+                f"got {self.long_context_tasks!r}"
+            )
+        object.__setattr__(self, "long_context_tasks", tasks)
         if self.hybrid_bits > 8:
             raise RateQuantError(f"compare config: hybrid_bits must be 1..8, got {self.hybrid_bits}")
         if self.context_tokens <= self.residual:

@@ -32,6 +32,7 @@ from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.lab.choice import chosen_methods
 from ratequant.lab.config import FULL_PRECISION, SCORINGS, CompareConfig, budget_text
+from ratequant.lab.long_context import long_context_study, study_tasks
 from ratequant.lab.methods import (
     Method,
     Skipped,
@@ -40,7 +41,7 @@ from ratequant.lab.methods import (
     rank_methods,
 )
 from ratequant.lab.results import CompareResults, DesignResult, MethodResult
-from ratequant.lab.studies import extra_methods, passkey_study, sink_study
+from ratequant.lab.studies import extra_methods, sink_study
 from ratequant.measure.weight_norms import weight_norms
 from ratequant.progress import Stages
 from ratequant.quantizers import get_quantizer
@@ -65,6 +66,7 @@ def run_compare(
 
     if not isinstance(config, CompareConfig):
         raise RateQuantError(f"config must be a CompareConfig, got {type(config).__name__}")
+    study_tasks(config)  # refuses bad long-context settings before any work
     eval_corpora = dict(eval_corpora or {})
     if set(eval_corpora) != set(config.eval_corpora):
         raise RateQuantError(
@@ -221,8 +223,9 @@ def run_compare(
         timings["sink_study"] = time.perf_counter() - t
     if config.passkey_context is not None:
         t = time.perf_counter()
-        extra["passkey"] = passkey_study(loaded, config, methods, say)
-        timings["passkey"] = time.perf_counter() - t
+        kl = {m: scores[primary][key].kl for key, m in zip(keys, methods)}
+        extra["long_context"] = long_context_study(loaded, corpus, config, methods, kl, say)
+        timings["long_context"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     designs = {
         name: DesignResult(

@@ -1,27 +1,23 @@
-"""The side studies of a comparison: peers and diagnostics per design, sink tokens, passkey retrieval.
+"""The side studies of a comparison: peers and diagnostics per design, and sink tokens (long context has its
+own module, :mod:`ratequant.lab.long_context`).
 
 * :func:`extra_methods` -- per design, the peer baseline ``norms`` (layer-wise K/V widths from the weight norms,
   as spectral-kv / ``kvq``) and, for the headroom designs, the diagnostics ``ratequant-component`` (RateQuant
   with a beta per component) and ``measured`` (allocation on every component's measured damage).
 * :func:`sink_study` -- the fixed schemes and RateQuant of the focus design re-scored with several sink-token
   counts, on windows with and without BOS (the same widths; only the storage of the first tokens changes).
-* :func:`passkey_study` -- passkey retrieval through the real cache.
 """
 
 from __future__ import annotations
 
-import time
-
 from ratequant.allocation import Curves
 from ratequant.allocation.fitting import fit_distortion
 from ratequant.calibration import DesignFit
-from ratequant.evaluation.conditions import FullPrecision
 from ratequant.evaluation.perplexity import score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, make_windows
-from ratequant.evaluation.tasks import PasskeyTask
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
-from ratequant.lab.config import FULL_PRECISION, CompareConfig, budget_text
+from ratequant.lab.config import FULL_PRECISION, CompareConfig
 from ratequant.lab.methods import Allocated, Method, condition_for
 from ratequant.measure.capture import CalibrationStats
 from ratequant.measure.headroom import measure_component_damage, measured_curves
@@ -156,31 +152,4 @@ def sink_study(config: CompareConfig, loaded: LoadedModel, corpus: Corpus, metho
     }
 
 
-def passkey_study(loaded: LoadedModel, config: CompareConfig, methods: list[Method], say: Stages) -> dict:
-    """Passkey retrieval through the real cache: full precision, and the uniform and RateQuant methods of
-    ``config.focus_design`` at ``config.passkey_budgets``."""
-    chosen = [
-        m
-        for m in methods
-        if m.design == config.focus_design
-        and m.method in ("uniform", "ratequant")
-        and m.budget in config.passkey_budgets
-    ]
-    labels = [f"{m.label} ({budget_text(m.budget)} bits)" for m in chosen]
-    conditions = {"full precision": FullPrecision(), **{label: m.condition for label, m in zip(labels, chosen)}}
-    task = PasskeyTask(
-        context=config.passkey_context,
-        depths=config.passkey_depths,
-        trials=config.passkey_trials,
-        prefill_chunk=config.prefill_chunk,
-    )
-    say(f"passkey: {len(conditions)} conditions x {len(task.depths) * task.trials} trials at {task.context} tokens")
-    start = time.perf_counter()
-    outcome = task.run(loaded, None, conditions, progress=say.enabled)
-    meta = {label: {"method": m.method, "budget": m.budget, "design": m.design} for label, m in zip(labels, chosen)}
-    meta["full precision"] = {"method": FULL_PRECISION, "budget": None, "design": None}
-    results = {k: {**meta[k], **v} for k, v in outcome.results.items()}
-    return {"settings": outcome.settings, "results": results, "seconds": time.perf_counter() - start}
-
-
-__all__ = ["extra_methods", "passkey_study", "sink_study"]
+__all__ = ["extra_methods", "sink_study"]

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ratequant.evaluation.retrieval import wilson_interval
 from ratequant.lab.config import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS, budget_text
+from ratequant.lab.long_context import paired_change
 from ratequant.lab.results import CompareResults, MethodResult
 from ratequant.validation import inert
 
@@ -321,16 +323,34 @@ def evaluations_table(results: CompareResults) -> str:
     return md_table(header, rows, "lrr" + "rr" * len(methods))
 
 
-def passkey_table(results: CompareResults) -> str:
-    """Passkey retrieval through the real cache: accuracy and key log-probability per condition."""
+def long_context_of(results: CompareResults) -> dict | None:
+    """The long-context study of ``results`` (:mod:`ratequant.lab.long_context`), or None when it was not run;
+    results saved before it existed held one passkey study, read here as a study of that one task."""
+    if "long_context" in results.extra:
+        return results.extra["long_context"]
     passkey = results.extra.get("passkey")
     if not passkey:
-        return ""
+        return None
+    conditions = {label: {"roles": [], "method": r.get("method")} for label, r in passkey["results"].items()}
+    return {"settings": passkey["settings"], "conditions": conditions, "tasks": {"passkey": passkey}}
+
+
+def long_context_table(study: dict, task: str) -> str:
+    """One task of the long-context study: per condition the roles it plays, accuracy with its 95% Wilson
+    interval, the mean answer log-probability, and its paired change from full precision on the same prompts."""
+    results = study["tasks"][task]["results"]
+    reference = results.get("full precision", {}).get("trials_detail", [])
     rows = []
-    for label, r in passkey["results"].items():
-        depths = ", ".join(f"{float(d):g}: {v['accuracy']:.0%}" for d, v in r["per_depth"].items())
-        rows.append([label, f"{r['accuracy']:.0%}", f"{r['mean_logprob']:.3f}", str(r["trials"]), depths])
-    return md_table(["condition", "accuracy", "mean key log-prob (nats)", "trials", "accuracy by depth"], rows, "lrrrl")
+    for label, r in results.items():
+        right = sum(t["correct"] for t in r["trials_detail"])
+        low, high = wilson_interval(right, r["trials"])
+        change = paired_change(r["trials_detail"], reference)
+        shift = "—" if label == "full precision" else f"{change['mean']:+.3f} ± {change['se']:.3f}"
+        roles = ", ".join(study["conditions"].get(label, {}).get("roles", []))
+        accuracy = f"{right / r['trials']:.0%} ({low:.0%}–{high:.0%})"
+        rows.append([md_text(label), md_text(roles), accuracy, f"{r['mean_logprob']:.3f}", shift, str(r["trials"])])
+    header = ["condition", "role", "accuracy (95% CI)", "answer log-prob (nats)", "change from full precision (± SE)"]
+    return md_table([*header, "prompts"], rows, "llrrrr")
 
 
 def norms_table(results: CompareResults) -> str:
@@ -419,7 +439,8 @@ __all__ = [
     "norms_table",
     "sink_study_table",
     "evaluations_table",
-    "passkey_table",
+    "long_context_of",
+    "long_context_table",
     "fit_ratio_table",
     "fit_ratios",
     "fit_table",

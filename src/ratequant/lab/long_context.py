@@ -1,0 +1,183 @@
+"""The long-context section of a comparison: retrieval through the real cache, the same prompts under every
+condition, and how far each condition moves the answer's log-probability from full precision's.
+
+For each task of ``config.long_context_tasks`` (passkey and the RULER-style tasks of
+:data:`ratequant.evaluation.tasks.TASKS`) at ``config.passkey_context`` tokens, ``passkey_depths`` x
+``passkey_trials`` seeded prompts run, prefilled ``prefill_chunk`` tokens at a time (default 1,024), under:
+
+* full precision (``DynamicCache``);
+* at each budget of ``passkey_budgets``, for ``focus_design``: the best fixed scheme (the uniform width or K/V
+  split with the least KL on the headline evaluation), RateQuant's allocation and the default plan (what
+  ``calibrate`` returns), each in a :class:`~ratequant.cache.RateQuantCache`;
+* the uniform 2-bit scheme of ``focus_design`` where 2 bits is a budget (for ``kivi``: KIVI-2);
+* transformers' ``QuantizedCache`` with the HQQ backend at 2 bits (group 64, the config's residual window)
+  where ``"hqq"`` is among the peers.
+
+A method whose cache would equal one already listed (same design, widths, residual and sinks) runs once, under
+every role it plays. Accuracy comes with its Wilson interval; the answer's log-probability is compared with
+full precision's prompt by prompt (mean paired change and its standard error), which separates conditions with
+far fewer prompts than accuracy needs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
+from ratequant.errors import RateQuantError
+from ratequant.evaluation.conditions import Condition, FullPrecision, PeerCache
+from ratequant.evaluation.retrieval import wilson_interval
+from ratequant.evaluation.tasks import Task, get_task
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
+from ratequant.lab.config import FIXED_METHODS, FULL_PRECISION, CompareConfig, budget_text
+from ratequant.lab.methods import Method
+from ratequant.progress import Stages
+
+HQQ_BITS = 2
+HQQ_GROUP = 64
+"""The HQQ peer: 2-bit codes in groups of 64 along the head dimension, as transformers documents it."""
+
+
+def study_tasks(config: CompareConfig) -> list[Task]:
+    """The study's tasks with their settings (none when ``passkey_context`` is None). Called before any work
+    too, so that bad settings or a peer whose package is missing are refused in one line at the start."""
+    if config.passkey_context is None:
+        return []
+    if "hqq" in config.peers:
+        try:
+            import hqq  # noqa: F401
+        except ImportError:
+            raise RateQuantError(
+                "the hqq peer needs the hqq package: pip install -e '.[bench]' (or drop hqq from --peers)"
+            ) from None
+    options = dict(
+        context=config.passkey_context,
+        depths=config.passkey_depths,
+        trials=config.passkey_trials,
+        prefill_chunk=config.prefill_chunk or DEFAULT_PREFILL_CHUNK,
+    )
+    return [get_task(name, **options) for name in config.long_context_tasks]
+
+
+def hqq_cache_factory(loaded: LoadedModel, residual: int) -> Callable[[], object]:
+    """A fresh transformers ``QuantizedCache`` (HQQ backend, 2 bits, group 64, ``residual`` tokens kept in full
+    precision; at least one, which transformers requires) per call."""
+    from transformers import QuantizedCache
+
+    config = loaded.model.config
+    return lambda: QuantizedCache(
+        "hqq",
+        config,
+        nbits=HQQ_BITS,
+        axis_key=1,
+        axis_value=1,
+        q_group_size=HQQ_GROUP,
+        residual_length=max(residual, 1),
+    )
+
+
+def _same_cache(a: Method, b: Method) -> bool:
+    sa, sb = getattr(a.condition, "spec", None), getattr(b.condition, "spec", None)
+    return (
+        sa is not None
+        and sb is not None
+        and sa.quantizer.name == sb.quantizer.name
+        and sa.policy == sb.policy
+        and np.array_equal(sa.bits, sb.bits)
+    )
+
+
+def study_methods(config: CompareConfig, methods: list[Method], kl: Mapping[Method, float]) -> list[tuple[str, Method]]:
+    """``(role, method)`` in the order they run: per long-context budget the best fixed scheme (least ``kl``),
+    RateQuant and the default plan of ``config.focus_design``, then its uniform 2-bit scheme."""
+    design = [m for m in methods if m.design == config.focus_design]
+    chosen: list[tuple[str, Method]] = []
+    for budget in config.passkey_budgets:
+        at = [m for m in design if m.budget == budget]
+        fixed = [m for m in at if m.method in FIXED_METHODS]
+        if fixed:
+            chosen.append(("best fixed", min(fixed, key=lambda m: kl[m])))
+        chosen += [(role, m) for m in at for role in ("ratequant", "default") if m.method == role]
+    chosen += [("2-bit", m) for m in design if m.method == "uniform" and m.budget == 2.0]
+    return chosen
+
+
+def _label(method: Method) -> str:
+    return f"{method.label} ({budget_text(method.budget)} bits)"
+
+
+def paired_change(trials: list[dict], reference: list[dict]) -> dict:
+    """The answer log-probability's change from ``reference`` on the same prompts (matched by depth and seed):
+    ``{"mean", "se", "prompts"}`` in nats (``se`` 0 for one prompt)."""
+    base = {(t["depth"], t["seed"]): t["logprob"] for t in reference}
+    diffs = [t["logprob"] - base[(t["depth"], t["seed"])] for t in trials if (t["depth"], t["seed"]) in base]
+    n = len(diffs)
+    if n == 0:
+        return {"mean": math.nan, "se": math.nan, "prompts": 0}
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": mean, "se": se, "prompts": n}
+
+
+def long_context_study(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    config: CompareConfig,
+    methods: list[Method],
+    kl: Mapping[Method, float],
+    say: Stages,
+) -> dict:
+    """Every task of ``config.long_context_tasks`` under the study's conditions (module docstring); ``kl`` is each
+    method's KL on the headline evaluation (to find the best fixed scheme). JSON-ready:
+    ``{"settings", "conditions": {label: meta}, "tasks": {task: {"settings", "results": {label: ...}}}, "seconds"}``
+    where each result is the task's JSON plus ``accuracy_low``/``accuracy_high`` and ``logprob_change``."""
+    conditions: dict[str, Condition] = {"full precision": FullPrecision()}
+    meta: dict[str, dict] = {"full precision": {"roles": ["reference"], "method": FULL_PRECISION, "budget": None}}
+    runs: list[tuple[str, Method]] = []  # (label, method) of the quantized conditions run
+    for role, method in study_methods(config, methods, kl):
+        label = next((lb for lb, m in runs if m is method or _same_cache(m, method)), None)
+        if label is None:
+            label = _label(method)
+            runs.append((label, method))
+            conditions[label] = method.condition
+            meta[label] = {"roles": [], "method": method.method, "budget": method.budget, "design": method.design}
+        if role not in meta[label]["roles"]:
+            meta[label]["roles"].append(role)
+    if "hqq" in config.peers:
+        label = f"HF QuantizedCache HQQ {HQQ_BITS}-bit"
+        conditions[label] = PeerCache(hqq_cache_factory(loaded, config.residual), label=label)
+        meta[label] = {"roles": ["peer"], "method": "hqq", "budget": float(HQQ_BITS), "group": HQQ_GROUP}
+    start = time.perf_counter()
+    tasks = {}
+    for task in study_tasks(config):
+        name, prompts = task.name, len(task.depths) * task.trials
+        say(f"{name}: {len(conditions)} conditions x {prompts} prompts at {task.context} tokens")
+        outcome = task.run(loaded, corpus, conditions, progress=say.enabled)
+        reference = outcome.results["full precision"]["trials_detail"]
+        results = {}
+        for label, r in outcome.results.items():
+            right = sum(t["correct"] for t in r["trials_detail"])
+            low, high = wilson_interval(right, r["trials"])
+            change = paired_change(r["trials_detail"], reference)
+            results[label] = {**r, "accuracy_low": low, "accuracy_high": high, "logprob_change": change}
+        tasks[name] = {"settings": outcome.settings, "results": results}
+    return {
+        "settings": {
+            "context": config.passkey_context,
+            "depths": list(config.passkey_depths),
+            "trials_per_depth": config.passkey_trials,
+            "prefill_chunk": config.prefill_chunk or DEFAULT_PREFILL_CHUNK,
+            "focus_design": config.focus_design,
+        },
+        "conditions": meta,
+        "tasks": tasks,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+__all__ = ["hqq_cache_factory", "long_context_study", "paired_change", "study_methods", "study_tasks"]
