@@ -3,7 +3,8 @@ condition, and how far each condition moves the answer's log-probability from fu
 
 For each task of ``config.long_context_tasks`` (passkey and the RULER-style tasks of
 :data:`ratequant.evaluation.tasks.TASKS`) at ``config.passkey_context`` tokens, ``passkey_depths`` x
-``passkey_trials`` seeded prompts run, prefilled ``prefill_chunk`` tokens at a time (default 1,024), under:
+``passkey_trials`` seeded prompts run, prefilled ``prefill_chunk`` tokens at a time (default 512, as
+``ratequant eval``), under:
 
 * full precision (``DynamicCache``);
 * at each budget of ``passkey_budgets``, for ``focus_design``: the best fixed scheme (the uniform width or K/V

@@ -1,0 +1,123 @@
+"""The long-context section of a comparison: which conditions it runs, the paired log-probability change, the
+peer cache and the checks made before any work."""
+
+from __future__ import annotations
+
+import math
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
+from ratequant.compat import model_geometry
+from ratequant.errors import RateQuantError
+from ratequant.evaluation.conditions import FullPrecision, PeerCache, Simulated
+from ratequant.evaluation.tasks import get_task
+from ratequant.inputs.corpora import Corpus
+from ratequant.inputs.models import LoadedModel
+from ratequant.lab.config import CompareConfig
+from ratequant.lab.long_context import paired_change, study_methods, study_tasks
+from ratequant.lab.methods import Method
+from ratequant.lab.report.tables import long_context_of, long_context_table
+from ratequant.quantizers import get_quantizer
+from ratequant.spec import KVQuantSpec
+from tests.conftest import tiny_model, tiny_tokenizer
+from tests.evaluation.test_needles import haystack
+
+
+def trial(depth: float, seed: int, logprob: float, correct: bool = True) -> dict:
+    return {"depth": depth, "seed": seed, "logprob": logprob, "correct": correct}
+
+
+def test_paired_change_by_hand():
+    reference = [trial(0.1, 1, -1.0), trial(0.5, 2, -2.0), trial(0.9, 3, -0.5)]
+    # changes -0.5, -1.0, 0.0 (the prompt of seed 4 has no reference and is left out): mean -0.5,
+    # sample standard deviation 0.5, standard error 0.5 / sqrt(3)
+    trials = [trial(0.1, 1, -1.5), trial(0.5, 2, -3.0), trial(0.9, 3, -0.5), trial(0.9, 4, -9.0)]
+    change = paired_change(trials, reference)
+    assert change["prompts"] == 3
+    assert change["mean"] == pytest.approx(-0.5) and change["se"] == pytest.approx(0.5 / math.sqrt(3))
+    assert paired_change(trials[:1], reference) == {"mean": pytest.approx(-0.5), "se": 0.0, "prompts": 1}
+    assert paired_change(trials, [])["prompts"] == 0 and math.isnan(paired_change(trials, [])["mean"])
+
+
+def method(name: str, label: str, budget: float, widths: tuple[int, int], design: str = "kivi") -> Method:
+    bits = np.zeros((2, 2, 2), dtype=int)
+    bits[0], bits[1] = widths
+    spec = KVQuantSpec(bits, get_quantizer(design), residual_length=128)
+    return Method(name, label, design, budget, sum(widths) / 2, widths[0], widths[1], 1.0, Simulated(spec), bits=bits)
+
+
+def test_the_study_runs_the_best_fixed_split_ratequant_the_default_plan_and_2_bits():
+    methods = [
+        method("uniform", "uniform 2", 2.0, (2, 2)),
+        k3v2 := method("kv-split", "K3V2", 2.5, (3, 2)),
+        method("kv-split", "K2V3", 2.5, (2, 3)),
+        rq := method("ratequant", "RateQuant", 2.5, (3, 2)),
+        default := method("default", "default plan (RateQuant)", 2.5, (3, 2)),
+        method("layerwise", "layerwise", 2.5, (2, 3)),
+        method("kv-split", "K3V2", 2.5, (3, 2), design="uniform"),
+    ]
+    kl = dict.fromkeys(methods, 0.1) | {k3v2: 0.05}
+    config = CompareConfig(budgets=(2.0, 2.5), designs=("kivi", "uniform"), passkey_budgets=(2.5,))
+    chosen = study_methods(config, methods, kl)
+    assert [(role, m.label) for role, m in chosen] == [
+        ("best fixed", "K3V2"),
+        ("ratequant", "RateQuant"),
+        ("default", "default plan (RateQuant)"),
+        ("2-bit", "uniform 2"),
+    ]
+    assert chosen[1][1] is rq and chosen[2][1] is default and all(m.design == "kivi" for _, m in chosen)
+    kl[methods[2]] = 0.01  # K2V3 now has the least KL
+    assert study_methods(config, methods, kl)[0][1].label == "K2V3"
+
+
+def test_bad_long_context_settings_are_refused_in_one_line(monkeypatch):
+    for tasks in (("perplexity",), ("passkey", "passkey"), ("niah-everything",), ()):
+        with pytest.raises(RateQuantError, match="long_context_tasks must be distinct names among passkey"):
+            CompareConfig(long_context_tasks=tasks)
+    assert study_tasks(CompareConfig(peers=("hqq",))) == []  # the study is off: nothing to check
+    monkeypatch.setitem(sys.modules, "hqq", None)  # import hqq now raises ImportError
+    with pytest.raises(RateQuantError, match=r"the hqq peer needs the hqq package: pip install -e '\.\[bench\]'"):
+        study_tasks(CompareConfig(peers=("hqq",), passkey_context=512, passkey_budgets=(2.0,)))
+    tasks = study_tasks(CompareConfig(passkey_context=512, passkey_budgets=(2.0,), long_context_tasks=("niah-single",)))
+    assert [(t.name, t.context, t.prefill_chunk) for t in tasks] == [("niah-single", 512, DEFAULT_PREFILL_CHUNK)]
+
+
+def test_a_peer_cache_runs_the_retrieval_tasks_as_its_own_cache_does():
+    """A peer condition decodes through the cache it makes: with ``DynamicCache`` it is full precision exactly."""
+    model = tiny_model("llama", max_position_embeddings=1024)
+    loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
+    corpus = Corpus("test", haystack(10, seed=1), haystack())
+    made = []
+
+    def make_cache():
+        made.append(DynamicCache())
+        return made[-1]
+
+    task = get_task("niah-single", context=400, depths=(0.5,), trials=2, prefill_chunk=64)
+    outcome = task.run(loaded, corpus, {"fp": FullPrecision(), "peer": PeerCache(make_cache)}, progress=False)
+    full, peer = outcome.scores["fp"], outcome.scores["peer"]
+    assert len(made) >= 2  # a fresh cache per prompt
+    assert [t.logprob for t in peer.trials_detail] == pytest.approx([t.logprob for t in full.trials_detail], abs=1e-5)
+    window = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))  # one pass through it
+    expected = FullPrecision().log_probs(model, window, 20)
+    assert PeerCache(DynamicCache).log_probs(model, window, 20).sub(expected).abs().max() < 1e-4
+
+
+def test_the_report_reads_results_saved_with_a_passkey_study():
+    detail = [trial(0.5, 7, -0.2), trial(0.5, 8, -0.4, correct=False)]
+    old = {"settings": {"context": 4096, "depths": [0.5], "trials_per_depth": 2, "seed": 0}, "results": {}}
+    old["results"]["full precision"] = {"trials": 2, "mean_logprob": -0.3, "trials_detail": detail}
+    worse = [trial(0.5, 7, -1.2, correct=False), trial(0.5, 8, -0.4, correct=False)]
+    old["results"]["uniform 2 (2 bits)"] = {"trials": 2, "mean_logprob": -0.8, "trials_detail": worse}
+    study = long_context_of(SimpleNamespace(extra={"passkey": old}))
+    assert list(study["tasks"]) == ["passkey"] and study["settings"]["context"] == 4096
+    table = long_context_table(study, "passkey")
+    assert "| full precision |  | 50% (9%–91%) | -0.300 | — | 2 |" in table
+    assert "| uniform 2 (2 bits) |  | 0% (0%–66%) | -0.800 | -0.500 ± 0.500 | 2 |" in table
+    assert long_context_of(SimpleNamespace(extra={})) is None
