@@ -25,8 +25,9 @@ from tests.conftest import TINY, tiny_model, tiny_tokenizer
 
 KIVI4 = get_quantizer("kivi", group_size=4)
 QUAROT = get_quantizer("quarot")
-PACKED = {"kivi": KIVI4, "quarot": QUAROT}
-"""A min-max design and a rotated one (attending in the rotated space): the designs the fused call serves."""
+PACKED = {"kivi": KIVI4, "quarot": QUAROT, "turbo": get_quantizer("turbo")}
+"""A min-max design and the rotated ones (attending in the rotated space; turbo with its codebook as the kernel's
+table of code values): the designs the fused call serves."""
 
 
 def spec_for(model, quantizer, *, seed=0, low=1, residual=8, sinks=1):
@@ -107,13 +108,13 @@ def test_grouped_query_ratios(kv_heads, design):
     assert_same(model, spec_for(model, PACKED[design], seed=2), ids_for(seed=2), served=True)
 
 
-@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize("design", ["quarot", "quarot-g8", "turbo"])
 @pytest.mark.parametrize(("sinks", "residual"), [(0, 0), (1, 8), (3, 16), (4, 0)])
-def test_rotated_design_with_sinks_and_residual_windows(sinks, residual, group_size):
-    """quarot attends in the rotated space: the query rotated once, the full-precision sinks and tail rotated per
-    step, the output rotated back; every width (low=1), with and without sinks and a residual window."""
+def test_rotated_design_with_sinks_and_residual_windows(sinks, residual, design):
+    """quarot and turbo attend in the rotated space: the query rotated once, the full-precision sinks and tail
+    rotated per step, the output rotated back; every width (low=1), with and without sinks and a residual window."""
     model = tiny_model("llama", seed=13)
-    quantizer = get_quantizer("quarot", group_size=group_size)
+    quantizer = {"quarot": QUAROT, "quarot-g8": get_quantizer("quarot", group_size=8), "turbo": PACKED["turbo"]}[design]
     spec = spec_for(model, quantizer, seed=13, residual=residual, sinks=sinks)
     assert_same(model, spec, ids_for(seed=13), served=True)
     assert_same(model, spec, ids_for(seed=14), step=3, served=True)  # several query tokens, a causal mask
@@ -153,13 +154,15 @@ def test_sixteen_bit_models(dtype, design):
 @pytest.mark.skipif(not native.available(), reason="native kernel not built")
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("kind", ["key", "value"])
-@pytest.mark.parametrize("design", ["kivi", "uniform", "quarot", "quarot-g8"])
+@pytest.mark.parametrize("design", ["kivi", "uniform", "quarot", "quarot-g8", "turbo", "turbo-f32"])
 def test_kernel_scores_and_weighted_values_equal_decode_then_matmul(bits, design, kind):
     quantizer = {
         "kivi": KIVI4,
         "uniform": get_quantizer("uniform", group_size=8),
         "quarot": QUAROT,
         "quarot-g8": get_quantizer("quarot", group_size=8, clip_ratio=0.9),
+        "turbo": get_quantizer("turbo", seed=3),
+        "turbo-f32": get_quantizer("turbo", scale_dtype="float32"),
     }[design]
     check_kernel(quantizer, bits, kind, tokens=8)
 
@@ -280,7 +283,7 @@ def test_fused_layer_call_equals_its_definition(case):
 def test_only_stores_the_kernel_serves_are_read_packed():
     model = tiny_model("llama", seed=9)
     ids = ids_for(tokens=30, seed=9)
-    for design, served in (("kivi", native.available()), ("quarot", native.available()), ("turbo", False)):
+    for design, served in (("kivi", native.available()), ("quarot", native.available()), ("turbo", native.available())):
         quantizer = KIVI4 if design == "kivi" else get_quantizer(design)
         cache = RateQuantCache(spec_for(model, quantizer, seed=9, low=2), model=model)
         with torch.no_grad():

@@ -15,26 +15,26 @@ and kv head,
   groups as ``(p * s) * c``, the ``p * z`` terms summed apart).
 
 A step is one native call per layer (:func:`ratequant.kernels.native.attend_layer`: every bit group of both kinds,
-sinks, tail, mask, soft-capping and softmax) for the min-max designs (``uniform``, ``kivi``; ``quarot`` in its
-rotated space, below) on the CPU; where that call declines its arguments, the same step is composed op by op
-(:func:`scores` and :func:`weighted_values` dispatch per bit group to the kernel's
-:meth:`~ratequant.kernels.native.PreparedDecode.attend`, with a decode-then-``matmul`` branch as a safety net; a GPU
-kernel would be one more branch there).
+sinks, tail, mask, soft-capping and softmax) for every design on the CPU: the min-max designs (``uniform``,
+``kivi``) as stored, ``quarot`` and ``turbo`` in their rotated space (below); where that call declines its
+arguments, the same step is composed op by op (:func:`scores` and :func:`weighted_values` dispatch per bit group
+to the kernel's :meth:`~ratequant.kernels.native.PreparedDecode.attend`, with a decode-then-``matmul`` branch as a
+safety net; a GPU kernel would be one more branch there).
 
-Rotated designs whose stored rows are a min-max layout (``quarot``: a Hadamard rotation ``H``, then per-token
-min-max) attend in the rotated space, exactly as orthogonality allows (:meth:`KindStore.rotation`): the query
-rows are rotated once, ``q' = q R_k``, the full-precision sinks and tail once per step (``R`` is orthogonal, so
+Rotated designs attend in the rotated space, exactly as orthogonality allows (:meth:`KindStore.rotation`):
+``quarot`` stores a Hadamard rotation ``H`` of each token in per-token min-max, ``turbo`` a random rotation in a
+Lloyd-Max codebook that the kernel reads as its table of code values (``gain * levels[code]``). The query rows
+are rotated once, ``q' = q R_k``, the full-precision sinks and tail once per step (``R`` is orthogonal, so
 ``q' . (k R_k) = q . k``), the kernel scores ``q'`` against the stored rotated codes and accumulates the rotated
 values, and the output is rotated back once per step and kv head, ``o = o' R_v^T``. The history is never
 decoded nor unrotated.
 
 A cache layer hands its stores over only where the kernel serves them (:meth:`KindStore.reads_packed`): CUDA
-tensors, ``turbo`` (a Lloyd-Max codebook, not a min-max grid the kernel reads) and a missing kernel keep the
-decode path, which is faster there. Longer forward passes (prefill pieces) attend block by block on the CPU
-(:func:`attention_in_blocks`): each block of the history is decoded to float32 and attended with PyTorch's
-fused kernel, the blocks merged by their log-sum-exp, so a piece late in a long prompt never holds the decoded
-history (two float32 copies of every key and value) nor a float mask over it. Attention calls that do not
-come from a cache in this mode take the model's own attention.
+tensors and a missing kernel keep the decode path, which is faster there. Longer forward passes (prefill pieces)
+attend block by block on the CPU (:func:`attention_in_blocks`): each block of the history is decoded to float32
+and attended with PyTorch's fused kernel, the blocks merged by their log-sum-exp, so a piece late in a long prompt
+never holds the decoded history (two float32 copies of every key and value) nor a float mask over it. Attention
+calls that do not come from a cache in this mode take the model's own attention.
 
 How a pass gets here. ``RateQuantCache(spec, model=model)`` (and :meth:`~ratequant.cache.RateQuantCache.from_plan`)
 routes the model's attention through :func:`cache_attention` (:func:`route_packed`), for every thread and for

@@ -290,7 +290,7 @@ class KindStore:
 
     def reads_packed(self) -> bool:
         """True when attention can read every stored chunk straight from its codes with the native kernel (CPU
-        tensors, a min-max design, or a min-max layout after a rotation as ``quarot``'s: :meth:`rotation`);
+        tensors; a min-max design, or rows after a rotation as ``quarot``'s and ``turbo``'s: :meth:`rotation`);
         otherwise the decode path is the faster one."""
         if self.residual is None or self.residual.device.type != "cpu" or not native.available():
             return False

@@ -3,7 +3,10 @@
  *
  * decode_minmax computes for every stored element
  *
- *     out = (float)code * (float)scale + (float)zero        (two separately rounded float32 operations)
+ *     out = value(code) * (float)scale + (float)zero        (two separately rounded float32 operations)
+ *
+ * where value(code) is the code itself on a min-max grid, or levels[code] when the block comes with a codebook
+ * of 2^bits float32 levels (turbo's Lloyd-Max levels after its rotation; levels address 0: none)
  *
  * and rounds the float32 result to the output dtype (float32, float16 or bfloat16, round to nearest even),
  * exactly as the PyTorch reference path (ratequant.quantizers._minmax.minmax_values_into) does, so both
@@ -115,8 +118,12 @@ static inline uint32_t code_at(const uint8_t *row, Py_ssize_t j, int bits) {
     return v & ((1u << bits) - 1u);
 }
 
+/* What code c stands for: c itself (min-max grids), or levels[c] (a codebook, e.g. turbo's Lloyd-Max levels). */
+static inline float code_value(uint32_t c, const float *levels) { return levels != NULL ? levels[c] : (float)c; }
+
 typedef struct {
     const uint8_t *codes;
+    const float *levels; /* NULL: codes are grid steps; else the value of code c is levels[c] (2^bits floats) */
     int bits;
     Py_ssize_t D, n, B, H, T;
     const void *scale, *zero;
@@ -149,13 +156,13 @@ static inline void store_row(const DecodeArgs *a, Py_ssize_t offset, const float
         for (Py_ssize_t d = 0; d < a->D; ++d) o[d] = f32_to_bf16(vals[d]);
 }
 
-/* dst[d] = (float)code_d * scale[d / g] + zero[d / g], the product and the sum rounded separately. */
-static void decode_row_scalar(const uint8_t *row, int bits, Py_ssize_t D, Py_ssize_t g, const float *scale,
-                              const float *zero, float *restrict dst) {
+/* dst[d] = code_value(code_d) * scale[d / g] + zero[d / g], the product and the sum rounded separately. */
+static void decode_row_scalar(const uint8_t *row, int bits, const float *levels, Py_ssize_t D, Py_ssize_t g,
+                              const float *scale, const float *zero, float *restrict dst) {
     for (Py_ssize_t k = 0; k < D / g; ++k) {
         const float s = scale[k], z = zero[k];
         for (Py_ssize_t d = k * g; d < (k + 1) * g; ++d) {
-            float v = (float)code_at(row, d, bits) * s;
+            float v = code_value(code_at(row, d, bits), levels) * s;
             dst[d] = v + z;
         }
     }
@@ -187,7 +194,7 @@ static inline void row_scalar(const DecodeArgs *a, const uint8_t *row, const uin
                               const float *zero, Py_ssize_t offset, float *vals) {
     (void)end;
     float *dst = a->out_dtype == DT_FLOAT32 ? (float *)a->out + offset : vals;
-    decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, dst);
+    decode_row_scalar(row, a->bits, a->levels, a->D, a->meta_group, scale, zero, dst);
     if (a->out_dtype != DT_FLOAT32) store_row(a, offset, vals);
 }
 
@@ -206,12 +213,14 @@ static inline int group_loads_pass_end(const uint8_t *row, const uint8_t *end, i
     return row + (D / 8 - 1) * bits + 8 > end;
 }
 
-/* The 8 codes of the group at p (see the packed-row note above) as float32; reads 8 bytes at p. */
-AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m256i mask) {
+/* The values of the 8 codes of the group at p (see the packed-row note above; code_value) as float32; reads 8
+ * bytes at p. */
+AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m256i mask, const float *levels) {
     uint64_t w;
     memcpy(&w, p, 8);
     const __m256i v = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w >> (4 * bits))), _mm_set1_epi32((int)(uint32_t)w));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask));
+    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+    return levels != NULL ? _mm256_i32gather_ps(levels, c, 4) : _mm256_cvtepi32_ps(c);
 }
 
 /* Store 8 float32 values at element `at` of the output, rounded to its dtype to nearest even (F16C for
@@ -246,14 +255,14 @@ AVX2 static inline void row_avx2(const DecodeArgs *a, const uint8_t *row, const 
         row_scalar(a, row, end, scale, zero, offset, vals);
     } else if (g == 1) {
         for (Py_ssize_t d = 0; d < D; d += 8, p += bits) {
-            const __m256 prod = _mm256_mul_ps(codes8(p, bits, shifts, mask), _mm256_loadu_ps(scale + d));
+            const __m256 prod = _mm256_mul_ps(codes8(p, bits, shifts, mask, a->levels), _mm256_loadu_ps(scale + d));
             store8(a, offset + d, _mm256_add_ps(prod, _mm256_loadu_ps(zero + d)));
         }
     } else {
         for (Py_ssize_t k = 0; k < D / g; ++k) {
             const __m256 s = _mm256_set1_ps(scale[k]), z = _mm256_set1_ps(zero[k]);
             for (Py_ssize_t d = k * g; d < (k + 1) * g; d += 8, p += bits)
-                store8(a, offset + d, _mm256_add_ps(_mm256_mul_ps(codes8(p, bits, shifts, mask), s), z));
+                store8(a, offset + d, _mm256_add_ps(_mm256_mul_ps(codes8(p, bits, shifts, mask, a->levels), s), z));
         }
     }
 }
@@ -276,10 +285,10 @@ static void decode_rows(const DecodeArgs *a, float *scale, float *zero, float *v
 
 static PyObject *decode_minmax(PyObject *self, PyObject *args) {
     (void)self;
-    Py_ssize_t codes, scale, zero, out;
+    Py_ssize_t codes, scale, zero, levels, out;
     DecodeArgs a;
-    if (!PyArg_ParseTuple(args, "nin(nnnn)nninnnni(nnnn)", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T,
-                          &scale, &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &out,
+    if (!PyArg_ParseTuple(args, "nin(nnnn)nninnnnni(nnnn)", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T,
+                          &scale, &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &levels, &out,
                           &a.out_dtype, &a.s_n, &a.s_b, &a.s_h, &a.s_t))
         return NULL;
     if (a.bits < 1 || a.bits > 8 || a.D < 1 || a.n < 0 || a.B < 0 || a.H < 0 ||
@@ -289,6 +298,7 @@ static PyObject *decode_minmax(PyObject *self, PyObject *args) {
         return NULL;
     }
     a.codes = (const uint8_t *)codes;
+    a.levels = (const float *)levels;
     a.scale = (const void *)scale;
     a.zero = (const void *)zero;
     a.out = (void *)out;
@@ -361,7 +371,7 @@ static ALWAYS_INLINE void attend_rows(const DecodeArgs *a, const AttendArgs *w, 
 static inline void row_f32_scalar(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, const float *scale,
                                   const float *zero, float *vals) {
     (void)end;
-    decode_row_scalar(row, a->bits, a->D, a->meta_group, scale, zero, vals);
+    decode_row_scalar(row, a->bits, a->levels, a->D, a->meta_group, scale, zero, vals);
 }
 
 static void attend_rows_scalar(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero, float *vals) {
@@ -404,15 +414,16 @@ AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, floa
  * not bit for bit (the decode kernel above stays bit-identical to PyTorch; these paths need not). */
 #define FOLDED __attribute__((target("avx2,fma,f16c")))
 
-/* The D codes of a row as float32 (no scale, no zero) into cf. */
-FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int bits, Py_ssize_t D, float *cf) {
+/* The values of a row's D codes (code_value: no scale, no zero) as float32 into cf. */
+FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int bits, const float *levels,
+                                    Py_ssize_t D, float *cf) {
     if (group_loads_pass_end(row, end, bits, D)) {
-        for (Py_ssize_t d = 0; d < D; ++d) cf[d] = (float)code_at(row, d, bits);
+        for (Py_ssize_t d = 0; d < D; ++d) cf[d] = code_value(code_at(row, d, bits), levels);
         return;
     }
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
-    for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask));
+    for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask, levels));
 }
 
 /* count metadata values from index first as float32 into dst: load_meta's conversion, 8 at a time for
@@ -460,7 +471,7 @@ FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float
                         qz[g] = hsum8(z);
                     }
                 n = left >= TILE && t + TILE <= a->T ? TILE : 1;
-                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, D, cf + j * D);
+                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, a->levels, D, cf + j * D);
                 float *o = w->out + bh * L + w->off + c * a->T + t;
                 for (Py_ssize_t g = 0; g < G; ++g, o += L) {
                     const float *qg = qs + g * D;
@@ -515,7 +526,7 @@ FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float
                 meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale); /* the tile's n rows, contiguous */
                 meta_f32(a->zero, a->meta_dtype, m * K, n * K, zero);
                 m += n;
-                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, D, cf + j * D);
+                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, a->levels, D, cf + j * D);
                 for (Py_ssize_t g = 0; g < G; ++g) {
                     const float *p = w->q + (bh + g) * L + w->off + c * a->T + t;
                     float *o = w->out + (bh + g) * D, *zs = zsum + (local + g) * K;
@@ -586,17 +597,19 @@ static int attend_block(DecodeArgs *a, const AttendArgs *w) {
 
 static PyObject *attend_minmax(PyObject *self, PyObject *args) {
     (void)self;
-    Py_ssize_t codes, scale, zero, q, out;
+    Py_ssize_t codes, scale, zero, levels, q, out;
     DecodeArgs a;
     AttendArgs w;
-    if (!PyArg_ParseTuple(args, "nin(nnnn)nninnninnn", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T, &scale,
-                          &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &w.mode, &w.G, &q, &out))
+    if (!PyArg_ParseTuple(args, "nin(nnnn)nninnnninnn", &codes, &a.bits, &a.D, &a.n, &a.B, &a.H, &a.T, &scale,
+                          &zero, &a.meta_dtype, &a.meta_rows, &a.meta_cols, &a.meta_group, &levels, &w.mode, &w.G,
+                          &q, &out))
         return NULL;
     if (!layout_valid(&a) || w.mode < 0 || w.mode > 1 || w.G < 1) {
         PyErr_SetString(PyExc_ValueError, "attend_minmax: invalid layout arguments");
         return NULL;
     }
     a.codes = (const uint8_t *)codes;
+    a.levels = (const float *)levels;
     a.scale = (const void *)scale;
     a.zero = (const void *)zero;
     w.q = (const float *)q;
@@ -805,7 +818,7 @@ FOLDED static int attend_layer_avx2(const Layer *l, Kind *keys, Kind *values) {
 #endif
 
 /* A kind's arguments: (dtype, (sink address, length, strides b, h, t), (tail ...), groups), each group
- * (codes, bits, chunks, T, scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, heads). */
+ * (codes, bits, chunks, T, scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, levels, heads). */
 static int parse_kind(PyObject *arg, Kind *k, Py_ssize_t B, Py_ssize_t H, Py_ssize_t D, Py_ssize_t n) {
     Py_ssize_t sink, tail;
     PyObject *groups;
@@ -819,13 +832,14 @@ static int parse_kind(PyObject *arg, Kind *k, Py_ssize_t B, Py_ssize_t H, Py_ssi
     Py_ssize_t seen = 0, P = -1;
     for (Py_ssize_t g = 0; ok && g < k->groups; ++g) {
         DecodeArgs *a = &k->block[g];
-        Py_ssize_t codes, scale, zero;
+        Py_ssize_t codes, scale, zero, levels;
         PyObject *heads;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(groups, g), "ninnnninnnO!", &codes, &a->bits, &a->n, &a->T, &scale,
-                              &zero, &a->meta_dtype, &a->meta_rows, &a->meta_cols, &a->meta_group, &PyTuple_Type,
-                              &heads))
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(groups, g), "ninnnninnnnO!", &codes, &a->bits, &a->n, &a->T, &scale,
+                              &zero, &a->meta_dtype, &a->meta_rows, &a->meta_cols, &a->meta_group, &levels,
+                              &PyTuple_Type, &heads))
             return 0;
         a->codes = (const uint8_t *)codes, a->scale = (const void *)scale, a->zero = (const void *)zero;
+        a->levels = (const float *)levels;
         a->D = D, a->B = B, a->H = PyTuple_GET_SIZE(heads);
         ok = layout_valid(a) && a->H <= MAX_GROUP_HEADS && (P < 0 || P == a->n * a->T);
         P = a->n * a->T;
@@ -886,10 +900,10 @@ static PyObject *attend_layer(PyObject *self, PyObject *args) {
 static PyMethodDef METHODS[] = {
     {"decode_minmax", decode_minmax, METH_VARARGS,
      "decode_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
-     "out, out_dtype, (s_n, s_b, s_h, s_t)): fused unpack + min-max decode; see ratequant.kernels.native."},
+     "levels, out, out_dtype, (s_n, s_b, s_h, s_t)): fused unpack + min-max decode; see ratequant.kernels.native."},
     {"attend_minmax", attend_minmax, METH_VARARGS,
      "attend_minmax(codes, bits, D, (n, B, H, T), scale, zero, meta_dtype, meta_rows, meta_cols, meta_group, "
-     "mode, G, q_or_p, out): attention scores (mode 0) or weighted values (mode 1) from packed rows."},
+     "levels, mode, G, q_or_p, out): attention scores (mode 0) or weighted values (mode 1) from packed rows."},
     {"attend_layer", attend_layer, METH_VARARGS,
      "attend_layer(q, out, (B, H, R, D, t, n), keys, values, mask, mask_batch_stride, softcap): one layer's "
      "attention step from sinks, packed bit groups and tail; see ratequant.kernels.native."},
@@ -905,7 +919,7 @@ static struct PyModuleDef MODULE = {
 };
 
 /* Raised whenever the functions' arguments change, so that ratequant.kernels.native refuses a stale build. */
-#define NATIVE_ABI 3
+#define NATIVE_ABI 4
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *module = PyModule_Create(&MODULE);

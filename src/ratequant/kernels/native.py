@@ -25,7 +25,7 @@ import torch
 from ratequant.kernels.packing import packed_size
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ABI = 3  # NATIVE_ABI in _native.c
+_ABI = 4  # NATIVE_ABI in _native.c
 
 
 def _load():
@@ -86,15 +86,18 @@ class PreparedDecode:
 
     __slots__ = ("_args", "_head", "_meta", "_shape", "_tensors")
 
-    def __init__(self, codes, bits, scale, zero, meta_rows, meta_cols, meta_group):
+    def __init__(self, codes, bits, scale, zero, meta_rows, meta_cols, meta_group, levels=None):
         n, h, t, _ = codes.shape
-        self._tensors = (codes, scale, zero)
+        self._tensors = (codes, scale, zero, levels)
         self._shape = (n, h, t, meta_cols * meta_group)
         self._head = (codes.data_ptr(), bits, self._shape[3])
-        self._meta = (scale.data_ptr(), zero.data_ptr(), _DTYPE_CODES[scale.dtype], meta_rows, meta_cols, meta_group)
+        dtype, address = _DTYPE_CODES[scale.dtype], 0 if levels is None else levels.data_ptr()
+        self._meta = (scale.data_ptr(), zero.data_ptr(), dtype, meta_rows, meta_cols, meta_group, address)
         self._args = {}
 
     def decode(self, out: torch.Tensor) -> bool:
+        """Write the block into ``out`` (see :func:`prepare_minmax_decode`); False, writing nothing, when the
+        kernel is unavailable in this thread or ``out`` does not fit."""
         if not available() or out.dtype not in _DTYPE_CODES or out.device.type != "cpu" or out.stride(-1) != 1:
             return False
         n, h, t, d = self._shape
@@ -237,10 +240,12 @@ def prepare_minmax_decode(
     zero: torch.Tensor,
     meta_rows: int,
     meta_group: int,
+    levels: torch.Tensor | None = None,
 ) -> PreparedDecode | None:
     """Check a packed min-max block once for the kernel; None when the kernel cannot decode it.
 
-    The block decodes to ``codes * scale + zero`` (float32 arithmetic, rounded to the output dtype).
+    The block decodes to ``codes * scale + zero`` (float32 arithmetic, rounded to the output dtype), or with
+    ``levels`` (a codebook: float32 ``[2**bits]``, contiguous, on the CPU) to ``levels[codes] * scale + zero``.
 
     Args:
         codes: packed ``uint8 [N, H, T, ceil(D * bits / 8)]``, contiguous (:mod:`ratequant.kernels.packing`).
@@ -259,6 +264,11 @@ def prepare_minmax_decode(
     tensors = (codes, scale, zero)
     if any(x.device.type != "cpu" or not x.is_contiguous() for x in tensors):
         return None
+    if levels is not None and (
+        levels.dtype != torch.float32 or levels.device.type != "cpu" or not levels.is_contiguous()
+        or tuple(levels.shape) != (1 << bits,)
+    ):  # fmt: skip
+        return None
     if scale.dtype not in _DTYPE_CODES or zero.dtype != scale.dtype or meta_rows < 1 or meta_group < 1:
         return None
     n, h, t, row_bytes = codes.shape
@@ -267,7 +277,7 @@ def prepare_minmax_decode(
     meta_cols = d // meta_group
     if scale.numel() != n * h * t // meta_rows * meta_cols or zero.numel() != scale.numel():
         return None
-    return PreparedDecode(codes, bits, scale, zero, meta_rows, meta_cols, meta_group)
+    return PreparedDecode(codes, bits, scale, zero, meta_rows, meta_cols, meta_group, levels)
 
 
 __all__ = ["PreparedDecode", "attend_layer", "available", "describe", "disabled", "prepare_minmax_decode"]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ratequant.errors import RateQuantError
+from ratequant.kernels import native
 from ratequant.quantizers._minmax import PackedDesign
-from ratequant.quantizers.base import register
+from ratequant.quantizers.base import QuantizedTensor, register
 from ratequant.validation import check_int
 
 
@@ -204,3 +205,21 @@ class Turbo(PackedDesign):
         y_hat = _levels_at(levels, codes.to(torch.int32))
         rot = random_rotation(codes.shape[-1], self.seed, codes.device)
         return torch.matmul(y_hat, rot.T) * meta["scale"].to(torch.float32)
+
+    def attend_rotation(self, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``R`` ``[head_dim, head_dim]``: ``dequantize(q) == rows @ R.T`` for the rotated rows ``gain * levels[codes]``
+        that :meth:`prepare_attend` serves."""
+        return random_rotation(head_dim, self.seed, device)
+
+    def prepare_attend(self, q: QuantizedTensor):
+        """The native kernel over the *rotated* rows ``levels[codes] * gain`` (the Lloyd-Max codebook as the
+        kernel's table of code values, one gain per token and no offset): callers rotate the queries by ``R`` and
+        the weighted values back by ``R.T`` (:meth:`attend_rotation`). None where the kernel is missing or the
+        block does not fit it."""
+        if not {"codes", "scale"} <= q.tensors.keys():
+            return None
+        b, h, t, d = q.shape
+        scale = q.tensors["scale"]
+        levels, _ = codebook_tensors(q.bits, scale.device)
+        codes = q.tensors["codes"].view(b, h, t, -1)
+        return native.prepare_minmax_decode(codes, q.bits, d, scale, torch.zeros_like(scale), 1, d, levels)
