@@ -37,7 +37,9 @@ median step time of ``--new-tokens`` greedy single-token forwards, after ``--war
 ``--batch N``, N distinct windows decoded together and tokens per second counting all of them), the
 cache's real bytes after decoding (every tensor it holds: packed codes, metadata, residual windows, buffers)
 against a float16 ``DynamicCache`` of the same length, and the process's peak resident memory during the
-prefill and warm-up above its level before them (sampled from ``/proc/self/statm``; Linux only, else null).
+prefill and warm-up above its level before them (sampled from ``/proc/self/statm``; Linux only, else null). Greedy tokens are compared with ``dynamic``'s
+(``tokens_match_dynamic``) and, for the mixed plan's other paths (packed, plain, torch, buffer), with its decode
+path's (``tokens_match_decode_path``: every token equal is what the fast path promises, for every design).
 
 Fairness on a shared machine: every cache is prefilled first (in a rotating order per context); then the
 timed decode steps are interleaved, one step of each cache in turn (the order rotating every step), so a
@@ -422,8 +424,20 @@ def main(argv=None) -> int:
         if r["condition"] == "no-history":
             base = None  # another prompt: its tokens are not comparable
         r["tokens_match_dynamic"] = None if base is None else sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
+        # the same plan's other paths against its decode path (the history decoded every step): the greedy tokens
+        # must be identical, whatever the design
+        decode = next((b for b in rows if b["context"] == r["context"] and b["condition"] == "rq-mixed-2.5"), None)
+        same_plan = r["condition"].startswith("rq-mixed-2.5") and r["condition"] != "rq-mixed-2.5"
+        r["tokens_match_decode_path"] = (
+            sum(a == b for a, b in zip(r["tokens"], decode["tokens"])) if decode and same_plan else None
+        )
     for r in rows:
-        r.pop("tokens")
+        if r["tokens_match_decode_path"] is not None:
+            print(
+                f"ctx {r['context']:5d} {r['condition']:22s} greedy tokens equal to the decode path's: "
+                f"{r['tokens_match_decode_path']}/{len(r['tokens'])}"
+            )
+        r["tokens_compared"] = len(r.pop("tokens"))
     result = {
         "format_version": FORMAT_VERSION,
         "benchmark": "decode_speed",
