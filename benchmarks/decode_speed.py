@@ -37,9 +37,10 @@ median step time of ``--new-tokens`` greedy single-token forwards, after ``--war
 ``--batch N``, N distinct windows decoded together and tokens per second counting all of them), the
 cache's real bytes after decoding (every tensor it holds: packed codes, metadata, residual windows, buffers)
 against a float16 ``DynamicCache`` of the same length, and the process's peak resident memory during the
-prefill and warm-up above its level before them (sampled from ``/proc/self/statm``; Linux only, else null). Greedy tokens are compared with ``dynamic``'s
-(``tokens_match_dynamic``) and, for the mixed plan's other paths (packed, plain, torch, buffer), with its decode
-path's (``tokens_match_decode_path``: every token equal is what the fast path promises, for every design).
+prefill and warm-up above its level before them (sampled from ``/proc/self/statm``; Linux only, else null).
+Greedy tokens are compared with ``dynamic``'s (``tokens_match_dynamic``) and, for the mixed plan's other paths
+(packed, plain, torch, buffer), with its decode path's (``tokens_match_decode_path``: every token equal is what
+the fast path promises, for every design).
 
 Fairness on a shared machine: every cache is prefilled first (in a rotating order per context); then the
 timed decode steps are interleaved, one step of each cache in turn (the order rotating every step), so a
