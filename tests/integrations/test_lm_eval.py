@@ -323,6 +323,24 @@ def test_the_command_passes_lm_eval_its_arguments_and_its_exit_status(capsys, mo
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
+def test_a_task_that_cannot_download_its_data_is_refused_in_one_line(capsys, monkeypatch):
+    """RULER's niah_* tasks fetch essays on every run; offline that is one line naming the offline equivalents."""
+    import urllib.error
+
+    import lm_eval.__main__
+
+    import ratequant.cli.lm_eval  # noqa: F401
+
+    def offline():  # what a download from a machine without network raises (httpx's ConnectError where installed)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", offline)
+    assert main(["lm-eval", "--model", "ratequant", "--tasks", "niah_single_1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "URLError: <urlopen error [Errno -3]" in err and "ratequant eval --task niah-single" in err
+
+
 def test_the_command_without_lm_eval_says_how_to_install_it(capsys, monkeypatch):
     import ratequant.cli.lm_eval  # noqa: F401
 

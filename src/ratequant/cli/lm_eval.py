@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.error
 
 from ratequant.cli import command
 from ratequant.cli.options import positive_int
+from ratequant.errors import RateQuantError
 
 EPILOG = (
     "Everything from the first argument that is not an option of this command on goes to lm-eval verbatim. "
@@ -69,10 +71,30 @@ def run_harness(argv: list[str], *, threads: int | None = None) -> int:
         cli_evaluate()
     except SystemExit as exc:
         return _exit_status(exc.code)
+    except _network_errors() as exc:
+        raise RateQuantError(
+            f"lm-eval could not download what its tasks need ({type(exc).__name__}: {exc}); tasks that fetch their "
+            "data on every run (RULER's niah_* fetch essays for the haystack) need network access. Offline, "
+            "ratequant eval --task niah-single (or niah-multikey, niah-multivalue, niah-multiquery, "
+            "variable-tracking) builds the same kinds of prompts from a local corpus"
+        ) from None
     finally:
         sys.argv = saved_argv
         torch.set_num_threads(saved_threads)
     return 0
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a download that could not reach its server: the standard library's and httpx's (which
+    lm-eval's RULER tasks use)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, urllib.error.URLError]
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _exit_status(code: object) -> int:
