@@ -121,3 +121,20 @@ def test_the_report_reads_results_saved_with_a_passkey_study():
     assert "| full precision |  | 50% (9%–91%) | -0.300 | — | 2 |" in table
     assert "| uniform 2 (2 bits) |  | 0% (0%–66%) | -0.800 | -0.500 ± 0.500 | 2 |" in table
     assert long_context_of(SimpleNamespace(extra={})) is None
+
+
+def test_the_command_line_sets_the_tasks_and_the_peer():
+    """``--long-context-tasks`` and ``--peers hqq`` make the config, and the config's command gives them back."""
+    import argparse
+    import shlex
+
+    from ratequant.cli.compare import config_from, configure_compare
+
+    parser = argparse.ArgumentParser()
+    configure_compare(parser)
+    line = "--passkey-context 4096 --long-context-tasks passkey,niah-multikey --peers hqq --out out"
+    config = config_from(parser.parse_args(shlex.split(line)))
+    assert config.long_context_tasks == ("passkey", "niah-multikey") and config.peers == ("hqq",)
+    assert config.command("out") == (
+        "ratequant compare --passkey-context 4096 --peers hqq --long-context-tasks passkey,niah-multikey --out out"
+    )
