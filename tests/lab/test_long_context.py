@@ -138,3 +138,30 @@ def test_the_command_line_sets_the_tasks_and_the_peer():
     assert config.command("out") == (
         "ratequant compare --passkey-context 4096 --peers hqq --long-context-tasks passkey,niah-multikey --out out"
     )
+
+
+def test_a_peer_that_fails_gets_a_row_saying_so_and_the_study_goes_on(monkeypatch):
+    import types
+
+    from ratequant.lab import long_context
+    from ratequant.progress import Stages
+
+    model = tiny_model("llama", max_position_embeddings=1024)
+    loaded = LoadedModel(model, tiny_tokenizer(), "tiny", "memory", model_geometry(model))
+    corpus = Corpus("test", haystack(10, seed=1), haystack())
+
+    def refuses():
+        raise RuntimeError("The size of tensor a (3070) must match the size of tensor b (3072)\nmore lines")
+
+    monkeypatch.setitem(sys.modules, "hqq", types.ModuleType("hqq"))
+    monkeypatch.setattr(long_context, "hqq_cache_factory", lambda loaded, residual: refuses)
+    config = CompareConfig(passkey_context=400, passkey_depths=(0.5,), passkey_trials=1, passkey_budgets=(2.0,),
+                           long_context_tasks=("niah-single",), peers=("hqq",), prefill_chunk=64)  # fmt: skip
+    study = long_context.long_context_study(loaded, corpus, config, [], {}, Stages(False))
+    results = study["tasks"]["niah-single"]["results"]
+    assert results["HF QuantizedCache HQQ 2-bit"] == {
+        "error": "RuntimeError: The size of tensor a (3070) must match the size of tensor b (3072)"
+    }
+    assert results["full precision"]["trials"] == 1 and results["full precision"]["logprob_change"]["mean"] == 0
+    table = long_context_table(study, "niah-single")
+    assert "| HF QuantizedCache HQQ 2-bit | peer | failed | — | RuntimeError: The size of tensor a" in table

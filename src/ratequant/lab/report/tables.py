@@ -342,11 +342,14 @@ def long_context_table(study: dict, task: str) -> str:
     reference = results.get("full precision", {}).get("trials_detail", [])
     rows = []
     for label, r in results.items():
+        roles = ", ".join(study["conditions"].get(label, {}).get("roles", []))
+        if "error" in r:  # a peer's cache that refused the task's prompts
+            rows.append([md_text(label), md_text(roles), "failed", "—", md_text(r["error"]), "0"])
+            continue
         right = sum(t["correct"] for t in r["trials_detail"])
         low, high = wilson_interval(right, r["trials"])
         change = paired_change(r["trials_detail"], reference)
         shift = "—" if label == "full precision" else f"{change['mean']:+.3f} ± {change['se']:.3f}"
-        roles = ", ".join(study["conditions"].get(label, {}).get("roles", []))
         accuracy = f"{right / r['trials']:.0%} ({low:.0%}–{high:.0%})"
         rows.append([md_text(label), md_text(roles), accuracy, f"{r['mean_logprob']:.3f}", shift, str(r["trials"])])
     header = ["condition", "role", "accuracy (95% CI)", "answer log-prob (nats)", "change from full precision (± SE)"]
