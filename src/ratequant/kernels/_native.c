@@ -123,7 +123,7 @@ static inline float code_value(uint32_t c, const float *levels) { return levels 
 
 typedef struct {
     const uint8_t *codes;
-    const float *levels; /* NULL: codes are grid steps; else the value of code c is levels[c] (2^bits floats) */
+    const float *levels; /* NULL: codes are grid steps; else code c stands for levels[c] (max(2^bits, 16) floats) */
     int bits;
     Py_ssize_t D, n, B, H, T;
     const void *scale, *zero;
@@ -220,7 +220,15 @@ AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m
     memcpy(&w, p, 8);
     const __m256i v = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w >> (4 * bits))), _mm_set1_epi32((int)(uint32_t)w));
     const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
-    return levels != NULL ? _mm256_i32gather_ps(levels, c, 4) : _mm256_cvtepi32_ps(c);
+    if (levels == NULL) return _mm256_cvtepi32_ps(c);
+    /* a codebook: up to 8 levels in one register permute, 16 in two and a blend on bit 3 (the table is padded to
+     * at least 16 floats), more by a gather */
+    if (bits <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), c);
+    if (bits == 4)
+        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), c),
+                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels + 8), c),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+    return _mm256_i32gather_ps(levels, c, 4);
 }
 
 /* Store 8 float32 values at element `at` of the output, rounded to its dtype to nearest even (F16C for

@@ -26,6 +26,8 @@ from ratequant.kernels.packing import packed_size
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ABI = 4  # NATIVE_ABI in _native.c
+TABLE_FLOATS = 16
+"""A table of code values is padded to at least this many floats: the kernel reads it 8 at a time."""
 
 
 def _load():
@@ -277,6 +279,8 @@ def prepare_minmax_decode(
     meta_cols = d // meta_group
     if scale.numel() != n * h * t // meta_rows * meta_cols or zero.numel() != scale.numel():
         return None
+    if levels is not None and levels.numel() < TABLE_FLOATS:  # the kernel reads whole registers of the table
+        levels = torch.nn.functional.pad(levels, (0, TABLE_FLOATS - levels.numel()))
     return PreparedDecode(codes, bits, scale, zero, meta_rows, meta_cols, meta_group, levels)
 
 
