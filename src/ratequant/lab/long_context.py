@@ -127,6 +127,22 @@ def paired_change(trials: list[dict], reference: list[dict]) -> dict:
     return {"mean": mean, "se": se, "prompts": n}
 
 
+def with_statistics(results: dict[str, dict]) -> dict[str, dict]:
+    """Each task result of ``results`` (``{label: the task's JSON}``, full precision first; rows with an
+    ``"error"`` kept as they are) with ``accuracy_low``/``accuracy_high`` (Wilson, 95%) and ``logprob_change``
+    (:func:`paired_change` from full precision's prompts)."""
+    reference = results.get("full precision", {}).get("trials_detail", [])
+    out = {}
+    for label, r in results.items():
+        if "error" in r:
+            out[label] = r
+            continue
+        low, high = wilson_interval(sum(t["correct"] for t in r["trials_detail"]), r["trials"])
+        out[label] = {**r, "accuracy_low": low, "accuracy_high": high,
+                      "logprob_change": paired_change(r["trials_detail"], reference)}  # fmt: skip
+    return out
+
+
 def long_context_study(
     loaded: LoadedModel,
     corpus: Corpus,
@@ -170,13 +186,8 @@ def long_context_study(
                 results[label] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
                 say(f"{name}: {label} failed: {results[label]['error']}")
                 continue
-            settings, r = outcome.settings, outcome.results[label]
-            right = sum(t["correct"] for t in r["trials_detail"])
-            low, high = wilson_interval(right, r["trials"])
-            reference = results["full precision"] if results else r  # full precision runs first
-            change = paired_change(r["trials_detail"], reference["trials_detail"])
-            results[label] = {**r, "accuracy_low": low, "accuracy_high": high, "logprob_change": change}
-        tasks[name] = {"settings": settings, "results": results}
+            settings, results[label] = outcome.settings, outcome.results[label]
+        tasks[name] = {"settings": settings, "results": with_statistics(results)}
     return {
         "settings": {
             "context": config.passkey_context,
@@ -191,4 +202,11 @@ def long_context_study(
     }
 
 
-__all__ = ["hqq_cache_factory", "long_context_study", "paired_change", "study_methods", "study_tasks"]
+__all__ = [
+    "hqq_cache_factory",
+    "long_context_study",
+    "paired_change",
+    "study_methods",
+    "study_tasks",
+    "with_statistics",
+]

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ratequant.evaluation.retrieval import wilson_interval
 from ratequant.lab.config import ALLOCATED_METHODS, FIXED_METHODS, QUANTIZED_METHODS, RANK_METHODS, budget_text
-from ratequant.lab.long_context import paired_change
+from ratequant.lab.long_context import with_statistics
 from ratequant.lab.results import CompareResults, MethodResult
 from ratequant.validation import inert
 
@@ -332,23 +331,22 @@ def long_context_of(results: CompareResults) -> dict | None:
     if not passkey:
         return None
     conditions = {label: {"roles": [], "method": r.get("method")} for label, r in passkey["results"].items()}
-    return {"settings": passkey["settings"], "conditions": conditions, "tasks": {"passkey": passkey}}
+    task = {**passkey, "results": with_statistics(passkey["results"])}
+    return {"settings": passkey["settings"], "conditions": conditions, "tasks": {"passkey": task}}
 
 
 def long_context_table(study: dict, task: str) -> str:
     """One task of the long-context study: per condition the roles it plays, accuracy with its 95% Wilson
     interval, the mean answer log-probability, and its paired change from full precision on the same prompts."""
     results = study["tasks"][task]["results"]
-    reference = results.get("full precision", {}).get("trials_detail", [])
     rows = []
     for label, r in results.items():
         roles = ", ".join(study["conditions"].get(label, {}).get("roles", []))
         if "error" in r:  # a peer's cache that refused the task's prompts
             rows.append([md_text(label), md_text(roles), "failed", "—", md_text(r["error"]), "0"])
             continue
+        low, high, change = r["accuracy_low"], r["accuracy_high"], r["logprob_change"]
         right = sum(t["correct"] for t in r["trials_detail"])
-        low, high = wilson_interval(right, r["trials"])
-        change = paired_change(r["trials_detail"], reference)
         shift = "—" if label == "full precision" else f"{change['mean']:+.3f} ± {change['se']:.3f}"
         accuracy = f"{right / r['trials']:.0%} ({low:.0%}–{high:.0%})"
         rows.append([md_text(label), md_text(roles), accuracy, f"{r['mean_logprob']:.3f}", shift, str(r["trials"])])
