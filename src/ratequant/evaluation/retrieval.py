@@ -5,13 +5,14 @@ Scoring goes through a real KV cache, as passkey does: the prompt is prefilled (
 :func:`ratequant.cache.prefill.prefill`), the canonical answer (" v1, v2, ...") is teacher-forced one token at a time
 (its log-probability, which moves before accuracy does), and the greedy continuation is read: when every argmax
 of the teacher-forced pass is the answer token, greedy decoding yields the answer; at the first miss the cache is
-rolled back to that point (re-prefilled when it cannot be rolled back exactly) and greedy decoding goes on from
+copied at that point (prefilled again when it cannot be copied) and greedy decoding goes on from
 there, to the end of the answer's line (leading blanks and punctuation skipped), EOS or a budget of tokens.
 Accuracy comes with a Wilson score interval.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -146,20 +147,13 @@ def generation_budget(prompt: RetrievalPrompt) -> int:
     return n + 4 if prompt.match == FIRST else 2 * n + 8
 
 
-def _rewind(cache, tokens: int) -> bool:
-    """Drop the last ``tokens`` tokens of ``cache``; False when that cannot be done exactly (the caller then
-    starts again): a RateQuantCache cropped into stored chunks, or a sliding-window layer past its window."""
-    if tokens == 0:
-        return True
-    crop = getattr(cache, "crop", None)
-    if not callable(crop):
-        return False
-    length = cache.get_seq_length()
+def _fork(cache):
+    """A copy of ``cache`` that decodes on independently (the state at the first token greedy decoding departs
+    from the answer); None when the cache cannot be copied (the caller then prefills again)."""
     try:
-        crop(-tokens)
-    except RuntimeError:  # transformers' sliding-window layer keeps no past once the window is full
-        return False
-    return not getattr(cache, "lossy_crop", False) and cache.get_seq_length() == length - tokens
+        return copy.deepcopy(cache)
+    except (TypeError, RuntimeError, copy.Error):
+        return None
 
 
 def _stops(tokenizer, generated: list[int], eos: int | None) -> bool:
@@ -183,8 +177,8 @@ def score_retrieval(
 
     The prompt ``[1, n]`` is prefilled in pieces of ``prefill_chunk`` tokens after the cache's sinks (None: one
     pass); the answer is teacher-forced one token at a time through the same cache (``logprob``). Greedy decoding
-    agrees with the answer up to the first token whose argmax is not the answer's; from there the cache is rolled
-    back (or prefilled again) and greedy decoding continues to a newline, EOS or ``max_new_tokens`` tokens in all
+    agrees with the answer up to the first token whose argmax is not the answer's; there the cache is copied (or
+    prefilled again when it cannot be) and greedy decoding continues to a newline, EOS or ``max_new_tokens`` tokens in all
     (default :func:`generation_budget`); :func:`score_answer` judges the greedy text.
     """
     if prefill_chunk is not None:
@@ -207,24 +201,24 @@ def score_retrieval(
     with torch.inference_mode():
         cache = make_cache()
         logprobs = torch.log_softmax(prefill(model, ids, cache, prefill_chunk)[0], dim=-1)
-        rows, argmax = [], []
+        rows, greedy, fork = [], None, None
         for i, token in enumerate(answer):
             if i:
                 logprobs = step(cache, answer[i - 1])
             rows.append(float(logprobs[token]))
-            argmax.append(int(logprobs.argmax()))
-        miss = next((i for i, (a, t) in enumerate(zip(argmax, answer)) if a != t), None)
-        if miss is None:
+            top = int(logprobs.argmax())
+            if greedy is None and top != token:  # greedy decoding departs here: go on from a copy
+                greedy, fork = [*answer[:i], top], _fork(cache)
+                if fork is None:
+                    fork = make_cache()
+                    prefill(model, ids, fork, prefill_chunk)
+                    for earlier in answer[:i]:
+                        step(fork, earlier)
+        if greedy is None:
             greedy = answer
         else:
-            if not _rewind(cache, len(answer) - 1 - miss):  # back to the prompt and answer[:miss]
-                cache = make_cache()
-                prefill(model, ids, cache, prefill_chunk)
-                for token in answer[:miss]:
-                    step(cache, token)
-            greedy = [*answer[:miss], argmax[miss]]
             while len(greedy) < budget and not _stops(tokenizer, greedy, eos):
-                greedy.append(int(step(cache, greedy[-1]).argmax()))
+                greedy.append(int(step(fork, greedy[-1]).argmax()))
     seconds = time.perf_counter() - start
     if tokenizer is not None:
         text = answer_line(tokenizer.decode([t for t in greedy if t != eos]))
