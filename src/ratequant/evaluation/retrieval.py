@@ -5,9 +5,9 @@ Scoring goes through a real KV cache, as passkey does: the prompt is prefilled (
 :func:`ratequant.cache.prefill.prefill`), the canonical answer (" v1, v2, ...") is teacher-forced one token at a time
 (its log-probability, which moves before accuracy does), and the greedy continuation is read: when every argmax
 of the teacher-forced pass is the answer token, greedy decoding yields the answer; at the first miss the cache is
-copied at that point (prefilled again when it cannot be copied) and greedy decoding goes on from
-there, to the end of the answer's line (leading blanks and punctuation skipped), EOS or a budget of tokens.
-Accuracy comes with a Wilson score interval.
+copied (prefilled again when it cannot be copied) and greedy decoding goes on from there, to the end of the
+answer's line (leading blanks and punctuation skipped), EOS or a budget of tokens. Accuracy comes with a Wilson
+score interval.
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def score_retrieval(
     The prompt ``[1, n]`` is prefilled in pieces of ``prefill_chunk`` tokens after the cache's sinks (None: one
     pass); the answer is teacher-forced one token at a time through the same cache (``logprob``). Greedy decoding
     agrees with the answer up to the first token whose argmax is not the answer's; there the cache is copied (or
-    prefilled again when it cannot be) and greedy decoding continues to a newline, EOS or ``max_new_tokens`` tokens in all
-    (default :func:`generation_budget`); :func:`score_answer` judges the greedy text.
+    prefilled again when it cannot be) and greedy decoding continues to a newline, EOS or ``max_new_tokens``
+    tokens in all (default :func:`generation_budget`); :func:`score_answer` judges the greedy text.
     """
     if prefill_chunk is not None:
         check_int(prefill_chunk, "prefill_chunk", lo=1)
