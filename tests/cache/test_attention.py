@@ -208,7 +208,9 @@ def check_kernel(quantizer, bits: int, kind: str, tokens: int, d: int = 16) -> N
     queries = torch.randn(batch, heads, rows, d, generator=gen)
     scores = torch.empty(batch, heads, rows, chunks * tokens)
     assert prepared.attend(batch, queries, scores, weighted=False)
-    torch.testing.assert_close(scores, queries @ decoded.transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    # the folded paths round differently (s * (q . c) + z * sum(q)): float32 rounding of the summed magnitudes
+    rounding = 16 * torch.finfo(torch.float32).eps * (queries.abs() @ decoded.abs().transpose(-1, -2))
+    assert ((scores - queries @ decoded.transpose(-1, -2)).abs() <= rounding + 1e-6).all()
     weights = torch.softmax(scores, dim=-1)
     acc = torch.zeros(batch, heads, rows, d)
     assert prepared.attend(batch, weights, acc, weighted=True)

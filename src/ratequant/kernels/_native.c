@@ -24,9 +24,9 @@
  *   out    element (c, b, h, t, d) at out + c*s_n + b*s_b + h*s_h + t*s_t + d (element strides; d contiguous).
  *
  * attend_minmax reads the same blocks without writing them out, each row (a token of a head) once for all G
- * query rows of its kv head (grouped-query attention and several query positions share it). For KIVI's
- * layouts (keys per channel, values in per-token groups) the scale and zero are folded into the query or the
- * weights, so rows are only converted from codes to float32 (see "The folded paths"); other layouts decode
+ * query rows of its kv head (grouped-query attention and several query positions share it). For keys per
+ * channel or in per-token groups and values in per-token groups (every design's default layout) the scale and
+ * zero are folded into the query, the partial dot products or the weights, so rows are only converted from codes to float32 (see "The folded paths"); other layouts decode
  * each row into a float32 scratch row first:
  *   mode 0 (scores):   scores[b, h, g, c * T + t] = sum_d q[b, h, g, d] * k[row, d]
  *   mode 1 (weighted): acc[b, h, g, d] += sum over rows of p[b, h, g, c * T + t] * v[row, d]
@@ -411,10 +411,12 @@ AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, floa
 
 /* The folded paths: the metadata moves onto the query (scores) or the weights (values), so each row is only
  * converted from codes to float32 and never decoded. They serve KIVI's layouts, which the min-max designs
- * store: keys per channel over meta_rows tokens, values in per-token groups along D.
+ * store: keys per channel over meta_rows tokens, values in per-token groups along D; and the rotated designs'
+ * keys in per-token groups.
  *
  *   scores, per-channel keys:  q . (s * c + z) = (q * s) . c + q . z, with q * s and q . z computed once per
  *                              metadata row (every meta_rows tokens) for the G query rows;
+ *   scores, per-token groups:  q . (s_k * c + z_k) over the groups k = sum_k s_k * (q_k . c_k) + z_k * sum(q_k);
  *   values, per-token groups:  p * (s_k * c + z_k) = (p * s_k) * c + p * z_k, the second term summed over the
  *                              tokens apart ([B, H, G, D / g] sums) and added to the output once at the end.
  *
@@ -497,6 +499,68 @@ FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float
                         __m256 s0 = _mm256_setzero_ps();
                         for (Py_ssize_t d = 0; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(cf + d), s0);
                         *o = hsum8(s0) + qz[g];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* mode 0 with meta_rows == 1 (per-token groups of meta_group >= 8 along D: the rotated designs' keys): over the
+ * groups k of a row, q . (s_k * c + z_k) = sum_k s_k * (q_k . c_k) + z_k * sum(q_k), the query's group sums taken
+ * once per head. work: cf [TILE, D], qsum [G, meta_cols]; scale and zero hold TILE metadata rows. */
+FOLDED static void scores_folded_tokens(const DecodeArgs *a, const AttendArgs *w, float *scale, float *zero,
+                                        float *work) {
+    const Py_ssize_t row_bytes = (a->D * a->bits + 7) / 8, D = a->D, G = w->G, L = w->L;
+    const Py_ssize_t K = a->meta_cols, gk = a->meta_group;
+    float *cf = work, *qsum = work + TILE * D;
+    const uint8_t *row = a->codes, *end = a->codes + a->n * a->B * a->H * a->T * row_bytes;
+    Py_ssize_t m = 0;
+    for (Py_ssize_t i = 0; i < a->n * a->B; ++i) {
+        const Py_ssize_t c = i / a->B, b = i % a->B;
+        for (Py_ssize_t h = 0; h < a->H; ++h) {
+            const Py_ssize_t bh = out_rows(w, b, h);
+            for (Py_ssize_t g = 0; g < G; ++g)
+                for (Py_ssize_t k = 0; k < K; ++k) {
+                    const float *q = w->q + (bh + g) * D + k * gk;
+                    __m256 s = _mm256_setzero_ps();
+                    for (Py_ssize_t d = 0; d < gk; d += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(q + d));
+                    qsum[g * K + k] = hsum8(s);
+                }
+            for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes) {
+                n = t + TILE <= a->T ? TILE : 1;
+                meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale); /* the tile's n rows, contiguous */
+                meta_f32(a->zero, a->meta_dtype, m * K, n * K, zero);
+                m += n;
+                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, a->levels, D, cf + j * D);
+                float *o = w->out + bh * L + w->off + c * a->T + t;
+                for (Py_ssize_t g = 0; g < G; ++g, o += L) {
+                    const float *q = w->q + (bh + g) * D, *qs = qsum + g * K;
+                    if (n == TILE) {
+                        __m128 acc = _mm_setzero_ps();
+                        for (Py_ssize_t k = 0; k < K; ++k) {
+                            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                            for (Py_ssize_t d = k * gk; d < (k + 1) * gk; d += 8) {
+                                const __m256 qv = _mm256_loadu_ps(q + d);
+                                s0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + d), s0);
+                                s1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + D + d), s1);
+                                s2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + 2 * D + d), s2);
+                                s3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cf + 3 * D + d), s3);
+                            }
+                            const __m128 sk = _mm_setr_ps(scale[k], scale[K + k], scale[2 * K + k], scale[3 * K + k]);
+                            const __m128 zk = _mm_setr_ps(zero[k], zero[K + k], zero[2 * K + k], zero[3 * K + k]);
+                            acc = _mm_fmadd_ps(sk, hsum8x4(s0, s1, s2, s3), _mm_fmadd_ps(zk, _mm_set1_ps(qs[k]), acc));
+                        }
+                        _mm_storeu_ps(o, acc);
+                    } else {
+                        float acc = 0.0f;
+                        for (Py_ssize_t k = 0; k < K; ++k) {
+                            __m256 s0 = _mm256_setzero_ps();
+                            for (Py_ssize_t d = k * gk; d < (k + 1) * gk; d += 8)
+                                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(cf + d), s0);
+                            acc += scale[k] * hsum8(s0) + zero[k] * qs[k];
+                        }
+                        *o = acc;
                     }
                 }
             }
@@ -592,6 +656,8 @@ static int attend_block(DecodeArgs *a, const AttendArgs *w) {
     const int vector = a->D % 8 == 0 && (a->meta_group == 1 || a->meta_group % 8 == 0);
     if (vector && w->mode == 0 && a->meta_group == 1 && folded_supported())
         scores_folded(a, w, srow, zrow, rest);
+    else if (vector && w->mode == 0 && a->meta_rows == 1 && folded_supported())
+        scores_folded_tokens(a, w, srow, zrow, rest);
     else if (vector && w->mode == 1 && a->meta_rows == 1 && a->meta_group % 8 == 0 && folded_supported())
         values_folded(a, w, srow, zrow, rest);
     else if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
