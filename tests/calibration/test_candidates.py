@@ -86,6 +86,21 @@ def test_a_close_call_is_settled_on_more_windows_and_only_among_the_close():
     assert choose_candidate(kl, [a, b, c], windows=1).best.name == "a"
 
 
+def test_a_tie_costs_no_more_windows():
+    a, b, c = _candidate("a", 3, 2), _candidate("b", 2, 3), _candidate("c", 4, 2)
+    table = {"a": [0.100, 0.110, 0.110], "b": [0.103, 0.100, 0.100], "c": [0.200, 0.0, 0.0]}
+
+    def kl(spec, window):
+        return table[next(x.name for x in (a, b, c) if np.array_equal(spec.bits, x.allocation.bits))][window]
+
+    # b is 3% above a after window 0 (c, 100% above, is out): a tie at 5%, so a wins on one window
+    tie = choose_candidate(kl, [a, b, c], windows=3)
+    assert tie.best.name == "a" and tie.windows == dict.fromkeys("abc", 1)
+    # at 1% it is a close call: both go on, and b wins on three windows
+    close = choose_candidate(kl, [a, b, c], windows=3, tie=0.01)
+    assert close.best.name == "b" and close.windows == {"a": 3, "b": 3, "c": 1}
+
+
 def test_held_out_windows_must_read_quantized_history():
     assert choice_tokens_for(None, 128, 16) == 1024
     assert choice_tokens_for(None, 1024, 0) == 2304  # grown in steps of 256 past twice the residual window

@@ -9,7 +9,7 @@ splits of the same budget (for ``--quantizer auto``, those of every design at th
 the KL divergence from full precision each causes on calibration text that the capture did not see (simulated
 quantization with the plan's residual window and sinks, the second half of each window scored as the
 evaluation protocol does), and keeps the lowest. A close call is settled on more windows (:data:`CHOICE_WINDOWS`,
-:data:`CHOICE_MARGIN`). Every candidate's KL goes into the plan's calibration record.
+:data:`CHOICE_MARGIN`), a tie is not (:data:`CHOICE_TIE`). Every candidate's KL goes into the plan's calibration record.
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ CHOICE_TOKENS = 1024
 CHOICE_WINDOWS = 3
 """Most held-out windows the candidates are scored on: every candidate on the first, and on each further window only
 the candidates still within :data:`CHOICE_MARGIN` of the best mean KL so far (a close call gets more text, a clear
-one costs one window)."""
+one or a tie costs one window)."""
 CHOICE_MARGIN = 0.25
 """A candidate whose mean held-out KL is within this fraction above the best one's is scored on the next window."""
+CHOICE_TIE = 0.05
+"""When every candidate still in the running is within this fraction above the best one's mean KL, the choice stops:
+a tie, closer than the evaluation's own standard error of the KL (about 4% on the embedded model's two windows)."""
 
 
 def choice_tokens_for(tokens: int | None, residual_length: int, sink_tokens: int) -> int:
@@ -149,12 +152,13 @@ def choose_candidate(
     candidates: list[Candidate],
     windows: int = 1,
     margin: float = CHOICE_MARGIN,
+    tie: float = CHOICE_TIE,
 ) -> Choice:
     """The candidate whose spec causes the least mean ``kl(spec, window)``
     (:func:`ratequant.calibration.search.window_kl`) over up to ``windows`` windows: every candidate is scored on window
-    0, and on each further window only those whose mean so far is within ``margin`` (a fraction) above the best mean;
-    the winner is the least mean among the candidates scored on the most windows. The first listed wins a tie. One
-    candidate is returned unscored."""
+    0, and on each further window only those whose mean so far is within ``margin`` (a fraction) above the best mean,
+    unless all of those are within ``tie`` of it (a tie costs no more text); the winner is the least mean among the
+    candidates scored on the most windows. The first listed wins a tie. One candidate is returned unscored."""
     if not candidates:
         raise RateQuantError("no candidate allocation meets the budget")
     if len(candidates) == 1:
@@ -165,7 +169,7 @@ def choose_candidate(
         if window:
             least = min(np.mean(scores[c.name]) for c in contenders)
             contenders = [c for c in contenders if np.mean(scores[c.name]) <= least * (1 + margin)]
-            if len(contenders) == 1:
+            if all(np.mean(scores[c.name]) <= least * (1 + tie) for c in contenders):
                 break
         with progress_bar(total=len(contenders), desc=f"plan choice, window {window + 1}", unit="candidate") as bar:
             for c in contenders:
@@ -177,6 +181,7 @@ def choose_candidate(
 
 __all__ = [
     "CHOICE_MARGIN",
+    "CHOICE_TIE",
     "CHOICE_TOKENS",
     "CHOICE_WINDOWS",
     "MEASURED",
