@@ -78,6 +78,11 @@ results-qwen-fortunes: qwen-model
 results-long-context: $(STAMP)
 	$(BIN)/ratequant compare --config docs/long-context/config.json --out docs/long-context --force
 
+# the same on the Qwen model (niah-single at 4,096 tokens; kivi at 2.5 and 3 bits) into docs/qwen-long-context
+.PHONY: results-qwen-long-context
+results-qwen-long-context: qwen-model
+	$(BIN)/ratequant compare --config docs/qwen-long-context/config.json --out docs/qwen-long-context --force
+
 # the default plan and --quantizer auto on the embedded model, with the Qwen run's protocol (every design at 2.5 and
 # 3 bits, 2 x 1,024-token windows, fortunes beside the Python reference) into docs/choice
 .PHONY: results-choice
