@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ratequant.cache import RateQuantCache
-from ratequant.cache.simulate import fake_quantize_range, quantized_masks, simulated_quantization
+from ratequant.cache import RateQuantCache, simulate
+from ratequant.cache.simulate import fake_quantize_range, quantized_masks, query_runs, simulated_quantization
 from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import available, get_quantizer
@@ -108,7 +108,33 @@ def test_streaming_equals_simulated_across_families(family):
         full = model(ids).logits
     assert (stream - sim).abs().max() < 1e-4
     assert (sim - full).abs().max() > 1e-2  # the quantization is really there
-    assert torch.equal(sim[:, :8], full[:, :8])  # the first chunk's queries see only full precision
+    torch.testing.assert_close(sim[:, :8], full[:, :8], rtol=0, atol=1e-5)  # the first chunk sees full precision
+
+
+@pytest.mark.parametrize(("residual", "sinks", "chunk"), [(4, 2, 1), (0, 0, 1), (4, 3, 8), (0, 1, 3)])
+def test_query_runs_cover_the_queries_with_the_masks_quantized_ranges(residual, sinks, chunk):
+    for quantizer in (KIVI4, get_quantizer("quarot")):
+        policy = StoragePolicy(quantizer, residual, sinks)
+        q_len, kv_len = 13, 21
+        qk, qv = quantized_masks(q_len, kv_len, policy, "cpu", prefill_chunk=chunk)
+        runs = query_runs(policy, q_len, kv_len, chunk)
+        assert runs[0][0] == 0 and runs[-1][1] == q_len and all(r[1] == n[0] for r, n in zip(runs, runs[1:]))
+        k = torch.arange(kv_len)
+        for a, b, key_end, value_end in runs:
+            assert torch.equal(qk[a:b], ((k >= sinks) & (k < key_end)).expand(b - a, -1))
+            assert torch.equal(qv[a:b], ((k >= sinks) & (k < value_end)).expand(b - a, -1))
+
+
+def test_one_pass_over_both_copies_equals_the_runs(monkeypatch):
+    """Past :data:`simulate.MAX_RUNS` runs of queries, attention runs once over both copies of the keys."""
+    model = tiny_model("llama")
+    bits = mixed_bits(model)
+    ids = torch.randint(2, 300, (2, 29), generator=torch.Generator().manual_seed(0))
+    runs = simulated_logits(model, ids, bits, KIVI4, 8)
+    monkeypatch.setattr(simulate, "MAX_RUNS", 0)
+    both = simulated_logits(model, ids, bits, KIVI4, 8)
+    assert (runs - both).abs().max() < 1e-5
+    assert (both - streamed_logits(model, ids, cache_for(bits, KIVI4, 8))).abs().max() < 1e-4
 
 
 def test_sliding_window_and_softcapping_models():

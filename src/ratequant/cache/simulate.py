@@ -11,12 +11,14 @@ is token-by-token decoding, which a prefill in pieces of the quantization chunk 
 
 How. Each layer's keys and values are fake-quantized once per forward (per bit group of heads, the whole
 chunks after the sinks; quantized values depend only on their chunk, so this equals what the cache stores).
-The model's own attention implementation (sdpa, eager; soft-capping, sinks and scaling included) is then run
-once over the concatenation ``[quantized copy; full-precision copy]`` of the keys/values, with a mask that lets
-each query use the copy its position calls for: every key appears exactly once in each query's softmax. This
-costs up to twice the attention work (four times when keys and values use different chunk sizes,
-``residual_length=0`` with a token-grouped key design), no loop over tokens. When one copy suffices for all
-queries (short windows, or ``F = 1``) the original attention runs unchanged on it.
+The model's own attention implementation (sdpa, eager; soft-capping, sinks and scaling included) then runs once
+per run of consecutive queries that see the same quantized ranges (:func:`query_runs`: one per chunk), over the
+keys/values mixed from the two copies as those queries see them and only up to the run's last query: about the
+work of causal attention, in a few calls. Where the runs would be many (a short chunk and no residual window), it
+runs once over the concatenation ``[quantized copy; full-precision copy]`` instead, with a mask that lets each
+query use the copy its position calls for (every key exactly once in each query's softmax; twice the attention
+work, four times when keys and values use different chunk sizes). When one copy suffices for all queries (short
+windows, or ``F = 1``) the original attention runs unchanged on it.
 
 Positions are cache indices. Use the context on whole sequences (no cache), or with a cache that keeps the
 whole history (``DynamicCache()`` without a config, or a ``RateQuantCache``): a sliding-window cache layer
@@ -111,6 +113,11 @@ def simulated_quantization(model: nn.Module, spec: KVQuantSpec, *, prefill_chunk
         if len(used) <= 1:  # one copy serves every query: run the original attention on it unchanged
             k, v = (used[0][0], used[0][1]) if used else (key, value)
             return original_attention(module, query, k, v, attention_mask, **kwargs)
+        runs = query_runs(policy, t, s, prefill_chunk)
+        if len(runs) <= MAX_RUNS:
+            return _attend_in_runs(
+                module, query, (key, k_hat), (value, v_hat), base, attention_mask, runs, policy.sink_tokens, **kwargs
+            )
         keys = torch.cat([k for k, _, _ in used], dim=2)
         values = torch.cat([v for _, v, _ in used], dim=2)
         mask = _as_mask_format(torch.cat([m for _, _, m in used], dim=-1), attention_mask)
@@ -118,6 +125,53 @@ def simulated_quantization(model: nn.Module, spec: KVQuantSpec, *, prefill_chunk
 
     with intercept_attention(model, attention):
         yield model
+
+
+MAX_RUNS = 64
+"""Most runs of queries (consecutive queries that see the same quantized ranges) attended one run at a time; with
+more (a short chunk and no residual window), one pass over both copies of the keys is cheaper."""
+
+
+def query_runs(
+    policy: StoragePolicy, q_len: int, kv_len: int, prefill_chunk: int = 1
+) -> list[tuple[int, int, int, int]]:
+    """``[(a, b, key_end, value_end)]``: the last ``q_len`` of ``kv_len`` cache positions cut into runs of queries
+    ``[a, b)`` (indices among the queries) that see keys (values) quantized on ``[sinks, key_end)``
+    (``[sinks, value_end)``) and at full precision elsewhere."""
+    q_pos = torch.arange(kv_len - q_len, kv_len)
+    ends = torch.stack([policy.quantized_end(kind, q_pos, prefill_chunk) for kind in KINDS])
+    cuts = [0, *(torch.nonzero((ends[:, 1:] != ends[:, :-1]).any(dim=0)).flatten() + 1).tolist(), q_len]
+    return [(a, b, int(ends[0, a]), int(ends[1, a])) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _mixed(full: torch.Tensor, quantized: torch.Tensor, sinks: int, end: int, stop: int) -> torch.Tensor:
+    """``[B, H, stop, D]``: positions ``[sinks, end)`` from ``quantized``, the others from ``full``."""
+    end = min(end, stop)
+    if end <= sinks:
+        return full[:, :, :stop]
+    return torch.cat([full[:, :, :sinks], quantized[:, :, sinks:end], full[:, :, end:stop]], dim=2)
+
+
+def _attend_in_runs(module, query, keys, values, base, like, runs, sinks: int, **kwargs):
+    """The original attention run by run of queries (:func:`query_runs`), each over one mix of the full-precision
+    and quantized ``keys``/``values`` (``(full, quantized)`` pairs, ``[B, H, S, D]``) and only the keys up to its
+    last query where the mask ``base`` allows: about the causal half of the work of one pass over both copies.
+    Returns ``(output [B, T, H, D], weights [B, H, T, S] or None)`` as the original does."""
+    t, s = query.shape[2], keys[0].shape[2]
+    sinks = min(sinks, s)
+    outputs, weights = [], []
+    for a, b, key_end, value_end in runs:
+        stop = s - t + b
+        if bool(base[..., a:b, stop:].any()):  # not a causal mask: every key
+            stop = s
+        k = _mixed(*keys, sinks, key_end, stop)
+        v = _mixed(*values, sinks, value_end, stop)
+        out, w = original_attention(
+            module, query[:, :, a:b], k, v, _as_mask_format(base[..., a:b, :stop], like), **kwargs
+        )
+        outputs.append(out)
+        weights.append(None if w is None else torch.nn.functional.pad(w, (0, s - stop)))
+    return torch.cat(outputs, dim=1), None if any(w is None for w in weights) else torch.cat(weights, dim=2)
 
 
 def _as_mask_format(mask: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
