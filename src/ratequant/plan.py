@@ -381,10 +381,28 @@ class Plan(JsonDocument):
             )
         warnings.warn(msg, UserWarning, stacklevel=2)
 
+    def width_lines(self) -> list[str]:
+        """One line per kind: its mean width and how many components take each width."""
+        bits = self.bits_array()
+        lines = []
+        for k, kind in enumerate(KINDS):
+            hist = Counter(bits[k].reshape(-1).tolist())
+            text = "  ".join(f"{b}b:{hist[b]}" for b in sorted(hist))
+            lines.append(f"{kind + 's':7s} mean {bits[k].mean():.3f}  widths {text}")
+        return lines
+
+    def fit_line(self) -> str:
+        """The fitted curves' betas and how well they fit (the plan must have a fit)."""
+        r2 = np.array([self.fit["r2"]["key"], self.fit["r2"]["value"]])
+        return (
+            f"fit: beta key {self.fit['beta_key']:.3f}, value {self.fit['beta_value']:.3f}; R^2 overall "
+            f"{self.fit['r2_overall']:.4f}, worst component {r2.min():.4f}; metric {self.fit['metric']}"
+            + (f"; curves of {self.fit['design']}" if self.fit.get("design") else "")
+        )
+
     def summary(self) -> str:
         """Human-readable report: model, quantizer, budget, width histograms, fit and calibration (every line
         :func:`~ratequant.validation.inert`: safe to print)."""
-        bits = self.bits_array()
         lines = [
             f"plan (format {self.format_version}, {self.created_by}): allocator {self.allocator}",
             f"model: {self.model['name']} ({self._describe_geometry(self.model)})",
@@ -399,17 +417,9 @@ class Plan(JsonDocument):
             + (f"; residual window {self.residual_length} tokens" if self.residual_length else "")
             + (f"; {self.sink_tokens} sink token(s) at full precision" if self.sink_tokens else ""),
         ]
-        for k, kind in enumerate(KINDS):
-            hist = Counter(bits[k].reshape(-1).tolist())
-            text = "  ".join(f"{b}b:{hist[b]}" for b in sorted(hist))
-            lines.append(f"{kind + 's':7s} mean {bits[k].mean():.3f}  widths {text}")
+        lines += self.width_lines()
         if self.fit is not None:
-            r2 = np.array([self.fit["r2"]["key"], self.fit["r2"]["value"]])
-            lines.append(
-                f"fit: beta key {self.fit['beta_key']:.3f}, value {self.fit['beta_value']:.3f}; R^2 overall "
-                f"{self.fit['r2_overall']:.4f}, worst component {r2.min():.4f}; metric {self.fit['metric']}"
-                + (f"; curves of {self.fit['design']}" if self.fit.get("design") else "")
-            )
+            lines.append(self.fit_line())
         if self.calibration is not None:
             c = self.calibration
             sha = c["corpus_sha256"][:12] if c["corpus_sha256"] else "none"

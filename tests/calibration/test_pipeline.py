@@ -182,7 +182,8 @@ def test_calibrate_and_inspect_commands(tmp_path, capsys, tiny_model_dir, corpus
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "beta  key" in out and "R^2" in out and "average code bits 2.5000" in out and "time capture" in out
+    assert "fit: beta key" in out and "keys    mean" in out and "R^2" in out
+    assert "average code bits 2.5000" in out and "time capture" in out
     plan = Plan.load(plan_path)
     assert plan.avg_bits == 2.5 and plan.quantizer["name"] == "kivi" and plan.allocator.startswith("ratequant")
     assert json.loads(plan_path.read_text())["format_version"] == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ratequant.calibration.pipeline import CalibrationRun, bits_histogram
+from ratequant.calibration.pipeline import CalibrationRun
 from ratequant.calibration.settings import CalibrationSettings
 from ratequant.inputs.models import LoadedModel
 from ratequant.validation import inert
@@ -15,7 +15,7 @@ def describe_run(run: CalibrationRun, settings: CalibrationSettings, loaded: Loa
     candidate's held-out KL and the choice, the KL search, the fit, the widths, the memory, the sinks and the time
     of each phase (every name :func:`~ratequant.validation.inert`)."""
     lines: list[str] = []
-    plan, fit = run.plan, run.fit
+    plan = run.plan
     lines.append(
         f"plan for {inert(loaded.name)} with {plan.quantizer['name']}, allocator {plan.allocator}, budget "
         f"{settings.budget.describe()}"
@@ -58,12 +58,8 @@ def describe_run(run: CalibrationRun, settings: CalibrationSettings, loaded: Loa
                 f"  on a held-out window: {c['search_held_out_kl_start']:.4f} -> {c['search_held_out_kl']:.4f}, "
                 f"the moves {verdict}"
             )
-    lines.append(f"  beta  key {fit.beta_key:.3f}   value {fit.beta_value:.3f}")
-    lines.append(f"  R^2   overall {fit.r2_overall:.4f}   worst component {float(np.min(fit.r2)):.4f}")
-    bits = plan.bits_array()
-    for k, kind in enumerate(("key", "value")):
-        hist = "  ".join(f"{w}b:{n}" for w, n in bits_histogram(bits[k]).items())
-        lines.append(f"  {kind:<5} bits mean {bits[k].mean():.3f}   {hist}")
+    lines.append(f"  {plan.fit_line()}")
+    lines += [f"  {line}" for line in plan.width_lines()]
     lines.append(f"  average code bits {plan.avg_bits:.4f}")
     if plan.bytes_per_token:
         dtype = str(loaded.dtype).removeprefix("torch.")
