@@ -506,6 +506,16 @@ FOLDED static void scores_folded(const DecodeArgs *a, const AttendArgs *w, float
     }
 }
 
+/* A tile of n rows in per-token groups (meta_rows == 1): metadata rows m .. m + n - 1 (contiguous) into scale and
+ * zero ([n, meta_cols] each) and the rows' code values at row into cf ([n, D]). */
+FOLDED static inline void token_tile(const DecodeArgs *a, const uint8_t *row, const uint8_t *end, Py_ssize_t m,
+                                     Py_ssize_t n, float *scale, float *zero, float *cf) {
+    const Py_ssize_t K = a->meta_cols, row_bytes = (a->D * a->bits + 7) / 8;
+    meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale);
+    meta_f32(a->zero, a->meta_dtype, m * K, n * K, zero);
+    for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, a->levels, a->D, cf + j * a->D);
+}
+
 /* mode 0 with meta_rows == 1 (per-token groups of meta_group >= 8 along D: the rotated designs' keys): over the
  * groups k of a row, q . (s_k * c + z_k) = sum_k s_k * (q_k . c_k) + z_k * sum(q_k), the query's group sums taken
  * once per head. work: cf [TILE, D], qsum [G, meta_cols]; scale and zero hold TILE metadata rows. */
@@ -529,10 +539,8 @@ FOLDED static void scores_folded_tokens(const DecodeArgs *a, const AttendArgs *w
                 }
             for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes) {
                 n = t + TILE <= a->T ? TILE : 1;
-                meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale); /* the tile's n rows, contiguous */
-                meta_f32(a->zero, a->meta_dtype, m * K, n * K, zero);
+                token_tile(a, row, end, m, n, scale, zero, cf);
                 m += n;
-                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, a->levels, D, cf + j * D);
                 float *o = w->out + bh * L + w->off + c * a->T + t;
                 for (Py_ssize_t g = 0; g < G; ++g, o += L) {
                     const float *q = w->q + (bh + g) * D, *qs = qsum + g * K;
@@ -595,10 +603,8 @@ FOLDED static void values_folded(const DecodeArgs *a, const AttendArgs *w, float
             const Py_ssize_t bh = out_rows(w, b, h), local = (b * a->H + h) * G; /* zsum's rows are the block's */
             for (Py_ssize_t t = 0, n; t < a->T; t += n, row += n * row_bytes) {
                 n = t + TILE <= a->T ? TILE : 1;
-                meta_f32(a->scale, a->meta_dtype, m * K, n * K, scale); /* the tile's n rows, contiguous */
-                meta_f32(a->zero, a->meta_dtype, m * K, n * K, zero);
+                token_tile(a, row, end, m, n, scale, zero, cf);
                 m += n;
-                for (Py_ssize_t j = 0; j < n; ++j) codes_f32(row + j * row_bytes, end, a->bits, a->levels, D, cf + j * D);
                 for (Py_ssize_t g = 0; g < G; ++g) {
                     const float *p = w->q + (bh + g) * L + w->off + c * a->T + t;
                     float *o = w->out + (bh + g) * D, *zs = zsum + (local + g) * K;
