@@ -20,7 +20,7 @@ from ratequant.evaluation.tasks import get_task
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.lab.config import CompareConfig
-from ratequant.lab.long_context import paired_change, study_methods, study_tasks
+from ratequant.lab.long_context import paired_change, study_methods, study_tasks, two_bit_condition
 from ratequant.lab.methods import Method
 from ratequant.lab.report.tables import long_context_of, long_context_table
 from ratequant.quantizers import get_quantizer
@@ -74,6 +74,16 @@ def test_the_study_runs_the_best_fixed_split_ratequant_the_default_plan_and_2_bi
     assert chosen[1][1] is rq and chosen[2][1] is default and all(m.design == "kivi" for _, m in chosen)
     kl[methods[2]] = 0.01  # K2V3 now has the least KL
     assert study_methods(config, methods, kl)[0][1].label == "K2V3"
+    assert two_bit_condition(config, chosen) is None  # the 2-bit budget's own method runs
+    # without a 2-bit budget the study stores the design's uniform 2 bits as its other conditions are
+    config = CompareConfig(budgets=(2.5, 3.0), designs=("kivi",), passkey_budgets=(2.5,), sink_tokens=4)
+    chosen = study_methods(config, methods[1:], kl)
+    assert [role for role, _ in chosen] == ["best fixed", "ratequant", "default"]
+    label, condition = two_bit_condition(config, chosen)
+    spec = condition.spec
+    assert label == "uniform 2 (2 bits)" and isinstance(condition, Simulated) and (spec.bits == 2).all()
+    assert spec.policy == k3v2.condition.spec.policy and spec.quantizer.name == "kivi"
+    assert two_bit_condition(config, []) is None
 
 
 def test_bad_long_context_settings_are_refused_in_one_line(monkeypatch):

@@ -10,7 +10,8 @@ For each task of ``config.long_context_tasks`` (passkey and the RULER-style task
 * at each budget of ``passkey_budgets``, for ``focus_design``: the best fixed scheme (the uniform width or K/V
   split with the least KL on the headline evaluation), RateQuant's allocation and the default plan (what
   ``calibrate`` returns), each in a :class:`~ratequant.cache.RateQuantCache`;
-* the uniform 2-bit scheme of ``focus_design`` where 2 bits is a budget (for ``kivi``: KIVI-2);
+* the uniform 2-bit scheme of ``focus_design`` (for ``kivi``: KIVI-2), stored as the other conditions are (built
+  for the study where 2 bits is not among the budgets);
 * transformers' ``QuantizedCache`` with the HQQ backend at 2 bits (group 64, the config's residual window)
   where ``"hqq"`` is among the peers.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -38,7 +40,7 @@ from ratequant.evaluation.tasks import Task, get_task
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.lab.config import FIXED_METHODS, FULL_PRECISION, CompareConfig, budget_text
-from ratequant.lab.methods import Method
+from ratequant.lab.methods import Method, condition_for
 from ratequant.progress import Stages
 
 HQQ_BITS = 2
@@ -110,6 +112,19 @@ def study_methods(config: CompareConfig, methods: list[Method], kl: Mapping[Meth
     return chosen
 
 
+def two_bit_condition(config: CompareConfig, chosen: list[tuple[str, Method]]) -> tuple[str, Condition] | None:
+    """``(label, condition)`` of the focus design's uniform 2-bit scheme with the storage (residual window, sinks)
+    of the ``chosen`` conditions (:func:`study_methods`), for a comparison without a 2-bit budget; None where
+    ``chosen`` has it already or has nothing to take the storage from."""
+    if any(role == "2-bit" for role, _ in chosen):
+        return None
+    spec = next((m.condition.spec for _, m in chosen if hasattr(m.condition, "spec")), None)
+    if spec is None:
+        return None
+    label = "uniform 2 (2 bits)"
+    return label, condition_for(replace(spec, bits=np.full_like(spec.bits, 2)), config, label)
+
+
 def _label(method: Method) -> str:
     return f"{method.label} ({budget_text(method.budget)} bits)"
 
@@ -158,7 +173,8 @@ def long_context_study(
     conditions: dict[str, Condition] = {"full precision": FullPrecision()}
     meta: dict[str, dict] = {"full precision": {"roles": ["reference"], "method": FULL_PRECISION, "budget": None}}
     runs: list[tuple[str, Method]] = []  # (label, method) of the quantized conditions run
-    for role, method in study_methods(config, methods, kl):
+    chosen = study_methods(config, methods, kl)
+    for role, method in chosen:
         label = next((lb for lb, m in runs if m is method or _same_cache(m, method)), None)
         if label is None:
             label = _label(method)
@@ -167,6 +183,10 @@ def long_context_study(
             meta[label] = {"roles": [], "method": method.method, "budget": method.budget, "design": method.design}
         if role not in meta[label]["roles"]:
             meta[label]["roles"].append(role)
+    two_bit = two_bit_condition(config, chosen)
+    if two_bit is not None:
+        label, conditions[label] = two_bit
+        meta[label] = {"roles": ["2-bit"], "method": "uniform", "budget": 2.0, "design": config.focus_design}
     if "hqq" in config.peers:
         label = f"HF QuantizedCache HQQ {HQQ_BITS}-bit"
         conditions[label] = PeerCache(hqq_cache_factory(loaded, config.residual), label=label)
@@ -208,5 +228,6 @@ __all__ = [
     "paired_change",
     "study_methods",
     "study_tasks",
+    "two_bit_condition",
     "with_statistics",
 ]
