@@ -504,9 +504,11 @@ def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
     study = streaming.extra["long_context"]
     assert set(study["tasks"]) == {"passkey", "niah-single"}
     best_fixed = min(streaming.select(method="kv-split", design="kivi", budget=2.5), key=lambda m: m.kl)
-    expected = {"full precision", f"{best_fixed.label} (2.5 bits)", "RateQuant (2.5 bits)"}
+    # 2 bits is not a budget here: the study builds KIVI-2 itself
+    expected = {"full precision", f"{best_fixed.label} (2.5 bits)", "RateQuant (2.5 bits)", "uniform 2 (2 bits)"}
     default = streaming.select(method="default", design="kivi", budget=2.5)[0]
     roles = {label: c["roles"] for label, c in study["conditions"].items()}
+    assert roles["uniform 2 (2 bits)"] == ["2-bit"]
     assert "best fixed" in roles[f"{best_fixed.label} (2.5 bits)"] and "ratequant" in roles["RateQuant (2.5 bits)"]
     assert any("default" in r for r in roles.values())  # its own row, or a role of the row with its widths
     if any(r == ["default"] for r in roles.values()):
