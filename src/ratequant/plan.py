@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,8 +385,7 @@ class Plan(JsonDocument):
         bits = self.bits_array()
         lines = []
         for k, kind in enumerate(KINDS):
-            hist = Counter(bits[k].reshape(-1).tolist())
-            text = "  ".join(f"{b}b:{hist[b]}" for b in sorted(hist))
+            text = "  ".join(f"{b}b:{n}" for b, n in bits_histogram(bits[k]).items())
             lines.append(f"{kind + 's':7s} mean {bits[k].mean():.3f}  widths {text}")
         return lines
 
@@ -447,4 +445,10 @@ def _dumps(obj: object, level: int = 0) -> str:
     return json.dumps(obj, allow_nan=False, ensure_ascii=False)
 
 
-__all__ = ["FORMAT_VERSION", "MAX_PLAN_BYTES", "Plan"]
+def bits_histogram(bits: np.ndarray) -> dict[int, int]:
+    """``{width: count}`` of an integer bit array, widths ascending."""
+    widths, counts = np.unique(np.asarray(bits), return_counts=True)
+    return {int(w): int(c) for w, c in zip(widths, counts)}
+
+
+__all__ = ["FORMAT_VERSION", "MAX_PLAN_BYTES", "Plan", "bits_histogram"]

@@ -13,7 +13,6 @@ from ratequant.calibration.pipeline import (
     DesignFit,
     allocate_design,
     allocate_for,
-    bits_histogram,
     calibrate,
     calibrate_design,
     candidates_of,
@@ -38,6 +37,7 @@ from ratequant.calibration.settings import (
     CalibrationSettings,
     check_search_text,
 )
+from ratequant.plan import bits_histogram
 
 __all__ = [
     "AUTO",

@@ -506,9 +506,3 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         candidate_windows=choice.windows if choice else {},
         chosen=chosen.name,
     )
-
-
-def bits_histogram(bits: np.ndarray) -> dict[int, int]:
-    """``{width: count}`` of an integer bit array."""
-    widths, counts = np.unique(np.asarray(bits), return_counts=True)
-    return {int(w): int(c) for w, c in zip(widths, counts)}
