@@ -424,7 +424,16 @@ AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, floa
  * not bit for bit (the decode kernel above stays bit-identical to PyTorch; these paths need not). */
 #define FOLDED __attribute__((target("avx2,fma,f16c")))
 
-/* The values of a row's D codes (code_value: no scale, no zero) as float32 into cf. */
+/* The 8 codes of the group at p as int32 lanes, for widths up to 4 bits, whose group fits in the 4 bytes read at
+ * p: one broadcast and one shift per lane (shifts8 = {0, bits, ..., 7 * bits}). */
+FOLDED static inline __m256i codes8_narrow(const uint8_t *p, __m256i shifts8, __m256i mask) {
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts8), mask);
+}
+
+/* The values of a row's D codes (code_value: no scale, no zero) as float32 into cf. Widths up to 4 bits take a
+ * loop specialised to the row's kind of code value, the codebook held in registers. */
 FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int bits, const float *levels,
                                     Py_ssize_t D, float *cf) {
     if (group_loads_pass_end(row, end, bits, D)) {
@@ -432,17 +441,38 @@ FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int 
         return;
     }
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    if (bits <= 4) {
+        const __m256i shifts8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+        if (levels == NULL) {
+            for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
+                _mm256_storeu_ps(cf + d, _mm256_cvtepi32_ps(codes8_narrow(row, shifts8, mask)));
+        } else if (bits <= 3) {
+            const __m256 table = _mm256_loadu_ps(levels);
+            for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
+                _mm256_storeu_ps(cf + d, _mm256_permutevar8x32_ps(table, codes8_narrow(row, shifts8, mask)));
+        } else {
+            const __m256 low = _mm256_loadu_ps(levels), high = _mm256_loadu_ps(levels + 8);
+            for (Py_ssize_t d = 0; d < D; d += 8, row += bits) {
+                const __m256i c = codes8_narrow(row, shifts8, mask);
+                _mm256_storeu_ps(cf + d, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c),
+                                                          _mm256_castsi256_ps(_mm256_slli_epi32(c, 28))));
+            }
+        }
+        return;
+    }
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
     for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask, levels));
 }
 
-/* count metadata values from index first as float32 into dst: load_meta's conversion, 8 at a time for
+/* count metadata values from index first as float32 into dst: load_meta's conversion, 8 or 4 at a time for
  * float16 (F16C converts exactly, as f16_to_f32 does). */
 FOLDED static inline void meta_f32(const void *p, int dtype, Py_ssize_t first, Py_ssize_t count, float *dst) {
     Py_ssize_t k = 0;
-    if (dtype == DT_FLOAT16)
-        for (const uint16_t *h = (const uint16_t *)p + first; k + 8 <= count; k += 8)
-            _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+    if (dtype == DT_FLOAT16) {
+        const uint16_t *h = (const uint16_t *)p + first;
+        for (; k + 8 <= count; k += 8) _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+        for (; k + 4 <= count; k += 4) _mm_storeu_ps(dst + k, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(h + k))));
+    }
     for (; k < count; ++k) dst[k] = meta_value(p, first + k, dtype);
 }
 
