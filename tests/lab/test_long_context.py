@@ -69,21 +69,20 @@ def test_the_study_runs_the_best_fixed_split_ratequant_the_default_plan_and_2_bi
         ("best fixed", "K3V2"),
         ("ratequant", "RateQuant"),
         ("default", "default plan (RateQuant)"),
-        ("2-bit", "uniform 2"),
     ]
     assert chosen[1][1] is rq and chosen[2][1] is default and all(m.design == "kivi" for _, m in chosen)
     kl[methods[2]] = 0.01  # K2V3 now has the least KL
     assert study_methods(config, methods, kl)[0][1].label == "K2V3"
-    assert two_bit_condition(config, chosen) is None  # the 2-bit budget's own method runs
+    # the 2-bit budget's own method runs as the 2-bit row
+    assert two_bit_condition(config, methods, chosen) == ("uniform 2 (2 bits)", methods[0].condition)
     # without a 2-bit budget the study stores the design's uniform 2 bits as its other conditions are
     config = CompareConfig(budgets=(2.5, 3.0), designs=("kivi",), passkey_budgets=(2.5,), sink_tokens=4)
     chosen = study_methods(config, methods[1:], kl)
-    assert [role for role, _ in chosen] == ["best fixed", "ratequant", "default"]
-    label, condition = two_bit_condition(config, chosen)
+    label, condition = two_bit_condition(config, methods[1:], chosen)
     spec = condition.spec
     assert label == "uniform 2 (2 bits)" and isinstance(condition, Simulated) and (spec.bits == 2).all()
     assert spec.policy == k3v2.condition.spec.policy and spec.quantizer.name == "kivi"
-    assert two_bit_condition(config, []) is None
+    assert two_bit_condition(config, methods[1:], []) is None
 
 
 def test_bad_long_context_settings_are_refused_in_one_line(monkeypatch):

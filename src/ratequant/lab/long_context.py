@@ -40,7 +40,7 @@ from ratequant.evaluation.tasks import Task, get_task
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.lab.config import FIXED_METHODS, FULL_PRECISION, CompareConfig, budget_text
-from ratequant.lab.methods import Method, condition_for
+from ratequant.lab.methods import Method, condition_for, uniform_label
 from ratequant.progress import Stages
 
 HQQ_BITS = 2
@@ -86,8 +86,9 @@ def hqq_cache_factory(loaded: LoadedModel, residual: int) -> Callable[[], object
     )
 
 
-def _same_cache(a: Method, b: Method) -> bool:
-    sa, sb = getattr(a.condition, "spec", None), getattr(b.condition, "spec", None)
+def _same_cache(a: Condition, b: Condition) -> bool:
+    """Whether two conditions store the cache alike (same design, widths, residual window and sinks)."""
+    sa, sb = getattr(a, "spec", None), getattr(b, "spec", None)
     return (
         sa is not None
         and sb is not None
@@ -99,7 +100,7 @@ def _same_cache(a: Method, b: Method) -> bool:
 
 def study_methods(config: CompareConfig, methods: list[Method], kl: Mapping[Method, float]) -> list[tuple[str, Method]]:
     """``(role, method)`` in the order they run: per long-context budget the best fixed scheme (least ``kl``),
-    RateQuant and the default plan of ``config.focus_design``, then its uniform 2-bit scheme."""
+    RateQuant and the default plan of ``config.focus_design``."""
     design = [m for m in methods if m.design == config.focus_design]
     chosen: list[tuple[str, Method]] = []
     for budget in config.passkey_budgets:
@@ -108,25 +109,28 @@ def study_methods(config: CompareConfig, methods: list[Method], kl: Mapping[Meth
         if fixed:
             chosen.append(("best fixed", min(fixed, key=lambda m: kl[m])))
         chosen += [(role, m) for m in at for role in ("ratequant", "default") if m.method == role]
-    chosen += [("2-bit", m) for m in design if m.method == "uniform" and m.budget == 2.0]
     return chosen
 
 
-def two_bit_condition(config: CompareConfig, chosen: list[tuple[str, Method]]) -> tuple[str, Condition] | None:
-    """``(label, condition)`` of the focus design's uniform 2-bit scheme with the storage (residual window, sinks)
-    of the ``chosen`` conditions (:func:`study_methods`), for a comparison without a 2-bit budget; None where
-    ``chosen`` has it already or has nothing to take the storage from."""
-    if any(role == "2-bit" for role, _ in chosen):
-        return None
+def two_bit_condition(
+    config: CompareConfig, methods: list[Method], chosen: list[tuple[str, Method]]
+) -> tuple[str, Condition] | None:
+    """``(label, condition)`` of ``config.focus_design``'s uniform 2-bit scheme: the comparison's own where 2 bits
+    is a budget, else built with the storage (residual window, sinks) of the ``chosen`` conditions
+    (:func:`study_methods`); None where there is neither."""
+    label = study_label(uniform_label(2.0), 2.0)
+    own = [m for m in methods if m.design == config.focus_design and m.method == "uniform" and m.budget == 2.0]
+    if own:
+        return label, own[0].condition
     spec = next((m.condition.spec for _, m in chosen if hasattr(m.condition, "spec")), None)
     if spec is None:
         return None
-    label = "uniform 2 (2 bits)"
     return label, condition_for(replace(spec, bits=np.full_like(spec.bits, 2)), config, label)
 
 
-def _label(method: Method) -> str:
-    return f"{method.label} ({budget_text(method.budget)} bits)"
+def study_label(label: str, budget: float) -> str:
+    """A condition's row label in the study: the method's label and its budget, e.g. ``"K3V2 (2.5 bits)"``."""
+    return f"{label} ({budget_text(budget)} bits)"
 
 
 def paired_change(trials: list[dict], reference: list[dict]) -> dict:
@@ -172,21 +176,19 @@ def long_context_study(
     where each result is the task's JSON plus ``accuracy_low``/``accuracy_high`` and ``logprob_change``."""
     conditions: dict[str, Condition] = {"full precision": FullPrecision()}
     meta: dict[str, dict] = {"full precision": {"roles": ["reference"], "method": FULL_PRECISION, "budget": None}}
-    runs: list[tuple[str, Method]] = []  # (label, method) of the quantized conditions run
     chosen = study_methods(config, methods, kl)
-    for role, method in chosen:
-        label = next((lb for lb, m in runs if m is method or _same_cache(m, method)), None)
-        if label is None:
-            label = _label(method)
-            runs.append((label, method))
-            conditions[label] = method.condition
-            meta[label] = {"roles": [], "method": method.method, "budget": method.budget, "design": method.design}
+    rows = [(role, study_label(m.label, m.budget), m.condition, m.method, m.budget) for role, m in chosen]
+    two_bit = two_bit_condition(config, methods, chosen)
+    if two_bit is not None:
+        rows.append(("2-bit", *two_bit, "uniform", 2.0))
+    for role, label, condition, method, budget in rows:
+        # a condition whose cache equals one already listed runs once, under every role it plays
+        label = next((lb for lb, c in conditions.items() if c is condition or _same_cache(c, condition)), label)
+        if label not in conditions:
+            conditions[label] = condition
+            meta[label] = {"roles": [], "method": method, "budget": budget, "design": config.focus_design}
         if role not in meta[label]["roles"]:
             meta[label]["roles"].append(role)
-    two_bit = two_bit_condition(config, chosen)
-    if two_bit is not None:
-        label, conditions[label] = two_bit
-        meta[label] = {"roles": ["2-bit"], "method": "uniform", "budget": 2.0, "design": config.focus_design}
     if "hqq" in config.peers:
         label = f"HF QuantizedCache HQQ {HQQ_BITS}-bit"
         conditions[label] = PeerCache(hqq_cache_factory(loaded, config.residual), label=label)
@@ -226,6 +228,7 @@ __all__ = [
     "hqq_cache_factory",
     "long_context_study",
     "paired_change",
+    "study_label",
     "study_methods",
     "study_tasks",
     "two_bit_condition",

@@ -77,6 +77,11 @@ class Skipped:
         return dict(self.__dict__)
 
 
+def uniform_label(budget: float) -> str:
+    """The label of the uniform scheme at ``budget`` bits: ``"uniform 2"``."""
+    return f"uniform {budget_text(budget)}"
+
+
 def condition_for(spec: KVQuantSpec, config: CompareConfig, label: str) -> Condition:
     """How a quantized method runs: simulated quantization, or the real cache (``config.mode``)."""
     if config.mode == "streaming":
@@ -180,7 +185,7 @@ def quantized_methods(
 
     for budget in config.budgets:
         if float(budget).is_integer() and int(budget) in config.bitset:
-            add("uniform", f"uniform {budget_text(budget)}", budget, plain, "uniform", fixed)
+            add("uniform", uniform_label(budget), budget, plain, "uniform", fixed)
         else:
             skipped.append(
                 Skipped(
@@ -311,4 +316,5 @@ __all__ = [
     "pick_mismatch_sources",
     "quantized_methods",
     "rank_methods",
+    "uniform_label",
 ]
