@@ -213,22 +213,45 @@ static inline int group_loads_pass_end(const uint8_t *row, const uint8_t *end, i
     return row + (D / 8 - 1) * bits + 8 > end;
 }
 
-/* The values of the 8 codes of the group at p (see the packed-row note above; code_value) as float32; reads 8
- * bytes at p. */
-AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m256i mask, const float *levels) {
-    uint64_t w;
-    memcpy(&w, p, 8);
-    const __m256i v = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w >> (4 * bits))), _mm_set1_epi32((int)(uint32_t)w));
-    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+/* The shifts that place code i of a group of 8 in lane i for codes8_int: a group of widths up to 4 bits fits in
+ * the 32-bit word at its first byte, a wider one in the 64-bit word, its upper half from bit 4 * bits. */
+AVX2 static inline __m256i code_shifts(int bits) {
+    if (bits <= 4) return _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    return _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
+}
+
+/* The 8 codes of the group at p (see the packed-row note above) as int32 lanes; reads 4 bytes at p for widths up
+ * to 4 bits, else 8. shifts = code_shifts(bits). */
+AVX2 static inline __m256i codes8_int(const uint8_t *p, int bits, __m256i shifts, __m256i mask) {
+    __m256i v;
+    if (bits <= 4) {
+        uint32_t w;
+        memcpy(&w, p, 4);
+        v = _mm256_set1_epi32((int)w);
+    } else {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        v = _mm256_set_m128i(_mm_set1_epi32((int)(uint32_t)(w >> (4 * bits))), _mm_set1_epi32((int)(uint32_t)w));
+    }
+    return _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+}
+
+/* What the 8 codes c of a group stand for (code_value) as float32: the codes themselves, or a codebook's levels,
+ * up to 8 in one register permute, 16 in two and a blend on bit 3 (the table is padded to at least 16 floats),
+ * more by a gather. */
+AVX2 static inline __m256 code_values8(__m256i c, int bits, const float *levels) {
     if (levels == NULL) return _mm256_cvtepi32_ps(c);
-    /* a codebook: up to 8 levels in one register permute, 16 in two and a blend on bit 3 (the table is padded to
-     * at least 16 floats), more by a gather */
     if (bits <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), c);
     if (bits == 4)
         return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), c),
                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels + 8), c),
                                 _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
     return _mm256_i32gather_ps(levels, c, 4);
+}
+
+/* The values of the 8 codes of the group at p as float32. */
+AVX2 static inline __m256 codes8(const uint8_t *p, int bits, __m256i shifts, __m256i mask, const float *levels) {
+    return code_values8(codes8_int(p, bits, shifts, mask), bits, levels);
 }
 
 /* Store 8 float32 values at element `at` of the output, rounded to its dtype to nearest even (F16C for
@@ -256,8 +279,7 @@ AVX2 static inline void row_avx2(const DecodeArgs *a, const uint8_t *row, const 
                                  const float *zero, Py_ssize_t offset, float *vals) {
     const int bits = a->bits;
     const Py_ssize_t D = a->D, g = a->meta_group;
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1), shifts = code_shifts(bits);
     const uint8_t *p = row;
     if (group_loads_pass_end(row, end, bits, D)) {
         row_scalar(a, row, end, scale, zero, offset, vals);
@@ -424,44 +446,33 @@ AVX2 static void attend_rows_avx2(const DecodeArgs *a, const AttendArgs *w, floa
  * not bit for bit (the decode kernel above stays bit-identical to PyTorch; these paths need not). */
 #define FOLDED __attribute__((target("avx2,fma,f16c")))
 
-/* The 8 codes of the group at p as int32 lanes, for widths up to 4 bits, whose group fits in the 4 bytes read at
- * p: one broadcast and one shift per lane (shifts8 = {0, bits, ..., 7 * bits}). */
-FOLDED static inline __m256i codes8_narrow(const uint8_t *p, __m256i shifts8, __m256i mask) {
-    uint32_t w;
-    memcpy(&w, p, 4);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts8), mask);
-}
-
 /* The values of a row's D codes (code_value: no scale, no zero) as float32 into cf. Widths up to 4 bits take a
- * loop specialised to the row's kind of code value, the codebook held in registers. */
+ * loop specialised to the row's kind of code value, the codebook held in registers (codes8_int is given a constant
+ * width up to 4 there: it only picks the 4-byte load, which the compiler then needs not test). */
 FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int bits, const float *levels,
                                     Py_ssize_t D, float *cf) {
     if (group_loads_pass_end(row, end, bits, D)) {
         for (Py_ssize_t d = 0; d < D; ++d) cf[d] = code_value(code_at(row, d, bits), levels);
         return;
     }
-    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
-    if (bits <= 4) {
-        const __m256i shifts8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-        if (levels == NULL) {
-            for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
-                _mm256_storeu_ps(cf + d, _mm256_cvtepi32_ps(codes8_narrow(row, shifts8, mask)));
-        } else if (bits <= 3) {
-            const __m256 table = _mm256_loadu_ps(levels);
-            for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
-                _mm256_storeu_ps(cf + d, _mm256_permutevar8x32_ps(table, codes8_narrow(row, shifts8, mask)));
-        } else {
-            const __m256 low = _mm256_loadu_ps(levels), high = _mm256_loadu_ps(levels + 8);
-            for (Py_ssize_t d = 0; d < D; d += 8, row += bits) {
-                const __m256i c = codes8_narrow(row, shifts8, mask);
-                _mm256_storeu_ps(cf + d, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c),
-                                                          _mm256_castsi256_ps(_mm256_slli_epi32(c, 28))));
-            }
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1), shifts = code_shifts(bits);
+    if (bits <= 4 && levels == NULL) {
+        for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
+            _mm256_storeu_ps(cf + d, _mm256_cvtepi32_ps(codes8_int(row, 4, shifts, mask)));
+    } else if (bits <= 3) {
+        const __m256 table = _mm256_loadu_ps(levels);
+        for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
+            _mm256_storeu_ps(cf + d, _mm256_permutevar8x32_ps(table, codes8_int(row, 3, shifts, mask)));
+    } else if (bits == 4) {
+        const __m256 low = _mm256_loadu_ps(levels), high = _mm256_loadu_ps(levels + 8);
+        for (Py_ssize_t d = 0; d < D; d += 8, row += bits) {
+            const __m256i c = codes8_int(row, 4, shifts, mask);
+            _mm256_storeu_ps(cf + d, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c),
+                                                      _mm256_castsi256_ps(_mm256_slli_epi32(c, 28))));
         }
-        return;
+    } else {
+        for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask, levels));
     }
-    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 0, bits, 2 * bits, 3 * bits);
-    for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask, levels));
 }
 
 /* count metadata values from index first as float32 into dst: load_meta's conversion, 8 or 4 at a time for
