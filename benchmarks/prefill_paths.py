@@ -12,9 +12,9 @@ default model with one thread, it times to the first token:
   (:func:`ratequant.kernels.native.attend_layer`: the history never decoded, each stored row read once per query
   row group), by raising the query-length limit of that path (:data:`ratequant.cache.attention.MAX_QUERY`).
 
-Conditions alternate over ``--repeats`` rounds (the order rotating), so a slow spell of the machine hits them
-alike; the median time of each is reported with its ratio to ``dynamic``, and the first token of each is
-checked against ``dynamic``'s.
+``--conditions`` picks among them (``dynamic`` always runs). Conditions alternate over ``--repeats`` rounds (the
+order rotating), so a slow spell of the machine hits them alike; the median time of each is reported with its
+ratio to ``dynamic``, and the first token of each is checked against ``dynamic``'s.
 
     python benchmarks/prefill_paths.py --output results/prefill_paths.json
 """
@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", type=Path, default=Path("results/demo/plan.json"))
     parser.add_argument("--design", help="apply the plan's widths with this design (default: the plan's own)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS), help="dynamic is always run"
+    )
     parser.add_argument("--output", type=Path, default=Path("results/prefill_paths.json"))
     args = parser.parse_args(argv)
 
@@ -76,10 +79,12 @@ def main(argv=None) -> int:
         "blocks": (lambda: RateQuantCache.from_plan(plan, model, **other), None),
         "codes": (lambda: RateQuantCache.from_plan(plan, model, **other), long_pieces_from_codes),
     }
-    seconds = {name: [] for name in CONDITIONS}
+    conditions = [name for name in CONDITIONS if name == "dynamic" or name in args.conditions]
+    seconds = {name: [] for name in conditions}
     first = {}
     for round_ in range(args.repeats):
-        for name in CONDITIONS[round_ % 3 :] + CONDITIONS[: round_ % 3]:
+        turn = round_ % len(conditions)
+        for name in conditions[turn:] + conditions[:turn]:
             make_cache, context = make[name]
             cache = make_cache()
             with torch.inference_mode(), context() if context else nullcontext():
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
             "vs_dynamic": statistics.median(seconds[name]) / base,
             "first_token_matches_dynamic": first[name] == first["dynamic"],
         }
-        for name in CONDITIONS
+        for name in conditions
     ]
     for r in rows:
         print(f"{r['condition']:8s} median {r['ttft_s_median']:7.2f} s  {r['vs_dynamic']:.2f}x dynamic")
