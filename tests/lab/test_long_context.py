@@ -13,14 +13,22 @@ import torch
 from transformers import DynamicCache
 
 from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
-from ratequant.compat import model_geometry
+from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.conditions import FullPrecision, PeerCache, Simulated
 from ratequant.evaluation.tasks import get_task
 from ratequant.inputs.corpora import Corpus
 from ratequant.inputs.models import LoadedModel
 from ratequant.lab.config import CompareConfig
-from ratequant.lab.long_context import paired_change, study_methods, study_tasks, two_bit_condition
+from ratequant.lab.long_context import (
+    HQQ_TOKEN_MULTIPLE,
+    hqq_cache_factory,
+    pad_quantized_tokens,
+    paired_change,
+    study_methods,
+    study_tasks,
+    two_bit_condition,
+)
 from ratequant.lab.methods import Method
 from ratequant.lab.report.tables import long_context_of, long_context_table
 from ratequant.quantizers import get_quantizer
@@ -174,3 +182,40 @@ def test_a_peer_that_fails_gets_a_row_saying_so_and_the_study_goes_on(monkeypatc
     assert results["full precision"]["trials"] == 1 and results["full precision"]["logprob_change"]["mean"] == 0
     table = long_context_table(study, "niah-single")
     assert "| HF QuantizedCache HQQ 2-bit | peer | failed | — | RuntimeError: The size of tensor a" in table
+
+
+class _FourRows:
+    """A stand-in quantized cache layer that, like hqq's 2-bit packing, fails on a token count not divisible by 4."""
+
+    def _quantize(self, tensor, axis):
+        if tensor.shape[-2] % 4:
+            raise RuntimeError("The size of tensor a (22) must match the size of tensor b (24)")
+        return tensor.round()
+
+    def _dequantize(self, stored):
+        return stored
+
+
+def test_the_peer_layers_quantize_any_number_of_tokens_padded_to_a_multiple_of_four():
+    layer = _FourRows()
+    pad_quantized_tokens(layer, HQQ_TOKEN_MULTIPLE)
+    for n in (1, 4, 6, 30):
+        x = torch.randn(1, 3, n, 8) * 4
+        assert torch.equal(layer._dequantize(layer._quantize(x, 1)), x.round())  # the real tokens, nothing more
+
+
+def test_the_hqq_peer_runs_on_sequence_lengths_hqq_alone_refuses():
+    pytest.importorskip("hqq")
+    model = tiny_model("llama", num_key_value_heads=3, num_attention_heads=3, head_dim=64, hidden_size=192)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    make = hqq_cache_factory(SimpleNamespace(model=model), residual=8)
+    bare = make()
+    for layer in bare.layers:  # the layers as transformers makes them
+        del layer._quantize, layer._dequantize
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        model(ids, **cache_argument(model, bare), use_cache=True)
+    cache = make()
+    with torch.inference_mode():
+        logits = model(ids, **cache_argument(model, cache), use_cache=True).logits
+        step = model(ids[:, :1], **cache_argument(model, cache), use_cache=True).logits
+    assert torch.isfinite(logits).all() and torch.isfinite(step).all() and cache.get_seq_length() == 31

@@ -16,8 +16,9 @@ For each task of ``config.long_context_tasks`` (passkey and the RULER-style task
   where ``"hqq"`` is among the peers.
 
 A method whose cache would equal one already listed (same design, widths, residual and sinks) runs once, under
-every role it plays. A peer whose cache fails on a prompt (HQQ's 2-bit packing refuses sequence lengths that are
-not a multiple of 4 with transformers 5.25 and hqq 0.2.8) gets a row that says so, and the others run on.
+every role it plays. A peer whose cache fails on a prompt gets a row that says so, and the others run on (HQQ's
+2-bit packing, which refuses some sequence lengths with transformers 5.25 and hqq 0.2.8, is given tokens in
+multiples of 4: :data:`HQQ_TOKEN_MULTIPLE`).
 Accuracy comes with its Wilson interval; the answer's log-probability is compared with full precision's prompt by
 prompt (mean paired change and its standard error), which separates conditions with far fewer prompts than
 accuracy needs.
@@ -31,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.errors import RateQuantError
@@ -46,6 +48,10 @@ from ratequant.progress import Stages
 HQQ_BITS = 2
 HQQ_GROUP = 64
 """The HQQ peer: 2-bit codes in groups of 64 along the head dimension, as transformers documents it."""
+HQQ_TOKEN_MULTIPLE = 4
+"""hqq 0.2.8 packs 2-bit codes four rows to a byte and fails on a tensor whose row count is not a multiple of 4
+(a sequence of a length not divisible by 4 on a model with an odd number of kv heads): the peer's layers pad what
+they quantize to a multiple of this many tokens (:func:`pad_quantized_tokens`)."""
 
 
 def study_tasks(config: CompareConfig) -> list[Task]:
@@ -75,15 +81,40 @@ def hqq_cache_factory(loaded: LoadedModel, residual: int) -> Callable[[], object
     from transformers import QuantizedCache
 
     config = loaded.model.config
-    return lambda: QuantizedCache(
-        "hqq",
-        config,
-        nbits=HQQ_BITS,
-        axis_key=1,
-        axis_value=1,
-        q_group_size=HQQ_GROUP,
-        residual_length=max(residual, 1),
-    )
+
+    def make() -> QuantizedCache:
+        cache = QuantizedCache(
+            "hqq",
+            config,
+            nbits=HQQ_BITS,
+            axis_key=1,
+            axis_value=1,
+            q_group_size=HQQ_GROUP,
+            residual_length=max(residual, 1),
+        )
+        for layer in cache.layers:
+            pad_quantized_tokens(layer, HQQ_TOKEN_MULTIPLE)
+        return cache
+
+    return make
+
+
+def pad_quantized_tokens(layer, multiple: int) -> None:
+    """Let a transformers quantized cache ``layer`` quantize any number of tokens: what it quantizes (``[B, H, n,
+    D]``) gets zero tokens appended up to a multiple of ``multiple``, and what it dequantizes is cut back to its
+    ``n`` tokens. With groups along the head dimension that divide it, the padding fills groups of its own, so no
+    real token's codes change."""
+    quantize, dequantize = layer._quantize, layer._dequantize
+
+    def padded(tensor, axis):
+        n = tensor.shape[-2]
+        return quantize(torch.nn.functional.pad(tensor, (0, 0, 0, -n % multiple)).contiguous(), axis), n
+
+    def trimmed(stored):
+        codes, n = stored
+        return dequantize(codes)[..., :n, :]
+
+    layer._quantize, layer._dequantize = padded, trimmed
 
 
 def _same_cache(a: Condition, b: Condition) -> bool:
@@ -225,7 +256,9 @@ def long_context_study(
 
 
 __all__ = [
+    "HQQ_TOKEN_MULTIPLE",
     "hqq_cache_factory",
+    "pad_quantized_tokens",
     "long_context_study",
     "paired_change",
     "study_label",
