@@ -8,6 +8,9 @@ budget met exactly, by a greedy on marginal gains when it is provably exact (con
 curves, equal cost per bit) and by a multiple-choice-knapsack dynamic programme otherwise;
 :func:`solve_groups` states a :class:`Budget` (average bits or bytes) as such a problem for groups of
 components that share a width. Derivations and proofs: ``docs/method.md``.
+
+One module of this size because the closed form, the greedy and the dynamic programme solve one problem and are
+tested against each other.
 """
 
 from __future__ import annotations

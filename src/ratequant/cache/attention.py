@@ -48,6 +48,9 @@ and there hands grouped keys of other passes to SDPA once per kv head instead of
 
 Results equal the decode path to float32 rounding (the tests state the tolerance): the arithmetic is float32
 whatever the model's dtype, where the decode path rounds the decoded history to the model's dtype first.
+
+One module of this size because the decode step, the long passes in blocks and the routing between them read the
+same packed views and share their masks.
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ attention mask applies the window, which is correct; memory then grows like a fu
 byte formula counts every token, so it still matches).
 
 One module of this size because the cache and its layer implement one transformers interface together.
+
+One module of this size because the cache and its layers share one token policy and one update path.
 """
 
 from __future__ import annotations

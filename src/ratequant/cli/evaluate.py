@@ -1,4 +1,7 @@
-"""``ratequant eval``, ``generate`` and ``info``."""
+"""``ratequant eval``, ``generate`` and ``info``.
+
+Three commands in one module because they load a model, a corpus or a plan through the same options.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ Fisher / gradient-weighted distortion of RateQuant's distortion model (and of KV
 
 :class:`Recorder` is the context-manager form for callers that run the model themselves. Both go through
 :func:`ratequant.compat.intercept_attention`, so every hook and patch is removed on exit, also on error.
+
+One module of this size because the forward and backward hooks, their bookkeeping and the statistics they fill
+are one pass.
 """
 
 from __future__ import annotations
