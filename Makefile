@@ -72,10 +72,11 @@ results-qwen-fortunes: qwen-model
 	$(BIN)/ratequant compare --config docs/qwen-fortunes/config.json --out docs/qwen-fortunes --force
 
 # long-context retrieval through the real cache on the embedded model (passkey and niah-single at 4,096 tokens; full
-# precision, the best fixed split, RateQuant and the default plan of kivi at 2.5 bits, and KIVI 2-bit; about 45 min
-# on a 2-core CPU) into docs/long-context
+# precision, the best fixed split, RateQuant and the default plan of kivi at 2.5 bits, KIVI 2-bit and transformers'
+# QuantizedCache with HQQ at 2 bits, which needs the bench extra; about 45 min on a 2-core CPU) into docs/long-context
 .PHONY: results-long-context
 results-long-context: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,lm-eval,bench]'
 	$(BIN)/ratequant compare --config docs/long-context/config.json --out docs/long-context --force
 
 # the same on the Qwen model (niah-single at 4,096 tokens; kivi at 2.5 and 3 bits) into docs/qwen-long-context
