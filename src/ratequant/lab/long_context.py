@@ -49,9 +49,9 @@ HQQ_BITS = 2
 HQQ_GROUP = 64
 """The HQQ peer: 2-bit codes in groups of 64 along the head dimension, as transformers documents it."""
 HQQ_TOKEN_MULTIPLE = 4
-"""hqq 0.2.8 packs 2-bit codes four rows to a byte and fails on a tensor whose row count is not a multiple of 4
-(a sequence of a length not divisible by 4 on a model with an odd number of kv heads): the peer's layers pad what
-they quantize to a multiple of this many tokens (:func:`pad_quantized_tokens`)."""
+"""hqq 0.2.8 packs 2-bit codes four groups to a byte and fails on a tensor whose count of groups is not a multiple of
+4 (with three kv heads of 64 channels: any sequence length not divisible by 4): the peer's layers pad what they
+quantize to a multiple of this many tokens (:func:`pad_quantized_tokens`)."""
 
 
 def study_tasks(config: CompareConfig) -> list[Task]:
@@ -258,8 +258,8 @@ def long_context_study(
 __all__ = [
     "HQQ_TOKEN_MULTIPLE",
     "hqq_cache_factory",
-    "pad_quantized_tokens",
     "long_context_study",
+    "pad_quantized_tokens",
     "paired_change",
     "study_label",
     "study_methods",
