@@ -47,8 +47,12 @@ results: $(STAMP)
 results-search: $(STAMP)
 	$(BIN)/ratequant compare --config docs/search/config.json --out docs/search --force
 
-bench: $(STAMP)
+# the peer caches the benchmarks and the long-context study compare with (hqq, optimum-quanto)
+.PHONY: bench-deps
+bench-deps: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,lm-eval,bench]'
+
+bench: bench-deps
 	$(BIN)/python benchmarks/run_all.py
 
 clean-venv:
@@ -75,8 +79,7 @@ results-qwen-fortunes: qwen-model
 # precision, the best fixed split, RateQuant and the default plan of kivi at 2.5 bits, KIVI 2-bit and transformers'
 # QuantizedCache with HQQ at 2 bits, which needs the bench extra; about 45 min on a 2-core CPU) into docs/long-context
 .PHONY: results-long-context
-results-long-context: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,lm-eval,bench]'
+results-long-context: bench-deps
 	$(BIN)/ratequant compare --config docs/long-context/config.json --out docs/long-context --force
 
 # the same on the Qwen model (niah-single at 4,096 tokens; kivi at 2.5 and 3 bits) into docs/qwen-long-context

@@ -236,16 +236,19 @@ AVX2 static inline __m256i codes8_int(const uint8_t *p, int bits, __m256i shifts
     return _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
 }
 
+/* levels[c] for 8 codes below 16, the levels held in two registers (low: levels 0-7, high: 8-15): two permutes
+ * and a blend on bit 3. */
+AVX2 static inline __m256 lookup16(__m256 low, __m256 high, __m256i c) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+
 /* What the 8 codes c of a group stand for (code_value) as float32: the codes themselves, or a codebook's levels,
- * up to 8 in one register permute, 16 in two and a blend on bit 3 (the table is padded to at least 16 floats),
- * more by a gather. */
+ * up to 8 in one register permute, 16 by lookup16 (the table is padded to at least 16 floats), more by a gather. */
 AVX2 static inline __m256 code_values8(__m256i c, int bits, const float *levels) {
     if (levels == NULL) return _mm256_cvtepi32_ps(c);
     if (bits <= 3) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), c);
-    if (bits == 4)
-        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), c),
-                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels + 8), c),
-                                _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+    if (bits == 4) return lookup16(_mm256_loadu_ps(levels), _mm256_loadu_ps(levels + 8), c);
     return _mm256_i32gather_ps(levels, c, 4);
 }
 
@@ -465,11 +468,8 @@ FOLDED static inline void codes_f32(const uint8_t *row, const uint8_t *end, int 
             _mm256_storeu_ps(cf + d, _mm256_permutevar8x32_ps(table, codes8_int(row, 3, shifts, mask)));
     } else if (bits == 4) {
         const __m256 low = _mm256_loadu_ps(levels), high = _mm256_loadu_ps(levels + 8);
-        for (Py_ssize_t d = 0; d < D; d += 8, row += bits) {
-            const __m256i c = codes8_int(row, 4, shifts, mask);
-            _mm256_storeu_ps(cf + d, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c),
-                                                      _mm256_castsi256_ps(_mm256_slli_epi32(c, 28))));
-        }
+        for (Py_ssize_t d = 0; d < D; d += 8, row += bits)
+            _mm256_storeu_ps(cf + d, lookup16(low, high, codes8_int(row, 4, shifts, mask)));
     } else {
         for (Py_ssize_t d = 0; d < D; d += 8, row += bits) _mm256_storeu_ps(cf + d, codes8(row, bits, shifts, mask, levels));
     }
