@@ -87,6 +87,12 @@ results-long-context: bench-deps
 results-qwen-long-context: qwen-model
 	$(BIN)/ratequant compare --config docs/qwen-long-context/config.json --out docs/qwen-long-context --force
 
+# the same at 8,192 tokens (niah-single; kivi at 2.5 bits: full precision, K3V2, RateQuant, the default plan and
+# KIVI 2-bit; about 90 min on a 2-core CPU) into docs/qwen-long-context-8k
+.PHONY: results-qwen-long-context-8k
+results-qwen-long-context-8k: qwen-model
+	$(BIN)/ratequant compare --config docs/qwen-long-context-8k/config.json --out docs/qwen-long-context-8k --force
+
 # the default plan and --quantizer auto on the embedded model, with the Qwen run's protocol (every design at 2.5 and
 # 3 bits, 2 x 1,024-token windows, fortunes beside the Python reference) into docs/choice
 .PHONY: results-choice
