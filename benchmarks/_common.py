@@ -287,6 +287,6 @@ def key_channel_scales(generator, num_kv_heads: int, head_dim: int):
 def corpus_windows(tokenizer, text: str, seq_len: int, count: int):
     """The first ``count`` windows ``[n, seq_len]`` of ``text`` by the evaluation protocol's rule
     (:func:`ratequant.evaluation.protocol.make_windows`, BOS as the tokenizer adds it, every token scored)."""
-    from ratequant.evaluation.protocol import WindowProtocol, make_windows
+    from ratequant.evaluation import WindowProtocol, make_windows
 
     return make_windows(tokenizer, text, WindowProtocol(seq_len, count)).ids

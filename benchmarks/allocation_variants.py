@@ -49,15 +49,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ratequant.allocation import AllocationOptions, Budget, Curves, allocate, get_strategy
+    from ratequant import KVQuantSpec, StoragePolicy, load_corpus, load_model
+    from ratequant.allocation import DEFAULT_CONTEXT_TOKENS, AllocationOptions, Budget, Curves, allocate, get_strategy
+    from ratequant.cache import DEFAULT_RESIDUAL_LENGTH
     from ratequant.calibration import choose_sink_tokens, collect_statistics, cost_model_for, fit_design
-    from ratequant.evaluation.conditions import Simulated
-    from ratequant.evaluation.perplexity import score_conditions
-    from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
+    from ratequant.evaluation import Simulated, WindowProtocol, make_windows, score_conditions
     from ratequant.quantizers import get_quantizer
-    from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH, KVQuantSpec, StoragePolicy
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

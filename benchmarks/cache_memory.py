@@ -41,11 +41,10 @@ from _common import (
     machine_info,
     write_result,
 )
-from ratequant.cache import RateQuantCache
+from ratequant import Geometry, KVQuantSpec, StoragePolicy
+from ratequant.cache import DEFAULT_RESIDUAL_LENGTH, RateQuantCache
 from ratequant.compat import cache_argument
-from ratequant.geometry import Geometry
 from ratequant.quantizers import get_quantizer
-from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, KVQuantSpec, StoragePolicy
 
 FORMAT_VERSION = 1
 DEFAULT_GEOMETRY = Geometry(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)  # SmolLM2-135M
@@ -89,8 +88,7 @@ def fill(cache: RateQuantCache, args, geometry: Geometry) -> float:
             layer.update(k, v)
     else:
         from _common import corpus_windows
-        from ratequant.inputs.corpora import load_corpus
-        from ratequant.inputs.models import load_model
+        from ratequant import load_corpus, load_model
 
         loaded = load_model(dtype=args.dtype)
         ids = corpus_windows(loaded.tokenizer, load_corpus().evaluation, args.tokens, args.batch_size)

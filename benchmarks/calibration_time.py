@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ratequant.allocation import Budget
+    from ratequant import capture, load_corpus, load_model
+    from ratequant.allocation import DEFAULT_CONTEXT_TOKENS, Budget
     from ratequant.calibration import (
         CAPTURE_BATCH_SIZE,
         CalibrationSettings,
@@ -77,10 +78,6 @@ def main(argv=None) -> int:
         fit_design,
         plan_of,
     )
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.measure.capture import capture
-    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     loaded = load_model()
     corpus = load_corpus()

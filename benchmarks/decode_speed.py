@@ -73,7 +73,7 @@ from _common import (
     trim,
     write_result,
 )
-from ratequant.cache.prefill import prefill as chunked_prefill
+from ratequant import prefill as chunked_prefill
 from ratequant.compat import cache_argument
 
 FORMAT_VERSION = 1
@@ -97,10 +97,9 @@ def cache_bytes(name: str, cache) -> dict:
 def calibrated_plan(loaded, avg_bits: float, path: Path | None, sequences: int, design: str | None = None):
     """The RateQuant plan of the mixed conditions: loaded from ``path``, or calibrated now (default settings,
     for ``design`` when given)."""
+    from ratequant import Plan, load_corpus
     from ratequant.allocation import Budget
     from ratequant.calibration import CalibrationSettings, calibrate
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.plan import Plan
 
     if path is not None:
         return Plan.load(path), 0.0
@@ -119,11 +118,11 @@ def make_conditions(loaded, args) -> tuple[dict, dict, dict]:
 
     from transformers import DynamicCache, QuantizedCache
 
+    from ratequant import KVQuantSpec
+    from ratequant.cache import DEFAULT_RESIDUAL_LENGTH as RESIDUAL
     from ratequant.cache import RateQuantCache, packed_attention
     from ratequant.kernels import native
     from ratequant.quantizers import get_quantizer
-    from ratequant.spec import DEFAULT_RESIDUAL_LENGTH as RESIDUAL
-    from ratequant.spec import KVQuantSpec
 
     model, cfg, g = loaded.model, loaded.model.config, loaded.geometry
     layers, heads, head_dim = g.num_layers, g.num_kv_heads, g.head_dim
@@ -395,8 +394,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
+    from ratequant import load_corpus, load_model
 
     loaded = load_model()
     model = loaded.model.eval()

@@ -83,15 +83,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ratequant.allocation import Budget
-    from ratequant.calibration import CalibrationSettings, calibrate, cost_model_for
-    from ratequant.calibration.search import best_start, kl_on, search_allocation
-    from ratequant.evaluation.conditions import Simulated
-    from ratequant.evaluation.perplexity import score_conditions
-    from ratequant.evaluation.protocol import WindowProtocol, Windows, make_windows
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
+    from ratequant import load_corpus, load_model
+    from ratequant.allocation import DEFAULT_CONTEXT_TOKENS, Budget
+    from ratequant.calibration import (
+        CalibrationSettings,
+        best_start,
+        calibrate,
+        cost_model_for,
+        kl_on,
+        search_allocation,
+    )
+    from ratequant.evaluation import Simulated, WindowProtocol, Windows, make_windows, score_conditions
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -87,21 +87,17 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ratequant.allocation import Budget, Curves
+    from ratequant import load_corpus, load_model
+    from ratequant.allocation import DEFAULT_CONTEXT_TOKENS, Budget, Curves
     from ratequant.calibration import (
         CalibrationSettings,
         allocate_for,
         bits_histogram,
         calibrate,
         cost_model_for,
+        kl_on,
     )
-    from ratequant.calibration.search import kl_on
-    from ratequant.evaluation.conditions import Simulated
-    from ratequant.evaluation.perplexity import score_conditions
-    from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
+    from ratequant.evaluation import Simulated, WindowProtocol, make_windows, score_conditions
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -51,12 +51,9 @@ def child(args) -> dict:
     import torch
     from transformers import DynamicCache
 
-    from ratequant.cache import RateQuantCache, packed_attention
-    from ratequant.cache.prefill import piece_attention, prefill
+    from ratequant import Plan, load_corpus, load_model, prefill
+    from ratequant.cache import RateQuantCache, packed_attention, piece_attention
     from ratequant.compat import cache_argument
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.plan import Plan
 
     torch.set_num_threads(args.threads)
     loaded = load_model(dtype="float32")
@@ -110,10 +107,9 @@ def child(args) -> dict:
 
 def calibrated_plan_file(folder: Path) -> Path:
     """A 2.5-bit RateQuant plan of the default model with the default calibration settings, written to ``folder``."""
+    from ratequant import load_corpus, load_model
     from ratequant.allocation import Budget
     from ratequant.calibration import CalibrationSettings, calibrate
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
 
     run = calibrate(load_model(), load_corpus(), CalibrationSettings(budget=Budget.avg_bits(2.5)))
     return run.plan.to_json(folder / "plan-2.5.json")

@@ -63,13 +63,11 @@ from _common import (
     rss_or_peak,
     write_result,
 )
+from ratequant import Geometry, KVQuantSpec, Plan
 from ratequant.allocation import CostModel
-from ratequant.cache import RateQuantCache
+from ratequant.cache import DEFAULT_RESIDUAL_LENGTH, RateQuantCache
 from ratequant.compat import cache_argument
-from ratequant.geometry import Geometry
-from ratequant.plan import Plan
 from ratequant.quantizers import get_quantizer
-from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, KVQuantSpec
 
 FORMAT_VERSION = 1
 MIB = 2**20
@@ -96,7 +94,7 @@ def make_plan(name: str, geometry: Geometry, bits: np.ndarray, quantizer, residu
 
 def load(args):
     """``LoadedModel`` of the default model, or of a random model with its geometry (``--model random``)."""
-    from ratequant.inputs.models import LoadedModel, load_model
+    from ratequant import LoadedModel, load_model
 
     if args.model == "default":
         return load_model()
@@ -130,7 +128,7 @@ def _corpus_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ratequant.inputs.corpora import load_corpus
+    from ratequant import load_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -141,14 +139,14 @@ def _corpus_tokenizer(vocab_size: int):
 
 
 def corpus_ids(loaded, tokens: int) -> torch.Tensor:
-    from ratequant.inputs.corpora import load_corpus
+    from ratequant import load_corpus
 
     return corpus_windows(loaded.tokenizer, load_corpus().evaluation, tokens, 1)
 
 
 # -- part 1 ------------------------------------------------------------------------------------------------
 def repeated_generations(loaded, args) -> dict:
-    from ratequant.cache.generation import generate
+    from ratequant import generate
 
     quantizer = get_quantizer("kivi")
     bits = alternating_bits(loaded.geometry)
@@ -341,7 +339,7 @@ def soak(loaded, args) -> dict:
 
 PLAN_WRITER = """
 import sys
-from ratequant.plan import Plan
+from ratequant import Plan
 plan, folder, n = Plan.load(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 for i in range(n):
     plan.to_json(f"{folder}/own-{sys.argv[4]}-{i}.json")

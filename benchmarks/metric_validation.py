@@ -69,11 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
 
-    from ratequant.geometry import KINDS
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.measure.capture import capture
-    from ratequant.measure.distortion import DEFAULT_METRIC, METRICS, measure_distortion, measure_distortions, spearman
+    from ratequant import capture, load_corpus, load_model
+    from ratequant.measure import DEFAULT_METRIC, KINDS, METRICS, measure_distortion, measure_distortions, spearman
     from ratequant.quantizers import get_quantizer
 
     started = time.perf_counter()

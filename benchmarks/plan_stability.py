@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 def samples_of(corpus, count: int):
     """``count`` corpora whose calibration text is one disjoint part of ``corpus``'s (same evaluation text)."""
-    from ratequant.inputs.corpora import Corpus
+    from ratequant import Corpus
 
     paragraphs = corpus.calibration.split("\n\n")
     size = -(-len(paragraphs) // count)
@@ -56,13 +56,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from ratequant import load_corpus, load_model
     from ratequant.allocation import Budget
     from ratequant.calibration import CalibrationSettings, calibrate
-    from ratequant.evaluation.conditions import Simulated
-    from ratequant.evaluation.perplexity import REFERENCE, score_conditions
-    from ratequant.evaluation.protocol import WindowProtocol, make_windows
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
+    from ratequant.evaluation import REFERENCE, Simulated, WindowProtocol, make_windows, score_conditions
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -61,11 +61,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import DynamicCache
 
+    from ratequant import Plan, load_corpus, load_model, prefill
     from ratequant.cache import RateQuantCache
-    from ratequant.cache.prefill import prefill
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.plan import Plan
     from ratequant.quantizers import get_quantizer
 
     torch.set_num_threads(args.threads)

@@ -51,6 +51,7 @@ _API = (
     "make_windows",
     "measure_distortion",
     "perplexity",
+    "prefill",
     "run_compare",
     "score_conditions",
     "simulated_quantization",

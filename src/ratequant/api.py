@@ -8,6 +8,7 @@ from ratequant.allocation import STRATEGIES, Allocation, AllocationOptions, Budg
 from ratequant.allocation.fitting import DistortionFit, fit_distortion
 from ratequant.cache import RateQuantCache
 from ratequant.cache.generation import generate
+from ratequant.cache.prefill import prefill
 from ratequant.cache.simulate import simulated_quantization
 from ratequant.calibration import CalibrationSettings, calibrate
 from ratequant.errors import PlanError, RateQuantError

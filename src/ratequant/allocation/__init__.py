@@ -9,7 +9,8 @@ The entry point is :func:`allocate`::
 One module per concept: :mod:`~ratequant.allocation.budget`, :mod:`~ratequant.allocation.cost`,
 :mod:`~ratequant.allocation.curves`, :mod:`~ratequant.allocation.solvers` and
 :mod:`~ratequant.allocation.strategies` (the registry of groupings: ``ratequant``, ``uniform``,
-``kv-split``, ``layerwise``, ``layer-kind``).
+``kv-split``, ``layerwise``, ``layer-kind``). :data:`DEFAULT_CONTEXT_TOKENS` (from :mod:`ratequant.spec`) is the
+context a cost model states bytes per token at by default, exported for benchmarks that build cost models by hand.
 """
 
 from ratequant.allocation.budget import BUDGET_KINDS, Budget, check_reachable
@@ -24,9 +25,11 @@ from ratequant.allocation.strategies import (
     allocate,
     get_strategy,
 )
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
 __all__ = [
     "BUDGET_KINDS",
+    "DEFAULT_CONTEXT_TOKENS",
     "DEFAULT_WIDTHS",
     "STRATEGIES",
     "Allocation",

@@ -27,6 +27,7 @@ from ratequant.calibration.pipeline import (
     search_widths,
     search_windows,
 )
+from ratequant.calibration.search import best_start, kl_on, search_allocation
 from ratequant.calibration.settings import (
     AUTO,
     AUTO_REFERENCE,
@@ -52,6 +53,7 @@ __all__ = [
     "DesignFit",
     "allocate_design",
     "allocate_for",
+    "best_start",
     "bits_histogram",
     "calibrate",
     "calibrate_design",
@@ -63,8 +65,10 @@ __all__ = [
     "covered_widths",
     "equal_bytes_budget",
     "fit_design",
+    "kl_on",
     "plan_of",
     "refine_allocation",
+    "search_allocation",
     "search_widths",
     "search_windows",
 ]
