@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from ratequant.allocation import Budget
+from ratequant.calibration import CalibrationSettings
 from ratequant.cli import main
 from ratequant.errors import RateQuantError
 from ratequant.lab import QUICK_SIZES, CompareConfig, CompareResults, run_compare
@@ -50,7 +52,7 @@ def setup():
 
 @pytest.fixture(scope="module")
 def config():
-    return CompareConfig(
+    return CompareConfig.from_options(
         model="tiny",
         corpus="tiny",
         budgets=BUDGETS,
@@ -81,24 +83,25 @@ def test_config_round_trips_through_json_and_is_validated(tmp_path, config):
     path = config.to_json(tmp_path / "config.json")
     assert CompareConfig.load(path) == config
     data = json.loads(path.read_text())
-    assert data["format_version"] == 2 and data["budgets"] == [2.5, 3.0] and data["designs"] == list(DESIGNS)
+    assert data["format_version"] == 3 and data["budgets"] == [2.5, 3.0] and data["designs"] == list(DESIGNS)
     quick = CompareConfig.quick()
-    assert (quick.budgets, quick.seq_len, quick.windows, quick.calibration_sequences) == (
+    assert (quick.budgets, quick.seq_len, quick.windows, quick.calibration.sequences) == (
         QUICK_SIZES["budgets"],
         QUICK_SIZES["seq_len"],
         QUICK_SIZES["windows"],
-        QUICK_SIZES["calibration_sequences"],
+        QUICK_SIZES["calibration"]["sequences"],
     )
+    assert quick.calibration.residual_length == 0 and quick.calibration.sink_tokens == 0  # the papers' storage
     assert quick.command("results/demo") == "ratequant compare --quick --out results/demo"
     for no_flags in (
-        CompareConfig.full(passkey_context=None),
+        CompareConfig.full(long_context_tokens=None),
         CompareConfig.full(peers=()),
         CompareConfig(hybrid_bits=3),
     ):
         assert no_flags.command("r") == "ratequant compare --config r/config.json --out r"  # no flag makes it
     assert CompareConfig(budgets=(3, 2, 3)).budgets == (2.0, 3.0)  # sorted, unique, floats
     bad = [
-        {**data, "format_version": 3},
+        {**data, "format_version": 4},
         {k: v for k, v in data.items() if k != "format_version"},
         {**data, "surprise": 1},
         {**data, "budgets": [9]},
@@ -106,18 +109,73 @@ def test_config_round_trips_through_json_and_is_validated(tmp_path, config):
         {**data, "designs": ["kivi", "nope"]},
         {**data, "designs": ["kivi", "kivi"]},
         {**data, "windows": 0},
-        {**data, "residual": -1},
-        {**data, "metric": "psnr"},
+        {**data, "residual": -1},  # a version-2 name
+        {**data, "calibration": {**data["calibration"], "residual_length": -1}},
+        {**data, "calibration": {**data["calibration"], "metric": "psnr"}},
+        {**data, "calibration": {**data["calibration"], "strategy": "greedy"}},  # compare sets it per method
+        {**data, "calibration": [2, 3]},
         {**data, "hybrid_bits": 9},
         {**data, "budgets": "3"},
-        {**data, "passkey_context": 512, "passkey_budgets": [4.0]},  # passkey at a budget that is not run
+        {**data, "long_context_tokens": 512, "long_context_budgets": [4.0]},  # passkey at a budget that is not run
     ]
-    assert CompareConfig.from_dict({**data, "passkey_budgets": [4.0]}).passkey_budgets == (4.0,)  # passkey off
+    assert CompareConfig.from_dict({**data, "long_context_budgets": [4.0]}).long_context_budgets == (
+        4.0,
+    )  # passkey off
     full = CompareConfig.full()
-    assert set(full.passkey_budgets) <= set(full.budgets) and full.passkey_context is not None
+    assert set(full.long_context_budgets) <= set(full.budgets) and full.long_context_tokens is not None
     for d in bad:
         with pytest.raises(RateQuantError):
             CompareConfig.from_dict(d)
+
+
+def test_a_version_2_config_reads_as_version_3():
+    v2 = {
+        "format_version": 2,
+        "budgets": [2.5, 3.0],
+        "designs": ["kivi"],
+        "metric": "fisher",
+        "calibration_seq_len": 256,
+        "calibration_sequences": 2,
+        "residual": 128,
+        "sink_tokens": "auto",
+        "search_tokens": 512,
+        "choice_tokens": None,
+        "bitset": [2, 3, 4, 5, 6, 7, 8],
+        "passkey_context": 1024,
+        "passkey_depths": [0.5],
+        "passkey_trials": 3,
+        "passkey_budgets": [2.5],
+    }
+    config = CompareConfig.from_dict(v2)
+    assert config == CompareConfig.from_options(
+        budgets=(2.5, 3.0),
+        designs=("kivi",),
+        calibration_seq_len=256,
+        calibration_sequences=2,
+        residual=128,
+        sink_tokens="auto",
+        search_tokens=512,
+        long_context_tokens=1024,
+        long_context_depths=(0.5,),
+        long_context_trials=3,
+        long_context_budgets=(2.5,),
+    )
+    saved = config.to_dict()
+    assert saved["format_version"] == 3 and "residual" not in saved and "passkey_context" not in saved
+    assert saved["calibration"]["residual_length"] == 128 and saved["long_context_tokens"] == 1024
+    assert CompareConfig.from_dict(saved) == config
+
+
+def test_compare_calibrates_each_method_with_calibrate_s_settings():
+    config = CompareConfig.from_options(designs=("kivi", "quarot"), residual=128, sink_tokens="auto", budgets=(2.5,))
+    settings = config.calibration_settings("quarot", Budget.avg_bits(3.0), sink_tokens=4)
+    assert settings == CalibrationSettings(
+        quantizer="quarot", budget=Budget.avg_bits(3.0), residual_length=128, sink_tokens=4
+    )  # every other field at calibrate's default
+    with pytest.raises(RateQuantError, match="b_min"):
+        CompareConfig(calibration=CalibrationSettings(b_min=3))
+    with pytest.raises(RateQuantError, match="key token group"):  # checked for every design, not only the first
+        CompareConfig.from_options(designs=("uniform", "kivi"), residual=48)
 
 
 def test_kv_splits_meet_the_budget_with_a_bounded_gap():
@@ -125,9 +183,14 @@ def test_kv_splits_meet_the_budget_with_a_bounded_gap():
     assert c.kv_splits(3) == [(4, 2), (2, 4)]
     assert c.kv_splits(2.5) == [(3, 2), (2, 3)]
     assert c.kv_splits(2) == []  # the default widths start at 2 bits
-    assert CompareConfig(bitset=range(1, 9)).kv_splits(2) == [(3, 1), (1, 3)]
+    assert CompareConfig.from_options(bitset=range(1, 9)).kv_splits(2) == [(3, 1), (1, 3)]
     assert c.kv_splits(2.25) == []
-    assert CompareConfig(split_max_gap=4, bitset=range(1, 9)).kv_splits(3) == [(4, 2), (5, 1), (2, 4), (1, 5)]
+    assert CompareConfig.from_options(split_max_gap=4, bitset=range(1, 9)).kv_splits(3) == [
+        (4, 2),
+        (5, 1),
+        (2, 4),
+        (1, 5),
+    ]
 
 
 def test_hybrid_rank_counts_coefficients_and_metadata():
@@ -296,7 +359,7 @@ def test_saved_config_reruns_to_the_same_numbers(results, setup, report_dir):
 # -- the report -------------------------------------------------------------------------------------------
 def test_results_json_holds_every_number(results, report_dir):
     data = json.loads((report_dir / "results.json").read_text())
-    assert data["kind"] == "compare" and data["format_version"] == 2
+    assert data["kind"] == "compare" and data["format_version"] == 3
     seen = set()
     for record in data["results"]:
         for key in ("ppl", "kl", "kv_bytes_per_token", "avg_bits"):
@@ -438,7 +501,7 @@ def test_cli_compare_then_rerun_from_the_saved_config(tmp_path, tiny_model_dir, 
 def test_compare_on_the_default_model(default_model, tmp_path):
     from ratequant.inputs.corpora import load_corpus
 
-    config = CompareConfig(
+    config = CompareConfig.from_options(
         budgets=(3.0,),
         designs=("kivi", "turbo"),
         seq_len=128,
@@ -485,11 +548,14 @@ def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
         eval_corpora=("other",),
     )
     with one_thread():
-        simulated = run_compare(loaded, corpus, CompareConfig(**base), progress=False, eval_corpora={"other": other})
+        simulated = run_compare(
+            loaded, corpus, CompareConfig.from_options(**base), progress=False, eval_corpora={"other": other}
+        )
         streaming = run_compare(
             loaded, corpus,
-            CompareConfig(**base, mode="streaming", passkey_context=400, passkey_depths=(0.5,), passkey_trials=1,
-                          passkey_budgets=(2.5,), long_context_tasks=("passkey", "niah-single")),
+            CompareConfig.from_options(**base, mode="streaming", long_context_tokens=400, long_context_depths=(0.5,),
+                                       long_context_trials=1, long_context_budgets=(2.5,),
+                                       long_context_tasks=("passkey", "niah-single")),
             progress=False, eval_corpora={"other": other},
         )  # fmt: skip
     assert set(streaming.evaluations) == {"tiny/all", "tiny/second-half", "other/all", "other/second-half"}
@@ -528,8 +594,8 @@ def test_streaming_a_second_corpus_and_passkey(setup, tmp_path):
 
 def test_peers_headroom_and_sink_study(setup, tmp_path):
     loaded, corpus = setup
-    config = CompareConfig(model="tiny", corpus="tiny", budgets=(2.5, 3.0), designs=("kivi", "uniform"), seq_len=48,
-                           windows=2, calibration_seq_len=48, calibration_sequences=2, sink_tokens="auto",
+    config = CompareConfig.from_options(model="tiny", corpus="tiny", budgets=(2.5, 3.0), designs=("kivi", "uniform"),
+                           seq_len=48, windows=2, calibration_seq_len=48, calibration_sequences=2, sink_tokens="auto",
                            peers=("norms",), headroom_designs=("kivi",), headroom_tokens=32, headroom_max_bits=3,
                            sink_study=(0, 2))  # fmt: skip
     with one_thread():
@@ -562,7 +628,7 @@ def test_a_budget_at_the_narrowest_width_is_a_tie_by_construction_not_a_loss(set
     from ratequant.lab.report.findings import findings
 
     loaded, corpus = setup
-    config = CompareConfig(
+    config = CompareConfig.from_options(
         model="tiny", corpus="tiny", budgets=(2.0, 2.5), designs=("kivi",), seq_len=48, windows=2,
         calibration_seq_len=48, calibration_sequences=1,
     )  # fmt: skip
@@ -602,7 +668,7 @@ def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):
     from ratequant.lab.report.findings import findings
 
     loaded, corpus = setup
-    config = CompareConfig(
+    config = CompareConfig.from_options(
         model="tiny", corpus="tiny", budgets=(2.5,), designs=("kivi", "uniform"), seq_len=48, windows=2,
         calibration_seq_len=48, calibration_sequences=2, search_proposals=4, search_tokens=40,
     )  # fmt: skip
@@ -631,10 +697,11 @@ def test_kl_search_method_refines_ratequant_at_the_same_size(setup, tmp_path):
 def test_a_search_text_inside_the_residual_window_is_refused():
     """A search window no longer than the residual window plus the sinks is never quantized: refused."""
     with pytest.raises(RateQuantError, match="residual window"):
-        CompareConfig(search_proposals=2, search_tokens=128, residual=128)
+        CompareConfig.from_options(search_proposals=2, search_tokens=128, residual=128)
     with pytest.raises(RateQuantError, match="sink tokens"):
-        CompareConfig(search_proposals=2, search_tokens=130, residual=128, sink_tokens="auto")
-    assert CompareConfig(search_proposals=0, search_tokens=16, residual=128).search_tokens == 16  # off: unused
+        CompareConfig.from_options(search_proposals=2, search_tokens=130, residual=128, sink_tokens="auto")
+    unused = CompareConfig.from_options(search_proposals=0, search_tokens=16, residual=128)  # the search is off
+    assert unused.calibration.search_tokens == 16
 
 
 def test_findings_state_the_default_plan_and_auto_against_their_rivals(results):
@@ -652,7 +719,7 @@ def test_findings_state_the_default_plan_and_auto_against_their_rivals(results):
 
 
 def test_methods_limits_what_is_scored(setup):
-    config = CompareConfig(
+    config = CompareConfig.from_options(
         model="tiny", corpus="tiny", budgets=(2.5,), designs=("kivi", "uniform"), seq_len=48, windows=1,
         calibration_seq_len=48, calibration_sequences=1, methods=("kv-split", "default", "auto"),
     )  # fmt: skip
@@ -670,7 +737,7 @@ def test_methods_limits_what_is_scored(setup):
 def test_a_rank_method_that_cannot_exist_at_a_budget_is_left_out_with_its_reason(setup, tmp_path):
     """Heads of 16 dimensions at 2 bits: 32 bits per token, less than one 4-bit coefficient plus its 32 bits of
     metadata, so rank + quant would store nothing. It is skipped before the evaluation, and the report is written."""
-    config = CompareConfig(
+    config = CompareConfig.from_options(
         model="tiny", corpus="tiny", budgets=(2.0,), designs=("kivi",), seq_len=48, windows=1,
         calibration_seq_len=48, calibration_sequences=1, methods=("uniform", "rank", "rank+quant"),
     )  # fmt: skip

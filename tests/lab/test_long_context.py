@@ -71,7 +71,7 @@ def test_the_study_runs_the_best_fixed_split_ratequant_the_default_plan_and_2_bi
         method("kv-split", "K3V2", 2.5, (3, 2), design="uniform"),
     ]
     kl = dict.fromkeys(methods, 0.1) | {k3v2: 0.05}
-    config = CompareConfig(budgets=(2.0, 2.5), designs=("kivi", "uniform"), passkey_budgets=(2.5,))
+    config = CompareConfig(budgets=(2.0, 2.5), designs=("kivi", "uniform"), long_context_budgets=(2.5,))
     chosen = study_methods(config, methods, kl)
     assert [(role, m.label) for role, m in chosen] == [
         ("best fixed", "K3V2"),
@@ -84,7 +84,9 @@ def test_the_study_runs_the_best_fixed_split_ratequant_the_default_plan_and_2_bi
     # the 2-bit budget's own method runs as the 2-bit row
     assert two_bit_condition(config, methods, chosen) == ("uniform 2 (2 bits)", methods[0].condition)
     # without a 2-bit budget the study stores the design's uniform 2 bits as its other conditions are
-    config = CompareConfig(budgets=(2.5, 3.0), designs=("kivi",), passkey_budgets=(2.5,), sink_tokens=4)
+    config = CompareConfig.from_options(
+        budgets=(2.5, 3.0), designs=("kivi",), long_context_budgets=(2.5,), sink_tokens=4
+    )
     chosen = study_methods(config, methods[1:], kl)
     label, condition = two_bit_condition(config, methods[1:], chosen)
     spec = condition.spec
@@ -100,8 +102,10 @@ def test_bad_long_context_settings_are_refused_in_one_line(monkeypatch):
     assert study_tasks(CompareConfig(peers=("hqq",))) == []  # the study is off: nothing to check
     monkeypatch.setitem(sys.modules, "hqq", None)  # import hqq now raises ImportError
     with pytest.raises(RateQuantError, match=r"the hqq peer needs the hqq package: pip install -e '\.\[bench\]'"):
-        study_tasks(CompareConfig(peers=("hqq",), passkey_context=512, passkey_budgets=(2.0,)))
-    tasks = study_tasks(CompareConfig(passkey_context=512, passkey_budgets=(2.0,), long_context_tasks=("niah-single",)))
+        study_tasks(CompareConfig(peers=("hqq",), long_context_tokens=512, long_context_budgets=(2.0,)))
+    tasks = study_tasks(
+        CompareConfig(long_context_tokens=512, long_context_budgets=(2.0,), long_context_tasks=("niah-single",))
+    )
     assert [(t.name, t.context, t.prefill_chunk) for t in tasks] == [("niah-single", 512, DEFAULT_PREFILL_CHUNK)]
 
 
@@ -153,8 +157,8 @@ def test_the_command_line_sets_the_tasks_and_the_peer():
     config = config_from(parser.parse_args(shlex.split(line)))
     assert config.long_context_tasks == ("passkey", "niah-multikey") and config.peers == ("hqq",)
     assert config.command("out") == (
-        "ratequant compare --passkey-context 4096 --peers hqq --long-context-tasks passkey,niah-multikey --out out"
-    )
+        "ratequant compare --long-context 4096 --peers hqq --long-context-tasks passkey,niah-multikey --out out"
+    )  # the old name of --long-context still reads
 
 
 def test_a_peer_that_fails_gets_a_row_saying_so_and_the_study_goes_on(monkeypatch):
@@ -172,8 +176,9 @@ def test_a_peer_that_fails_gets_a_row_saying_so_and_the_study_goes_on(monkeypatc
 
     monkeypatch.setitem(sys.modules, "hqq", types.ModuleType("hqq"))
     monkeypatch.setattr(long_context, "hqq_cache_factory", lambda loaded, residual: refuses)
-    config = CompareConfig(passkey_context=400, passkey_depths=(0.5,), passkey_trials=1, passkey_budgets=(2.0,),
-                           long_context_tasks=("niah-single",), peers=("hqq",), prefill_chunk=64)  # fmt: skip
+    config = CompareConfig(long_context_tokens=400, long_context_depths=(0.5,), long_context_trials=1,
+                           long_context_budgets=(2.0,), long_context_tasks=("niah-single",), peers=("hqq",),
+                           prefill_chunk=64)  # fmt: skip
     study = long_context.long_context_study(loaded, corpus, config, [], {}, Stages(False))
     results = study["tasks"]["niah-single"]["results"]
     assert results["HF QuantizedCache HQQ 2-bit"] == {

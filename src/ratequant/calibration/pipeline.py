@@ -446,7 +446,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
             loaded.tokenizer,
             corpus,
             settings.seq_len * settings.sequences,
-            settings.choice_tokens,
+            settings.choice_window_tokens(),
             settings.choice_windows,
         )
         choice = choose_candidate(window_kl(loaded.model, windows), candidates, windows.ids.shape[0])

@@ -83,10 +83,6 @@ class CalibrationSettings:
         if self.choice_tokens is not None:
             check_int(self.choice_tokens, "choice tokens", lo=2, hi=1 << 20)
         check_int(self.choice_windows, "choice windows", lo=1, hi=64)
-        sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
-        if self.choose or self.quantizer == AUTO:
-            tokens = choice_tokens_for(self.choice_tokens, self.residual_length, sinks)
-            object.__setattr__(self, "choice_tokens", tokens)
         if self.sink_tokens != "auto":
             check_int(self.sink_tokens, "sink tokens (a count, or 'auto')", lo=0, hi=MAX_SINK_TOKENS)
         object.__setattr__(self, "bitset", check_bitset(self.bitset))
@@ -102,7 +98,15 @@ class CalibrationSettings:
             self.policy(design=name)
         if self.curves_from is not None:
             get_quantizer(self.curves_from)
+        if self.choose or self.quantizer == AUTO:
+            self.choice_window_tokens()  # a given length too short for the residual window and sinks fails here
         check_reachable(self.budget, self.bitset, self.b_min, self.b_max)  # before any measurement
+
+    def choice_window_tokens(self) -> int:
+        """Tokens per held-out window of the plan choice (:func:`choice_tokens_for`; ``"auto"`` sinks count as the
+        most they can be)."""
+        sinks = max(SINK_CANDIDATES) if self.sink_tokens == "auto" else self.sink_tokens
+        return choice_tokens_for(self.choice_tokens, self.residual_length, sinks)
 
     def designs(self) -> tuple[str, ...]:
         """The designs calibration tries: every registered one for ``"auto"`` (the reference design first)."""

@@ -41,14 +41,14 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"small run (budgets {bits(QUICK_SIZES['budgets'])}, {QUICK_SIZES['windows']} windows of "
-        f"{QUICK_SIZES['seq_len']} tokens, {QUICK_SIZES['calibration_sequences']} calibration sequences), every design "
-        "in a few minutes",
+        f"{QUICK_SIZES['seq_len']} tokens, {QUICK_SIZES['calibration']['sequences']} calibration sequences), every "
+        "design in a few minutes",
     )
     preset.add_argument(
         "--full",
         action="store_true",
         help="the results of docs/results.md (2048-token windows, residual 128, four budgets, the fortunes corpus too, "
-        "passkey at 4096 tokens): what make results runs",
+        "long-context retrieval at 4096 tokens): what make results runs",
     )
     parser.add_argument(
         "--budgets", type=budget_list, metavar="B,B,...", help=f"average code bits (default {bits(DEFAULT_BUDGETS)})"
@@ -112,7 +112,9 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         help="also score every method on this corpus's evaluation split, e.g. fortunes (repeatable)",
     )
     parser.add_argument(
+        "--long-context",
         "--passkey-context",
+        dest="long_context_tokens",
         type=positive_int,
         metavar="N",
         help="also run long-context retrieval (--long-context-tasks, default passkey) at N tokens",
@@ -123,9 +125,21 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         metavar="T,...",
         help="retrieval tasks of the long-context study: passkey, niah-single, ..., variable-tracking",
     )
-    parser.add_argument("--passkey-trials", type=positive_int, metavar="N", help="passkey trials per depth (default 2)")
     parser.add_argument(
-        "--passkey-depths", type=float_list, metavar="D,D,...", help="passkey depths (default 0.1,0.5,0.9)"
+        "--long-context-trials",
+        "--passkey-trials",
+        dest="long_context_trials",
+        type=positive_int,
+        metavar="N",
+        help="long-context prompts per task and depth (default 2)",
+    )
+    parser.add_argument(
+        "--long-context-depths",
+        "--passkey-depths",
+        dest="long_context_depths",
+        type=float_list,
+        metavar="D,D,...",
+        help="depths of the long-context needles (default 0.1,0.5,0.9)",
     )
     parser.add_argument(
         "--peers",
@@ -192,8 +206,8 @@ def config_from(args: argparse.Namespace):
         if given:
             raise RateQuantError(f"--config re-runs a saved configuration exactly; drop {', '.join(given)}")
         return CompareConfig.load(args.config)
-    make = CompareConfig.quick if args.quick else CompareConfig.full if args.full else CompareConfig
-    return make(model=args.model, corpus=args.corpus, dtype=args.dtype, **experiment)
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    return CompareConfig.from_options(preset, model=args.model, corpus=args.corpus, dtype=args.dtype, **experiment)
 
 
 @command(

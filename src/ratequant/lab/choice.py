@@ -54,8 +54,8 @@ def chosen_methods(
     """The ``default`` plan of every design and the ``auto`` plan at every budget, with every candidate's held-out
     KL ``{budget: {"default": {design: {name: kl}}, "auto": {name: kl}}}`` for the report."""
     most_sinks = max(sinks.values(), default=0)
-    tokens = choice_tokens_for(config.choice_tokens, config.residual, most_sinks)
-    capture_tokens = config.calibration_seq_len * config.calibration_sequences
+    tokens = choice_tokens_for(config.calibration.choice_tokens, config.calibration.residual_length, most_sinks)
+    capture_tokens = config.calibration.seq_len * config.calibration.sequences
     windows = held_out_windows(loaded.tokenizer, corpus, capture_tokens, tokens, CHOICE_WINDOWS)
     count = windows.ids.shape[0]
     say(f"plan choice: candidates scored on up to {windows.summary()} of held-out calibration text")
@@ -106,7 +106,7 @@ def chosen_methods(
         by_design: dict[str, tuple] = {}  # design -> (settings, policy, calibration) at the budget
         for design in config.designs:
             settings = settings_for(design, budget)
-            policy = StoragePolicy(get_quantizer(design), config.residual, sinks[design])
+            policy = StoragePolicy(get_quantizer(design), config.calibration.residual_length, sinks[design])
             try:
                 calibrated = allocate_design(loaded, settings, policy, fitted[design])
             except BudgetError as exc:

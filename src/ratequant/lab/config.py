@@ -10,31 +10,49 @@ One module of this size because it is one versioned dataclass, its validation an
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from ratequant.allocation import Budget
-from ratequant.allocation.cost import DEFAULT_WIDTHS
 from ratequant.calibration.settings import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_SEQUENCES,
-    DEFAULT_SEARCH_TOKENS,
     CalibrationSettings,
 )
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
 from ratequant.evaluation.tasks import TASKS
 from ratequant.jsonio import JsonDocument
-from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH, MAX_SINK_TOKENS
 from ratequant.validation import check_bitset, check_choice, check_int, finite_real
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DEFAULT_DESIGNS = ("kivi", "quarot", "turbo", "uniform")
 DEFAULT_BUDGETS = (2.0, 2.5, 3.0, 4.0)
 PRESETS = ("default", "quick", "full")
+CALIBRATION_OPTIONS = {
+    "metric": "metric",
+    "calibration_seq_len": "seq_len",
+    "calibration_sequences": "sequences",
+    "residual": "residual_length",
+    "sink_tokens": "sink_tokens",
+    "search_proposals": "search_proposals",
+    "search_tokens": "search_tokens",
+}
+"""``ratequant compare``'s calibration options (``--residual``, ...) and the :class:`CalibrationSettings` field each
+sets."""
+CALIBRATION_UNFLAGGED = ("bitset", "choice_tokens")
+"""Calibration settings a comparison keeps that no option of ``ratequant compare`` sets (only ``--config``)."""
+CALIBRATION_FIELDS = (*CALIBRATION_OPTIONS.values(), *CALIBRATION_UNFLAGGED)
+"""The calibration settings a comparison keeps (``calibration`` in ``config.json``); it sets the design and the
+budget per method (:meth:`CompareConfig.calibration_settings`) and leaves every other field at its default."""
+PAPER_STORAGE = dict(residual_length=0, sink_tokens=0)
+"""A comparison's storage unless told otherwise: every whole chunk quantized, no sinks, as the papers' figures."""
 QUICK_SIZES = dict(
-    budgets=(2.5, 3.0), seq_len=512, windows=3, calibration_seq_len=DEFAULT_CALIBRATION_SEQ_LEN, calibration_sequences=2
+    budgets=(2.5, 3.0),
+    seq_len=512,
+    windows=3,
+    calibration=dict(seq_len=DEFAULT_CALIBRATION_SEQ_LEN, sequences=2),
 )
 """What ``--quick`` (and ``make demo``) runs: 2 budgets, 3 evaluation windows of 512 tokens (the second half of
 each scored), 2 calibration sequences of 512 tokens, every design. About four minutes on the project's 2-core CPU
@@ -44,19 +62,21 @@ FULL_SIZES = dict(
     budgets=(2.0, 2.5, 3.0),
     seq_len=2048,
     windows=2,
-    calibration_seq_len=DEFAULT_CALIBRATION_SEQ_LEN,
-    calibration_sequences=DEFAULT_CALIBRATION_SEQUENCES,
-    residual=DEFAULT_RESIDUAL_LENGTH,
-    sink_tokens="auto",
+    calibration=dict(
+        seq_len=DEFAULT_CALIBRATION_SEQ_LEN,
+        sequences=DEFAULT_CALIBRATION_SEQUENCES,
+        residual_length=DEFAULT_RESIDUAL_LENGTH,
+        sink_tokens="auto",
+    ),
     eval_corpora=("fortunes",),
     side_windows=1,
-    passkey_context=DEFAULT_CONTEXT_TOKENS,
+    long_context_tokens=DEFAULT_CONTEXT_TOKENS,
     peers=("norms",),
     headroom_designs=("kivi", "quarot", "turbo"),
     headroom_tokens=128,
     headroom_max_bits=4,
     sink_study=(0, 1, 4),
-    passkey_budgets=(2.0, 2.5),
+    long_context_budgets=(2.0, 2.5),
 )
 """What ``--full`` (and ``make results``) runs: ``docs/results.md``. Two 2048-token windows with the cache's
 real 128-token residual window and sink tokens, budgets 2, 2.5 and 3 bits, the second corpus and the sink
@@ -74,10 +94,9 @@ LIST_FIELDS = (
     "budgets",
     "methods",
     "designs",
-    "bitset",
     "eval_corpora",
-    "passkey_depths",
-    "passkey_budgets",
+    "long_context_depths",
+    "long_context_budgets",
     "long_context_tasks",
     "peers",
     "headroom_designs",
@@ -98,18 +117,31 @@ SCALAR_FLAGS = (
     "sink_tokens",
     "mode",
     "prefill_chunk",
-    "passkey_context",
-    "passkey_trials",
+    "long_context_tokens",
+    "long_context_trials",
     "side_windows",
     "search_proposals",
     "search_tokens",
 )
-"""Fields the command line sets with ``--name value`` (see :meth:`CompareConfig.command`)."""
-LIST_FLAGS = ("peers", "headroom_designs", "sink_study", "passkey_depths", "long_context_tasks")
+"""Options the command line sets with ``--name value``: fields, or calibration options (:data:`CALIBRATION_OPTIONS`;
+see :meth:`CompareConfig.command`)."""
+LIST_FLAGS = ("peers", "headroom_designs", "sink_study", "long_context_depths", "long_context_tasks")
 """List fields the command line sets with ``--flag a,b,...``."""
 EXPERIMENT_FIELDS = ("budgets", "designs", *SCALAR_FLAGS, "eval_corpora", *LIST_FLAGS)
-"""Every field ``ratequant compare`` sets from an option (refused beside ``--config``)."""
-_FLAG_NAMES = {"eval_corpora": "--eval-corpus", "headroom_designs": "--headroom", "search_proposals": "--search"}
+"""Every option ``ratequant compare`` sets (refused beside ``--config``)."""
+_FLAG_NAMES = {
+    "eval_corpora": "--eval-corpus",
+    "headroom_designs": "--headroom",
+    "search_proposals": "--search",
+    "long_context_tokens": "--long-context",
+}
+RENAMED_IN_V3 = {
+    "passkey_context": "long_context_tokens",
+    "passkey_depths": "long_context_depths",
+    "passkey_trials": "long_context_trials",
+    "passkey_budgets": "long_context_budgets",
+}
+"""Fields of format version 2 that version 3 names after the long-context study (which runs more than the passkey)."""
 
 
 FULL_PRECISION = "full-precision"
@@ -149,60 +181,56 @@ class CompareConfig(JsonDocument):
 
     ``model``/``corpus`` are the specs the command line loads (``"default"``, a path, a hub id, ...);
     :func:`run_compare` itself uses the model and corpus it is given and records their names and hashes.
-    ``seq_len``/``windows`` size the evaluation (non-overlapping windows of the evaluation split, starting with
-    BOS as ``bos`` says: ``"auto"`` follows the tokenizer); both whole-window and second-half scores are
-    computed, ``scoring`` names the headline one. ``calibration_seq_len``/``calibration_sequences`` size the
-    calibration capture. ``residual`` is the full-precision residual window the cache keeps (0: quantize every
-    whole chunk, as the papers' figures do) and ``sink_tokens`` the first tokens it keeps at full precision;
-    ``mode`` evaluates with simulated quantization or through the real cache (``streaming``, prefilled
-    ``prefill_chunk`` tokens at a time; default the quantization chunk); ``context_tokens`` is the context at
-    which true bytes per token are stated. ``sink_tokens="auto"`` chooses the sinks of every design from the
-    calibration data. ``eval_corpora`` are further corpora whose evaluation split every method is also scored
-    on (calibration stays on ``corpus``). ``peers`` adds peer baselines (``"norms"``: layer-wise K/V widths from
-    the weight norms, as spectral-kv / ``kvq``). For the designs of ``headroom_designs`` two diagnostics run: the
+    ``seq_len``/``windows`` size the evaluation (non-overlapping windows of the evaluation split, starting with BOS
+    as ``bos`` says: ``"auto"`` follows the tokenizer); both whole-window and second-half scores are computed,
+    ``scoring`` names the headline one. ``calibration`` holds the calibration settings every method shares
+    (:data:`CALIBRATION_FIELDS`: the capture's size, the metric, the widths, the residual window the cache keeps and
+    the sinks, the search and the choice window; by default the papers' storage, :data:`PAPER_STORAGE`);
+    ``calibration.sink_tokens="auto"`` chooses the sinks of every design from the calibration data. ``mode``
+    evaluates with simulated quantization or through the real cache (``streaming``, prefilled ``prefill_chunk``
+    tokens at a time; default the quantization chunk); ``context_tokens`` is the context at which true bytes per
+    token are stated. ``eval_corpora`` are further corpora whose evaluation split every method is also scored on
+    (calibration stays on ``corpus``). ``peers`` adds peer baselines (``"norms"``: layer-wise K/V widths from the
+    weight norms, as spectral-kv / ``kvq``). For the designs of ``headroom_designs`` two diagnostics run: the
     allocation on every component's *measured* damage (``headroom_tokens`` calibration tokens, widths up to
     ``headroom_max_bits``, :mod:`ratequant.measure.headroom`) and RateQuant with a beta per component.
-    ``passkey_context`` (None: off) runs the retrieval tasks ``long_context_tasks`` (passkey and the RULER-style
-    tasks of :data:`ratequant.evaluation.tasks.TASKS`) at that many tokens through the real cache, ``passkey_depths``
-    x ``passkey_trials`` prompts each, for full precision and, at each of ``passkey_budgets``, the best fixed
-    scheme, RateQuant and the default plan of ``focus_design`` (:mod:`ratequant.lab.long_context`);
-    ``sink_study`` re-scores the fixed schemes and RateQuant of ``focus_design`` with each of these sink counts,
-    with and without BOS.
-    ``side_windows`` (None: ``windows``) is how many windows the side evaluations use: the ``eval_corpora`` and
-    the sink study (the headline evaluation always uses ``windows``). ``search_proposals`` > 0 adds
-    ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on
-    the KL they cause on ``search_tokens`` tokens of calibration text, kept only if they also help on a second
+    ``long_context_tokens`` (None: off) runs the retrieval tasks ``long_context_tasks`` (passkey and the RULER-style
+    tasks of :data:`ratequant.evaluation.tasks.TASKS`) at that many tokens through the real cache,
+    ``long_context_depths`` x ``long_context_trials`` prompts each, for full precision and, at each of
+    ``long_context_budgets``, the best fixed scheme, RateQuant and the default plan of ``focus_design``
+    (:mod:`ratequant.lab.long_context`); ``sink_study`` re-scores the fixed schemes and RateQuant of
+    ``focus_design`` with each of these sink counts, with and without BOS.
+    ``side_windows`` (None: ``windows``) is how many windows the side evaluations use: the ``eval_corpora`` and the
+    sink study (the headline evaluation always uses ``windows``). ``calibration.search_proposals`` > 0 adds
+    ``ratequant-search`` to every design and budget: RateQuant's widths refined by that many one-bit moves on the KL
+    they cause on ``calibration.search_tokens`` tokens of calibration text, kept only if they also help on a second
     window (:func:`ratequant.calibration.pipeline.refine_allocation`; slow: a simulated forward pass per move).
     ``methods`` (None: all) limits the methods scored to those named (e.g. ``["uniform", "kv-split", "ratequant",
-    "default", "auto"]``), for long runs on large models. ``choice_tokens`` is the length of the held-out
-    calibration window on which the ``default`` and ``auto`` plans are chosen (None: as ``calibrate`` chooses,
-    :func:`ratequant.calibration.candidates.choice_tokens_for`).
+    "default", "auto"]``), for long runs on large models. ``calibration.choice_tokens`` is the length of the
+    held-out calibration window on which the ``default`` and ``auto`` plans are chosen (None: as ``calibrate``
+    chooses, :func:`ratequant.calibration.candidates.choice_tokens_for`).
     """
 
     DOCUMENT = "compare config"
-    FORMAT_VERSIONS = (FORMAT_VERSION,)
+    FORMAT_VERSIONS = (2, FORMAT_VERSION)
 
     model: str = "default"
     corpus: str = "default"
     dtype: str | None = None
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     designs: tuple[str, ...] = DEFAULT_DESIGNS
-    metric: str = DEFAULT_METRIC
     seq_len: int = DEFAULT_SEQ_LEN
     windows: int = DEFAULT_WINDOWS
     bos: str = "auto"
     scoring: str = DEFAULT_SCORING
-    calibration_seq_len: int = DEFAULT_CALIBRATION_SEQ_LEN
-    calibration_sequences: int = DEFAULT_CALIBRATION_SEQUENCES
-    residual: int = 0
-    sink_tokens: int | str = 0
+    calibration: CalibrationSettings = field(default_factory=lambda: CalibrationSettings(**PAPER_STORAGE))
     mode: str = "simulated"
     prefill_chunk: int | None = None
     eval_corpora: tuple[str, ...] = ()
-    passkey_context: int | None = None
-    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    passkey_trials: int = 2
-    passkey_budgets: tuple[float, ...] = (2.0, 2.5, 4.0)
+    long_context_tokens: int | None = None
+    long_context_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    long_context_trials: int = 2
+    long_context_budgets: tuple[float, ...] = (2.0, 2.5, 4.0)
     long_context_tasks: tuple[str, ...] = ("passkey",)
     focus_design: str = "kivi"
     peers: tuple[str, ...] = ()
@@ -211,12 +239,8 @@ class CompareConfig(JsonDocument):
     headroom_max_bits: int = 5
     sink_study: tuple[int, ...] = ()
     side_windows: int | None = None
-    search_proposals: int = 0
-    search_tokens: int = DEFAULT_SEARCH_TOKENS
-    choice_tokens: int | None = None
     methods: tuple[str, ...] | None = None
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
-    bitset: tuple[int, ...] = DEFAULT_WIDTHS
     split_max_gap: int = 2
     hybrid_design: str = "uniform"
     hybrid_bits: int = 4
@@ -234,12 +258,16 @@ class CompareConfig(JsonDocument):
             raise RateQuantError(
                 f"compare config: dtype must be null, float32, float16 or bfloat16, got {self.dtype!r}"
             )
-        object.__setattr__(self, "bitset", check_bitset(tuple(self.bitset), name="compare bitset", min_len=2))
+        if not isinstance(self.calibration, CalibrationSettings):
+            raise RateQuantError(
+                f"compare config: calibration must be CalibrationSettings, got {type(self.calibration).__name__}"
+            )
+        check_bitset(self.calibration.bitset, name="compare bitset", min_len=2)
         budgets = tuple(self.budgets)
         if not budgets or not all(finite_real(b) for b in budgets):
             raise RateQuantError(f"compare config: budgets must be a non-empty list of numbers, got {self.budgets!r}")
         budgets = tuple(sorted({float(b) for b in budgets}))
-        lo, hi = self.bitset[0], self.bitset[-1]
+        lo, hi = self.calibration.bitset[0], self.calibration.bitset[-1]
         bad = [b for b in budgets if not lo <= b <= hi]
         if bad:
             raise RateQuantError(
@@ -258,32 +286,21 @@ class CompareConfig(JsonDocument):
             if not isinstance(d, str) or d not in known:
                 raise RateQuantError(f"compare config: unknown quantizer design {d!r}; choose from {', '.join(known)}")
         object.__setattr__(self, "designs", designs)
-        if self.metric not in METRICS:
-            raise RateQuantError(f"compare config: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        self._check_calibration()
         for name, low in (
             ("seq_len", 2),
             ("windows", 1),
-            ("calibration_seq_len", 2),
-            ("calibration_sequences", 1),
-            ("residual", 0),
             ("context_tokens", 1),
             ("split_max_gap", 1),
             ("hybrid_bits", 1),
-            ("passkey_trials", 1),
+            ("long_context_trials", 1),
             ("headroom_tokens", 2),
             ("headroom_max_bits", 1),
-            ("search_proposals", 0),
-            ("search_tokens", 2),
         ):
             object.__setattr__(self, name, check_int(getattr(self, name), f"compare config: {name}", lo=low))
-        for name in ("prefill_chunk", "passkey_context", "side_windows", "choice_tokens"):
+        for name in ("prefill_chunk", "long_context_tokens", "side_windows"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), f"compare config: {name}", lo=1, hi=1 << 20)
-        if self.sink_tokens != "auto":
-            sinks = check_int(
-                self.sink_tokens, "compare config: sink_tokens ('auto' or a count)", lo=0, hi=MAX_SINK_TOKENS
-            )
-            object.__setattr__(self, "sink_tokens", sinks)
         object.__setattr__(self, "peers", tuple(self.peers))
         if any(p not in PEERS for p in self.peers):
             raise RateQuantError(f"compare config: peers must be among {', '.join(PEERS)}, got {self.peers!r}")
@@ -301,21 +318,24 @@ class CompareConfig(JsonDocument):
                 f"compare config: eval_corpora must be distinct corpus names, got {self.eval_corpora!r}"
             )
         object.__setattr__(self, "eval_corpora", corpora)
-        depths = tuple(self.passkey_depths)
+        depths = tuple(self.long_context_depths)
         if not depths or not all(finite_real(d) and 0 <= d <= 1 for d in depths):
             raise RateQuantError(
-                f"compare config: passkey_depths must be numbers in [0, 1], got {self.passkey_depths!r}"
+                f"compare config: long_context_depths must be numbers in [0, 1], got {self.long_context_depths!r}"
             )
-        object.__setattr__(self, "passkey_depths", tuple(float(d) for d in depths))
-        pk = tuple(self.passkey_budgets)
+        object.__setattr__(self, "long_context_depths", tuple(float(d) for d in depths))
+        pk = tuple(self.long_context_budgets)
         if not all(finite_real(b) for b in pk):
-            raise RateQuantError(f"compare config: passkey_budgets must be numbers, got {self.passkey_budgets!r}")
-        object.__setattr__(self, "passkey_budgets", tuple(sorted({float(b) for b in pk})))
-        missing = [b for b in self.passkey_budgets if b not in self.budgets]
-        if self.passkey_context is not None and missing:
             raise RateQuantError(
-                f"compare config: passkey budgets {', '.join(map(budget_text, missing))} are not among the budgets "
-                f"{', '.join(map(budget_text, self.budgets))}; add them to the budgets or drop them from the passkey"
+                f"compare config: long_context_budgets must be numbers, got {self.long_context_budgets!r}"
+            )
+        object.__setattr__(self, "long_context_budgets", tuple(sorted({float(b) for b in pk})))
+        missing = [b for b in self.long_context_budgets if b not in self.budgets]
+        if self.long_context_tokens is not None and missing:
+            raise RateQuantError(
+                f"compare config: long-context budgets {', '.join(map(budget_text, missing))} are not among the "
+                f"budgets {', '.join(map(budget_text, self.budgets))}; add them to the budgets or drop them from "
+                "long_context_budgets"
             )
         tasks = tuple(self.long_context_tasks)
         retrieval = [t for t in TASKS.names() if t != "perplexity"]
@@ -327,15 +347,11 @@ class CompareConfig(JsonDocument):
         object.__setattr__(self, "long_context_tasks", tasks)
         if self.hybrid_bits > 8:
             raise RateQuantError(f"compare config: hybrid_bits must be 1..8, got {self.hybrid_bits}")
-        if self.context_tokens <= self.residual:
+        if self.context_tokens <= self.calibration.residual_length:
             raise RateQuantError(
                 f"compare config: context_tokens ({self.context_tokens}) must exceed the residual window "
-                f"({self.residual})"
+                f"({self.calibration.residual_length})"
             )
-        if self.search_proposals:
-            from ratequant.calibration import check_search_text
-
-            check_search_text(self.search_tokens, self.residual, self.sink_tokens)
         if self.methods is not None:
             chosen = tuple(self.methods)
             unknown = [m for m in chosen if m not in METHODS]
@@ -347,50 +363,103 @@ class CompareConfig(JsonDocument):
         if self.preset not in PRESETS:
             raise RateQuantError(f"compare config: preset must be one of {PRESETS}, got {self.preset!r}")
 
+    def _check_calibration(self) -> None:
+        """Refuse calibration settings a comparison does not use; then hold them for the first design and budget
+        (every design's are validated here, :meth:`calibration_settings` gives them per method)."""
+        stray = [
+            f.name
+            for f in fields(CalibrationSettings)
+            if f.name not in (*CALIBRATION_FIELDS, "quantizer", "budget")
+            and getattr(self.calibration, f.name) != (f.default_factory() if f.default is MISSING else f.default)
+        ]
+        if stray:
+            raise RateQuantError(
+                f"compare config: a comparison sets calibration's {', '.join(stray)} itself (or not at all); leave "
+                "them at their defaults"
+            )
+        for design in self.designs:
+            settings = self.calibration_settings(design, Budget.avg_bits(self.budgets[0]))
+        object.__setattr__(self, "calibration", replace(settings, quantizer=self.designs[0]))
+
+    @classmethod
+    def of_preset(cls, name: str = "default", **overrides) -> CompareConfig:
+        """The sizes of preset ``name`` (:data:`QUICK_SIZES`, :data:`FULL_SIZES`; ``"default"``: the field
+        defaults), with ``overrides`` (fields) on top."""
+        sizes = {"quick": QUICK_SIZES, "full": FULL_SIZES}.get(name, {})
+        calibration = CalibrationSettings(**{**PAPER_STORAGE, **sizes.get("calibration", {})})
+        return cls(**{**sizes, "calibration": calibration, "preset": name, **overrides})
+
     @classmethod
     def quick(cls, **overrides) -> CompareConfig:
         """The ``--quick`` sizes (:data:`QUICK_SIZES`), with ``overrides`` on top."""
-        return cls(**{**QUICK_SIZES, "preset": "quick", **overrides})
+        return cls.of_preset("quick", **overrides)
 
     @classmethod
     def full(cls, **overrides) -> CompareConfig:
         """The ``--full`` sizes (:data:`FULL_SIZES`), with ``overrides`` on top."""
-        return cls(**{**FULL_SIZES, "preset": "full", **overrides})
+        return cls.of_preset("full", **overrides)
 
     @classmethod
-    def preset_base(cls, preset: str) -> CompareConfig:
-        return {"quick": cls.quick, "full": cls.full}.get(preset, cls)()
+    def from_options(cls, preset: str = "default", **options) -> CompareConfig:
+        """What the command line's ``options`` describe: ``preset``'s configuration with the fields and the
+        calibration settings they name on top (by option name, :data:`CALIBRATION_OPTIONS`, or for
+        :data:`CALIBRATION_UNFLAGGED` by field name)."""
+        base = cls.of_preset(preset)
+        given = [k for k in options if k in CALIBRATION_OPTIONS or k in CALIBRATION_UNFLAGGED]
+        calibration = {CALIBRATION_OPTIONS.get(k, k): options.pop(k) for k in given}
+        return replace(base, calibration=replace(base.calibration, **calibration), **options)
+
+    def option(self, name: str) -> object:
+        """The value of ``name``: a field, a calibration option (``"residual"``) or an unflagged calibration setting
+        (``"bitset"``)."""
+        if name in CALIBRATION_OPTIONS:
+            return getattr(self.calibration, CALIBRATION_OPTIONS[name])
+        return getattr(self.calibration if name in CALIBRATION_UNFLAGGED else self, name)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in LIST_FIELDS:
             d[name] = None if getattr(self, name) is None else list(getattr(self, name))
+        d["calibration"] = {name: getattr(self.calibration, name) for name in CALIBRATION_FIELDS}
+        d["calibration"]["bitset"] = list(self.calibration.bitset)
         return {"format_version": d.pop("format_version"), **d}
 
     @classmethod
     def from_dict(cls, d: object) -> CompareConfig:
         d = cls.check_format(d)
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+        kwargs = dict(d) if d["format_version"] == FORMAT_VERSION else upgraded_from_v2(d)
+        unknown = set(kwargs) - {f.name for f in fields(cls)}
         if unknown:
             raise RateQuantError(f"compare config has unknown field(s): {', '.join(sorted(map(str, unknown)))}")
-        kwargs = dict(d)
         for name in LIST_FIELDS:
             if name in kwargs and not (name == "methods" and kwargs[name] is None):
                 if not isinstance(kwargs[name], list):
                     raise RateQuantError(f"compare config: {name} must be a list")
                 kwargs[name] = tuple(kwargs[name])
+        calibration = kwargs.get("calibration", {})
+        if not isinstance(calibration, dict) or set(calibration) - set(CALIBRATION_FIELDS):
+            raise RateQuantError(
+                f"compare config: calibration must be an object with fields among {', '.join(CALIBRATION_FIELDS)}"
+            )
+        if isinstance(calibration.get("bitset"), list):
+            calibration = {**calibration, "bitset": tuple(calibration["bitset"])}
+        try:
+            kwargs["calibration"] = CalibrationSettings(**{**PAPER_STORAGE, **calibration})
+        except RateQuantError as exc:
+            raise RateQuantError(f"compare config: calibration: {exc}") from None
         return cls(**kwargs)
 
     def command(self, out_dir: str | Path) -> str:
         """The ``ratequant compare`` command line that makes this configuration (options that differ from its
         preset only), or where no options can (a field without one, or one turned off that its preset turns
         on), the ``--config`` line that repeats it from the ``config.json`` saved in ``out_dir``."""
-        base = CompareConfig.preset_base(self.preset)
+        base = CompareConfig.of_preset(self.preset)
         out = Path(out_dir).as_posix()
         flagged = {"model", "corpus", "dtype", "budgets", "designs", "eval_corpora", *SCALAR_FLAGS, *LIST_FLAGS}
-        differs = [f.name for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)]
-        if any(name not in flagged or getattr(self, name) in (None, ()) for name in differs):
+        names = [f.name for f in fields(self) if f.name != "calibration"]
+        names += [*CALIBRATION_OPTIONS, *CALIBRATION_UNFLAGGED]
+        differs = [name for name in names if self.option(name) != base.option(name)]
+        if any(name not in flagged or self.option(name) in (None, ()) for name in differs):
             return f"ratequant compare --config {out}/config.json --out {out}"
         parts = ["ratequant compare"]
         if self.preset != "default":
@@ -404,7 +473,7 @@ class CompareConfig(JsonDocument):
             parts.append("--designs " + ",".join(self.designs))
         for name in SCALAR_FLAGS:
             if name in differs:
-                parts.append(f"{flag_of(name)} {getattr(self, name)}")
+                parts.append(f"{flag_of(name)} {self.option(name)}")
         for corpus in self.eval_corpora if "eval_corpora" in differs else ():
             parts.append(f"--eval-corpus {shlex.quote(corpus)}")
         for name in LIST_FLAGS:
@@ -416,21 +485,10 @@ class CompareConfig(JsonDocument):
     def calibration_settings(
         self, design: str, budget: Budget, sink_tokens: int | str | None = None
     ) -> CalibrationSettings:
-        """The :class:`~ratequant.calibration.CalibrationSettings` that ``calibrate`` would use for ``design`` at
-        ``budget`` under this comparison (``sink_tokens``: the count chosen for the design, default the config's):
-        the one place where compare's names (``residual``, ``calibration_seq_len``, ...) become calibration's."""
-        return CalibrationSettings(
-            quantizer=design,
-            budget=budget,
-            metric=self.metric,
-            bitset=self.bitset,
-            seq_len=self.calibration_seq_len,
-            sequences=self.calibration_sequences,
-            residual_length=self.residual,
-            sink_tokens=self.sink_tokens if sink_tokens is None else sink_tokens,
-            search_tokens=self.search_tokens,
-            choice_tokens=self.choice_tokens,
-        )
+        """The :class:`~ratequant.calibration.CalibrationSettings` that ``calibrate`` uses for ``design`` at
+        ``budget`` under this comparison (``sink_tokens``: the count chosen for the design, default the config's)."""
+        sinks = self.calibration.sink_tokens if sink_tokens is None else sink_tokens
+        return replace(self.calibration, quantizer=design, budget=budget, sink_tokens=sinks)
 
     def scores(self, method: str) -> bool:
         """Whether ``method`` is scored (every method unless ``methods`` names some)."""
@@ -442,13 +500,24 @@ class CompareConfig(JsonDocument):
         total = 2 * budget
         if not float(total).is_integer():
             return []
-        pairs = [(k, int(total) - k) for k in self.bitset]
-        pairs = [(k, v) for k, v in pairs if v in self.bitset and k != v and abs(k - v) <= self.split_max_gap]
+        bitset = self.calibration.bitset
+        pairs = [(k, int(total) - k) for k in bitset]
+        pairs = [(k, v) for k, v in pairs if v in bitset and k != v and abs(k - v) <= self.split_max_gap]
         return sorted(pairs, key=lambda kv: (kv[0] < kv[1], abs(kv[0] - kv[1])))
+
+
+def upgraded_from_v2(d: dict) -> dict:
+    """A version-2 config (flat calibration fields, ``passkey_*`` names) as version 3's fields."""
+    old = {RENAMED_IN_V3.get(k, k): v for k, v in d.items() if k != "format_version"}
+    flat = {**CALIBRATION_OPTIONS, "bitset": "bitset", "choice_tokens": "choice_tokens"}
+    calibration = {flat[k]: old.pop(k) for k in list(old) if k in flat}
+    return {**old, "calibration": calibration}
 
 
 __all__ = [
     "ALLOCATED_METHODS",
+    "CALIBRATION_FIELDS",
+    "CALIBRATION_OPTIONS",
     "FIXED_METHODS",
     "FULL_PRECISION",
     "METHODS",

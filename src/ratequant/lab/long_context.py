@@ -2,12 +2,12 @@
 condition, and how far each condition moves the answer's log-probability from full precision's.
 
 For each task of ``config.long_context_tasks`` (passkey and the RULER-style tasks of
-:data:`ratequant.evaluation.tasks.TASKS`) at ``config.passkey_context`` tokens, ``passkey_depths`` x
-``passkey_trials`` seeded prompts run, prefilled ``prefill_chunk`` tokens at a time (default 512, as
+:data:`ratequant.evaluation.tasks.TASKS`) at ``config.long_context_tokens`` tokens, ``long_context_depths`` x
+``long_context_trials`` seeded prompts run, prefilled ``prefill_chunk`` tokens at a time (default 512, as
 ``ratequant eval``), under:
 
 * full precision (``DynamicCache``);
-* at each budget of ``passkey_budgets``, for ``focus_design``: the best fixed scheme (the uniform width or K/V
+* at each budget of ``long_context_budgets``, for ``focus_design``: the best fixed scheme (the uniform width or K/V
   split with the least KL on the headline evaluation), RateQuant's allocation and the default plan (what
   ``calibrate`` returns), each in a :class:`~ratequant.cache.RateQuantCache`;
 * the uniform 2-bit scheme of ``focus_design`` (for ``kivi``: KIVI-2), stored as the other conditions are (built
@@ -55,9 +55,9 @@ quantize to a multiple of this many tokens (:func:`pad_quantized_tokens`)."""
 
 
 def study_tasks(config: CompareConfig) -> list[Task]:
-    """The study's tasks with their settings (none when ``passkey_context`` is None). Called before any work
+    """The study's tasks with their settings (none when ``long_context_tokens`` is None). Called before any work
     too, so that bad settings or a peer whose package is missing are refused in one line at the start."""
-    if config.passkey_context is None:
+    if config.long_context_tokens is None:
         return []
     if "hqq" in config.peers:
         try:
@@ -67,9 +67,9 @@ def study_tasks(config: CompareConfig) -> list[Task]:
                 "the hqq peer needs the hqq package: pip install -e '.[bench]' (or drop hqq from --peers)"
             ) from None
     options = dict(
-        context=config.passkey_context,
-        depths=config.passkey_depths,
-        trials=config.passkey_trials,
+        context=config.long_context_tokens,
+        depths=config.long_context_depths,
+        trials=config.long_context_trials,
         prefill_chunk=config.prefill_chunk or DEFAULT_PREFILL_CHUNK,
     )
     return [get_task(name, **options) for name in config.long_context_tasks]
@@ -134,7 +134,7 @@ def study_methods(config: CompareConfig, methods: list[Method], kl: Mapping[Meth
     RateQuant and the default plan of ``config.focus_design``."""
     design = [m for m in methods if m.design == config.focus_design]
     chosen: list[tuple[str, Method]] = []
-    for budget in config.passkey_budgets:
+    for budget in config.long_context_budgets:
         at = [m for m in design if m.budget == budget]
         fixed = [m for m in at if m.method in FIXED_METHODS]
         if fixed:
@@ -222,7 +222,7 @@ def long_context_study(
             meta[label]["roles"].append(role)
     if "hqq" in config.peers:
         label = f"HF QuantizedCache HQQ {HQQ_BITS}-bit"
-        conditions[label] = PeerCache(hqq_cache_factory(loaded, config.residual), label=label)
+        conditions[label] = PeerCache(hqq_cache_factory(loaded, config.calibration.residual_length), label=label)
         meta[label] = {"roles": ["peer"], "method": "hqq", "budget": float(HQQ_BITS), "group": HQQ_GROUP}
     start = time.perf_counter()
     tasks = {}
@@ -243,9 +243,9 @@ def long_context_study(
         tasks[name] = {"settings": settings, "results": with_statistics(results)}
     return {
         "settings": {
-            "context": config.passkey_context,
-            "depths": list(config.passkey_depths),
-            "trials_per_depth": config.passkey_trials,
+            "context": config.long_context_tokens,
+            "depths": list(config.long_context_depths),
+            "trials_per_depth": config.long_context_trials,
             "prefill_chunk": config.prefill_chunk or DEFAULT_PREFILL_CHUNK,
             "focus_design": config.focus_design,
         },

@@ -130,10 +130,11 @@ def quantized_methods(
     """Every quantized method of ``design`` stored under ``policy``, at every budget (``source``: the design whose
     curves the mismatched allocation uses; ``extra``: peers and diagnostics; ``refine``: how ``ratequant-search``
     refines RateQuant's widths, None: not scored); methods that cannot meet a budget go to ``skipped``."""
-    cost = cost_model_for(policy, loaded, config.context_tokens, config.bitset)
-    fixed = AllocationOptions(bitset=config.bitset, cost_model=cost)  # fixed schemes use the widths they name
-    allocated = AllocationOptions(bitset=covered_widths(config.bitset, design.curves), cost_model=cost)
-    plain = Curves.from_fit(design.fit, config.bitset, design=design.design, label=config.metric)
+    bitset = config.calibration.bitset
+    cost = cost_model_for(policy, loaded, config.context_tokens, bitset)
+    fixed = AllocationOptions(bitset=bitset, cost_model=cost)  # fixed schemes use the widths they name
+    allocated = AllocationOptions(bitset=covered_widths(bitset, design.curves), cost_model=cost)
+    plain = Curves.from_fit(design.fit, bitset, design=design.design, label=config.calibration.metric)
     methods: list[Method] = []
 
     def add(
@@ -184,7 +185,7 @@ def quantized_methods(
         )
 
     for budget in config.budgets:
-        if float(budget).is_integer() and int(budget) in config.bitset:
+        if float(budget).is_integer() and int(budget) in config.calibration.bitset:
             add("uniform", uniform_label(budget), budget, plain, "uniform", fixed)
         else:
             skipped.append(
@@ -193,7 +194,7 @@ def quantized_methods(
                     "uniform",
                     design.design,
                     budget,
-                    f"{budget_text(budget)} is not a width in {list(config.bitset)}",
+                    f"{budget_text(budget)} is not a width in {list(config.calibration.bitset)}",
                 )
             )
         for k, v in config.kv_splits(budget):

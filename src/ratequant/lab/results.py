@@ -197,7 +197,7 @@ class CompareResults(JsonDocument):
     """
 
     DOCUMENT = "compare results"
-    FORMAT_VERSIONS = (FORMAT_VERSION,)
+    FORMAT_VERSIONS = (2, FORMAT_VERSION)  # version 2 differs only in its config's, which the config upgrades
 
     config: CompareConfig
     model: dict

@@ -74,12 +74,12 @@ def run_compare(
         )
     say = progress if isinstance(progress, Stages) else Stages(bool(progress))
     started = time.perf_counter()
-    g = loaded.geometry
+    g, cal = loaded.geometry, config.calibration
     protocol = WindowProtocol(config.seq_len, config.windows, config.bos, config.scoring)
     side = WindowProtocol(config.seq_len, config.side_windows or config.windows, config.bos, config.scoring)
     windows = {corpus.name: make_windows(loaded.tokenizer, corpus.evaluation, protocol)}
     windows |= {c.name: make_windows(loaded.tokenizer, c.evaluation, side) for c in eval_corpora.values()}
-    search_text = search_windows(loaded, corpus, config.search_tokens) if config.search_proposals else None
+    search_text = search_windows(loaded, corpus, cal.search_tokens) if cal.search_proposals else None
     say(
         f"compare: {loaded.name}, calibrated on {corpus.name}; designs {', '.join(config.designs)}; budgets "
         f"{', '.join(map(budget_text, config.budgets))} bits; {config.mode} evaluation on "
@@ -88,25 +88,19 @@ def run_compare(
 
     timings: dict = {}
     t = time.perf_counter()
-    stats = collect_statistics(
-        loaded, corpus, seq_len=config.calibration_seq_len, sequences=config.calibration_sequences, metric=config.metric
-    )
+    stats = collect_statistics(loaded, corpus, seq_len=cal.seq_len, sequences=cal.sequences, metric=cal.metric)
     timings["capture"] = time.perf_counter() - t
     say(
-        f"calibration capture: {stats.keys.shape[1]} sequence(s), {stats.token_count} tokens, metric {config.metric} "
+        f"calibration capture: {stats.keys.shape[1]} sequence(s), {stats.token_count} tokens, metric {cal.metric} "
         f"({timings['capture']:.1f} s)"
     )
     fitted, sinks, side = {}, {}, {}
     for design in config.designs:
         quantizer = get_quantizer(design)
         sinks[design] = (
-            choose_sink_tokens(stats, quantizer, config.metric)[0]
-            if config.sink_tokens == "auto"
-            else config.sink_tokens
+            choose_sink_tokens(stats, quantizer, cal.metric)[0] if cal.sink_tokens == "auto" else cal.sink_tokens
         )
-        fitted[design] = fit_design(
-            stats, quantizer, metric=config.metric, bitset=config.bitset, sink_tokens=sinks[design]
-        )
+        fitted[design] = fit_design(stats, quantizer, metric=cal.metric, bitset=cal.bitset, sink_tokens=sinks[design])
         fit = fitted[design].fit
         say(
             f"{design}: distortion measured and fitted ({sum(fitted[design].seconds.values()):.1f} s): beta key "
@@ -129,8 +123,8 @@ def run_compare(
             curves,
             cost_model,
             allocation,
-            proposals=config.search_proposals,
-            widths=search_widths(curves, config.bitset),
+            proposals=cal.search_proposals,
+            widths=search_widths(curves, cal.bitset),
         )
 
     t = time.perf_counter()
@@ -138,7 +132,7 @@ def run_compare(
     methods: list[Method] = []
     for design in config.designs:
         source = fitted[sources[design]] if sources[design] else None
-        policy = StoragePolicy(get_quantizer(design), config.residual, sinks[design])
+        policy = StoragePolicy(get_quantizer(design), cal.residual_length, sinks[design])
         methods += quantized_methods(
             config,
             loaded,
@@ -221,7 +215,7 @@ def run_compare(
         t = time.perf_counter()
         extra["sink_study"] = sink_study(config, loaded, corpus, methods, say)
         timings["sink_study"] = time.perf_counter() - t
-    if config.passkey_context is not None:
+    if config.long_context_tokens is not None:
         t = time.perf_counter()
         kl = {m: scores[primary][key].kl for key, m in zip(keys, methods)}
         extra["long_context"] = long_context_study(loaded, corpus, config, methods, kl, say)

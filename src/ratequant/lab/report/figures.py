@@ -87,7 +87,7 @@ def draw_figures(results: CompareResults, folder: Path) -> list[str]:
             (d.beta_key, d.beta_value),
             d.fit.bitset,
             folder / path,
-            title=f"{name}: measured distortion ({cfg.metric}) and fitted alpha * beta^-b",
+            title=f"{name}: measured distortion ({cfg.calibration.metric}) and fitted alpha * beta^-b",
         )
         written.append(path)
     for b in cfg.budgets:

@@ -86,13 +86,14 @@ def search_findings(results: CompareResults, evaluation: str | None = None) -> l
     wins = sum(r["value"] < r["best_fixed_value"] for r, _ in pairs)
     ties = sum(r["value"] == r["best_fixed_value"] for r, _ in pairs)
     kept = sum(r["value"] != q["value"] for r, q in pairs)
+    cal = results.config.calibration
     cells = "; ".join(
         f"{r['design']} {budget_text(r['budget'])} bits {fmt_share(r['share'])} (RateQuant {fmt_share(q['share'])})"
         for r, q in pairs
     )
     return [
         f"RateQuant + KL search (RateQuant's widths, or the same-size fixed split, refined on the KL of "
-        f"{results.config.search_tokens} calibration tokens with {results.config.search_proposals} proposals) beats "
+        f"{cal.search_tokens} calibration tokens with {cal.search_proposals} proposals) beats "
         f"the best fixed scheme in {wins} of {len(pairs)} cells and ties it in {ties} (it becomes that split); its "
         f"plan differs from RateQuant's in {kept}. Share of the best fixed scheme's KL damage recovered: {cells}."
     ]

@@ -41,9 +41,9 @@ def _sinks(results) -> str:
     """``"2 sink tokens"``, or per design when they differ (chosen from the calibration data with ``auto``)."""
     sinks = results.extra.get("sink_tokens") or {}
     chosen = sorted(set(sinks.values()))
-    how = " (chosen from the calibration data)" if results.config.sink_tokens == "auto" else ""
+    how = " (chosen from the calibration data)" if results.config.calibration.sink_tokens == "auto" else ""
     if len(chosen) <= 1:
-        n = chosen[0] if chosen else results.config.sink_tokens
+        n = chosen[0] if chosen else results.config.calibration.sink_tokens
         return f"{n} sink token{'s' if n != 1 else ''}{how}"
     return "sink tokens " + ", ".join(f"{d} {n}" for d, n in sinks.items()) + how
 
@@ -102,14 +102,13 @@ def _evaluation_line(results: CompareResults) -> str:
 
 def setup_lines(results: CompareResults) -> list[str]:
     cfg, m = results.config, results.model
-    fp = results.full_precision
+    cal, fp = cfg.calibration, results.full_precision
     return [
         f"- Model: {md_code(m['name'])} ({m['num_layers']} layers, {m['num_kv_heads']} KV heads, head dim "
         f"{m['head_dim']}, {md_text(m['dtype'])}); corpus {md_code(results.corpus['name'])} (sha256 "
         f"{md_code(str(results.corpus['sha256'])[:12] + '…')}).",
-        f"- Calibration: {cfg.calibration_sequences} sequence(s) of {cfg.calibration_seq_len} tokens of the "
-        "calibration "
-        f"split, metric `{cfg.metric}`, widths {cfg.bitset[0]}..{cfg.bitset[-1]}; the allocators use each design's "
+        f"- Calibration: {cal.sequences} sequence(s) of {cal.seq_len} tokens of the calibration "
+        f"split, metric `{cal.metric}`, widths {cal.bitset[0]}..{cal.bitset[-1]}; the allocators use each design's "
         f"informative widths ({_informative(results)}: a width whose reconstruction of the calibration keys or values "
         f"is worse than their mean is left out).",
         _evaluation_line(results),
@@ -117,11 +116,11 @@ def setup_lines(results: CompareResults) -> list[str]:
         "KL(full || method) in nats on the same tokens, ± its standard error over tokens; it is the headline "
         "measure of damage (less noisy than perplexity), PPL is beside it.",
         f"- {'Simulated quantization' if cfg.mode == 'simulated' else 'The real cache (streaming)'} with a "
-        f"full-precision residual window of {cfg.residual} tokens"
+        f"full-precision residual window of {cal.residual_length} tokens"
         + (
             " (every whole quantization chunk is quantized, as in the papers' figures; with short evaluation windows a "
             "128-token window would keep a large share of the context at full precision and hide the differences)"
-            if cfg.residual == 0
+            if cal.residual_length == 0
             else ""
         )
         + f" and {_sinks(results)} kept at full precision"
@@ -136,11 +135,11 @@ def setup_lines(results: CompareResults) -> list[str]:
         *(
             [
                 f"- RateQuant + KL search: RateQuant's widths, or the fixed key/value split of the same size if it "
-                f"causes less KL, refined by {cfg.search_proposals} one-bit moves on the KL they cause on a "
-                f"{cfg.search_tokens}-token window of the calibration split, all kept only if they also lower the KL "
+                f"causes less KL, refined by {cal.search_proposals} one-bit moves on the KL they cause on a "
+                f"{cal.search_tokens}-token window of the calibration split, all kept only if they also lower the KL "
                 f"on a second, held-out window of it (else the start is kept); the evaluation text is never seen."
             ]
-            if cfg.search_proposals
+            if cal.search_proposals
             else []
         ),
     ]
@@ -312,7 +311,7 @@ def report_markdown(
             for (label, b, reason), designs in grouped.items()
         ]
         lines += [""]
-    t = results.timings
+    t, searched = results.timings, results.config.calibration.search_proposals
     per_design = ", ".join(f"{md_text(d)} {s:.1f} s" for d, s in t["calibration"]["per_design"].items())
     env = results.environment
     evaluation = ", ".join(f"{md_text(name)} {sec:.1f} s" for name, sec in t["evaluation"].items())
@@ -324,7 +323,7 @@ def report_markdown(
         "",
         f"- Calibration capture (shared by all designs): {t['capture']:.1f} s; distortion measurement and fit: "
         f"{per_design}; rank bases: {t['rank_bases']:.1f} s; allocations: {t['allocation']:.1f} s"
-        + (f" (the KL searches' {_search_seconds(results):.0f} s included)." if cfg.search_proposals else "."),
+        + (f" (the KL searches' {_search_seconds(results):.0f} s included)." if searched else "."),
         f"- Evaluation: {evaluation}; total {t['total']:.1f} s (ratequant {md_text(env['ratequant_version'])}, "
         f"torch {md_text(env['torch_version'])}, {env['threads']} threads, {md_text(env['device'])}).",
         "",
