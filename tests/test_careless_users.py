@@ -186,7 +186,7 @@ def test_8_a_compare_search_on_text_that_is_never_quantized_is_one_line(tmp_path
 def test_8_an_interrupt_while_the_parser_is_built_exits_130(monkeypatch, capsys):
     import ratequant.cli as cli
 
-    def interrupted():
+    def interrupted(**kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "build_parser", interrupted)

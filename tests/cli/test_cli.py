@@ -131,3 +131,21 @@ def test_info_names_the_decode_path(tmp_path, capsys, tiny_model_dir):
     assert code == 0 and f"decode     {native.describe()}" in out
     decode = json.loads(out_json.read_text())["decode"]
     assert decode == {"native": native.available(), "path": native.describe()}
+
+
+def test_the_command_list_and_a_mistyped_command_load_no_command_module():
+    """``ratequant --help`` lists every command without importing one (nor torch): it starts in a blink."""
+    probe = (
+        "import sys\n"
+        "from ratequant.cli import main\n"
+        "for argv in (['--help'], ['no-such-command']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('ratequant.cli.') or m == 'torch')\n"
+        "print('LOADED', loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in done.stdout, done.stdout + done.stderr
+    assert "calibrate" in done.stdout and "lm-eval" in done.stdout  # every command is listed

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-import ratequant.cli.export  # noqa: F401  (registers export and import until the package imports it)
 from ratequant.allocation import Budget, Curves, allocate, get_strategy
 from ratequant.allocation.fitting import fit_distortion
 from ratequant.cli import main

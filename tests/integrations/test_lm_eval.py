@@ -272,8 +272,6 @@ def test_a_plan_for_another_model_is_refused(tiny_model_dir, tmp_path):
 def test_the_command_runs_lm_eval_with_the_ratequant_model(tiny_model_dir, plans, task_dir, tmp_path, monkeypatch):
     import lm_eval.tasks
 
-    import ratequant.cli.lm_eval  # noqa: F401  (registers the command until cli/__init__ imports it)
-
     # the CLI builds lm_eval.tasks.TaskManager itself; skip indexing lm-eval's ~14k built-in tasks
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
     out = tmp_path / "results"
@@ -303,8 +301,6 @@ def test_the_command_runs_lm_eval_with_the_ratequant_model(tiny_model_dir, plans
 def test_the_command_passes_lm_eval_its_arguments_and_its_exit_status(capsys, monkeypatch):
     import lm_eval.__main__
 
-    import ratequant.cli.lm_eval  # noqa: F401
-
     seen = []
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append((sys.argv[1:], torch.get_num_threads())))
     threads = torch.get_num_threads()
@@ -329,8 +325,6 @@ def test_a_task_that_cannot_download_its_data_is_refused_in_one_line(capsys, mon
 
     import lm_eval.__main__
 
-    import ratequant.cli.lm_eval  # noqa: F401
-
     def offline():  # what a download from a machine without network raises (httpx's ConnectError where installed)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
@@ -342,7 +336,6 @@ def test_a_task_that_cannot_download_its_data_is_refused_in_one_line(capsys, mon
 
 
 def test_the_command_without_lm_eval_says_how_to_install_it(capsys, monkeypatch):
-    import ratequant.cli.lm_eval  # noqa: F401
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     assert main(["lm-eval", "--model", "ratequant", "--tasks", "x"]) == 2
@@ -373,8 +366,6 @@ def test_the_command_refuses_bad_model_args_in_one_line(
     tiny_model_dir, plans, task_dir, capsys, monkeypatch, model_args, fragment
 ):
     import lm_eval.tasks
-
-    import ratequant.cli.lm_eval  # noqa: F401
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
     argv = ["lm-eval", "--model", "ratequant", "--model_args", f"pretrained={tiny_model_dir},{model_args}"]

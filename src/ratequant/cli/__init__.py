@@ -2,8 +2,9 @@
 
 Errors a user can fix print one line (``ratequant: error: ...``; a bad argument ``ratequant CMD: error: ...``, a
 mistyped option with the one meant) and exit with status 2; an interrupt exits with 130. What they quote of
-names and paths is :func:`~ratequant.validation.inert`. Commands are registered in :data:`COMMANDS` by the
-modules of this package (one per group).
+names and paths is :func:`~ratequant.validation.inert`. :data:`COMMANDS` lists every command with the module of
+this package that defines it; a module is imported only when its command is parsed or run (:func:`definition`, the
+one place where the command line imports lazily), so ``ratequant --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -24,25 +25,62 @@ Run = Callable[[argparse.Namespace], int]
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its ``name``, one-line ``help``, the options ``configure(parser)`` adds, and ``run``."""
+    """A subcommand: its ``name``, one-line ``help`` and the ``module`` of this package that defines it."""
 
     name: str
     help: str
-    configure: Configure
-    run: Run
+    module: str
 
 
 COMMANDS: Registry[Command] = Registry("command")
+for _entry in (
+    Command("calibrate", "fit distortion curves and allocate bits per head: writes a plan file", "calibrate"),
+    Command("inspect", "summarise a plan file and draw its bits and curves", "calibrate"),
+    Command(
+        "compare", "every allocation method at every budget for every quantizer design: writes a report", "compare"
+    ),
+    Command(
+        "eval",
+        "perplexity and KL (or retrieval: passkey, RULER-style needles) at full precision or under a plan",
+        "evaluate",
+    ),
+    Command("generate", "continue a prompt with the plan's mixed-precision KV cache", "evaluate"),
+    Command("info", "attention geometry of a model and sizes of the corpus splits", "evaluate"),
+    Command("export", "write a plan in a format other tools read (KVTuner per-head, per-layer table)", "export"),
+    Command("import", "make a plan of another tool's per-head table (KVTuner)", "export"),
+    Command("lm-eval", "run lm-evaluation-harness with the ratequant model (--model ratequant) available", "lm_eval"),
+):
+    COMMANDS.register(_entry)
+_DEFINED: dict[str, tuple[Configure, Run]] = {}
 
 
-def command(name: str, help: str, configure: Configure):
-    """Register ``run(args) -> exit code`` as subcommand ``name`` whose options ``configure(parser)`` adds."""
+def command(name: str, configure: Configure):
+    """Define ``run(args) -> exit code`` as the command ``name`` of :data:`COMMANDS`, whose options
+    ``configure(parser)`` adds."""
+    COMMANDS.get(name)
 
     def bind(run: Run) -> Run:
-        COMMANDS.register(Command(name, help, configure, run))
+        _DEFINED[name] = (configure, run)
         return run
 
     return bind
+
+
+def definition(name: str) -> tuple[Configure, Run]:
+    """``(configure, run)`` of the command ``name``, its module imported now (by a static import: the library never
+    imports a module by a computed name)."""
+    match COMMANDS.get(name).module:
+        case "calibrate":
+            from ratequant.cli import calibrate  # noqa: F401
+        case "compare":
+            from ratequant.cli import compare  # noqa: F401
+        case "evaluate":
+            from ratequant.cli import evaluate  # noqa: F401
+        case "export":
+            from ratequant.cli import export  # noqa: F401
+        case "lm_eval":
+            from ratequant.cli import lm_eval  # noqa: F401
+    return _DEFINED[name]
 
 
 def quiet_transformers() -> None:
@@ -78,12 +116,15 @@ def suggestion(arg: str, parser: argparse.ArgumentParser) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def build_parser() -> Parser:
+def build_parser(only: str | None = None) -> Parser:
+    """The command line's parser: every command listed, the options of ``only`` (default: of every command)."""
     parser = Parser(prog="ratequant", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ratequant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        command_parser = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if only in (None, name):
+            definition(name)[0](command_parser)
     parser.commands = dict(sub.choices)
     return parser
 
@@ -105,10 +146,11 @@ def check_options(tokens: list[str], parser: argparse.ArgumentParser) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The parsed command line; an unknown option is refused in one line naming the closest known one."""
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     first = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
-    if first is not None and argv[first] in parser.commands:
+    chosen = argv[first] if first is not None and argv[first] in COMMANDS else ""
+    parser = build_parser(only=chosen)
+    if chosen:
         check_options(argv[first + 1 :], parser.commands[argv[first]])
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -122,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
         quiet_transformers()
-        return COMMANDS.get(args.command).run(args)
+        return definition(args.command)[1](args)
     except RateQuantError as exc:
         print(f"ratequant: error: {inert(exc)}", file=sys.stderr)  # messages quote names and paths from files
         return 2
@@ -131,7 +173,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# The command modules register their commands when imported (they need `command` above).
-from ratequant.cli import calibrate, compare, evaluate, export, lm_eval  # noqa: E402, F401
-
-__all__ = ["COMMANDS", "Command", "Parser", "build_parser", "command", "main", "parse"]
+__all__ = ["COMMANDS", "Command", "Parser", "build_parser", "command", "definition", "main", "parse"]

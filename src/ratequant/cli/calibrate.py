@@ -6,6 +6,10 @@ import argparse
 
 import numpy as np
 
+from ratequant import calibration
+from ratequant.allocation import STRATEGIES, Budget
+from ratequant.calibration import CalibrationSettings
+from ratequant.calibration.report import describe_run
 from ratequant.calibration.settings import DEFAULT_CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SEQUENCES
 from ratequant.cli import command
 from ratequant.cli.options import (
@@ -21,15 +25,17 @@ from ratequant.cli.options import (
     sink_arg,
 )
 from ratequant.errors import RateQuantError
+from ratequant.inputs.corpora import load_corpus
+from ratequant.lab.report.plots import bits_heatmap, distortion_curves
+from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
+from ratequant.plan import Plan
 from ratequant.progress import note
+from ratequant.quantizers import available
+from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH
 from ratequant.validation import inert
 
 
 def configure_calibrate(parser: argparse.ArgumentParser) -> None:
-    from ratequant.allocation import STRATEGIES
-    from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
-    from ratequant.quantizers import available
-    from ratequant.spec import DEFAULT_CONTEXT_TOKENS, DEFAULT_RESIDUAL_LENGTH
 
     add_model_options(parser)
     add_corpus_options(parser)
@@ -136,14 +142,8 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")
 
 
-@command("calibrate", "fit distortion curves and allocate bits per head: writes a plan file", configure_calibrate)
+@command("calibrate", configure_calibrate)
 def run_calibrate(args: argparse.Namespace) -> int:
-
-    from ratequant.allocation import Budget
-    from ratequant.calibration import CalibrationSettings, calibrate
-    from ratequant.calibration.report import describe_run
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.spec import DEFAULT_CONTEXT_TOKENS
 
     check_output_path(args.out, args.force, what="plan")
     if args.avg_bits is not None:
@@ -183,7 +183,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raise RateQuantError(
                 f"the {what} name {inert(name)} is not valid UTF-8 and cannot be written into a plan; rename it"
             ) from None
-    run = calibrate(loaded, corpus, settings)
+    run = calibration.calibrate(loaded, corpus, settings)  # looked up now: a stand-in on the package reaches it
     used = run.plan.calibration["tokens"] // settings.seq_len
     if used < settings.sequences:
         note(f"the calibration split holds only {used} sequence(s) of {settings.seq_len} tokens; all of them were used")
@@ -201,11 +201,8 @@ def configure_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite PNG files that exist")
 
 
-@command("inspect", "summarise a plan file and draw its bits and curves", configure_inspect)
+@command("inspect", configure_inspect)
 def run_inspect(args: argparse.Namespace) -> int:
-
-    from ratequant.lab.report.plots import bits_heatmap, distortion_curves
-    from ratequant.plan import Plan
 
     plan = Plan.load(args.plan)
     plan.design()  # refuses a quantizer design that cannot be built or does not fit the plan

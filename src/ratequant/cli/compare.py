@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from ratequant.calibration.settings import DEFAULT_CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SEQUENCES
 from ratequant.cli import command
@@ -17,6 +18,15 @@ from ratequant.cli.options import (
     sink_arg,
 )
 from ratequant.errors import RateQuantError
+from ratequant.evaluation.protocol import BOS_CHOICES
+from ratequant.inputs import models
+from ratequant.inputs.corpora import load_corpus
+from ratequant.lab import DEFAULT_BUDGETS, DEFAULT_DESIGNS, QUICK_SIZES, CompareConfig
+from ratequant.lab import run_compare as compare
+from ratequant.lab.config import EXPERIMENT_FIELDS, MODES, SCORINGS, flag_of
+from ratequant.lab.report import check_output, findings, write_report
+from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
+from ratequant.progress import Stages
 from ratequant.validation import inert
 
 
@@ -26,10 +36,6 @@ def name_list(text: str) -> tuple[str, ...]:
 
 
 def configure_compare(parser: argparse.ArgumentParser) -> None:
-    from ratequant.evaluation.protocol import BOS_CHOICES
-    from ratequant.lab import DEFAULT_BUDGETS, DEFAULT_DESIGNS, QUICK_SIZES
-    from ratequant.lab.config import MODES, SCORINGS
-    from ratequant.measure.distortion import DEFAULT_METRIC, METRICS
 
     def bits(values) -> str:
         return ",".join(f"{v:g}" for v in values)
@@ -186,8 +192,6 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace):
     """The :class:`CompareConfig` the options describe (or the saved one ``--config`` names)."""
-    from ratequant.lab import CompareConfig
-    from ratequant.lab.config import EXPERIMENT_FIELDS, flag_of
 
     experiment = {name: getattr(args, name) for name in EXPERIMENT_FIELDS if getattr(args, name) is not None}
     if args.config:
@@ -210,24 +214,15 @@ def config_from(args: argparse.Namespace):
     return CompareConfig.from_options(preset, model=args.model, corpus=args.corpus, dtype=args.dtype, **experiment)
 
 
-@command(
-    "compare", "every allocation method at every budget for every quantizer design: writes a report", configure_compare
-)
+@command("compare", configure_compare)
 def run_compare(args: argparse.Namespace) -> int:
-    import time
-
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.inputs.models import load_model
-    from ratequant.lab import run_compare as compare
-    from ratequant.lab.report import check_output, findings, write_report
-    from ratequant.progress import Stages
 
     config = config_from(args)
     check_output(args.out, args.force)
     say = Stages(True, time.perf_counter())
     corpus = load_corpus(config.corpus)
     others = {name: load_corpus(name) for name in config.eval_corpora}
-    loaded = load_model(
+    loaded = models.load_model(
         config.model,
         dtype=config.dtype,
         device=args.device,

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from ratequant import __version__
+from ratequant.cache.generation import generate
 from ratequant.cache.prefill import DEFAULT_PREFILL_CHUNK
 from ratequant.cli import command
 from ratequant.cli.options import (
@@ -27,12 +28,23 @@ from ratequant.cli.options import (
     spec_for,
 )
 from ratequant.errors import RateQuantError
+from ratequant.evaluation.conditions import Simulated, Streaming, quantized_predictions
+from ratequant.evaluation.protocol import (
+    BOS_CHOICES,
+    DEFAULT_SCORING,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+    SCORING,
+    WindowProtocol,
+)
+from ratequant.evaluation.tasks import TASKS, PasskeyTask, PerplexityTask
+from ratequant.inputs.corpora import load_corpus
+from ratequant.kernels import native
+from ratequant.progress import warning
 from ratequant.validation import inert
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
-    from ratequant.evaluation.protocol import BOS_CHOICES, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, SCORING
-    from ratequant.evaluation.tasks import TASKS, PasskeyTask
 
     PASSKEY = PasskeyTask()  # its defaults
 
@@ -89,17 +101,9 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     add_output_options(parser)
 
 
-@command(
-    "eval",
-    "perplexity and KL (or retrieval: passkey, RULER-style needles) at full precision or under a plan",
-    configure_eval,
-)
+@command("eval", configure_eval)
 def run_eval(args: argparse.Namespace) -> int:
     check_output(args)
-    from ratequant.evaluation.conditions import Simulated, Streaming
-    from ratequant.evaluation.protocol import DEFAULT_SCORING, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
-    from ratequant.evaluation.tasks import PasskeyTask
-    from ratequant.inputs.corpora import load_corpus
 
     PASSKEY = PasskeyTask()  # its defaults
 
@@ -121,8 +125,6 @@ def run_eval(args: argparse.Namespace) -> int:
     args.context = args.context or PASSKEY.context
     args.trials = args.trials or PASSKEY.trials
     args.seed = PASSKEY.seed if args.seed is None else args.seed
-    from ratequant.evaluation.protocol import WindowProtocol
-    from ratequant.evaluation.tasks import TASKS, PerplexityTask
 
     plan = read_plan(args)
     corpus = load_corpus(args.corpus)
@@ -185,8 +187,6 @@ def quantized_coverage(spec, condition, protocol) -> tuple[int, int]:
     """``(quantized, scored)`` predictions per window of ``protocol`` under ``condition``: refuses (one line) a
     window that the residual window and the sinks keep wholly at full precision, and warns when they keep most of
     it so (the KL would then say little about the plan)."""
-    from ratequant.evaluation.conditions import Simulated, quantized_predictions
-    from ratequant.progress import warning
 
     prefill = condition.prefill_chunk if isinstance(condition, Simulated) else condition.piece
     first, seq_len = protocol.first_target, protocol.seq_len
@@ -316,10 +316,9 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
     add_output_options(parser)
 
 
-@command("generate", "continue a prompt with the plan's mixed-precision KV cache", configure_generate)
+@command("generate", configure_generate)
 def run_generate(args: argparse.Namespace) -> int:
     check_output(args)
-    from ratequant.cache.generation import generate
 
     try:
         args.prompt.encode("utf-8")
@@ -367,11 +366,9 @@ def configure_info(parser: argparse.ArgumentParser) -> None:
     add_output_options(parser)
 
 
-@command("info", "attention geometry of a model and sizes of the corpus splits", configure_info)
+@command("info", configure_info)
 def run_info(args: argparse.Namespace) -> int:
     check_output(args)
-    from ratequant.inputs.corpora import load_corpus
-    from ratequant.kernels import native
 
     corpus = load_corpus(args.corpus)
     loaded = load_model_from(args)

@@ -14,7 +14,20 @@ from pathlib import Path
 
 from ratequant.cli import command
 from ratequant.cli.options import add_quantizer_options, check_output_path, nonnegative_int
-from ratequant.errors import RateQuantError
+from ratequant.errors import PlanError, RateQuantError
+from ratequant.inputs import models
+from ratequant.integrations.kvtuner import (
+    LAYER_STRATEGIES,
+    YAML_SUFFIXES,
+    export_layers,
+    import_kvtuner,
+    kvtuner_text,
+    read_kvtuner,
+)
+from ratequant.jsonio import write_json, write_text_atomic
+from ratequant.plan import Plan
+from ratequant.plan_fields import bounded_geometry
+from ratequant.quantizers import get_quantizer
 from ratequant.spec import DEFAULT_RESIDUAL_LENGTH
 from ratequant.validation import inert
 
@@ -24,7 +37,6 @@ IMPORT_FORMATS = ("kvtuner",)
 
 def geometry_arg(text: str):
     """'LAYERS,KV_HEADS,HEAD_DIM[,HEADS]' -> a Geometry within a plan's limits (before anything is allocated)."""
-    from ratequant.plan_fields import bounded_geometry
 
     parts = text.split(",")
     try:
@@ -43,7 +55,6 @@ def geometry_arg(text: str):
 
 # -- export ----------------------------------------------------------------------------------------------
 def configure_export(parser: argparse.ArgumentParser) -> None:
-    from ratequant.integrations.kvtuner import LAYER_STRATEGIES
 
     parser.add_argument("plan", metavar="PLAN", help="plan file (JSON) from ratequant calibrate")
     parser.add_argument(
@@ -63,11 +74,8 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
 
-@command("export", "write a plan in a format other tools read (KVTuner per-head, per-layer table)", configure_export)
+@command("export", configure_export)
 def run_export(args: argparse.Namespace) -> int:
-    from ratequant.integrations.kvtuner import YAML_SUFFIXES, export_layers, kvtuner_text
-    from ratequant.jsonio import write_json, write_text_atomic
-    from ratequant.plan import Plan
 
     if args.strategy is not None and args.format != "layers":
         raise RateQuantError("--strategy applies to --format layers only; drop it")
@@ -143,11 +151,8 @@ def configure_import(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")
 
 
-@command("import", "make a plan of another tool's per-head table (KVTuner)", configure_import)
+@command("import", configure_import)
 def run_import(args: argparse.Namespace) -> int:
-    from ratequant.errors import PlanError
-    from ratequant.integrations.kvtuner import import_kvtuner, read_kvtuner
-    from ratequant.quantizers import get_quantizer
 
     check_output_path(args.out, args.force, what="plan")
     if args.trust_remote_code and args.model is None:
@@ -155,9 +160,7 @@ def run_import(args: argparse.Namespace) -> int:
     quantizer = get_quantizer(args.quantizer, **dict(args.param))
     data = read_kvtuner(args.file)  # a file that does not parse fails before any model is loaded
     if args.model is not None:
-        from ratequant.inputs.models import load_model
-
-        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        loaded = models.load_model(args.model, trust_remote_code=args.trust_remote_code)
         geometry, default_name = loaded.geometry, loaded.name
     else:
         geometry, default_name = args.geometry, Path(args.file).stem or "kvtuner"

@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser._parse_optional = lambda arg: parse_optional(arg) if arg.split("=", 1)[0] in own else None
 
 
-@command("lm-eval", "run lm-evaluation-harness with the ratequant model (--model ratequant) available", configure)
+@command("lm-eval", configure)
 def run_lm_eval(args: argparse.Namespace) -> int:
     argv = list(args.lm_eval_args)
     if argv[:1] == ["--"]:  # "ratequant lm-eval -- ARGS": the separator is ours, not lm-eval's

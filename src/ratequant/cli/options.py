@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from pathlib import Path
 
+from ratequant.compat.placement import STRATEGIES
 from ratequant.errors import RateQuantError
+from ratequant.inputs import models
+from ratequant.jsonio import parse_json, read_json, write_json
+from ratequant.lab.report.plots import check_figure_path
+from ratequant.plan import Plan
+from ratequant.quantizers import available, get_quantizer
+from ratequant.spec import MAX_SINK_TOKENS
+from ratequant.validation import check_json_value, inert
 
 
 def positive_int(text: str) -> int:
@@ -58,7 +68,6 @@ def nonnegative_int(text: str) -> int:
 
 def sink_arg(text: str) -> int | str:
     """'auto' or a non-negative number of sink tokens (at most :data:`~ratequant.spec.MAX_SINK_TOKENS`)."""
-    from ratequant.spec import MAX_SINK_TOKENS
 
     if text == "auto":
         return text
@@ -143,9 +152,6 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def device_map_from(text: str | None) -> str | dict | None:
     """``--device-map``: a strategy name as given, else the JSON object it holds or names, read by the strict
     parser of plans (bounded size and nesting, finite numbers, no repeated keys; one-line errors)."""
-    from ratequant.compat.placement import STRATEGIES
-    from ratequant.jsonio import parse_json, read_json
-    from ratequant.validation import check_json_value
 
     if text is None or text.strip() in STRATEGIES:
         return text
@@ -160,9 +166,8 @@ def device_map_from(text: str | None) -> str | dict | None:
 
 
 def load_model_from(args: argparse.Namespace):
-    from ratequant.inputs.models import load_model
 
-    return load_model(
+    return models.load_model(  # looked up now: a stand-in put on the module reaches the command
         args.model,
         dtype=args.dtype,
         device=args.device,
@@ -176,8 +181,6 @@ def check_output_path(path: str | None, force: bool, *, what: str = "output", fi
     """Before any work: refuse an output that exists (unless ``force``), is a directory, has no figure extension
     (``figure``), or cannot be written (a probe file is written and removed in its folder, or in the nearest
     folder above it that exists: missing folders are created only when the output is written)."""
-    import os
-    import tempfile
 
     if path is None:
         return
@@ -185,8 +188,6 @@ def check_output_path(path: str | None, force: bool, *, what: str = "output", fi
     if target.is_dir():
         raise RateQuantError(f"{target} is a directory; pass a file path for the {what}")
     if figure:
-        from ratequant.lab.report.plots import check_figure_path
-
         check_figure_path(target)
     if (target.exists() or target.is_symlink()) and not force:  # a dangling link too: writing would replace it
         raise RateQuantError(f"{target} already exists; pass --force to overwrite it")
@@ -210,9 +211,6 @@ def check_output(args: argparse.Namespace) -> None:
 
 def emit_json(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
-        from ratequant.jsonio import write_json
-        from ratequant.validation import inert
-
         path = write_json(args.json, payload, overwrite=args.force)
         print(inert(f"results written to {path}"))
 
@@ -225,7 +223,6 @@ def add_quantizer_options(
     extra_choices: tuple[str, ...] = (),
 ) -> None:
     """``--quantizer`` (a registered design, or one of ``extra_choices``) and the repeatable ``--param KEY=VALUE``."""
-    from ratequant.quantizers import available
 
     parser.add_argument("--quantizer", default=default, choices=[*available(), *extra_choices], help=help)
     parser.add_argument("--param", type=param_arg, action="append", default=[], metavar="KEY=VALUE", help=param_help)
@@ -262,7 +259,6 @@ def add_plan_options(parser: argparse.ArgumentParser, *, positional: bool = Fals
 def read_plan(args: argparse.Namespace):
     """Check the plan options and read ``--plan`` (None without one), before the model is loaded, so that a
     bad combination or a bad file fails at once."""
-    from ratequant.plan import Plan
 
     positional = getattr(args, "plan_file", None)
     if positional is not None:
@@ -286,7 +282,6 @@ def read_plan(args: argparse.Namespace):
 
 def spec_for(args: argparse.Namespace, plan, model):
     """The :class:`KVQuantSpec` ``plan`` resolves to on ``model`` with the user's overrides (None without a plan)."""
-    from ratequant.quantizers import get_quantizer
 
     if plan is None:
         return None
