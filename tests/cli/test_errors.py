@@ -204,7 +204,6 @@ def test_run_time_errors_are_one_line(tmp_path, capsys, corpus, tiny_model_dir):
         ([*cal, "--out", str(existing)], "already exists; pass --force"),
         ([*cal, "--out", str(tmp_path / "p.json"), "--param", "group_size=-1"], "group_size"),
         ([*cal, "--out", str(tmp_path / "p.json"), "--param", "nosuch=1"], "has no parameter(s) nosuch"),
-        ([*cal, "--out", str(tmp_path / "p.json"), "--residual", "-5"], "non-negative"),
         (["inspect", str(tmp_path / "missing.json")], "plan file not found"),
         (["inspect", str(existing)], "no format_version"),
         (["generate", *model, "--prompt", "x", "--param", "group_size=4"], "need --plan"),
@@ -214,6 +213,7 @@ def test_run_time_errors_are_one_line(tmp_path, capsys, corpus, tiny_model_dir):
     for argv, fragment in cases:
         if argv[0] in COMMANDS:
             assert_one_line_error(capsys, argv, fragment)
+    assert_usage_error(capsys, [*cal, "--out", str(tmp_path / "p.json"), "--residual", "-5"], "from 0 to")
     assert not (tmp_path / "p.json").exists() and existing.read_text() == "{}"
 
 

@@ -16,13 +16,13 @@ from ratequant.cli.options import (
     add_corpus_options,
     add_model_options,
     add_quantizer_options,
+    add_storage_options,
     bitset_arg,
     check_output_path,
     load_model_from,
     nonnegative_int,
     positive_float,
     positive_int,
-    sink_arg,
 )
 from ratequant.errors import RateQuantError
 from ratequant.inputs.corpora import load_corpus
@@ -97,18 +97,12 @@ def configure_calibrate(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CALIBRATION_SEQUENCES,
         help=f"calibration sequences (default {DEFAULT_CALIBRATION_SEQUENCES})",
     )
-    parser.add_argument(
-        "--residual",
-        type=int,
-        default=DEFAULT_RESIDUAL_LENGTH,
-        help=f"full-precision residual window the cache will keep (default {DEFAULT_RESIDUAL_LENGTH})",
-    )
-    parser.add_argument(
-        "--sink-tokens",
-        type=sink_arg,
-        default="auto",
-        metavar="N|auto",
-        help="first tokens of every sequence kept at full precision (default auto: chosen from the calibration data)",
+    add_storage_options(
+        parser,
+        residual=DEFAULT_RESIDUAL_LENGTH,
+        sinks="auto",
+        notes=(f"default {DEFAULT_RESIDUAL_LENGTH}", "default auto: chosen from the calibration data"),
+        auto=True,
     )
     parser.add_argument(
         "--search",

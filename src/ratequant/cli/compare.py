@@ -10,12 +10,12 @@ from ratequant.cli import command
 from ratequant.cli.options import (
     add_corpus_options,
     add_model_options,
+    add_storage_options,
     budget_list,
     device_map_from,
     float_list,
     nonnegative_int,
     positive_int,
-    sink_arg,
 )
 from ratequant.errors import RateQuantError
 from ratequant.evaluation.protocol import BOS_CHOICES
@@ -84,18 +84,15 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         help=f"tokens per calibration sequence (default {DEFAULT_CALIBRATION_SEQ_LEN})",
     )
-    parser.add_argument(
-        "--residual",
-        type=nonnegative_int,
-        metavar="N",
-        help="full-precision residual window of the cache (default 0: quantize the whole context, as the papers' "
-        "figures do)",
-    )
-    parser.add_argument(
-        "--sink-tokens",
-        type=sink_arg,
-        metavar="N|auto",
-        help="first tokens kept at full precision (default 0; auto: chosen per design from the calibration data)",
+    add_storage_options(
+        parser,
+        residual=None,  # the preset's
+        sinks=None,
+        notes=(
+            "default 0: quantize the whole context, as the papers' figures do",
+            "default 0; auto: chosen per design from the calibration data",
+        ),
+        auto=True,
     )
     parser.add_argument("--mode", choices=MODES, help="simulated quantization (default) or the real cache (streaming)")
     parser.add_argument(

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ratequant.cli import command
-from ratequant.cli.options import add_quantizer_options, check_output_path, nonnegative_int
+from ratequant.cli.options import add_quantizer_options, add_storage_options, check_output_path
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.inputs import models
 from ratequant.integrations.kvtuner import (
@@ -137,15 +137,12 @@ def configure_import(parser: argparse.ArgumentParser) -> None:
         "--trust-remote-code", action="store_true", help="with --model: allow a hub model's own Python code to run"
     )
     add_quantizer_options(parser, help="the design that stores the widths (default kivi)")
-    parser.add_argument(
-        "--residual",
-        type=nonnegative_int,
-        default=DEFAULT_RESIDUAL_LENGTH,
-        metavar="N",
-        help=f"full-precision residual window (default {DEFAULT_RESIDUAL_LENGTH}, as KVTuner's)",
-    )
-    parser.add_argument(
-        "--sink-tokens", type=nonnegative_int, default=0, metavar="N", help="first tokens kept at full precision"
+    add_storage_options(
+        parser,
+        residual=DEFAULT_RESIDUAL_LENGTH,
+        sinks=0,
+        notes=(f"default {DEFAULT_RESIDUAL_LENGTH}, as KVTuner's", "default 0"),
+        auto=False,
     )
     parser.add_argument("--out", required=True, metavar="PLAN", help="where to write the plan (JSON)")
     parser.add_argument("--force", action="store_true", help="overwrite PLAN if it exists")

@@ -245,14 +245,33 @@ def add_plan_options(parser: argparse.ArgumentParser, *, positional: bool = Fals
         action="store_true",
         help="accept a quantizer other than the one the plan was calibrated for",
     )
+    add_storage_options(parser, residual=None, sinks=None, notes=("default: the plan's",) * 2, auto=False)
+
+
+def add_storage_options(
+    parser: argparse.ArgumentParser,
+    *,
+    residual: int | None,
+    sinks: int | str | None,
+    notes: tuple[str, str],
+    auto: bool,
+) -> None:
+    """``--residual N`` and ``--sink-tokens N`` (``N|auto`` where ``auto``: chosen from the calibration data), what a
+    cache keeps at full precision, declared in one place. ``residual``/``sinks`` are the parsed defaults (None: decided
+    after parsing); ``notes`` say the defaults in the two helps."""
     parser.add_argument(
-        "--residual", type=int, metavar="N", help="full-precision residual window (default: the plan's)"
+        "--residual",
+        type=nonnegative_int,
+        default=residual,
+        metavar="N",
+        help=f"full-precision residual window of the cache ({notes[0]})",
     )
     parser.add_argument(
         "--sink-tokens",
-        type=nonnegative_int,
-        metavar="N",
-        help="first tokens kept at full precision (default: the plan's)",
+        type=sink_arg if auto else nonnegative_int,
+        default=sinks,
+        metavar="N|auto" if auto else "N",
+        help=f"first tokens of every sequence kept at full precision ({notes[1]})",
     )
 
 
