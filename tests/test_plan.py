@@ -5,20 +5,28 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratequant.allocation import AllocationOptions, Budget, CostModel, Curves, allocate, get_strategy
 from ratequant.allocation.fitting import fit_distortion
-from ratequant.errors import PlanError
+from ratequant.cache import RateQuantCache
+from ratequant.cache.simulate import simulated_quantization
+from ratequant.cli import main
+from ratequant.compat import model_geometry
+from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, StoragePolicy
+from tests.conftest import tiny_model
 
 G = Geometry(num_layers=4, num_kv_heads=2, head_dim=16, num_heads=8)
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -460,3 +468,332 @@ def test_names_in_messages_and_summaries_are_inert():
     summary = plan.summary()
     assert r"model: m\x1b[31m red" in summary and "\x1b" not in summary
     assert len(summary.splitlines()) == len(make_plan(model_name="m").summary().splitlines())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hostile and damaged files: every one is refused with a clear error, through the library and the CLI.
+#
+# Plans are read by Plan.load and by ``ratequant inspect`` / ``eval --plan``; each bad file must give a
+# PlanError naming the file (library) and exit status 2 with one line ``ratequant: error: ...`` and no
+# traceback (CLI). Nothing is ever unpickled: a pickle renamed ``.json`` whose unpickling would create a marker
+# file is refused and the marker never appears. Neighbouring cases are above (field-by-field validation, NaN
+# and Infinity in one field, a 100000-deep top-level list, top-level duplicate keys, files over the size limit,
+# newer format versions, and a hypothesis fuzz of the parsed dict); plans and results written atomically:
+# tests/test_jsonio.py.
+# --------------------------------------------------------------------------------------------------------
+# the geometry of conftest's tiny Llama (and of the tiny_model_dir fixture)
+TINY = Geometry(num_layers=3, num_kv_heads=2, head_dim=16, num_heads=4)
+TINY_BITS = np.array([[[2, 3], [4, 2], [3, 3]], [[2, 2], [3, 1], [4, 2]]])
+
+
+def tiny_plan(geometry: Geometry = TINY, bits: np.ndarray = TINY_BITS, quantizer=None, residual: int = 8) -> Plan:
+    quantizer = quantizer or get_quantizer("uniform")
+    avg = float(bits.mean())
+    return Plan(
+        model={"name": "tiny-llama", **geometry.to_dict()},
+        quantizer=quantizer.to_config() if hasattr(quantizer, "to_config") else quantizer,
+        budget={"kind": "avg_bits", "value": avg},
+        allocator="test",
+        avg_bits=avg,
+        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
+        residual_length=residual,
+    )
+
+
+VALID_TEXT = tiny_plan().to_json_text()
+VALID_PARSED = json.loads(VALID_TEXT)
+
+
+def edited(edit) -> str:
+    """The valid plan's JSON text after ``edit(d)`` changes its parsed dict in place."""
+    d = json.loads(VALID_TEXT)
+    edit(d)
+    return json.dumps(d)
+
+
+def assert_refused(path, match: str, capsys) -> None:
+    """Plan.load raises PlanError naming ``path`` and matching ``match``; ``ratequant inspect`` exits 2 with it."""
+    with pytest.raises(PlanError, match=match) as exc:
+        Plan.load(path)
+    assert str(path) in str(exc.value)
+    capsys.readouterr()
+    code = main(["inspect", str(path)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("ratequant: error: "), err
+    assert str(path) in lines[0] and "Traceback" not in err and out == ""
+
+
+def set_path(d, path, value):
+    for key in path[:-1]:
+        d = d[key]
+    d[path[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------------------
+# damaged bytes
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fraction", [0.0, 0.02, 0.33, 0.5, 0.9, 0.999])
+def test_truncated_files_are_refused(tmp_path, capsys, fraction):
+    cut = int(len(VALID_TEXT.rstrip()) * fraction)
+    assert_refused(write(tmp_path, VALID_TEXT[:cut]), "not valid JSON", capsys)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "not valid JSON"),
+        (b"   \n\t ", "not valid JSON"),
+        (b"null", "must be a JSON object"),
+        (b'"a plan"', "must be a JSON object"),
+        (VALID_TEXT.encode("utf-16"), "not UTF-8"),  # a text editor's "Unicode"
+        (VALID_TEXT.replace('"tiny-llama"', '"tiny-llam\u00e9"').encode("latin-1"), "not UTF-8"),
+        (VALID_TEXT.encode().replace(b"{", b"{\x00", 1), "not valid JSON"),
+        (bytes(range(256)) * 4, "not UTF-8"),
+    ],
+    ids=["empty", "whitespace", "null", "string", "utf16", "latin1", "nul", "binary"],
+)
+def test_corrupted_and_non_utf8_files_are_refused(tmp_path, capsys, content, match):
+    assert_refused(write(tmp_path, content), match, capsys)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_random_byte_damage_gives_plan_error_or_an_exact_plan(tmp_path, data):
+    """Truncations, flipped bytes and inserted bytes: PlanError, or a valid plan that round-trips exactly."""
+    raw = bytearray(VALID_TEXT.encode())
+    for _ in range(data.draw(st.integers(1, 4), label="edits")):
+        action = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete"]))
+        at = data.draw(st.integers(0, max(len(raw) - 1, 0)))
+        if action == "truncate":
+            del raw[at:]
+        elif action == "flip" and raw:
+            raw[at] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif raw:
+            del raw[at]
+    path = write(tmp_path, bytes(raw), name="fuzz.json")
+    try:
+        plan = Plan.load(path)
+    except PlanError as exc:
+        assert str(path) in str(exc)
+        return
+    assert Plan.from_dict(json.loads(plan.to_json_text())) == plan
+    assert plan.bits_array().shape == (2, plan.model["num_layers"], plan.model["num_kv_heads"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# hostile values
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "old, new, match",
+    [
+        ('"avg_bits": 2.5833333333333335', '"avg_bits": NaN', "not valid JSON"),
+        ('"avg_bits": 2.5833333333333335', '"avg_bits": Infinity', "not valid JSON"),
+        ('"avg_bits": 2.5833333333333335', '"avg_bits": -Infinity', "not valid JSON"),
+        ('"avg_bits": 2.5833333333333335', '"avg_bits": 1e999', "finite number"),
+        ('"residual_length": 8', '"residual_length": 1e999', "integer"),
+        ('"residual_length": 8', '"residual_length": ' + "9" * 5000, "not valid JSON"),  # Python's digit limit
+        ('"residual_length": 8', '"residual_length": ' + "9" * 400, "from 0 to"),
+        ('"residual_length": 8', '"residual_length": -8', "from 0 to"),
+        ('"num_layers": 3', '"num_layers": 18446744073709551617', "from 1 to 4096"),
+        ('"head_dim": 16', '"head_dim": -16', "from 1 to"),
+        ('"head_dim": 16', '"head_dim": 1e3', "integer"),
+    ],
+)
+def test_hostile_numbers_are_refused(tmp_path, capsys, old, new, match):
+    assert old in VALID_TEXT
+    assert_refused(write(tmp_path, VALID_TEXT.replace(old, new, 1)), match, capsys)
+
+
+def test_refusal_messages_stay_short_for_huge_values(tmp_path):
+    path = write(tmp_path, VALID_TEXT.replace('"residual_length": 8', '"residual_length": ' + "9" * 4000))
+    with pytest.raises(PlanError) as exc:
+        Plan.load(path)
+    assert len(str(exc.value)) < 300 + len(str(path))
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("bits", "key", 0, 0), -3, "from 1 to 8"),
+        (("bits", "value", 2, 1), -(2**63), "from 1 to 8"),
+        (("bits", "key", 1, 0), 2**64, "from 1 to 8"),
+        (("bits", "key", 0, 0), 2.5, "integer"),
+        (("bits", "key", 0, 0), "3", "integer"),
+        (("bits", "key", 0, 0), None, "integer"),
+        (("bits", "key", 0), [[3, 3]], "2 widths"),  # extra nesting
+        (("bits", "key", 0), [[3], [3]], "integer"),  # extra nesting, right length
+        (("bits", "key"), [3, 3, 3, 3, 3, 3], "list of 3 layers"),  # flat L*H instead of [L][H]
+        (("bits", "key"), [3, 3, 3], r"bits.key\[0\] must list 2 widths"),  # flat L instead of [L][H]
+        (("bits", "value"), [[2, 2]] * 4, "list of 3 layers"),
+        (("bits", "value"), {"0": [2, 2]}, "list of 3 layers"),
+        (("bits",), [[[2, 2]] * 3] * 2, "must be an object"),  # [2, L, H] array instead of key/value
+        (("model", "num_kv_heads"), 4, "4 widths"),
+        (("model",), [], "must be an object"),
+        (("quantizer",), "uniform", "must be an object"),
+        (("budget",), {"kind": "avg_bits", "value": {"nested": 1}}, "budget"),
+    ],
+)
+def test_wrong_types_shapes_and_negative_bits_are_refused(tmp_path, capsys, path, value, match):
+    assert_refused(write(tmp_path, edited(lambda d: set_path(d, path, value))), match, capsys)
+
+
+def test_deep_nesting_inside_a_field_is_refused(tmp_path, capsys):
+    deep_lists = "[" * 100000 + "]" * 100000
+    deep_dicts = '{"a": ' * 100000 + "1" + "}" * 100000
+    for i, deep in enumerate((deep_lists, deep_dicts)):
+        text = VALID_TEXT.replace('"params": {', '"params": {"x": ' + deep + ", ", 1)
+        assert_refused(write(tmp_path, text, name=f"deep{i}.json"), "nested too deeply", capsys)
+    # within the parser's limit but deeper than a quantizer parameter may be
+    text = VALID_TEXT.replace('"params": {', '"params": {"x": ' + "[" * 50 + "]" * 50 + ", ", 1)
+    assert_refused(write(tmp_path, text, name="deep50.json"), "nested more than", capsys)
+
+
+def test_duplicate_keys_are_refused_at_every_level(tmp_path, capsys):
+    nested = VALID_TEXT.replace('"head_dim": 16', '"head_dim": 16, "head_dim": 64', 1)
+    assert_refused(write(tmp_path, nested, name="nested.json"), "duplicate field 'head_dim'", capsys)
+    deeper = VALID_TEXT.replace('"value": [', '"value": [[1, 1], [1, 1], [1, 1]], "value": [', 1)
+    assert_refused(write(tmp_path, deeper, name="deeper.json"), "duplicate field 'value'", capsys)
+
+
+class _Marker:
+    """Unpickling this object creates ``path``: proof that a pickle was (or was not) executed."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_pickle_renamed_json_is_refused_and_never_unpickled(tmp_path, capsys, protocol):
+    marker = tmp_path / "UNPICKLED"
+    payload = pickle.dumps({**VALID_PARSED, "evil": _Marker(marker)}, protocol=protocol)
+    path = write(tmp_path, payload)
+    # protocol 0 is ASCII (valid UTF-8, invalid JSON); later protocols are binary (not UTF-8)
+    assert_refused(path, "not valid JSON" if protocol == 0 else "not UTF-8", capsys)
+    assert not marker.exists()
+
+
+def test_torch_save_file_renamed_json_is_refused(tmp_path, capsys):
+    marker = tmp_path / "UNPICKLED"
+    path = tmp_path / "plan.json"
+    torch.save({"plan": VALID_PARSED, "evil": _Marker(marker)}, path)
+    assert_refused(path, "not UTF-8|not valid JSON", capsys)
+    assert not marker.exists()
+
+
+def test_directory_and_missing_paths(tmp_path, capsys):
+    assert_refused(tmp_path, "not found", capsys)
+    assert_refused(tmp_path / "missing.json", "not found", capsys)
+
+
+# --------------------------------------------------------------------------------------------------------
+# plans for another model or another quantizer
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "geometry",
+    [Geometry(2, 2, 16, 4), Geometry(3, 1, 16, 4), Geometry(3, 2, 32, 4), Geometry(3, 2, 16, 8)],
+    ids=["layers", "kv_heads", "head_dim", "query_heads"],
+)
+def test_plan_for_another_geometry_is_refused_by_cache_and_simulation(geometry):
+    bits = np.full(geometry.shape, 3)
+    plan = tiny_plan(geometry, bits)
+    model = tiny_model("llama")
+    assert model_geometry(model) == TINY
+    with pytest.raises(PlanError, match="made for tiny-llama") as exc:
+        RateQuantCache.from_plan(plan, model)
+    assert "calibrate a plan for this model" in str(exc.value)
+    with pytest.raises(PlanError, match="made for tiny-llama"), simulated_quantization(model, plan.resolve(model)):
+        pass
+
+
+def test_plan_for_an_unknown_quantizer_design_is_refused_on_load(tmp_path, capsys):
+    text = edited(lambda d: set_path(d, ("quantizer", "name"), "evil_design"))
+    assert_refused(write(tmp_path, text), "'evil_design', which is not a quantizer design", capsys)
+    with pytest.raises(PlanError, match="kivi, quarot, turbo, uniform"):
+        Plan.from_dict(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "quantizer, residual, match",
+    [
+        ({"name": "uniform", "params": {"group_size": -4}}, 8, "group_size"),
+        ({"name": "uniform", "params": {"bogus": 1}}, 8, "no parameter"),
+        ({"name": "uniform", "params": {"scale_dtype": "float16", "group_size": 5}}, 8, "not divisible"),  # 5 vs 16
+        ({"name": "kivi", "params": {"scale_dtype": "float16", "group_size": 32}}, 8, "not a multiple"),  # 8 vs 32
+        ({"name": "turbo", "params": {"seed": "x"}}, 8, "seed"),
+        ({"name": "uniform", "params": {"scale_dtype": "float64"}}, 8, "scale_dtype"),
+    ],
+)
+def test_plan_whose_quantizer_design_does_not_fit_is_refused_before_use(quantizer, residual, match):
+    """Such a plan loads (``inspect`` shows it), ``plan.design()`` refuses it, and neither the cache nor the
+    simulation ever runs with it: the error comes at construction or at the first forward pass."""
+    plan = tiny_plan(quantizer=quantizer, residual=residual)
+    with pytest.raises(PlanError, match=match):
+        plan.design()
+    model = tiny_model("llama")
+    ids = torch.randint(2, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RateQuantError, match=match), torch.no_grad():
+        model(ids, past_key_values=RateQuantCache.from_plan(plan, model), use_cache=True)
+    with pytest.raises(RateQuantError, match=match), torch.no_grad():
+        with simulated_quantization(model, plan.resolve(model)):
+            model(ids)
+
+
+def test_a_plan_that_omits_default_parameters_is_the_same_design():
+    """A hand-written (or older) plan without a parameter at its default is not a 'mismatch' with itself."""
+    plan = tiny_plan(quantizer={"name": "kivi", "params": {"group_size": 4}})
+    plan.check_quantizer(get_quantizer("kivi", group_size=4))
+    cache = RateQuantCache.from_plan(plan, tiny_model("llama"))
+    assert cache.quantizer == get_quantizer("kivi", group_size=4, scale_dtype="float16")
+    with pytest.raises(PlanError, match="calibrated for quantizer kivi"):
+        plan.check_quantizer(get_quantizer("kivi", group_size=4, scale_dtype="float32"))
+
+
+def test_design_of_a_good_plan_is_the_quantizer_it_names():
+    assert tiny_plan().design() == get_quantizer("uniform")
+    plan = tiny_plan(quantizer=get_quantizer("kivi", group_size=4), residual=8)
+    assert plan.design() == get_quantizer("kivi", group_size=4)
+
+
+def test_plan_for_another_quantizer_is_refused_unless_allowed():
+    """The mismatch refusal itself is tested in tests/cache/test_cache.py and tests/cli/test_evaluate.py; here the
+    plan file is a real file and the other design has the same parameters."""
+    model = tiny_model("llama")
+    plan = tiny_plan(quantizer=get_quantizer("uniform"))
+    with pytest.raises(PlanError, match="calibrated for quantizer uniform"):
+        RateQuantCache.from_plan(plan, model, get_quantizer("quarot"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = RateQuantCache.from_plan(plan, model, get_quantizer("quarot"), allow_mismatch=True)
+    assert cache.quantizer.name == "quarot" and any("worse than uniform" in str(w.message) for w in caught)
+
+
+# --------------------------------------------------------------------------------------------------------
+# unreadable files, byte-order marks
+# --------------------------------------------------------------------------------------------------------
+def test_unreadable_plans_are_one_line(tmp_path, capsys, monkeypatch):
+    if Path("/proc/self/mem").is_file():  # a "regular file" of 0 bytes whose read fails
+        assert_refused(Path("/proc/self/mem"), "cannot read plan file /proc/self/mem: Input/output error", capsys)
+    path = write(tmp_path, VALID_TEXT)
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    assert_refused(path, "cannot read plan file .*: Permission denied", capsys)
+
+
+def test_a_plan_with_a_byte_order_mark_is_the_same_plan(tmp_path):
+    """UTF-8 with a BOM (what some Windows editors write) reads as the same plan, as YAML files do."""
+    path = write(tmp_path, b"\xef\xbb\xbf" + VALID_TEXT.encode())
+    assert Plan.load(path) == tiny_plan()
+    assert Plan.load(path).to_json_text() == VALID_TEXT  # and re-saves without it

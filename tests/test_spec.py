@@ -10,6 +10,7 @@ from ratequant.errors import PlanError, RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import DEFAULT_RESIDUAL_LENGTH, CacheBytes, KVQuantSpec, StoragePolicy, bit_groups
+from tests.conftest import tiny_model
 
 UNIFORM = get_quantizer("uniform")  # token group 1 for both kinds
 KIVI4 = get_quantizer("kivi", group_size=4)  # keys in groups of 4 tokens, values per token
@@ -200,3 +201,24 @@ def test_cache_bytes_and_bit_groups():
     with pytest.raises(RateQuantError, match=r"CacheBytes\.sink"):
         CacheBytes(sink=-1)
     assert bit_groups([4, 2, 4, 1]) == [(1, (3,)), (2, (1,)), (4, (0, 2))]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Careless users, round two: each case failed once (a traceback, silent garbage, a lost or deleted file) and must
+# now end in one clear line with exit status 2, or in the right result. The number in a test's name is the item of
+# the reliability issue's list.
+# --------------------------------------------------------------------------------------------------------
+def test_6_a_group_larger_than_anything_or_than_the_models_context_is_refused_before_allocating():
+    from ratequant.cache import RateQuantCache
+    from ratequant.cache.simulate import simulated_quantization
+    from ratequant.quantizers import get_quantizer
+    from ratequant.spec import KVQuantSpec
+
+    with pytest.raises(RateQuantError, match="group_size must be an integer from 1 to 65536"):
+        get_quantizer("kivi", group_size=10**9)
+    model = tiny_model("llama")  # 512 positions
+    spec = KVQuantSpec(np.full((2, 3, 2), 2), get_quantizer("kivi", group_size=4096), residual_length=0)
+    with pytest.raises(PlanError, match="exceed the model's context of 512 tokens"):
+        RateQuantCache(spec, model=model)
+    with pytest.raises(PlanError, match="exceed the model's context"), simulated_quantization(model, spec):
+        pass

@@ -19,6 +19,7 @@ from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
+from tests.cache.test_layer import ids_of, poisoned, simulated
 from tests.conftest import tiny_model
 
 KIVI4 = get_quantizer("kivi", group_size=4)
@@ -405,3 +406,22 @@ def test_streaming_and_simulated_perplexity_agree_on_default_model(default_model
         assert stream.ppl == pytest.approx(sim.ppl, rel=2e-3), avg  # float32 rounding of the keys per piece
         assert stream.kl == pytest.approx(sim.kl, rel=0.05), avg
         assert abs(stream.ppl - sim.ppl) < abs(sim.ppl - full.ppl) / 10, (avg, stream.ppl, sim.ppl, full.ppl)
+
+
+# --------------------------------------------------------------------------------------------------------
+# NaN or Inf in keys: the simulation raises in the forward pass whose quantized prefix holds them, and restores
+# the model (the cache's refusal: tests/cache/test_layer.py)
+# --------------------------------------------------------------------------------------------------------
+def test_simulation_refuses_non_finite_keys_and_restores_the_model():
+    model = tiny_model("llama")
+    clean = tiny_model("llama")
+    ids = ids_of(12)
+    bits = np.full(model_geometry(model).shape, 4)
+    poisoned(model)
+    with pytest.raises(RateQuantError, match="NaN or Inf"), torch.no_grad():
+        with simulated_quantization(model, KVQuantSpec(bits, UNIFORM, 4)):
+            model(ids)
+    with torch.no_grad():  # the model's own result (whatever its attention makes of the NaN): attention restored
+        untouched = poisoned(tiny_model("llama"))(ids).logits
+        torch.testing.assert_close(model(ids).logits, untouched, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(simulated(clean, ids[:, :3], bits, UNIFORM, 4), clean(ids[:, :3]).logits)

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from ratequant.cli import main
+from ratequant.cli import build_parser, main
+from tests.cli.test_errors import run
 
 
 def run_cli(capsys, *argv):
@@ -149,3 +150,20 @@ def test_the_command_list_and_a_mistyped_command_load_no_command_module():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in done.stdout, done.stdout + done.stderr
     assert "calibrate" in done.stdout and "lm-eval" in done.stdout  # every command is listed
+
+
+# --------------------------------------------------------------------------------------------------------
+# Careless users, round two: each case failed once (a traceback, silent garbage, a lost or deleted file) and must
+# now end in one clear line with exit status 2, or in the right result. The number in a test's name is the item of
+# the reliability issue's list.
+# --------------------------------------------------------------------------------------------------------
+def test_8_an_interrupt_while_the_parser_is_built_exits_130(monkeypatch, capsys):
+    import ratequant.cli as cli
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    code, _, err = run(capsys, ["eval"])
+    assert code == 130 and err.strip() == "ratequant: interrupted"
+    assert build_parser  # the real one is untouched

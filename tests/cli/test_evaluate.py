@@ -1,11 +1,21 @@
 """eval --plan (simulated and streaming) and generate, end to end on a tiny model."""
 
 import json
+import os
 
+import numpy as np
 import pytest
+import torch
 
 from ratequant.cli import main
+from ratequant.geometry import Geometry
 from ratequant.plan import Plan
+from tests.cli import test_calibrate
+from tests.cli.test_errors import assert_one_line_error, assert_usage_error, run
+from tests.test_jsonio import explode_writes
+from tests.test_plan import tiny_plan
+
+corpus = test_calibrate.corpus  # the fixture of a text corpus that tests/cli/test_calibrate.py defines
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +228,94 @@ def test_eval_takes_the_plan_as_its_positional_argument(tmp_path, tiny_model_dir
     capsys.readouterr()
     assert main(["eval", str(plan_path), "--plan", str(tmp_path / "other.json"), *common]) == 2
     assert "two plans given" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Careless users, round two: each case failed once (a traceback, silent garbage, a lost or deleted file) and must
+# now end in one clear line with exit status 2, or in the right result. The number in a test's name is the item of
+# the reliability issue's list.
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--seed", str(2**64)], "--seed: must be an integer from 0 to 2**62"),
+        (["--sample", "--temperature", "1e-300"], "--temperature: must be a number from 0.01 to 100"),
+        (["--top-p", "2"], "--top-p: must be a number from 1e-06 to 1"),
+    ],
+)
+def test_7_generate_refuses_values_that_would_break_sampling(capsys, argv, fragment):
+    assert_usage_error(capsys, ["generate", "--prompt", "hello", *argv], fragment)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--prompt", "caf\udce9"], "not valid UTF-8"),  # a byte that is not UTF-8, as the shell hands it over
+        (["--prompt", "hi", "--device", "bogus"], "unknown device 'bogus'"),
+        (["--prompt", "hi", "--max-new-tokens", "1000000000"], "exceed the model's context of 512 tokens"),
+    ],
+)
+def test_7_generate_bad_inputs_are_one_line(capsys, tiny_model_dir, argv, fragment):
+    assert_one_line_error(capsys, ["generate", "--model", str(tiny_model_dir), *argv], fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_7_generate_on_cuda_without_cuda_is_one_line(capsys, tiny_model_dir):
+    assert_one_line_error(
+        capsys,
+        ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cuda"],
+        "has no CUDA; use --device cpu",
+    )
+
+
+def test_7_generate_streams_its_output(capsys, tiny_model_dir):
+    code, out, err = run(
+        capsys, ["generate", "--model", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "6"]
+    )
+    quiet_code, quiet_out, _ = run(
+        capsys,
+        ["generate", "--model", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "6", "--quiet"],
+    )
+    assert code == quiet_code == 0 and out.strip() == quiet_out.strip() and "KV cache" not in out
+
+
+def test_9_flags_that_would_be_ignored_are_refused(capsys, tmp_path, corpus):
+    assert_one_line_error(capsys, ["eval", "--mode", "streaming"], "pass --plan")
+    assert_one_line_error(
+        capsys,
+        ["calibrate", "--avg-bits", "3", "--context", "512", "--out", str(tmp_path / "p.json")],
+        "--context applies to --bytes-per-token",
+    )
+    assert_one_line_error(capsys, ["eval", "--task", "passkey", "--windows", "3"], "passkey takes --context")
+    assert_one_line_error(capsys, ["eval", "--trials", "5"], "apply to the retrieval tasks")
+
+
+# --------------------------------------------------------------------------------------------------------
+# hostile files: a plan for another model, a results file that cannot be written (tests/test_plan.py)
+# --------------------------------------------------------------------------------------------------------
+def test_plan_for_another_geometry_is_refused_by_the_cli(tmp_path, capsys, tiny_model_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." * 3 for i in range(30)))
+    path = tiny_plan(Geometry(3, 2, 32, 4), np.full((2, 3, 2), 3)).to_json(tmp_path / "other.json")
+    for argv in (
+        ["eval", "--plan", str(path), "--corpus", str(corpus), "--seq-len", "16", "--windows", "1"],
+        ["generate", "--plan", str(path), "--prompt", "the quick", "--max-new-tokens", "2"],
+    ):
+        capsys.readouterr()
+        code = main([argv[0], "--model", str(tiny_model_dir), *argv[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("ratequant: error: this plan was made for tiny-llama"), err
+        assert "head_dim 32" in err and "head_dim 16" in err and "Traceback" not in err
+
+
+def test_cli_results_json_write_failure_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." * 3 for i in range(30)))
+    out = tmp_path / "results" / "info.json"
+    explode_writes(monkeypatch, OSError(28, "No space left on device"))
+    code = main(["info", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        f"ratequant: error: cannot write {out}: No space left on device; nothing was written"
+    ]
+    assert os.listdir(out.parent) == []

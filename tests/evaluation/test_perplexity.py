@@ -1,11 +1,17 @@
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
+from ratequant.cache import RateQuantCache
+from ratequant.compat import model_geometry
 from ratequant.evaluation import REFERENCE, Within, perplexity, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, Windows
+from ratequant.spec import KVQuantSpec
+from tests.cache.test_layer import DTYPES, KIVI4, generate, ids_of, mixed_bits
 from tests.conftest import tiny_model
 
 
@@ -117,3 +123,38 @@ def test_quantized_predictions_agree_with_the_simulation_masks(residual, sinks, 
     first_chunk = min(max(f, prefill_chunk) for f in spec.chunks)
     assert quantized_predictions(spec, sinks + first_chunk + 1, 1, prefill_chunk) == 0
     assert quantized_predictions(spec, sinks + first_chunk + 2, 1, prefill_chunk) == 1
+
+
+# float16, bfloat16 and float32 models: streaming equals simulated evaluation in perplexity to within the dtype's
+# own rounding noise (the logits and the cache: tests/cache/test_layer.py)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_models_in_every_dtype_generate_and_evaluate(dtype):
+    from ratequant.evaluation import Simulated, Streaming, WindowProtocol, Windows, score_conditions
+    from ratequant.plan import Plan
+
+    model = tiny_model("llama", seed=2).to(dtype)
+    g = model_geometry(model)
+    ids = ids_of(8, seed=2)
+    eight = np.full(g.shape, 8)
+    assert torch.equal(
+        generate(model, ids, RateQuantCache(KVQuantSpec(eight, KIVI4, 4)), n=12),
+        generate(model, ids, DynamicCache(config=model.config), n=12),
+    )
+    bits = mixed_bits(model, seed=2)
+    plan = Plan(
+        model={"name": "tiny", **g.to_dict()},
+        quantizer=KIVI4.to_config(),
+        budget={"kind": "avg_bits", "value": float(bits.mean())},
+        allocator="test",
+        avg_bits=float(bits.mean()),
+        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
+        residual_length=8,
+    )
+    windows = Windows(ids_of(24, batch=2, seed=3), WindowProtocol(24, 2), None)
+    spec = plan.resolve(model)
+    scores = score_conditions(model, windows, {"sim": Simulated(spec), "stream": Streaming(spec)}, progress=False)[
+        "all"
+    ]
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert scores["stream"].ppl == pytest.approx(scores["sim"].ppl, rel=tolerance)
+    assert math.isfinite(scores["sim"].ppl) and scores["sim"].tokens == scores["stream"].tokens == 2 * 23

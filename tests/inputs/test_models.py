@@ -1,11 +1,23 @@
 import importlib.util
+import inspect
 import json
+import os
+import pickle
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from ratequant.errors import RateQuantError
+from ratequant.cache.simulate import simulated_quantization
+from ratequant.errors import RateQuantError, UnsupportedModelError
+from ratequant.inputs import models
 from ratequant.inputs.models import load_model
+from ratequant.spec import KVQuantSpec
+from tests.cache.test_layer import UNIFORM
+from tests.conftest import tiny_config, tiny_model, tiny_tokenizer
 
 
 def test_local_directory_loads_with_geometry(tiny_model_dir):
@@ -395,3 +407,215 @@ def test_hub_id_shapes_still_reach_the_hub(monkeypatch):
         with pytest.raises(Reached) as info:
             load_model(spec)
         assert info.value.args == (spec, False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the tool reads and what it executes (see docs/reliability.md):
+#
+# * ``trust_remote_code`` is False unless the user asks, through load_model (local directory, hub id, GGUF
+#   file, conversion cache); every command that loads a model: tests/cli/test_options.py.
+# * A model directory whose config points at its own Python code never gets that code imported; a pickle
+#   checkpoint that would run code is refused with a clear error and the code never runs.
+# * The GGUF conversion cache writes safetensors, JSON and text only, atomically.
+#
+# (The source never unpickles, never executes and never trusts remote code: tests/test_source_rules.py.)
+# --------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
+# trust_remote_code
+# --------------------------------------------------------------------------------------------------------
+class Recorder:
+    """Stands in for ``from_pretrained``: records its keyword arguments, then stops the load with OSError."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        raise OSError("stopped by the test")
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    import transformers
+
+    rec = Recorder()
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", rec)
+    return rec
+
+
+def test_load_model_signature_defaults_to_no_remote_code():
+    assert inspect.signature(models.load_model).parameters["trust_remote_code"].default is False
+
+
+@pytest.mark.parametrize("kind", ["directory", "hub"])
+def test_load_model_passes_trust_remote_code_only_when_asked(recorded, tiny_model_dir, kind):
+    spec = str(tiny_model_dir) if kind == "directory" else "some-org/some-model"
+    for asked in (None, False, True):
+        recorded.calls.clear()
+        kwargs = {} if asked is None else {"trust_remote_code": asked}
+        with pytest.raises(RateQuantError, match="could not load model"):
+            models.load_model(spec, **kwargs)
+        assert recorded.calls and all(call["trust_remote_code"] is bool(asked) for call in recorded.calls)
+        assert all(call["local_files_only"] is (kind == "directory") for call in recorded.calls)
+
+
+def test_gguf_files_and_the_conversion_cache_never_trust_remote_code(recorded, tmp_path, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    monkeypatch.setenv("RATEQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(RateQuantError, match="could not read GGUF"):
+        models.load_model(str(gguf), trust_remote_code=True)
+    assert recorded.calls and all(not call.get("trust_remote_code", False) for call in recorded.calls)
+    converted = tmp_path / "cache" / "gguf" / models._file_key(gguf)
+    converted.mkdir(parents=True)
+    (converted / "model.safetensors").write_bytes(b"")
+    recorded.calls.clear()
+    with pytest.raises(RateQuantError):
+        models.load_model(str(gguf), trust_remote_code=True)
+    assert recorded.calls and all(call.get("trust_remote_code", False) is False for call in recorded.calls)
+
+
+# --------------------------------------------------------------------------------------------------------
+# code shipped inside a model directory or checkpoint never runs
+# --------------------------------------------------------------------------------------------------------
+def model_dir_with_remote_code(tmp_path, model_type: str, marker: Path) -> Path:
+    path = tmp_path / f"remote-{model_type}"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilModel"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "evil_code.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n"
+        "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n"
+    )
+    return path
+
+
+def test_custom_code_in_a_model_directory_is_never_imported(tmp_path):
+    marker = tmp_path / "IMPORTED"
+    with pytest.raises(RateQuantError, match="custom code"):
+        models.load_model(str(model_dir_with_remote_code(tmp_path, "evil-arch", marker)))
+    assert not marker.exists()
+    # a known architecture that also names custom code loads with the library's own class
+    loaded = models.load_model(str(model_dir_with_remote_code(tmp_path, "llama", marker)))
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_checkpoint_that_would_run_code_is_refused(tmp_path, writer):
+    import torch
+
+    marker = tmp_path / "UNPICKLED"
+    path = tmp_path / "model"
+    tiny_config("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    payload = {"model.embed_tokens.weight": _RunsCode(marker)}
+    if writer == "pickle":
+        (path / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path / "pytorch_model.bin")
+    with pytest.raises(RateQuantError, match="refused .loading it could run code.; use a safetensors checkpoint"):
+        models.load_model(str(path))
+    assert not marker.exists()
+
+
+def test_default_model_is_found_without_importing_its_package(tmp_path, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+
+    package = tmp_path / models.DEFAULT_PACKAGE
+    package.mkdir()
+    marker = tmp_path / "IMPORTED"
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    (package / models.DEFAULT_GGUF).write_bytes(b"GGUF")
+    spec = importlib.machinery.ModuleSpec(models.DEFAULT_PACKAGE, None, origin=str(package / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == models.DEFAULT_PACKAGE else None)
+    assert models.default_gguf_path() == package / models.DEFAULT_GGUF
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the GGUF conversion cache
+# --------------------------------------------------------------------------------------------------------
+SAFE_SUFFIXES = {".json", ".safetensors", ".txt", ".jinja", ".model"}
+
+
+def check_safetensors(path: Path) -> dict:
+    """Parse a safetensors header (8-byte little-endian length, then JSON); returns it."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    assert 0 < length <= len(raw) - 8
+    return json.loads(raw[8 : 8 + length])
+
+
+def test_conversion_cache_writes_safetensors_json_and_text_only(tmp_path):
+    target = tmp_path / "gguf" / "converted"
+    models._store_conversion(tiny_model("llama"), tiny_tokenizer(), target)
+    files = sorted(p for p in target.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} <= SAFE_SUFFIXES, files
+    header = check_safetensors(target / "model.safetensors")
+    assert "model.embed_tokens.weight" in header
+    for p in files:
+        assert not p.read_bytes().startswith(b"\x80"), p  # no pickle stream (protocol 2+) anywhere
+        if p.suffix == ".json":
+            json.loads(p.read_text(encoding="utf-8"))
+    assert sorted(os.listdir(target.parent)) == ["converted"]  # the temporary folder was renamed away
+    loaded = models._load_pretrained(str(target), trust_remote_code=False, local_only=True)[0]
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
+def test_conversion_cache_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    target = tmp_path / "gguf" / "converted"
+    models._store_conversion(tiny_model("llama"), tiny_tokenizer(), target)  # only costs speed: no error
+    assert not target.exists() and os.listdir(target.parent) == []
+
+
+@pytest.mark.slow
+def test_default_model_conversion_cache_holds_no_pickle(default_model):
+    folder = models.cache_dir() / "gguf" / models._file_key(Path(default_model.source))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert files and {p.suffix for p in files} <= SAFE_SUFFIXES, files
+    check_safetensors(folder / "model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------
+# models with unsupported attention are refused by load_model and the CLI with a clear message
+# --------------------------------------------------------------------------------------------------------
+def test_unsupported_attention_is_refused_by_load_model_and_the_cli(tmp_path, capsys):
+    from transformers import MambaConfig
+
+    from ratequant.cli import main
+    from ratequant.inputs.models import load_model
+
+    path = tmp_path / "mamba"
+    AutoModelForCausalLM.from_config(
+        MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300, state_size=4)
+    ).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    with pytest.raises(UnsupportedModelError, match="'mamba' is not supported: state-space"):
+        load_model(str(path))
+    capsys.readouterr()
+    assert main(["info", "--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ratequant: error: model type 'mamba' is not supported")
+    model = AutoModelForCausalLM.from_config(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300))
+    with pytest.raises(UnsupportedModelError):
+        with simulated_quantization(model, KVQuantSpec(np.full((2, 2, 1), 4), UNIFORM)):
+            pass

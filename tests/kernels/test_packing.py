@@ -115,3 +115,48 @@ def test_bad_inputs_raise():
         unpack(torch.zeros(4, dtype=torch.uint8), 3, 8)
     with pytest.raises(RateQuantError, match="non-negative"):
         unpack(torch.zeros(0, dtype=torch.uint8), 3, -1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fast path: ``unpack`` (broadcast-shift extraction of multi-byte words) agrees with a bit-by-bit reference
+# --------------------------------------------------------------------------------------------------------
+def reference_unpack(packed: list[int], bits: int, n: int) -> list[int]:
+    stream = [(byte >> k) & 1 for byte in packed for k in range(8)]
+    return [sum(stream[i * bits + k] << k for k in range(bits)) for i in range(n)]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_unpack_agrees_with_bit_by_bit_reference(bits):
+    gen = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 13, 64):
+        codes = torch.randint(0, 1 << bits, (5, n), dtype=torch.uint8, generator=gen)
+        packed = pack(codes, bits)
+        got = unpack(packed, bits, n)
+        assert got.is_contiguous()
+        for row in range(5):
+            assert got[row].tolist() == reference_unpack(packed[row].tolist(), bits, n) == codes[row].tolist()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fuzzing: ``unpack`` on arbitrary bytes never yields an out-of-range code and round-trips
+# --------------------------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 70), rows=st.integers(1, 3), data=st.data())
+def test_unpack_of_arbitrary_bytes_is_in_range_and_round_trips(bits, n, rows, data):
+    size = packed_size(n, bits)
+    raw = data.draw(st.binary(min_size=rows * size, max_size=rows * size))
+    packed = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(rows, size)
+        if size
+        else torch.zeros(rows, 0, dtype=torch.uint8)
+    )
+    codes = unpack(packed, bits, n)
+    assert codes.shape == (rows, n) and (codes.numel() == 0 or int(codes.max()) < 2**bits)
+    again = pack(codes, bits)
+    if size:  # the unused high bits of the last byte come back as zeros, every other bit exactly
+        spare = size * 8 - n * bits
+        keep = torch.full((size,), 0xFF, dtype=torch.uint8)
+        keep[-1] = 0xFF >> spare
+        assert torch.equal(again, packed & keep)
+    with pytest.raises(RateQuantError, match="take"):
+        unpack(torch.zeros(rows, size + 1, dtype=torch.uint8), bits, n)

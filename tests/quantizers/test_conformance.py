@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import torch
 from ratequant.errors import RateQuantError
 from ratequant.quantizers import DESIGNS as REGISTRY
 from ratequant.quantizers import available, from_config, get_quantizer
+from ratequant.quantizers.turbo import lloyd_max_gaussian
+from tests.cache.test_layer import DESIGNS as DESIGN_INSTANCES
 
 from ._helpers import assert_stored_exactly
 
@@ -191,3 +194,85 @@ def test_cuda_agrees_with_cpu(name):
         assert float(err_gpu) == pytest.approx(float(err_cpu), rel=0.02)
         if name in ("uniform", "kivi"):  # no matmul: bit-identical across devices
             assert torch.equal(x_hat.cpu(), ref)
+
+
+# --------------------------------------------------------------------------------------------------------
+# All-equal groups (constant tokens, constant channels, all zeros): no division by zero, finite output.
+# ``uniform`` and ``kivi`` (min-max in the original basis) reconstruct float16-representable constants exactly;
+# ``quarot`` within 1% (float16 metadata rounding of the rotated token); ``turbo`` within its codebook's RMS
+# distortion (a constant token is, after the random rotation, a generic vector).
+# --------------------------------------------------------------------------------------------------------
+CONSTANTS = (0.0, 1.5, -3.25, 7.0, 1024.0, 0.1)
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_all_equal_groups(name):
+    design = get_quantizer(name)
+    for bits in range(1, 9):
+        for c in CONSTANTS:
+            x = torch.full((2, 2, 8, 64), c)
+            for kind in ("key", "value"):
+                y = design.fake_quantize(x, bits, kind)
+                assert torch.isfinite(y).all()
+                if c == 0.0:
+                    assert torch.equal(y, x)
+                    continue
+                rel = float((y - x).norm(dim=-1).max() / x.norm(dim=-1).max())
+                if name in ("uniform", "kivi"):
+                    exact = c == float(torch.tensor(c, dtype=torch.float16))
+                    assert torch.equal(y, x) if exact else rel <= 2**-11, (bits, c, kind, rel)
+                elif name == "quarot":
+                    assert rel <= 1e-2, (bits, c, kind, rel)
+                else:
+                    assert rel <= 1.05 * math.sqrt(lloyd_max_gaussian(bits).distortion) + 1e-3, (bits, c, rel)
+
+
+# --------------------------------------------------------------------------------------------------------
+# head_dim not a power of two (17, 24, 40, 48, 80, 96, 100): ``uniform``, ``quarot`` (block Hadamard), ``turbo``
+# work with errors like those at 64; ``kivi`` works when its value group divides head_dim and otherwise refuses
+# with a message that names head_dim and the fix
+# --------------------------------------------------------------------------------------------------------
+def relative_rmse(design, x, bits=4, kind="value") -> float:
+    return float((design.fake_quantize(x, bits, kind) - x).pow(2).mean().sqrt() / x.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("head_dim", [17, 24, 40, 48, 80, 96, 100])
+def test_designs_on_head_dims_that_are_not_powers_of_two(head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    x = torch.randn(1, 2, 64, head_dim, generator=gen)
+    x64 = torch.randn(1, 2, 64, 64, generator=gen)
+    for name in ("uniform", "quarot", "turbo"):
+        design = get_quantizer(name)
+        err, ref = relative_rmse(design, x), relative_rmse(design, x64)
+        assert err <= 1.5 * ref, (name, head_dim, err, ref)  # 4 bits: about 0.1 relative error at any head_dim
+    kivi = get_quantizer("kivi")
+    if head_dim % min(32, head_dim) == 0:
+        assert relative_rmse(kivi, x) <= 1.5 * relative_rmse(kivi, x64)
+    else:
+        with pytest.raises(RateQuantError, match=f"head_dim {head_dim} is not divisible by group_size 32; choose"):
+            kivi.fake_quantize(x, 4, "value")
+        fitting = get_quantizer("kivi", group_size=math.gcd(head_dim, 32))
+        assert relative_rmse(fitting, x) <= 1.5 * relative_rmse(kivi, x64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fast path: ``dequantize_into`` (fused decode written straight into a strided output) is bit-identical to
+# ``dequantize`` for every design, width, kind and output dtype
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(DESIGN_INSTANCES))
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_into_strided_output_is_bit_identical(name, kind, dtype):
+    quantizer = DESIGN_INSTANCES[name]
+    gen = torch.Generator().manual_seed(7)
+    n, b, h, t, d = 3, 2, 2, 8, 16
+    for bits in range(1, 9):
+        x = (torch.randn(n * b, h, t, d, generator=gen) * 3).to(dtype)
+        q = quantizer.quantize(x, bits, kind)
+        want = quantizer.dequantize(q).view(n, b, h, t, d)
+        # a strided destination, as the cache uses: [B, H_total, n * t, D] seen as [n, B, h, t, D]
+        big = torch.full((b, 2 * h + 1, n * t, d), float("nan"), dtype=dtype)
+        view = big[:, 1::2][:, :h].unflatten(2, (n, t)).permute(2, 0, 1, 3, 4)
+        quantizer.dequantize_into(q, view)
+        assert torch.equal(view, want), (name, kind, bits)
+        assert torch.isnan(big[:, 0::2]).all()  # nothing written outside the view

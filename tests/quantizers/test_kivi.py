@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 from ratequant.errors import RateQuantError
 from ratequant.quantizers import get_quantizer
+from tests.cache.test_layer import KIVI4
 
 from ._helpers import arithmetic_slack, assert_stored_exactly, kv_tensors
 
@@ -91,3 +92,23 @@ def test_invalid_parameters():
         get_quantizer("kivi").quantize(torch.zeros(1, 1, 2, 48), 2, "value")
     # keys are grouped over tokens: any head_dim works
     assert get_quantizer("kivi").quantize(torch.zeros(1, 1, 2, 48), 2, "key").shape == (1, 1, 2, 48)
+
+
+# All-equal groups: no division by zero, exact where the constants are float16 (every design:
+# tests/quantizers/test_conformance.py)
+def test_constant_key_channels_are_exact_with_kivi():
+    """KIVI keys: each channel constant over its token group (values differ across channels): range 0."""
+    channel = torch.linspace(-4, 4, 16).half().float()  # float16-representable
+    x = channel.expand(1, 3, 12, 16).clone()
+    for bits in range(1, 9):
+        assert torch.equal(KIVI4.fake_quantize(x, bits, "key"), x)
+
+
+# Fast path: ``dequantize_into`` of a partial last key group falls back to the exact decode.
+def test_kivi_partial_token_group_falls_back_exactly():
+    quantizer = get_quantizer("kivi", group_size=4)
+    x = torch.randn(2, 3, 6, 16)  # 6 tokens: one full and one partial key group
+    q = quantizer.quantize(x, 3, "key")
+    out = torch.empty(2, 3, 6, 16)
+    quantizer.dequantize_into(q, out)
+    assert torch.equal(out, quantizer.dequantize(q))
