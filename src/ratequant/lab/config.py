@@ -405,9 +405,8 @@ class CompareConfig(JsonDocument):
         calibration settings they name on top (by option name, :data:`CALIBRATION_OPTIONS`, or for
         :data:`CALIBRATION_UNFLAGGED` by field name)."""
         base = cls.of_preset(preset)
-        given = [k for k in options if k in CALIBRATION_OPTIONS or k in CALIBRATION_UNFLAGGED]
-        calibration = {CALIBRATION_OPTIONS.get(k, k): options.pop(k) for k in given}
-        return replace(base, calibration=replace(base.calibration, **calibration), **options)
+        calibration, fields_ = split_calibration(options)
+        return replace(base, calibration=replace(base.calibration, **calibration), **fields_)
 
     def option(self, name: str) -> object:
         """The value of ``name``: a field, a calibration option (``"residual"``) or an unflagged calibration setting
@@ -506,12 +505,18 @@ class CompareConfig(JsonDocument):
         return sorted(pairs, key=lambda kv: (kv[0] < kv[1], abs(kv[0] - kv[1])))
 
 
+def split_calibration(options: dict) -> tuple[dict, dict]:
+    """``options`` as ``(calibration settings, the other fields)``: a calibration setting named by its option
+    (:data:`CALIBRATION_OPTIONS`, ``"residual"``) or, unflagged, by its field (``"bitset"``)."""
+    names = {**CALIBRATION_OPTIONS, **{name: name for name in CALIBRATION_UNFLAGGED}}
+    calibration = {names[k]: v for k, v in options.items() if k in names}
+    return calibration, {k: v for k, v in options.items() if k not in names}
+
+
 def upgraded_from_v2(d: dict) -> dict:
     """A version-2 config (flat calibration fields, ``passkey_*`` names) as version 3's fields."""
-    old = {RENAMED_IN_V3.get(k, k): v for k, v in d.items() if k != "format_version"}
-    flat = {**CALIBRATION_OPTIONS, "bitset": "bitset", "choice_tokens": "choice_tokens"}
-    calibration = {flat[k]: old.pop(k) for k in list(old) if k in flat}
-    return {**old, "calibration": calibration}
+    calibration, rest = split_calibration({k: v for k, v in d.items() if k != "format_version"})
+    return {**{RENAMED_IN_V3.get(k, k): v for k, v in rest.items()}, "calibration": calibration}
 
 
 __all__ = [
