@@ -19,6 +19,7 @@ from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
+from tests.cache.test_cache import make_plan
 from tests.cache.test_layer import ids_of, poisoned, simulated
 from tests.conftest import tiny_model
 
@@ -251,20 +252,9 @@ def test_bad_inputs_are_refused():
 
 
 def test_from_plan_equals_arrays():
-    from ratequant.plan import Plan
-
     model = tiny_model("llama", seed=7)
     bits = mixed_bits(model, seed=7)
-    g = model_geometry(model)
-    plan = Plan(
-        model={"name": "tiny", **g.to_dict()},
-        quantizer=KIVI4.to_config(),
-        budget={"kind": "avg_bits", "value": float(bits.mean())},
-        allocator="test",
-        avg_bits=float(bits.mean()),
-        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
-        residual_length=8,
-    )
+    plan = make_plan(model, bits, KIVI4)
     ids = torch.randint(2, 300, (1, 25), generator=torch.Generator().manual_seed(7))
     with torch.no_grad(), simulated_quantization(model, plan.resolve(model)):
         via_plan = model(ids).logits

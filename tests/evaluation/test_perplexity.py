@@ -11,6 +11,7 @@ from ratequant.compat import model_geometry
 from ratequant.evaluation import REFERENCE, Within, perplexity, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, Windows
 from ratequant.spec import KVQuantSpec
+from tests.cache.test_cache import make_plan
 from tests.cache.test_layer import DTYPES, KIVI4, generate, ids_of, mixed_bits
 from tests.conftest import tiny_model
 
@@ -130,7 +131,6 @@ def test_quantized_predictions_agree_with_the_simulation_masks(residual, sinks, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_models_in_every_dtype_generate_and_evaluate(dtype):
     from ratequant.evaluation import Simulated, Streaming, WindowProtocol, Windows, score_conditions
-    from ratequant.plan import Plan
 
     model = tiny_model("llama", seed=2).to(dtype)
     g = model_geometry(model)
@@ -141,15 +141,7 @@ def test_models_in_every_dtype_generate_and_evaluate(dtype):
         generate(model, ids, DynamicCache(config=model.config), n=12),
     )
     bits = mixed_bits(model, seed=2)
-    plan = Plan(
-        model={"name": "tiny", **g.to_dict()},
-        quantizer=KIVI4.to_config(),
-        budget={"kind": "avg_bits", "value": float(bits.mean())},
-        allocator="test",
-        avg_bits=float(bits.mean()),
-        bits={"key": bits[0].tolist(), "value": bits[1].tolist()},
-        residual_length=8,
-    )
+    plan = make_plan(model, bits, KIVI4)
     windows = Windows(ids_of(24, batch=2, seed=3), WindowProtocol(24, 2), None)
     spec = plan.resolve(model)
     scores = score_conditions(model, windows, {"sim": Simulated(spec), "stream": Streaming(spec)}, progress=False)[

@@ -303,6 +303,13 @@ class DesignCalibration:
     measured_allocation: Allocation | None = None  # the same strategy on the measured distortions, when choosing
 
 
+def design_sink_tokens(stats: CalibrationStats, settings: CalibrationSettings, design: str) -> int:
+    """The sink tokens of ``design``: the settings' count, or for ``"auto"`` :func:`choose_sink_tokens`'s."""
+    if settings.sink_tokens != "auto":
+        return settings.sink_tokens
+    return choose_sink_tokens(stats, settings.design(design), settings.metric)[0]
+
+
 def calibrate_design(
     loaded: LoadedModel,
     stats: CalibrationStats,
@@ -312,10 +319,9 @@ def calibrate_design(
     budget: Budget | None = None,
 ) -> DesignCalibration:
     """Sinks, distortion table, fit, cost model and allocation of ``design`` on ``stats`` (times into ``phases``)."""
-    sinks = settings.sink_tokens
-    if sinks == "auto":
-        start = time.perf_counter()
-        sinks = choose_sink_tokens(stats, settings.design(design), settings.metric)[0]
+    start = time.perf_counter()
+    sinks = design_sink_tokens(stats, settings, design)
+    if settings.sink_tokens == "auto":
         phases["sink_tokens"] = phases.get("sink_tokens", 0.0) + time.perf_counter() - start
     policy = settings.policy(sinks, design)
     curves_design = get_quantizer(settings.curves_from) if settings.curves_from else policy.quantizer
@@ -445,7 +451,7 @@ def calibrate(loaded: LoadedModel, corpus: Corpus, settings: CalibrationSettings
         windows = held_out_windows(
             loaded.tokenizer,
             corpus,
-            settings.seq_len * settings.sequences,
+            settings.capture_tokens,
             settings.choice_window_tokens(),
             settings.choice_windows,
         )

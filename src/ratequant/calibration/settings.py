@@ -102,6 +102,11 @@ class CalibrationSettings:
             self.choice_window_tokens()  # a given length too short for the residual window and sinks fails here
         check_reachable(self.budget, self.bitset, self.b_min, self.b_max)  # before any measurement
 
+    @property
+    def capture_tokens(self) -> int:
+        """Tokens of the calibration split the capture reads (the held-out text of the choice starts after them)."""
+        return self.seq_len * self.sequences
+
     def choice_window_tokens(self) -> int:
         """Tokens per held-out window of the plan choice (:func:`choice_tokens_for`; ``"auto"`` sinks count as the
         most they can be)."""

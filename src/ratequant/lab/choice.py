@@ -13,6 +13,8 @@ same held-out windows; the choice uses no evaluation text.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ratequant.allocation import Budget
 from ratequant.calibration import (
     AUTO_REFERENCE,
@@ -23,10 +25,8 @@ from ratequant.calibration import (
     equal_bytes_budget,
 )
 from ratequant.calibration.candidates import (
-    CHOICE_WINDOWS,
     Candidate,
     Choice,
-    choice_tokens_for,
     choose_candidate,
     held_out_windows,
 )
@@ -54,9 +54,10 @@ def chosen_methods(
     """The ``default`` plan of every design and the ``auto`` plan at every budget, with every candidate's held-out
     KL ``{budget: {"default": {design: {name: kl}}, "auto": {name: kl}}}`` for the report."""
     most_sinks = max(sinks.values(), default=0)
-    tokens = choice_tokens_for(config.calibration.choice_tokens, config.calibration.residual_length, most_sinks)
-    capture_tokens = config.calibration.seq_len * config.calibration.sequences
-    windows = held_out_windows(loaded.tokenizer, corpus, capture_tokens, tokens, CHOICE_WINDOWS)
+    held_out = replace(config.calibration, sink_tokens=most_sinks)  # the choice window's rule, with the sinks chosen
+    windows = held_out_windows(
+        loaded.tokenizer, corpus, held_out.capture_tokens, held_out.choice_window_tokens(), held_out.choice_windows
+    )
     count = windows.ids.shape[0]
     say(f"plan choice: candidates scored on up to {windows.summary()} of held-out calibration text")
     kl = window_kl(loaded.model, windows)

@@ -377,9 +377,10 @@ class CompareConfig(JsonDocument):
                 f"compare config: a comparison sets calibration's {', '.join(stray)} itself (or not at all); leave "
                 "them at their defaults"
             )
-        for design in self.designs:
-            settings = self.calibration_settings(design, Budget.avg_bits(self.budgets[0]))
-        object.__setattr__(self, "calibration", replace(settings, quantizer=self.designs[0]))
+        budget = Budget.avg_bits(self.budgets[0])
+        for design in self.designs[1:]:
+            self.calibration_settings(design, budget)
+        object.__setattr__(self, "calibration", self.calibration_settings(self.designs[0], budget))
 
     @classmethod
     def of_preset(cls, name: str = "default", **overrides) -> CompareConfig:

@@ -17,8 +17,8 @@ import torch
 
 from ratequant import __version__
 from ratequant.calibration import (
-    choose_sink_tokens,
     collect_statistics,
+    design_sink_tokens,
     fit_design,
     refine_allocation,
     search_widths,
@@ -97,9 +97,7 @@ def run_compare(
     fitted, sinks, side = {}, {}, {}
     for design in config.designs:
         quantizer = get_quantizer(design)
-        sinks[design] = (
-            choose_sink_tokens(stats, quantizer, cal.metric)[0] if cal.sink_tokens == "auto" else cal.sink_tokens
-        )
+        sinks[design] = design_sink_tokens(stats, cal, design)
         fitted[design] = fit_design(stats, quantizer, metric=cal.metric, bitset=cal.bitset, sink_tokens=sinks[design])
         fit = fitted[design].fit
         say(
