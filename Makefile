@@ -82,9 +82,10 @@ results-qwen-fortunes: qwen-model
 results-long-context: bench-deps
 	$(BIN)/ratequant compare --config docs/long-context/config.json --out docs/long-context --force
 
-# the same on the Qwen model (niah-single at 4,096 tokens; kivi at 2.5 and 3 bits) into docs/qwen-long-context
+# the same on the Qwen model (multi-key needles at 4,096 tokens, 9 prompts; full precision, K3V2, RateQuant and the
+# default plan of kivi at 2.5 bits, KIVI 2-bit and the HQQ 2-bit peer; 27 min on a 2-core CPU) into docs/qwen-long-context
 .PHONY: results-qwen-long-context
-results-qwen-long-context: qwen-model
+results-qwen-long-context: qwen-model bench-deps
 	$(BIN)/ratequant compare --config docs/qwen-long-context/config.json --out docs/qwen-long-context --force
 
 # the same at 8,192 tokens (niah-single, one prompt per depth; kivi at 2.5 bits: full precision, K3V2, RateQuant,
