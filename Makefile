@@ -88,8 +88,8 @@ results-long-context: bench-deps
 results-qwen-long-context: qwen-model bench-deps
 	$(BIN)/ratequant compare --config docs/qwen-long-context/config.json --out docs/qwen-long-context --force
 
-# the same at 8,192 tokens (niah-single, one prompt per depth; kivi at 2.5 bits: full precision, K3V2, RateQuant,
-# the default plan and KIVI 2-bit; 45 min on a 2-core CPU) into docs/qwen-long-context-8k
+# the same at 8,192 tokens (multi-key needles, 9 prompts; kivi at 2.5 bits: full precision, K3V2, RateQuant, the
+# default plan and KIVI 2-bit; 42 min on a 2-core CPU) into docs/qwen-long-context-8k
 .PHONY: results-qwen-long-context-8k
 results-qwen-long-context-8k: qwen-model
 	$(BIN)/ratequant compare --config docs/qwen-long-context-8k/config.json --out docs/qwen-long-context-8k --force
