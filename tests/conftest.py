@@ -6,6 +6,8 @@ by tests marked ``slow``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +24,18 @@ TINY = dict(
     pad_token_id=1,
 )
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")
+
+
+def deny_reading(monkeypatch, path: Path) -> None:
+    """Make opening ``path`` fail as a file without read permission does (even when the tests run as root)."""
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
 
 
 def tiny_config(family: str, **overrides):

@@ -26,7 +26,7 @@ from ratequant.geometry import Geometry
 from ratequant.plan import FORMAT_VERSION, MAX_PLAN_BYTES, Plan
 from ratequant.quantizers import get_quantizer
 from ratequant.spec import DEFAULT_CONTEXT_TOKENS, StoragePolicy
-from tests.conftest import tiny_model
+from tests.conftest import deny_reading, tiny_model
 
 G = Geometry(num_layers=4, num_kv_heads=2, head_dim=16, num_heads=8)
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -781,14 +781,7 @@ def test_unreadable_plans_are_one_line(tmp_path, capsys, monkeypatch):
     if Path("/proc/self/mem").is_file():  # a "regular file" of 0 bytes whose read fails
         assert_refused(Path("/proc/self/mem"), "cannot read plan file /proc/self/mem: Input/output error", capsys)
     path = write(tmp_path, VALID_TEXT)
-    real_open = Path.open
-
-    def denied(self, *args, **kwargs):
-        if self == path:
-            raise PermissionError(13, "Permission denied")
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", denied)
+    deny_reading(monkeypatch, path)
     assert_refused(path, "cannot read plan file .*: Permission denied", capsys)
 
 

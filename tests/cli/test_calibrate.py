@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ratequant.cli import main
-from tests.cli.test_errors import assert_one_line_error, run
+from tests.cli.helpers import assert_one_line_error, run
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.test_plan import edited, set_path, write
 from tests.test_validation import HOSTILE_NAME
@@ -19,15 +19,6 @@ from tests.test_validation import HOSTILE_NAME
 # now end in one clear line with exit status 2, or in the right result. The number in a test's name is the item of
 # the reliability issue's list.
 # --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(
-        "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog, paragraph {i}." * 4 for i in range(60))
-    )
-    return path
-
-
 def plan_dict(layers: int, heads: int, quantizer=None) -> dict:
     bits = [[3] * heads for _ in range(layers)]
     return {

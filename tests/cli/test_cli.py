@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from ratequant.cli import build_parser, main
-from tests.cli.test_errors import run
+from tests.cli.helpers import run
 
 
 def run_cli(capsys, *argv):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.cli.test_errors import assert_one_line_error
+from tests.cli.helpers import assert_one_line_error
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,46 +20,9 @@ import os
 import pytest
 
 from ratequant.cli import COMMANDS, build_parser, main
+from tests.cli.helpers import assert_one_line_error, assert_usage_error, run
 
 KNOWN = ("eval", "generate", "info", "calibrate", "inspect")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(
-        "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60))
-    )
-    return path
-
-
-def run(capsys, argv):
-    """``(exit status, stdout, stderr)`` of ``ratequant argv``, whether it returns or exits."""
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, out, err
-
-
-def assert_usage_error(capsys, argv, fragment):
-    code, _, err = run(capsys, argv)
-    assert code == 2, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"ratequant {argv[0]}: error:") or last.startswith("ratequant: error:"), err
-    assert fragment in last, err
-
-
-def assert_one_line_error(capsys, argv, fragment):
-    code, out, err = run(capsys, argv)
-    lines = err.strip().splitlines()
-    assert code == 2, (out, err)
-    assert len(lines) == 1 and lines[0].startswith("ratequant: error: "), err
-    assert fragment in lines[0], err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -187,9 +150,9 @@ def test_every_argument_error_is_one_line(capsys):
 # --------------------------------------------------------------------------------------------------------
 # errors found while running: one line
 # --------------------------------------------------------------------------------------------------------
-def test_run_time_errors_are_one_line(tmp_path, capsys, corpus, tiny_model_dir):
+def test_run_time_errors_are_one_line(tmp_path, capsys, corpus_file, tiny_model_dir):
     model = ["--model", str(tiny_model_dir)]
-    cal = ["calibrate", *model, "--corpus", str(corpus), "--seq-len", "16", "--sequences", "1", "--avg-bits", "3"]
+    cal = ["calibrate", *model, "--corpus", str(corpus_file), "--seq-len", "16", "--sequences", "1", "--avg-bits", "3"]
     existing = tmp_path / "exists.json"
     existing.write_text("{}")
     cases = [
@@ -217,7 +180,9 @@ def test_run_time_errors_are_one_line(tmp_path, capsys, corpus, tiny_model_dir):
     assert not (tmp_path / "p.json").exists() and existing.read_text() == "{}"
 
 
-def test_inspect_refuses_to_overwrite_pictures_and_to_draw_missing_curves(tmp_path, capsys, corpus, tiny_model_dir):
+def test_inspect_refuses_to_overwrite_pictures_and_to_draw_missing_curves(
+    tmp_path, capsys, corpus_file, tiny_model_dir
+):
     plan = tmp_path / "plan.json"
     assert (
         main(
@@ -226,7 +191,7 @@ def test_inspect_refuses_to_overwrite_pictures_and_to_draw_missing_curves(tmp_pa
                 "--model",
                 str(tiny_model_dir),
                 "--corpus",
-                str(corpus),
+                str(corpus_file),
                 "--seq-len",
                 "16",
                 "--sequences",
@@ -280,7 +245,7 @@ BUDGETS = [
 
 
 @pytest.mark.parametrize("budget, fragment", BUDGETS, ids=[" ".join(b) for b, _ in BUDGETS])
-def test_unreachable_budgets_name_the_reachable_range(tmp_path, capsys, corpus, tiny_model_dir, budget, fragment):
+def test_unreachable_budgets_name_the_reachable_range(tmp_path, capsys, corpus_file, tiny_model_dir, budget, fragment):
     out = tmp_path / "plan.json"
     # turbo: every width 1..8 is informative (its 1-bit codebook beats the mean), so the range is the bitset's
     assert_one_line_error(
@@ -290,7 +255,7 @@ def test_unreachable_budgets_name_the_reachable_range(tmp_path, capsys, corpus, 
             "--model",
             str(tiny_model_dir),
             "--corpus",
-            str(corpus),
+            str(corpus_file),
             "--quantizer",
             "turbo",
             "--seq-len",
@@ -317,7 +282,7 @@ def test_unreachable_average_is_refused_before_any_work(tmp_path, capsys):
     assert "/nonexistent/model" not in line
 
 
-def test_residual_window_that_the_design_cannot_use_is_refused(tmp_path, capsys, corpus, tiny_model_dir):
+def test_residual_window_that_the_design_cannot_use_is_refused(tmp_path, capsys, corpus_file, tiny_model_dir):
     out = tmp_path / "plan.json"
     code, _, err = run(
         capsys,
@@ -326,7 +291,7 @@ def test_residual_window_that_the_design_cannot_use_is_refused(tmp_path, capsys,
             "--model",
             str(tiny_model_dir),
             "--corpus",
-            str(corpus),
+            str(corpus_file),
             "--quantizer",
             "kivi",
             "--seq-len",
@@ -351,7 +316,9 @@ def leftovers(folder) -> list[str]:
     return sorted(os.listdir(folder))
 
 
-def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, monkeypatch, corpus, tiny_model_dir):
+def test_interrupted_calibration_exits_130_and_writes_no_plan(
+    tmp_path, capsys, monkeypatch, corpus_file, tiny_model_dir
+):
     import ratequant.calibration
 
     def interrupted(*args, **kwargs):
@@ -366,7 +333,7 @@ def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, 
             "--model",
             str(tiny_model_dir),
             "--corpus",
-            str(corpus),
+            str(corpus_file),
             "--seq-len",
             "16",
             "--sequences",
@@ -387,7 +354,7 @@ def test_interrupted_calibration_exits_130_and_writes_no_plan(tmp_path, capsys, 
     ids=["interrupt", "disk-full"],
 )
 def test_calibration_failing_while_writing_the_plan_leaves_no_file(
-    tmp_path, capsys, monkeypatch, corpus, tiny_model_dir, error, status
+    tmp_path, capsys, monkeypatch, corpus_file, tiny_model_dir, error, status
 ):
     def fail(*args, **kwargs):
         raise error
@@ -399,7 +366,7 @@ def test_calibration_failing_while_writing_the_plan_leaves_no_file(
         "--model",
         str(tiny_model_dir),
         "--corpus",
-        str(corpus),
+        str(corpus_file),
         "--quantizer",
         "uniform",
         "--seq-len",
@@ -421,7 +388,7 @@ def test_calibration_failing_while_writing_the_plan_leaves_no_file(
     assert leftovers(tmp_path) == ["previous.json"] and previous.read_bytes() == kept
 
 
-def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpus, tiny_model_dir):
+def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpus_file, tiny_model_dir):
     import ratequant.jsonio
 
     def interrupted(*args, **kwargs):
@@ -437,7 +404,7 @@ def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpu
             "--model",
             str(tiny_model_dir),
             "--corpus",
-            str(corpus),
+            str(corpus_file),
             "--seq-len",
             "16",
             "--windows",
@@ -449,7 +416,7 @@ def test_interrupted_eval_writes_no_results(tmp_path, capsys, monkeypatch, corpu
     assert code == 130 and "interrupted" in err and leftovers(tmp_path) == []
     monkeypatch.undo()
     monkeypatch.setattr(ratequant.jsonio.json, "dumps", interrupted)  # before any file is opened
-    code, _, _ = run(capsys, ["info", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--json", str(out)])
+    code, _, _ = run(capsys, ["info", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--json", str(out)])
     assert code == 130 and leftovers(tmp_path) == []
 
 

@@ -10,21 +10,9 @@ import torch
 from ratequant.cli import main
 from ratequant.geometry import Geometry
 from ratequant.plan import Plan
-from tests.cli import test_calibrate
-from tests.cli.test_errors import assert_one_line_error, assert_usage_error, run
+from tests.cli.helpers import assert_one_line_error, assert_usage_error, run
 from tests.test_jsonio import explode_writes
 from tests.test_plan import tiny_plan
-
-corpus = test_calibrate.corpus  # the fixture of a text corpus that tests/cli/test_calibrate.py defines
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(
-        "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog. def f(x): return x + {i}" * 4 for i in range(60))
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from ratequant.cli import COMMANDS, build_parser, main
 from ratequant.errors import RateQuantError
 from ratequant.inputs import models
-from tests.cli.test_errors import assert_one_line_error
+from tests.cli.helpers import assert_one_line_error
 from tests.test_plan import write
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from ratequant.errors import RateQuantError
 from ratequant.inputs.corpora import DEFAULT_CORPUS, load_corpus, paragraphs
+from tests.conftest import deny_reading
 
 
 def shingles(text: str, width: int) -> set[str]:
@@ -171,13 +172,6 @@ def test_unreadable_files_are_one_clear_error(tmp_path, monkeypatch):
             load_corpus("/proc/self/mem")
     path = tmp_path / "secret.txt"
     path.write_text(corpus_text())
-    real_open = Path.open
-
-    def denied(self, *args, **kwargs):
-        if self == path:
-            raise PermissionError(13, "Permission denied")
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", denied)
+    deny_reading(monkeypatch, path)
     with pytest.raises(RateQuantError, match=f"cannot read corpus file {path}: Permission denied"):
         load_corpus(path)
