@@ -189,7 +189,6 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace):
     """The :class:`CompareConfig` the options describe (or the saved one ``--config`` names)."""
-
     experiment = {name: getattr(args, name) for name in EXPERIMENT_FIELDS if getattr(args, name) is not None}
     if args.config:
         given = [flag_of(name) for name in experiment]

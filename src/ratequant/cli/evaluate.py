@@ -187,7 +187,6 @@ def quantized_coverage(spec, condition, protocol) -> tuple[int, int]:
     """``(quantized, scored)`` predictions per window of ``protocol`` under ``condition``: refuses (one line) a
     window that the residual window and the sinks keep wholly at full precision, and warns when they keep most of
     it so (the KL would then say little about the plan)."""
-
     prefill = condition.prefill_chunk if isinstance(condition, Simulated) else condition.piece
     first, seq_len = protocol.first_target, protocol.seq_len
     scored = seq_len - first

@@ -37,7 +37,6 @@ IMPORT_FORMATS = ("kvtuner",)
 
 def geometry_arg(text: str):
     """'LAYERS,KV_HEADS,HEAD_DIM[,HEADS]' -> a Geometry within a plan's limits (before anything is allocated)."""
-
     parts = text.split(",")
     try:
         numbers = [int(p) for p in parts if len(p.strip()) <= 20]  # no 5,000-digit conversions

@@ -68,7 +68,6 @@ def nonnegative_int(text: str) -> int:
 
 def sink_arg(text: str) -> int | str:
     """'auto' or a non-negative number of sink tokens (at most :data:`~ratequant.spec.MAX_SINK_TOKENS`)."""
-
     if text == "auto":
         return text
     value = nonnegative_int(text)
@@ -152,7 +151,6 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def device_map_from(text: str | None) -> str | dict | None:
     """``--device-map``: a strategy name as given, else the JSON object it holds or names, read by the strict
     parser of plans (bounded size and nesting, finite numbers, no repeated keys; one-line errors)."""
-
     if text is None or text.strip() in STRATEGIES:
         return text
     path = Path(text.strip()).expanduser()
@@ -181,7 +179,6 @@ def check_output_path(path: str | None, force: bool, *, what: str = "output", fi
     """Before any work: refuse an output that exists (unless ``force``), is a directory, has no figure extension
     (``figure``), or cannot be written (a probe file is written and removed in its folder, or in the nearest
     folder above it that exists: missing folders are created only when the output is written)."""
-
     if path is None:
         return
     target = Path(path)
@@ -223,7 +220,6 @@ def add_quantizer_options(
     extra_choices: tuple[str, ...] = (),
 ) -> None:
     """``--quantizer`` (a registered design, or one of ``extra_choices``) and the repeatable ``--param KEY=VALUE``."""
-
     parser.add_argument("--quantizer", default=default, choices=[*available(), *extra_choices], help=help)
     parser.add_argument("--param", type=param_arg, action="append", default=[], metavar="KEY=VALUE", help=param_help)
 
@@ -278,7 +274,6 @@ def add_storage_options(
 def read_plan(args: argparse.Namespace):
     """Check the plan options and read ``--plan`` (None without one), before the model is loaded, so that a
     bad combination or a bad file fails at once."""
-
     positional = getattr(args, "plan_file", None)
     if positional is not None:
         if args.plan is not None and args.plan != positional:
@@ -301,7 +296,6 @@ def read_plan(args: argparse.Namespace):
 
 def spec_for(args: argparse.Namespace, plan, model):
     """The :class:`KVQuantSpec` ``plan`` resolves to on ``model`` with the user's overrides (None without a plan)."""
-
     if plan is None:
         return None
     quantizer = get_quantizer(args.quantizer, **dict(args.param)) if args.quantizer else None
