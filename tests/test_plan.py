@@ -762,7 +762,7 @@ def test_design_of_a_good_plan_is_the_quantizer_it_names():
 
 
 def test_plan_for_another_quantizer_is_refused_unless_allowed():
-    """The mismatch refusal itself is tested in tests/cache/test_cache.py and tests/cli/test_evaluate.py; here the
+    """The mismatch refusal itself is tested in tests/cache/test_layer.py and tests/cli/test_evaluate.py; here the
     plan file is a real file and the other design has the same parameters."""
     model = tiny_model("llama")
     plan = tiny_plan(quantizer=get_quantizer("uniform"))

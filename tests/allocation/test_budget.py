@@ -1,5 +1,5 @@
-"""Budgets (:mod:`ratequant.allocation.budget`): an average no allowed width can reach is refused before any
-measurement, naming the reachable range."""
+"""Budgets (:mod:`ratequant.allocation.budget`): a budget is validated and round-trips through a dict; an average no
+allowed width can reach is refused before any measurement, naming the reachable range."""
 
 from __future__ import annotations
 
@@ -22,3 +22,18 @@ def test_unreachable_average_is_refused_before_any_measurement():
     ]:
         with pytest.raises(BudgetError, match=match):
             check_reachable(budget, **options)
+
+
+def test_budget_validation():
+    with pytest.raises(BudgetError, match="context_tokens"):
+        Budget("bytes_per_token", 100.0)
+    with pytest.raises(BudgetError, match="only applies"):
+        Budget("avg_bits", 3.0, 100)
+    with pytest.raises(BudgetError, match="finite"):
+        Budget("avg_bits", float("nan"))
+    with pytest.raises(BudgetError, match="kind"):
+        Budget("bits", 3.0)
+    with pytest.raises(BudgetError, match="positive"):
+        Budget("avg_bits", 0)
+    b = Budget.bytes_per_token(1000, 4096)
+    assert Budget.from_dict(b.to_dict()) == b

@@ -19,8 +19,7 @@ from ratequant.compat import cache_argument, model_geometry
 from ratequant.errors import PlanError, RateQuantError
 from ratequant.quantizers import available, get_quantizer
 from ratequant.spec import KVQuantSpec, StoragePolicy
-from tests.cache.test_cache import make_plan
-from tests.cache.test_layer import ids_of, poisoned, simulated
+from tests.cache.helpers import ids_of, make_plan, poisoned, simulated
 from tests.conftest import tiny_model
 
 KIVI4 = get_quantizer("kivi", group_size=4)
