@@ -17,7 +17,7 @@ from ratequant.jsonio import JsonDocument
 from ratequant.lab.config import CompareConfig
 from ratequant.lab.results import CompareResults
 from ratequant.plan import Plan
-from tests.cache.test_layer import UNIFORM
+from tests.cache.helpers import UNIFORM
 from tests.test_plan import make_plan, tiny_plan, write
 
 SAVED_RESULTS = Path(__file__).parents[1] / "docs" / "choice" / "results.json"

@@ -25,7 +25,7 @@ from ratequant.errors import BudgetError, RateQuantError
 from ratequant.geometry import Geometry
 from ratequant.spec import StoragePolicy
 from tests.allocation.helpers import ALL, FakeQuantizer, G, brute_force, fitted, table_for
-from tests.cache.test_layer import KIVI4
+from tests.cache.helpers import KIVI4
 
 G_REACH = Geometry(3, 2, 16, 4)
 

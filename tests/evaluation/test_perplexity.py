@@ -11,8 +11,7 @@ from ratequant.compat import model_geometry
 from ratequant.evaluation import REFERENCE, Within, perplexity, score_conditions
 from ratequant.evaluation.protocol import WindowProtocol, Windows
 from ratequant.spec import KVQuantSpec
-from tests.cache.helpers import make_plan
-from tests.cache.test_layer import DTYPES, KIVI4, generate, ids_of, mixed_bits
+from tests.cache.helpers import DTYPES, KIVI4, generate, ids_of, make_plan, mixed_bits
 from tests.conftest import tiny_model
 
 

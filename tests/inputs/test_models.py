@@ -16,7 +16,7 @@ from ratequant.errors import RateQuantError, UnsupportedModelError
 from ratequant.inputs import models
 from ratequant.inputs.models import load_model
 from ratequant.spec import KVQuantSpec
-from tests.cache.test_layer import UNIFORM
+from tests.cache.helpers import UNIFORM
 from tests.conftest import tiny_config, tiny_model, tiny_tokenizer
 
 

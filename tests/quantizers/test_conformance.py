@@ -17,7 +17,7 @@ from ratequant.errors import RateQuantError
 from ratequant.quantizers import DESIGNS as REGISTRY
 from ratequant.quantizers import available, from_config, get_quantizer
 from ratequant.quantizers.turbo import lloyd_max_gaussian
-from tests.cache.test_layer import DESIGNS as DESIGN_INSTANCES
+from tests.cache.helpers import DESIGNS as DESIGN_INSTANCES
 
 from ._helpers import assert_stored_exactly
 

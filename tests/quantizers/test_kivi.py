@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from ratequant.errors import RateQuantError
 from ratequant.quantizers import get_quantizer
-from tests.cache.test_layer import KIVI4
+from tests.cache.helpers import KIVI4
 
 from ._helpers import arithmetic_slack, assert_stored_exactly, kv_tensors
 
